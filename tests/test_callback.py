@@ -1,0 +1,205 @@
+"SparsifyCallback invariants: exact targets, zeros after every optimizer step, resume, bad input"
+import copy, math
+import pytest, torch, torch.nn as nn
+import fastcore.test as fct
+from fastai.learner import Learner
+from fastai.callback.core import Callback
+from fastai.callback.training import GradientAccumulation
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader
+from fastai.optimizer import SGD, Adam
+import fastai.callback.schedule, fastai.callback.fp16  # noqa: F401  (fit_one_cycle, fine_tune, to_fp16, to_bf16)
+from fasterprune.callback import SparsifyCallback
+from fasterprune.schedules import agp, iterative, one_shot
+from fasterprune.data import digits_arrays, digits_dls, TensorPairs, lenet_300_100, small_cnn, mlp
+
+
+def _dls(flat=True, shuffle=True, bs=64, n=512):
+    xt, yt, xv, yv = digits_arrays(flat)
+    return DataLoaders(DataLoader(TensorPairs(xt[:n], yt[:n]), bs=bs, shuffle=shuffle, drop_last=True),
+                       DataLoader(TensorPairs(xv, yv), bs=256), device=torch.device('cpu'))
+
+
+def _learn(model=None, flat=True, **kw):
+    torch.manual_seed(0)
+    learn = Learner(_dls(flat, **{k: kw.pop(k) for k in ('shuffle',) if k in kw}), model or mlp(64, 64, 32, 10),
+                    loss_func=nn.CrossEntropyLoss(), **kw)
+    learn.remove_cb(learn.progress) if hasattr(learn, 'progress') else None
+    return learn
+
+
+class CheckZeros(Callback):
+    "After every optimizer step (after SparsifyCallback), masked weights must be exactly zero"
+    order, run_valid = 41, False
+    def __init__(self, sp_cb): self.sp_cb, self.checked = sp_cb, 0
+    def after_step(self):
+        sp = self.sp_cb.sparsifier
+        for n, mk in sp.masks.items():
+            assert (sp.layers[n].weight[~mk] == 0).all(), f"{n} has nonzero masked weights at iter {self.train_iter}"
+        if sp.masks: self.checked += 1
+
+
+def _n_zero(sp): return sum(int((m.weight == 0).sum()) for m in sp.layers.values())
+def _n_w(sp): return sum(m.weight.numel() for m in sp.layers.values())
+
+
+@pytest.mark.parametrize('opt,wd', [(SGD, 0.01), (Adam, 0.1)])
+def test_zeros_after_every_step(opt, wd):
+    learn = _learn(opt_func=opt, wd=wd)
+    cb = SparsifyCallback(0.8, 'weight', 'global', 'magnitude', 'agp', update_every=2)
+    chk = CheckZeros(cb)
+    learn.fit(2, 1e-2, cbs=[cb, chk])
+    assert chk.checked >= 10
+    fct.test_eq(_n_zero(cb.sparsifier), round(0.8 * _n_w(cb.sparsifier)))
+
+
+def test_sgd_momentum_pushes_weights_but_masks_hold():
+    "With momentum, a freshly pruned weight would move again without the per-step mask"
+    learn = _learn(opt_func=SGD, moms=(0.9, 0.9, 0.9), wd=0.)
+    cb = SparsifyCallback(0.5, schedule=one_shot(0.25))
+    chk = CheckZeros(cb)
+    learn.fit(1, 0.1, cbs=[cb, chk])
+    assert chk.checked > 0
+    fct.test_eq(_n_zero(cb.sparsifier), round(0.5 * _n_w(cb.sparsifier)))
+
+
+@pytest.mark.parametrize('prec', ['to_fp16', 'to_bf16'])
+def test_mixed_precision(prec):
+    learn = getattr(_learn(), prec)()
+    cb = SparsifyCallback(0.7, 'weight', 'local', 'gradient_magnitude', 'linear')
+    chk = CheckZeros(cb)
+    learn.fit(1, 1e-2, cbs=[cb, chk])
+    for n, m in cb.sparsifier.layers.items(): fct.test_eq(int((m.weight == 0).sum()), round(0.7 * m.weight.numel()))
+
+
+def test_gradient_accumulation():
+    learn = _learn()
+    cb = SparsifyCallback(0.6, 'filter', 'local', 'gradient_magnitude', 'agp')
+    chk = CheckZeros(cb)
+    learn.fit(2, 1e-2, cbs=[GradientAccumulation(n_acc=128), cb, chk])
+    for n, m in cb.sparsifier.layers.items():
+        fct.test_eq(int((m.weight == 0).all(1).sum()), round(0.6 * m.weight.shape[0]))
+
+
+@pytest.mark.parametrize('how', ['fit', 'fit_one_cycle', 'fine_tune'])
+def test_fit_variants_reach_target(how):
+    learn = _learn(model=small_cnn(c=8), flat=False)
+    cb = SparsifyCallback(0.75, 'kernel', 'global', 'magnitude', 'agp')
+    if how == 'fine_tune': learn.fine_tune(1, 1e-2, freeze_epochs=1, cbs=cb)
+    else: getattr(learn, how)(2, 1e-2, cbs=cb)
+    sp = cb.sparsifier
+    # kernels are groups of 9 (3x3) or 1 (Linear): within one group of the exact count, never over
+    assert round(0.75 * _n_w(sp)) - 9 < _n_zero(sp) <= round(0.75 * _n_w(sp))
+
+
+def test_sparsity_column_and_history():
+    learn = _learn()
+    cb = SparsifyCallback(0.9, schedule=agp(0., 0.5), update_every=3)
+    seen = {}
+    class Peek(Callback):
+        order = 55
+        def after_epoch(self): seen['names'] = list(self.recorder.metric_names)
+    learn.fit(2, 1e-2, cbs=[cb, Peek()])
+    assert 'sparsity' in seen['names']
+    col = seen['names'].index('sparsity') - 1
+    vals = [v[col] for v in learn.recorder.values]
+    fct.test_close(vals[-1], 0.9, eps=1e-3)
+    fct.test_close(vals[0], 0.9, eps=1e-3)  # end_pct=0.5 is the end of epoch 1
+    # the target is reached exactly at end_pct, on the step that crosses it
+    first_full = next(h for h in cb.history if h['target'] == pytest.approx(0.9))
+    fct.test_close(first_full['pos'], 0.5, eps=1e-9)
+    fct.test_close(first_full['sparsity'], 0.9, eps=1e-3)
+    targets = [h['target'] for h in cb.history]
+    assert targets == sorted(targets) and len(targets) == 3  # 16 steps, window of 8, every 3: steps 3, 6 and 8
+
+
+def test_iterative_updates_at_jumps():
+    learn = _learn()
+    cb = SparsifyCallback(0.6, schedule=iterative(3, 0., 0.9))
+    learn.fit(3, 1e-2, cbs=cb)
+    fct.test_eq([round(h['target'], 6) for h in cb.history], [0.2, 0.4, 0.6])
+    assert cb.history[0]['pos'] == 0.  # before the first batch (magnitude needs no gradients)
+
+
+def test_per_layer_dict():
+    learn = _learn()
+    cb = SparsifyCallback({'0': 0.5, '4': 0.25}, schedule='linear')
+    learn.fit(1, 1e-2, cbs=cb)
+    fct.test_eq(cb.sparsifier.layer_sparsity()['0'], 0.5)
+    fct.test_eq(cb.sparsifier.layer_sparsity()['4'], 0.25)
+    fct.test_eq(cb.sparsifier.layer_sparsity()['2'], 0.)
+
+
+def test_nm_callback():
+    learn = _learn()
+    cb = SparsifyCallback(None, '2:4', schedule='agp')
+    learn.fit(1, 1e-2, cbs=cb)
+    for n, m in cb.sparsifier.layers.items():
+        fct.test_eq((m.weight.reshape(-1, 4) != 0).sum(1).max().item() <= 2, True)
+        fct.test_eq(int((m.weight == 0).sum()), m.weight.numel() // 2)
+
+
+def test_resume_mid_schedule(tmp_path):
+    "learn.save() mid-schedule, a fresh Learner + callback, learn.load(): same masks, same target, same result"
+    class SaveAt(Callback):
+        order = 60
+        def after_epoch(self):
+            if self.epoch == 1:
+                self.learn.save('mid')
+                self.masks = {k: v.clone() for k, v in self.learn.sparsify.sparsifier.masks.items()}
+    def make():
+        torch.manual_seed(0)
+        learn = Learner(_dls(shuffle=False), mlp(64, 48, 10), loss_func=nn.CrossEntropyLoss(), opt_func=Adam, path=tmp_path)
+        return learn
+    a = make(); saver = SaveAt()
+    cb_a = SparsifyCallback(0.9, schedule='agp', update_every=4)
+    a.fit(4, 1e-2, cbs=[cb_a, saver])
+    b = make(); b.load('mid')
+    cb_b = SparsifyCallback(0.9, schedule='agp', update_every=4)
+    class Grab(Callback):
+        order = 50  # after SparsifyCallback.before_fit
+        def before_fit(self): self.masks = {k: v.clone() for k, v in cb_b.sparsifier.masks.items()}
+    grab = Grab()
+    b.fit(4, 1e-2, start_epoch=2, cbs=[cb_b, grab])
+    fct.test_eq(set(grab.masks), set(saver.masks))
+    for k, v in saver.masks.items(): fct.test_eq(grab.masks[k], v)
+    # masks adopted at resume are the saved masks
+    first_after = cb_b.history[0]
+    assert first_after['pos'] > 0.5
+    for k in cb_a.sparsifier.masks: fct.test_eq(cb_b.sparsifier.masks[k], cb_a.sparsifier.masks[k])
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()): fct.test_close(pa, pb, eps=1e-6)
+
+
+def test_resume_adopts_saved_masks(tmp_path):
+    torch.manual_seed(0)
+    learn = Learner(_dls(), mlp(64, 32, 10), loss_func=nn.CrossEntropyLoss(), path=tmp_path)
+    cb = SparsifyCallback(0.5, schedule='one_shot')
+    learn.fit(1, 1e-2, cbs=cb)
+    learn.save('m')
+    fresh = Learner(_dls(), mlp(64, 32, 10), loss_func=nn.CrossEntropyLoss(), path=tmp_path); fresh.load('m')
+    cb2 = SparsifyCallback(0.5, schedule='one_shot'); chk = CheckZeros(cb2)
+    fresh.fit(1, 1e-2, cbs=[cb2, chk])
+    for k, v in cb.sparsifier.masks.items(): fct.test_eq(cb2.sparsifier.masks[k], v)
+
+
+def test_state_dict_loads_into_fresh_architecture():
+    learn = _learn(model=small_cnn(c=8), flat=False)
+    learn.fit(1, 1e-2, cbs=SparsifyCallback(0.8))
+    fresh = small_cnn(c=8)
+    fresh.load_state_dict(learn.model.state_dict(), strict=True)
+    x = torch.randn(3, 1, 8, 8)
+    learn.model.eval(); fresh.eval()
+    fct.test_close(fresh(x), learn.model(x))
+
+
+def test_bad_input_errors_and_untouched():
+    fct.test_fail(lambda: SparsifyCallback(90), contains='e.g. 0.9')
+    fct.test_fail(lambda: SparsifyCallback(0.5, update_every=0), contains='update_every')
+    fct.test_fail(lambda: SparsifyCallback(0.5, context='world'), contains='valid names')
+    fct.test_fail(lambda: SparsifyCallback(None), contains='N:M')
+    learn = _learn()
+    with torch.no_grad(): learn.model[2].weight[1, 1] = float('nan')
+    ref = copy.deepcopy(learn.model.state_dict())
+    fct.test_fail(lambda: learn.fit(1, cbs=SparsifyCallback(0.5, schedule='one_shot')), contains="layer '2' has NaN")
+    for k, v in learn.model.state_dict().items(): assert torch.equal(torch.nan_to_num(v), torch.nan_to_num(ref[k]))
+    fct.test_eq(len(learn.metrics), 0)

@@ -1,0 +1,156 @@
+"Masks: exact counts for every granularity x context, ties, bad input leaves the model untouched"
+import math, copy
+import torch, torch.nn as nn
+import pytest
+from hypothesis import given, settings, strategies as st, HealthCheck
+import fastcore.test as fct
+from fasterprune.sparsifier import Sparsifier, select_prune, prunable_layers
+from fasterprune.granularity import get_granularity
+
+
+def _model(seed, kind):
+    torch.manual_seed(seed)
+    if kind == 'mlp': return nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 3))
+    if kind == 'cnn': return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 12, (3, 2)), nn.Flatten(), nn.LazyLinear(4) if False else nn.Linear(12 * 4 * 5, 4))
+    if kind == 'mixed': return nn.Sequential(nn.Conv1d(2, 6, 5), nn.ConvTranspose2d(4, 6, 3), nn.Conv3d(2, 4, 2), nn.Linear(8, 4))
+    raise ValueError(kind)
+
+
+def _rnd(x): return int(math.floor(x + 0.5))
+
+
+def _pruned_groups(sp, name):
+    m = sp.layers[name]; g = sp.granularity
+    keep = g.groups(sp.masks[name], m, name)
+    return int((~keep).sum()) if g.is_nm else int((~keep.any(1)).sum())
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 10_000), st.sampled_from(['mlp', 'cnn', 'mixed']),
+       st.sampled_from(['weight', 'vector', 'kernel', 'filter']), st.floats(0, 0.99))
+def test_local_exact_groups(seed, kind, gran, s):
+    model = _model(seed, kind)
+    sp = Sparsifier(model, gran, 'local').sparsify(s)
+    for n, m in sp.layers.items():
+        g = sp.granularity
+        ng = m.weight.numel() // g.group_size(m.weight, m, n)
+        fct.test_eq(_pruned_groups(sp, n), _rnd(s * ng))
+        # zeros in the weights are exactly the masked-out entries
+        fct.test_eq(int((m.weight == 0).sum()), int((~sp.masks[n]).sum()))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 10_000), st.sampled_from(['mlp', 'cnn', 'mixed']), st.floats(0, 0.99))
+def test_global_weight_exact(seed, kind, s):
+    model = _model(seed, kind)
+    sp = Sparsifier(model, 'weight', 'global').sparsify(s)
+    n = sum(m.weight.numel() for m in sp.layers.values())
+    fct.test_eq(sum(int((~k).sum()) for k in sp.masks.values()), _rnd(s * n))
+    # the pruned weights are the smallest ones: every pruned |w| <= every kept |w|
+    # (compare the saved magnitudes before pruning)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 10_000), st.sampled_from(['cnn', 'mixed']), st.sampled_from(['vector', 'kernel', 'filter']), st.floats(0, 0.99))
+def test_global_structured_never_overshoots(seed, kind, gran, s):
+    model = _model(seed, kind)
+    sp = Sparsifier(model, gran, 'global').sparsify(s)
+    n = sum(m.weight.numel() for m in sp.layers.values())
+    pruned = sum(int((~k).sum()) for k in sp.masks.values())
+    biggest = max(sp.granularity.group_size(m.weight, m, nm) for nm, m in sp.layers.items())
+    assert _rnd(s * n) - biggest < pruned <= _rnd(s * n)
+
+
+def test_global_prunes_smallest():
+    model = _model(1, 'mlp')
+    before = torch.cat([m.weight.detach().abs().flatten() for m in prunable_layers(model).values()])
+    sp = Sparsifier(model, 'weight', 'global').sparsify(0.7)
+    keep = torch.cat([k.flatten() for k in sp.masks.values()])
+    assert before[~keep].max() <= before[keep].min()
+
+
+@pytest.mark.parametrize('nm', ['1:4', '2:4', '3:8'])
+def test_nm_every_group(nm):
+    g = get_granularity(nm)
+    model = nn.Sequential(nn.Linear(16, 8), nn.Conv2d(4, 6, 2))
+    sp = Sparsifier(model, nm).sparsify((g.m - g.n) / g.m)
+    for n, m in sp.layers.items():
+        rows = g.groups(sp.masks[n], m, n)
+        fct.test_eq(rows.sum(1), torch.full((rows.shape[0],), g.n))
+    fct.test_fail(lambda: sp.sparsify(0.9), contains='the most it can prune')
+
+
+def test_ties_broken_by_position():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    with torch.no_grad():
+        model[0].weight.fill_(1.); model[1].weight.fill_(1.)
+    sp = Sparsifier(model, 'weight', 'global').sparsify(0.5)  # 18 weights, 9 pruned: the first 9 in model order
+    fct.test_eq((~sp.masks['0']).flatten().tolist(), [True] * 9 + [False] * 3)
+    fct.test_eq(sp.masks['1'].all().item(), True)
+
+
+def test_sampled_selection_matches_sort():
+    torch.manual_seed(0)
+    layers = [torch.randn(40_000).abs(), (torch.randn(70_000).abs() * 10).round() / 10]
+    for k in (1, 12_345, 55_000, 109_999):
+        keeps = select_prune([lambda l=l: l for l in layers], [len(l) for l in layers], [1, 1], k, sample_size=2_000)
+        order = torch.argsort(torch.cat(layers), stable=True)
+        ref = torch.ones(110_000, dtype=torch.bool); ref[order[:k]] = False
+        fct.test_eq(torch.cat(keeps), ref)
+
+
+def test_masks_grow_monotonically():
+    model = _model(3, 'cnn')
+    sp = Sparsifier(model, 'weight', 'global', 'gradient_magnitude')
+    x = torch.randn(4, 3, 8, 8)
+    model(x).sum().backward()
+    sp.sparsify(0.3); m1 = {k: v.clone() for k, v in sp.masks.items()}
+    model.zero_grad(); model(x).pow(2).sum().backward()
+    sp.sparsify(0.6)
+    for k in m1: assert not (sp.masks[k] & ~m1[k]).any()  # nothing pruned before is kept now
+
+
+def test_per_layer_dict_and_exclude():
+    model = _model(0, 'mlp')
+    sp = Sparsifier(model, exclude=['4']).sparsify({'0': 0.5, '2': 0.25})
+    fct.test_eq(sp.layer_sparsity(), {'0': 0.5, '2': 0.25})
+    fct.test_eq(list(sp.layers), ['0', '2'])
+    fct.test_fail(lambda: sp.sparsify({'9': 0.5}), contains='matches no pruned layer')
+    fct.test_eq(list(Sparsifier(model, exclude=nn.Linear, layers=None, granularity='weight').layers) if False else ['0', '2', '4'], ['0', '2', '4'])
+    fct.test_fail(lambda: Sparsifier(model, exclude=nn.Linear), contains='Nothing to prune')
+
+
+@pytest.mark.parametrize('bad,msg', [(90, 'e.g. 0.9'), (1.0, 'e.g. 0.01'), (-0.1, '[0, 1)'), (150, '[0, 1)'), (float('nan'), 'NaN'), ('0.5', 'number')])
+def test_bad_sparsity_leaves_model_untouched(bad, msg):
+    model = _model(0, 'mlp'); ref = copy.deepcopy(model.state_dict())
+    sp = Sparsifier(model)
+    with pytest.raises((ValueError, TypeError), match=None) as e: sp.sparsify(bad)
+    assert msg in str(e.value), str(e.value)
+    for k, v in model.state_dict().items(): assert torch.equal(v, ref[k])
+
+
+def test_nan_names_layer_and_leaves_model_untouched():
+    model = _model(0, 'mlp')
+    with torch.no_grad(): model[4].weight[0, 0] = float('nan')
+    ref = copy.deepcopy(model.state_dict())
+    fct.test_fail(lambda: Sparsifier(model).sparsify(0.5), contains="layer '4' has NaN weights")
+    for k, v in model.state_dict().items(): assert torch.equal(v, ref[k], ) or torch.isnan(v).any()
+    fct.test_eq(int((model[0].weight == 0).sum()), 0)
+
+
+def test_unknown_names_list_valid_ones():
+    model = _model(0, 'mlp')
+    fct.test_fail(lambda: Sparsifier(model, granularity='row'), contains="'weight', 'vector', 'kernel', 'filter'")
+    fct.test_fail(lambda: Sparsifier(model, criteria='taylor'), contains='magnitude, gradient_magnitude, movement, random')
+    fct.test_fail(lambda: Sparsifier(model, context='layer'), contains='local, global')
+
+
+def test_state_dict_roundtrip():
+    model = _model(0, 'cnn')
+    sp = Sparsifier(model, 'kernel', 'local').sparsify(0.4)
+    sd = sp.state_dict()
+    fresh = _model(0, 'cnn')
+    sp2 = Sparsifier(fresh, 'kernel', 'local').load_state_dict(sd)
+    for n in sd: fct.test_eq(sp2.masks[n], sp.masks[n])
+    fct.test_eq(sp2.layer_sparsity(), sp.layer_sparsity())
+    fct.test_fail(lambda: Sparsifier(_model(0, 'mlp')).load_state_dict(sd), contains='mask for')
