@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/12_all.ipynb #7743318a
+# %% ../nbs/12_all.ipynb #40ac349c
 import fastai.callback.schedule  # Learner.fit_one_cycle, fine_tune
 import fastai.callback.fp16      # Learner.to_fp16, to_bf16
 from .schedules import *
@@ -14,7 +14,9 @@ from .granularity import *
 from .sparsifier import *
 from .callback import *
 from .data import *
+from .metrics import *
+from .plots import *
 
-# %% ../nbs/12_all.ipynb #49fd03b2
-from . import schedules as _sc, criteria as _cr, granularity as _gr, sparsifier as _sp, callback as _cb, data as _da
-__all__ = [n for _m in (_sc, _cr, _gr, _sp, _cb, _da) for n in _m.__all__ if n != 'logger']
+# %% ../nbs/12_all.ipynb #2f8db512
+from . import schedules as _sc, criteria as _cr, granularity as _gr, sparsifier as _sp, callback as _cb, data as _da, metrics as _me, plots as _pl
+__all__ = [n for _m in (_sc, _cr, _gr, _sp, _cb, _da, _me, _pl) for n in _m.__all__ if n != 'logger']
