@@ -38,11 +38,12 @@ check-clean: venv
 	  echo "ERROR: notebooks were not clean (nbdev-clean changed the files listed above)"; rm -rf $$tmp; exit 1; fi; \
 	rm -rf $$tmp; echo "notebooks are clean"
 
+# One torch thread per worker: two workers on two cores (oversubscription makes fits several times slower).
 nbtest: venv
-	.venv/bin/nbdev-test --n_workers 2
+	OMP_NUM_THREADS=1 .venv/bin/nbdev-test --n-workers 2
 
 pytest: venv
-	$(PY) -m pytest -q -n 2 tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests
 
 bench: venv
 	$(PY) benchmarks/bench_overhead.py
