@@ -77,8 +77,16 @@ def test_gradient_accumulation():
     cb = SparsifyCallback(0.6, 'filter', 'local', 'gradient_magnitude', 'agp')
     chk = CheckZeros(cb)
     learn.fit(2, 1e-2, cbs=[GradientAccumulation(n_acc=128), cb, chk])
-    for n, m in cb.sparsifier.layers.items():
-        fct.test_eq(int((m.weight == 0).all(1).sum()), round(0.6 * m.weight.shape[0]))
+    dead = {n: int((m.weight == 0).all(1).sum()) for n, m in cb.sparsifier.layers.items()}
+    fct.test_eq(dead, {'0': round(0.6 * 64), '2': round(0.6 * 32), '4': 0})  # coupled channels: the classifier keeps its outputs
+
+
+def test_filter_uncoupled_prunes_every_layer():
+    learn = _learn()
+    cb = SparsifyCallback(0.5, 'filter', 'local', coupled=False)
+    learn.fit(1, 1e-2, cbs=cb)
+    assert cb.sparsifier.groups is None
+    for n, m in cb.sparsifier.layers.items(): fct.test_eq(int((m.weight == 0).all(1).sum()), round(0.5 * m.weight.shape[0]))
 
 
 @pytest.mark.parametrize('how', ['fit', 'fit_one_cycle', 'fine_tune'])
