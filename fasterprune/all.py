@@ -7,7 +7,7 @@ Docs: https://fasterprune.github.io/fasterprune/all.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/12_all.ipynb #5ce0b638
+# %% ../nbs/12_all.ipynb #c3c1d026
 import fastai.callback.schedule  # Learner.fit_one_cycle, fine_tune
 import fastai.callback.fp16      # Learner.to_fp16, to_bf16
 from .schedules import *
@@ -22,6 +22,6 @@ from .graph import *
 from .pruner import *
 from .lottery import *
 
-# %% ../nbs/12_all.ipynb #dd559212
+# %% ../nbs/12_all.ipynb #379ea2b5
 from . import schedules as _sc, criteria as _cr, granularity as _gr, sparsifier as _sp, callback as _cb, data as _da, metrics as _me, plots as _pl, graph as _gh, pruner as _pr, lottery as _lt
 __all__ = [n for _m in (_sc, _cr, _gr, _sp, _cb, _da, _me, _pl, _gh, _pr, _lt) for n in _m.__all__ if n != 'logger']

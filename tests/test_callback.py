@@ -160,10 +160,10 @@ def test_resume_mid_schedule(tmp_path):
         learn = Learner(_dls(shuffle=False), mlp(64, 48, 10), loss_func=nn.CrossEntropyLoss(), opt_func=Adam, path=tmp_path)
         return learn
     a = make(); saver = SaveAt()
-    cb_a = SparsifyCallback(0.9, schedule='agp', update_every=4)
+    cb_a = SparsifyCallback(0.9, schedule=agp(0., 1.), update_every=4)
     a.fit(4, 1e-2, cbs=[cb_a, saver])
     b = make(); b.load('mid')
-    cb_b = SparsifyCallback(0.9, schedule='agp', update_every=4)
+    cb_b = SparsifyCallback(0.9, schedule=agp(0., 1.), update_every=4)
     class Grab(Callback):
         order = 50  # after SparsifyCallback.before_fit
         def before_fit(self): self.masks = {k: v.clone() for k, v in cb_b.sparsifier.masks.items()}
