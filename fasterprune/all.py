@@ -7,7 +7,7 @@ Docs: https://fasterprune.github.io/fasterprune/all.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/12_all.ipynb #c3c1d026
+# %% ../nbs/12_all.ipynb #f1e17e89
 import fastai.callback.schedule  # Learner.fit_one_cycle, fine_tune
 import fastai.callback.fp16      # Learner.to_fp16, to_bf16
 from .schedules import *
@@ -21,7 +21,8 @@ from .plots import *
 from .graph import *
 from .pruner import *
 from .lottery import *
+from .distributed import *
 
-# %% ../nbs/12_all.ipynb #379ea2b5
-from . import schedules as _sc, criteria as _cr, granularity as _gr, sparsifier as _sp, callback as _cb, data as _da, metrics as _me, plots as _pl, graph as _gh, pruner as _pr, lottery as _lt
-__all__ = [n for _m in (_sc, _cr, _gr, _sp, _cb, _da, _me, _pl, _gh, _pr, _lt) for n in _m.__all__ if n != 'logger']
+# %% ../nbs/12_all.ipynb #fc4ead7f
+from . import schedules as _sc, criteria as _cr, granularity as _gr, sparsifier as _sp, callback as _cb, data as _da, metrics as _me, plots as _pl, graph as _gh, pruner as _pr, lottery as _lt, distributed as _di
+__all__ = [n for _m in (_sc, _cr, _gr, _sp, _cb, _da, _me, _pl, _gh, _pr, _lt, _di) for n in _m.__all__ if n != 'logger']
