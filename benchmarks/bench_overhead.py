@@ -4,7 +4,7 @@ SparsifyCallback(0.9, 'weight', 'global', 'magnitude', 'agp'), interleaved, medi
     .venv/bin/python benchmarks/bench_overhead.py [--pairs 3] [--only mlp|resnet18]
 
 MLP: digits repeated 4x (7,188 rows, 6,400 train), 64-1024-1024-10, bs 64, 3 epochs.
-ResNet-18 (torchvision, 10 classes): random 3x32x32 data, 1,024 train images, bs 64, 2 epochs.
+ResNet-18 (torchvision, 10 classes): random 3x32x32 data, 4,096 train images, bs 64, 2 epochs (128 steps).
 Prints a table; the ratio (sparse / dense wall time) is what we track, never an absolute time.
 """
 import argparse, statistics, time, warnings
@@ -27,7 +27,7 @@ def digits_x4():
     return TensorPairs(x[:6400], y[:6400]), TensorPairs(x[6400:], y[6400:])
 
 
-def random_images(n_train=1024, n_valid=256):
+def random_images(n_train=4096, n_valid=256):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n_train + n_valid, 3, 32, 32, generator=g); y = torch.randint(0, 10, (n_train + n_valid,), generator=g)
     return TensorPairs(x[:n_train], y[:n_train]), TensorPairs(x[n_train:], y[n_train:])
