@@ -65,6 +65,8 @@ def test_sgd_momentum_pushes_weights_but_masks_hold():
 
 @pytest.mark.parametrize('prec', ['to_fp16', 'to_bf16'])
 def test_mixed_precision(prec):
+    "The callback works beside fastai's MixedPrecision. On CPU fastai disables its CUDA autocast and GradScaler, so the"
+    "fp16/bf16 arithmetic itself is checked by benchmarks/gpu_checks.py on a GPU."
     learn = getattr(_learn(), prec)()
     cb = SparsifyCallback(0.7, 'weight', 'local', 'gradient_magnitude', 'linear')
     chk = CheckZeros(cb)
@@ -210,4 +212,47 @@ def test_bad_input_errors_and_untouched():
     ref = copy.deepcopy(learn.model.state_dict())
     fct.test_fail(lambda: learn.fit(1, cbs=SparsifyCallback(0.5, schedule='one_shot')), contains="layer '2' has NaN")
     for k, v in learn.model.state_dict().items(): assert torch.equal(torch.nan_to_num(v), torch.nan_to_num(ref[k]))
+    fct.test_eq(len(learn.metrics), 0)
+
+
+def test_callback_reused_on_a_new_learner_starts_over():
+    cb = SparsifyCallback(0.7, schedule='linear')
+    for i in range(2):
+        learn = _learn()
+        learn.fit(1, 1e-2, cbs=cb)
+        fct.test_close(cb.sparsifier.sparsity(), 0.7, eps=1e-3)
+        assert cb.sparsifier.model is learn.model
+    fct.test_eq(cb.history[0]['pos'] > 0, True)
+
+
+def test_zero_initialized_head_still_trains():
+    learn = _learn()
+    with torch.no_grad(): learn.model[4].weight.zero_()
+    cb = SparsifyCallback(0.5, context='local')  # (globally, an untrained zero head is the smallest and goes first)
+    learn.fit(1, 1e-2, cbs=cb)
+    fct.test_eq(int(torch.count_nonzero(learn.model[4].weight)), 160)  # not frozen at zero: half of it trained and kept
+
+
+def test_gradient_criteria_refuse_frozen_layers_before_training():
+    learn = _learn()
+    learn.model[0].weight.requires_grad_(False)
+    ref = copy.deepcopy(learn.model.state_dict())
+    fct.test_fail(lambda: learn.fit(1, 1e-2, cbs=SparsifyCallback(0.5, criteria='gradient_magnitude')), contains="frozen: 0")
+    for k, v in learn.model.state_dict().items(): assert torch.equal(v, ref[k])
+    fct.test_eq(len(learn.metrics), 0)
+
+
+def test_fine_tune_with_frozen_body_magnitude():
+    from fastai.torch_core import params
+    learn = _learn(splitter=lambda m: [params(m[0]), params(m[2:])])
+    cb = SparsifyCallback(0.6)
+    learn.fine_tune(1, 1e-2, freeze_epochs=1, cbs=cb)
+    fct.test_close(cb.sparsifier.sparsity(), 0.6, eps=1e-3)
+
+
+def test_filter_dict_targets_refused_before_training():
+    learn = _learn()
+    ref = copy.deepcopy(learn.model.state_dict())
+    fct.test_fail(lambda: learn.fit(1, 1e-2, cbs=SparsifyCallback({'0': 0.5}, 'filter')), contains='coupled')
+    for k, v in learn.model.state_dict().items(): assert torch.equal(v, ref[k])
     fct.test_eq(len(learn.metrics), 0)

@@ -73,3 +73,16 @@ def test_zoo_sparsify_then_compact(arch, context):
     n_after = sum(p.numel() for p in model.parameters())
     assert n_after < 0.75 * n_before, (n_before, n_after)
     with torch.no_grad(): fct.test_close(model(x), masked(x), eps=1e-4)
+
+
+def test_refit_after_compact_with_attached_callback():
+    "A callback attached to the Learner starts over on the smaller model after surgery"
+    torch.manual_seed(0)
+    dls = digits_dls(flat=False, bs=64)
+    cb = SparsifyCallback(0.5, 'filter', 'local', schedule='one_shot')
+    learn = Learner(dls, TinyRes(), loss_func=nn.CrossEntropyLoss(), cbs=cb)
+    learn.fit(1, 1e-2)
+    Pruner(learn).compact()
+    fct.test_eq(learn.model.stem[0].out_channels, 4)
+    learn.fit(1, 1e-2)  # the callback rebuilds its Sparsifier for the new shapes, prunes half of what is left
+    fct.test_eq(int(_dead(learn.model.stem[0].weight).sum()), 2)

@@ -157,3 +157,25 @@ def test_nan_loss_stops_with_a_message(every):
     assert all(bool(torch.isfinite(p).all()) for p in learn.model.parameters())
     assert cb.sparsifier.sparsity() == cb.history[-1]['sparsity']  # the masks are still exact
     assert not learn.opt.state or all(p.grad is None or not p.grad.any() for p in learn.model.parameters())  # no NaN gradients left over
+
+
+def test_stop_on_nan_when_mixed_precision_skips_the_step():
+    "fp16 MixedPrecision cancels steps with non-finite gradients before StopOnNaNCallback.before_step: the loss still stops the fit"
+    from fastai.learner import Learner
+    from fastai.callback.core import Callback, CancelStepException
+    from fasterprune.callback import SparsifyCallback
+    from fasterprune.distributed import StopOnNaNCallback
+    from fasterprune.data import digits_dls, mlp
+    class SkipLikeGradScaler(Callback):  # what MixedPrecision.before_step does when the gradients overflow
+        order = 10
+        def before_step(self):
+            if not torch.isfinite(self.loss).all(): raise CancelStepException()
+    class PoisonAt(Callback):
+        order = 5
+        def after_loss(self):
+            if self.train_iter == 7: self.learn.loss_grad = self.learn.loss_grad * float('nan'); self.learn.loss = self.learn.loss * float('nan')
+    torch.manual_seed(0)
+    learn = Learner(digits_dls(), mlp(64, 32, 10), loss_func=torch.nn.CrossEntropyLoss())
+    with pytest.raises(FloatingPointError, match='loss is nan.*iteration 7'):
+        learn.fit(1, 1e-2, cbs=[SkipLikeGradScaler(), PoisonAt(), SparsifyCallback(0.5), StopOnNaNCallback()])
+    assert all(torch.isfinite(p).all() for p in learn.model.parameters())

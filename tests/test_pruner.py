@@ -193,3 +193,23 @@ def test_prune_property(c1, c2, k, ratio, context, round_to):
     assert m.stem.out_channels >= 1 and m.a.out_channels >= 1
     for mod in (m.stem, m.a, m.b): fct.test_eq(mod.weight.shape[:2], (mod.out_channels, mod.in_channels))
     with torch.no_grad(): fct.test_eq(m.eval()(x).shape, (2, 5))
+
+
+def test_load_pruned_bad_file_leaves_model_untouched(tmp_path):
+    import torch, torch.nn as nn, copy
+    from fasterprune.pruner import Pruner, save_pruned, load_pruned
+    torch.manual_seed(0)
+    def net(): return nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
+    m = net(); Pruner(m, torch.randn(2, 3, 8, 8)).prune(0.5)
+    save_pruned(m, tmp_path / 'p.pt')
+    d = torch.load(tmp_path / 'p.pt', weights_only=True)
+    d['state_dict'] = {('x' + k): v for k, v in d['state_dict'].items()}  # keys that do not fit
+    torch.save(d, tmp_path / 'bad.pt')
+    dst = net(); ref = copy.deepcopy(dst.state_dict())
+    with pytest.raises(RuntimeError): load_pruned(dst, tmp_path / 'bad.pt')
+    fct.test_eq(dst[0].weight.shape, (16, 3, 3, 3))
+    for k, v in dst.state_dict().items(): assert torch.equal(v, ref[k])
+    ok = load_pruned(net(), tmp_path / 'p.pt')
+    x = torch.randn(2, 3, 8, 8)
+    m.eval(); ok.eval()
+    fct.test_close(ok(x), m(x))

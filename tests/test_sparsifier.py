@@ -116,11 +116,12 @@ def test_per_layer_dict_and_exclude():
     fct.test_eq(sp.layer_sparsity(), {'0': 0.5, '2': 0.25})
     fct.test_eq(list(sp.layers), ['0', '2'])
     fct.test_fail(lambda: sp.sparsify({'9': 0.5}), contains='matches no pruned layer')
-    fct.test_eq(list(Sparsifier(model, exclude=nn.Linear, layers=None, granularity='weight').layers) if False else ['0', '2', '4'], ['0', '2', '4'])
+    fct.test_eq(list(Sparsifier(model, exclude=['0', '2']).layers), ['4'])
+    fct.test_eq(list(Sparsifier(model, layers='[02]').layers), ['0', '2'])
     fct.test_fail(lambda: Sparsifier(model, exclude=nn.Linear), contains='Nothing to prune')
 
 
-@pytest.mark.parametrize('bad,msg', [(90, 'e.g. 0.9'), (1.0, 'e.g. 0.01'), (-0.1, '[0, 1)'), (150, '[0, 1)'), (float('nan'), 'NaN'), ('0.5', 'number')])
+@pytest.mark.parametrize('bad,msg', [(90, 'e.g. 0.9'), (1.0, 'would prune every weight'), (-0.1, '[0, 1)'), (150, '[0, 1)'), (float('nan'), 'NaN'), ('0.5', 'number')])
 def test_bad_sparsity_leaves_model_untouched(bad, msg):
     model = _model(0, 'mlp'); ref = copy.deepcopy(model.state_dict())
     sp = Sparsifier(model)
@@ -154,3 +155,18 @@ def test_state_dict_roundtrip():
     for n in sd: fct.test_eq(sp2.masks[n], sp.masks[n])
     fct.test_eq(sp2.layer_sparsity(), sp.layer_sparsity())
     fct.test_fail(lambda: Sparsifier(_model(0, 'mlp')).load_state_dict(sd), contains='mask for')
+
+
+def test_nm_never_revives():
+    model = nn.Sequential(nn.Linear(8, 2))
+    with torch.no_grad(): model[0].weight[0, :3] = 0.  # a group of 4 already 3/4 zero
+    sp = Sparsifier(model, '2:4').adopt_zeros().sparsify(0.5)
+    fct.test_eq(int((model[0].weight[0, :4] == 0).sum()), 3)
+    fct.test_eq(bool((model[0].weight.reshape(-1, 4) != 0).sum(1).max() <= 2), True)
+
+
+def test_adopt_zeros_skips_zero_initialized_layers():
+    model = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 3))
+    with torch.no_grad(): model[1].weight.zero_(); model[0].weight[0, 0] = 0.
+    sp = Sparsifier(model).adopt_zeros()
+    fct.test_eq(list(sp.masks), ['0'])  # the all-zero (zero-initialized) layer is not taken as pruned

@@ -1,0 +1,92 @@
+"""The GPU checks of issue 6, as one prepared script for a task that is lent a device (not run yet: no GPU so far).
+
+    .venv/bin/python benchmarks/gpu_checks.py            # on a machine with CUDA; prints a table, exits 1 on a failed check
+
+1. SparsifyCallback on the GPU with bf16 and fp16 mixed precision (fastai `to_bf16()` / `to_fp16()`): masked weights
+   exactly zero after the fit, sparsity exact — weight/global/AGP, and filter/coupled/AGP (several mask updates,
+   which exercises the device handling of coupled groups).
+2. Lottery rounds on the GPU with a layer of more than 32 k weights (the sampled selection path).
+3. N:M: a Linear layer pruned 2:4 by the Sparsifier, converted with `torch.sparse.to_sparse_semi_structured`,
+   timed against the dense layer (fp16, interleaved runs, CUDA-synchronized, median ratio). Needs an Ampere or newer
+   card; record the card's name with the figures in benchmarks/RESULTS.md.
+"""
+import statistics, sys, time, warnings
+import torch, torch.nn as nn, torch.nn.functional as F
+
+warnings.filterwarnings('ignore')
+
+
+def check(name, ok, detail=''):
+    print(f"{'PASS' if ok else 'FAIL'}  {name}  {detail}")
+    return bool(ok)
+
+
+def callback_checks():
+    from fastai.learner import Learner
+    import fastai.callback.fp16, fastai.callback.schedule  # noqa: F401
+    from fasterprune.callback import SparsifyCallback
+    from fasterprune.data import digits_dls, lenet_300_100, small_cnn
+    ok = True
+    for prec in ('to_bf16', 'to_fp16'):
+        for gran, flat, make in (('weight', True, lenet_300_100), ('filter', False, small_cnn)):
+            torch.manual_seed(0)
+            dls = digits_dls(flat=flat, device=torch.device('cuda'))
+            learn = getattr(Learner(dls, make().cuda(), loss_func=nn.CrossEntropyLoss()), prec)()
+            cb = SparsifyCallback(0.5 if gran == 'filter' else 0.9, gran, 'global', 'magnitude', 'agp')
+            learn.fit_one_cycle(3, 1e-2, cbs=cb)
+            sp = cb.sparsifier
+            zero = all(bool((sp.layers[n].weight[~mk] == 0).all()) for n, mk in sp.masks.items())
+            ok &= check(f"{prec} {gran}: masked weights exactly zero on cuda", zero, f"sparsity {sp.sparsity():.4f}, {len(cb.history)} updates")
+            if gran == 'weight':
+                n = sum(m.weight.numel() for m in sp.layers.values())
+                ok &= check(f"{prec} weight: exact count", sum(int((m.weight == 0).sum()) for m in sp.layers.values()) == round(0.9 * n))
+    return ok
+
+
+def lottery_check():
+    from fastai.learner import Learner
+    from fastai.metrics import accuracy
+    from fasterprune.data import digits_dls, mlp
+    from fasterprune.lottery import lottery_experiment
+    def make_learner():
+        return Learner(digits_dls(device=torch.device('cuda')), mlp(64, 1024, 256, 10).cuda(), loss_func=nn.CrossEntropyLoss(), metrics=accuracy)
+    res = lottery_experiment(make_learner, rounds=3, rate=0.5, epochs=1, controls=('random',), progress=False)
+    return check("lottery rounds on cuda (layers > 32 k weights)", len(res['rows']) == 4, f"{res['rows'][-1]}")
+
+
+def nm_speed(rows=8192, features=(4096, 4096), runs=50):
+    from fasterprune.sparsifier import Sparsifier
+    from torch.sparse import to_sparse_semi_structured
+    lin = nn.Linear(*features, bias=False).half().cuda()
+    Sparsifier(nn.Sequential(lin), '2:4').sparsify(0.5)
+    w = lin.weight.detach()
+    ok = check("2:4 pattern", bool(((w.reshape(-1, 4) != 0).sum(1) <= 2).all()))
+    ws = to_sparse_semi_structured(w)
+    x = torch.randn(rows, features[0], dtype=torch.half, device='cuda')
+    dense_out, sparse_out = F.linear(x, w), F.linear(x, ws)
+    ok &= check("semi-structured output equals dense", torch.allclose(dense_out, sparse_out, rtol=1e-2, atol=1e-2))
+    def t(weight):
+        torch.cuda.synchronize(); s = time.perf_counter()
+        for _ in range(10): F.linear(x, weight)
+        torch.cuda.synchronize(); return (time.perf_counter() - s) / 10
+    for _ in range(5): t(w); t(ws)
+    ratios = []
+    for i in range(runs):
+        a, b = (t(w), t(ws)) if i % 2 == 0 else tuple(reversed((t(ws), t(w))))
+        ratios.append(a / b)
+    print(f"2:4 semi-structured Linear {features}, x {rows} rows, fp16, {torch.cuda.get_device_name()}: "
+          f"measured speedup vs dense, median of {runs} interleaved pairs: {statistics.median(ratios):.3f}x")
+    return ok
+
+
+def main():
+    if not torch.cuda.is_available():
+        print("no CUDA device: these checks need a GPU"); return 2
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
+    ok = callback_checks()
+    ok &= lottery_check()
+    ok &= nm_speed()
+    return 0 if ok else 1
+
+
+if __name__ == '__main__': sys.exit(main())
