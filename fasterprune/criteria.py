@@ -20,6 +20,11 @@ class Criterion:
     needs_grad = False
     name = 'criterion'
     fresh = False  # True when `score` returns a new tensor the caller may modify in place
+    pointwise = False  # True when a weight's score depends on that weight alone: the engine may score a layer in chunks
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        # a subclass that redefines `score` without saying whether it is still pointwise is not assumed to be
+        if 'score' in cls.__dict__ and 'pointwise' not in cls.__dict__: cls.pointwise = False
     def score(self, name:str, w:Tensor, out:Tensor|None=None) -> Tensor:
         "Scores of `w`; criteria that can may write them into `out` (a float32 buffer of `w`'s shape)"
         raise NotImplementedError
@@ -29,7 +34,7 @@ class Criterion:
 
 class Magnitude(Criterion):
     "Weight magnitude |w| (the group's mean is its L1 norm divided by its size)"
-    name, fresh = 'magnitude', True
+    name, fresh, pointwise = 'magnitude', True, True
     def score(self, name, w, out=None):
         w = w.detach()
         if out is not None and w.dtype == out.dtype: return torch.abs(w, out=out)

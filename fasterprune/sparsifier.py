@@ -6,18 +6,26 @@ Docs: https://fasterprune.github.io/fasterprune/sparsifier.html.md"""
 
 # %% ../nbs/03_sparsifier.ipynb #88fdc5cf
 from __future__ import annotations
-import math, fnmatch, inspect, logging
+import math, fnmatch, inspect, logging, warnings
 import numpy as np
 from fastcore.basics import patch
 import torch
 from torch import nn, Tensor
 from .criteria import get_criterion, Criterion
 from .granularity import get_granularity, Granularity, _conv_t
+from torch.nn.utils import parametrize, parametrizations
+import torch.nn.utils.prune as _prune
+from torch.nn.utils.weight_norm import WeightNorm as _OldWeightNorm
+from torch.nn.utils.spectral_norm import SpectralNorm as _OldSpectralNorm
 
 logger = logging.getLogger('fasterprune')
 
+class NMRoundingWarning(UserWarning):
+    "An N:M target that N:M masks cannot reach exactly was rounded to the nearest one they can"
+
 # %% auto #0
-__all__ = ['logger', 'prunable_types', 'context_names', 'prunable_layers', 'check_sparsity', 'select_prune', 'Sparsifier']
+__all__ = ['logger', 'prunable_types', 'context_names', 'NMRoundingWarning', 'prunable_layers', 'check_sparsity', 'select_prune',
+           'Sparsifier']
 
 # %% ../nbs/03_sparsifier.ipynb #c7c62eb6
 prunable_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
@@ -40,7 +48,58 @@ def prunable_layers(model:nn.Module, layers=None, exclude=None) -> dict[str, nn.
     if exclude is not None:
         exclude = [exclude] if isinstance(exclude, (str, type, nn.Module)) else list(exclude)
         found = {n: m for n, m in found.items() if not any(_matches(n, m, s) for s in exclude)}
-    return found
+    empty = [n for n, m in found.items() if m.weight.numel() == 0]
+    if empty: logger.info("prunable_layers: %s hold no weight (a zero-size dimension) and get no mask", ', '.join(empty))
+    return {n: m for n, m in found.items() if m.weight.numel() > 0}
+
+# %% ../nbs/03_sparsifier.ipynb #f8e2143d
+_weight_norm_types = (parametrizations._WeightNorm, parametrizations._SpectralNorm)
+
+def _hook_of(m, kind):
+    return next((h for h in m._forward_pre_hooks.values()
+                 if isinstance(h, kind) and getattr(h, 'name', getattr(h, '_tensor_name', None)) == 'weight'), None)
+
+def _reparam(m:nn.Module, name:str):
+    "How the weight of layer `name` is stored: None (a plain parameter), or (kind, underlying tensors, hook) to mask"
+    if parametrize.is_parametrized(m, 'weight'):
+        ps = m.parametrizations.weight
+        if len(ps) == 1 and isinstance(ps[0], parametrizations._WeightNorm): return ('weight_norm', ps, ps[0])
+        if len(ps) == 1 and isinstance(ps[0], parametrizations._SpectralNorm): return ('orig', ps, None)
+        raise ValueError(f"layer {name!r}: its weight is computed by {', '.join(type(p).__name__ for p in ps)}, which masks cannot "
+                         f"follow (the next forward would recompute the pruned entries); leave it dense with exclude=[{name!r}], "
+                         "or remove the parametrization (torch.nn.utils.parametrize.remove_parametrizations)")
+    h = _hook_of(m, _OldWeightNorm)
+    if h is not None: return ('old_weight_norm', m, h)
+    for kind in (_OldSpectralNorm, _prune.BasePruningMethod):
+        h = _hook_of(m, kind)
+        if h is not None: return ('old_orig', m, h)
+    if not isinstance(m.weight, nn.Parameter) and m.weight.grad_fn is not None:
+        raise ValueError(f"layer {name!r}: its weight is computed by a forward hook the Sparsifier does not know; leave it dense "
+                         f"with exclude=[{name!r}], or remove the hook")
+    return None
+
+def _effective_weight(m:nn.Module, rp) -> Tensor:
+    "The weight the layer computes in its next forward"
+    if rp is None or rp[0] in ('weight_norm', 'orig'): return m.weight  # a parametrization computes it on access
+    h = rp[2]
+    with torch.no_grad():
+        if rp[0] == 'old_weight_norm': return h.compute_weight(m)
+        if isinstance(h, _OldSpectralNorm): return h.compute_weight(m, do_power_iteration=False)
+        return h.apply_mask(m)
+
+def _mask_reparam(m:nn.Module, rp, mk:Tensor):
+    "Zero the entries masked by `mk` of the tensor(s) the layer's weight is computed from (in place, no autograd)"
+    if rp[0] == 'orig': rp[1].original.mul_(mk)
+    elif rp[0] == 'old_orig': m.weight_orig.mul_(mk)
+    else:
+        g, v, dim = (rp[1].original0, rp[1].original1, rp[2].dim) if rp[0] == 'weight_norm' else (m.weight_g, m.weight_v, rp[2].dim)
+        dims = [d for d in range(v.ndim) if d != dim % v.ndim] if dim not in (None, -1) else list(range(v.ndim))
+        alive = mk.amax(dims, keepdim=True) if dims else mk  # a slice with no kept entry: zero its scale instead
+        dead = ~alive
+        v.mul_(mk | dead)
+        v.masked_fill_(dead & (v.abs().amax(dims, keepdim=True) == 0 if dims else v == 0), 1.)  # keep the norm of dead slices > 0
+        g.mul_(alive.reshape(g.shape) if g.numel() == alive.numel() else alive.to(g.dtype).amax())
+    if rp[0].startswith('old'): m.weight = _effective_weight(m, rp)  # the hooks' cached weight, until their next forward
 
 # %% ../nbs/03_sparsifier.ipynb #6c8baac3
 def check_sparsity(s, what='sparsity') -> float:
@@ -177,6 +236,7 @@ class Sparsifier:
         self.layers = prunable_layers(model, layers, exclude)
         if not self.layers: raise ValueError(f"Nothing to prune: {type(model).__name__} has no Conv/ConvTranspose/Linear layer left after `layers`/`exclude`")
         for n, m in self.layers.items(): self.granularity.group_size(m.weight, m, n)  # fail now on undefined granularities
+        self._rp = {n: _reparam(m, n) for n, m in self.layers.items()}  # reparametrized weights: what to mask instead
         self.masks: dict[str, Tensor] = {}
         self.groups, self.aux = None, []  # coupled channel groups (filter granularity), and their bias/norm masks
         if example_input is not None:
@@ -186,17 +246,21 @@ class Sparsifier:
     @property
     def params(self) -> dict[str, Tensor]: return {n: m.weight for n, m in self.layers.items()}
 
+    def weight(self, name:str) -> Tensor:
+        "The weight layer `name` computes (the stored one, or the one a parametrization computes from its tensors)"
+        return _effective_weight(self.layers[name], self._rp[name])
+
     def __repr__(self): return f"Sparsifier({len(self.layers)} layers, granularity={self.granularity!r}, context={self.context!r}, criteria={self.criterion!r})"
 
 # %% ../nbs/03_sparsifier.ipynb #70bddac1
 @patch
 def _group_scores(self:Sparsifier, name:str, out=None):
     "1-D group scores of layer `name` (per-weight `(n_groups, M)` for N:M); `out`: a float32 buffer to reuse when groups are single weights"
-    m = self.layers[name]; crit = self.criterion
-    if out is not None and (self.granularity.is_nm or self.granularity.group_size(m.weight, m, name) != 1): out = None
-    raw = crit.score(name, m.weight, out.view(m.weight.shape) if out is not None else None)
+    m = self.layers[name]; crit = self.criterion; w = self.weight(name)
+    if out is not None and (self.granularity.is_nm or self.granularity.group_size(w, m, name) != 1): out = None
+    raw = crit.score(name, w, out.view(w.shape) if out is not None else None)
     sc = self.granularity.group_scores(raw, m, name)
-    if crit.name != 'magnitude' and torch.isnan(sc).any():
+    if torch.isnan(sc).any():
         raise ValueError(f"criterion {crit!r} gave NaN scores for layer {name!r}; nothing was pruned")
     return sc
 
@@ -205,13 +269,13 @@ def _prev_keep(self:Sparsifier, name:str):
     "Group keep-flags of the current mask of `name` (a group stays only if some weight of it is kept), or None"
     prev = self.masks.get(name)
     if prev is None: return None
-    pk = self.granularity.groups(prev.to(self.layers[name].weight.device), self.layers[name], name)
+    pk = self.granularity.groups(prev.to(prev.device), self.layers[name], name)
     if self.granularity.is_nm: return pk
     return pk.reshape(-1) if pk.shape[1] == 1 else pk.any(1)
 
 @patch
 def _check_weights(self:Sparsifier, names):
-    for n in names: _check_finite(n, self.layers[n].weight)
+    for n in names: _check_finite(n, self.weight(n))
 
 def _check_finite(name, t):
     "Raise, naming the layer, if `t` holds a NaN (a sum is one cheap read; the exact check runs only when it is not finite)"
@@ -219,8 +283,8 @@ def _check_finite(name, t):
 
 _CHUNK = 2**20  # weights per chunk when a big layer's magnitudes are scored piece by piece (4 MB of scores stay in cache)
 
-def _magnitude_chunk(name, w, out):
-    sc = torch.abs(w, out=out) if out is not None and out.dtype == w.dtype else w.abs().float()
+def _pointwise_chunk(crit, name, w, out):
+    sc = crit.score(name, w, out)
     _check_finite(name, sc)
     return sc
 
@@ -230,16 +294,17 @@ def _parts(self:Sparsifier, names):
     g, fns, sfns, ng, sz, prev = self.granularity, [], [], [], [], []
     for n in names:
         m = self.layers[n]; s = g.group_size(m.weight, m, n); G = m.weight.numel() // s; pk = self._prev_keep(n)
-        if self.criterion.name == 'magnitude' and s == 1:
-            # single-weight groups by magnitude: cut the layer in chunks, sample |w| at a few positions
-            w = m.weight.detach().reshape(-1)
+        crit = self.criterion
+        if crit.pointwise and s == 1:
+            # single-weight groups, pointwise criterion: cut the layer in chunks, sample scores at a few positions
+            w = self.weight(n).detach().reshape(-1)
             for a in range(0, G, _CHUNK):
                 b = min(a + _CHUNK, G)
-                fns.append(lambda out=None, n=n, w=w, a=a, b=b: _magnitude_chunk(n, w[a:b], out))
-                sfns.append(lambda idx, w=w, a=a: w[a + idx.to(w.device)].abs().float())
+                fns.append(lambda out=None, n=n, w=w, a=a, b=b: _pointwise_chunk(crit, n, w[a:b], out))
+                sfns.append(lambda idx, n=n, w=w, a=a: crit.score(n, w[a + idx.to(w.device)]).float())
                 ng.append(b - a); sz.append(1); prev.append(None if pk is None else pk[a:b])
         else:
-            _check_finite(n, m.weight)
+            _check_finite(n, self.weight(n))
             fns.append(lambda out=None, n=n: self._group_scores(n, out)); sfns.append(None)
             ng.append(G); sz.append(s); prev.append(pk)
     return fns, sfns, ng, sz, prev
@@ -281,6 +346,12 @@ def compute_masks(self:Sparsifier, sparsity) -> dict[str, Tensor]:
         ts = targets if isinstance(targets, dict) else {n: targets for n in self.layers}
         for n, s in ts.items():
             if s > cap + 1e-9: raise ValueError(f"{g!r} keeps {g.n} of every {g.m} weights: the most it can prune is {cap:g}, got {s:g} for {n!r}")
+        for s in sorted(set(ts.values())):
+            got = min(_round_half_up(s * g.m), g.m - g.n) / g.m
+            if abs(got - s) > 1e-9:
+                reach = ', '.join(f'{i / g.m:g}' for i in range(g.m - g.n + 1))
+                warnings.warn(f"{g!r} can only reach sparsities {reach} (every group of {g.m} prunes the same number of "
+                              f"weights): {s:g} is rounded to {got:g}", NMRoundingWarning, stacklevel=3)
         self._check_weights(ts)
         scores = {}
         for n in ts:
@@ -314,6 +385,9 @@ def apply_masks(self:Sparsifier):
     "Zero every masked weight (in place, no autograd)"
     with torch.no_grad():
         for n, mk in self.masks.items():
+            if self._rp[n] is not None:
+                _mask_reparam(self.layers[n], self._rp[n], mk)
+                continue
             w = self.layers[n].weight
             if w.device.type == 'cpu' and w.is_contiguous() and mk.is_contiguous() and w.dtype in (torch.float32, torch.float64):
                 wn = w.detach().numpy(); np.multiply(wn, mk.numpy(), out=wn)  # numpy's float*bool is ~2x torch's on CPU
@@ -327,15 +401,33 @@ def reset(self:Sparsifier) -> Sparsifier:
     return self
 
 @patch
+def _budgets(self:Sparsifier, t) -> list:
+    "(layer names, weights that target `t` prunes at most there), with the rounding `compute_masks` uses for `t`"
+    g, L = self.granularity, self.layers
+    def n_groups(n): return L[n].weight.numel() // g.group_size(L[n].weight, L[n], n)
+    def local(n, s):  # round(s * n_groups) groups, or for N:M the same count in every group of M
+        if g.is_nm: return n_groups(n) * min(_round_half_up(s * g.m), g.m - g.n)
+        return _round_half_up(s * n_groups(n)) * g.group_size(L[n].weight, L[n], n)
+    if isinstance(t, dict): return [([n], local(n, s)) for n, s in t.items()]
+    if self.groups is not None:
+        names = sorted({n for gr in self.groups for n in gr.producers})
+        sz = [sum(g.group_size(L[n].weight, L[n], n) for n in gr.producers) for gr in self.groups]
+        if self.context == 'local': return [(names, sum(_round_half_up(t * gr.width) * s for gr, s in zip(self.groups, sz)))]
+        return [(names, _round_half_up(t * sum(gr.width * s for gr, s in zip(self.groups, sz))))]
+    if g.is_nm or self.context == 'local': return [(list(L), sum(local(n, t) for n in L))]
+    return [(list(L), _round_half_up(t * sum(m.weight.numel() for m in L.values())))]
+
+@patch
 def sparsify(self:Sparsifier, sparsity) -> Sparsifier:
     "Prune to `sparsity` (a fraction, or a per-layer dict): compute the masks, keep them, zero the weights"
     t = self._check_targets(sparsity)
-    for n, s in (t.items() if isinstance(t, dict) else [(None, t)]):
-        names = [n] if n else list(self.masks)
+    for names, budget in self._budgets(t):
         pruned = sum(int((~self.masks[k]).sum()) for k in names if k in self.masks)
-        total = sum(self.layers[k].weight.numel() for k in ([n] if n else self.layers))
-        if pruned > _round_half_up(s * total):
-            raise ValueError(f"the masks already prune {pruned / total:.4f} of {n or 'the pruned layers'}, more than {s:g}: masks never shrink; call reset() first to start over")
+        if pruned > budget:
+            total = sum(self.layers[k].weight.numel() for k in names)
+            what = names[0] if isinstance(t, dict) else 'the pruned layers'
+            raise ValueError(f"the masks already prune {pruned / total:.4f} of {what}, more than {sparsity if not isinstance(t, dict) else t[names[0]]:g}: "
+                             "masks never shrink; call reset() first to start over")
     self.set_masks(self.compute_masks(sparsity))
     self.apply_masks()
     self.criterion.reset()
@@ -360,18 +452,22 @@ def _coupled_masks(self:Sparsifier, targets) -> dict[str, Tensor]:
     names = sorted({n for gr in self.groups for n in gr.producers}, key=list(self.layers).index)
     self._check_weights(names)
     dev = self.layers[names[0]].weight.device
-    fscore = {n: self._group_scores(n).to(dev) for n in names}  # mean score of each filter
+    fscore = {}
+    for n in names:  # mean score of each filter, relative to the layer's mean filter: dimensionless, comparable across layers
+        f = self._group_scores(n).to(dev).float()
+        fscore[n] = f / f.mean().clamp_min(torch.finfo(torch.float32).tiny)
     fsize = {n: self.granularity.group_size(self.layers[n].weight, self.layers[n], n) for n in names}
-    scores, sizes, prev = [], [], []
+    scores, sizes, prev, best = [], [], [], []
     for gr in self.groups:
-        sc = sum(fscore[n][ix.to(dev)] for n, ix in gr.producers.items()).clone()
-        sc[sc.argmax()] = float('inf')  # every group keeps at least its best channel: a layer never loses all its outputs
+        sc = sum(fscore[n][ix.to(dev)] for n, ix in gr.producers.items()) / len(gr.producers)  # the producers' mean
         scores.append(sc)
         sizes.append(sum(fsize[n] for n in gr.producers))
         pk = [self._prev_keep(n) for n in gr.producers]
-        prev.append(None if all(p is None for p in pk) else
-                    torch.stack([(p[ix.to(p.device)] if p is not None else torch.ones(len(ix), dtype=torch.bool, device=dev))
-                                 for p, ix in zip(pk, gr.producers.values())]).any(0).to(dev))
+        p = (None if all(p is None for p in pk) else
+             torch.stack([(p[ix.to(p.device)] if p is not None else torch.ones(len(ix), dtype=torch.bool, device=dev))
+                          for p, ix in zip(pk, gr.producers.values())]).any(0).to(dev))
+        prev.append(p)
+        best.append((sc if p is None else sc.masked_fill(~p, float('-inf'))).argmax())  # the best live channel
     if self.context == 'local':
         keeps = [select_prune([lambda sc=sc: sc], [len(sc)], [s], _round_half_up(targets * len(sc)) * s, [p], seed=self.seed, device=dev)[0]
                  for sc, s, p in zip(scores, sizes, prev)]
@@ -379,6 +475,8 @@ def _coupled_masks(self:Sparsifier, targets) -> dict[str, Tensor]:
         n_w = sum(len(sc) * s for sc, s in zip(scores, sizes))
         keeps = select_prune([lambda sc=sc: sc for sc in scores], [len(sc) for sc in scores], sizes,
                              _round_half_up(targets * n_w), prev, seed=self.seed, device=dev)
+    for kp, b, p in zip(keeps, best, prev):  # every group keeps its best live channel: a layer never loses all its outputs
+        if p is None or p.any(): kp[b] = True
     fkeep = {n: torch.ones(self.layers[n].weight.shape[0] if not isinstance(self.layers[n], _conv_t) else self.layers[n].weight.shape[1],
                            dtype=torch.bool) for n in names}
     for gr, kp in zip(self.groups, keeps):
@@ -418,13 +516,13 @@ def _nnz(t:Tensor) -> int:
 @patch
 def layer_sparsity(self:Sparsifier) -> dict[str, float]:
     "Fraction of zero weights in each pruned layer, measured"
-    return {n: 1 - _nnz(m.weight) / m.weight.numel() for n, m in self.layers.items()}
+    return {n: 1 - _nnz(self.weight(n)) / m.weight.numel() for n, m in self.layers.items()}
 
 @patch
 def sparsity(self:Sparsifier) -> float:
     "Fraction of zero weights over all pruned layers, measured"
     tot = sum(m.weight.numel() for m in self.layers.values())
-    return 1 - sum(_nnz(m.weight) for m in self.layers.values()) / tot
+    return 1 - sum(_nnz(self.weight(n)) for n in self.layers) / tot
 
 @patch
 def adopt_zeros(self:Sparsifier) -> Sparsifier:
@@ -432,7 +530,7 @@ def adopt_zeros(self:Sparsifier) -> Sparsifier:
     masks = {}
     with torch.no_grad():
         for n, m in self.layers.items():
-            mk = m.weight != 0
+            mk = self.weight(n) != 0
             if not mk.all() and mk.any(): masks[n] = mk
     if masks:
         logger.info("Sparsifier: %d zero weights in %d layers taken as already pruned (%s)",
@@ -446,7 +544,7 @@ def report(self:Sparsifier):
     import pandas as pd
     rows = []
     for n, m in self.layers.items():
-        w = m.weight; nz = int(torch.count_nonzero(w))
+        w = self.weight(n); nz = int(torch.count_nonzero(w))
         rows.append(dict(layer=n, type=type(m).__name__, shape=tuple(w.shape), params=w.numel(), nonzero=nz, sparsity=1 - nz / w.numel()))
     tp, tn = sum(r['params'] for r in rows), sum(r['nonzero'] for r in rows)
     rows.append(dict(layer='total', type='', shape=(), params=tp, nonzero=tn, sparsity=1 - tn / tp))
