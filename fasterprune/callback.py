@@ -11,11 +11,12 @@ from fastcore.basics import patch
 import torch
 from fastai.callback.core import Callback
 from fastai.learner import ValueMetric
+from fastai.callback.schedule import LRFinder
 from fastai.torch_core import get_model, rank_distrib
 from .schedules import get_schedule
 from .granularity import get_granularity
 from .criteria import get_criterion
-from .sparsifier import Sparsifier, check_sparsity, context_names
+from .sparsifier import Sparsifier, check_sparsity, context_names, prunable_layers
 from .metrics import sparsity_report
 
 logger = logging.getLogger('fasterprune')
@@ -41,11 +42,7 @@ class SparsifyCallback(Callback):
         show_sparsity:bool=True,  # add a measured 'sparsity' column to the progress table
     ):
         self.granularity = get_granularity(granularity)
-        if sparsity is None:
-            if not self.granularity.is_nm: raise ValueError("sparsity=None only makes sense for N:M granularities; pass a fraction in [0, 1)")
-            g = self.granularity; sparsity = (g.m - g.n) / g.m
-        if isinstance(sparsity, dict): self.sparsity = {k: check_sparsity(v, f'sparsity[{k!r}]') for k, v in sparsity.items()}
-        else: self.sparsity = check_sparsity(sparsity)
+        self.sparsity = self._check_sparsity(sparsity)
         if context not in context_names: raise ValueError(f"Unknown context {context!r}; valid names: {', '.join(context_names)}")
         get_criterion(criteria)  # fail now on unknown names
         self.schedule = get_schedule(schedule)
@@ -55,115 +52,212 @@ class SparsifyCallback(Callback):
         if coupled and self.granularity.name != 'filter': raise ValueError(f"coupled=True needs granularity='filter', not {self.granularity!r}")
         self.seed, self.show_sparsity, self.coupled = seed, show_sparsity, coupled
         self.sparsifier, self.history, self.report, self.last_target = None, [], None, None
+        self.completed, self.fixed = False, False  # the schedule reached its end; masks adopted after surgery, kept as they are
+        self._metric, self._mode, self._params, self._fmasks, self._name = None, None, [], [], 'sparsify'
 
-# %% ../nbs/04_callback.ipynb #7b558d06
-@patch
-def _target(self:SparsifyCallback, frac:float):
-    if isinstance(self.sparsity, dict): return {k: v * frac for k, v in self.sparsity.items()}
-    return self.sparsity * frac
+    def _check_sparsity(self, sparsity):
+        if sparsity is None:
+            if not self.granularity.is_nm: raise ValueError("sparsity=None only makes sense for N:M granularities; pass a fraction in [0, 1)")
+            g = self.granularity
+            sparsity = (g.m - g.n) / g.m
+        if isinstance(sparsity, dict): return {k: check_sparsity(v, f'sparsity[{k!r}]') for k, v in sparsity.items()}
+        return check_sparsity(sparsity)
 
-@patch
-def _grows(self:SparsifyCallback, t) -> bool:
-    "Is target `t` above the last one applied (masks never shrink during the callback's life)?"
-    if self.last_target is None: return True
-    if isinstance(t, dict): return any(t[k] > self.last_target[k] for k in t)
-    return t > self.last_target
+    # --- one SparsifyCallback per Learner ---------------------------------------------------------------------------
+    @property
+    def name(self): return self.__dict__.get('_name', 'sparsify')  # `learn.sparsify`; a refused second one gets its own name
 
-# %% ../nbs/04_callback.ipynb #d3a7d652
-@patch
-def before_fit(self:SparsifyCallback):
-    model = get_model(self.learn.model)  # under DDP, the wrapped module: layer names match a single-process run
-    self.learn.metrics = [m for m in self.learn.metrics if m is not getattr(self, '_metric', None)]  # a failed fit's column
-    sp = self.sparsifier
-    if sp is None or sp.model is not model or any(tuple(m.weight.shape) != s for m, s in zip(sp.layers.values(), self._shapes)):
-        # a new model, or the same one after surgery (layer shapes changed): start over, with a fresh history and target
-        self.sparsifier = Sparsifier(model, self.granularity, self.context, self.criteria, self.layers, self.exclude, self.seed)
-        self._shapes = [tuple(m.weight.shape) for m in self.sparsifier.layers.values()]
-        self.last_target, self.history, self.report = None, [], None
-        if self.granularity.name == 'filter' and self.coupled is not False: self._couple()
-        if isinstance(self.sparsity, dict): self.sparsifier._check_targets(self.sparsity)
-        self.sparsifier.adopt_zeros()
-    sp = self.sparsifier
-    if sp.criterion.needs_grad:
-        frozen = [n for n, m in sp.layers.items() if not m.weight.requires_grad]
-        if frozen: raise ValueError(f"criteria {sp.criterion!r} needs gradients, but these layers are frozen: {', '.join(frozen)}; "
-                                    "unfreeze them, leave them out with exclude=, or use criteria='magnitude'")
-    self.n_steps = max(1, self.n_epoch * len(self.dls.train))
-    sched = self.schedule
-    window = max(1, round((sched.end_pct - sched.start_pct) * self.n_steps))
-    self._every = 1 if sched.stepwise else (self.update_every or max(1, min(100, window // 8)))
-    self._needs_grad = sp.criterion.needs_grad
-    self._done = False
-    # Pruning at pos 0 (one-shot, iterative) happens before the first batch; gradient criteria have no gradients yet,
-    # so for them it happens after the first optimizer step, on that step's gradients.
-    self._refresh_cache()  # masks adopted from the weights' zeros, if any
-    if sched(0.) > 0 and not self._needs_grad: self._update(0., sched(0.))
-    self._apply()
-    self._metric = None
-    if self.show_sparsity:
-        self._metric = ValueMetric(self.sparsifier.sparsity, 'sparsity')
-        self.learn.metrics = list(self.learn.metrics) + [self._metric]
+    def __setattr__(self, name, value):
+        if name == 'learn' and value is not None:  # fastai's add_cb, before it touches the Learner
+            cbs = list(getattr(value, 'cbs', None) or [])
+            if any(c is self for c in cbs):
+                raise ValueError("this SparsifyCallback is already attached to the Learner: pass it once, in Learner(cbs=) "
+                                 "or in fit(cbs=), not both")
+            n_other = sum(isinstance(c, SparsifyCallback) for c in cbs)
+            # a second SparsifyCallback registers as `learn.sparsify2` (so removing it later leaves `learn.sparsify`
+            # alone); its fit is refused in before_fit, before anything changes
+            self.__dict__['_name'] = 'sparsify' if n_other == 0 else f'sparsify{n_other + 1}'
+        super().__setattr__(name, value)
 
-@patch
-def _couple(self:SparsifyCallback):
-    "Filter granularity: find coupled channels on one training input (falls back to single filters if tracing fails and coupled=None)"
-    dl = self.dls.train
-    b = getattr(dl, 'dl', dl).one_batch()  # a DistributedDL wraps the real one
-    try: n_inp = self.dls.n_inp
-    except AttributeError: n_inp = 1  # datasets that don't say: the last item is the target
-    x = tuple(t[:1] for t in b[:n_inp])
-    try: self.sparsifier.couple(x[0] if len(x) == 1 else x)
-    except Exception as e:
-        if self.coupled: raise
-        logger.warning("SparsifyCallback: could not trace coupled channels (%s: %s); pruning filters layer by layer, "
-                       "which Pruner.compact() may not be able to remove", type(e).__name__, e)
+    def _check_alone(self):
+        others = [c for c in self.learn.cbs if isinstance(c, SparsifyCallback) and c is not self]
+        if others:
+            raise ValueError(f"{len(others) + 1} SparsifyCallbacks in one fit (one attached to the Learner, one passed to fit?): "
+                             "their masks and schedules would combine silently. Use one: remove the other with "
+                             "learn.remove_cb(learn.sparsify), or prune further with learn.sparsify.restart(sparsity)")
 
-@patch
-def _refresh_cache(self:SparsifyCallback):
-    "Masks in the weights' dtype, for the one fused multiply after each step"
-    sp = self.sparsifier
-    names = [n for n in sp.masks]
-    self._params = [sp.layers[n].weight for n in names] + [p for p, _ in sp.aux]
-    self._fmasks = [sp.masks[n].to(sp.layers[n].weight.dtype) for n in names] + [mk for _, mk in sp.aux]
+    def restart(self, sparsity=None) -> SparsifyCallback:
+        "Prune again on the next training fit: the schedule runs from its start to `sparsity` (default: the same target), on the model as it is then; its zeros stay pruned"
+        if sparsity is not None: self.sparsity = self._check_sparsity(sparsity)
+        self.sparsifier, self.history, self.report, self.last_target, self.completed, self.fixed = None, [], None, None, False, False
+        return self
 
-@patch
-def _update(self:SparsifyCallback, pos:float, frac:float):
-    "Recompute and apply the masks for schedule fraction `frac`; True when they changed"
-    t = self._target(frac)
-    if not self._grows(t): return False
-    sp = self.sparsifier
-    sp.set_masks(sp.compute_masks(t))
-    sp.criterion.reset()
-    self.last_target = t
-    self._refresh_cache()
-    self._apply()  # before measuring what the update did
-    self.history.append(dict(pos=pos, target=t, sparsity=sp.sparsity()))
-    return True
+    # --- the fit: a validation-only pass (validate, get_preds, `with learn:`) fires before_fit but never before_train ---
+    def before_fit(self):
+        self._check_alone()
+        self._drop_metric()  # a failed fit's column
+        self._mode, self._params, self._fmasks = None, [], []
+        self._lr_find = any(isinstance(c, LRFinder) for c in self.learn.cbs)
+        if self.show_sparsity and not self._lr_find:
+            self._metric = ValueMetric(self._measure, 'sparsity')
+            self.learn.metrics = list(self.learn.metrics) + [self._metric]
 
-@patch
-def _apply(self:SparsifyCallback):
-    if self._params:
-        with torch.no_grad(): torch._foreach_mul_(self._params, self._fmasks)
+    def before_train(self):
+        if self._mode is not None: return  # set up at the first training epoch of this fit
+        try: self._start()
+        except Exception:
+            self._mode = None
+            self._drop_metric()
+            raise
 
-@patch
-def after_step(self:SparsifyCallback):
-    updated = False
-    if not self._done:
-        if self._needs_grad and not getattr(getattr(self.learn, 'mixed_precision', None), 'skipped', False):
-            self.sparsifier.criterion.accumulate(self.sparsifier.params)
-        pos = min(1., self.pct_train + 1 / self.n_steps)
-        frac = self.schedule(pos)
-        if frac >= 1 or round(pos * self.n_steps) % self._every == 0:
-            if frac > 0: updated = self._update(pos, frac)
-            if frac >= 1: self._done = True
-    if not updated: self._apply()  # an update has just applied its new masks
+    def _start(self):
+        model = get_model(self.learn.model)  # under DDP, the wrapped module: layer names match a single-process run
+        if self._lr_find:  # LRFinder restores the weights afterwards: keep the masks on, change nothing of the callback's
+            self._mode = 'keep' if self._matches(model) else 'off'
+            self._refresh_cache()
+            return
+        if self.sparsifier is None or self.sparsifier.model is not model: self._new(model)  # a new model: start over
+        elif not self._matches(model):  # the same model after surgery (Pruner.compact): its zeros become fixed masks
+            self._new(model, keep_history=True)
+            self.fixed = True
+            logger.info("SparsifyCallback: the model's layers changed since the last fit (surgery): its %d zero weights are "
+                        "kept as fixed masks and nothing more is pruned; call restart() to prune it again",
+                        sum(int((~mk).sum()) for mk in self.sparsifier.masks.values()))
+        sp = self.sparsifier
+        frozen = self._frozen_groups(sp)
+        if self.completed or self.fixed or frozen:
+            if frozen and not (self.completed or self.fixed):
+                logger.info("SparsifyCallback: %s frozen by Learner.freeze in this fit: the masks are kept and the schedule "
+                            "waits for an unfrozen fit (fine_tune prunes during its unfrozen fit)", ', '.join(frozen))
+            self._mode = 'keep'
+            self._refresh_cache()
+            self._apply()
+            return
+        if sp.criterion.needs_grad:
+            stuck = [n for n, m in sp.layers.items() if not m.weight.requires_grad]
+            if stuck: raise ValueError(f"criteria {sp.criterion!r} needs gradients, but these layers are frozen: {', '.join(stuck)}; "
+                                       "unfreeze them, leave them out with exclude=, or use criteria='magnitude'")
+        self.n_steps = max(1, self.n_epoch * len(self.dls.train))
+        sched = self.schedule
+        window = max(1, round((sched.end_pct - sched.start_pct) * self.n_steps))
+        self._every = 1 if sched.stepwise else (self.update_every or max(1, min(100, window // 8)))
+        self._needs_grad = sp.criterion.needs_grad
+        self._done = False
+        sp.criterion.reset()  # gradients accumulate from this fit's steps only
+        # Pruning at pos 0 (one-shot, iterative) happens before the first batch; gradient criteria have no gradients yet,
+        # so for them it happens after the first optimizer step, on that step's gradients.
+        self._refresh_cache()  # masks adopted from the weights' zeros, if any
+        if sched(0.) > 0 and not self._needs_grad: self._update(0., sched(0.))
+        self._apply()
+        self._mode = 'prune'
 
-@patch
-def after_fit(self:SparsifyCallback):
-    if self._metric is not None:
-        self.learn.metrics = [m for m in self.learn.metrics if m is not self._metric]
-    self._params, self._fmasks = [], []
-    xb = getattr(self.learn, 'xb', None)
-    if xb: self.report = sparsity_report(self.sparsifier.model, tuple(x[:1] for x in xb))  # with FLOPs, from one real input
-    else: self.report = self.sparsifier.report()
-    if rank_distrib() == 0: logger.info("SparsifyCallback: %.4f sparsity over %d pruned layers\n%s", self.sparsifier.sparsity(), len(self.sparsifier.layers), self.report.to_string())
+    def after_step(self):
+        if self._mode is None or self._mode == 'off': return
+        updated = False
+        if self._mode == 'prune' and not self._done:
+            if self._needs_grad and not getattr(getattr(self.learn, 'mixed_precision', None), 'skipped', False):
+                self.sparsifier.criterion.accumulate(self.sparsifier.params)
+            pos = min(1., self.pct_train + 1 / self.n_steps)
+            frac = self.schedule(pos)
+            if frac >= 1 or round(pos * self.n_steps) % self._every == 0:
+                if frac > 0: updated = self._update(pos, frac)
+                if frac >= 1: self._done = self.completed = True
+        if not updated: self._apply()  # an update has just applied its new masks
+
+    def after_fit(self):
+        self._drop_metric()
+        mode, self._mode = self._mode, None
+        self._params, self._fmasks = [], []
+        if mode is None or self._lr_find: return  # a validation-only pass, or lr_find: nothing of the callback changed
+        xb = getattr(self.learn, 'xb', None)
+        if xb and xb[0] is not None: self.report = sparsity_report(self.sparsifier.model, tuple(x[:1] for x in xb))  # with FLOPs, from one real input
+        else: self.report = self.sparsifier.report()
+        if rank_distrib() == 0: logger.info("SparsifyCallback: %.4f sparsity over %d pruned layers\n%s", self.sparsifier.sparsity(), len(self.sparsifier.layers), self.report.to_string())
+
+    # --- helpers ----------------------------------------------------------------------------------------------------
+    def _drop_metric(self):
+        if self._metric is not None: self.learn.metrics = [m for m in self.learn.metrics if m is not self._metric]
+        self._metric = None
+
+    def _measure(self) -> float:
+        "The sparsity column: measured over the pruned layers (those the callback would prune, before its first fit)"
+        model = get_model(self.learn.model)
+        if self._matches(model): return self.sparsifier.sparsity()
+        try: ls = prunable_layers(model, self.layers, self.exclude)
+        except ValueError: return float('nan')  # a bad `layers=`: the training fit says so
+        n = sum(m.weight.numel() for m in ls.values())
+        return 1 - sum(int(torch.count_nonzero(m.weight)) for m in ls.values()) / n if n else float('nan')
+
+    def _matches(self, model) -> bool:
+        "Is the Sparsifier still about `model`: the same object, the same layers, the same weight shapes?"
+        sp = self.sparsifier
+        if sp is None or sp.model is not model: return False
+        mods = dict(model.named_modules())
+        return all(mods.get(n) is m and tuple(m.weight.shape) == s for (n, m), s in zip(sp.layers.items(), self._shapes))
+
+    def _new(self, model, keep_history=False):
+        "A Sparsifier on `model` that takes its zeros as pruned (state changes only once every check passed)"
+        sp = Sparsifier(model, self.granularity, self.context, self.criteria, self.layers, self.exclude, self.seed)
+        if self.granularity.name == 'filter' and self.coupled is not False: self._couple(sp)
+        if isinstance(self.sparsity, dict): sp._check_targets(self.sparsity)
+        sp.adopt_zeros()
+        self.sparsifier, self._shapes = sp, [tuple(m.weight.shape) for m in sp.layers.values()]
+        self.report = None
+        if not keep_history: self.last_target, self.history, self.completed, self.fixed = None, [], False, False
+
+    def _frozen_groups(self, sp) -> list[str]:
+        "Pruned layers in the parameter groups `Learner.freeze` froze for this fit"
+        opt = self.learn.opt
+        k = getattr(opt, 'frozen_idx', 0) or 0
+        if not k: return []
+        frozen = {id(p) for pl in list(getattr(opt, 'param_lists', []))[:k] for p in pl}
+        return [n for n, m in sp.layers.items() if id(m.weight) in frozen and not m.weight.requires_grad]
+
+    def _couple(self, sp):
+        "Filter granularity: find coupled channels on one training input (falls back to single filters if tracing fails and coupled=None)"
+        dl = self.dls.train
+        b = getattr(dl, 'dl', dl).one_batch()  # a DistributedDL wraps the real one
+        try: n_inp = self.dls.n_inp
+        except AttributeError: n_inp = 1  # datasets that don't say: the last item is the target
+        x = tuple(t[:1] for t in b[:n_inp])
+        try: sp.couple(x[0] if len(x) == 1 else x)
+        except Exception as e:
+            if self.coupled: raise
+            logger.warning("SparsifyCallback: could not trace coupled channels (%s: %s); pruning filters layer by layer, "
+                           "which Pruner.compact() may not be able to remove", type(e).__name__, e)
+
+    def _target(self, frac:float):
+        if isinstance(self.sparsity, dict): return {k: v * frac for k, v in self.sparsity.items()}
+        return self.sparsity * frac
+
+    def _grows(self, t) -> bool:
+        "Is target `t` above the last one applied (masks never shrink during the callback's life)?"
+        if self.last_target is None: return True
+        if isinstance(t, dict): return any(t[k] > self.last_target[k] for k in t)
+        return t > self.last_target
+
+    def _refresh_cache(self):
+        "Masks in the weights' dtype, for the one fused multiply after each step"
+        sp = self.sparsifier
+        if sp is None or self._mode == 'off': self._params, self._fmasks = [], []
+        else:
+            names = list(sp.masks)
+            self._params = [sp.layers[n].weight for n in names] + [p for p, _ in sp.aux]
+            self._fmasks = [sp.masks[n].to(sp.layers[n].weight.dtype) for n in names] + [mk for _, mk in sp.aux]
+
+    def _update(self, pos:float, frac:float):
+        "Recompute and apply the masks for schedule fraction `frac`; True when they changed"
+        t = self._target(frac)
+        if not self._grows(t): return False
+        sp = self.sparsifier
+        sp.set_masks(sp.compute_masks(t))
+        sp.criterion.reset()
+        self.last_target = t
+        self._refresh_cache()
+        self._apply()  # before measuring what the update did
+        self.history.append(dict(pos=pos, target=t, sparsity=sp.sparsity()))
+        return True
+
+    def _apply(self):
+        if self._params:
+            with torch.no_grad(): torch._foreach_mul_(self._params, self._fmasks)

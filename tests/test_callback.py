@@ -167,8 +167,9 @@ def test_resume_mid_schedule(tmp_path):
     b = make(); b.load('mid')
     cb_b = SparsifyCallback(0.9, schedule=agp(0., 1.), update_every=4)
     class Grab(Callback):
-        order = 50  # after SparsifyCallback.before_fit
-        def before_fit(self): self.masks = {k: v.clone() for k, v in cb_b.sparsifier.masks.items()}
+        order = 50  # after SparsifyCallback sets up, at the first training epoch of the fit
+        def before_train(self):
+            if not hasattr(self, 'masks'): self.masks = {k: v.clone() for k, v in cb_b.sparsifier.masks.items()}
     grab = Grab()
     b.fit(4, 1e-2, start_epoch=2, cbs=[cb_b, grab])
     fct.test_eq(set(grab.masks), set(saver.masks))
@@ -256,3 +257,173 @@ def test_filter_dict_targets_refused_before_training():
     fct.test_fail(lambda: learn.fit(1, 1e-2, cbs=SparsifyCallback({'0': 0.5}, 'filter')), contains='coupled')
     for k, v in learn.model.state_dict().items(): assert torch.equal(v, ref[k])
     fct.test_eq(len(learn.metrics), 0)
+
+
+# --- fastai workflows (issue 13): what a Learner does around fit must not prune, re-prune or combine callbacks ---
+
+def _sd(model): return {k: v.clone() for k, v in model.state_dict().items()}
+def _same_sd(a, b): return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _same_masks(a, b):
+    fct.test_eq(set(a), set(b))
+    for k in a: assert torch.equal(a[k], b[k]), k
+
+
+def _acc(learn):
+    learn.model.eval()
+    xv, yv = learn.dls.valid.dataset.x, learn.dls.valid.dataset.y
+    with torch.no_grad(): return float((learn.model(xv).argmax(1) == yv).float().mean())
+
+
+def test_fit_compact_fit_does_not_prune_the_compacted_model_again():
+    "The README path with the callback in Learner(cbs=): fit, Pruner(learn).compact(), fit again"
+    from fasterprune.pruner import Pruner
+    cb = SparsifyCallback(0.5, 'filter', 'local', schedule='one_shot')
+    learn = _learn(model=small_cnn(c=16), flat=False, cbs=cb)
+    learn.fit(2, 1e-2)
+    acc0 = _acc(learn)
+    Pruner(learn).compact()
+    widths = [m.weight.shape for m in learn.model if isinstance(m, (nn.Conv2d, nn.Linear))]
+    fct.test_eq([w[0] for w in widths], [8, 16, 10])
+    chk = CheckZeros(cb)
+    learn.fit(1, 1e-3, cbs=chk)
+    fct.test_eq([m.weight.shape for m in learn.model if isinstance(m, (nn.Conv2d, nn.Linear))], widths)
+    for m in learn.model:
+        if isinstance(m, nn.Conv2d): fct.test_eq(int((m.weight.flatten(1) == 0).all(1).sum()), 0)  # no filter pruned again
+    assert cb.fixed and cb.sparsifier.masks == {}  # every zeroed filter was removed: nothing left to mask
+    assert _acc(learn) > acc0 - 0.05  # not destroyed (before the fix: half of what was left was pruned again)
+
+
+def test_after_surgery_weight_zeros_stay_fixed_and_restart_prunes_again():
+    from fasterprune.pruner import Pruner
+    cb = SparsifyCallback(0.9, 'weight', 'global', schedule='agp')
+    learn = _learn(model=small_cnn(c=8), flat=False, cbs=cb)
+    learn.fit(2, 1e-2)
+    Pruner(learn).compact()
+    zeros = [(m.weight == 0).clone() for m in learn.model if isinstance(m, (nn.Conv2d, nn.Linear))]
+    n_hist = len(cb.history)
+    learn.fit(1, 1e-3)
+    fct.test_eq([(m.weight == 0) for m in learn.model if isinstance(m, (nn.Conv2d, nn.Linear))], zeros)  # same zeros, kept
+    fct.test_eq(len(cb.history), n_hist)
+    learn.sparsify.restart(0.95)  # pruning again is explicit
+    learn.fit(1, 1e-3)
+    fct.test_eq(_n_zero(cb.sparsifier), round(0.95 * _n_w(cb.sparsifier)))
+    for z, m in zip(zeros, [m for m in learn.model if isinstance(m, (nn.Conv2d, nn.Linear))]):
+        assert (m.weight[z] == 0).all()  # the adopted zeros stay pruned
+
+
+@pytest.mark.parametrize('how', ['validate', 'get_preds', 'context'])
+def test_validation_only_passes_never_prune(how):
+    cb = SparsifyCallback(0.9, schedule='one_shot')
+    learn = _learn(cbs=cb)
+    before = _sd(learn.model)
+    if how == 'validate': res = learn.validate()
+    elif how == 'get_preds': learn.get_preds()
+    else:
+        with learn: pass
+    assert _same_sd(before, learn.model.state_dict())
+    assert cb.sparsifier is None and cb.history == [] and cb.report is None
+    fct.test_eq(len(learn.metrics), 0)
+    if how == 'validate': fct.test_eq(res[-1], 0.)  # the measured sparsity column, read-only
+    learn.fit(1, 1e-2)  # the training fit prunes, one-shot, before its first batch
+    fct.test_eq(cb.history[0]['pos'], 0.)
+    pruned = _sd(learn.model)
+    learn.validate()  # and validating the pruned model changes nothing either
+    assert _same_sd(pruned, learn.model.state_dict())
+
+
+@pytest.mark.parametrize('mid', [False, True])
+def test_lr_find_leaves_model_and_callback_untouched(tmp_path, mid):
+    cb = SparsifyCallback(0.9, schedule=agp(0., 1.))
+    learn = _learn(cbs=cb, path=tmp_path)
+    if mid: learn.fit(2, 1e-2, cbs=_CancelAt(8))  # half-way through an AGP schedule
+    before, hist, masks = _sd(learn.model), list(cb.history), {k: v.clone() for k, v in (cb.sparsifier.masks if mid else {}).items()}
+    chk = CheckZeros(cb) if mid else []
+    with learn.added_cbs(chk): learn.lr_find(num_it=12, show_plot=False)
+    assert _same_sd(before, learn.model.state_dict())
+    fct.test_eq(cb.history, hist)
+    if mid:
+        _same_masks(cb.sparsifier.masks, masks)
+        assert chk.checked >= 6  # masked weights stayed zero during lr_find too
+    else: assert cb.sparsifier is None
+    learn.fit(2, 1e-2)
+    assert cb.history[0]['target'] < 0.5  # still gradual: lr_find did not run the schedule
+    fct.test_eq(_n_zero(cb.sparsifier), round(0.9 * _n_w(cb.sparsifier)))
+
+
+class _CancelAt(Callback):
+    "Stop the fit after `n` training batches (like an interrupted fit or EarlyStopping)"
+    order = 90
+    def __init__(self, n): self.n = n
+    def after_batch(self):
+        from fastai.callback.core import CancelFitException
+        if self.training and self.train_iter >= self.n: raise CancelFitException()
+
+
+@pytest.mark.parametrize('criteria', ['magnitude', 'gradient_magnitude', 'movement', 'random'])
+def test_fine_tune_prunes_during_the_unfrozen_fit(criteria):
+    from fastai.torch_core import params
+    learn = _learn(splitter=lambda m: [params(m[0]), params(m[2:])])
+    cb = SparsifyCallback(0.6, criteria=criteria, schedule='agp')
+    seen = []
+    class AtEnd(Callback):
+        order = 60
+        def after_fit(self): seen.append(cb.sparsifier.sparsity())
+    chk = CheckZeros(cb)
+    learn.fine_tune(1, 1e-2, freeze_epochs=1, cbs=[cb, AtEnd(), chk])
+    fct.test_eq(seen[0], 0.)  # the frozen fit deferred
+    fct.test_eq(_n_zero(cb.sparsifier), round(0.6 * _n_w(cb.sparsifier)))
+    assert len(cb.history) >= 2 and chk.checked > 0
+
+
+def test_frozen_fit_keeps_existing_masks():
+    "A frozen fit after a pruning fit keeps the masks on (the trainable head's masked weights stay zero)"
+    from fastai.torch_core import params
+    learn = _learn(splitter=lambda m: [params(m[0]), params(m[2:])])
+    cb = SparsifyCallback(0.5, schedule=agp(0., 1.))
+    learn.fit(1, 1e-2, cbs=[cb, _CancelAt(4)])  # part-way
+    s = cb.sparsifier.sparsity(); n = len(cb.history)
+    learn.freeze()
+    chk = CheckZeros(cb)
+    learn.fit(1, 1e-2, cbs=[cb, chk])
+    fct.test_eq(cb.sparsifier.sparsity(), s); fct.test_eq(len(cb.history), n)
+    assert chk.checked > 0
+
+
+def test_two_callbacks_refused_before_any_change():
+    cb1 = SparsifyCallback(0.5)
+    learn = _learn(cbs=cb1)
+    before = _sd(learn.model)
+    cb2 = SparsifyCallback(0.8, schedule='one_shot')
+    fct.test_fail(lambda: learn.fit(1, 1e-2, cbs=cb2), contains='SparsifyCallbacks in one fit')
+    assert _same_sd(before, learn.model.state_dict())
+    assert learn.sparsify is cb1 and cb1 in learn.cbs and cb2 not in learn.cbs
+    fct.test_eq(len(learn.metrics), 0)
+    assert cb1.sparsifier is None and cb2.sparsifier is None
+    fct.test_fail(lambda: learn.fit(1, 1e-2, cbs=cb1), contains='already attached')
+    assert learn.sparsify is cb1 and list(learn.cbs).count(cb1) == 1
+    seen = {}
+    class Peek(Callback):
+        order = 55
+        def after_epoch(self): seen['names'] = list(self.recorder.metric_names)
+    learn.fit(1, 1e-2, cbs=Peek())  # the attached one alone works, one column
+    fct.test_eq(seen['names'].count('sparsity'), 1)
+    fct.test_close(cb1.sparsifier.sparsity(), 0.5, eps=1e-3)
+
+
+def test_save_load_continue_same_learner(tmp_path):
+    "learn.save/learn.load between fits with the callback attached: masks kept, no new pruning, zeros after every step"
+    cb = SparsifyCallback(0.8, schedule='agp')
+    learn = _learn(cbs=cb, path=tmp_path, opt_func=Adam)
+    learn.fit(2, 1e-2)
+    learn.save('m', with_opt=True)
+    masks, n = {k: v.clone() for k, v in cb.sparsifier.masks.items()}, len(cb.history)
+    learn.fit(1, 1e-2)  # train on, then go back to the checkpoint
+    learn.load('m', with_opt=True)
+    chk = CheckZeros(cb)
+    learn.fit(1, 1e-2, cbs=chk)
+    _same_masks(cb.sparsifier.masks, masks)
+    fct.test_eq(len(cb.history), n)
+    fct.test_eq(_n_zero(cb.sparsifier), round(0.8 * _n_w(cb.sparsifier)))
+    assert chk.checked > 0
