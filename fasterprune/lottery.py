@@ -1,4 +1,4 @@
-"""Rewinding, iterative magnitude pruning between fit cycles, the two control arms, and an experiment runner.
+"""Rewinding between fit cycles on a fastai Learner, iterative magnitude pruning, the two control arms, and an experiment runner.
 
 Docs: https://fasterprune.github.io/fasterprune/lottery.html.md"""
 
@@ -6,171 +6,90 @@ Docs: https://fasterprune.github.io/fasterprune/lottery.html.md"""
 
 # %% ../nbs/09_lottery.ipynb #9901367b
 from __future__ import annotations
-import os, math, json, logging, statistics
+import os, json, logging, statistics, warnings
 from pathlib import Path
-from fastcore.basics import patch
 import torch
 from torch import nn, Tensor
 from fastai.callback.core import Callback
+from fastai.callback.schedule import LRFinder
 from fastai.learner import Learner
-from fastai.torch_core import set_seed, get_model, rank_distrib
-import torch.distributed as dist
+from fastai.torch_core import set_seed, get_model
 import fastai.callback.progress  # Learner.no_bar
-import fastai.callback.schedule  # Learner.fit_one_cycle
 from fastprogress.fastprogress import master_bar, progress_bar
-from .sparsifier import Sparsifier, prunable_layers, context_names, _matches, _round_half_up
+from .sparsifier import prunable_layers, context_names
+from .rewind import (Rewinder, check_rate, check_iteration, model_state, imp_masks, random_masks,
+                                weights_remaining, check_ticket, _layer_rates)
+from .distributed import save_on_rank0, read_checkpoint, is_rank0, barrier
 
 logger = logging.getLogger('fasterprune')
+_all_ = ['Rewinder', 'check_rate', 'model_state', 'imp_masks', 'random_masks', 'weights_remaining', 'check_ticket']
 
 # %% auto #0
-__all__ = ['logger', 'arm_names', 'check_rate', 'model_state', 'RewindCallback', 'apply_masks', 'MaskCallback', 'imp_masks',
-           'random_masks', 'weights_remaining', 'LotteryTicket', 'save_ticket', 'check_ticket', 'load_ticket',
-           'lottery_experiment', 'lottery_table', 'plot_lottery']
-
-# %% ../nbs/09_lottery.ipynb #8e559a3d
-def check_rate(rate, what:str='rate') -> float:
-    "`rate` as a float in (0, 1), or a `ValueError` that says what to pass"
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)): raise TypeError(f"{what} must be a number in (0, 1), got {type(rate).__name__}")
-    r = float(rate)
-    if math.isnan(r) or not 0 < r < 1:
-        hint = f" ({r:g} looks like a percentage: pass {r/100:g} for {r:g} %)" if 1 < r < 100 else ''
-        raise ValueError(f"{what} must be a fraction in (0, 1) of the remaining weights, got {r:g}{hint}")
-    return r
-
-def model_state(model:nn.Module) -> dict[str, Tensor]:
-    "A detached CPU copy of `model`'s full `state_dict` (parameters and buffers), bit for bit"
-    return {k: v.detach().to('cpu', copy=True) for k, v in model.state_dict().items()}
+__all__ = ['logger', 'arm_names', 'RewindCallback', 'MaskCallback', 'apply_masks', 'LotteryTicket', 'save_ticket', 'load_ticket',
+           'lottery_experiment', 'lottery_table', 'plot_lottery', 'Rewinder', 'check_rate', 'model_state', 'imp_masks',
+           'random_masks', 'weights_remaining', 'check_ticket']
 
 # %% ../nbs/09_lottery.ipynb #40a5b078
 class RewindCallback(Callback):
-    "Record `learn.model`'s full state (parameters and buffers) after optimizer step `iteration` of the first fit (0: at init)"
-    order, run_valid = 50, False  # after MaskCallback (40), so a recorded state carries the masks
+    "Drive a `Rewinder` in `Learner.fit`: masks re-applied after every optimizer step, the rewind point kept at its iteration"
+    order, run_valid = 40, False  # like SparsifyCallback: after GradientAccumulation and MixedPrecision
     def __init__(self,
-        iteration:int=0,  # optimizer steps of the first fit before recording; 0 records the initialization
+        iteration:int|None=0,        # keep the rewind point after this many optimizer steps of the first fit (0: at its start; None: none)
+        rewinder:Rewinder|None=None, # the `Rewinder` to drive (default: one on the Learner's model, made in the first `before_fit`)
     ):
-        if isinstance(iteration, bool) or int(iteration) != iteration or iteration < 0:
-            raise ValueError(f"rewind iteration must be a whole number of optimizer steps >= 0, got {iteration!r}")
-        self.iteration, self.state = int(iteration), None
+        self.iteration = None if iteration is None else check_iteration(iteration)
+        self.rewinder, self._asked = rewinder, iteration is None
+
+    @property
+    def state(self) -> dict[str, Tensor]|None:
+        "The rewind point (a `state_dict` copy), once kept"
+        return None if self.rewinder is None else self.rewinder.rewind_point
 
     def before_fit(self):
-        if self.state is not None: return  # recorded in an earlier fit
-        n = self.n_epoch * len(self.dls.train)
-        if self.iteration > n:
-            raise ValueError(f"rewind iteration {self.iteration} is beyond the first fit's length: {self.n_epoch} epochs x "
-                             f"{len(self.dls.train)} batches = {n} iterations; nothing was trained")
-        self._steps = 0
-        if self.iteration == 0: self._record()
+        model = get_model(self.learn.model)  # the module inside DDP: the same keys as one process
+        if self.rewinder is None: self.rewinder = Rewinder(model)
+        elif self.rewinder.model is not model:
+            raise ValueError(f"the Learner's model ({type(model).__name__}) is not the model this callback's Rewinder prunes")
+        if not self._asked: self.rewinder.keep_rewind_point(self.iteration)
+        self._asked, self._started, self._count = True, False, True
 
-    def after_step(self):
-        if self.state is None:
-            self._steps += 1
-            if self._steps == self.iteration: self._record()
+    def before_train(self):
+        if self._started: return  # only the first training epoch of a fit starts the count
+        self._started = True
+        self._count = not any(isinstance(cb, LRFinder) for cb in self.learn.cbs)  # lr_find's steps are thrown away
+        if self._count: self.rewinder.start_fit(self.n_epoch * len(self.dls.train))
+
+    def after_step(self): self.rewinder.after_step(self._count)
 
     def after_fit(self):
-        if self.state is None:
-            raise RuntimeError(f"the first fit stopped after {self._steps} optimizer steps, before the rewind iteration {self.iteration}")
+        if self._started and self._count: self.rewinder.end_fit()
 
-    def _record(self):
-        self.state = model_state(get_model(self.learn.model))  # the module inside DDP: same keys as one process
-        logger.info("RewindCallback: recorded the rewind point at iteration %d", self.iteration)
+class MaskCallback(RewindCallback):
+    "Keep fixed `masks` (layer name → bool, True = keep) applied to `learn.model` after every optimizer step"
+    def __init__(self, masks:dict|None=None):  # layer name -> bool mask
+        super().__init__(None)
+        self.masks = masks if masks is not None else {}
 
-# %% ../nbs/09_lottery.ipynb #964dc78a
-def _mask_targets(model:nn.Module, masks:dict) -> list[Tensor]:
-    "The weights `masks` apply to, checked by name and shape"
-    mods = dict(model.named_modules())
-    ws = []
-    for n, mk in masks.items():
-        w = getattr(mods.get(n), 'weight', None)
-        if not isinstance(w, Tensor): raise ValueError(f"mask for {n!r}: {type(model).__name__} has no layer {n!r} with a weight")
-        if tuple(mk.shape) != tuple(w.shape): raise ValueError(f"mask for {n!r} has shape {tuple(mk.shape)}, the weight has {tuple(w.shape)}")
-        ws.append(w)
-    return ws
+    def before_fit(self):
+        model = get_model(self.learn.model)
+        if self.rewinder is None or self.rewinder.model is not model: self.rewinder = Rewinder(model)
+        self.rewinder.set_masks(self.masks)  # checked against the layers, applied before the first batch
+        super().before_fit()
 
 def apply_masks(model:nn.Module, masks:dict[str, Tensor]) -> nn.Module:
-    "Zero `model`'s weights where `masks` (layer name → bool, True = keep) say so, in place"
-    ws = _mask_targets(model, masks)
-    with torch.no_grad():
-        for w, mk in zip(ws, masks.values()): w.mul_(mk.to(device=w.device, dtype=w.dtype))
+    "Deprecated: zero `model`'s weights where `masks` say so; use `Rewinder(model).set_masks(masks)` (or a `Sparsifier`)"
+    warnings.warn("fasterprune.lottery.apply_masks is deprecated: use Rewinder(model).set_masks(masks), or a Sparsifier's "
+                  "set_masks + apply_masks (the one mask mechanism)", DeprecationWarning, stacklevel=2)
+    Rewinder(model).set_masks(masks)
     return model
-
-class MaskCallback(Callback):
-    "Keep fixed `masks` (layer name → bool, True = keep) applied to `learn.model` after every optimizer step"
-    order, run_valid = 40, False  # like SparsifyCallback: after GradientAccumulation and MixedPrecision
-    def __init__(self, masks:dict|None=None): self.masks = masks if masks is not None else {}  # layer name -> bool mask
-    def before_fit(self):
-        self._ws = _mask_targets(get_model(self.learn.model), self.masks)
-        self._fm = [mk.to(device=w.device, dtype=w.dtype) for w, mk in zip(self._ws, self.masks.values())]
-        self._apply()
-    def after_step(self): self._apply()
-    def after_fit(self): self._ws, self._fm = [], []
-    def _apply(self):
-        if self._ws:
-            with torch.no_grad(): torch._foreach_mul_(self._ws, self._fm)
-
-# %% ../nbs/09_lottery.ipynb #510fd641
-def _layer_rates(lyr:dict, layer_rates) -> dict[str, float]:
-    own = {}
-    for pat, r in (layer_rates or {}).items():
-        hits = [n for n, m in lyr.items() if _matches(n, m, pat)]
-        if not hits: raise ValueError(f"layer_rates: {pat!r} matches no pruned layer; pruned layers are: {', '.join(lyr)}")
-        for n in hits: own[n] = check_rate(r, f'layer_rates[{pat!r}]')
-    return own
-
-def imp_masks(model:nn.Module,          # the trained model whose weight magnitudes decide
-              masks:dict|None=None,     # the masks of the last round (layer name -> bool); None: dense
-              rate:float=0.2,           # fraction of the remaining weights to prune, in (0, 1)
-              context:str='local',      # 'local': `rate` of each layer; 'global': `rate` of the whole network, one ranking
-              layer_rates:dict|None=None, # {name or glob pattern: rate} for layers pruned locally at their own rate
-              layers=None,              # what to prune (names, patterns, modules, types); default every Conv/Linear
-              exclude=None,             # what to leave dense
-             ) -> dict[str, Tensor]:
-    "New masks that prune `rate` of the weights that remain, by magnitude; the model is not changed"
-    rate = check_rate(rate)
-    if context not in context_names: raise ValueError(f"Unknown context {context!r}; valid names: {', '.join(context_names)}")
-    lyr = prunable_layers(model, layers, exclude)
-    if not lyr: raise ValueError(f"Nothing to prune: {type(model).__name__} has no Conv/Linear layer left after `layers`/`exclude`")
-    masks = dict(masks or {})
-    _mask_targets(model, masks)
-    own = _layer_rates(lyr, layer_rates)
-    kept = {n: int(masks[n].sum()) if n in masks else m.weight.numel() for n, m in lyr.items()}
-    def target(n_w, n_kept, r): return (n_w - max(1, _round_half_up(n_kept * (1 - r)))) / n_w
-    rates = {n: own.get(n, rate) for n in lyr} if context == 'local' else own
-    rest = [n for n in lyr if n not in rates]
-    out = {}
-    if rates:
-        sp = Sparsifier(model, 'weight', 'local', 'magnitude', layers=[lyr[n] for n in rates])
-        sp.masks = {n: masks[n] for n in rates if n in masks}
-        out.update(sp.compute_masks({n: target(lyr[n].weight.numel(), kept[n], r) for n, r in rates.items()}))
-    if rest:
-        sp = Sparsifier(model, 'weight', 'global', 'magnitude', layers=[lyr[n] for n in rest])
-        sp.masks = {n: masks[n] for n in rest if n in masks}
-        out.update(sp.compute_masks(target(sum(lyr[n].weight.numel() for n in rest), sum(kept[n] for n in rest), rate)))
-    return {n: out[n].cpu() for n in lyr}
-
-def random_masks(masks:dict[str, Tensor], seed:int=0) -> dict[str, Tensor]:
-    "Random masks with the shape and the number of kept weights of each of `masks` (nested as the counts shrink, for a fixed `seed`)"
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for n, mk in masks.items():
-        order = torch.argsort(torch.rand(mk.numel(), generator=g), descending=True, stable=True)
-        keep = torch.zeros(mk.numel(), dtype=torch.bool)
-        keep[order[:int(mk.sum())]] = True
-        out[n] = keep.view(mk.shape)
-    return out
-
-def weights_remaining(masks:dict[str, Tensor], model:nn.Module, layers=None, exclude=None) -> float:
-    "Fraction of the prunable weights of `model` that `masks` keep"
-    lyr = prunable_layers(model, layers, exclude)
-    n = sum(m.weight.numel() for m in lyr.values())
-    return sum(int(masks[k].sum()) if k in masks else m.weight.numel() for k, m in lyr.items()) / n
 
 # %% ../nbs/09_lottery.ipynb #e39bdf57
 class LotteryTicket:
     "Iterative magnitude pruning with rewinding on `learn`: fit, `next_round()`, fit, ..."
     def __init__(self,
-        learn:Learner,              # any fastai Learner; the callbacks are added to it
+        learn:Learner,              # any fastai Learner; a `RewindCallback` is added to it
         rate:float=0.2,             # fraction of the remaining weights pruned each round, in (0, 1)
-        rewind_iter:int=0,          # rewind to the initialization (0) or to after this many optimizer steps of the first fit
+        rewind_iter:int=0,          # rewind to the start of the first fit (0) or to after this many of its optimizer steps
         context:str='local',        # 'local' (rate of each layer) or 'global' (rate of the network, one ranking)
         layer_rates:dict|None=None, # {name or pattern: rate}, e.g. a lower rate for the output layer
         layers=None,                # what to prune (names, patterns, modules, types); default every Conv/Linear
@@ -179,103 +98,83 @@ class LotteryTicket:
     ):
         self.rate = check_rate(rate)
         if context not in context_names: raise ValueError(f"Unknown context {context!r}; valid names: {', '.join(context_names)}")
-        lyr = prunable_layers(learn.model, layers, exclude)
-        if not lyr: raise ValueError(f"Nothing to prune: {type(learn.model).__name__} has no Conv/Linear layer left after `layers`/`exclude`")
-        _layer_rates(lyr, layer_rates)
-        self.learn, self.context, self.layer_rates, self.layers, self.exclude, self.fresh_opt = learn, context, layer_rates, layers, exclude, fresh_opt
-        self.rewind_cb, self.mask_cb = RewindCallback(rewind_iter), MaskCallback()
-        learn.add_cbs([self.rewind_cb, self.mask_cb])
-        self.masks, self.round = {}, 0
+        check_iteration(rewind_iter)
+        rw = Rewinder(get_model(learn.model), layers, exclude)
+        _layer_rates(rw.layers, layer_rates)  # every pattern matches a pruned layer
+        self.learn, self.context, self.layer_rates, self.fresh_opt = learn, context, layer_rates, fresh_opt
+        self.rewinder = rw.attach(learn, iteration=rewind_iter)
+        self.rewind_cb = rw.callback
 
     @property
-    def rewind_point(self) -> dict[str, Tensor]|None: return self.rewind_cb.state
+    def rewind_point(self) -> dict[str, Tensor]|None: return self.rewinder.rewind_point
+    @property
+    def masks(self) -> dict[str, Tensor]: return self.rewinder.masks
+    @property
+    def round(self) -> int: return self.rewinder.round
 
     def remaining(self) -> float:
         "Fraction of the prunable weights the masks keep"
-        return weights_remaining(self.masks, self.learn.model, self.layers, self.exclude)
+        return self.rewinder.remaining()
 
-    def __repr__(self): return f"LotteryTicket(round {self.round}, {self.remaining():.2%} of the weights remain, rate={self.rate:g}, context={self.context!r})"
+    def _require_point(self):
+        if self.rewind_point is None:
+            raise RuntimeError("no rewind point yet: fit the Learner once before pruning (round 0 trains the dense network)")
 
-# %% ../nbs/09_lottery.ipynb #b4cc373f
-@patch
-def prune(self:LotteryTicket) -> dict[str, Tensor]:
-    "Prune `rate` of the remaining weights by magnitude (the model keeps its trained values)"
-    if self.rewind_point is None: raise RuntimeError("no rewind point yet: fit the Learner once before pruning (round 0 trains the dense network)")
-    self.masks = imp_masks(self.learn.model, self.masks, self.rate, self.context, self.layer_rates, self.layers, self.exclude)
-    self.mask_cb.masks = self.masks
-    apply_masks(self.learn.model, self.masks)
-    return self.masks
+    def prune(self) -> dict[str, Tensor]:
+        "Prune `rate` of the remaining weights by magnitude (the model keeps its trained values)"
+        self._require_point()
+        return self.rewinder.prune_weights(self.rate, self.context, self.layer_rates)
 
-@patch
-def rewind(self:LotteryTicket) -> LotteryTicket:
-    "Load the rewind point (parameters and buffers), zero the pruned weights, and (by default) drop the optimizer"
-    if self.rewind_point is None: raise RuntimeError("no rewind point yet: fit the Learner once first")
-    self.learn.model.load_state_dict(self.rewind_point)
-    apply_masks(self.learn.model, self.masks)
-    if self.fresh_opt: self.learn.opt = None  # Learner.fit creates a new one
-    return self
+    def rewind(self):
+        "Load the rewind point (parameters and buffers), zero the pruned weights, and (by default) drop the optimizer"
+        self._require_point()
+        self.rewinder.rewind(self.fresh_opt)
+        return self
 
-@patch
-def next_round(self:LotteryTicket) -> LotteryTicket:
-    "Prune `rate` of what remains, rewind the survivors, keep the masks: ready for the next fit"
-    self.prune(); self.rewind(); self.round += 1
-    logger.info("LotteryTicket: round %d, %.2f %% of the weights remain", self.round, 100 * self.remaining())
-    return self
+    def next_round(self):
+        "Prune `rate` of what remains, rewind the survivors, keep the masks: ready for the next fit"
+        self._require_point()
+        self.rewinder.next_round(self.rate, self.context, self.layer_rates, self.fresh_opt)
+        logger.info("LotteryTicket: round %d, %.2f %% of the weights remain", self.round, 100 * self.remaining())
+        return self
 
-@patch
-def ticket(self:LotteryTicket) -> dict:
-    "The ticket as plain tensors: masks, rewind point and the model's current (trained) weights"
-    return dict(round=self.round, rewind_iter=self.rewind_cb.iteration, masks={n: m.clone() for n, m in self.masks.items()},
-                rewind={k: v.clone() for k, v in self.rewind_point.items()}, weights=model_state(self.learn.model))
+    def ticket(self) -> dict:
+        "The ticket as plain tensors: masks, rewind point and the model's current (trained) weights"
+        self._require_point()
+        return self.rewinder.ticket()
+
+    def __repr__(self):
+        return (f"LotteryTicket(round {self.round}, {self.remaining():.2%} of the weights remain, rate={self.rate:g}, "
+                f"context={self.context!r})")
 
 # %% ../nbs/09_lottery.ipynb #edcd4b75
-def _on_rank0(write):
-    "Run `write` on rank 0 only (the only writer of files under distributed training); the other ranks wait for it"
-    if rank_distrib() == 0: write()
-    if dist.is_available() and dist.is_initialized(): dist.barrier()
-
-def _atomic_save(obj, path):
-    path = Path(path); tmp = path.with_name(path.name + '.tmp')
-    def write(): torch.save(obj, tmp); os.replace(tmp, path)
-    _on_rank0(write)
-
 def save_ticket(ticket:dict, path) -> Path:
-    "Write `ticket` (from `LotteryTicket.ticket()` or the runner) to `path`, atomically"
-    _atomic_save(ticket, path); return Path(path)
+    "Write `ticket` (from `LotteryTicket.ticket()` or the runner) to `path`, atomically, from rank 0"
+    return save_on_rank0(ticket, path)
 
-def check_ticket(ticket:dict, model:nn.Module, what:str='ticket'):
-    "Raise a `ValueError` listing how `ticket` does not fit `model` (keys, shapes, masks)"
-    sd = model.state_dict()
-    for k in ('masks', 'rewind'):
-        if not isinstance(ticket.get(k), dict): raise ValueError(f"{what} has no {k!r} dict: not a lottery ticket")
-    probs = []
-    for part in ('rewind', 'weights'):
-        st = ticket.get(part)
-        if st is None: continue
-        miss, extra = [k for k in sd if k not in st], [k for k in st if k not in sd]
-        bad = [f"{k} {tuple(st[k].shape)} vs {tuple(v.shape)}" for k, v in sd.items() if k in st and tuple(st[k].shape) != tuple(v.shape)]
-        if miss: probs.append(f"{part}: missing {', '.join(miss[:5])}{' ...' if len(miss) > 5 else ''}")
-        if extra: probs.append(f"{part}: unexpected {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
-        if bad: probs.append(f"{part}: shapes differ: {'; '.join(bad[:5])}")
-    try: _mask_targets(model, ticket['masks'])
-    except ValueError as e: probs.append(str(e))
-    if probs: raise ValueError(f"{what} does not fit {type(model).__name__} (another architecture?); the model was not changed:\n  " + "\n  ".join(probs))
+def _read(path):
+    "`torch.load` a ticket or a runner state; a file that cannot be read raises the `CheckpointError` that says why"
+    try: return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception:
+        read_checkpoint(path)  # raises FileNotFoundError or CheckpointError: empty, truncated, not torch.save's
+        raise
 
 def load_ticket(path, model:nn.Module, which:str='rewind') -> dict:
     "Load a ticket into `model`: its `which` state ('rewind' to retrain it, 'weights' for the trained one) with the masks applied"
     if which not in ('rewind', 'weights'): raise ValueError(f"which must be 'rewind' or 'weights', got {which!r}")
-    t = torch.load(path, map_location='cpu', weights_only=True)
+    t = _read(path)
     if not isinstance(t, dict): raise ValueError(f"{path} is not a lottery ticket")
     check_ticket(t, model, f"ticket {path}")
     if t.get(which) is None: raise ValueError(f"ticket {path} has no {which!r} state")
-    model.load_state_dict(t[which])
-    apply_masks(model, t['masks'])
+    Rewinder(model).load_ticket(t, which)
     return t
 
 # %% ../nbs/09_lottery.ipynb #3274a72c
 arm_names = ('ticket', 'reinit', 'random')
 
-def _fit(learn, fit, epochs, lr, cbs):
+def _fit(learn, run:dict, cbs) -> float:
+    "Fit `learn` as `run` says, with `cbs`; the first metric on the validation set"
+    fit, epochs, lr = run['fit'], run['epochs'], run['lr']
     with learn.no_bar(), learn.no_logging():
         if callable(fit): fit(learn, epochs, lr, cbs)
         elif lr is None: getattr(learn, fit)(epochs, cbs=cbs)
@@ -290,31 +189,110 @@ def _row(r, masks_per_seed, n_params, model, accs, arms):
     "One table row: % of the prunable weights remaining, compression (all parameters / nonzero), accuracy per arm"
     n_w = sum(m.weight.numel() for m in prunable_layers(model).values())
     rems = [weights_remaining(mk, model) for mk in masks_per_seed]
-    rem = statistics.fmean(rems)
     comp = statistics.fmean(n_params / (n_params - round(n_w * (1 - x))) for x in rems)
-    row = dict(round=r, pct_remaining=100 * rem, compression=comp)
+    row = dict(round=r, pct_remaining=100 * statistics.fmean(rems), compression=comp)
     for a in arms:
-        row[f'{a}_mean'], row[f'{a}_std'] = _stats(accs[a]); row[f'{a}_accs'] = list(accs[a])
+        row[f'{a}_mean'], row[f'{a}_std'] = _stats(accs[a])
+        row[f'{a}_accs'] = list(accs[a])
     return row
 
-def _one_fit(learn, r, arm, sv, seed, rewind_iter, rate, context, layer_rates, fit, epochs, lr):
+def _one_fit(learn, r:int, arm:str, sv:dict|None, seed:int, run:dict):
     "Fit one arm of round `r` on a fresh `learn`; returns the accuracy and, for the ticket, the seed's new state"
     if r == 0:
-        rcb = RewindCallback(rewind_iter)
-        acc = _fit(learn, fit, epochs, lr, [rcb])
-        return acc, dict(rewind=rcb.state, masks={}, weights=model_state(learn.model))
-    if arm == 'ticket':
-        learn.model.load_state_dict(sv['weights'])  # last round's trained ticket decides by magnitude
-        masks = imp_masks(learn.model, sv['masks'], rate, context, layer_rates)
-        learn.model.load_state_dict(sv['rewind'])
-    elif arm == 'reinit': masks = sv['masks']       # this round's ticket masks, the factory's fresh init
-    else:
-        masks = random_masks(sv['masks'], seed=seed)
-        learn.model.load_state_dict(sv['rewind'])
-    acc = _fit(learn, fit, epochs, lr, [MaskCallback(masks)])
+        cb = RewindCallback(run['rewind_iter'])
+        acc = _fit(learn, run, [cb])
+        return acc, dict(rewind=cb.state, masks={}, weights=model_state(learn.model))
+    rw = Rewinder(learn.model)
+    if arm == 'ticket':  # last round's trained ticket decides by magnitude, its survivors go back to the rewind point
+        rw.load_ticket(sv, 'weights')
+        rw.next_round(run['rate'], run['context'], run['layer_rates'])
+    elif arm == 'reinit': rw.set_masks(sv['masks'])  # this round's ticket masks on the factory's fresh init
+    else: rw.load_ticket({**sv, 'masks': random_masks(sv['masks'], seed=seed)}, 'rewind')
+    masks = {n: m.cpu() for n, m in rw.masks.items()}
+    acc = _fit(learn, run, [MaskCallback(masks)])
     return acc, (dict(rewind=sv['rewind'], masks=masks, weights=model_state(learn.model)) if arm == 'ticket' else None)
 
+# %% ../nbs/09_lottery.ipynb #60e716ab
+def _whole(x, what:str) -> int:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or int(x) != x or x < 1:
+        raise ValueError(f"{what} must be a whole number >= 1, got {x!r}")
+    return int(x)
+
+def _check_run(rounds, rate, epochs, lr, rewind_iter, controls, seeds, context, layer_rates, fit) -> dict:
+    "The runner's settings, checked, as one dict"
+    if isinstance(controls, str): controls = [c.strip() for c in controls.split(',') if c.strip()]
+    for c in controls:
+        if c not in arm_names[1:]: raise ValueError(f"unknown control {c!r}; valid controls: reinit, random")
+    seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be a number >= 1 or a list of distinct seeds, got {seeds!r}")
+    if context not in context_names: raise ValueError(f"Unknown context {context!r}; valid names: {', '.join(context_names)}")
+    if not (callable(fit) or isinstance(fit, str)): raise TypeError("fit must be a Learner method name or f(learn, epochs, lr, cbs)")
+    return dict(rate=check_rate(rate), rounds=_whole(rounds, 'rounds'), epochs=_whole(epochs, 'epochs'), lr=lr,
+                rewind_iter=check_iteration(rewind_iter), arms=['ticket'] + [c for c in arm_names[1:] if c in controls],
+                seeds=seeds, context=context, layer_rates=layer_rates, fit=fit)
+
+def _config(run:dict, make_learner, name) -> dict:
+    "What the state file records of a run: a resumed run must have the same"
+    fit = run['fit']
+    return dict(name=name or getattr(make_learner, '__qualname__', type(make_learner).__name__), rate=run['rate'],
+                epochs=run['epochs'], lr=run['lr'], rewind_iter=run['rewind_iter'], arms=run['arms'], seeds=run['seeds'],
+                context=run['context'], layer_rates={str(k): float(v) for k, v in (run['layer_rates'] or {}).items()},
+                fit=fit if isinstance(fit, str) else getattr(fit, '__qualname__', 'callable'))
+
+def _probe(make_learner, run:dict) -> nn.Module:
+    "A first Learner checks the factory, the metric, the layers and the rewind iteration before anything trains"
+    set_seed(run['seeds'][0])
+    probe = make_learner()
+    if not isinstance(probe, Learner): raise TypeError(f"make_learner must return a fastai Learner, got {type(probe).__name__}")
+    if not probe.metrics: raise ValueError("make_learner's Learner has no metric: pass metrics=accuracy (the runner reports the first metric)")
+    lyr = prunable_layers(probe.model)
+    if not lyr: raise ValueError(f"Nothing to prune: {type(probe.model).__name__} has no Conv/Linear layer")
+    _layer_rates(lyr, run['layer_rates'])
+    n_iter = run['epochs'] * len(probe.dls.train)
+    if run['rewind_iter'] > n_iter:
+        raise ValueError(f"rewind iteration {run['rewind_iter']} is beyond the first fit's length: {run['epochs']} epochs x "
+                         f"{len(probe.dls.train)} batches = {n_iter} iterations")
+    return probe.model
+
+def _resume(state_path, config:dict, model:nn.Module) -> dict:
+    "The state of an earlier run with the same `config`, checked against `model`"
+    old = _read(state_path)
+    diff = {k: (old['config'].get(k), v) for k, v in config.items() if old['config'].get(k) != v}
+    if diff:
+        raise ValueError(f"{state_path} was written by a run with other settings "
+                         f"({'; '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); "
+                         "nothing was overwritten: pass another path or delete it")
+    for sv in old['seeds'].values(): check_ticket(sv, model, f"state {state_path}")
+    logger.info("lottery_experiment: resuming %s after round %d", state_path, len(old['rows']) - 1)
+    return old
+
+def _write_json(obj, path):
+    "Write `obj` as JSON to `path`, atomically, from rank 0; every rank waits"
+    path = Path(path)
+    if is_rank0():
+        tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+        tmp.write_text(json.dumps(obj, indent=1))
+        os.replace(tmp, path)
+    barrier()
+
 # %% ../nbs/09_lottery.ipynb #0b399c40
+def _round(make_learner, r:int, st:dict, run:dict, tickets_dir, bar) -> dict[str, list]:
+    "Every fit of round `r` (the ticket first: the controls use its masks); the accuracies per arm"
+    accs = {a: [] for a in run['arms']}
+    jobs = [(s, a) for s in run['seeds'] for a in (run['arms'] if r else ['ticket'])]
+    for s, a in (progress_bar(jobs, parent=bar) if bar is not None else jobs):
+        set_seed(s if r == 0 else s * 100_003 + r * 10 + arm_names.index(a))
+        acc, new = _one_fit(make_learner(), r, a, st['seeds'].get(str(s)), s, run)
+        accs[a].append(acc)
+        if new is None: continue
+        st['seeds'][str(s)] = new
+        if tickets_dir is not None:
+            save_ticket(dict(round=r, seed=s, rewind_iter=run['rewind_iter'], **new), Path(tickets_dir)/f'seed{s}_round{r}.pt')
+    if r == 0:
+        for a in run['arms'][1:]: accs[a] = list(accs['ticket'])  # at round 0 every arm is the same dense network
+    return accs
+
 def lottery_experiment(
     make_learner,                   # f() -> a fresh Learner (new model) with a metric; the runner seeds it
     rounds:int=5,                   # pruning rounds after the dense round 0
@@ -334,75 +312,29 @@ def lottery_experiment(
     progress:bool=True,             # fastprogress bars over rounds and fits
 ) -> dict:
     "Iterative magnitude pruning with rewinding, and its control arms, over `rounds` x `seeds`; resumes from `state_path`"
-    rate = check_rate(rate)
-    if isinstance(rounds, bool) or int(rounds) != rounds or rounds < 1: raise ValueError(f"rounds must be a whole number >= 1, got {rounds!r}")
-    if isinstance(epochs, bool) or int(epochs) != epochs or epochs < 1: raise ValueError(f"epochs must be a whole number >= 1, got {epochs!r}")
-    rounds, epochs = int(rounds), int(epochs)
-    if isinstance(controls, str): controls = [c.strip() for c in controls.split(',') if c.strip()]
-    for c in controls:
-        if c not in arm_names[1:]: raise ValueError(f"unknown control {c!r}; valid controls: reinit, random")
-    arms = ['ticket'] + [c for c in arm_names[1:] if c in controls]
-    seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
-    if not seeds or len(set(seeds)) != len(seeds): raise ValueError(f"seeds must be a number >= 1 or a list of distinct seeds, got {seeds!r}")
-    if context not in context_names: raise ValueError(f"Unknown context {context!r}; valid names: {', '.join(context_names)}")
-    RewindCallback(rewind_iter)  # checks the value
-    if not (callable(fit) or isinstance(fit, str)): raise TypeError("fit must be a Learner method name or f(learn, epochs, lr, cbs)")
+    run = _check_run(rounds, rate, epochs, lr, rewind_iter, controls, seeds, context, layer_rates, fit)
     if state_path is None and json_path is not None: state_path = Path(json_path).with_suffix('.state.pt')
     for p in (state_path, json_path, tickets_dir):
         if p is not None and not Path(p).parent.is_dir(): raise ValueError(f"{Path(p).parent} does not exist (for {p})")
-    config = dict(name=name or getattr(make_learner, '__qualname__', type(make_learner).__name__), rate=rate, epochs=epochs,
-                  lr=lr, rewind_iter=int(rewind_iter), arms=arms, seeds=seeds, context=context,
-                  layer_rates={str(k): float(v) for k, v in (layer_rates or {}).items()},
-                  fit=fit if isinstance(fit, str) else getattr(fit, '__qualname__', 'callable'))
-    # A first Learner checks the factory, the metric, the layers and the rewind iteration before anything trains
-    set_seed(seeds[0]); probe = make_learner()
-    if not isinstance(probe, Learner): raise TypeError(f"make_learner must return a fastai Learner, got {type(probe).__name__}")
-    if not probe.metrics: raise ValueError("make_learner's Learner has no metric: pass metrics=accuracy (the runner reports the first metric)")
-    lyr = prunable_layers(probe.model)
-    if not lyr: raise ValueError(f"Nothing to prune: {type(probe.model).__name__} has no Conv/Linear layer")
-    _layer_rates(lyr, layer_rates)
-    n_iter = epochs * len(probe.dls.train)
-    if rewind_iter > n_iter: raise ValueError(f"rewind iteration {rewind_iter} is beyond the first fit's length: {epochs} epochs x {len(probe.dls.train)} batches = {n_iter} iterations")
-    n_params = sum(p.numel() for p in probe.model.parameters())
-    st = dict(config=config, rows=[], seeds={})
-    if state_path is not None and Path(state_path).exists():
-        old = torch.load(state_path, map_location='cpu', weights_only=True)
-        diff = {k: (old['config'].get(k), v) for k, v in config.items() if old['config'].get(k) != v}
-        if diff: raise ValueError(f"{state_path} was written by a run with other settings ({'; '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); "
-                                  "nothing was overwritten: pass another path or delete it")
-        for s, sv in old['seeds'].items(): check_ticket(dict(masks=sv['masks'], rewind=sv['rewind'], weights=sv['weights']), probe.model, f"state {state_path}")
-        st = old
-        logger.info("lottery_experiment: resuming %s after round %d", state_path, len(st['rows']) - 1)
-    ref = probe.model; del probe
+    config = _config(run, make_learner, name)
+    ref = _probe(make_learner, run)
+    n_params = sum(p.numel() for p in ref.parameters())
+    resume = state_path is not None and Path(state_path).exists()
+    st = _resume(state_path, config, ref) if resume else dict(config=config, rows=[], seeds={})
     if tickets_dir is not None: Path(tickets_dir).mkdir(exist_ok=True)
-    todo = range(len(st['rows']), rounds + 1)
-    mb = master_bar(todo) if progress else todo
-    for r in mb:
-        accs = {a: [] for a in arms}
-        jobs = [(s, a) for s in seeds for a in (arms if r else ['ticket'])]  # the ticket first: the controls use its masks
-        for s, a in (progress_bar(jobs, parent=mb) if progress else jobs):
-            set_seed(s if r == 0 else s * 100_003 + r * 10 + arm_names.index(a))
-            learn = make_learner()
-            acc, new = _one_fit(learn, r, a, st['seeds'].get(str(s)), s, rewind_iter, rate, context, layer_rates, fit, epochs, lr)
-            accs[a].append(acc)
-            if new is not None:
-                st['seeds'][str(s)] = new
-                if tickets_dir is not None: save_ticket(dict(round=r, seed=s, rewind_iter=int(rewind_iter), **new), Path(tickets_dir)/f'seed{s}_round{r}.pt')
-        if r == 0:
-            for a in arms[1:]: accs[a] = list(accs['ticket'])  # at round 0 every arm is the same dense network
-        row = _row(r, [st['seeds'][str(s)]['masks'] for s in seeds], n_params, ref, accs, arms)
+    todo = range(len(st['rows']), run['rounds'] + 1)
+    mb = master_bar(todo) if progress else None
+    for r in (mb if progress else todo):
+        accs = _round(make_learner, r, st, run, tickets_dir, mb)
+        row = _row(r, [st['seeds'][str(s)]['masks'] for s in run['seeds']], n_params, ref, accs, run['arms'])
         st['rows'].append(row)
-        if state_path is not None: _atomic_save(st, state_path)
+        if state_path is not None: save_on_rank0(st, state_path)
         if json_path is not None: _write_json(dict(config=config, rows=st['rows']), json_path)
-        msg = f"round {r}: {row['pct_remaining']:.2f} % remain, " + ', '.join(f"{a} {row[f'{a}_mean']:.4f}±{row[f'{a}_std']:.4f}" for a in arms)
+        msg = f"round {r}: {row['pct_remaining']:.2f} % remain, " + ', '.join(
+            f"{a} {row[f'{a}_mean']:.4f}±{row[f'{a}_std']:.4f}" for a in run['arms'])
         logger.info("lottery_experiment: %s", msg)
         if progress: mb.write(msg)
-    return dict(config=config, rows=st['rows'][:rounds + 1])
-
-def _write_json(obj, path):
-    path = Path(path); tmp = path.with_name(path.name + '.tmp')
-    def write(): tmp.write_text(json.dumps(obj, indent=1)); os.replace(tmp, path)
-    _on_rank0(write)
+    return dict(config=config, rows=st['rows'][:run['rounds'] + 1])
 
 # %% ../nbs/09_lottery.ipynb #3702d4d5
 def lottery_table(res:dict):

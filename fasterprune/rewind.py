@@ -249,11 +249,11 @@ class Rewinder:
         elif fresh_opt and self.opt is not None: self.opt.state.clear()
         return self
 
-    def next_round(self, rate:float=0.2, context:str='local', layer_rates:dict|None=None):
+    def next_round(self, rate:float=0.2, context:str='local', layer_rates:dict|None=None, fresh_opt:bool=True):
         "One IMP round between two fits: prune `rate` of the survivors by magnitude, then rewind"
         self._require_point()  # before anything is pruned
         self.prune_weights(rate, context, layer_rates)
-        self.rewind()
+        self.rewind(fresh_opt)
         self.round += 1
         return self
 

@@ -13,6 +13,7 @@ from fastai.torch_core import set_seed
 from fasterprune.data import digits_arrays, TensorPairs, mlp, small_cnn, lenet_300_100
 from fasterprune.lottery import (RewindCallback, MaskCallback, LotteryTicket, imp_masks, random_masks, apply_masks,
                                  weights_remaining, model_state, save_ticket, load_ticket, lottery_experiment, lottery_table, check_rate)
+from fasterprune.rewind import Rewinder
 from fasterprune.cli import main
 
 
@@ -78,7 +79,7 @@ def test_rewind_iteration_beyond_first_fit():
     learn = _learn()
     w0 = model_state(learn.model)
     LotteryTicket(learn, rewind_iter=6 * 2 + 1)  # 384 // 64 = 6 batches an epoch
-    with pytest.raises(ValueError, match='beyond the first fit'): _quiet_fit(learn, 2, 1e-2)
+    with pytest.raises(ValueError, match="beyond the fit's length of 12"): _quiet_fit(learn, 2, 1e-2)
     fct.test_eq(all(torch.equal(w0[n], v) for n, v in learn.model.state_dict().items()), True)
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError): RewindCallback(bad)
@@ -114,7 +115,7 @@ def test_imp_masks_counts_and_contexts():
         new = imp_masks(net, m, 0.2, 'local', {'4': 0.1})
         fct.test_eq({n: int(v.sum()) for n, v in new.items()},
                     {n: max(1, math.floor(kept[n] * (0.9 if n == '4' else 0.8) + 0.5)) for n in kept})
-        apply_masks(net, new); m = new
+        Rewinder(net).set_masks(new); m = new
     g = imp_masks(net, m, 0.3, 'global', {'4': 0.1})
     rest = int(m['0'].sum()) + int(m['2'].sum())
     fct.test_eq(int(g['0'].sum()) + int(g['2'].sum()), math.floor(rest * 0.7 + 0.5))
@@ -128,7 +129,7 @@ def test_imp_masks_counts_and_contexts():
 def test_random_masks_same_counts_nested():
     set_seed(0)
     net = mlp(64, 48, 10)
-    m1 = imp_masks(net, None, 0.5); apply_masks(net, m1); m2 = imp_masks(net, m1, 0.5)
+    m1 = imp_masks(net, None, 0.5); Rewinder(net).set_masks(m1); m2 = imp_masks(net, m1, 0.5)
     r1, r2 = random_masks(m1, seed=3), random_masks(m2, seed=3)
     for n in m1:
         fct.test_eq(int(r1[n].sum()), int(m1[n].sum())); fct.test_eq(int(r2[n].sum()), int(m2[n].sum()))
@@ -180,12 +181,12 @@ def test_controls_same_schedule():
     for r in (1, 2):
         for i, s in enumerate((0, 1)):
             t, ri, ra = seen[2 + (r - 1) * 6 + 3 * i: 2 + (r - 1) * 6 + 3 * i + 3]
-            fct.test_eq(all(torch.equal(t['init'][k], v) for k, v in rewind[s].items()), True)   # ticket: rewound
+            fct.test_eq(_same(t['init'], _masked(rewind[s], t['masks'])), True)               # ticket: rewound, masked
             fct.test_eq(all(torch.equal(ri['masks'][n], t['masks'][n]) for n in t['masks']), True)  # reinit: same masks
             fct.test_eq(torch.equal(ri['init']['0.weight'], rewind[s]['0.weight']), False)           # ... fresh init
             fct.test_eq({n: int(m.sum()) for n, m in ra['masks'].items()}, {n: int(m.sum()) for n, m in t['masks'].items()})
             fct.test_eq(torch.equal(ra['masks']['0'], t['masks']['0']), False)                         # random: other masks
-            fct.test_eq(all(torch.equal(ra['init'][k], v) for k, v in rewind[s].items()), True)      # ... same init
+            fct.test_eq(_same(ra['init'], _masked(rewind[s], ra['masks'])), True)            # ... same init
     rows = res['rows']
     fct.test_eq([r['round'] for r in rows], [0, 1, 2])
     fct.test_close([r['pct_remaining'] for r in rows], [100, remaining_pct(1), remaining_pct(2)], eps=1e-9)
@@ -193,6 +194,14 @@ def test_controls_same_schedule():
     tbl = lottery_table(res)
     fct.test_eq(list(tbl.columns)[:3], ['round', 'pct_remaining', 'compression'])
     fct.test_eq(bool((tbl.compression.diff().dropna() > 0).all()), True)
+
+
+def _masked(state, masks):
+    "`state` with the weights of the masked layers zeroed where `masks` say so"
+    return {k: v * masks[k[:-7]] if k.endswith('.weight') and k[:-7] in masks else v for k, v in state.items()}
+
+
+def _same(a, b): return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def remaining_pct(r):
