@@ -25,7 +25,7 @@ class NMRoundingWarning(UserWarning):
 
 # %% auto #0
 __all__ = ['logger', 'prunable_types', 'context_names', 'NMRoundingWarning', 'prunable_layers', 'check_sparsity', 'select_prune',
-           'Sparsifier']
+           'force_device_path', 'radix_select_prune', 'Sparsifier']
 
 # %% ../nbs/03_sparsifier.ipynb #c7c62eb6
 prunable_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
@@ -176,6 +176,7 @@ def select_prune(score_fns:list, n_groups:list[int], sizes:list[int], k:int, pre
     "Keep-masks (1-D bool per layer): groups pruned in `prev_keeps` stay pruned, then the live groups ordered by (score, layer, index) are pruned while the pruned weights stay <= `k`"
     prev_keeps = prev_keeps or [None] * len(n_groups)
     device = torch.device(device or 'cpu')
+    if not _host_kernels(device): return radix_select_prune(score_fns, n_groups, sizes, k, prev_keeps, device, out)
     flat = out if out is not None else torch.empty(sum(n_groups), dtype=torch.bool, device=device)
     flat.fill_(True)
     keeps = list(flat.split(list(n_groups)))  # all keep-masks are views of one buffer
@@ -215,6 +216,127 @@ def select_prune(score_fns:list, n_groups:list[int], sizes:list[int], k:int, pre
         sel = ti[tl == li]
         if len(sel): keep[sel.to(device)] = False
     return keeps
+
+# %% ../nbs/03_sparsifier.ipynb #9adf076a
+_FORCE_DEVICE_PATH = False
+
+def force_device_path(on:bool=True):
+    "Use the accelerator's code path (radix select, torch kernels, no numpy) on CPU tensors too: for tests"
+    global _FORCE_DEVICE_PATH
+    _FORCE_DEVICE_PATH = on
+
+def _host_kernels(device) -> bool:
+    "May this device's tensors be handled with host round-trips and numpy (CPU, unless forced)?"
+    return torch.device(device).type == 'cpu' and not _FORCE_DEVICE_PATH
+
+_NBINS = 65536
+
+def _device_chunk(n:int) -> int:
+    "Scores per chunk in the radix select: a 64th of the weights (bounded), at most 2^24 so float32 bin counts stay exact"
+    return max(2**20, min(2**24, n // 64))
+
+def _keys_hi(f:Tensor, ib:Tensor) -> Tensor:
+    "Order-preserving int32 keys of float32 `f`, written into `ib` (same length)"
+    bi = f.view(torch.int32)
+    torch.bitwise_right_shift(bi, 31, out=ib)
+    ib.bitwise_and_(0x7FFFFFFF)
+    return ib.bitwise_xor_(bi)
+
+def _key_to_float(key:Tensor) -> Tensor:
+    "The float32 whose key is `key` (0-dim int32), on the device"
+    return (key ^ ((key >> 31) & 0x7FFFFFFF)).view(torch.float32)
+
+def _find_bin(hist:Tensor, need:Tensor):
+    "Bin holding the `need`+1-th weight of `hist` (float64 counts), and the weight strictly below that bin"
+    cum = hist.cumsum(0)
+    b = torch.searchsorted(cum, need.reshape(1), right=True)[0]
+    below = torch.where(b > 0, cum[(b - 1).clamp_min(0)], torch.zeros_like(need))
+    return b, below
+
+def radix_select_prune(score_fns:list, n_groups:list[int], sizes:list[int], k:int, prev_keeps:list|None=None,
+                       device=None, out:Tensor|None=None, chunk:int|None=None) -> list[Tensor]:
+    "`select_prune`'s masks, by a radix select on the score bits with device kernels only (no host sync per chunk)"
+    prev_keeps = prev_keeps or [None] * len(n_groups)
+    device = torch.device(device or 'cpu')
+    flat = out if out is not None else torch.empty(sum(n_groups), dtype=torch.bool, device=device)
+    keeps = list(flat.split(list(n_groups)))
+    f64 = dict(dtype=torch.float64, device=device)
+    dead_w = torch.zeros((), **f64)
+    for kp, p, s in zip(keeps, prev_keeps, sizes):
+        if p is None: kp.fill_(True)
+        else:
+            kp.copy_(p)
+            dead_w += (p.numel() - p.sum()) * s
+    need = (k - dead_w).clamp_min(0)  # weights still to prune among the live groups (masks never shrink)
+    C = chunk or _device_chunk(sum(n_groups))
+    fbuf = torch.empty(min(C, max(n_groups)), dtype=torch.float32, device=device)
+    ibuf, bbuf = torch.empty_like(fbuf, dtype=torch.int32), torch.empty_like(fbuf)
+    if k <= 0: return keeps  # masks never shrink, and nothing more to prune
+    takes_out = ['out' in inspect.signature(f).parameters for f in score_fns]
+    exact16 = [True] * len(score_fns)  # scores that came from bf16 tensors have zero low 16 bits
+    nbufs = {torch.float32: fbuf}  # score buffers in the dtype a part scores in (a criterion may write into them)
+
+    def chunks(li):
+        "(start, float32 canonical scores, live flags or None) for each chunk of part `li`"
+        g, p, dt = n_groups[li], prev_keeps[li], getattr(score_fns[li], 'dtype', torch.float32)
+        buf = nbufs.get(dt)
+        if buf is None: buf = nbufs[dt] = torch.empty(len(fbuf), dtype=dt, device=device)
+        sc = score_fns[li](out=buf[:g]) if takes_out[li] and g <= len(buf) else score_fns[li]()
+        sc = sc.detach().reshape(-1)
+        if sc.dtype != torch.bfloat16: exact16[li] = False
+        for a in range(0, g, C):
+            b = min(a + C, g)
+            f = torch.add(sc[a:b], 0., out=fbuf[:b - a]) if sc.dtype != torch.float32 or sc.data_ptr() != fbuf.data_ptr() \
+                else sc[a:b].add_(0.)  # float32, and -0.0 -> +0.0
+            yield a, f, None if p is None else p[a:b]
+
+    def histogram(which, hb=None):
+        hist, bad = torch.zeros(_NBINS, **f64), torch.zeros((), dtype=torch.bool, device=device)
+        for li, s in enumerate(sizes):
+            if which == 'lo' and exact16[li]: continue
+            for a, f, p in chunks(li):
+                n = len(f)
+                if which == 'hi': bad |= torch.isnan(f).any()
+                key = _keys_hi(f, ibuf[:n])
+                bins = bbuf[:n]
+                if which == 'hi': torch.add(key.bitwise_right_shift_(16), _NBINS // 2, out=bins)
+                else:
+                    sel = torch.eq(torch.bitwise_right_shift(key, 16), hb)
+                    torch.bitwise_and(key, 0xFFFF, out=bins)
+                    bins.masked_fill_(~sel, -1.)
+                if p is not None: bins.masked_fill_(~p, -1.)
+                hist += torch.histc(bins, _NBINS, 0, _NBINS).to(torch.float64) * s
+        return hist, bad
+
+    hist, bad = histogram('hi')
+    if bad: _raise_nan_scores(score_fns)  # the one host read of the call
+    b, below = _find_bin(hist, need)
+    prune_all = b >= _NBINS  # k reaches every live weight
+    hb = b.clamp_max(_NBINS - 1).to(torch.int32) - _NBINS // 2
+    hist_lo, _ = histogram('lo', hb)
+    # bf16 parts of that bin: their float32 low bits are 0, so their keys' low bits are 0 (0xFFFF when flipped, < 0)
+    hist_lo[torch.where(hb < 0, _NBINS - 1, 0)] += hist[b.clamp_max(_NBINS - 1)] - hist_lo.sum()
+    c, below_lo = _find_bin(hist_lo, need - below)
+    T = (hb << 16) | c.clamp_max(_NBINS - 1).to(torch.int32)
+    Tf = _key_to_float(T)
+    r = need - below - below_lo  # weights left for the groups tied at T, in position order
+    for li, s in enumerate(sizes):
+        q, off = torch.div(r, s, rounding_mode='floor').to(torch.int64), torch.zeros((), dtype=torch.int64, device=device)
+        for a, f, p in chunks(li):
+            lt, eq = torch.lt(f, Tf), torch.eq(f, Tf)
+            if p is not None: eq &= p
+            cs = eq.cumsum(0)
+            cs += off
+            off = cs[-1]
+            lt |= eq & (cs <= q)
+            lt |= prune_all
+            keeps[li][a:a + len(f)] &= ~lt
+        r = torch.where(off * s > r, torch.zeros_like(r), r - off * s)  # the first tied group that does not fit ends the prefix
+    return keeps
+
+def _raise_nan_scores(score_fns):
+    for f in score_fns:
+        if torch.isnan(f()).any(): raise ValueError("the criterion gave NaN scores; nothing was pruned")
 
 # %% ../nbs/03_sparsifier.ipynb #463106fc
 class Sparsifier:
@@ -283,13 +405,18 @@ def _check_finite(name, t):
 
 _CHUNK = 2**20  # weights per chunk when a big layer's magnitudes are scored piece by piece (4 MB of scores stay in cache)
 
-def _pointwise_chunk(crit, name, w, out):
+def _pointwise_chunk(crit, name, w, out, check=True):
     sc = crit.score(name, w, out)
-    _check_finite(name, sc)
+    if check: _check_finite(name, sc)
     return sc
 
+class _Scores:
+    "Scores of one part of a layer for the selection; `dtype`: the dtype a reused `out` buffer should have"
+    def __init__(self, f, dtype=torch.float32): self.f, self.dtype = f, dtype
+    def __call__(self, out=None): return self.f(out)
+
 @patch
-def _parts(self:Sparsifier, names):
+def _parts(self:Sparsifier, names, chunk:int=_CHUNK, host:bool=True):
     "Score functions, sample functions, group counts, group sizes and previous keep-flags for `names`, one entry per part"
     g, fns, sfns, ng, sz, prev = self.granularity, [], [], [], [], []
     for n in names:
@@ -298,13 +425,14 @@ def _parts(self:Sparsifier, names):
         if crit.pointwise and s == 1:
             # single-weight groups, pointwise criterion: cut the layer in chunks, sample scores at a few positions
             w = self.weight(n).detach().reshape(-1)
-            for a in range(0, G, _CHUNK):
-                b = min(a + _CHUNK, G)
-                fns.append(lambda out=None, n=n, w=w, a=a, b=b: _pointwise_chunk(crit, n, w[a:b], out))
+            for a in range(0, G, chunk):
+                b = min(a + chunk, G)
+                f = lambda out=None, n=n, w=w, a=a, b=b: _pointwise_chunk(crit, n, w[a:b], out, host)
+                fns.append(f if host else _Scores(f, w.dtype))  # on a device, magnitudes in the weights' own dtype
                 sfns.append(lambda idx, n=n, w=w, a=a: crit.score(n, w[a + idx.to(w.device)]).float())
                 ng.append(b - a); sz.append(1); prev.append(None if pk is None else pk[a:b])
         else:
-            _check_finite(n, self.weight(n))
+            if host: _check_finite(n, self.weight(n))
             fns.append(lambda out=None, n=n: self._group_scores(n, out)); sfns.append(None)
             ng.append(G); sz.append(s); prev.append(pk)
     return fns, sfns, ng, sz, prev
@@ -312,10 +440,13 @@ def _parts(self:Sparsifier, names):
 @patch
 def _select(self:Sparsifier, names, sparsity:float, unit:int=1) -> list[Tensor]:
     "1-D keep-flags per group of each layer in `names`, pruning round(sparsity * n / unit) * unit of their n weights together (one ranking)"
-    fns, sfns, ng, sz, prev = self._parts(names)
-    n_w = sum(a * b for a, b in zip(ng, sz))
-    flat = torch.empty(sum(ng), dtype=torch.bool, device=next(iter(self.layers.values())).weight.device)
-    select_prune(fns, ng, sz, _round_half_up(sparsity * n_w / unit) * unit, prev, seed=self.seed, sample_fns=sfns, device=flat.device, out=flat)
+    dev = self.layers[names[0]].weight.device
+    host = _host_kernels(dev)
+    if not host: self._check_weights(names)  # one read per layer, before any chunk
+    n_w = sum(self.layers[n].weight.numel() for n in names)
+    fns, sfns, ng, sz, prev = self._parts(names, _CHUNK if host else _device_chunk(n_w), host)
+    flat = torch.empty(sum(ng), dtype=torch.bool, device=dev)
+    select_prune(fns, ng, sz, _round_half_up(sparsity * n_w / unit) * unit, prev, seed=self.seed, sample_fns=sfns, device=dev, out=flat)
     out, off = [], 0
     for n in names:
         m = self.layers[n]; G = m.weight.numel() // self.granularity.group_size(m.weight, m, n)
@@ -389,7 +520,7 @@ def apply_masks(self:Sparsifier):
                 _mask_reparam(self.layers[n], self._rp[n], mk)
                 continue
             w = self.layers[n].weight
-            if w.device.type == 'cpu' and w.is_contiguous() and mk.is_contiguous() and w.dtype in (torch.float32, torch.float64):
+            if _host_kernels(w.device) and w.is_contiguous() and mk.is_contiguous() and w.dtype in (torch.float32, torch.float64):
                 wn = w.detach().numpy(); np.multiply(wn, mk.numpy(), out=wn)  # numpy's float*bool is ~2x torch's on CPU
             else: w.mul_(mk)
         for p, mk in self.aux: p.mul_(mk)
@@ -422,7 +553,7 @@ def sparsify(self:Sparsifier, sparsity) -> Sparsifier:
     "Prune to `sparsity` (a fraction, or a per-layer dict): compute the masks, keep them, zero the weights"
     t = self._check_targets(sparsity)
     for names, budget in self._budgets(t):
-        pruned = sum(int((~self.masks[k]).sum()) for k in names if k in self.masks)
+        pruned = int(sum(((~self.masks[k]).sum() for k in names if k in self.masks), torch.zeros((), dtype=torch.int64)))
         if pruned > budget:
             total = sum(self.layers[k].weight.numel() for k in names)
             what = names[0] if isinstance(t, dict) else 'the pruned layers'
@@ -509,7 +640,7 @@ def _coupled_aux(self:Sparsifier) -> list:
 # %% ../nbs/03_sparsifier.ipynb #a41cc824
 def _nnz(t:Tensor) -> int:
     "Nonzero entries of `t` (numpy's count is about twice as fast as torch's on CPU)"
-    if t.device.type == 'cpu' and t.is_contiguous() and t.dtype in (torch.float32, torch.float64, torch.bool):
+    if _host_kernels(t.device) and t.is_contiguous() and t.dtype in (torch.float32, torch.float64, torch.bool):
         return int(np.count_nonzero(t.detach().numpy()))
     return int(torch.count_nonzero(t))
 

@@ -1,0 +1,157 @@
+"The mask selection engine: host syncs bounded by the number of layers (the accelerator's path), exact masks on both paths"
+import math, contextlib
+import torch, torch.nn as nn
+import pytest
+from hypothesis import given, settings, strategies as st, HealthCheck
+import fastcore.test as fct
+from fasterprune import sparsifier as S
+from fasterprune.sparsifier import Sparsifier, select_prune, radix_select_prune, force_device_path
+
+
+@contextlib.contextmanager
+def device_path():
+    force_device_path(True)
+    try: yield
+    finally: force_device_path(False)
+
+
+_SYNCS = ('item', '__int__', '__bool__', '__float__', '__index__', 'tolist', 'cpu', 'numpy', 'nonzero')
+
+
+@contextlib.contextmanager
+def count_syncs():
+    "Count the calls that would make a CUDA device wait for the host (reading a value, copying to the host, sizes from data)"
+    counts = {}
+    orig = {n: getattr(torch.Tensor, n) for n in _SYNCS}
+    def wrap(n, f):
+        def g(*a, **kw):
+            counts[n] = counts.get(n, 0) + 1
+            return f(*a, **kw)
+        return g
+    orig_nz, orig_cnz = torch.nonzero, torch.count_nonzero
+    try:
+        for n, f in orig.items(): setattr(torch.Tensor, n, wrap(n, f))
+        torch.nonzero = wrap('torch.nonzero', orig_nz)
+        yield counts
+    finally:
+        for n, f in orig.items(): setattr(torch.Tensor, n, f)
+        torch.nonzero = orig_nz
+
+
+def _big(scale):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(512 * scale, 1024), nn.ReLU(), nn.Linear(1024, 512 * scale), nn.ReLU(), nn.Linear(512 * scale, 1024))
+
+
+@pytest.mark.parametrize('gran,context,crit', [('weight', 'global', 'magnitude'), ('weight', 'local', 'magnitude'),
+                                               ('kernel', 'global', 'random'), ('filter', 'global', 'magnitude'),
+                                               ('weight', 'global', 'random'), ('2:4', 'local', 'magnitude')])
+def test_host_syncs_do_not_grow_with_layer_size(gran, context, crit):
+    "The accelerator path reads the host a bounded number of times per layer, whatever the layers' size"
+    s1, s2 = (0.25, 0.5) if gran == '2:4' else (0.5, 0.7)
+    per = []
+    for scale in (1, 4):  # 1.5 M weights in 3 layers, then 4 x as many
+        model = _big(scale)
+        with device_path():
+            sp = Sparsifier(model, gran, context, crit)
+            with count_syncs() as c:
+                sp.sparsify(s1); sp.sparsify(s2)  # a first selection, then an update that keeps the earlier masks
+        zeros = sum(int((m.weight == 0).sum()) for m in sp.layers.values())
+        fct.test_eq(zeros, sum(int((~mk).sum()) for mk in sp.masks.values()))
+        fct.test_close(zeros / sum(m.weight.numel() for m in sp.layers.values()), s2, eps=0.01)
+        per.append(dict(c))
+    assert per[0] == per[1], per
+    assert sum(per[0].values()) <= 12 * len(sp.layers), per
+
+
+def _reference(scores, sizes, k, prevs):
+    "Sort every live group by (score, layer, index); prune the longest prefix of <= k weights, after the groups already pruned"
+    v = torch.cat([s.float() for s in scores])
+    sz = torch.cat([torch.full((len(s),), z, dtype=torch.int64) for s, z in zip(scores, sizes)])
+    lv = torch.cat([torch.ones(len(s), dtype=torch.bool) if p is None else p for s, p in zip(scores, prevs)])
+    k -= int((sz * ~lv).sum())
+    keep = lv.clone()
+    if k > 0:
+        idx = lv.nonzero().squeeze(1)
+        order = idx[torch.argsort(v[idx], stable=True)]
+        keep[order[:int((torch.cumsum(sz[order], 0) <= k).sum())]] = False
+    return keep
+
+
+@st.composite
+def selections(draw):
+    n_layers = draw(st.integers(1, 4))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    seed = draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    scores = []
+    for _ in range(n_layers):
+        n = draw(st.integers(1, 700))
+        x = torch.randn(n, generator=g) * 10 ** draw(st.integers(-4, 4))
+        kind = draw(st.sampled_from(['plain', 'abs', 'ties', 'neg', 'zeros']))
+        if kind == 'abs': x = x.abs()
+        if kind == 'ties': x = (x.abs() * 4).round() / 4  # a handful of values, many ties
+        if kind == 'neg': x = -x.abs()
+        if kind == 'zeros': x = torch.where(torch.rand(n, generator=g) < 0.5, torch.zeros(n), x)
+        scores.append(x.to(dtype))
+    sizes = [draw(st.sampled_from([1, 1, 2, 3, 9])) for _ in scores]
+    prevs = [None if draw(st.booleans()) else torch.rand(len(s), generator=g) < draw(st.floats(0.2, 1)) for s in scores]
+    n_w = sum(len(s) * z for s, z in zip(scores, sizes))
+    return scores, sizes, draw(st.integers(0, n_w)), prevs, draw(st.integers(1, 900))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(selections())
+def test_radix_select_matches_sort(case):
+    "The accelerator's radix select equals the reference sort: fp32, bf16, fp16 with many ties, group sizes, earlier masks"
+    scores, sizes, k, prevs, chunk = case
+    got = radix_select_prune([lambda out=None, s=s: s for s in scores], [len(s) for s in scores], sizes, k, prevs, chunk=chunk)
+    fct.test_eq(torch.cat(got), _reference(scores, sizes, k, prevs))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(selections())
+def test_host_select_matches_sort(case):
+    "The CPU's sampled select equals the same reference"
+    scores, sizes, k, prevs, chunk = case
+    got = select_prune([lambda s=s: s.float() for s in scores], [len(s) for s in scores], sizes, k, prevs, sample_size=max(16, chunk // 8))
+    fct.test_eq(torch.cat(got), _reference(scores, sizes, k, prevs))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 10_000), st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       st.sampled_from(['weight', 'vector', 'kernel', 'filter']), st.sampled_from(['local', 'global']), st.floats(0, 0.95),
+       st.floats(0, 0.95))
+def test_sparsifier_same_masks_on_both_paths(seed, dtype, gran, context, s1, s2):
+    "The Sparsifier gives the same masks on the host path and the accelerator path, through a mask update"
+    def run(device):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 6, (3, 2)), nn.Flatten(), nn.Linear(6 * 4 * 5, 5)).to(dtype)
+        with torch.no_grad(): model[0].weight.mul_(4).round_()  # ties within and across layers
+        force_device_path(device)
+        try:
+            sp = Sparsifier(model, gran, context).sparsify(min(s1, s2)); sp.sparsify(max(s1, s2))
+        finally: force_device_path(False)
+        return sp.masks
+    a, b = run(False), run(True)
+    for n in a: fct.test_eq(a[n], b[n])
+
+
+def test_smallest_weights_are_pruned_on_device_path():
+    "Not only the count: every pruned |w| <= every kept |w|, across layers of different dtypes of scale"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 200), nn.Linear(200, 100), nn.Linear(100, 10))
+    with torch.no_grad(): model[1].weight.mul_(5)
+    before = torch.cat([m.weight.detach().abs().flatten() for m in model if isinstance(m, nn.Linear)])
+    with device_path(): sp = Sparsifier(model, 'weight', 'global').sparsify(0.8)
+    keep = torch.cat([k.flatten() for k in sp.masks.values()])
+    fct.test_eq(int((~keep).sum()), round(0.8 * len(keep)))
+    assert before[~keep].max() <= before[keep].min()
+    fct.test_eq(int((torch.cat([m.weight.flatten() for m in model]) == 0).sum()), int((~keep).sum()))
+
+
+def test_device_path_nan_scores_refused():
+    model = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2))
+    with torch.no_grad(): model[1].weight[0, 0] = float('nan')
+    with device_path(): fct.test_fail(lambda: Sparsifier(model).sparsify(0.5), contains="layer '1' has NaN")
+    fct.test_eq(int((model[0].weight == 0).sum()), 0)
