@@ -1,4 +1,4 @@
-"""Rewinding between fit cycles on a fastai Learner, iterative magnitude pruning, the two control arms, and an experiment runner.
+"""Rewinding between fit cycles on a fastai Learner, the two control arms, and an experiment runner.
 
 Docs: https://fasterprune.github.io/fasterprune/lottery.html.md"""
 
@@ -17,8 +17,8 @@ from fastai.torch_core import set_seed, get_model
 import fastai.callback.progress  # Learner.no_bar
 from fastprogress.fastprogress import master_bar, progress_bar
 from .sparsifier import prunable_layers, context_names
-from .rewind import (Rewinder, check_rate, check_iteration, model_state, imp_masks, random_masks,
-                                weights_remaining, check_ticket, _layer_rates)
+from .rewind import (Rewinder, check_rate, check_iteration, check_context, model_state, imp_masks,
+                                random_masks, weights_remaining, check_ticket, _layer_rates)
 from .distributed import save_on_rank0, read_checkpoint, is_rank0, barrier
 
 logger = logging.getLogger('fasterprune')
@@ -31,11 +31,11 @@ __all__ = ['logger', 'arm_names', 'RewindCallback', 'MaskCallback', 'apply_masks
 
 # %% ../nbs/09_lottery.ipynb #40a5b078
 class RewindCallback(Callback):
-    "Drive a `Rewinder` in `Learner.fit`: masks re-applied after every optimizer step, the rewind point kept at its iteration"
+    "Drive a `Rewinder` in `Learner.fit`: masks re-applied after every optimizer step, the rewind point kept"
     order, run_valid = 40, False  # like SparsifyCallback: after GradientAccumulation and MixedPrecision
     def __init__(self,
-        iteration:int|None=0,        # keep the rewind point after this many optimizer steps of the first fit (0: at its start; None: none)
-        rewinder:Rewinder|None=None, # the `Rewinder` to drive (default: one on the Learner's model, made in the first `before_fit`)
+        iteration:int|None=0,        # optimizer steps of the first fit before the rewind point (0: its start, None: no)
+        rewinder:Rewinder|None=None, # the `Rewinder` to drive (default: one on the Learner's model, from `before_fit`)
     ):
         self.iteration = None if iteration is None else check_iteration(iteration)
         self.rewinder, self._asked = rewinder, iteration is None
@@ -49,7 +49,7 @@ class RewindCallback(Callback):
         model = get_model(self.learn.model)  # the module inside DDP: the same keys as one process
         if self.rewinder is None: self.rewinder = Rewinder(model)
         elif self.rewinder.model is not model:
-            raise ValueError(f"the Learner's model ({type(model).__name__}) is not the model this callback's Rewinder prunes")
+            raise ValueError(f"the Learner's model ({type(model).__name__}) is not the model this Rewinder prunes")
         if not self._asked: self.rewinder.keep_rewind_point(self.iteration)
         self._asked, self._started, self._count = True, False, True
 
@@ -77,9 +77,9 @@ class MaskCallback(RewindCallback):
         super().before_fit()
 
 def apply_masks(model:nn.Module, masks:dict[str, Tensor]) -> nn.Module:
-    "Deprecated: zero `model`'s weights where `masks` say so; use `Rewinder(model).set_masks(masks)` (or a `Sparsifier`)"
-    warnings.warn("fasterprune.lottery.apply_masks is deprecated: use Rewinder(model).set_masks(masks), or a Sparsifier's "
-                  "set_masks + apply_masks (the one mask mechanism)", DeprecationWarning, stacklevel=2)
+    "Deprecated: zero `model`'s weights where `masks` say so; use `Rewinder(model).set_masks(masks)`"
+    warnings.warn("fasterprune.lottery.apply_masks is deprecated: use Rewinder(model).set_masks(masks), or a "
+                  "Sparsifier's set_masks + apply_masks (the one mask mechanism)", DeprecationWarning, stacklevel=2)
     Rewinder(model).set_masks(masks)
     return model
 
@@ -89,7 +89,7 @@ class LotteryTicket:
     def __init__(self,
         learn:Learner,              # any fastai Learner; a `RewindCallback` is added to it
         rate:float=0.2,             # fraction of the remaining weights pruned each round, in (0, 1)
-        rewind_iter:int=0,          # rewind to the start of the first fit (0) or to after this many of its optimizer steps
+        rewind_iter:int=0,          # rewind to the first fit's start (0) or to after this many of its optimizer steps
         context:str='local',        # 'local' (rate of each layer) or 'global' (rate of the network, one ranking)
         layer_rates:dict|None=None, # {name or pattern: rate}, e.g. a lower rate for the output layer
         layers=None,                # what to prune (names, patterns, modules, types); default every Conv/Linear
@@ -97,7 +97,7 @@ class LotteryTicket:
         fresh_opt:bool=True,        # a fresh optimizer after each rewind (False keeps its state)
     ):
         self.rate = check_rate(rate)
-        if context not in context_names: raise ValueError(f"Unknown context {context!r}; valid names: {', '.join(context_names)}")
+        check_context(context)
         check_iteration(rewind_iter)
         rw = Rewinder(get_model(learn.model), layers, exclude)
         _layer_rates(rw.layers, layer_rates)  # every pattern matches a pruned layer
@@ -118,7 +118,7 @@ class LotteryTicket:
 
     def _require_point(self):
         if self.rewind_point is None:
-            raise RuntimeError("no rewind point yet: fit the Learner once before pruning (round 0 trains the dense network)")
+            raise RuntimeError("no rewind point yet: fit the Learner once before pruning (round 0 trains it dense)")
 
     def prune(self) -> dict[str, Tensor]:
         "Prune `rate` of the remaining weights by magnitude (the model keeps its trained values)"
@@ -160,7 +160,7 @@ def _read(path):
         raise
 
 def load_ticket(path, model:nn.Module, which:str='rewind') -> dict:
-    "Load a ticket into `model`: its `which` state ('rewind' to retrain it, 'weights' for the trained one) with the masks applied"
+    "Load a ticket into `model`: its `which` state ('rewind' to retrain, 'weights': the trained one), masks applied"
     if which not in ('rewind', 'weights'): raise ValueError(f"which must be 'rewind' or 'weights', got {which!r}")
     t = _read(path)
     if not isinstance(t, dict): raise ValueError(f"{path} is not a lottery ticket")
@@ -226,8 +226,9 @@ def _check_run(rounds, rate, epochs, lr, rewind_iter, controls, seeds, context, 
     seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be a number >= 1 or a list of distinct seeds, got {seeds!r}")
-    if context not in context_names: raise ValueError(f"Unknown context {context!r}; valid names: {', '.join(context_names)}")
-    if not (callable(fit) or isinstance(fit, str)): raise TypeError("fit must be a Learner method name or f(learn, epochs, lr, cbs)")
+    check_context(context)
+    if not (callable(fit) or isinstance(fit, str)):
+        raise TypeError("fit must be a Learner method name or f(learn, epochs, lr, cbs)")
     return dict(rate=check_rate(rate), rounds=_whole(rounds, 'rounds'), epochs=_whole(epochs, 'epochs'), lr=lr,
                 rewind_iter=check_iteration(rewind_iter), arms=['ticket'] + [c for c in arm_names[1:] if c in controls],
                 seeds=seeds, context=context, layer_rates=layer_rates, fit=fit)
@@ -235,24 +236,26 @@ def _check_run(rounds, rate, epochs, lr, rewind_iter, controls, seeds, context, 
 def _config(run:dict, make_learner, name) -> dict:
     "What the state file records of a run: a resumed run must have the same"
     fit = run['fit']
-    return dict(name=name or getattr(make_learner, '__qualname__', type(make_learner).__name__), rate=run['rate'],
-                epochs=run['epochs'], lr=run['lr'], rewind_iter=run['rewind_iter'], arms=run['arms'], seeds=run['seeds'],
-                context=run['context'], layer_rates={str(k): float(v) for k, v in (run['layer_rates'] or {}).items()},
+    same = {k: run[k] for k in ('rate', 'epochs', 'lr', 'rewind_iter', 'arms', 'seeds', 'context')}
+    return dict(name=name or getattr(make_learner, '__qualname__', type(make_learner).__name__), **same,
+                layer_rates={str(k): float(v) for k, v in (run['layer_rates'] or {}).items()},
                 fit=fit if isinstance(fit, str) else getattr(fit, '__qualname__', 'callable'))
 
 def _probe(make_learner, run:dict) -> nn.Module:
     "A first Learner checks the factory, the metric, the layers and the rewind iteration before anything trains"
     set_seed(run['seeds'][0])
     probe = make_learner()
-    if not isinstance(probe, Learner): raise TypeError(f"make_learner must return a fastai Learner, got {type(probe).__name__}")
-    if not probe.metrics: raise ValueError("make_learner's Learner has no metric: pass metrics=accuracy (the runner reports the first metric)")
+    if not isinstance(probe, Learner):
+        raise TypeError(f"make_learner must return a fastai Learner, got {type(probe).__name__}")
+    if not probe.metrics:
+        raise ValueError("make_learner's Learner has no metric: pass metrics=accuracy (the runner reports the first)")
     lyr = prunable_layers(probe.model)
     if not lyr: raise ValueError(f"Nothing to prune: {type(probe.model).__name__} has no Conv/Linear layer")
     _layer_rates(lyr, run['layer_rates'])
     n_iter = run['epochs'] * len(probe.dls.train)
     if run['rewind_iter'] > n_iter:
-        raise ValueError(f"rewind iteration {run['rewind_iter']} is beyond the first fit's length: {run['epochs']} epochs x "
-                         f"{len(probe.dls.train)} batches = {n_iter} iterations")
+        raise ValueError(f"rewind iteration {run['rewind_iter']} is beyond the first fit's length: {run['epochs']} "
+                         f"epochs x {len(probe.dls.train)} batches = {n_iter} iterations")
     return probe.model
 
 def _resume(state_path, config:dict, model:nn.Module) -> dict:
@@ -288,7 +291,8 @@ def _round(make_learner, r:int, st:dict, run:dict, tickets_dir, bar) -> dict[str
         if new is None: continue
         st['seeds'][str(s)] = new
         if tickets_dir is not None:
-            save_ticket(dict(round=r, seed=s, rewind_iter=run['rewind_iter'], **new), Path(tickets_dir)/f'seed{s}_round{r}.pt')
+            path = Path(tickets_dir)/f'seed{s}_round{r}.pt'
+            save_ticket(dict(round=r, seed=s, rewind_iter=run['rewind_iter'], **new), path)
     if r == 0:
         for a in run['arms'][1:]: accs[a] = list(accs['ticket'])  # at round 0 every arm is the same dense network
     return accs
@@ -311,7 +315,7 @@ def lottery_experiment(
     name:str|None=None,             # what the run is called in the state file (default: the factory's name)
     progress:bool=True,             # fastprogress bars over rounds and fits
 ) -> dict:
-    "Iterative magnitude pruning with rewinding, and its control arms, over `rounds` x `seeds`; resumes from `state_path`"
+    "Iterative magnitude pruning with rewinding, and its control arms, over `rounds` x `seeds`; resumes a run"
     run = _check_run(rounds, rate, epochs, lr, rewind_iter, controls, seeds, context, layer_rates, fit)
     if state_path is None and json_path is not None: state_path = Path(json_path).with_suffix('.state.pt')
     for p in (state_path, json_path, tickets_dir):
@@ -338,11 +342,13 @@ def lottery_experiment(
 
 # %% ../nbs/09_lottery.ipynb #3702d4d5
 def lottery_table(res:dict):
-    "The runner's result as a pandas DataFrame: round, % of weights remaining, compression, accuracy mean and std per arm"
+    "The runner's result as a pandas DataFrame: round, % of weights remaining, compression, accuracy per arm"
     import pandas as pd
     arms = res['config']['arms']
     cols = ['round', 'pct_remaining', 'compression'] + [f'{a}_{k}' for a in arms for k in ('mean', 'std')]
     return pd.DataFrame([{c: r[c] for c in cols} for r in res['rows']])
+
+_arm_labels = dict(ticket='ticket (rewind to iteration {})', reinit='random re-init', random='random pruning')
 
 def plot_lottery(res:dict, path=None, ax=None, title:str|None=None):
     "Accuracy (mean ± std over seeds) vs % of weights remaining, log x axis; saved to `path` when given"
@@ -352,14 +358,18 @@ def plot_lottery(res:dict, path=None, ax=None, title:str|None=None):
     rows, cfg = res['rows'], res['config']
     x = [r['pct_remaining'] for r in rows]
     for a, style in zip(cfg['arms'], ('o-', 's--', '^:')):
-        m = [r[f'{a}_mean'] for r in rows]; s = [r[f'{a}_std'] for r in rows]
-        label = {'ticket': f"ticket (rewind to iteration {cfg['rewind_iter']})", 'reinit': 'random re-init', 'random': 'random pruning'}[a]
-        ax.errorbar(x, m, yerr=s, fmt=style, capsize=3, ms=4, label=label)
-    ax.set_xscale('log'); ax.invert_xaxis()
+        m, s = [r[f'{a}_mean'] for r in rows], [r[f'{a}_std'] for r in rows]
+        ax.errorbar(x, m, yerr=s, fmt=style, capsize=3, ms=4, label=_arm_labels[a].format(cfg['rewind_iter']))
+    ax.set_xscale('log')
+    ax.invert_xaxis()
     ticks = [t for t in (100, 50, 20, 10, 5, 2, 1, 0.5, 0.2, 0.1) if min(x) / 1.1 <= t <= max(x) * 1.1]
-    ax.set_xticks(ticks, [f'{t:g}' for t in ticks]); ax.minorticks_off()
-    ax.set_xlabel('% of weights remaining (log)'); ax.set_ylabel('test accuracy')
-    ax.set_title(title or f"{cfg['name']}: {cfg['rate']:.0%} of the remaining weights pruned per round, {len(cfg['seeds'])} seed(s)")
-    ax.grid(True, which='both', alpha=.3); ax.legend()
+    ax.set_xticks(ticks, [f'{t:g}' for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel('% of weights remaining (log)')
+    ax.set_ylabel('test accuracy')
+    rate, n = cfg['rate'], len(cfg['seeds'])
+    ax.set_title(title or f"{cfg['name']}: {rate:.0%} of the remaining weights pruned per round, {n} seed(s)")
+    ax.grid(True, which='both', alpha=.3)
+    ax.legend()
     if path is not None: fig.savefig(path, dpi=120, bbox_inches='tight')
     return fig

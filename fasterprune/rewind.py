@@ -1,4 +1,4 @@
-"""Lottery-ticket rewinding on any PyTorch model: keep a rewind point, prune the surviving weights by magnitude, rewind them. Plain PyTorch, no fastai.
+"""Lottery-ticket rewinding on any PyTorch model: keep a rewind point, prune the survivors by magnitude, rewind.
 
 Docs: https://fasterprune.github.io/fasterprune/rewind.html.md"""
 
@@ -14,7 +14,7 @@ from .sparsifier import Sparsifier, prunable_layers, context_names, _matches, _r
 logger = logging.getLogger('fasterprune')
 
 # %% auto #0
-__all__ = ['logger', 'check_rate', 'check_iteration', 'model_state', 'check_ticket', 'imp_masks', 'random_masks',
+__all__ = ['logger', 'check_rate', 'check_iteration', 'model_state', 'check_ticket', 'check_context', 'imp_masks', 'random_masks',
            'weights_remaining', 'Rewinder']
 
 # %% ../nbs/08b_rewind.ipynb #cae58486
@@ -30,7 +30,8 @@ def check_rate(rate, what:str='rate') -> float:
 
 def check_iteration(iteration) -> int:
     "`iteration` as a whole number of optimizer steps >= 0, or a `ValueError`"
-    if isinstance(iteration, bool) or not isinstance(iteration, (int, float)) or int(iteration) != iteration or iteration < 0:
+    whole = isinstance(iteration, (int, float)) and not isinstance(iteration, bool) and int(iteration) == iteration
+    if not whole or iteration < 0:
         raise ValueError(f"rewind iteration must be a whole number of optimizer steps >= 0, got {iteration!r}")
     return int(iteration)
 
@@ -69,16 +70,23 @@ def check_ticket(ticket:dict, model:nn.Module, what:str='ticket'):
     try: _mask_targets(model, ticket['masks'])
     except ValueError as e: probs.append(str(e))
     if probs:
-        raise ValueError(f"{what} does not fit {type(model).__name__} (another architecture?); the model was not changed:"
-                         "\n  " + "\n  ".join(probs))
+        raise ValueError(f"{what} does not fit {type(model).__name__} (another architecture?); "
+                         "the model was not changed:\n  " + "\n  ".join(probs))
 
 # %% ../nbs/08b_rewind.ipynb #aaa14649
+def check_context(context:str) -> str:
+    "`context` if it is 'local' or 'global', else a `ValueError` naming the valid ones"
+    if context not in context_names:
+        raise ValueError(f"Unknown context {context!r}; valid names: {', '.join(context_names)}")
+    return context
+
 def _layer_rates(lyr:dict, layer_rates) -> dict[str, float]:
     "{layer name: rate} for the layers `layer_rates` ({name or glob pattern: rate}) matches, each pattern checked"
     own = {}
     for pat, r in (layer_rates or {}).items():
         hits = [n for n, m in lyr.items() if _matches(n, m, pat)]
-        if not hits: raise ValueError(f"layer_rates: {pat!r} matches no pruned layer; pruned layers are: {', '.join(lyr)}")
+        if not hits:
+            raise ValueError(f"layer_rates: {pat!r} matches no pruned layer; pruned layers are: {', '.join(lyr)}")
         for n in hits: own[n] = check_rate(r, f'layer_rates[{pat!r}]')
     return own
 
@@ -102,9 +110,10 @@ def imp_masks(model:nn.Module,            # the trained model whose weight magni
              ) -> dict[str, Tensor]:
     "New masks that prune `rate` of the weights that remain, by magnitude; the model is not changed"
     rate = check_rate(rate)
-    if context not in context_names: raise ValueError(f"Unknown context {context!r}; valid names: {', '.join(context_names)}")
+    check_context(context)
     lyr = prunable_layers(model, layers, exclude)
-    if not lyr: raise ValueError(f"Nothing to prune: {type(model).__name__} has no Conv/Linear layer left after `layers`/`exclude`")
+    if not lyr:
+        raise ValueError(f"Nothing to prune: {type(model).__name__} has no Conv/Linear layer left after layers/exclude")
     masks = dict(masks or {})
     _mask_targets(model, masks)
     own = _layer_rates(lyr, layer_rates)
@@ -121,7 +130,7 @@ def imp_masks(model:nn.Module,            # the trained model whose weight magni
     return {n: out[n].cpu() for n in lyr}
 
 def random_masks(masks:dict[str, Tensor], seed:int=0) -> dict[str, Tensor]:
-    "Random masks with the shape and the number of kept weights of each of `masks` (nested as counts shrink, for a fixed `seed`)"
+    "Random masks with the shapes and kept counts of `masks` (nested as the counts shrink, for a fixed `seed`)"
     g = torch.Generator().manual_seed(seed)
     out = {}
     for n, mk in masks.items():
@@ -159,7 +168,8 @@ class Rewinder:
     def layers(self) -> dict[str, nn.Module]: return self.sparsifier.layers
 
     def __repr__(self):
-        pt = 'none' if self.rewind_iter is None else f"iteration {self.rewind_iter}" + (' (pending)' if self.rewind_point is None else '')
+        pt = 'none' if self.rewind_iter is None else f"iteration {self.rewind_iter}"
+        if self.rewind_iter is not None and self.rewind_point is None: pt += ' (pending)'
         return f"Rewinder(round {self.round}, {self.remaining():.2%} of the weights remain, rewind point: {pt})"
 
     def remaining(self) -> float:
@@ -168,7 +178,7 @@ class Rewinder:
 
     # ---- driving it from a training loop
     def attach(self, obj, iteration:int|None=None):
-        "Re-apply the masks and count the steps of `obj`'s training: a fastai `Learner` or a torch optimizer (None: nothing)"
+        "Re-apply the masks and count the steps of `obj`'s training: a fastai `Learner`, a torch optimizer, or None"
         if iteration is not None: check_iteration(iteration)
         if obj is None:
             if iteration is not None: self.keep_rewind_point(iteration)
@@ -243,7 +253,7 @@ class Rewinder:
         "Load the rewind point (parameters and buffers), zero the pruned weights; by default reset the optimizer"
         self._require_point()
         self._check_point()
-        self.model.load_state_dict(self.rewind_point, strict=False)  # keys added later (a folded bias) keep their values
+        self.model.load_state_dict(self.rewind_point, strict=False)  # keys added later (a folded bias) stay
         self.apply_masks()
         if fresh_opt and self.learn is not None: self.learn.opt = None  # fastai's fit creates a new one
         elif fresh_opt and self.opt is not None: self.opt.state.clear()
@@ -263,10 +273,11 @@ class Rewinder:
         for n, mk in masks.items():
             if n not in self.layers:
                 raise ValueError(f"mask for {n!r}: not a pruned layer; pruned layers are: {', '.join(self.layers)}")
-            if tuple(mk.shape) != tuple(self.layers[n].weight.shape):
-                raise ValueError(f"mask for {n!r} has shape {tuple(mk.shape)}, the weight has {tuple(self.layers[n].weight.shape)}")
+            shape = tuple(self.layers[n].weight.shape)
+            if tuple(mk.shape) != shape:
+                raise ValueError(f"mask for {n!r} has shape {tuple(mk.shape)}, the weight has {shape}")
         self.sparsifier.masks = {}
-        self.sparsifier.set_masks({n: mk.to(device=self.layers[n].weight.device, dtype=torch.bool) for n, mk in masks.items()})
+        self.sparsifier.set_masks({n: mk.to(self.layers[n].weight.device, torch.bool) for n, mk in masks.items()})
         self.apply_masks()
         return self
 
@@ -279,14 +290,15 @@ class Rewinder:
     def _check_shapes(self):
         bad = [f"{n} {tuple(mk.shape)} -> {tuple(self.layers[n].weight.shape)}" for n, mk in self.masks.items()
                if mk.shape != self.layers[n].weight.shape]
-        if bad: raise ValueError(f"the masks no longer fit the model ({', '.join(bad[:5])}): a surgery changed the layers; "
-                                 "pass its cuts to follow_cuts(), or start a new Rewinder")
+        if bad:
+            raise ValueError(f"the masks no longer fit the model ({', '.join(bad[:5])}): a surgery changed the layers; "
+                             "pass its cuts to follow_cuts(), or start a new Rewinder")
 
     def _require_point(self):
         if self.rewind_point is not None: return
         if self._pending is not None:
-            raise RuntimeError(f"the rewind point at iteration {self._pending} is not kept yet ({self._steps} optimizer "
-                               "steps so far): train past it first")
+            raise RuntimeError(f"the rewind point at iteration {self._pending} is not kept yet "
+                               f"({self._steps} optimizer steps so far): train past it first")
         raise RuntimeError("no rewind point: call keep_rewind_point() before training")
 
     def _check_point(self):
@@ -294,14 +306,14 @@ class Rewinder:
         extra = [k for k in self.rewind_point if k not in sd]
         bad = [f"{k} {tuple(v.shape)} vs {tuple(sd[k].shape)}" for k, v in self.rewind_point.items()
                if k in sd and v.shape != sd[k].shape]
-        if extra or bad:
-            raise ValueError(f"the rewind point does not fit {type(self.model).__name__} (a surgery since it was kept?): "
-                             + '; '.join(([f"not in the model: {', '.join(extra[:5])}"] if extra else [])
-                                         + ([f"shapes differ: {', '.join(bad[:5])}"] if bad else []))
-                             + "; the model was not changed: pass the surgery's cuts to follow_cuts(), or keep a new point")
+        probs = [f"{what}: {', '.join(xs[:5])}" for what, xs in (('not in the model', extra), ('shapes', bad)) if xs]
+        if probs:
+            raise ValueError(f"the rewind point does not fit {type(self.model).__name__} (a surgery since it was "
+                             f"kept?): {'; '.join(probs)}; the model was not changed: pass the surgery's cuts to "
+                             "follow_cuts(), or keep a new point")
 
     def follow_cuts(self, cuts:dict):
-        "After channel surgery: cut the rewind point and the masks as `cuts` ({param: [(dim, kept index)]}) cut the model"
+        "After channel surgery: cut the rewind point and the masks as `cuts` ({param: [(dim, kept index)]}) did"
         names = {id(p): k for k, p in self.model.named_parameters(remove_duplicate=False)}
         for p, ops in cuts.items():
             if isinstance(ops, tuple) and len(ops) == 2 and isinstance(ops[1], list): ops = ops[1]  # (shape0, ops)
@@ -320,11 +332,12 @@ class Rewinder:
     def ticket(self) -> dict:
         "The ticket as plain tensors: round, masks, rewind point and the model's current (trained) weights"
         self._require_point()
-        return dict(round=self.round, rewind_iter=self.rewind_iter, masks={n: m.cpu().clone() for n, m in self.masks.items()},
+        return dict(round=self.round, rewind_iter=self.rewind_iter,
+                    masks={n: m.cpu().clone() for n, m in self.masks.items()},
                     rewind={k: v.clone() for k, v in self.rewind_point.items()}, weights=model_state(self.model))
 
     def load_ticket(self, ticket:dict, which:str='rewind'):
-        "Load `ticket` (checked before anything changes): its masks, rewind point, round, and the `which` state into the model"
+        "Load `ticket` (checked first): its masks, rewind point and round, and its `which` state into the model"
         if which not in ('rewind', 'weights'): raise ValueError(f"which must be 'rewind' or 'weights', got {which!r}")
         check_ticket(ticket, self.model)
         if ticket.get(which) is None: raise ValueError(f"the ticket has no {which!r} state")
