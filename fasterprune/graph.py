@@ -60,9 +60,12 @@ class UnknownOpError(RuntimeError):
 class Slot:
     "One channel-indexed dimension of a module: positions and their labels"
     module:str  # the module's name in `model.named_modules()`
-    kind:str    # 'out' (Conv/Linear filters), 'in' (Conv/Linear input kernels or features), 'dw' (depthwise conv), 'norm' (BatchNorm/InstanceNorm)
+    kind:str    # 'out' (Conv/Linear filters), 'in' (Conv/Linear input kernels or features), 'dw' (depthwise conv), 'norm'
+                # (BatchNorm/InstanceNorm), 'param' (one per-channel parameter: PReLU(C), a layer scale, a functional bias)
     ids:Tensor  # label of each position (int64); after `ChannelGraph` is built, `comp` holds its component
     comp:Tensor|None = None
+    attr:str|None = None  # 'param' slots: the parameter's name in `module` (cut along `dim`)
+    dim:int = 0
 
 # %% ../nbs/07_graph.ipynb #7dac96a7
 def _is_depthwise(m): return m.groups > 1 and m.groups == m.in_channels == m.out_channels
@@ -76,20 +79,51 @@ def _tensors(x):
     elif isinstance(x, dict):
         for o in x.values(): yield from _tensors(o)
 
+def _plain(x):
+    "`x` with every tensor subclass (fastai's `TensorImage`, ...) turned into a plain `torch.Tensor`, in any nesting"
+    if isinstance(x, Tensor): return x if type(x) in (Tensor, nn.Parameter) else x.as_subclass(Tensor)
+    if isinstance(x, tuple) and hasattr(x, '_fields'): return type(x)(*(_plain(o) for o in x))
+    if isinstance(x, (list, tuple)): return type(x)(_plain(o) for o in x)
+    if isinstance(x, dict): return {k: _plain(v) for k, v in x.items()}
+    return x
+
+def _seq(a): return isinstance(a, (list, tuple)) and not (isinstance(a, tuple) and hasattr(a, '_fields'))
+
+def _anyd(d) -> bool:
+    "Does any channel of a value vary with the model's input? (`d`: its `dyn` flags)"
+    if isinstance(d, Tensor): return bool(d.any())
+    if isinstance(d, (list, tuple)): return any(_anyd(o) for o in d)
+    if isinstance(d, dict): return any(_anyd(o) for o in d.values())
+    return bool(d)
+
+def _full(out, v:bool):
+    "`dyn` flags of `out`, all `v`: one per channel for tensors with channels, one bool for anything else"
+    if isinstance(out, Tensor): return torch.full((out.shape[1],), v) if out.dim() >= 2 else v
+    if isinstance(out, (list, tuple)): return [_full(o, v) for o in out]
+    if isinstance(out, dict): return {k: _full(o, v) for k, o in out.items()}
+    return v
+
 class _Labeler(fx.Interpreter):
     def __init__(self, g:ChannelGraph, gm:fx.GraphModule):
         super().__init__(gm)
-        self.g, self.lab = g, {}
+        self.g, self.lab, self.dyn = g, {}, {}
     def run_node(self, n):
         out = super().run_node(n)
         self.lab[n] = self.g._labels(n, out, self)
+        self.dyn[n] = self.g._dyn(n, out, self)
         return out
     def arg_val(self, a):
         return self.env[a] if isinstance(a, fx.Node) else a
     def arg_lab(self, a):
         if isinstance(a, fx.Node): return self.lab.get(a)
-        if isinstance(a, (list, tuple)): return type(a)(self.arg_lab(o) for o in a)
+        if isinstance(a, (list, tuple)): return type(a)(self.arg_lab(o) for o in a) if _seq(a) else None
+        if isinstance(a, dict): return {k: self.arg_lab(o) for k, o in a.items()}
         return None
+    def arg_dyn(self, a):
+        if isinstance(a, fx.Node): return self.dyn.get(a, True)
+        if isinstance(a, (list, tuple)): return [self.arg_dyn(o) for o in a]
+        if isinstance(a, dict): return {k: self.arg_dyn(o) for k, o in a.items()}
+        return False
 
 class ChannelGraph:
     "Channel dependencies of `model` found by tracing it with `torch.fx` on `example_inputs`"
@@ -99,11 +133,13 @@ class ChannelGraph:
         strict:bool=True,      # unknown ops that touch channels: error (True) or pin their channels (False)
     ):
         self.model, self.strict = model, strict
-        self.example_inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        example_inputs = _plain(example_inputs)
+        self.example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         self.modules = dict(model.named_modules())
         self.parent, self.pinned, self.pin_reason = [], set(), {}
         self.slots: dict[tuple[str, str], Slot] = {}
         self.consumer_stats: dict[str, list] = {}  # module name -> [min, max] of each input position
+        self.consumer_dyn: dict[str, Tensor] = {}  # module name -> may this input position vary with the model's input?
         flags = {m: m.training for m in model.modules()}
         model.eval()  # before tracing: `self.training` is read at trace time (dropout, stochastic depth)
         try:
@@ -144,6 +180,7 @@ def _union(self:ChannelGraph, a:Tensor, b:Tensor):
 @patch
 def _pin(self:ChannelGraph, ids, reason:str):
     if ids is None: return
+    if isinstance(ids, dict): ids = list(ids.values())
     if isinstance(ids, (list, tuple)):
         for o in ids: self._pin(o, reason)
         return
@@ -151,15 +188,15 @@ def _pin(self:ChannelGraph, ids, reason:str):
         self.pinned.add(i); self.pin_reason.setdefault(i, reason)
 
 @patch
-def _slot(self:ChannelGraph, name:str, kind:str, ids:Tensor) -> Tensor:
+def _slot(self:ChannelGraph, name:str, kind:str, ids:Tensor, attr:str|None=None) -> Tensor:
     "Register the slot `(name, kind)` with labels `ids`; a second call of the same module unites its labels with the first"
-    key = (name, kind)
+    key = (name, kind if attr is None else f'{kind}:{attr}')
     if key in self.slots:
         old = self.slots[key].ids
         if len(old) != len(ids): raise RuntimeError(f"module {name!r} is called on inputs with {len(old)} and {len(ids)} channels")
         self._union(old, ids)
         return old
-    self.slots[key] = Slot(name, kind, ids)
+    self.slots[key] = Slot(name, kind, ids, attr=attr)
     return ids
 
 @patch
@@ -191,8 +228,9 @@ def _labels(self:ChannelGraph, n:fx.Node, out, it:_Labeler):
     xl = it.arg_lab(n.args[0]) if n.args else None
     fn = n.op == 'call_function'
     if fn and target is operator.getitem:
-        if isinstance(xl, (list, tuple)): return xl[n.args[1]]
-        if isinstance(x, Tensor) and isT and out.dim() == x.dim() and out.shape[:2] == x.shape[:2]: return xl
+        if isinstance(xl, (list, tuple, dict)): return xl[n.args[1]]
+        if isinstance(x, Tensor) and isT and out.dim() == x.dim() and out.shape[:2] == x.shape[:2] and _keeps_dim1(n.args[1], x.dim()):
+            return xl
         self._pin(ins_lab, 'indexing'); return self._new(out.shape[1], 'indexing') if chan else None
     if (fn and target in _pin_fns) or (n.op == 'call_method' and target in _pin_methods):
         self._pin(ins_lab, name)
@@ -224,6 +262,17 @@ def _labels(self:ChannelGraph, n:fx.Node, out, it:_Labeler):
         return labs[0]
     self._fail(n, name, ins_lab)
     return self._new(out.shape[1], f'unknown op {name}') if chan else None
+
+def _keeps_dim1(idx, nd:int) -> bool:
+    "Does the index `x[idx]` of an `nd`-dimensional tensor leave dimension 1 (channels) whole and in place?"
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if any(i is None for i in idx) or sum(i is Ellipsis for i in idx) > 1: return False
+    if Ellipsis in idx:
+        e = idx.index(Ellipsis)
+        dims = dict(zip(list(range(e)) + list(range(nd - len(idx) + e + 1, nd)), idx[:e] + idx[e + 1:]))
+    else: dims = dict(enumerate(idx))
+    at1 = dims.get(1, slice(None))  # dimension 1 not named: inside the ellipsis, or after the last index
+    return isinstance(at1, slice) and at1 == slice(None)
 
 @patch
 def _passthrough(self:ChannelGraph, n, name, x, xl, out):
@@ -261,6 +310,60 @@ def _binary(self:ChannelGraph, n, name, out, it):
         else: self._union(res, l)
     return res if res is not None else self._new(out.shape[1], name)
 
+# %% ../nbs/07_graph.ipynb #1d3ebf29
+_size_methods = {'size', 'dim', 'numel'}
+
+@patch
+def _dyn(self:ChannelGraph, n:fx.Node, out, it:_Labeler):
+    "Per-channel flags of `out`: may the channel vary with the model's input? (conservative: True when unsure)"
+    if n.op == 'output': return None
+    if n.op == 'placeholder': return _full(out, True)
+    if n.op == 'get_attr': return _full(out, False)
+    vals = list(n.args) + list(n.kwargs.values())
+    if not _has_node(vals):
+        return _full(out, True)  # made from nothing (a new random or constant tensor): assume it varies
+    if n.op == 'call_method' and n.target in _size_methods or (n.op == 'call_function' and n.target is getattr and n.args[1] == 'shape'):
+        return False  # shapes are the same for every input of this shape
+    ds = [it.arg_dyn(a) for a in vals]
+    if not any(_anyd(d) for d in ds): return _full(out, False)
+    if not (isinstance(out, Tensor) and out.dim() >= 2): return _full(out, True)
+    C = out.shape[1]
+    x = it.arg_val(n.args[0]) if n.args else None
+    dx = ds[0] if n.args else True
+    lab, xl = it.lab.get(n), it.arg_lab(n.args[0]) if n.args else None
+    if n.op == 'call_module':
+        m = self.modules[n.target]
+        if isinstance(m, _conv_types + (nn.Linear,)) and (n.target, 'out') in self.slots and lab is self.slots[(n.target, 'out')].ids:
+            w = m.weight.detach()
+            return (w.reshape(w.shape[0], -1) != 0).any(1).cpu()  # a zero filter outputs its bias
+    if n.op == 'call_function' and n.target is operator.getitem and isinstance(dx, (list, tuple, dict)):
+        d = dx[n.args[1]]
+        return d if isinstance(d, Tensor) and len(d) == C else _full(out, _anyd(d))
+    binary = (n.op == 'call_function' and n.target in _binary_fns) or (n.op == 'call_method' and n.target in _binary_methods)
+    if binary:
+        res = torch.zeros(C, dtype=torch.bool)
+        for a, d in zip(vals, ds):
+            v = it.arg_val(a)
+            if isinstance(v, Tensor) and v.dim() == out.dim() and v.shape[1] == C and isinstance(d, Tensor) and len(d) == C: res |= d
+            elif _anyd(d): res |= True
+        return res
+    if not binary and lab is not None and lab is xl and isinstance(dx, Tensor) and len(dx) == C: return dx  # channels pass through
+    if n.op == 'call_function' and n.target in _cat_fns and isinstance(lab, Tensor):
+        ts = n.args[0] if n.args else n.kwargs['tensors']
+        if _normdim(n.kwargs.get('dim', n.args[1] if len(n.args) > 1 else 0), out.dim()) == 1:
+            parts = [it.arg_dyn(t) for t in ts]
+            if all(isinstance(d, Tensor) for d in parts) and sum(len(d) for d in parts) == C: return torch.cat(parts)
+    if isinstance(x, Tensor) and isinstance(dx, Tensor) and len(dx) == x.shape[1] and x.dim() >= 3 and out.dim() == 2 \
+            and out.shape[0] == x.shape[0] and C == math.prod(x.shape[1:]):
+        return dx.repeat_interleave(math.prod(x.shape[2:]))  # flatten
+    return _full(out, True)
+
+def _has_node(a) -> bool:
+    if isinstance(a, fx.Node): return True
+    if isinstance(a, (list, tuple)): return any(_has_node(o) for o in a)
+    if isinstance(a, dict): return any(_has_node(o) for o in a.values())
+    return False
+
 # %% ../nbs/07_graph.ipynb #ec321949
 @patch
 def _module_labels(self:ChannelGraph, n, m, out, it):
@@ -273,6 +376,9 @@ def _module_labels(self:ChannelGraph, n, m, out, it):
             self._pin(xl, f'grouped conv {name!r}'); return self._new(out.shape[1], f'grouped conv {name!r}')
         if xl is None: xl = self._new(x.shape[1], f'unlabelled input of {name!r}')
         self._slot(name, 'in', xl)
+        d = it.arg_dyn(n.args[0])
+        d = d if isinstance(d, Tensor) and len(d) == len(xl) else torch.full((len(xl),), _anyd(d))
+        self.consumer_dyn[name] = d | self.consumer_dyn[name] if name in self.consumer_dyn else d
         st = self.consumer_stats.get(name)
         dims = [0] + list(range(2, x.dim()))
         mn, mx = x.amin(dims).float(), x.amax(dims).float()
@@ -284,6 +390,12 @@ def _module_labels(self:ChannelGraph, n, m, out, it):
         if xl is None: return None
         has_state = getattr(m, 'affine', False) or getattr(m, 'track_running_stats', False)
         return self._slot(name, 'norm', xl) if has_state else xl
+    if isinstance(m, nn.PReLU) and m.num_parameters > 1 and xl is not None and x.dim() >= 2 and x.shape[1] == m.num_parameters:
+        self._slot(name, 'param', xl, 'weight')  # one slope per channel: cut with its channels
+        return xl
+    if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):  # ids in, vectors out: the embedding width stays
+        self._pin(xl, type(m).__name__)
+        return self._new(out.shape[1], type(m).__name__) if isinstance(out, Tensor) and out.dim() >= 2 else None
     if isinstance(m, _pass_modules): return self._passthrough(n, type(m).__name__, x, xl, out)
     if isinstance(m, _reshape_modules): return self._reshape(type(m).__name__, x, xl, out)
     if isinstance(m, (nn.Softmax, nn.LogSoftmax, nn.Softmin)):

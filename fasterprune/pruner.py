@@ -6,12 +6,13 @@ Docs: https://fasterprune.github.io/fasterprune/pruner.html.md"""
 
 # %% ../nbs/08_pruner.ipynb #8a092d7a
 from __future__ import annotations
-import copy, fnmatch, logging, math, time
+import copy, fnmatch, functools, logging, math, time, warnings
+from pathlib import Path
 from fastcore.basics import patch
 import torch
 from torch import nn, Tensor
 from .criteria import get_criterion
-from .graph import ChannelGraph, _conv_types, _tensors
+from .graph import ChannelGraph, _conv_types, _tensors, _plain
 
 logger = logging.getLogger('fasterprune')
 
@@ -37,13 +38,81 @@ def _exact_fold(m) -> bool:
     if isinstance(p, str): return p == 'valid' or all(k == 1 for k in m.kernel_size)
     return all(x == 0 for x in p)
 
+def _reparametrized(model:nn.Module) -> list[str]:
+    "One line per reparametrized layer of `model`: what it is and how to remove it"
+    from torch.nn.utils import parametrize
+    res = []
+    for n, m in model.named_modules():
+        where = f"model.get_submodule({n!r})"
+        if parametrize.is_parametrized(m):
+            for t, ps in m.parametrizations.items():
+                kinds = ', '.join(type(q).__name__ for q in ps)
+                res.append(f"{n!r}.{t} ({kinds}): torch.nn.utils.parametrize.remove_parametrizations({where}, {t!r})")
+        for h in m._forward_pre_hooks.values():
+            mod, t = type(h).__module__, getattr(h, 'name', getattr(h, '_tensor_name', 'weight'))
+            if mod.endswith('weight_norm'): res.append(f"{n!r}.{t} (weight_norm): torch.nn.utils.remove_weight_norm({where}, {t!r})")
+            elif mod.endswith('spectral_norm'): res.append(f"{n!r}.{t} (spectral_norm): torch.nn.utils.remove_spectral_norm({where}, {t!r})")
+            elif mod.endswith('utils.prune'): res.append(f"{n!r}.{t} (torch.nn.utils.prune): torch.nn.utils.prune.remove({where}, {t!r})")
+    return res
+
+def _check_reparametrized(model:nn.Module):
+    bad = _reparametrized(model)
+    if bad:
+        raise ValueError("Pruner cannot cut reparametrized layers: their weight is recomputed from other tensors at every "
+                         "forward, so the cut would not stick and the output would change. Make the weights plain first "
+                         "(and reapply the reparametrization after pruning if you need it): " + '; '.join(bad))
+
+_low_precision = (torch.float16, torch.bfloat16)
+
+class _ExactFloat32:
+    "Context manager: float32 convolutions and matmuls without TF32 (cuDNN and cuBLAS); restores the global flags"
+    def __enter__(self):
+        self.old = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            torch.set_float32_matmul_precision('highest')
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+    def __exit__(self, *exc):
+        prec, mm, cd = self.old
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            torch.set_float32_matmul_precision(prec)
+            torch.backends.cuda.matmul.allow_tf32 = mm
+            torch.backends.cudnn.allow_tf32 = cd
+
+def _exact_float32(f):
+    "Run the Pruner method `f` without TF32 (see `_ExactFloat32`)"
+    @functools.wraps(f)
+    def _f(*args, **kwargs):
+        with _ExactFloat32(): return f(*args, **kwargs)
+    return _f
+
+def _perturbed(x, g:torch.Generator):
+    "A second input of the same structure: floats plus noise of their own scale, integers (ids) shifted by one position"
+    if isinstance(x, Tensor):
+        if x.is_floating_point():
+            noise = torch.randn(x.shape, generator=g).to(device=x.device, dtype=x.dtype)
+            return x + noise * x.detach().abs().mean().clamp_min(1e-3)
+        return x.roll(1, -1) if x.dim() else x
+    if isinstance(x, tuple) and hasattr(x, '_fields'): return type(x)(*(_perturbed(o, g) for o in x))
+    if isinstance(x, (list, tuple)): return type(x)(_perturbed(o, g) for o in x)
+    if isinstance(x, dict): return {k: _perturbed(v, g) for k, v in x.items()}
+    return x
+
+def _to64(x):
+    if isinstance(x, Tensor): return x.double() if x.is_floating_point() else x
+    if isinstance(x, (list, tuple)): return type(x)(_to64(o) for o in x)
+    if isinstance(x, dict): return {k: _to64(v) for k, v in x.items()}
+    return x
+
 class Pruner:
     "Structured pruning by surgery: removes whole channels of `model` (or of a fastai `Learner`'s model), verified"
     def __init__(self,
         model,                    # an nn.Module, or a fastai Learner (its model, first validation batch and optimizer are used)
         example_inputs=None,      # a tensor or tuple the model runs on (default for a Learner: 16 items of a validation batch)
         verify:bool=True,         # check after every surgery that the output is unchanged
-        rtol:float=1e-5,          # largest accepted max|masked - pruned| / max|masked|
+        rtol:float|None=None,     # largest accepted max|masked - pruned| / max|masked| (default: 1e-5, see "Precision")
         strict:bool=True,         # unknown ops that touch channels: error (True) or keep their channels (False)
         opt=None,                 # a torch optimizer whose state follows the cut (a Learner's own `opt` is handled for you)
         keep_original:bool=True,  # keep a copy of the starting model for `report()`
@@ -54,12 +123,20 @@ class Pruner:
             if example_inputs is None: example_inputs = _first_batch(self.learn)
         if not isinstance(model, nn.Module): raise TypeError(f"Pruner needs an nn.Module or a fastai Learner, got {type(model).__name__}")
         if example_inputs is None: raise ValueError("Pruner needs example_inputs (a tensor or tuple the model runs on), e.g. xb[:8]")
+        _check_reparametrized(model)
+        example_inputs = _plain(example_inputs)  # fastai's TensorImage & co. must not leak into folded biases
         self.model, self.verify, self.rtol, self.strict, self.opt = model, verify, rtol, strict, opt
         p = next(model.parameters(), None)
         to = (lambda x: x.to(p.device)) if p is not None else (lambda x: x)
         self.example_inputs = tuple(to(x) for x in example_inputs) if isinstance(example_inputs, (tuple, list)) else to(example_inputs)
         self.original = copy.deepcopy(model) if keep_original else None
         self.history = []
+        self.second_inputs = _perturbed(self.example_inputs, torch.Generator().manual_seed(0))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        "The precision of the model's floating parameters (float32 when it has none)"
+        return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
 
     def __repr__(self): return f"Pruner({type(self.model).__name__}, {len(self.history)} surgeries)"
 
@@ -84,13 +161,15 @@ def _removable(self:Pruner, g:ChannelGraph, cand:Tensor):
         mn, mx = (t.cpu() for t in g.consumer_stats[name])
         c = (mn + mx) / 2
         flat = (mx - mn) <= 1e-6 * torch.maximum(mx.abs(), mn.abs()).clamp_min(1.)
+        flat &= ~g.consumer_dyn[name]  # constant by structure, not only on the example: nothing input-dependent reaches it
         pos_ok = flat & ((c == 0) | _exact_fold(mods[name]))
         bad = ok.bool()[s.comp] & ~pos_ok
         if bad.any(): why[name] = int(bad.sum())
         ok.scatter_reduce_(0, s.comp, pos_ok.to(torch.int8), reduce='amin')
         consts[name] = torch.where(flat, c, torch.zeros_like(c))
     for name, k in why.items():
-        logger.info("Pruner: %d zeroed input channels of %r carry a constant that cannot be folded exactly (zero padding); their components stay", k, name)
+        logger.info("Pruner: %d zeroed input channels of %r carry an input-dependent value or a constant that cannot be "
+                    "folded exactly (zero padding); their components stay", k, name)
     return ok.bool(), consts
 
 # %% ../nbs/08_pruner.ipynb #f466ebaa
@@ -119,7 +198,8 @@ def _cut(self:Pruner, g:ChannelGraph, remove:Tensor, consts:dict):
         m = mods[name]; W = m.weight.detach()
         idx = rm.nonzero().squeeze(1).to(W.device)
         Wr = W.index_select(1, idx).double()
-        add = (Wr.reshape(Wr.shape[0], Wr.shape[1], -1).sum(2) @ c.to(W.device).double()).to(W.dtype)
+        add = (Wr.reshape(Wr.shape[0], Wr.shape[1], -1).sum(2) @ c.to(W.device).double()).to(W.dtype).as_subclass(Tensor)
+        self._folded = True
         if m.bias is None:
             self._set(m, 'bias', nn.Parameter(add)); self._new_params.append((m, m.bias))
         else: self._set(m.bias, 'data', m.bias.data + add)
@@ -127,7 +207,10 @@ def _cut(self:Pruner, g:ChannelGraph, remove:Tensor, consts:dict):
         keep = ~remove[s.comp]
         if keep.all(): continue
         idx, n, m = keep.nonzero().squeeze(1), int(keep.sum()), mods[name]
-        if kind == 'out':
+        if s.kind == 'param':
+            self._cut_param(getattr(m, s.attr), s.dim, idx)
+            if isinstance(m, nn.PReLU): self._set(m, 'num_parameters', n)
+        elif kind == 'out':
             self._cut_param(m.weight, 0, idx); self._cut_param(m.bias, 0, idx)
             self._set(m, 'out_features' if isinstance(m, nn.Linear) else 'out_channels', n)
         elif kind == 'in':
@@ -166,20 +249,43 @@ def _rollback(self:Pruner):
     self._undo, self._cuts, self._new_params = [], {}, []
 
 @patch
-def _surgery(self:Pruner, g:ChannelGraph, remove:Tensor, consts:dict, ref, what:str):
+def _outputs(self:Pruner, g:ChannelGraph|None=None) -> list:
+    "The model's outputs on the example and on the second input, computed as verification does (see \"Precision\")"
+    ins = (self.example_inputs, self.second_inputs)
+    if self.dtype in _low_precision:
+        m64 = copy.deepcopy(self.model).double()
+        return [_run_eval(m64, _to64(x)) for x in ins]
+    return [g.output if g is not None else _run_eval(self.model, ins[0]), _run_eval(self.model, ins[1])]
+
+@patch
+def _tolerance(self:Pruner) -> float:
+    "The `rtol` of this surgery: the user's, else 1e-5, or 4 eps of a half-precision dtype when a bias was folded in it"
+    if self.rtol is not None: return self.rtol
+    if self.dtype in _low_precision and self._folded: return max(1e-5, 4 * torch.finfo(self.dtype).eps)
+    return 1e-5
+
+@patch
+def _surgery(self:Pruner, g:ChannelGraph, remove:Tensor, consts:dict, refs, what:str):
     t0 = time.perf_counter()
     before = sum(p.numel() for p in self.model.parameters())
+    err = tol = None
+    self._folded = False
     try:
         self._cut(g, remove, consts)
-        err = relative_error(ref, _run_eval(self.model, self.example_inputs)) if self.verify else None
-        if err is not None and not err <= self.rtol:
-            raise SurgeryError(f"{what}: the pruned model's output differs from the masked model's by {err:.3g} (relative), above rtol={self.rtol:g}; the model was restored")
+        if self.verify:
+            err = max(relative_error(r, o) for r, o in zip(refs, self._outputs()))
+            tol = self._tolerance()
+            if not err <= tol:
+                raise SurgeryError(f"{what}: the pruned model's output differs from the masked model's by {err:.3g} (relative, on the "
+                                   f"example and a perturbed copy), above rtol={tol:g}; the model was restored")
     except Exception:
         self._rollback(); raise
     self._sync_optimizer()
     after = sum(p.numel() for p in self.model.parameters())
     rec = dict(op=what, channels_removed=int(sum(int((remove[s.comp]).sum()) for (n, k), s in g.slots.items() if k == 'out')),
-               params_before=before, params_after=after, rel_error=err, seconds=time.perf_counter() - t0)
+               params_before=before, params_after=after, rel_error=err, rtol=tol,
+               checked_in='float64' if self.dtype in _low_precision else str(self.dtype).replace('torch.', ''),
+               seconds=time.perf_counter() - t0)
     self.history.append(rec)
     logger.info("Pruner.%s: %d filters removed, params %d -> %d, relative error %s", what, rec['channels_removed'], before, after, err)
     self._undo, self._cuts, self._new_params = [], {}, []
@@ -212,15 +318,17 @@ def _sync_optimizer(self:Pruner):
 
 # %% ../nbs/08_pruner.ipynb #3d8d6b89
 @patch
+@_exact_float32
 def compact(self:Pruner) -> nn.Module:
     "Remove every channel component whose producer filters are all zero (and whose constant folds exactly); returns the model"
+    _check_reparametrized(self.model)
     self._undo, self._cuts, self._new_params = [], {}, []
     g = ChannelGraph(self.model, self.example_inputs, self.strict)
     ok, consts = self._removable(g, torch.ones(g.n_comps, dtype=torch.bool))
     if not ok.any():
         logger.info("Pruner.compact: no zeroed channel component to remove")
         return self.model
-    return self._surgery(g, ok, consts, g.output, 'compact')
+    return self._surgery(g, ok, consts, self._outputs(g) if self.verify else None, 'compact')
 
 # %% ../nbs/08_pruner.ipynb #37da29d7
 @patch
@@ -248,6 +356,7 @@ def _round_keep(width, n_rm, round_to):
     return width - min(keep, width)
 
 @patch
+@_exact_float32
 def prune(self:Pruner,
     ratio,                    # fraction of channels to remove in [0, 1), or a dict {layer name or pattern: fraction}
     criteria='magnitude',     # 'magnitude' (mean |w| of the filters), 'gradient_magnitude' (|w·grad|, run a backward first), a Criterion or f(w)
@@ -258,6 +367,7 @@ def prune(self:Pruner,
     if context not in ('local', 'global'): raise ValueError(f"Unknown context {context!r}; valid names: local, global")
     if round_to is not None and (isinstance(round_to, bool) or int(round_to) != round_to or round_to < 1): raise ValueError(f"round_to must be a whole number >= 1, got {round_to!r}")
     crit = get_criterion(criteria)
+    _check_reparametrized(self.model)
     self._undo, self._cuts, self._new_params = [], {}, []
     g = ChannelGraph(self.model, self.example_inputs, self.strict)
     groups = g.groups()
@@ -295,16 +405,17 @@ def prune(self:Pruner,
         ok, consts = self._removable(g2, remove)
         if (remove & ~ok).any():
             logger.warning("Pruner.prune: %d chosen channels carry a constant that cannot be folded exactly; they stay (zeroed)", int((remove & ~ok).sum()))
+        refs = self._outputs(g2) if self.verify else None
     except Exception:
         self._rollback(); raise
-    return self._surgery(g2, remove & ok, consts, g2.output, 'prune')
+    return self._surgery(g2, remove & ok, consts, refs, 'prune')
 
 @patch
 def _zero(self:Pruner, g:ChannelGraph, remove:Tensor):
     "Zero the components in `remove` at their sources: producer filters and biases, depthwise filters, norm scale and shift"
     with torch.no_grad():
         for (name, kind), s in g.slots.items():
-            if kind == 'in': continue
+            if kind == 'in' or s.kind == 'param': continue  # a per-channel parameter multiplies or adds to a zero: nothing to zero
             rm = remove[s.comp]
             if not rm.any(): continue
             m = g.modules[name]
@@ -314,57 +425,102 @@ def _zero(self:Pruner, g:ChannelGraph, remove:Tensor):
                 p.data[rm.to(p.device)] = 0
 
 # %% ../nbs/08_pruner.ipynb #3bf99aab
+_size_attrs = ('in_channels', 'out_channels', 'groups', 'in_features', 'out_features', 'num_features', 'num_parameters',
+               'normalized_shape', 'num_groups', 'num_channels', 'num_embeddings', 'embedding_dim', 'embed_dim', 'kdim', 'vdim',
+               'num_heads', 'head_dim')
+
 def pruning_recipe(model:nn.Module) -> dict:
-    "Channel counts (and bias flags) of every Conv/Linear/BatchNorm layer: what a fresh architecture needs to take the state_dict"
+    "Size attributes and tensor shapes of every module: what a fresh architecture needs to take the state_dict"
     r = {}
     for n, m in model.named_modules():
-        if isinstance(m, _conv_types): r[n] = dict(in_channels=m.in_channels, out_channels=m.out_channels, groups=m.groups, bias=m.bias is not None)
-        elif isinstance(m, nn.Linear): r[n] = dict(in_features=m.in_features, out_features=m.out_features, bias=m.bias is not None)
-        elif isinstance(m, nn.modules.batchnorm._NormBase): r[n] = dict(num_features=m.num_features)
+        attrs = {a: getattr(m, a) for a in _size_attrs if isinstance(getattr(m, a, None), (int, tuple)) and not isinstance(getattr(m, a), bool)}
+        skip = getattr(m, '_non_persistent_buffers_set', set())
+        ts = {k: list(v.shape) for k, v in list(m._parameters.items()) + list(m._buffers.items()) if v is not None and k not in skip}
+        if attrs or ts: r[n] = dict(attrs, tensors=ts)
     return r
 
 def _param(shape, like): return nn.Parameter(torch.empty(shape, dtype=like.dtype, device=like.device))
 
+def _apply_old_recipe(m:nn.Module, n:str, r:dict):
+    "Recipes written before the full format: Conv/Linear/BatchNorm sizes and bias flags only"
+    if isinstance(m, _conv_types) and 'out_channels' in r:
+        for a in ('in_channels', 'out_channels', 'groups'): setattr(m, a, r[a])
+        m.weight = _param((r['out_channels'], r['in_channels'] // r['groups'], *m.kernel_size), m.weight)
+        if r['bias']: m.bias = _param((r['out_channels'],), m.weight)
+        else: m.register_parameter('bias', None)
+    elif isinstance(m, nn.Linear) and 'out_features' in r:
+        m.in_features, m.out_features = r['in_features'], r['out_features']
+        m.weight = _param((r['out_features'], r['in_features']), m.weight)
+        if r['bias']: m.bias = _param((r['out_features'],), m.weight)
+        else: m.register_parameter('bias', None)
+    elif isinstance(m, nn.modules.batchnorm._NormBase) and 'num_features' in r:
+        c = m.num_features = r['num_features']
+        if m.weight is not None: m.weight, m.bias = _param((c,), m.weight), _param((c,), m.bias)
+        if m.running_mean is not None:
+            m.running_mean = torch.zeros(c, device=m.running_mean.device); m.running_var = torch.ones(c, device=m.running_var.device)
+    else: raise ValueError(f"recipe entry {n!r} {r} does not fit {type(m).__name__}")
+
 def apply_recipe(model:nn.Module, recipe:dict) -> nn.Module:
-    "Resize the layers of a fresh `model` to `recipe` (weights left uninitialised: load a state_dict next)"
+    "Resize the modules of a fresh `model` to `recipe` (tensors left uninitialised: load a state_dict next); tied tensors stay tied"
     mods = dict(model.named_modules())
     missing = [n for n in recipe if n not in mods]
-    if missing: raise ValueError(f"recipe names layers this model does not have: {', '.join(missing[:5])}; build the same architecture first")
+    if missing: raise ValueError(f"recipe names modules this model does not have: {', '.join(missing[:5])}; build the same architecture first")
+    new = {}  # id of a resized tensor -> its replacement, shared by every module that holds it
     for n, r in recipe.items():
         m = mods[n]
-        if isinstance(m, _conv_types) and 'out_channels' in r:
-            for a in ('in_channels', 'out_channels', 'groups'): setattr(m, a, r[a])
-            m.weight = _param((r['out_channels'], r['in_channels'] // r['groups'], *m.kernel_size), m.weight)
-            if r['bias']: m.bias = _param((r['out_channels'],), m.weight)
-            else: m.register_parameter('bias', None)
-        elif isinstance(m, nn.Linear) and 'out_features' in r:
-            m.in_features, m.out_features = r['in_features'], r['out_features']
-            m.weight = _param((r['out_features'], r['in_features']), m.weight)
-            if r['bias']: m.bias = _param((r['out_features'],), m.weight)
-            else: m.register_parameter('bias', None)
-        elif isinstance(m, nn.modules.batchnorm._NormBase) and 'num_features' in r:
-            c = m.num_features = r['num_features']
-            if m.weight is not None: m.weight, m.bias = _param((c,), m.weight), _param((c,), m.bias)
-            if m.running_mean is not None:
-                m.running_mean = torch.zeros(c, device=m.running_mean.device); m.running_var = torch.ones(c, device=m.running_var.device)
-        else: raise ValueError(f"recipe entry {n!r} {r} does not fit {type(m).__name__}")
+        if 'tensors' not in r:
+            _apply_old_recipe(m, n, r); continue
+        for a, v in r.items():
+            if a == 'tensors': continue
+            if not hasattr(m, a): raise ValueError(f"recipe entry {n!r} sets {a!r}, which {type(m).__name__} does not have")
+            setattr(m, a, tuple(v) if isinstance(getattr(m, a), tuple) else v)
+        like = next((t for t in list(m._parameters.values()) + list(m._buffers.values()) if t is not None and t.is_floating_point()),
+                    torch.empty(0))
+        for k, shape in r['tensors'].items():
+            is_p = k in m._parameters or k not in m._buffers
+            cur = m._parameters.get(k) if is_p else m._buffers.get(k)
+            if cur is not None and list(cur.shape) == list(shape): continue
+            if cur is not None and id(cur) in new: t = new[id(cur)]
+            else:
+                src = cur if cur is not None else like
+                t = torch.empty(shape, dtype=src.dtype, device=src.device)
+                if is_p: t = nn.Parameter(t, requires_grad=cur.requires_grad if cur is not None else True)
+                if cur is not None: new[id(cur)] = t
+            if is_p: m._parameters[k] = t
+            else: m._buffers[k] = t
     return model
 
 def save_pruned(model:nn.Module, path):
-    "Save `model` as {'recipe', 'state_dict'} (plain tensors and numbers, loadable with weights_only=True)"
-    torch.save(dict(recipe=pruning_recipe(model), state_dict=model.state_dict()), path)
+    "Save `model` as {'recipe', 'state_dict'} (the whole state, plain tensors and numbers, loadable with weights_only=True)"
+    sd = {k: _plain(v) for k, v in model.state_dict().items()}
+    torch.save(dict(recipe=pruning_recipe(model), state_dict=sd), path)
+
+def _read(path, map_location=None):
+    "`torch.load(path, weights_only=True)`, or an error that says what is wrong with the file"
+    p = Path(path)
+    if not p.is_file(): raise FileNotFoundError(f"no pruned model at {p}")
+    try: return torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as e:
+        try:
+            from fasterprune.distributed import CheckpointError, _diagnose  # fastai's side of the package explains files best
+            why, Err = _diagnose(p), CheckpointError
+        except ImportError: why, Err = f"it is not a complete file written by torch.save ({p.stat().st_size:,} bytes)", ValueError
+        raise Err(f"cannot read pruned model {p}: {why} [{type(e).__name__}]; nothing was loaded") from e
 
 def load_pruned(model:nn.Module, path, map_location=None) -> nn.Module:
-    "Resize the fresh `model` (the original architecture) to the saved recipe and load its weights; returns `model`, untouched if anything does not fit"
-    d = torch.load(path, map_location=map_location, weights_only=True)
+    "Resize the fresh `model` (the original architecture) to the saved recipe and load its whole state; returns `model`, untouched if anything does not fit"
+    d = _read(path, map_location)
     if not isinstance(d, dict) or not {'recipe', 'state_dict'} <= set(d):
         raise ValueError(f"{path} is not a file written by save_pruned (it needs 'recipe' and 'state_dict')")
     trial = copy.deepcopy(model)  # resize and load a copy first: a recipe or state_dict that does not fit changes nothing
     apply_recipe(trial, d['recipe'])
-    trial.load_state_dict(d['state_dict'])
+    trial.load_state_dict(d['state_dict'], strict=True)
     mods = dict(model.named_modules())
-    for n, m in trial.named_modules():  # then move the resized layers' attributes and tensors into `model`
-        if n in d['recipe']: mods[n].__dict__.update(m.__dict__)
+    for n, m in trial.named_modules():  # then move every module's tensors (tied ones stay shared) and sizes into `model`
+        t = mods[n]
+        t._parameters, t._buffers = m._parameters, m._buffers
+        for a, v in d['recipe'].get(n, {}).items():
+            if a not in ('tensors', 'bias'): setattr(t, a, getattr(m, a))
     return model
 
 # %% ../nbs/08_pruner.ipynb #43d656e7

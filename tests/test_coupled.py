@@ -76,7 +76,7 @@ def test_zoo_sparsify_then_compact(arch, context):
 
 
 def test_refit_after_compact_with_attached_callback():
-    "A callback attached to the Learner starts over on the smaller model after surgery"
+    "A callback attached to the Learner keeps the compacted model as it is; restart() prunes the smaller model again"
     torch.manual_seed(0)
     dls = digits_dls(flat=False, bs=64)
     cb = SparsifyCallback(0.5, 'filter', 'local', schedule='one_shot')
@@ -84,5 +84,8 @@ def test_refit_after_compact_with_attached_callback():
     learn.fit(1, 1e-2)
     Pruner(learn).compact()
     fct.test_eq(learn.model.stem[0].out_channels, 4)
-    learn.fit(1, 1e-2)  # the callback rebuilds its Sparsifier for the new shapes, prunes half of what is left
+    learn.fit(1, 1e-2)  # a completed schedule does not start over on the compacted model (issue 13 item 1)
+    fct.test_eq(int(_dead(learn.model.stem[0].weight).sum()), 0)
+    cb.restart()
+    learn.fit(1, 1e-2)  # asked to: it rebuilds its Sparsifier for the new shapes, prunes half of what is left
     fct.test_eq(int(_dead(learn.model.stem[0].weight).sum()), 2)

@@ -213,3 +213,241 @@ def test_load_pruned_bad_file_leaves_model_untouched(tmp_path):
     x = torch.randn(2, 3, 8, 8)
     m.eval(); ok.eval()
     fct.test_close(ok(x), m(x))
+
+
+# ---- issue 13: the Pruner's promises on real workflows ----
+
+def _digits_image_learner(model):
+    "A fastai Learner on digits whose batches are fastai `TensorImage`s, as a vision DataBlock yields them"
+    from fastai.learner import Learner
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    from fastai.torch_core import TensorImage
+    from fasterprune.data import TensorPairs, digits_arrays
+    xt, yt, xv, yv = digits_arrays(flat=False)
+    tfm = lambda b: (TensorImage(b[0]), b[1])
+    dls = DataLoaders(DataLoader(TensorPairs(xt, yt), bs=64, shuffle=True, drop_last=True, after_batch=tfm),
+                      DataLoader(TensorPairs(xv, yv), bs=128, after_batch=tfm))
+    return Learner(dls, model, loss_func=nn.CrossEntropyLoss())
+
+def test_compact_vision_learner_writes_plain_tensors(tmp_path):
+    "Item 6: folded biases must not be TensorImages, or save_pruned/load_pruned (weights_only) and learn.save/load refuse"
+    from fastai.vision.learner import create_head
+    from fasterprune.callback import SparsifyCallback
+    torch.manual_seed(0)
+    def net(): return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), create_head(16, 10))
+    learn = _digits_image_learner(net())
+    learn.path = tmp_path
+    learn.fit(1, 1e-2, cbs=SparsifyCallback(0.5, 'filter', 'local', schedule='one_shot'))
+    xb = learn.dls.valid.one_batch()[0]
+    learn.model.eval()
+    with torch.no_grad(): ref = learn.model(xb).as_subclass(torch.Tensor)
+    Pruner(learn).compact()
+    fct.test_eq(learn.model[0].out_channels, 8)
+    for n, t in list(learn.model.named_parameters()) + list(learn.model.named_buffers()):
+        assert type(t) in (torch.Tensor, nn.Parameter), (n, type(t))
+    save_pruned(learn.model, tmp_path / 'p.pt')
+    fresh = load_pruned(net(), tmp_path / 'p.pt')
+    learn.save('m'); learn.load('m')
+    with torch.no_grad():
+        assert relative_error(ref, fresh.eval()(xb.as_subclass(torch.Tensor))) <= 1e-5
+        assert relative_error(ref, learn.model.eval()(xb).as_subclass(torch.Tensor)) <= 1e-5
+
+class _PerSample(nn.Module):
+    "A channel into which a per-sample value is added: constant on one example, not on others"
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+    def forward(self, x): return self.b(torch.relu(self.a(x)) + x.mean((1, 2, 3), keepdim=True)).mean((2, 3))
+
+def test_fold_needs_a_structural_constant():
+    "Item 8: a zeroed channel carrying a per-sample value is not folded, though it looks constant on a batch of one"
+    torch.manual_seed(0)
+    m = _PerSample()
+    with torch.no_grad(): m.a.weight[:4] = 0; m.a.bias[:4] = -1.  # relu(-1) = 0 everywhere: only the per-sample mean remains
+    x, other = torch.randn(1, 3, 8, 8), torch.randn(16, 3, 8, 8)
+    with torch.no_grad(): ref = m.eval()(other)
+    Pruner(m, x).compact()
+    fct.test_eq(m.a.out_channels, 8)  # the channels stay
+    with torch.no_grad(): assert relative_error(ref, m(other)) <= 1e-5
+
+def test_fold_of_a_true_constant_still_happens():
+    "Item 8: BatchNorm shift of a zeroed filter, pooled into a Linear, is constant by structure: it folds"
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    with torch.no_grad(): m[0].weight[:4] = 0; m[1].bias[:4] = 0.7
+    other = torch.randn(16, 3, 8, 8)
+    with torch.no_grad(): ref = m.eval()(other)
+    Pruner(m, torch.randn(1, 3, 8, 8)).compact()
+    fct.test_eq(m[5].in_features, 4)
+    with torch.no_grad(): assert relative_error(ref, m(other)) <= 1e-5
+
+class _DictOut(nn.Module):
+    "torchvision segmentation style: {'out': ..., 'aux': ...}, plus nested tuple/list outputs"
+    def __init__(self, nested=False):
+        super().__init__()
+        self.nested = nested
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.cls, self.aux = nn.Conv2d(16, 5, 1), nn.Conv2d(16, 3, 1)
+    def forward(self, x):
+        h = self.body(x)
+        return (x.mean(), [self.cls(h), {'a': self.aux(h)}]) if self.nested else {'out': self.cls(h), 'aux': self.aux(h)}
+
+@pytest.mark.parametrize('nested', [False, True])
+def test_dict_and_nested_outputs_are_pinned(nested):
+    "Item 9: a model returning a dict (or nested tuples/lists) keeps its output channels and prunes verified"
+    torch.manual_seed(0)
+    m = _DictOut(nested); x = torch.randn(2, 3, 8, 8)
+    pr = Pruner(m, x)
+    pr.prune(0.5)
+    fct.test_eq((m.cls.out_channels, m.aux.out_channels, m.body[0].out_channels), (5, 3, 8))
+    assert pr.history[-1]['rel_error'] <= 1e-5
+
+class _Mixed(nn.Module):
+    "Conv + PReLU + LayerNorm + Embedding, with the head tied to the embedding"
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.PReLU()
+        self.conv2, self.ln, self.emb = nn.Conv2d(16, 8, 3), nn.LayerNorm(8), nn.Embedding(10, 8)
+        self.head = nn.Linear(8, 10, bias=False)
+        self.head.weight = self.emb.weight
+    def forward(self, x, tok): return self.head(self.ln(self.conv2(self.act(self.bn(self.conv(x)))).mean((2, 3)) + self.emb(tok)))
+
+def test_save_load_keeps_every_parameter_and_ties(tmp_path):
+    "Item 11: LayerNorm, PReLU and Embedding values survive save_pruned/load_pruned, and tied weights stay tied"
+    torch.manual_seed(0)
+    m = _Mixed()
+    with torch.no_grad():
+        for p in (m.ln.weight, m.ln.bias, m.act.weight): p.uniform_(-2, 2)
+    x, tok = torch.randn(2, 3, 8, 8), torch.tensor([1, 7])
+    Pruner(m, (x, tok), strict=False).prune(0.5)
+    fct.test_eq(m.conv.out_channels, 8)
+    save_pruned(m, tmp_path / 'm.pt')
+    fresh = load_pruned(_Mixed(), tmp_path / 'm.pt')
+    assert fresh.head.weight is fresh.emb.weight
+    with torch.no_grad(): assert torch.equal(fresh.eval()(x, tok), m.eval()(x, tok))
+    for k, v in m.state_dict().items(): assert torch.equal(fresh.state_dict()[k], v), k
+
+def test_load_pruned_old_recipe_format(tmp_path):
+    "Files written with the Conv/Linear/BatchNorm-only recipe still load"
+    torch.manual_seed(0)
+    m = seq_cnn(); x = torch.randn(2, 3, 16, 16)
+    Pruner(m, x).prune(0.5)
+    old = {}
+    for n, mm in m.named_modules():
+        if isinstance(mm, nn.Conv2d): old[n] = dict(in_channels=mm.in_channels, out_channels=mm.out_channels, groups=mm.groups, bias=mm.bias is not None)
+        elif isinstance(mm, nn.Linear): old[n] = dict(in_features=mm.in_features, out_features=mm.out_features, bias=mm.bias is not None)
+        elif isinstance(mm, nn.BatchNorm2d): old[n] = dict(num_features=mm.num_features)
+    torch.save(dict(recipe=old, state_dict=m.state_dict()), tmp_path / 'old.pt')
+    fresh = load_pruned(seq_cnn(), tmp_path / 'old.pt')
+    with torch.no_grad(): assert torch.equal(fresh.eval()(x), m.eval()(x))
+
+def _reparam_cases():
+    from torch.nn.utils import parametrizations, prune as tprune
+    def wn(m): parametrizations.weight_norm(m[2])
+    def sn(m): parametrizations.spectral_norm(m[2])
+    def old_wn(m):
+        with warnings.catch_warnings(): warnings.simplefilter('ignore'); torch.nn.utils.weight_norm(m[2])
+    def pr(m): tprune.l1_unstructured(m[2], 'weight', 0.3)
+    return dict(weight_norm=wn, spectral_norm=sn, old_weight_norm=old_wn, prune=pr)
+
+@pytest.mark.parametrize('case', list(_reparam_cases()))
+def test_reparametrized_layers_refused_up_front(case):
+    "Item 12: a reparametrized layer is refused with its name and the fix; the model is untouched"
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    _reparam_cases()[case](m)
+    x = torch.randn(2, 3, 8, 8)
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad(): ref = m.eval()(x)
+    with pytest.raises(ValueError, match="'2'.*remove"): Pruner(m, x).prune(0.5)
+    for k, v in m.state_dict().items(): assert torch.equal(v, sd[k]), k
+    with torch.no_grad(): assert torch.equal(m(x), ref)
+
+def test_channel_permutation_is_pinned():
+    "Item 14: x[:, perm] reorders channels: those channels stay, the rest prunes verified (no raw IndexError)"
+    class Perm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1)
+            self.register_buffer('perm', torch.randperm(8))
+        def forward(self, x): return self.c(torch.relu(self.b(torch.relu(self.a(x))[:, self.perm])))
+    torch.manual_seed(0)
+    m = Perm(); pr = Pruner(m, torch.randn(2, 3, 8, 8))
+    pr.prune(0.5)
+    fct.test_eq((m.a.out_channels, m.b.out_channels), (8, 4))
+    assert pr.history[-1]['rel_error'] <= 1e-5
+
+def test_prelu_per_channel_is_cut_with_its_channels():
+    "Item 14: PReLU(C) slopes are cut with their channels"
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.PReLU(8), nn.Conv2d(8, 4, 1))
+    with torch.no_grad(): m[2].weight.uniform_(-1, 1)
+    pr = Pruner(m, torch.randn(2, 3, 8, 8)); pr.prune(0.5)
+    fct.test_eq((m[0].out_channels, m[2].num_parameters, m[2].weight.shape[0], m[3].in_channels), (4, 4, 4, 4))
+    assert pr.history[-1]['rel_error'] <= 1e-5
+
+@pytest.mark.parametrize('what', ['empty', 'truncated'])
+def test_load_pruned_broken_file_explains(tmp_path, what):
+    "Item 14: an empty or truncated file gives an error that says so, and the model is untouched"
+    m = seq_cnn(); Pruner(m, torch.randn(2, 3, 16, 16)).prune(0.5)
+    save_pruned(m, tmp_path / 'p.pt')
+    data = (tmp_path / 'p.pt').read_bytes()
+    (tmp_path / 'bad.pt').write_bytes(b'' if what == 'empty' else data[:len(data) // 2])
+    dst = seq_cnn(); sd = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(RuntimeError, match=what): load_pruned(dst, tmp_path / 'bad.pt')
+    for k, v in dst.state_dict().items(): assert torch.equal(v, sd[k])
+
+
+# ---- issue 9 item 2: precision ----
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_half_precision_prune_and_compact(dtype):
+    "fp16/bf16 models prune and compact with their guarantee checked (in float64 copies)"
+    torch.manual_seed(0)
+    m = torchvision.models.resnet18(); _randomize_bn(m); m = m.to(dtype)
+    x = torch.randn(2, 3, 32, 32, dtype=dtype)
+    pr = Pruner(m, x, keep_original=False)
+    pr.prune(0.5)
+    h = pr.history[-1]
+    assert h['rel_error'] <= h['rtol'] and h['checked_in'] == 'float64', h
+    fct.test_eq(m.layer1[0].conv1.out_channels, 32)
+    with torch.no_grad(): m.layer2[0].conv1.weight[:8] = 0; m.layer2[0].bn1.weight[:8] = 0; m.layer2[0].bn1.bias[:8] = 0
+    pr.compact()
+    fct.test_eq(m.layer2[0].conv1.out_channels, 56)
+    assert m.layer2[0].conv1.weight.dtype == dtype
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('op', ['prune', 'compact'])
+def test_planted_wrong_channel_is_caught(monkeypatch, dtype, op):
+    "A surgery that keeps a wrong input channel (off by one) raises SurgeryError in every precision; the model is restored"
+    torch.manual_seed(0)
+    m = seq_cnn(); _randomize_bn(m); m = m.to(dtype)
+    x = torch.randn(4, 3, 16, 16, dtype=dtype)
+    if op == 'compact':
+        with torch.no_grad(): m[4].weight[:16] = 0; m[5].weight[:16] = 0; m[5].bias[:16] = 0
+    orig = Pruner._cut_param
+    def planted(self, p, dim, idx):
+        if dim == 1 and p is (m[4] if op == 'prune' else m[8]).weight:
+            idx = (idx + 1) % p.shape[1]  # every kept input off by one position
+        return orig(self, p, dim, idx)
+    monkeypatch.setattr(Pruner, '_cut_param', planted)
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(SurgeryError, match='restored'):
+        pr = Pruner(m, x)
+        pr.prune({'0': 0.5}) if op == 'prune' else pr.compact()
+    for k, v in m.state_dict().items(): assert torch.equal(v, sd[k]), k
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_default_tf32_prune_passes_and_flags_restored():
+    "Under PyTorch's default CUDA settings (TF32 convolutions) the surgery verifies; the global flags are restored"
+    torch.manual_seed(0)
+    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision())
+    m = torchvision.models.resnet18().cuda(); x = torch.randn(4, 3, 64, 64, device='cuda')
+    pr = Pruner(m, x, keep_original=False); pr.prune(0.5)
+    assert pr.history[-1]['rel_error'] <= 1e-5
+    fct.test_eq((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()), flags)
+    for dtype in (torch.float16, torch.bfloat16):
+        mh = torchvision.models.resnet18().cuda().to(dtype)
+        pr = Pruner(mh, x.to(dtype), keep_original=False); pr.prune(0.5)
+        assert pr.history[-1]['rel_error'] <= pr.history[-1]['rtol']
