@@ -6,8 +6,7 @@ Docs: https://fasterprune.github.io/fasterprune/callback.html.md"""
 
 # %% ../nbs/04_callback.ipynb #21289464
 from __future__ import annotations
-import logging
-from fastcore.basics import patch
+import logging, math, warnings
 import torch
 from fastai.callback.core import Callback
 from fastai.learner import ValueMetric
@@ -16,7 +15,7 @@ from fastai.torch_core import get_model, rank_distrib
 from .schedules import get_schedule
 from .granularity import get_granularity
 from .criteria import get_criterion
-from .sparsifier import Sparsifier, check_sparsity, context_names, prunable_layers
+from .sparsifier import Sparsifier, check_sparsity, context_names, prunable_layers, NMRoundingWarning
 from .metrics import sparsity_report
 
 logger = logging.getLogger('fasterprune')
@@ -60,8 +59,21 @@ class SparsifyCallback(Callback):
             if not self.granularity.is_nm: raise ValueError("sparsity=None only makes sense for N:M granularities; pass a fraction in [0, 1)")
             g = self.granularity
             sparsity = (g.m - g.n) / g.m
-        if isinstance(sparsity, dict): return {k: check_sparsity(v, f'sparsity[{k!r}]') for k, v in sparsity.items()}
-        return check_sparsity(sparsity)
+        if isinstance(sparsity, dict): out = {k: check_sparsity(v, f'sparsity[{k!r}]') for k, v in sparsity.items()}
+        else: out = check_sparsity(sparsity)
+        if self.granularity.is_nm:  # say now that the final target is out of reach, not at every update
+            for s in sorted(set(out.values()) if isinstance(out, dict) else {out}):
+                if abs(self._nm_level(s) - s) > 1e-9:
+                    g = self.granularity
+                    reach = ', '.join(f'{i / g.m:g}' for i in range(g.m - g.n + 1))
+                    warnings.warn(f"{g!r} can only reach sparsities {reach}: the target {s:g} will be {self._nm_level(s):g}",
+                                  NMRoundingWarning, stacklevel=3)
+        return out
+
+    def _nm_level(self, s:float) -> float:
+        "The N:M sparsity that target `s` reaches (each group of M prunes round(s * M) weights, at most M - N)"
+        g = self.granularity
+        return min(math.floor(s * g.m + 0.5), g.m - g.n) / g.m
 
     # --- one SparsifyCallback per Learner ---------------------------------------------------------------------------
     @property
@@ -227,12 +239,14 @@ class SparsifyCallback(Callback):
                            "which Pruner.compact() may not be able to remove", type(e).__name__, e)
 
     def _target(self, frac:float):
-        if isinstance(self.sparsity, dict): return {k: v * frac for k, v in self.sparsity.items()}
-        return self.sparsity * frac
+        "The target at schedule fraction `frac` (for N:M, the level it reaches: the schedule moves in reachable steps)"
+        lvl = self._nm_level if self.granularity.is_nm else (lambda s: s)
+        if isinstance(self.sparsity, dict): return {k: lvl(v * frac) for k, v in self.sparsity.items()}
+        return lvl(self.sparsity * frac)
 
     def _grows(self, t) -> bool:
         "Is target `t` above the last one applied (masks never shrink during the callback's life)?"
-        if self.last_target is None: return True
+        if self.last_target is None: return any(v > 0 for v in t.values()) if isinstance(t, dict) else t > 0
         if isinstance(t, dict): return any(t[k] > self.last_target[k] for k in t)
         return t > self.last_target
 

@@ -1,5 +1,5 @@
 "SparsifyCallback invariants: exact targets, zeros after every optimizer step, resume, bad input"
-import copy, math
+import copy, math, warnings
 import pytest, torch, torch.nn as nn
 import fastcore.test as fct
 from fastai.learner import Learner
@@ -10,6 +10,7 @@ from fastai.data.load import DataLoader
 from fastai.optimizer import SGD, Adam
 import fastai.callback.schedule, fastai.callback.fp16  # noqa: F401  (fit_one_cycle, fine_tune, to_fp16, to_bf16)
 from fasterprune.callback import SparsifyCallback
+from fasterprune.sparsifier import NMRoundingWarning
 from fasterprune.schedules import agp, iterative, one_shot
 from fasterprune.data import digits_arrays, digits_dls, TensorPairs, lenet_300_100, small_cnn, mlp
 
@@ -143,7 +144,10 @@ def test_per_layer_dict():
 def test_nm_callback():
     learn = _learn()
     cb = SparsifyCallback(None, '2:4', schedule='agp')
-    learn.fit(1, 1e-2, cbs=cb)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', NMRoundingWarning)  # intermediate targets move in reachable steps: no warning
+        learn.fit(1, 1e-2, cbs=cb)
+    fct.test_eq(sorted({h['target'] for h in cb.history}), [0.25, 0.5])
     for n, m in cb.sparsifier.layers.items():
         fct.test_eq((m.weight.reshape(-1, 4) != 0).sum(1).max().item() <= 2, True)
         fct.test_eq(int((m.weight == 0).sum()), m.weight.numel() // 2)
@@ -427,3 +431,12 @@ def test_save_load_continue_same_learner(tmp_path):
     fct.test_eq(len(cb.history), n)
     fct.test_eq(_n_zero(cb.sparsifier), round(0.8 * _n_w(cb.sparsifier)))
     assert chk.checked > 0
+
+
+def test_nm_unreachable_target_warns_once_at_creation():
+    with pytest.warns(NMRoundingWarning, match='0, 0.25, 0.5: the target 0.3 will be 0.25'): cb = SparsifyCallback(0.3, '2:4')
+    learn = _learn()
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', NMRoundingWarning)
+        learn.fit(1, 1e-2, cbs=cb)
+    fct.test_eq(cb.sparsifier.sparsity(), 0.25)
