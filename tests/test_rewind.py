@@ -224,3 +224,23 @@ def test_runner_state_truncated(tmp_path):
     before = js.read_bytes()
     with pytest.raises(CheckpointError, match='truncated'): lottery_experiment(_make, **{**kw, 'rounds': 2})
     fct.test_eq(js.read_bytes(), before)
+
+
+def test_fit_after_surgery_without_follow_cuts():
+    "A Learner fit after a surgery the Rewinder did not follow: a clear error before the first batch, weights untouched"
+    set_seed(0)
+    learn = _learn(mlp(64, 32, 10), flat=True)
+    rw = Rewinder(learn.model).attach(learn).keep_rewind_point()
+    rw.prune_weights(0.5)
+    keep = torch.arange(16)
+    m0, m2 = learn.model[0], learn.model[2]
+    m0.weight.data, m0.bias.data, m2.weight.data = m0.weight.data[keep], m0.bias.data[keep], m2.weight.data[:, keep]
+    learn.opt = None
+    before = model_state(learn.model)
+    with learn.no_logging(), pytest.raises(ValueError, match='follow_cuts'): learn.fit(1, 1e-2)
+    fct.test_eq(all(torch.equal(before[k], v) for k, v in learn.model.state_dict().items()), True)
+    rw.follow_cuts({m0.weight: [(0, keep)], m0.bias: [(0, keep)], m2.weight: [(1, keep)]})
+    with learn.no_logging(): learn.fit(1, 1e-2)
+    fct.test_eq(bool((m0.weight[~rw.masks['0']] == 0).all()), True)
+    rw.rewind()
+    fct.test_eq(torch.equal(m2.bias, rw.rewind_point['2.bias']), True)
