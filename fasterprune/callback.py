@@ -8,6 +8,7 @@ Docs: https://fasterprune.github.io/fasterprune/callback.html.md"""
 from __future__ import annotations
 import logging, math, warnings
 import torch
+from torch import nn
 from fastai.callback.core import Callback
 from fastai.learner import ValueMetric
 from fastai.callback.schedule import LRFinder
@@ -52,7 +53,8 @@ class SparsifyCallback(Callback):
         self.seed, self.show_sparsity, self.coupled = seed, show_sparsity, coupled
         self.sparsifier, self.history, self.report, self.last_target = None, [], None, None
         self.completed, self.fixed = False, False  # the schedule reached its end; masks adopted after surgery, kept as they are
-        self._metric, self._mode, self._params, self._fmasks, self._name = None, None, [], [], 'sparsify'
+        self._metric, self._mode, self._params, self._fmasks, self._via_sparsifier = None, None, [], [], False
+        self._name = 'sparsify'
 
     def _check_sparsity(self, sparsity):
         if sparsity is None:
@@ -108,7 +110,7 @@ class SparsifyCallback(Callback):
     def before_fit(self):
         self._check_alone()
         self._drop_metric()  # a failed fit's column
-        self._mode, self._params, self._fmasks = None, [], []
+        self._mode, self._params, self._fmasks, self._via_sparsifier = None, [], [], False
         self._lr_find = any(isinstance(c, LRFinder) for c in self.learn.cbs)
         if self.show_sparsity and not self._lr_find:
             self._metric = ValueMetric(self._measure, 'sparsity')
@@ -179,7 +181,7 @@ class SparsifyCallback(Callback):
     def after_fit(self):
         self._drop_metric()
         mode, self._mode = self._mode, None
-        self._params, self._fmasks = [], []
+        self._params, self._fmasks, self._via_sparsifier = [], [], False
         if mode is None or self._lr_find: return  # a validation-only pass, or lr_find: nothing of the callback changed
         xb = getattr(self.learn, 'xb', None)
         if xb and xb[0] is not None: self.report = sparsity_report(self.sparsifier.model, tuple(x[:1] for x in xb))  # with FLOPs, from one real input
@@ -253,11 +255,16 @@ class SparsifyCallback(Callback):
     def _refresh_cache(self):
         "Masks in the weights' dtype, for the one fused multiply after each step"
         sp = self.sparsifier
-        if sp is None or self._mode == 'off': self._params, self._fmasks = [], []
-        else:
-            names = list(sp.masks)
-            self._params = [sp.layers[n].weight for n in names] + [p for p, _ in sp.aux]
-            self._fmasks = [sp.masks[n].to(sp.layers[n].weight.dtype) for n in names] + [mk for _, mk in sp.aux]
+        self._params, self._fmasks, self._via_sparsifier = [], [], False
+        if sp is None or self._mode == 'off' or not sp.masks: return
+        names = list(sp.masks)
+        if not all(isinstance(sp.layers[n].weight, nn.Parameter) for n in names):
+            # a weight computed by a parametrization (weight_norm, spectral_norm, torch's prune): the Sparsifier masks
+            # the tensors it is computed from
+            self._via_sparsifier = True
+            return
+        self._params = [sp.layers[n].weight for n in names] + [p for p, _ in sp.aux]
+        self._fmasks = [sp.masks[n].to(sp.layers[n].weight.dtype) for n in names] + [mk for _, mk in sp.aux]
 
     def _update(self, pos:float, frac:float):
         "Recompute and apply the masks for schedule fraction `frac`; True when they changed"
@@ -273,5 +280,6 @@ class SparsifyCallback(Callback):
         return True
 
     def _apply(self):
-        if self._params:
+        if self._via_sparsifier: self.sparsifier.apply_masks()
+        elif self._params:
             with torch.no_grad(): torch._foreach_mul_(self._params, self._fmasks)

@@ -440,3 +440,24 @@ def test_nm_unreachable_target_warns_once_at_creation():
         warnings.simplefilter('error', NMRoundingWarning)
         learn.fit(1, 1e-2, cbs=cb)
     fct.test_eq(cb.sparsifier.sparsity(), 0.25)
+
+
+@pytest.mark.parametrize('param', ['weight_norm', 'spectral_norm'])
+def test_parametrized_layer_masked_weights_stay_zero(param):
+    "A weight computed by a parametrization: the masks follow the tensors it is computed from, after every step"
+    from torch.nn.utils import parametrizations
+    model = mlp(64, 64, 32, 10)
+    getattr(parametrizations, param)(model[2])
+    learn = _learn(model=model, opt_func=SGD, moms=(0.9, 0.9, 0.9))
+    cb = SparsifyCallback(0.8, schedule='agp', update_every=1)
+    class Zeros(Callback):
+        order, run_valid, checked = 41, False, 0
+        def after_step(self):
+            sp = cb.sparsifier
+            for n, mk in sp.masks.items(): assert (sp.weight(n)[~mk] == 0).all(), n
+            self.checked += bool(sp.masks)
+    chk = Zeros()
+    learn.fit(1, 0.05, cbs=[cb, chk])
+    assert chk.checked > 0
+    sp = cb.sparsifier
+    fct.test_eq(sum(int((sp.weight(n) == 0).sum()) for n in sp.layers), round(0.8 * _n_w(sp)))
