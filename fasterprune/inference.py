@@ -128,8 +128,8 @@ class SemiLinear(SparseLinear):
         weight:Tensor,            # the 2:4 dense weight, on CUDA
         bias:Tensor|None=None,    # the bias or None
         backend:str='cslt',       # 'cslt' (torch._cslt_sparse_mm: bias fused, algorithm `alg_id`), 'cusparselt' or 'cutlass' (plain call)
-        alg_id:int=0,             # cuSPARSELt algorithm ('cslt'), e.g. from `torch._cslt_sparse_mm_search`
-        transpose_result:bool=True, # 'cslt': let cuSPARSELt write `x @ W.T` directly (else a transposed view of `W @ x.T`)
+        alg_id:int=0,             # cuSPARSELt algorithm ('cslt'): 0 .. torch.backends.cusparselt.get_max_alg_id()
+        transpose_result:bool=False, # 'cslt': let cuSPARSELt write `x @ W.T` (True: 60-90x slower on an H200, torch 2.11) or `W @ x.T`, read transposed
     ):
         if backend not in semi_backends: raise ValueError(f"backend must be one of {', '.join(semi_backends)}, got {backend!r}")
         self.backend, self.alg_id, self.transpose_result = backend, int(alg_id), bool(transpose_result)
@@ -373,23 +373,25 @@ def _forced(kernels, name):
     if isinstance(kernels, str): return kernels
     return next((k for pat, k in kernels.items() if fnmatch.fnmatchcase(name, pat)), None)
 
+def _max_alg_id() -> int:
+    "Highest cuSPARSELt algorithm id this build knows (`torch.backends.cusparselt.get_max_alg_id`, newer PyTorch), else 3"
+    f = getattr(getattr(torch.backends, 'cusparselt', None), 'get_max_alg_id', None)
+    try: n = f() if f else None
+    except Exception: n = None
+    return min(int(n), 7) if n is not None else 3
+
 def _semi_candidates(w, b, x) -> tuple[list, list[str]]:
-    "`([(label, module)], [refusals])` for a 2:4 weight on CUDA: cuSPARSELt direct (searched algorithm, both result layouts), plain calls"
+    "`([(label, module)], [refusals])` for a 2:4 weight on CUDA: cuSPARSELt direct with each algorithm id, the plain calls"
     cands, refused = [], []
     have_cslt = hasattr(torch, '_cslt_sparse_mm') and getattr(getattr(torch.backends, 'cusparselt', None), 'is_available', lambda: False)()
     if have_cslt:
-        for tr in (True, False):
-            try: base = SemiLinear(w, b, 'cslt', 0, tr)
-            except Exception as e:
-                refused.append(f"cslt: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}")
-                break
-            cands.append((f"cslt alg 0{'' if tr else ' W@x.T'}", base))
-            try:
-                xp = F.pad(x, (0, 0, 0, (-x.shape[0]) % 8))
-                alg = torch._cslt_sparse_mm_search(base.packed, xp.t(), bias=b, transpose_result=tr)
-                alg = int(alg[0] if isinstance(alg, (tuple, list)) else alg)
-                if alg != 0: cands.append((f"cslt alg {alg}{'' if tr else ' W@x.T'}", SemiLinear(w, b, 'cslt', alg, tr)))
-            except Exception as e: refused.append(f"cslt search: {type(e).__name__}")
+        try: base = SemiLinear(w, b, 'cslt', 0, transpose_result=False)
+        except Exception as e: refused.append(f"cslt: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:80]}")
+        else:
+            for alg in range(_max_alg_id() + 1):  # timing instead of _cslt_sparse_mm_search, which fails on H200 (torch 2.11)
+                c = copy.copy(base)  # shares the packed weight
+                c.alg_id = alg
+                cands.append((f"cslt alg {alg}", c))
     else: refused.append("cuSPARSELt: not available in this PyTorch build")
     for backend in ('cusparselt', 'cutlass'):
         if backend == 'cusparselt' and not have_cslt: continue
