@@ -313,21 +313,34 @@ class Rewinder:
                              "follow_cuts(), or keep a new point")
 
     def follow_cuts(self, cuts:dict):
-        "After channel surgery: cut the rewind point and the masks as `cuts` ({param: [(dim, kept index)]}) did"
-        names = {id(p): k for k, p in self.model.named_parameters(remove_duplicate=False)}
+        "After channel surgery: cut the rewind point and the masks as `cuts` ({param or key: [(dim, kept index)]}) did"
+        keys = {}
+        for k, t in self.model.state_dict(keep_vars=True).items(): keys.setdefault(id(t), []).append(k)
+        todo = {}
         for p, ops in cuts.items():
             if isinstance(ops, tuple) and len(ops) == 2 and isinstance(ops[1], list): ops = ops[1]  # (shape0, ops)
-            key = names.get(id(p))
-            if key is None: raise ValueError(f"follow_cuts: a parameter of shape {tuple(p.shape)} is not in the model")
-            lname, pname = key.rpartition('.')[::2]
-            for dim, idx in ops:
-                if self.rewind_point is not None and key in self.rewind_point:
-                    self.rewind_point[key] = self.rewind_point[key].index_select(dim, idx.cpu())
-                if pname == 'weight' and lname in self.masks:
-                    mk = self.masks[lname]
-                    self.sparsifier.masks[lname] = mk.index_select(dim, idx.to(mk.device))
+            ks = [p] if isinstance(p, str) else keys.get(id(p))
+            if not ks: raise ValueError(f"follow_cuts: a tensor of shape {tuple(p.shape)} is not in the model")
+            for k in ks: todo[k] = ops
+        for k, ops in list(todo.items()):  # BatchNorm running statistics follow their norm's cut parameters
+            mod, _, attr = k.rpartition('.')
+            if attr not in ('weight', 'bias') or not all(d == 0 for d, _ in ops): continue
+            for b in ('running_mean', 'running_var'):
+                bk = f"{mod}.{b}" if mod else b
+                if bk not in todo and self.rewind_point is not None and bk in self.rewind_point: todo[bk] = ops
+        for k, ops in todo.items(): self._cut(k, ops)
         self.sparsifier.set_masks({})  # derived state (coupled bias/norm masks) follows
         return self
+
+    def _cut(self, key:str, ops:list):
+        "Cut the rewind point's `key` and, for a masked weight, its mask, as `ops` [(dim, kept index)] say"
+        lname, _, pname = key.rpartition('.')
+        for dim, idx in ops:
+            if self.rewind_point is not None and key in self.rewind_point:
+                self.rewind_point[key] = self.rewind_point[key].index_select(dim, idx.cpu())
+            if pname == 'weight' and lname in self.masks:
+                mk = self.masks[lname]
+                self.sparsifier.masks[lname] = mk.index_select(dim, idx.to(mk.device))
 
     def ticket(self) -> dict:
         "The ticket as plain tensors: round, masks, rewind point and the model's current (trained) weights"

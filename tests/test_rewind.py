@@ -244,3 +244,31 @@ def test_fit_after_surgery_without_follow_cuts():
     fct.test_eq(bool((m0.weight[~rw.masks['0']] == 0).all()), True)
     rw.rewind()
     fct.test_eq(torch.equal(m2.bias, rw.rewind_point['2.bias']), True)
+
+
+def test_follow_cuts_batchnorm():
+    "Channel surgery through conv -> BatchNorm -> conv: parameter cuts only (as the Pruner records them); the BN running"
+    "statistics of the rewind point follow, and the survivors (BN buffers included) rewind exactly"
+    set_seed(0)
+    learn = _learn()
+    model = learn.model
+    rw = Rewinder(model).attach(learn, iteration=2)
+    with learn.no_logging(): learn.fit(1, 1e-2)
+    pt = {k: v.clone() for k, v in rw.rewind_point.items()}
+    rw.prune_weights(0.3)
+    keep = torch.tensor([0, 1, 3, 4, 6, 7])                                 # remove channels 2 and 5 of 8
+    c0, bn, c1 = model[0], model[1], model[3]
+    cuts = {c0.weight: [(0, keep)], c0.bias: [(0, keep)], bn.weight: [(0, keep)], bn.bias: [(0, keep)],
+            c1.weight: [(1, keep)]}
+    for p, ops in cuts.items(): p.data, p.grad = p.data.index_select(*ops[0]), None
+    bn.running_mean, bn.running_var = bn.running_mean[keep], bn.running_var[keep]
+    rw.follow_cuts(cuts)
+    rw.rewind()
+    sd = model.state_dict()
+    for k in ('1.running_mean', '1.running_var', '1.weight', '1.bias', '0.bias'):
+        fct.test_eq(torch.equal(sd[k], pt[k][keep]), True)
+    mk = rw.masks['3']
+    fct.test_eq(torch.equal(sd['3.weight'][mk], pt['3.weight'][:, keep][mk]), True)
+    fct.test_eq(bool((sd['3.weight'][~mk] == 0).all()), True)
+    with learn.no_logging(): learn.fit(1, 1e-2)                              # the smaller model trains, masks hold
+    fct.test_eq(bool((model[3].weight[~mk] == 0).all()), True)
