@@ -6,7 +6,7 @@ Docs: https://fasterprune.github.io/fasterprune/inference.html.md"""
 
 # %% ../nbs/14_inference.ipynb #025760be
 from __future__ import annotations
-import copy, math, time, statistics, logging, fnmatch
+import copy, math, time, statistics, logging, fnmatch, warnings
 from contextlib import contextmanager
 import torch
 from torch import nn, Tensor
@@ -90,7 +90,9 @@ class CSRLinear(SparseLinear):
     "A Linear layer whose weight is stored and multiplied in CSR form (`torch.sparse.addmm`, bias fused), CPU or CUDA"
     kernel = 'csr'
     def set_weight(self, w:Tensor):
-        c = w.to_sparse_csr()
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message='Sparse CSR tensor support is in beta')
+            c = w.to_sparse_csr()
         idx = torch.int32 if c.values().numel() < 2**31 - 1 else torch.int64  # 32-bit indices: faster MKL kernels
         self.register_buffer('crow', c.crow_indices().to(idx), persistent=False)
         self.register_buffer('col', c.col_indices().to(idx), persistent=False)
@@ -99,7 +101,7 @@ class CSRLinear(SparseLinear):
     @property
     def weight(self) -> Tensor:
         "The weight as a sparse CSR tensor"
-        return torch.sparse_csr_tensor(self.crow, self.col, self.values, (self.out_features, self.in_features))
+        return torch.sparse_csr_tensor(self.crow, self.col, self.values, (self.out_features, self.in_features), check_invariants=False)
     def dense_weight(self) -> Tensor: return self.weight.to_dense()
     def _ref(self): return self.values
 
@@ -239,6 +241,15 @@ class SparseMultiheadAttention(nn.Module):
         w = attn.mean(1) if average_attn_weights else attn
         return out, (w.squeeze(0) if unbatched else w)
 
+    # `nn.TransformerEncoderLayer` reads these: False turns off its fused fast path (it would use the dense weights)
+    _qkv_same_embed_dim = False
+    @property
+    def in_proj_weight(self) -> Tensor: return torch.cat([_dense_of(getattr(self, n)) for n in _qkv])
+    @property
+    def in_proj_bias(self) -> Tensor|None:
+        bs = [getattr(self, n).bias for n in _qkv]
+        return None if bs[0] is None else torch.cat(bs)
+
     def extra_repr(self): return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
 
 _qkv = ('q_proj', 'k_proj', 'v_proj')
@@ -249,6 +260,8 @@ def _mha_mats(mha:nn.MultiheadAttention) -> dict[str, tuple[Tensor, Tensor|None]
     bs = (None,) * 3 if mha.in_proj_bias is None else mha.in_proj_bias.detach().chunk(3)
     o = mha.out_proj
     return {**{n: (w, b) for n, w, b in zip(_qkv, ws, bs)}, 'out_proj': (o.weight.detach(), None if o.bias is None else o.bias.detach())}
+
+def _dense_of(m:nn.Module) -> Tensor: return m.dense_weight() if isinstance(m, SparseLinear) else m.weight
 
 def _dense_linear(w:Tensor, b:Tensor|None) -> nn.Linear:
     lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
@@ -409,12 +422,12 @@ def _choose(name, w, b, x, forced, min_speedup, max_density, n_runs) -> tuple[nn
     if forced == 'dense': return None, {**row, 'reason': 'kernels= asks for dense'}
     nm = dev.type == 'cuda' and is_2_4(w)
     if forced == 'semi':
-        if dev.type != 'cuda':
-            raise ValueError(f"layer {name!r}: kernels= asks for 2:4 semi-structured, which needs a CUDA GPU (Ampere or newer); "
-                             f"the model is on {dev}. Use 'csr' on the CPU")
         if not is_2_4(w):
             raise ValueError(f"layer {name!r}: kernels= asks for 2:4 semi-structured, but its weight is not 2:4 sparse "
                              "(some groups of 4 have more than 2 nonzeros); prune it with granularity='2:4'")
+        if dev.type != 'cuda':
+            raise ValueError(f"layer {name!r}: kernels= asks for 2:4 semi-structured, which needs a CUDA GPU (Ampere or newer); "
+                             f"the model is on {dev}. Use 'csr' on the CPU")
     if x is None:
         if forced: raise ValueError(f"layer {name!r}: kernels= asks for {forced!r}, but the layer did not run on the example input")
         return None, {**row, 'reason': 'did not run on the example input'}
@@ -515,9 +528,11 @@ def to_sparse_inference(
     new = copy.deepcopy(model).eval().requires_grad_(False)
     for n, (w, b, owner, kind) in mats.items():
         if kind == 'linear' and n in chosen: _set(new, n, chosen[n])
+    fused = {f'{n}.self_attn' for n, m in model.named_modules() if isinstance(m, nn.TransformerEncoderLayer)
+             and any(c.startswith(n + '.') for c in chosen)}  # its fused fast path would read the sparse layers' weights
     for n in mhas:
         ks = {k: chosen[f'{n}.{k}'] for k in (*_qkv, 'out_proj') if f'{n}.{k}' in chosen}
-        if ks: _set(new, n, SparseMultiheadAttention(mhas[n], ks).eval())
+        if ks or (n in fused and n not in skipped): _set(new, n, SparseMultiheadAttention(mhas[n], ks).eval())
     with torch.no_grad(): out = new(*args, **kw)
     a, b = _tensors(ref), _tensors(out)
     if len(a) != len(b): raise ValueError(f"the exported model returns {len(b)} tensors, the masked model {len(a)}: the export is wrong")
