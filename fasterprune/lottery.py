@@ -50,7 +50,7 @@ class RewindCallback(Callback):
         if self.rewinder is None: self.rewinder = Rewinder(model)
         elif self.rewinder.model is not model:
             raise ValueError(f"the Learner's model ({type(model).__name__}) is not the model this Rewinder prunes")
-        self.rewinder._check_shapes()  # a surgery since the masks were made: a clear error now, not in the first step
+        self.rewinder.check_masks()  # a surgery since the masks were made: a clear error now, not in the first step
         if not self._asked: self.rewinder.keep_rewind_point(self.iteration)
         self._asked, self._started, self._count = True, False, True
 

@@ -243,7 +243,7 @@ class Rewinder:
         layer_rates:dict|None=None, # {name or glob pattern: rate} for layers pruned locally at their own rate
     ) -> dict[str, Tensor]:
         "Prune `rate` of the surviving weights by magnitude (the model keeps its other values); returns the masks"
-        self._check_shapes()
+        self.check_masks()
         masks = imp_masks(self.model, self.masks, rate, context, layer_rates, list(self.layers.values()))
         self.set_masks(masks)
         logger.info("Rewinder: %.2f %% of the weights remain", 100 * self.remaining())
@@ -283,11 +283,12 @@ class Rewinder:
 
     def apply_masks(self):
         "Zero the pruned weights now (the Sparsifier's `apply_masks`)"
-        self._check_shapes()
+        self.check_masks()
         self.sparsifier.apply_masks()
         return self
 
-    def _check_shapes(self):
+    def check_masks(self):
+        "Raise a `ValueError` if the masks no longer fit the layers (a surgery that `follow_cuts` was not told about)"
         bad = [f"{n} {tuple(mk.shape)} -> {tuple(self.layers[n].weight.shape)}" for n, mk in self.masks.items()
                if mk.shape != self.layers[n].weight.shape]
         if bad:
