@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY    := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: demo test venv export check-sync check-clean nbtest pytest bench clean-venv
+.PHONY: demo test venv export check-sync check-clean nbtest pytest bench docs clean-venv
 
 venv: $(VENV_STAMP)
 
@@ -30,7 +30,7 @@ check-sync: venv
 	  echo "ERROR: fasterprune/ was out of sync with nbs/ (nbdev-export changed it, see the diff above)"; rm -rf $$tmp; exit 1; fi; \
 	rm -rf $$tmp; echo "fasterprune/ matches nbs/"
 
-# Notebooks are committed clean (no outputs, no execution counts, stable ids).
+# Notebooks are committed clean: no execution counts or run metadata, stable ids (outputs are kept: see `docs`).
 check-clean: venv
 	@tmp=$$(mktemp -d) && cp -r nbs $$tmp/ && .venv/bin/nbdev-clean && \
 	if ! diff -r -x .ipynb_checkpoints $$tmp/nbs nbs >/dev/null; then \
@@ -49,6 +49,64 @@ bench: venv
 	$(PY) benchmarks/bench_overhead.py
 	$(PY) benchmarks/bench_global_mask.py
 	$(PY) benchmarks/bench_accuracy.py
+
+# The notebooks are the rendered docs, so they are committed executed. `make docs` re-executes them in place (the
+# same runner and flags as `nbtest`: `#| slow` and `#| cuda` cells are skipped), keeps the outputs, turns progress
+# bars into what a terminal would show, replaces this checkout's paths in outputs, then cleans the metadata.
+# `make docs NB=nbs/00_schedules.ipynb` re-executes one notebook.
+NB ?= nbs
+docs: venv
+	@OMP_NUM_THREADS=1 .venv/bin/nbdev-test $(NB) --n-workers 2 --save; status=$$?; \
+	$(PY) -c "$$SCRUB_OUTPUTS" $(NB) && .venv/bin/nbdev-clean --fname $(NB) && \
+	if [ $$status -ne 0 ]; then echo "ERROR: some notebooks failed (see above); the others were re-executed"; exit 1; fi; \
+	echo "notebooks re-executed with their outputs: review with git diff, then commit"
+
+# Scrubs the outputs of the notebooks under argv[1]: progress bars written with carriage returns keep only what a
+# terminal shows, whitespace-only streams go, and paths of this checkout, the venv and the interpreter become short
+# relative ones. Fails, naming the cell, when an output still holds a machine path (the temporary folder, home, cwd).
+define SCRUB_OUTPUTS
+import json, sys, sysconfig, tempfile
+from pathlib import Path
+arg = Path(sys.argv[1])
+def hidden(p): return any(q[0] in '._' for q in p.relative_to(arg).parts)  # checkpoints, like nbdev's globs
+nbs = [arg] if arg.is_file() else [p for p in sorted(arg.rglob('*.ipynb')) if not hidden(p)]
+subs = [(sysconfig.get_paths()['purelib'] + '/', 'site-packages/'), (sysconfig.get_paths()['stdlib'] + '/', 'lib/'),
+        (str(Path.cwd().resolve()) + '/', ''), (str(Path.cwd()) + '/', '')]
+subs = [(a, b) for a, b in subs if len(a) > 1]
+bad = [str(Path.cwd().resolve()), tempfile.gettempdir() + '/', str(Path.home()) + '/']
+def terminal(text):
+    out = []
+    for line in text.split('\n'):
+        shown = ''
+        for part in line.split('\r'): shown = part + shown[len(part):]
+        out.append(shown.rstrip())
+    return '\n'.join(out)
+def scrub(text):
+    for a, b in subs: text = text.replace(a, b)
+    return text
+def lines(text): return text.splitlines(keepends=True)
+problems = []
+for nb in nbs:
+    d = json.loads(nb.read_text())
+    for c in d['cells']:
+        outs = []
+        for o in c.get('outputs', []):
+            if o['output_type'] == 'stream':
+                t = scrub(terminal(''.join(o['text'])))
+                if not t.strip(): continue
+                o['text'] = lines(t.strip('\n') + '\n')
+            for k, v in o.get('data', {}).items():
+                if not (k.startswith('text/') or k.endswith('json')): continue  # images are base64: no paths
+                o['data'][k] = lines(scrub(''.join(v))) if isinstance(v, list) else scrub(v)
+            if 'traceback' in o: o['traceback'] = [scrub(t) for t in o['traceback']]
+            outs.append(o)
+            txt = json.dumps(o)
+            problems += [f"{nb}: cell {c.get('id')}: an output holds the machine path {b!r}" for b in bad if b in txt]
+        if c['cell_type'] == 'code': c['outputs'] = outs
+    nb.write_text(json.dumps(d, sort_keys=True, indent=1, ensure_ascii=False) + '\n')
+if problems: sys.exit('ERROR: ' + '\n'.join(problems) + '\n(print a relative path, or hide the cell from the docs)')
+endef
+export SCRUB_OUTPUTS
 
 clean-venv:
 	rm -rf .venv
