@@ -17,7 +17,7 @@ logger = logging.getLogger('fasterprune')
 
 # %% auto #0
 __all__ = ['logger', 'report_columns', 'check_original', 'count_params', 'compression_ratio', 'layer_flops', 'count_flops',
-           'theoretical_speedup', 'sparsity_report', 'measure_latency', 'measured_speedup']
+           'theoretical_speedup', 'sparsity_report', 'measure_latency', 'measured_speedup', 'speedup_summary']
 
 # %% ../nbs/05_metrics.ipynb #466624c8
 def _layers(model:nn.Module) -> dict[str, nn.Module]:
@@ -239,7 +239,36 @@ def measured_speedup(
     n_warmup:int=5,          # untimed passes of each model first
     n_runs:int=30,           # timed passes of each model, taking turns
     threads:int|None=1,      # CPU threads during the measurement (restored afterwards); None keeps the current count
+    sparse:bool=False,       # time `pruned`'s sparse inference export (`to_sparse_inference`, chosen on these threads) instead
 ) -> float:
     "Median over interleaved runs of t_original / t_pruned: above 1 when `pruned` is really faster"
+    if sparse: pruned = _sparse_export(pruned, example_input, threads)
     to, tp = _time_runs([original, pruned], example_input, n_warmup, n_runs, threads)
     return statistics.median(a / b for a, b in zip(to, tp))
+
+def _sparse_export(model, example_input, threads):
+    from fasterprune.inference import to_sparse_inference  # a sibling module that imports only torch
+    if getattr(model, 'sparse_export', None) is not None: return model  # already exported
+    return to_sparse_inference(model, example_input, threads=threads)
+
+# %% ../nbs/05_metrics.ipynb #10840d81
+def speedup_summary(
+    model:nn.Module,              # the pruned model (masked, or physically smaller)
+    example_input,                # what it runs on (the export times its layers on these shapes)
+    original:nn.Module|None=None, # the dense model it came from; None: `model` itself (a masked model costs what its dense twin does)
+    exported:nn.Module|bool=True, # its sparse export, True to make one here, or False to leave that row out
+    n_warmup:int=3,               # untimed passes first
+    n_runs:int=20,                # timed passes of each model, taking turns
+    threads:int|None=1,           # CPU threads while timing and choosing kernels
+) -> pd.DataFrame:
+    "Compression ratio, theoretical speedup, and measured speedups of `model` and of its sparse export, one row each"
+    rows = [dict(metric='compression ratio', value=compression_ratio(model, original), measured=False),
+            dict(metric='theoretical speedup', value=theoretical_speedup(model, example_input, original), measured=False)]
+    ref = original if original is not None else model
+    if original is not None:
+        rows.append(dict(metric='measured speedup', value=measured_speedup(original, model, example_input, n_warmup, n_runs, threads), measured=True))
+    if exported is not False:
+        e = _sparse_export(model, example_input, threads) if exported is True else exported
+        rows.append(dict(metric='measured speedup, sparse export', value=measured_speedup(ref, e, example_input, n_warmup, n_runs, threads),
+                         measured=True))
+    return pd.DataFrame(rows).set_index('metric')

@@ -238,3 +238,17 @@ def test_cuda_2_4_export_matches_and_reports():
         with pytest.raises(RuntimeError, match='cannot be moved or cast'): e.float()
         unstructured = _prune_(nn.Sequential(nn.Linear(64, 64)), 0.9).cuda().to(dtype)
         with pytest.raises(ValueError, match='not 2:4'): to_sparse_inference(unstructured, x[:, :64], kernels='semi')
+
+
+def test_metrics_report_the_sparse_export():
+    from fasterprune.metrics import speedup_summary, measured_speedup, theoretical_speedup
+    torch.manual_seed(0)
+    model = _prune_(_mlp(64, 512, 512, 10), 0.95).eval()
+    x = torch.randn(32, 64)
+    s = speedup_summary(model, x, n_runs=5)
+    fct.test_eq(list(s.index), ['compression ratio', 'theoretical speedup', 'measured speedup, sparse export'])
+    fct.test_close(s.loc['theoretical speedup', 'value'], theoretical_speedup(model, x), eps=1e-9)
+    fct.test_eq(s.loc['measured speedup, sparse export', 'value'] > 0, True)
+    e = to_sparse_inference(model, x, kernels='csr')
+    fct.test_eq(measured_speedup(model, e, x, n_runs=3, sparse=True) > 0, True)  # an export is timed as is
+    fct.test_eq(list(speedup_summary(model, x, exported=False, n_runs=3).index), ['compression ratio', 'theoretical speedup'])
