@@ -108,6 +108,7 @@ class _Labeler(fx.Interpreter):
         super().__init__(gm)
         self.g, self.lab, self.dyn = g, {}, {}
     def run_node(self, n):
+        self.cur_args = n.args
         out = super().run_node(n)
         self.lab[n] = self.g._labels(n, out, self)
         self.dyn[n] = self.g._dyn(n, out, self)
@@ -208,6 +209,34 @@ def _fail(self:ChannelGraph, n:fx.Node, what:str, ins):
     logger.info("graph: %s is unknown; its channels are pinned", what)
 
 # %% ../nbs/07_graph.ipynb #2d82c705
+def _cd(lab, t) -> int:
+    "The dimension of tensor `t` that the labels `lab` describe (dimension 1 unless a permute or a Linear moved them)"
+    c = getattr(lab, '_cdim', 1)
+    return c % t.dim() if isinstance(t, Tensor) and t.dim() else c
+
+def _at(lab:Tensor, cd:int, nd:int) -> Tensor:
+    "The same labels, describing dimension `cd` of an `nd`-dimensional tensor (stored from the end when it is the last)"
+    cd = cd % nd
+    if cd == _cd(lab, torch.empty((1,) * nd)): return lab
+    new = lab.view_as(lab)
+    new._cdim = -1 if cd == nd - 1 and nd > 2 else cd
+    return new
+
+def _perm_of(n:fx.Node, nd:int) -> list|None:
+    "The permutation of a permute/transpose/t node, as a list of source dimensions"
+    a = list(n.args[1:]) or list(n.kwargs.get('dims', ()))
+    name = n.target if n.op == 'call_method' else getattr(n.target, '__name__', '')
+    if name == 'permute':
+        dims = list(a[0]) if len(a) == 1 and isinstance(a[0], (list, tuple)) else a
+        return [d % nd for d in dims] if all(isinstance(d, int) for d in dims) else None
+    if name in ('transpose', 'swapaxes', 'swapdims'):
+        d0, d1 = (a + [n.kwargs.get('dim0'), n.kwargs.get('dim1')])[:2]
+        if not (isinstance(d0, int) and isinstance(d1, int)): return None
+        p = list(range(nd)); p[d0 % nd], p[d1 % nd] = p[d1 % nd], p[d0 % nd]
+        return p
+    if name == 't' and nd == 2: return [1, 0]
+    return None
+
 @patch
 def _labels(self:ChannelGraph, n:fx.Node, out, it:_Labeler):
     isT = isinstance(out, Tensor)
@@ -223,19 +252,25 @@ def _labels(self:ChannelGraph, n:fx.Node, out, it:_Labeler):
     target = n.target
     name = target if n.op == 'call_method' else getattr(target, '__name__', str(target))
     if not ins_lab:  # nothing labelled goes in: shapes, sizes, constants, new tensors
-        return self._new(out.shape[1], f'{name} creates it') if chan else None
+        return _created(self._new(out.shape[1], f'{name} creates it')) if chan else None
     x = it.arg_val(n.args[0]) if n.args else None
     xl = it.arg_lab(n.args[0]) if n.args else None
+    cd = _cd(xl, x) if isinstance(xl, Tensor) else 1
     fn = n.op == 'call_function'
     if fn and target is operator.getitem:
         if isinstance(xl, (list, tuple, dict)): return xl[n.args[1]]
-        if isinstance(x, Tensor) and isT and out.dim() == x.dim() and out.shape[:2] == x.shape[:2] and _keeps_dim1(n.args[1], x.dim()):
-            return xl
+        if isinstance(x, Tensor) and isT and isinstance(xl, Tensor):
+            nc = _index_keeps(n.args[1], x.dim(), cd)
+            if nc is not None and out.dim() > nc and out.shape[nc] == x.shape[cd]: return _at(xl, nc, out.dim())
         self._pin(ins_lab, 'indexing'); return self._new(out.shape[1], 'indexing') if chan else None
+    if isinstance(xl, Tensor) and isinstance(x, Tensor) and isT and ((fn and target in (torch.permute, torch.transpose)) or
+                                                                    (n.op == 'call_method' and target in ('permute', 'transpose', 't'))):
+        p = _perm_of(n, x.dim())
+        if p is not None and out.dim() == x.dim(): return _at(xl, p.index(cd), out.dim())  # channels move with the permute
     if (fn and target in _pin_fns) or (n.op == 'call_method' and target in _pin_methods):
         self._pin(ins_lab, name)
         if isinstance(out, (list, tuple)): return type(out)(self._new(o.shape[1], name) if isinstance(o, Tensor) and o.dim() >= 2 else None for o in out)
-        return self._new(out.shape[1], name) if chan else None
+        return self._fresh(out, x, xl, name)
     if not isT:  # sizes, shapes, dims: no channels
         if any(True for _ in _tensors(out)): self._fail(n, name, ins_lab)
         return None
@@ -247,7 +282,9 @@ def _labels(self:ChannelGraph, n:fx.Node, out, it:_Labeler):
         dims = n.kwargs.get('dim', n.args[1] if len(n.args) > 1 else None)
         dims = list(range(x.dim())) if dims is None else [dims] if isinstance(dims, int) else list(dims)
         dims = [_normdim(d, x.dim()) for d in dims]
-        if 0 not in dims and 1 not in dims and out.dim() >= 2: return xl
+        if isinstance(xl, Tensor) and 0 not in dims and cd not in dims and out.dim() >= 2:
+            keep = n.kwargs.get('keepdim', n.args[2] if len(n.args) > 2 else False)
+            return _at(xl, cd if keep else cd - sum(d < cd for d in dims), out.dim())
         self._pin(ins_lab, f'{name} over channels'); return self._new(out.shape[1], name) if chan else None
     if (fn and target in _reshape_fns) or (n.op == 'call_method' and target in _reshape_methods):
         return self._reshape(name, x, xl, out)
@@ -255,60 +292,108 @@ def _labels(self:ChannelGraph, n:fx.Node, out, it:_Labeler):
         ts = n.args[0] if n.args else n.kwargs['tensors']
         d = _normdim(n.kwargs.get('dim', n.args[1] if len(n.args) > 1 else 0), out.dim())
         vals = [it.arg_val(t) for t in ts]
-        labs = [it.arg_lab(t) if it.arg_lab(t) is not None else self._new(v.shape[1], 'unlabelled input of cat') for t, v in zip(ts, vals)]
-        if d == 1: return torch.cat(labs)
+        labs = [it.arg_lab(t) for t in ts]
+        ref = next((l for l, v in zip(labs, vals) if isinstance(l, Tensor) and not hasattr(l, '_created')), None)
+        rcd = _cd(ref, out) if ref is not None else 1
+        for l, v in zip(labs, vals):
+            if isinstance(l, Tensor) and _cd(l, v) != rcd: self._pin(l, 'cat of tensors with channels in different dimensions')
+        labs = [l if isinstance(l, Tensor) and _cd(l, v) == rcd else self._new(v.shape[rcd], 'unlabelled input of cat') for l, v in zip(labs, vals)]
+        if d == rcd: return _at(torch.cat(labs), rcd, out.dim())
         if d == 0: self._pin(labs, 'cat along the batch'); return self._new(out.shape[1], 'cat along the batch')
         for l in labs[1:]: self._union(labs[0], l)
-        return labs[0]
+        return _at(labs[0], rcd, out.dim())
     self._fail(n, name, ins_lab)
-    return self._new(out.shape[1], f'unknown op {name}') if chan else None
+    return self._fresh(out, x, xl, f'unknown op {name}')
 
-def _keeps_dim1(idx, nd:int) -> bool:
-    "Does the index `x[idx]` of an `nd`-dimensional tensor leave dimension 1 (channels) whole and in place?"
+def _created(lab:Tensor) -> Tensor:
+    lab._created = True  # labels of a tensor made from nothing labelled: which dimension holds channels is unknown
+    return lab
+
+@patch
+def _fresh(self:ChannelGraph, out, x, xl, reason:str):
+    "New pinned labels for `out`, on the input's channel dimension when the shape is unchanged"
+    if not (isinstance(out, Tensor) and out.dim() >= 2): return None
+    cd = _cd(xl, x) if isinstance(xl, Tensor) and isinstance(x, Tensor) and x.shape == out.shape else 1
+    return _at(self._new(out.shape[cd], reason), cd, out.dim())
+
+def _index_keeps(idx, nd:int, cd:int) -> int|None:
+    "Where dimension `cd` of an `nd`-dimensional `x` lands in `x[idx]`, when the index leaves it whole (else None)"
     idx = idx if isinstance(idx, tuple) else (idx,)
-    if any(i is None for i in idx) or sum(i is Ellipsis for i in idx) > 1: return False
+    if any(i is None for i in idx) or sum(i is Ellipsis for i in idx) > 1: return None
     if Ellipsis in idx:
         e = idx.index(Ellipsis)
-        dims = dict(zip(list(range(e)) + list(range(nd - len(idx) + e + 1, nd)), idx[:e] + idx[e + 1:]))
-    else: dims = dict(enumerate(idx))
-    at1 = dims.get(1, slice(None))  # dimension 1 not named: inside the ellipsis, or after the last index
-    return isinstance(at1, slice) and at1 == slice(None)
+        pos = list(range(e)) + list(range(nd - len(idx) + e + 1, nd))
+        items = idx[:e] + idx[e + 1:]
+    else: pos, items = list(range(len(idx))), idx
+    dims = dict(zip(pos, items))
+    at = dims.get(cd, slice(None))  # not named: inside the ellipsis, or after the last index
+    if not (isinstance(at, slice) and at == slice(None)): return None
+    if any(not isinstance(i, (int, slice)) for d, i in dims.items() if d != 0): return None  # advanced indexing moves dimensions
+    return cd - sum(isinstance(i, int) for d, i in dims.items() if d < cd)
 
 @patch
 def _passthrough(self:ChannelGraph, n, name, x, xl, out):
-    if isinstance(x, Tensor) and isinstance(out, Tensor) and out.dim() == x.dim() and out.shape[:2] == x.shape[:2]: return xl
+    cd = _cd(xl, x) if isinstance(xl, Tensor) else 1
+    if isinstance(x, Tensor) and isinstance(out, Tensor) and out.dim() == x.dim() and out.shape[0] == x.shape[0] and out.shape[cd] == x.shape[cd]:
+        if cd == 1 or out.shape == x.shape: return xl
     self._pin(xl, name)
-    return self._new(out.shape[1], name) if out.dim() >= 2 else None
+    return self._fresh(out, x, xl, name)
 
 @patch
 def _reshape(self:ChannelGraph, name, x, xl, out):
     if xl is None: return self._new(out.shape[1], name) if out.dim() >= 2 else None
-    if out.dim() >= 2 and out.shape[:2] == x.shape[:2]: return xl  # channels stay in dimension 1 (squeeze of 1x1, unflatten of space)
-    if x.dim() >= 3 and out.dim() == 2 and out.shape[0] == x.shape[0] and out.shape[1] == math.prod(x.shape[1:]):
+    cd = _cd(xl, x)
+    if cd == 1 and out.dim() >= 2 and out.shape[:2] == x.shape[:2]: return xl  # channels stay in dimension 1 (squeeze of 1x1, unflatten of space)
+    if cd == 1 and x.dim() >= 3 and out.dim() == 2 and out.shape[0] == x.shape[0] and out.shape[1] == math.prod(x.shape[1:]):
         return xl.repeat_interleave(math.prod(x.shape[2:]))  # flatten: channel c -> features c*HW ... (c+1)*HW - 1
+    if cd == x.dim() - 1 and out.dim() >= 2 and out.shape[-1] == x.shape[-1]: return _at(xl, out.dim() - 1, out.dim())  # channels last stay last
     self._pin(xl, f'{name} moves channels')
     return self._new(out.shape[1], f'{name} moves channels') if out.dim() >= 2 else None
+
+def _param_source(n, it, gm):
+    "(module name, parameter name, dimension map) when `n` is a parameter, possibly viewed or reshaped; else None"
+    chain = []
+    while isinstance(n, fx.Node) and n.op == 'call_method' and n.target in ('view', 'reshape', 'unsqueeze', 'squeeze', 'expand', 'expand_as', 'to', 'type_as', 'contiguous'):
+        chain.append(n); n = n.args[0]
+    while isinstance(n, fx.Node) and n.op == 'call_function' and n.target in (torch.reshape, torch.unsqueeze, torch.squeeze):
+        chain.append(n); n = n.args[0]
+    if not (isinstance(n, fx.Node) and n.op == 'get_attr'): return None
+    mod, _, attr = n.target.rpartition('.')
+    return mod, attr, not chain
 
 @patch
 def _binary(self:ChannelGraph, n, name, out, it):
     D = out.dim()
     if D < 2:
         self._pin([it.arg_lab(a) for a in n.args], name); return None
+    ops = [(a, it.arg_val(a), it.arg_lab(a)) for a in list(n.args) + list(n.kwargs.values())]
+    ref = next((l for a, v, l in ops if isinstance(v, Tensor) and isinstance(l, Tensor) and v.dim() == D and not hasattr(l, '_created')), None)
+    ref = ref if ref is not None else next((l for a, v, l in ops if isinstance(v, Tensor) and isinstance(l, Tensor) and v.dim() == D), None)
+    cd = _cd(ref, out) if ref is not None else 1
     res = None
-    for a in list(n.args) + list(n.kwargs.values()):
-        v, l = it.arg_val(a), it.arg_lab(a)
+    for a, v, l in ops:
         if not isinstance(v, Tensor): continue
-        k = 1 - (D - v.dim())  # the operand's dimension aligned with channels
+        k = cd - (D - v.dim())  # the operand's dimension aligned with channels
         if k < 0 or v.shape[k] == 1:
-            if l is not None and v.dim() >= 2 and v.shape[1] > 1 and k != 1: self._fail(n, f'{name} broadcasting channels', [l])
-            elif l is not None and v.dim() >= 2 and v.shape[1] == 1 and out.shape[1] > 1: self._pin(l, f'{name} broadcasts one channel')
+            if l is not None and v.dim() >= 2 and v.shape[_cd(l, v)] > 1 and _cd(l, v) != k: self._fail(n, f'{name} broadcasting channels', [l])
+            elif l is not None and v.dim() >= 2 and v.shape[_cd(l, v)] == 1 and out.shape[cd] > 1: self._pin(l, f'{name} broadcasts one channel')
             continue
-        if l is None or k != 1:
-            self._fail(n, f'{name} with a channel-wide tensor of unknown origin {getattr(a, "name", a)!r}', [it.arg_lab(b) for b in n.args])
-            continue
+        if l is not None and _cd(l, v) != k:
+            if hasattr(l, '_created'): self._pin(l, f'{name} with a new tensor'); l = self._new(v.shape[k], f'{name} with a new tensor')
+            else: self._fail(n, f'{name} of tensors with channels in different dimensions', [b for _, _, b in ops]); continue
+        if l is None:
+            src = _param_source(a, it, self.gm)
+            if src is None or (not src[2] and sum(s > 1 for s in v.shape) != 1):
+                self._fail(n, f'{name} with a channel-wide tensor of unknown origin {getattr(a, "name", a)!r}', [b for _, _, b in ops])
+                continue
+            mod, attr, direct = src
+            p = getattr(self.modules[mod], attr)
+            dim = k if direct else next(i for i, s in enumerate(p.shape) if s > 1)
+            l = self._slot(mod, 'param', res if res is not None else self._new(out.shape[cd]), attr)  # cut with its channels
+            self.slots[(mod, f'param:{attr}')].dim = dim
         if res is None: res = l
         else: self._union(res, l)
-    return res if res is not None else self._new(out.shape[1], name)
+    return _at(res, cd, D) if res is not None else self._new(out.shape[1], name)
 
 # %% ../nbs/07_graph.ipynb #1d3ebf29
 _size_methods = {'size', 'dim', 'numel'}
@@ -327,36 +412,39 @@ def _dyn(self:ChannelGraph, n:fx.Node, out, it:_Labeler):
     ds = [it.arg_dyn(a) for a in vals]
     if not any(_anyd(d) for d in ds): return _full(out, False)
     if not (isinstance(out, Tensor) and out.dim() >= 2): return _full(out, True)
-    C = out.shape[1]
+    lab, xl = it.lab.get(n), it.arg_lab(n.args[0]) if n.args else None
+    cd = _cd(lab, out) if isinstance(lab, Tensor) else 1
+    C = out.shape[cd]
     x = it.arg_val(n.args[0]) if n.args else None
     dx = ds[0] if n.args else True
-    lab, xl = it.lab.get(n), it.arg_lab(n.args[0]) if n.args else None
     if n.op == 'call_module':
         m = self.modules[n.target]
-        if isinstance(m, _conv_types + (nn.Linear,)) and (n.target, 'out') in self.slots and lab is self.slots[(n.target, 'out')].ids:
+        if isinstance(m, _conv_types + (nn.Linear,)) and (n.target, 'out') in self.slots and isinstance(lab, Tensor) \
+                and lab.data_ptr() == self.slots[(n.target, 'out')].ids.data_ptr():
             w = m.weight.detach()
             return (w.reshape(w.shape[0], -1) != 0).any(1).cpu()  # a zero filter outputs its bias
     if n.op == 'call_function' and n.target is operator.getitem and isinstance(dx, (list, tuple, dict)):
         d = dx[n.args[1]]
-        return d if isinstance(d, Tensor) and len(d) == C else _full(out, _anyd(d))
+        return d if isinstance(d, Tensor) and len(d) == C else torch.full((C,), _anyd(d))
     binary = (n.op == 'call_function' and n.target in _binary_fns) or (n.op == 'call_method' and n.target in _binary_methods)
     if binary:
         res = torch.zeros(C, dtype=torch.bool)
         for a, d in zip(vals, ds):
             v = it.arg_val(a)
-            if isinstance(v, Tensor) and v.dim() == out.dim() and v.shape[1] == C and isinstance(d, Tensor) and len(d) == C: res |= d
+            if isinstance(v, Tensor) and v.dim() == out.dim() and v.shape[cd] == C and isinstance(d, Tensor) and len(d) == C: res |= d
             elif _anyd(d): res |= True
         return res
-    if not binary and lab is not None and lab is xl and isinstance(dx, Tensor) and len(dx) == C: return dx  # channels pass through
+    if not binary and isinstance(lab, Tensor) and isinstance(xl, Tensor) and lab.data_ptr() == xl.data_ptr() and isinstance(dx, Tensor) \
+            and len(dx) == C: return dx  # channels pass through (maybe to another dimension)
     if n.op == 'call_function' and n.target in _cat_fns and isinstance(lab, Tensor):
         ts = n.args[0] if n.args else n.kwargs['tensors']
-        if _normdim(n.kwargs.get('dim', n.args[1] if len(n.args) > 1 else 0), out.dim()) == 1:
+        if _normdim(n.kwargs.get('dim', n.args[1] if len(n.args) > 1 else 0), out.dim()) == cd:
             parts = [it.arg_dyn(t) for t in ts]
             if all(isinstance(d, Tensor) for d in parts) and sum(len(d) for d in parts) == C: return torch.cat(parts)
     if isinstance(x, Tensor) and isinstance(dx, Tensor) and len(dx) == x.shape[1] and x.dim() >= 3 and out.dim() == 2 \
             and out.shape[0] == x.shape[0] and C == math.prod(x.shape[1:]):
         return dx.repeat_interleave(math.prod(x.shape[2:]))  # flatten
-    return _full(out, True)
+    return torch.full((C,), True)
 
 def _has_node(a) -> bool:
     if isinstance(a, fx.Node): return True
@@ -370,22 +458,30 @@ def _module_labels(self:ChannelGraph, n, m, out, it):
     name = n.target
     x = it.arg_val(n.args[0]) if n.args else None
     xl = it.arg_lab(n.args[0]) if n.args else None
+    cd = _cd(xl, x) if isinstance(xl, Tensor) else 1
+    if isinstance(xl, Tensor) and cd != 1 and isinstance(m, _conv_types + _norm_types + (nn.PReLU,)):
+        self._pin(xl, f'{type(m).__name__} on channels moved out of dimension 1'); xl, cd = None, 1
+    if isinstance(m, nn.Linear) and isinstance(x, Tensor) and x.dim() > 2:  # features are the last dimension
+        if cd != x.dim() - 1: self._pin(xl, f'Linear {name!r} on another dimension than the labelled one'); xl = None
+        if xl is None: xl = _at(self._new(x.shape[-1], f'unlabelled input of {name!r}'), -1, x.dim())
+        self._slot(name, 'in', xl)
+        self._consumer(name, x, x.dim() - 1, it)
+        ids = self.slots[(name, 'out')].ids if (name, 'out') in self.slots else self._slot(name, 'out', self._new(out.shape[-1]))
+        return _at(ids, -1, out.dim())
+    if isinstance(m, nn.MultiheadAttention):  # heads mix inside; the embedding width stays
+        self._pin([it.arg_lab(a) for a in list(n.args) + list(n.kwargs.values())], 'MultiheadAttention')
+        o = out[0] if isinstance(out, tuple) else out
+        new = _at(self._new(o.shape[-1], 'MultiheadAttention'), -1, o.dim())
+        return (new, None) if isinstance(out, tuple) else new
     if isinstance(m, _conv_types) or (isinstance(m, nn.Linear) and isinstance(x, Tensor) and x.dim() == 2):
         if isinstance(m, _conv_types) and m.groups > 1:
             if _is_depthwise(m): return self._slot(name, 'dw', xl if xl is not None else self._new(m.in_channels, 'model input'))
             self._pin(xl, f'grouped conv {name!r}'); return self._new(out.shape[1], f'grouped conv {name!r}')
         if xl is None: xl = self._new(x.shape[1], f'unlabelled input of {name!r}')
         self._slot(name, 'in', xl)
-        d = it.arg_dyn(n.args[0])
-        d = d if isinstance(d, Tensor) and len(d) == len(xl) else torch.full((len(xl),), _anyd(d))
-        self.consumer_dyn[name] = d | self.consumer_dyn[name] if name in self.consumer_dyn else d
-        st = self.consumer_stats.get(name)
-        dims = [0] + list(range(2, x.dim()))
-        mn, mx = x.amin(dims).float(), x.amax(dims).float()
-        self.consumer_stats[name] = [mn, mx] if st is None else [torch.minimum(st[0], mn), torch.maximum(st[1], mx)]
+        self._consumer(name, x, 1, it)
         if (name, 'out') in self.slots: return self.slots[(name, 'out')].ids
         return self._slot(name, 'out', self._new(out.shape[1]))
-    if isinstance(m, nn.Linear): return xl  # on (N, ..., features): dimension 1 passes through
     if isinstance(m, _norm_types):
         if xl is None: return None
         has_state = getattr(m, 'affine', False) or getattr(m, 'track_running_stats', False)
@@ -395,16 +491,30 @@ def _module_labels(self:ChannelGraph, n, m, out, it):
         return xl
     if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):  # ids in, vectors out: the embedding width stays
         self._pin(xl, type(m).__name__)
-        return self._new(out.shape[1], type(m).__name__) if isinstance(out, Tensor) and out.dim() >= 2 else None
+        return _at(self._new(out.shape[-1], type(m).__name__), -1, out.dim()) if isinstance(out, Tensor) and out.dim() >= 2 else None
+    if isinstance(m, (nn.LayerNorm, nn.RMSNorm) if hasattr(nn, 'RMSNorm') else nn.LayerNorm) and isinstance(xl, Tensor) \
+            and cd < x.dim() - len(m.normalized_shape):
+        return xl  # normalizes other dimensions than the channels: per-channel positions pass through
     if isinstance(m, _pass_modules): return self._passthrough(n, type(m).__name__, x, xl, out)
     if isinstance(m, _reshape_modules): return self._reshape(type(m).__name__, x, xl, out)
     if isinstance(m, (nn.Softmax, nn.LogSoftmax, nn.Softmin)):
-        if m.dim is not None and isinstance(x, Tensor) and _normdim(m.dim, x.dim()) != 1: return xl
+        if m.dim is not None and isinstance(x, Tensor) and _normdim(m.dim, x.dim()) != cd: return xl
     if isinstance(m, _pin_modules) or isinstance(m, (nn.Softmax, nn.LogSoftmax, nn.Softmin)):
         self._pin(xl, type(m).__name__)
-        return self._new(out.shape[1], type(m).__name__) if isinstance(out, Tensor) and out.dim() >= 2 else None
+        return self._fresh(out, x, xl, type(m).__name__)
     self._fail(n, f'module {name!r} ({type(m).__name__})', [xl])
     return self._new(out.shape[1], f'unknown module {type(m).__name__}') if isinstance(out, Tensor) and out.dim() >= 2 else None
+@patch
+def _consumer(self:ChannelGraph, name:str, x:Tensor, cd:int, it):
+    "Record what reaches the input positions (dimension `cd` of `x`) of consumer `name`: range and input dependence"
+    xl = self.slots[(name, 'in')].ids
+    d = it.arg_dyn(it.cur_args[0]) if it.cur_args else True
+    d = d if isinstance(d, Tensor) and len(d) == len(xl) else torch.full((len(xl),), _anyd(d))
+    self.consumer_dyn[name] = d | self.consumer_dyn[name] if name in self.consumer_dyn else d
+    st = self.consumer_stats.get(name)
+    dims = [i for i in range(x.dim()) if i != cd]
+    mn, mx = x.amin(dims).float(), x.amax(dims).float()
+    self.consumer_stats[name] = [mn, mx] if st is None else [torch.minimum(st[0], mn), torch.maximum(st[1], mx)]
 
 # %% ../nbs/07_graph.ipynb #c55a30d1
 @dataclass

@@ -415,10 +415,15 @@ def _zero(self:Pruner, g:ChannelGraph, remove:Tensor):
     "Zero the components in `remove` at their sources: producer filters and biases, depthwise filters, norm scale and shift"
     with torch.no_grad():
         for (name, kind), s in g.slots.items():
-            if kind == 'in' or s.kind == 'param': continue  # a per-channel parameter multiplies or adds to a zero: nothing to zero
+            if kind == 'in': continue
             rm = remove[s.comp]
             if not rm.any(): continue
             m = g.modules[name]
+            if s.kind == 'param':  # a layer scale, a functional bias, PReLU slopes: zero too, so the channel is exactly 0
+                p = getattr(m, s.attr)
+                self._undo.append((p, 'data', p.data.clone()))
+                p.data.index_fill_(s.dim, rm.nonzero().squeeze(1).to(p.device), 0)
+                continue
             for p in (m.weight, m.bias):
                 if p is None: continue
                 self._undo.append((p, 'data', p.data.clone()))
