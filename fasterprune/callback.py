@@ -32,44 +32,47 @@ class SparsifyCallback(Callback):
         sparsity=0.9,             # target fraction in [0, 1), or a per-layer dict; None for N:M means (M-N)/M
         granularity='weight',     # 'weight', 'vector', 'kernel', 'filter', or N:M such as '2:4'
         context:str='global',     # 'local' (each layer at the target) or 'global' (one ranking over all layers)
-        criteria='magnitude',     # 'magnitude', 'gradient_magnitude', 'movement', 'random', a Criterion or f(weight)->scores
+        criteria='magnitude',     # 'magnitude', 'gradient_magnitude', 'movement', 'random', a Criterion or f(w)->scores
         schedule='agp',           # 'one_shot', 'iterative', 'agp', 'linear', 'cos', a Schedule or f(pos)->fraction
-        update_every:int|None=None, # steps between mask updates for smooth schedules (default: 100, or fewer so the window gets >= 8 updates)
+        update_every:int|None=None, # steps between updates of smooth schedules (default 100, or fewer: >= 8 updates)
         layers=None,              # what to prune (names, patterns, modules, types); default every Conv/Linear
         exclude=None,             # what to leave dense (names, patterns, modules, types)
         seed:int=0,               # seeds the random criterion
-        coupled:bool|None=None,   # filter granularity: prune coupled channels together (None: yes, unless tracing fails)
+        coupled:bool|None=None,   # filter granularity: prune coupled channels together (None: yes, unless untraceable)
         show_sparsity:bool=True,  # add a measured 'sparsity' column to the progress table
     ):
         self.granularity = get_granularity(granularity)
         self.sparsity = self._check_sparsity(sparsity)
-        if context not in context_names: raise ValueError(f"Unknown context {context!r}; valid names: {', '.join(context_names)}")
+        if context not in context_names:
+            raise ValueError(f"Unknown context {context!r}; valid names: {', '.join(context_names)}")
         get_criterion(criteria)  # fail now on unknown names
         self.schedule = get_schedule(schedule)
         if update_every is not None and (int(update_every) != update_every or update_every < 1):
             raise ValueError(f"update_every must be a whole number of steps >= 1, got {update_every}")
-        self.context, self.criteria, self.update_every, self.layers, self.exclude = context, criteria, update_every, layers, exclude
-        if coupled and self.granularity.name != 'filter': raise ValueError(f"coupled=True needs granularity='filter', not {self.granularity!r}")
+        if coupled and self.granularity.name != 'filter':
+            raise ValueError(f"coupled=True needs granularity='filter', not {self.granularity!r}")
+        self.context, self.criteria, self.update_every = context, criteria, update_every
+        self.layers, self.exclude = layers, exclude
         self.seed, self.show_sparsity, self.coupled = seed, show_sparsity, coupled
         self.sparsifier, self.history, self.report, self.last_target = None, [], None, None
-        self.completed, self.fixed = False, False  # the schedule reached its end; masks adopted after surgery, kept as they are
+        self.completed = False  # the schedule reached its end: later fits keep the masks
+        self.fixed = False      # masks adopted from a surgered model's zeros: kept as they are
         self._metric, self._mode, self._params, self._fmasks, self._via_sparsifier = None, None, [], [], False
         self._name = 'sparsify'
 
     def _check_sparsity(self, sparsity):
+        g = self.granularity
         if sparsity is None:
-            if not self.granularity.is_nm: raise ValueError("sparsity=None only makes sense for N:M granularities; pass a fraction in [0, 1)")
-            g = self.granularity
+            if not g.is_nm: raise ValueError("sparsity=None only makes sense for N:M granularities; pass a fraction")
             sparsity = (g.m - g.n) / g.m
         if isinstance(sparsity, dict): out = {k: check_sparsity(v, f'sparsity[{k!r}]') for k, v in sparsity.items()}
         else: out = check_sparsity(sparsity)
-        if self.granularity.is_nm:  # say now that the final target is out of reach, not at every update
+        if g.is_nm:  # say now that the final target is out of reach, not at every update
             for s in sorted(set(out.values()) if isinstance(out, dict) else {out}):
                 if abs(self._nm_level(s) - s) > 1e-9:
-                    g = self.granularity
                     reach = ', '.join(f'{i / g.m:g}' for i in range(g.m - g.n + 1))
-                    warnings.warn(f"{g!r} can only reach sparsities {reach}: the target {s:g} will be {self._nm_level(s):g}",
-                                  NMRoundingWarning, stacklevel=3)
+                    warnings.warn(f"{g!r} can only reach sparsities {reach}: the target {s:g} will be "
+                                  f"{self._nm_level(s):g}", NMRoundingWarning, stacklevel=3)
         return out
 
     def _nm_level(self, s:float) -> float:
@@ -77,36 +80,38 @@ class SparsifyCallback(Callback):
         g = self.granularity
         return min(math.floor(s * g.m + 0.5), g.m - g.n) / g.m
 
-    # --- one SparsifyCallback per Learner ---------------------------------------------------------------------------
+    # --- one SparsifyCallback per Learner ------------------------------------------------------------------------
     @property
-    def name(self): return self.__dict__.get('_name', 'sparsify')  # `learn.sparsify`; a refused second one gets its own name
+    def name(self): return self.__dict__.get('_name', 'sparsify')  # `learn.sparsify`; a second one gets its own name
 
     def __setattr__(self, name, value):
         if name == 'learn' and value is not None:  # fastai's add_cb, before it touches the Learner
             cbs = list(getattr(value, 'cbs', None) or [])
             if any(c is self for c in cbs):
-                raise ValueError("this SparsifyCallback is already attached to the Learner: pass it once, in Learner(cbs=) "
-                                 "or in fit(cbs=), not both")
+                raise ValueError("this SparsifyCallback is already attached to the Learner: pass it once, "
+                                 "in Learner(cbs=) or in fit(cbs=), not both")
             n_other = sum(isinstance(c, SparsifyCallback) for c in cbs)
-            # a second SparsifyCallback registers as `learn.sparsify2` (so removing it later leaves `learn.sparsify`
-            # alone); its fit is refused in before_fit, before anything changes
+            # a second SparsifyCallback registers as `learn.sparsify2`, so that removing it after its refused fit leaves
+            # `learn.sparsify` alone
             self.__dict__['_name'] = 'sparsify' if n_other == 0 else f'sparsify{n_other + 1}'
         super().__setattr__(name, value)
 
     def _check_alone(self):
         others = [c for c in self.learn.cbs if isinstance(c, SparsifyCallback) and c is not self]
         if others:
-            raise ValueError(f"{len(others) + 1} SparsifyCallbacks in one fit (one attached to the Learner, one passed to fit?): "
-                             "their masks and schedules would combine silently. Use one: remove the other with "
-                             "learn.remove_cb(learn.sparsify), or prune further with learn.sparsify.restart(sparsity)")
+            raise ValueError(f"{len(others) + 1} SparsifyCallbacks in one fit (one attached to the Learner, one "
+                             "passed to fit?): their masks and schedules would combine silently. Use one: remove the "
+                             "other with learn.remove_cb(learn.sparsify), or prune further with "
+                             "learn.sparsify.restart(sparsity)")
 
     def restart(self, sparsity=None) -> SparsifyCallback:
-        "Prune again on the next training fit: the schedule runs from its start to `sparsity` (default: the same target), on the model as it is then; its zeros stay pruned"
+        "Prune again in the next training fit: the schedule runs from its start to `sparsity` (default: the same)"
         if sparsity is not None: self.sparsity = self._check_sparsity(sparsity)
-        self.sparsifier, self.history, self.report, self.last_target, self.completed, self.fixed = None, [], None, None, False, False
+        self.sparsifier, self.history, self.report, self.last_target = None, [], None, None
+        self.completed, self.fixed = False, False
         return self
 
-    # --- the fit: a validation-only pass (validate, get_preds, `with learn:`) fires before_fit but never before_train ---
+    # --- the fit: validation-only passes (validate, get_preds, `with learn:`) fire before_fit, never before_train ---
     def before_fit(self):
         self._check_alone()
         self._drop_metric()  # a failed fit's column
@@ -126,7 +131,7 @@ class SparsifyCallback(Callback):
 
     def _start(self):
         model = get_model(self.learn.model)  # under DDP, the wrapped module: layer names match a single-process run
-        if self._lr_find:  # LRFinder restores the weights afterwards: keep the masks on, change nothing of the callback's
+        if self._lr_find:  # LRFinder restores the weights afterwards: keep the masks on, change no state of ours
             self._mode = 'keep' if self._matches(model) else 'off'
             self._refresh_cache()
             return
@@ -134,32 +139,34 @@ class SparsifyCallback(Callback):
         elif not self._matches(model):  # the same model after surgery (Pruner.compact): its zeros become fixed masks
             self._new(model, keep_history=True)
             self.fixed = True
-            logger.info("SparsifyCallback: the model's layers changed since the last fit (surgery): its %d zero weights are "
-                        "kept as fixed masks and nothing more is pruned; call restart() to prune it again",
+            logger.info("SparsifyCallback: the model's layers changed since the last fit (surgery): its %d zero "
+                        "weights are kept as fixed masks and nothing more is pruned; call restart() to prune it again",
                         sum(int((~mk).sum()) for mk in self.sparsifier.masks.values()))
         sp = self.sparsifier
-        frozen = self._frozen_groups(sp)
+        frozen = self._frozen_layers(sp)
         if self.completed or self.fixed or frozen:
             if frozen and not (self.completed or self.fixed):
-                logger.info("SparsifyCallback: %s frozen by Learner.freeze in this fit: the masks are kept and the schedule "
-                            "waits for an unfrozen fit (fine_tune prunes during its unfrozen fit)", ', '.join(frozen))
+                logger.info("SparsifyCallback: %s frozen by Learner.freeze in this fit: the masks are kept and the "
+                            "schedule waits for an unfrozen fit (fine_tune prunes in its unfrozen fit)",
+                            ', '.join(frozen))
             self._mode = 'keep'
             self._refresh_cache()
             self._apply()
             return
         if sp.criterion.needs_grad:
             stuck = [n for n, m in sp.layers.items() if not m.weight.requires_grad]
-            if stuck: raise ValueError(f"criteria {sp.criterion!r} needs gradients, but these layers are frozen: {', '.join(stuck)}; "
-                                       "unfreeze them, leave them out with exclude=, or use criteria='magnitude'")
+            if stuck: raise ValueError(f"criteria {sp.criterion!r} needs gradients, but these layers are frozen: "
+                                       f"{', '.join(stuck)}; unfreeze them, leave them out with exclude=, "
+                                       "or use criteria='magnitude'")
         self.n_steps = max(1, self.n_epoch * len(self.dls.train))
         sched = self.schedule
         window = max(1, round((sched.end_pct - sched.start_pct) * self.n_steps))
         self._every = 1 if sched.stepwise else (self.update_every or max(1, min(100, window // 8)))
         self._needs_grad = sp.criterion.needs_grad
         self._done = False
-        sp.criterion.reset()  # gradients accumulate from this fit's steps only
-        # Pruning at pos 0 (one-shot, iterative) happens before the first batch; gradient criteria have no gradients yet,
-        # so for them it happens after the first optimizer step, on that step's gradients.
+        if self._needs_grad: sp.criterion.reset()  # gradients accumulate over this fit's steps only
+        # Pruning at pos 0 (one-shot, iterative) happens before the first batch; gradient criteria have no gradients
+        # yet, so for them it happens after the first optimizer step, on that step's gradients.
         self._refresh_cache()  # masks adopted from the weights' zeros, if any
         if sched(0.) > 0 and not self._needs_grad: self._update(0., sched(0.))
         self._apply()
@@ -183,12 +190,14 @@ class SparsifyCallback(Callback):
         mode, self._mode = self._mode, None
         self._params, self._fmasks, self._via_sparsifier = [], [], False
         if mode is None or self._lr_find: return  # a validation-only pass, or lr_find: nothing of the callback changed
-        xb = getattr(self.learn, 'xb', None)
-        if xb and xb[0] is not None: self.report = sparsity_report(self.sparsifier.model, tuple(x[:1] for x in xb))  # with FLOPs, from one real input
-        else: self.report = self.sparsifier.report()
-        if rank_distrib() == 0: logger.info("SparsifyCallback: %.4f sparsity over %d pruned layers\n%s", self.sparsifier.sparsity(), len(self.sparsifier.layers), self.report.to_string())
+        sp, xb = self.sparsifier, getattr(self.learn, 'xb', None)
+        if xb and xb[0] is not None: self.report = sparsity_report(sp.model, tuple(x[:1] for x in xb))  # FLOPs too
+        else: self.report = sp.report()
+        if rank_distrib() == 0:
+            logger.info("SparsifyCallback: %.4f sparsity over %d pruned layers\n%s", sp.sparsity(), len(sp.layers),
+                        self.report.to_string())
 
-    # --- helpers ----------------------------------------------------------------------------------------------------
+    # --- helpers -------------------------------------------------------------------------------------------------
     def _drop_metric(self):
         if self._metric is not None: self.learn.metrics = [m for m in self.learn.metrics if m is not self._metric]
         self._metric = None
@@ -207,20 +216,20 @@ class SparsifyCallback(Callback):
         sp = self.sparsifier
         if sp is None or sp.model is not model: return False
         mods = dict(model.named_modules())
-        return all(mods.get(n) is m and tuple(m.weight.shape) == s for (n, m), s in zip(sp.layers.items(), self._shapes))
+        return all(mods.get(n) is m and tuple(m.weight.shape) == s
+                   for (n, m), s in zip(sp.layers.items(), self._shapes))
 
     def _new(self, model, keep_history=False):
-        "A Sparsifier on `model` that takes its zeros as pruned (state changes only once every check passed)"
+        "A Sparsifier on `model` that takes its zeros as pruned (the callback's state changes once every check passed)"
         sp = Sparsifier(model, self.granularity, self.context, self.criteria, self.layers, self.exclude, self.seed)
         if self.granularity.name == 'filter' and self.coupled is not False: self._couple(sp)
         if isinstance(self.sparsity, dict): sp._check_targets(self.sparsity)
         sp.adopt_zeros()
-        self.sparsifier, self._shapes = sp, [tuple(m.weight.shape) for m in sp.layers.values()]
-        self.report = None
+        self.sparsifier, self._shapes, self.report = sp, [tuple(m.weight.shape) for m in sp.layers.values()], None
         if not keep_history: self.last_target, self.history, self.completed, self.fixed = None, [], False, False
 
-    def _frozen_groups(self, sp) -> list[str]:
-        "Pruned layers in the parameter groups `Learner.freeze` froze for this fit"
+    def _frozen_layers(self, sp) -> list[str]:
+        "Pruned layers in the parameter groups that `Learner.freeze` froze for this fit"
         opt = self.learn.opt
         k = getattr(opt, 'frozen_idx', 0) or 0
         if not k: return []
@@ -228,7 +237,7 @@ class SparsifyCallback(Callback):
         return [n for n, m in sp.layers.items() if id(m.weight) in frozen and not m.weight.requires_grad]
 
     def _couple(self, sp):
-        "Filter granularity: find coupled channels on one training input (falls back to single filters if tracing fails and coupled=None)"
+        "Filter granularity: coupled channels from one training input (untraceable and coupled=None: single filters)"
         dl = self.dls.train
         b = getattr(dl, 'dl', dl).one_batch()  # a DistributedDL wraps the real one
         try: n_inp = self.dls.n_inp
@@ -237,8 +246,8 @@ class SparsifyCallback(Callback):
         try: sp.couple(x[0] if len(x) == 1 else x)
         except Exception as e:
             if self.coupled: raise
-            logger.warning("SparsifyCallback: could not trace coupled channels (%s: %s); pruning filters layer by layer, "
-                           "which Pruner.compact() may not be able to remove", type(e).__name__, e)
+            logger.warning("SparsifyCallback: could not trace coupled channels (%s: %s); pruning filters layer by "
+                           "layer, which Pruner.compact() may not be able to remove", type(e).__name__, e)
 
     def _target(self, frac:float):
         "The target at schedule fraction `frac` (for N:M, the level it reaches: the schedule moves in reachable steps)"

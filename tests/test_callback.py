@@ -81,7 +81,8 @@ def test_gradient_accumulation():
     chk = CheckZeros(cb)
     learn.fit(2, 1e-2, cbs=[GradientAccumulation(n_acc=128), cb, chk])
     dead = {n: int((m.weight == 0).all(1).sum()) for n, m in cb.sparsifier.layers.items()}
-    fct.test_eq(dead, {'0': round(0.6 * 64), '2': round(0.6 * 32), '4': 0})  # coupled channels: the classifier keeps its outputs
+    # coupled channels: the classifier keeps its outputs
+    fct.test_eq(dead, {'0': round(0.6 * 64), '2': round(0.6 * 32), '4': 0})
 
 
 def test_filter_uncoupled_prunes_every_layer():
@@ -89,7 +90,8 @@ def test_filter_uncoupled_prunes_every_layer():
     cb = SparsifyCallback(0.5, 'filter', 'local', coupled=False)
     learn.fit(1, 1e-2, cbs=cb)
     assert cb.sparsifier.groups is None
-    for n, m in cb.sparsifier.layers.items(): fct.test_eq(int((m.weight == 0).all(1).sum()), round(0.5 * m.weight.shape[0]))
+    for n, m in cb.sparsifier.layers.items():
+        fct.test_eq(int((m.weight == 0).all(1).sum()), round(0.5 * m.weight.shape[0]))
 
 
 @pytest.mark.parametrize('how', ['fit', 'fit_one_cycle', 'fine_tune'])
@@ -163,7 +165,8 @@ def test_resume_mid_schedule(tmp_path):
                 self.masks = {k: v.clone() for k, v in self.learn.sparsify.sparsifier.masks.items()}
     def make():
         torch.manual_seed(0)
-        learn = Learner(_dls(shuffle=False), mlp(64, 48, 10), loss_func=nn.CrossEntropyLoss(), opt_func=Adam, path=tmp_path)
+        learn = Learner(_dls(shuffle=False), mlp(64, 48, 10), loss_func=nn.CrossEntropyLoss(), opt_func=Adam,
+                        path=tmp_path)
         return learn
     a = make(); saver = SaveAt()
     cb_a = SparsifyCallback(0.9, schedule=agp(0., 1.), update_every=4)
@@ -242,7 +245,8 @@ def test_gradient_criteria_refuse_frozen_layers_before_training():
     learn = _learn()
     learn.model[0].weight.requires_grad_(False)
     ref = copy.deepcopy(learn.model.state_dict())
-    fct.test_fail(lambda: learn.fit(1, 1e-2, cbs=SparsifyCallback(0.5, criteria='gradient_magnitude')), contains="frozen: 0")
+    fct.test_fail(lambda: learn.fit(1, 1e-2, cbs=SparsifyCallback(0.5, criteria='gradient_magnitude')),
+                  contains="frozen: 0")
     for k, v in learn.model.state_dict().items(): assert torch.equal(v, ref[k])
     fct.test_eq(len(learn.metrics), 0)
 
@@ -294,7 +298,7 @@ def test_fit_compact_fit_does_not_prune_the_compacted_model_again():
     learn.fit(1, 1e-3, cbs=chk)
     fct.test_eq([m.weight.shape for m in learn.model if isinstance(m, (nn.Conv2d, nn.Linear))], widths)
     for m in learn.model:
-        if isinstance(m, nn.Conv2d): fct.test_eq(int((m.weight.flatten(1) == 0).all(1).sum()), 0)  # no filter pruned again
+        if isinstance(m, nn.Conv2d): fct.test_eq(int((m.weight.flatten(1) == 0).all(1).sum()), 0)  # none pruned again
     assert cb.fixed and cb.sparsifier.masks == {}  # every zeroed filter was removed: nothing left to mask
     assert _acc(learn) > acc0 - 0.05  # not destroyed (before the fix: half of what was left was pruned again)
 
@@ -308,7 +312,7 @@ def test_after_surgery_weight_zeros_stay_fixed_and_restart_prunes_again():
     zeros = [(m.weight == 0).clone() for m in learn.model if isinstance(m, (nn.Conv2d, nn.Linear))]
     n_hist = len(cb.history)
     learn.fit(1, 1e-3)
-    fct.test_eq([(m.weight == 0) for m in learn.model if isinstance(m, (nn.Conv2d, nn.Linear))], zeros)  # same zeros, kept
+    fct.test_eq([(m.weight == 0) for m in learn.model if isinstance(m, (nn.Conv2d, nn.Linear))], zeros)  # kept as is
     fct.test_eq(len(cb.history), n_hist)
     learn.sparsify.restart(0.95)  # pruning again is explicit
     learn.fit(1, 1e-3)
@@ -342,7 +346,8 @@ def test_lr_find_leaves_model_and_callback_untouched(tmp_path, mid):
     cb = SparsifyCallback(0.9, schedule=agp(0., 1.))
     learn = _learn(cbs=cb, path=tmp_path)
     if mid: learn.fit(2, 1e-2, cbs=_CancelAt(8))  # half-way through an AGP schedule
-    before, hist, masks = _sd(learn.model), list(cb.history), {k: v.clone() for k, v in (cb.sparsifier.masks if mid else {}).items()}
+    before, hist = _sd(learn.model), list(cb.history)
+    masks = {k: v.clone() for k, v in (cb.sparsifier.masks if mid else {}).items()}
     chk = CheckZeros(cb) if mid else []
     with learn.added_cbs(chk): learn.lr_find(num_it=12, show_plot=False)
     assert _same_sd(before, learn.model.state_dict())
@@ -434,7 +439,8 @@ def test_save_load_continue_same_learner(tmp_path):
 
 
 def test_nm_unreachable_target_warns_once_at_creation():
-    with pytest.warns(NMRoundingWarning, match='0, 0.25, 0.5: the target 0.3 will be 0.25'): cb = SparsifyCallback(0.3, '2:4')
+    with pytest.warns(NMRoundingWarning, match='0, 0.25, 0.5: the target 0.3 will be 0.25'):
+        cb = SparsifyCallback(0.3, '2:4')
     learn = _learn()
     with warnings.catch_warnings():
         warnings.simplefilter('error', NMRoundingWarning)

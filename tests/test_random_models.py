@@ -28,7 +28,8 @@ class Drawn(nn.Module):
         self.spec, kind, c = spec, spec['kind'], spec['width']
         conv = kind == 'conv'
         lin = (lambda a, b: nn.Conv2d(a, b, 3, padding=1)) if conv else nn.Linear
-        self.stem = nn.Conv2d(3, c, 3, padding=1) if conv else nn.Embedding(20, c) if kind == 'tokens' else nn.Linear(16, c)
+        self.stem = (nn.Conv2d(3, c, 3, padding=1) if conv else nn.Embedding(20, c) if kind == 'tokens'
+                     else nn.Linear(16, c))
         self.blocks = nn.ModuleList()
         for b in spec['blocks']:
             if b == 'plain': m = nn.Sequential(lin(c, c), nn.ReLU())
@@ -48,11 +49,12 @@ class Drawn(nn.Module):
         for b, m in zip(self.spec['blocks'], self.blocks):
             if b == 'res': x = F.relu(x + m['b'](F.relu(m['a'](x))))
             elif b == 'cat': x = torch.cat([m['a'](x), m['b'](x)], 1)
-            elif b == 'prelu' and x.ndim == 4: x = m(x)
             else: x = m(x)
-        if x.ndim == 4: x = x.mean((2, 3))
-        out, aux = self.head(x), self.aux(x)
-        return {'tensor': out, 'tuple': (out, aux), 'dict': {'out': out, 'aux': aux}}[self.spec['out']]
+        if self.spec['kind'] == 'conv': x = x.mean((2, 3))
+        out = self.head(x)
+        if self.spec['out'] == 'tensor': return out
+        aux = self.aux(x)
+        return (out, aux) if self.spec['out'] == 'tuple' else {'out': out, 'aux': aux}
 
 
 @st.composite
@@ -136,3 +138,34 @@ def test_state_dict_into_fresh_model_keeps_zeros_and_output(spec, s):
     with torch.no_grad(): fct.test_close(_flat(fresh(x)), ref, eps=1e-5)
     sp2 = Sparsifier(fresh, 'weight', 'global')
     for n, mk in sp.masks.items(): assert torch.equal(sp2.weight(n) == 0, ~mk), n  # zero exactly where masked
+
+
+@given(spec=specs(), context=st.sampled_from(['local', 'global']))
+@settings(**SETTINGS)
+def test_filter_prune_compact_save_load(spec, context):
+    "Filter masks keep every model output (tuple and dict ones included); compact() gives the same outputs; "
+    "save_pruned → fresh model → load_pruned gives them again (LayerNorm, PReLU, Embedding values included)"
+    import tempfile, os
+    from fasterprune.pruner import Pruner, save_pruned, load_pruned
+    model = Drawn(spec).eval()
+    x = _inputs(spec)
+    with torch.no_grad(): ref = _flat(model(x))
+    try: sp = Sparsifier(model, 'filter', context, example_input=x[:1]).sparsify(0.5)
+    except ValueError as e:  # every channel feeds an output or a channel-mixing op (LayerNorm over C×H×W): said so
+        assert 'Nothing to prune' in str(e)
+        with torch.no_grad(): fct.test_eq(_flat(model(x)), ref)
+        return
+    for n in ('head', 'aux') if spec['out'] != 'tensor' else ('head',):  # the model's outputs are never pruned
+        if n in sp.masks: assert sp.masks[n].any(1).all(), n
+    with torch.no_grad(): ref = _flat(model(x))
+    if spec['param']:  # the Pruner refuses reparametrized layers up front, with what to do, and changes nothing
+        with pytest.raises(ValueError, match='reparametrized'): Pruner(model, x).compact()
+        with torch.no_grad(): fct.test_eq(_flat(model(x)), ref)
+        return
+    Pruner(model, x).compact()
+    with torch.no_grad(): fct.test_close(_flat(model(x)), ref, eps=1e-4)
+    with tempfile.TemporaryDirectory() as d:
+        f = os.path.join(d, 'm.pth')
+        save_pruned(model, f)
+        fresh = load_pruned(Drawn(spec, seed=1), f).eval()
+    with torch.no_grad(): fct.test_close(_flat(fresh(x)), ref, eps=1e-4)

@@ -1,10 +1,9 @@
 """Workflow suite (issue 13): SparsifyCallback and Pruner on the fastai paths users walk — fit → compact → fit,
-lr_find → fit, fine_tune, validate, save → load → continue — on a fastai vision model (torchvision resnet18 through
-`vision_learner`, random weights, digits rendered as 3×32×32 `TensorImage`s) and a fastai `TabularModel` (digits as a
-DataFrame with one categorical column). At each step the promises are checked: exact sparsity, masked weights zero
-after every optimizer step, no weight changed by validate/lr_find, the compacted model computes what the masked one did
-and is not pruned again."""
-import copy
+lr_find → fit, fine_tune, validate, save → load → continue — on a fastai vision model (torchvision resnet18
+through `vision_learner`, random weights, digits rendered as 3×32×32 `TensorImage`s) and a fastai `TabularModel`
+(digits as a DataFrame with one categorical column). At each step the promises are checked: exact sparsity, masked
+weights zero after every optimizer step, no weight changed by validate/lr_find, the compacted model computes what the
+masked one did and is not pruned again."""
 import pytest, torch, torch.nn as nn, torch.nn.functional as F
 import fastcore.test as fct
 import pandas as pd
@@ -43,8 +42,8 @@ def vision(cbs=None, path='.', n=256):
     xt, yt, xv, yv = digits_arrays(flat=False)
     dls = DataLoaders(DataLoader(_Images(_img(xt[:n]), yt[:n]), bs=64, shuffle=True, drop_last=True),
                       DataLoader(_Images(_img(xv[:128]), yv[:128]), bs=128), device=torch.device('cpu'))
-    learn = vision_learner(dls, torchvision.models.resnet18, pretrained=False, n_out=10, loss_func=nn.CrossEntropyLoss(),
-                           metrics=accuracy, cbs=cbs, path=path)
+    learn = vision_learner(dls, torchvision.models.resnet18, pretrained=False, n_out=10,
+                           loss_func=nn.CrossEntropyLoss(), metrics=accuracy, cbs=cbs, path=path)
     learn.remove_cbs(ProgressCallback)
     return learn
 
@@ -118,14 +117,14 @@ def test_fit_compact_fit(kind):
     z = Zeros(cb)
     learn.fit(1, LR[kind] / 10, cbs=z)
     fct.test_eq([(m.weight == 0) for m in _layers(learn.model)], zeros)  # the same zeros: nothing pruned again
-    assert learn.recorder.values[-1][0] < 1.5 * train_loss  # training goes on from where it was, not from a re-pruned model
+    assert learn.recorder.values[-1][0] < 1.5 * train_loss  # training goes on from where it was, nothing re-pruned
     if kind == 'tabular': assert learn.validate()[1] > acc - 0.1  # (the 8-step resnet's BatchNorm statistics make its
                                                                   # validation accuracy too noisy to compare)
 
 
 @pytest.mark.parametrize('kind', KINDS)
 def test_filter_fit_compact_fit(kind):
-    "Filters pruned by the callback are removed by compact(); the next fit trains the smaller model, pruning nothing more"
+    "Filters the callback pruned are removed by compact(); the next fit trains the smaller model, pruning nothing more"
     cb = SparsifyCallback(0.5, 'filter', 'local', schedule='one_shot')
     learn = MAKE[kind](cbs=cb)
     learn.fit(1, LR[kind])
