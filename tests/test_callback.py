@@ -467,3 +467,13 @@ def test_parametrized_layer_masked_weights_stay_zero(param):
     assert chk.checked > 0
     sp = cb.sparsifier
     fct.test_eq(sum(int((sp.weight(n) == 0).sum()) for n in sp.layers), round(0.8 * _n_w(sp)))
+
+
+def test_frozen_fit_prunes_the_trainable_layers_named_in_layers():
+    from fastai.torch_core import params
+    learn = _learn(splitter=lambda m: [params(m[0]), params(m[2:])])
+    learn.freeze()
+    cb = SparsifyCallback(0.5, layers=['2', '4'], criteria='gradient_magnitude')
+    learn.fit(1, 1e-2, cbs=cb)
+    fct.test_eq(_n_zero(cb.sparsifier), round(0.5 * _n_w(cb.sparsifier)))
+    fct.test_eq(int((learn.model[0].weight == 0).sum()), 0)
