@@ -15,8 +15,9 @@ import torch.nn.functional as F
 logger = logging.getLogger('fasterprune')
 
 # %% auto #0
-__all__ = ['logger', 'kernel_names', 'semi_backends', 'default_rtol', 'is_2_4', 'SparseLinear', 'CSRLinear', 'SemiLinear',
-           'SparseMultiheadAttention', 'time_kernels', 'to_sparse_inference', 'export_report']
+__all__ = ['logger', 'kernel_names', 'semi_backends', 'default_rtol', 'is_2_4', 'SparseLinear', 'CSRLinear', 'csr_conv_refusal',
+           'CSRConv2d', 'SemiLinear', 'SparseMultiheadAttention', 'time_kernels', 'to_sparse_inference',
+           'export_report']
 
 # %% ../nbs/14_inference.ipynb #24d5af57
 kernel_names = ('dense', 'csr', 'semi')  # dense, CSR (compressed sparse rows), 2:4 semi-structured
@@ -73,17 +74,19 @@ class SparseLinear(nn.Module):
         k = prefix + 'weight'
         if k not in state_dict: missing_keys.append(k)
         else:
-            w = state_dict[k]
-            if tuple(w.shape) != (self.out_features, self.in_features):
+            w, shape = state_dict[k], self._weight_shape()
+            if tuple(w.shape) != shape:
                 error_msgs.append(f"size mismatch for {k}: copying a param with shape {tuple(w.shape)} from checkpoint, "
-                                  f"the shape in the current model is {(self.out_features, self.in_features)}.")
+                                  f"the shape in the current model is {shape}.")
             else:
                 ref = self.bias if self.bias is not None else self._ref()
-                with torch.no_grad(): self.set_weight(w.detach().to(device=ref.device, dtype=ref.dtype))
+                w = w.detach().reshape(self.out_features, self.in_features).to(device=ref.device, dtype=ref.dtype)
+                with torch.no_grad(): self.set_weight(w)
         rest = {n: v for n, v in state_dict.items() if n != k}
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def _ref(self) -> Tensor: raise NotImplementedError
+    def _weight_shape(self) -> tuple: return (self.out_features, self.in_features)
     def extra_repr(self): return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 class CSRLinear(SparseLinear):
@@ -111,6 +114,53 @@ class CSRLinear(SparseLinear):
         return torch.sparse.addmm(self.bias.unsqueeze(1), self.weight, x.t()).t()
 
     def extra_repr(self): return super().extra_repr() + f", nnz={self.values.numel()}"
+
+# %% ../nbs/14_inference.ipynb #c0358ccf
+def csr_conv_refusal(m:nn.Module) -> str|None:
+    "None when `CSRConv2d` can replace the convolution `m`, else why not"
+    if type(m) is not nn.Conv2d: return f"{type(m).__name__}: CSR convolutions are implemented for nn.Conv2d only"
+    if m.groups != 1: return f"a grouped/depthwise Conv2d (groups={m.groups}): CSR convolutions need groups=1"
+    if m.padding_mode != 'zeros': return f"padding_mode={m.padding_mode!r}: CSR convolutions need zero padding"
+    if isinstance(m.padding, str) and m.padding == 'same' and any(k % 2 == 0 for k in m.kernel_size):
+        return "padding='same' with an even kernel is not supported"
+    return None
+
+class CSRConv2d(CSRLinear):
+    "A `Conv2d` (groups=1, zero padding) as im2col (`F.unfold`) and a CSR matmul over `(out, in·kh·kw)`, bias fused"
+    def __init__(self, conv:nn.Conv2d):
+        why = csr_conv_refusal(conv)
+        if why: raise ValueError(f"CSRConv2d cannot replace this layer: {why}")
+        self.out_channels, self.in_channels = conv.out_channels, conv.in_channels
+        self.kernel_size, self.stride, self.dilation = conv.kernel_size, conv.stride, conv.dilation
+        pad = conv.padding
+        if pad == 'valid': pad = (0, 0)
+        elif pad == 'same': pad = tuple(d * (k - 1) // 2 for k, d in zip(conv.kernel_size, conv.dilation))
+        self.padding = tuple(pad)
+        self.pointwise = self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+        w = conv.weight.detach()
+        super().__init__(w.reshape(w.shape[0], -1), conv.bias)
+
+    def _weight_shape(self): return (self.out_channels, self.in_channels, *self.kernel_size)
+    def dense_weight(self) -> Tensor: return super().dense_weight().reshape(self._weight_shape())
+
+    def forward(self, x:Tensor) -> Tensor:
+        _inference_only(self, x)
+        if x.ndim == 3: return self(x.unsqueeze(0)).squeeze(0)
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"CSRConv2d expects inputs of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        n, _, h, w = x.shape
+        ho, wo = ((s + 2 * p - d * (k - 1) - 1) // st + 1 for s, p, d, k, st in
+                  zip((h, w), self.padding, self.dilation, self.kernel_size, self.stride))
+        cols = x.reshape(n, self.in_channels, h * w) if self.pointwise else \
+            F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (n, in·kh·kw, ho·wo)
+        cols = cols[0] if n == 1 else cols.transpose(0, 1).reshape(self.in_features, n * ho * wo)
+        w_ = self.weight
+        y = torch.sparse.mm(w_, cols) if self.bias is None else torch.sparse.addmm(self.bias.unsqueeze(1), w_, cols)
+        return y.reshape(self.out_channels, n, ho, wo).transpose(0, 1)  # a view: (n, out, ho, wo)
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+                f"dilation={self.dilation}, bias={self.bias is not None}, nnz={self.values.numel()}")
 
 # %% ../nbs/14_inference.ipynb #cbeb68e5
 semi_backends = ('cslt', 'cusparselt', 'cutlass')  # direct torch._cslt_sparse_mm; the plain to_sparse_semi_structured call
@@ -359,7 +409,7 @@ def _evaluating(model):
 def _plain_linear(m): return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
 
 def _matrices(model:nn.Module) -> tuple[dict, dict, dict]:
-    "`(linears, attentions, convs)` of `model` by name; Linears inside an `nn.MultiheadAttention` belong to it"
+    "`(linears, attentions, convolutions)` of `model` by name; Linears inside an `nn.MultiheadAttention` belong to it"
     mhas = {n: m for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
     inner = {f'{n}.out_proj' for n in mhas}
     lins = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in inner}
@@ -367,17 +417,20 @@ def _matrices(model:nn.Module) -> tuple[dict, dict, dict]:
     return lins, mhas, convs
 
 def _check_kernels(kernels, names:list[str], convs:dict):
-    "Validate `kernels=`; a `ValueError` for unknown kernels, patterns that match nothing, and convolutions asked for CSR/2:4"
+    "Validate `kernels=`; a `ValueError` for unknown kernels, patterns that match nothing, and convolutions asked for what they cannot do"
     if kernels is None: return
     if isinstance(kernels, str): kernels = {'*': kernels}
     if not isinstance(kernels, dict):
         raise TypeError(f"kernels must be None, a kernel name or a {{layer name or pattern: kernel}} dict, got {type(kernels).__name__}")
     for pat, k in kernels.items():
         if k not in kernel_names: raise ValueError(f"kernels[{pat!r}]={k!r}: unknown kernel; choose from {', '.join(kernel_names)}")
-        hits = [n for n in convs if fnmatch.fnmatchcase(n, pat)]
-        if pat != '*' and hits and k != 'dense':
-            raise ValueError(f"kernels[{pat!r}]={k!r} asks for a sparse kernel on the convolution {hits[0]!r}: CSR and 2:4 kernels "
-                             "are for Linear layers and attention projections; convolutions stay dense (no faster kernel measured)")
+        hits = [n for n in convs if fnmatch.fnmatchcase(n, pat)] if pat != '*' else []
+        if hits and k == 'semi':
+            raise ValueError(f"kernels[{pat!r}]='semi' asks for 2:4 semi-structured on the convolution {hits[0]!r}: 2:4 kernels are "
+                             "for Linear layers and attention projections; use 'csr' (Conv2d) or 'dense'")
+        bad = [(n, csr_conv_refusal(convs[n])) for n in hits if csr_conv_refusal(convs[n])]
+        if bad and k == 'csr':
+            raise ValueError(f"kernels[{pat!r}]='csr' asks for CSR on the convolution {bad[0][0]!r}, which cannot: {bad[0][1]}")
         if not any(fnmatch.fnmatchcase(n, pat) for n in list(names) + list(convs)):
             raise ValueError(f"kernels: pattern {pat!r} matches no Linear layer or attention projection; they are: {', '.join(names) or 'none'}")
 
@@ -412,8 +465,8 @@ def _semi_candidates(w, b, x) -> tuple[list, list[str]]:
         except Exception as e: refused.append(f"{backend}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:80]}")
     return cands, refused
 
-def _choose(name, w, b, x, forced, min_speedup, max_density, n_runs) -> tuple[nn.Module|None, dict]:
-    "The fastest kernel for the matrix `w` on the input `x` (None: stay dense) and its report row"
+def _choose(name, w, b, x, forced, min_speedup, max_density, n_runs, conv=None) -> tuple[nn.Module|None, dict]:
+    "The fastest kernel for the matrix `w` (or the Conv2d `conv`) on the input `x` (None: stay dense) and its report row"
     dev = w.device
     nz = int(torch.count_nonzero(w))
     density = nz / w.numel()
@@ -431,7 +484,7 @@ def _choose(name, w, b, x, forced, min_speedup, max_density, n_runs) -> tuple[nn
     if x is None:
         if forced: raise ValueError(f"layer {name!r}: kernels= asks for {forced!r}, but the layer did not run on the example input")
         return None, {**row, 'reason': 'did not run on the example input'}
-    x = x.detach().reshape(-1, w.shape[1])
+    x = x.detach() if conv is not None else x.detach().reshape(-1, w.shape[1])
     kinds = [forced] if forced else [k for k, ok in (('semi', nm), ('csr', density <= max_density)) if ok]
     if not kinds: return None, {**row, 'reason': f'{density:.0%} nonzero > max_density={max_density:g}' + ('' if dev.type != 'cuda' else ', not 2:4')}
     cands, notes = [], []
@@ -439,9 +492,10 @@ def _choose(name, w, b, x, forced, min_speedup, max_density, n_runs) -> tuple[nn
         c, notes = _semi_candidates(w, b, x)
         cands += c
     if 'csr' in kinds:
-        try: cands.append(('csr', CSRLinear(w, b)))
+        try: cands.append(('csr', CSRLinear(w, b) if conv is None else CSRConv2d(conv)))
         except Exception as e: notes.append(f"csr: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:80]}")
-    ref = F.linear(x, w, b)
+    dense = (lambda t: F.linear(t, w, b)) if conv is None else (lambda t: conv._conv_forward(t, w, b))
+    ref = dense(x)
     tol = default_rtol(w.dtype)
     ok = []
     for label, mod in cands:
@@ -454,7 +508,7 @@ def _choose(name, w, b, x, forced, min_speedup, max_density, n_runs) -> tuple[nn
     if not ok:
         if forced: raise ValueError(f"layer {name!r}: no {forced!r} kernel works here: {'; '.join(notes)}")
         return None, {**row, 'reason': 'no sparse kernel works: ' + '; '.join(notes)}
-    times = time_kernels([lambda t: F.linear(t, w, b)] + [mod for _, mod in ok], x, n_runs)
+    times = time_kernels([dense] + [mod for _, mod in ok], x, n_runs)
     ratios = [min(times[0]) / min(ts) for ts in times[1:]]  # best of n_runs: noise only ever adds time
     best = max(range(len(ok)), key=lambda i: ratios[i])
     label, mod = ok[best]
@@ -480,7 +534,7 @@ def to_sparse_inference(
     n_runs:int=15,              # interleaved timing rounds per layer (median of ratios)
     threads:int|None=None,      # CPU threads while timing (restored); None keeps the current count: time with the count you deploy with
 ) -> nn.Module:
-    "A copy of `model` for inference whose Linear layers and attention projections run sparse where measured faster"
+    "A copy of `model` for inference whose Linear, attention projection and Conv2d weights run sparse where measured faster"
     if not isinstance(model, nn.Module): raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if isinstance(n_runs, bool) or int(n_runs) != n_runs or n_runs < 1: raise ValueError(f"n_runs must be a whole number >= 1, got {n_runs!r}")
     if not 0 < max_density <= 1: raise ValueError(f"max_density must be in (0, 1], got {max_density!r}")
@@ -495,7 +549,11 @@ def to_sparse_inference(
         why = _mha_supported(m)
         if why: skipped[n] = why
         else: mats.update({f'{n}.{k}': (w, b, n, k) for k, (w, b) in _mha_mats(m).items()})
+    conv_refused = {n: csr_conv_refusal(m) for n, m in convs.items() if csr_conv_refusal(m)}
+    mats.update({n: (m.weight.detach(), None if m.bias is None else m.bias.detach(), n, 'conv') for n, m in convs.items()
+                 if n not in conv_refused})
     _check_kernels(kernels, list(mats), convs)
+    mods = {**lins, **convs}
     args, kw = _call_args(model, example_input)
     seen = {}
     def lin_hook(name):
@@ -506,7 +564,7 @@ def to_sparse_inference(
             q, key, v = (list(a) + [k.get('query'), k.get('key'), k.get('value')][len(a):])[:3]
             seen.update({f'{name}.q_proj': q, f'{name}.k_proj': key, f'{name}.v_proj': v, f'{name}.out_proj': q})
         return f
-    hs = [lins[n].register_forward_pre_hook(lin_hook(n)) for n, (_, _, _, k) in mats.items() if k == 'linear']
+    hs = [mods[n].register_forward_pre_hook(lin_hook(n)) for n, (_, _, _, k) in mats.items() if k in ('linear', 'conv')]
     hs += [m.register_forward_pre_hook(mha_hook(n), with_kwargs=True) for n, m in mhas.items() if n not in skipped]
     try:
         with _evaluating(model): ref = model(*args, **kw)
@@ -518,16 +576,18 @@ def to_sparse_inference(
         if threads is not None: torch.set_num_threads(int(threads))
         with torch.no_grad():
             for n, (w, b, owner, kind) in mats.items():
-                mod, row = _choose(n, w, b, seen.get(n), _forced(kernels, n), min_speedup, max_density, n_runs)
-                rows.append({**row, 'type': 'Linear' if kind == 'linear' else 'MultiheadAttention'})
+                forced = _forced(kernels, n)
+                if kind == 'conv' and isinstance(kernels, str) and forced == 'semi': forced = None  # 2:4 is for matrices
+                mod, row = _choose(n, w, b, seen.get(n), forced, min_speedup, max_density, n_runs, convs.get(n) if kind == 'conv' else None)
+                rows.append({**row, 'type': {'linear': 'Linear', 'conv': 'Conv2d'}.get(kind, 'MultiheadAttention')})
                 if mod is not None: chosen[n] = mod
     finally: torch.set_num_threads(old_threads)
     rows += [dict(layer=n, type='MultiheadAttention', kernel='dense', reason=why) for n, why in skipped.items()]
-    rows += [dict(layer=n, type=type(m).__name__, shape=tuple(m.weight.shape), kernel='dense',
-                  reason='convolution: no sparse kernel measured faster (CSR and 2:4 are for weight matrices)') for n, m in convs.items()]
+    rows += [dict(layer=n, type=type(convs[n]).__name__, shape=tuple(convs[n].weight.shape), kernel='dense', reason=why)
+             for n, why in conv_refused.items()]
     new = copy.deepcopy(model).eval().requires_grad_(False)
     for n, (w, b, owner, kind) in mats.items():
-        if kind == 'linear' and n in chosen: _set(new, n, chosen[n])
+        if kind in ('linear', 'conv') and n in chosen: _set(new, n, chosen[n])
     fused = {f'{n}.self_attn' for n, m in model.named_modules() if isinstance(m, nn.TransformerEncoderLayer)
              and any(c.startswith(n + '.') for c in chosen)}  # its fused fast path would read the sparse layers' weights
     for n in mhas:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 import fastcore.test as fct
-from fasterprune.inference import (to_sparse_inference, export_report, CSRLinear, SemiLinear, SparseMultiheadAttention,
+from fasterprune.inference import (to_sparse_inference, export_report, CSRLinear, CSRConv2d, SemiLinear, SparseMultiheadAttention,
                                    is_2_4, default_rtol)
 
 warnings.filterwarnings('ignore', message='Sparse CSR tensor support is in beta')
@@ -183,14 +183,17 @@ def test_inference_only_errors(trained):
 
 def test_bad_requests_are_refused_and_leave_the_model_alone():
     torch.manual_seed(0)
-    cnn = nn.Sequential(nn.Conv2d(1, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
-    _prune_(cnn[2], 0.9)
+    cnn = nn.Sequential(nn.Conv2d(1, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.ConvTranspose2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    _prune_(cnn[4], 0.9)
     x = torch.randn(2, 1, 8, 8)
-    with pytest.raises(ValueError, match='convolution'): to_sparse_inference(cnn, x, kernels={'0': 'csr'})
-    e = to_sparse_inference(cnn, x, kernels='csr')  # every weight *matrix*: the conv stays dense and says why
-    fct.test_eq(type(e[0]), nn.Conv2d)
-    fct.test_eq(next(r for r in e.sparse_export['rows'] if r['layer'] == '0')['reason'].startswith('convolution'), True)
-    with pytest.raises(ValueError, match='not 2:4'): to_sparse_inference(cnn, x, kernels={'2': 'semi'})
+    with pytest.raises(ValueError, match='depthwise'): to_sparse_inference(cnn, x, kernels={'1': 'csr'})
+    with pytest.raises(ValueError, match='nn.Conv2d only'): to_sparse_inference(cnn, x, kernels={'2': 'csr'})
+    with pytest.raises(ValueError, match='2:4 kernels are for Linear'): to_sparse_inference(cnn, x, kernels={'0': 'semi'})
+    e = to_sparse_inference(cnn, x, kernels='csr')  # every layer that can: the plain conv and the Linear
+    fct.test_eq([type(m) for m in e], [CSRConv2d, nn.Conv2d, nn.ConvTranspose2d, nn.Flatten, CSRLinear])
+    reasons = {r['layer']: r['reason'] for r in e.sparse_export['rows']}
+    fct.test_eq('groups=8' in reasons['1'] and 'Conv2d only' in reasons['2'], True)
+    with pytest.raises(ValueError, match='not 2:4'): to_sparse_inference(cnn, x, kernels={'4': 'semi'})
     nm = nn.Sequential(nn.Linear(8, 4))
     with torch.no_grad(): nm[0].weight.copy_(torch.tensor([1., 2, 0, 0]).repeat(4, 2))
     fct.test_eq(is_2_4(nm[0].weight), True)
@@ -199,7 +202,40 @@ def test_bad_requests_are_refused_and_leave_the_model_alone():
     with pytest.raises(ValueError, match='unknown kernel'): to_sparse_inference(nm, torch.randn(3, 8), kernels='bsr')
     with pytest.raises(ValueError, match='matches no Linear'): to_sparse_inference(nm, torch.randn(3, 8), kernels={'fc*': 'csr'})
     with pytest.raises(TypeError, match='example_input'): to_sparse_inference(nm, None)
-    fct.test_eq([type(m) for m in cnn], [nn.Conv2d, nn.Flatten, nn.Linear])
+    fct.test_eq([type(m) for m in cnn], [nn.Conv2d, nn.Conv2d, nn.ConvTranspose2d, nn.Flatten, nn.Linear])
+
+
+def test_conv2d_as_csr_matches_and_round_trips(tmp_path):
+    "A ResNet-style stack: strided, padded, dilated, 1x1 and bias-free convolutions through unfold + CSR"
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.Conv2d(16, 16, (3, 5), padding='same', dilation=2), nn.ReLU(), nn.Conv2d(16, 32, 1),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    net = _prune_conv_(net, 0.9).eval()
+    x = torch.randn(3, 3, 17, 15)
+    e = to_sparse_inference(net, x, kernels={'[035]': 'csr'})
+    fct.test_eq([type(e[i]) for i in (0, 3, 5)], [CSRConv2d] * 3)
+    with torch.no_grad():
+        torch.testing.assert_close(e(x), net(x), rtol=0, atol=1e-5)
+        torch.testing.assert_close(e(x[:1]), net(x[:1]), rtol=0, atol=1e-5)
+    torch.save(e.state_dict(), tmp_path / 'cnn.pt')
+    fresh = copy.deepcopy(net)
+    fresh.load_state_dict(torch.load(tmp_path / 'cnn.pt'))  # dense 4-D weights under the conv's own keys
+    fct.test_eq(all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), net.state_dict().values())), True)
+    again = to_sparse_inference(_prune_conv_(copy.deepcopy(net), 0.5, seed=1), x, kernels={'[035]': 'csr'})
+    again.load_state_dict(torch.load(tmp_path / 'cnn.pt'))
+    with torch.no_grad(): torch.testing.assert_close(again(x), net(x), rtol=0, atol=1e-5)
+
+
+def _prune_conv_(model, sparsity, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                p = m.weight
+                p.add_(torch.randn(p.shape, generator=g) * 1e-3)
+                p[p.abs() <= p.abs().flatten().kthvalue(int(p.numel() * sparsity)).values] = 0
+    return model
 
 
 def test_wrong_export_is_refused():
