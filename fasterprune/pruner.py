@@ -130,7 +130,7 @@ class Pruner:
         to = (lambda x: x.to(p.device)) if p is not None else (lambda x: x)
         self.example_inputs = tuple(to(x) for x in example_inputs) if isinstance(example_inputs, (tuple, list)) else to(example_inputs)
         self.original = copy.deepcopy(model) if keep_original else None
-        self.history = []
+        self.history, self._rewinder, self._folded = [], None, False
         self.second_inputs = _perturbed(self.example_inputs, torch.Generator().manual_seed(0))
 
     @property
@@ -281,6 +281,7 @@ def _surgery(self:Pruner, g:ChannelGraph, remove:Tensor, consts:dict, refs, what
     except Exception:
         self._rollback(); raise
     self._sync_optimizer()
+    if self._rewinder is not None: self._rewinder.follow_cuts(self._cuts)  # the rewind point and masks follow the cut
     after = sum(p.numel() for p in self.model.parameters())
     rec = dict(op=what, channels_removed=int(sum(int((remove[s.comp]).sum()) for (n, k), s in g.slots.items() if k == 'out')),
                params_before=before, params_after=after, rel_error=err, rtol=tol,
@@ -428,6 +429,40 @@ def _zero(self:Pruner, g:ChannelGraph, remove:Tensor):
                 if p is None: continue
                 self._undo.append((p, 'data', p.data.clone()))
                 p.data[rm.to(p.device)] = 0
+
+# %% ../nbs/08_pruner.ipynb #f5eb2602
+@patch
+def _rw(self:Pruner):
+    "The `Rewinder` behind the rewinding methods, attached to the Learner or the optimizer on first use"
+    if self._rewinder is None:
+        from fasterprune.rewind import Rewinder
+        self._rewinder = Rewinder(self.model).attach(self.learn if self.learn is not None else self.opt)
+    return self._rewinder
+
+@patch
+def keep_rewind_point(self:Pruner,
+    iteration:int=0,  # 0: the model's state now (initialization); k: the state after k optimizer steps of the next fit
+) -> Pruner:
+    "Keep the model's state (BatchNorm buffers included) to rewind to"
+    self._rw().keep_rewind_point(iteration)
+    return self
+
+@patch
+def prune_weights(self:Pruner,
+    rate:float=0.2,        # fraction in (0, 1) of the weights that still survive
+    context:str='local',   # 'local' (each layer at `rate`) or 'global' (one ranking over the layers)
+    layer_rates=None,      # {layer name or pattern: rate} for layers pruned at their own rate
+) -> dict:
+    "Prune `rate` of the surviving weights by magnitude; the masks hold through later fits. Returns the masks (True = keep)"
+    return self._rw().prune_weights(rate, context, layer_rates)
+
+@patch
+def rewind(self:Pruner,
+    fresh_opt:bool=True,  # start the next fit with a fresh optimizer state
+) -> Pruner:
+    "Load the rewind point into the surviving weights (and buffers); pruned weights stay zero"
+    self._rw().rewind(fresh_opt)
+    return self
 
 # %% ../nbs/08_pruner.ipynb #3bf99aab
 _size_attrs = ('in_channels', 'out_channels', 'groups', 'in_features', 'out_features', 'num_features', 'num_parameters',

@@ -451,3 +451,42 @@ def test_cuda_default_tf32_prune_passes_and_flags_restored():
         mh = torchvision.models.resnet18().cuda().to(dtype)
         pr = Pruner(mh, x.to(dtype), keep_original=False); pr.prune(0.5)
         assert pr.history[-1]['rel_error'] <= pr.history[-1]['rtol']
+
+
+# ---- issue 10: the Pruner rewinds (thin methods over fasterprune.rewind.Rewinder) ----
+
+def test_pruner_rewinds_between_fits_with_a_learner():
+    "keep_rewind_point -> fit -> prune_weights -> rewind -> fit: survivors restart from the point, pruned weights stay zero"
+    from fastai.learner import Learner
+    from fasterprune.data import digits_dls, small_cnn
+    torch.manual_seed(0)
+    learn = Learner(digits_dls(flat=False), small_cnn(c=8), loss_func=nn.CrossEntropyLoss())
+    pr = Pruner(learn).keep_rewind_point()
+    init = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    learn.fit(1, 1e-2)
+    masks = pr.prune_weights(0.5)
+    pr.rewind()
+    for k, v in learn.model.state_dict().items():
+        name = k.rpartition('.')[0]
+        if k.endswith('weight') and name in masks: assert torch.equal(v, init[k] * masks[name]), k
+        else: assert torch.equal(v, init[k]), k  # BatchNorm buffers rewound too
+    learn.fit(1, 1e-2)
+    for name, mk in masks.items(): fct.test_eq(int((learn.model.get_submodule(name).weight[~mk] != 0).sum()), 0)
+
+def test_pruner_rewind_point_follows_a_surgery():
+    "A channel surgery between rounds cuts the rewind point too: rewind() fits the smaller model"
+    torch.manual_seed(0)
+    net = seq_cnn(); x = torch.randn(8, 3, 16, 16)
+    opt = torch.optim.SGD(net.parameters(), 0.05)
+    pr = Pruner(net, x[:4], opt=opt).keep_rewind_point()
+    w0 = net[4].weight.detach().clone()
+    for _ in range(2): opt.zero_grad(); net(x).pow(2).mean().backward(); opt.step()
+    pr.prune_weights(0.3)
+    pr.prune(0.5)
+    trained = net[4].weight.detach().clone()
+    pr.rewind()
+    fct.test_eq(net[4].weight.shape, (16, 8, 3, 3))
+    w = net[4].weight.detach()
+    assert not torch.isin(trained[trained != 0], w0).all()  # training moved the weights away from the point
+    assert torch.isin(w[w != 0], w0).all()  # the rewound survivors are the point's values, cut like the model
+    assert (w != 0).sum() >= 0.5 * w.numel()
