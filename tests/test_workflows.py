@@ -1,6 +1,6 @@
 """Workflow suite (issue 13): SparsifyCallback and Pruner on the fastai paths users walk — fit → compact → fit,
 lr_find → fit, fine_tune, validate, save → load → continue — on a fastai vision model (torchvision resnet18
-through `vision_learner`, random weights, digits rendered as 3×32×32 `TensorImage`s) and a fastai `TabularModel`
+through `vision_learner`, random weights, digits rendered as 3×16×16 `TensorImage`s) and a fastai `TabularModel`
 (digits as a DataFrame with one categorical column). At each step the promises are checked: exact sparsity, masked
 weights zero after every optimizer step, no weight changed by validate/lr_find, the compacted model computes what the
 masked one did and is not pruned again."""
@@ -34,7 +34,7 @@ class _Images(TensorPairs):
     def __getitem__(self, i): return TensorImage(self.x[i]), TensorCategory(self.y[i])
 
 
-def _img(x): return F.interpolate(x, size=32, mode='bilinear').expand(-1, 3, -1, -1).contiguous()
+def _img(x): return F.interpolate(x, size=16, mode='bilinear').expand(-1, 3, -1, -1).contiguous()
 
 
 def vision(cbs=None, path='.', n=256):
