@@ -6,7 +6,7 @@ Docs: https://fasterprune.github.io/fasterprune/sparsifier.html.md"""
 
 # %% ../nbs/03_sparsifier.ipynb #88fdc5cf
 from __future__ import annotations
-import math, fnmatch, inspect, logging, warnings
+import math, fnmatch, inspect, logging, warnings, struct
 import numpy as np
 from fastcore.basics import patch
 import torch
@@ -25,7 +25,7 @@ class NMRoundingWarning(UserWarning):
 
 # %% auto #0
 __all__ = ['logger', 'prunable_types', 'context_names', 'NMRoundingWarning', 'prunable_layers', 'check_sparsity', 'select_prune',
-           'force_device_path', 'radix_select_prune', 'Sparsifier']
+           'force_device_path', 'NaNScores', 'device_select_prune', 'Sparsifier']
 
 # %% ../nbs/03_sparsifier.ipynb #c7c62eb6
 prunable_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
@@ -176,15 +176,17 @@ def select_prune(score_fns:list, n_groups:list[int], sizes:list[int], k:int, pre
     "Keep-masks (1-D bool per layer): groups pruned in `prev_keeps` stay pruned, then the live groups ordered by (score, layer, index) are pruned while the pruned weights stay <= `k`"
     prev_keeps = prev_keeps or [None] * len(n_groups)
     device = torch.device(device or 'cpu')
-    if not _host_kernels(device): return radix_select_prune(score_fns, n_groups, sizes, k, prev_keeps, device, out)
+    if _SELECT_PATH == 'device' or _SELECT_PATH is None and not _host_kernels(device):
+        return device_select_prune(score_fns, n_groups, sizes, k, prev_keeps, device, out, None, sample_fns, sample_size, seed)
     flat = out if out is not None else torch.empty(sum(n_groups), dtype=torch.bool, device=device)
-    flat.fill_(True)
     keeps = list(flat.split(list(n_groups)))  # all keep-masks are views of one buffer
     live = [g if p is None else int(torch.count_nonzero(p)) for g, p in zip(n_groups, prev_keeps)]
-    for kp, p in zip(keeps, prev_keeps):
-        if p is not None: kp.copy_(p)
     k = k - sum((g - l) * s for g, l, s in zip(n_groups, live, sizes))
-    if k <= 0: return keeps  # masks never shrink
+    if k <= 0:  # masks never shrink (below, the pass over the layers writes every keep-mask)
+        for kp, p in zip(keeps, prev_keeps):
+            if p is None: kp.fill_(True)
+            else: kp.copy_(p)
+        return keeps
     m = sample_size or min(2**18, max(2**12, sum(n_groups) // 128))
     sampled = sum(n_groups) > 8 * m
     if sampled:
@@ -217,11 +219,12 @@ def select_prune(score_fns:list, n_groups:list[int], sizes:list[int], k:int, pre
         if len(sel): keep[sel.to(device)] = False
     return keeps
 
-# %% ../nbs/03_sparsifier.ipynb #9adf076a
+# %% ../nbs/03_sparsifier.ipynb #821a9fd4
 _FORCE_DEVICE_PATH = False
+_SELECT_PATH = None  # 'host' or 'device' overrides the choice by device (benchmarks compare the two on one device)
 
 def force_device_path(on:bool=True):
-    "Use the accelerator's code path (radix select, torch kernels, no numpy) on CPU tensors too: for tests"
+    "Use the accelerator's code path (bracket select, torch kernels, no numpy) on CPU tensors too: for tests"
     global _FORCE_DEVICE_PATH
     _FORCE_DEVICE_PATH = on
 
@@ -229,114 +232,153 @@ def _host_kernels(device) -> bool:
     "May this device's tensors be handled with host round-trips and numpy (CPU, unless forced)?"
     return torch.device(device).type == 'cpu' and not _FORCE_DEVICE_PATH
 
-_NBINS = 65536
-
 def _device_chunk(n:int) -> int:
-    "Scores per chunk in the radix select: a 64th of the weights (bounded), at most 2^24 so float32 bin counts stay exact"
-    return max(2**20, min(2**24, n // 64))
+    "Scores per chunk on the device path: a 24th of the weights, between 2^20 and 2^24"
+    return max(2**20, min(2**24, n // 24))
 
-def _keys_hi(f:Tensor, ib:Tensor) -> Tensor:
-    "Order-preserving int32 keys of float32 `f`, written into `ib` (same length)"
-    bi = f.view(torch.int32)
-    torch.bitwise_right_shift(bi, 31, out=ib)
-    ib.bitwise_and_(0x7FFFFFFF)
-    return ib.bitwise_xor_(bi)
+def _exact_in(x:float, dtype) -> bool:
+    "Is the float `x` exactly representable in `dtype` (so a comparison in that dtype is exact)?"
+    if dtype in (torch.float32, torch.float64) or math.isinf(x): return True
+    if dtype == torch.bfloat16: return struct.unpack('<I', struct.pack('<f', x))[0] & 0xFFFF == 0
+    if dtype == torch.float16: return float(np.float16(x)) == x
+    return False
 
-def _key_to_float(key:Tensor) -> Tensor:
-    "The float32 whose key is `key` (0-dim int32), on the device"
-    return (key ^ ((key >> 31) & 0x7FFFFFFF)).view(torch.float32)
+class NaNScores(ValueError): "The criterion gave NaN scores"
 
-def _find_bin(hist:Tensor, need:Tensor):
-    "Bin holding the `need`+1-th weight of `hist` (float64 counts), and the weight strictly below that bin"
-    cum = hist.cumsum(0)
-    b = torch.searchsorted(cum, need.reshape(1), right=True)[0]
-    below = torch.where(b > 0, cum[(b - 1).clamp_min(0)], torch.zeros_like(need))
-    return b, below
-
-def radix_select_prune(score_fns:list, n_groups:list[int], sizes:list[int], k:int, prev_keeps:list|None=None,
-                       device=None, out:Tensor|None=None, chunk:int|None=None) -> list[Tensor]:
-    "`select_prune`'s masks, by a radix select on the score bits with device kernels only (no host sync per chunk)"
+def device_select_prune(score_fns:list, n_groups:list[int], sizes:list[int], k:int, prev_keeps:list|None=None,
+                        device=None, out:Tensor|None=None, chunk:int|None=None, sample_fns:list|None=None,
+                        sample_size:int|None=None, seed:int=0) -> list[Tensor]:
+    "`select_prune`'s masks with device kernels and a bounded number of host reads (none per chunk)"
     prev_keeps = prev_keeps or [None] * len(n_groups)
     device = torch.device(device or 'cpu')
     flat = out if out is not None else torch.empty(sum(n_groups), dtype=torch.bool, device=device)
     keeps = list(flat.split(list(n_groups)))
-    f64 = dict(dtype=torch.float64, device=device)
-    dead_w = torch.zeros((), **f64)
-    for kp, p, s in zip(keeps, prev_keeps, sizes):
-        if p is None: kp.fill_(True)
-        else:
-            kp.copy_(p)
-            dead_w += (p.numel() - p.sum()) * s
-    need = (k - dead_w).clamp_min(0)  # weights still to prune among the live groups (masks never shrink)
-    C = chunk or _device_chunk(sum(n_groups))
-    fbuf = torch.empty(min(C, max(n_groups)), dtype=torch.float32, device=device)
-    ibuf, bbuf = torch.empty_like(fbuf, dtype=torch.int32), torch.empty_like(fbuf)
-    if k <= 0: return keeps  # masks never shrink, and nothing more to prune
+    if k <= 0:
+        for kp, p in zip(keeps, prev_keeps):
+            if p is None: kp.fill_(True)
+            else: kp.copy_(p)
+        return keeps
+    offs = [0]
+    for g in n_groups: offs.append(offs[-1] + g)
+    N, W = offs[-1], sum(g * s for g, s in zip(n_groups, sizes))
+    C = chunk or _device_chunk(N)
+    dts = [getattr(f, 'dtype', torch.float32) for f in score_fns]
     takes_out = ['out' in inspect.signature(f).parameters for f in score_fns]
-    exact16 = [True] * len(score_fns)  # scores that came from bf16 tensors have zero low 16 bits
-    nbufs = {torch.float32: fbuf}  # score buffers in the dtype a part scores in (a criterion may write into them)
-
-    def chunks(li):
-        "(start, float32 canonical scores, live flags or None) for each chunk of part `li`"
-        g, p, dt = n_groups[li], prev_keeps[li], getattr(score_fns[li], 'dtype', torch.float32)
-        buf = nbufs.get(dt)
-        if buf is None: buf = nbufs[dt] = torch.empty(len(fbuf), dtype=dt, device=device)
-        sc = score_fns[li](out=buf[:g]) if takes_out[li] and g <= len(buf) else score_fns[li]()
-        sc = sc.detach().reshape(-1)
-        if sc.dtype != torch.bfloat16: exact16[li] = False
+    # batches: consecutive pieces of parts with one group size and one score dtype, <= C groups: a few kernels each
+    batches, cur = [], None
+    for li, g in enumerate(n_groups):
         for a in range(0, g, C):
             b = min(a + C, g)
-            f = torch.add(sc[a:b], 0., out=fbuf[:b - a]) if sc.dtype != torch.float32 or sc.data_ptr() != fbuf.data_ptr() \
-                else sc[a:b].add_(0.)  # float32, and -0.0 -> +0.0
-            yield a, f, None if p is None else p[a:b]
+            if cur is None or cur[2] != sizes[li] or cur[3] != dts[li] or cur[1] - cur[0] + b - a > C:
+                cur = [offs[li] + a, offs[li] + a, sizes[li], dts[li], []]
+                batches.append(cur)
+            cur[4].append((li, a, b)); cur[1] += b - a
+    bufs = {dt: torch.empty(min(C, N), dtype=dt, device=device) for dt in set(dts)}
+    pbuf = torch.empty(min(C, N), dtype=torch.bool, device=device) if any(p is not None for p in prev_keeps) else None
+    last = [None, None]  # the scores of a part bigger than a chunk, while its chunks are read
 
-    def histogram(which, hb=None):
-        hist, bad = torch.zeros(_NBINS, **f64), torch.zeros((), dtype=torch.bool, device=device)
-        for li, s in enumerate(sizes):
-            if which == 'lo' and exact16[li]: continue
-            for a, f, p in chunks(li):
-                n = len(f)
-                if which == 'hi': bad |= torch.isnan(f).any()
-                key = _keys_hi(f, ibuf[:n])
-                bins = bbuf[:n]
-                if which == 'hi': torch.add(key.bitwise_right_shift_(16), _NBINS // 2, out=bins)
-                else:
-                    sel = torch.eq(torch.bitwise_right_shift(key, 16), hb)
-                    torch.bitwise_and(key, 0xFFFF, out=bins)
-                    bins.masked_fill_(~sel, -1.)
-                if p is not None: bins.masked_fill_(~p, -1.)
-                hist += torch.histc(bins, _NBINS, 0, _NBINS).to(torch.float64) * s
-        return hist, bad
+    def batch_scores(bt):
+        "Scores of batch `bt` in its buffer, and its live flags (None: all live)"
+        st, en, s, dt, items = bt
+        buf, live = bufs[dt][:en - st], False
+        for li, a, b in items:
+            o = offs[li] + a - st
+            dst = buf[o:o + b - a]
+            if a == 0 and b == n_groups[li] and takes_out[li]: sc = score_fns[li](out=dst)
+            else:
+                if last[0] != li: last[:] = li, score_fns[li]()
+                sc = last[1]
+            sc = sc.detach().reshape(-1)
+            if sc.data_ptr() != dst.data_ptr() or sc.dtype != dt: dst.copy_(sc if len(sc) == b - a else sc[a:b])
+            live |= prev_keeps[li] is not None
+        if not live: return buf, None
+        pb = pbuf[:en - st]
+        for li, a, b in items:
+            o, p = offs[li] + a - st, prev_keeps[li]
+            if p is None: pb[o:o + b - a].fill_(True)
+            else: pb[o:o + b - a].copy_(p[a:b])
+        return buf, pb
 
-    hist, bad = histogram('hi')
-    if bad: _raise_nan_scores(score_fns)  # the one host read of the call
-    b, below = _find_bin(hist, need)
-    prune_all = b >= _NBINS  # k reaches every live weight
-    hb = b.clamp_max(_NBINS - 1).to(torch.int32) - _NBINS // 2
-    hist_lo, _ = histogram('lo', hb)
-    # bf16 parts of that bin: their float32 low bits are 0, so their keys' low bits are 0 (0xFFFF when flipped, < 0)
-    hist_lo[torch.where(hb < 0, _NBINS - 1, 0)] += hist[b.clamp_max(_NBINS - 1)] - hist_lo.sum()
-    c, below_lo = _find_bin(hist_lo, need - below)
-    T = (hb << 16) | c.clamp_max(_NBINS - 1).to(torch.int32)
-    Tf = _key_to_float(T)
-    r = need - below - below_lo  # weights left for the groups tied at T, in position order
-    for li, s in enumerate(sizes):
-        q, off = torch.div(r, s, rounding_mode='floor').to(torch.int64), torch.zeros((), dtype=torch.int64, device=device)
-        for a, f, p in chunks(li):
-            lt, eq = torch.lt(f, Tf), torch.eq(f, Tf)
-            if p is not None: eq &= p
-            cs = eq.cumsum(0)
-            cs += off
-            off = cs[-1]
-            lt |= eq & (cs <= q)
-            lt |= prune_all
-            keeps[li][a:a + len(f)] &= ~lt
-        r = torch.where(off * s > r, torch.zeros_like(r), r - off * s)  # the first tied group that does not fit ends the prefix
+    def exact(f, lo_hi):
+        "`f`, in float32 unless both ends of the bracket are exact in its dtype (Python scalars compare in the tensor's dtype)"
+        return f if all(_exact_in(x, f.dtype) for x in lo_hi) else f.float()
+
+    def total(ts, scale=None):
+        "Sum of per-batch counts (a list of 0-dim tensors), each times its group size"
+        if not ts: return torch.zeros((), dtype=torch.int64, device=device)
+        t = torch.stack(ts)
+        return (t * torch.tensor(scale, device=device)).sum() if scale and any(x != 1 for x in scale) else t.sum()
+
+    # pass 0: a seeded sample, each value weighted by the live weights it stands for, brackets the k-th smallest
+    m = sample_size or min(2**22, max(2**12, N // 512))
+    gen = torch.Generator(device).manual_seed(seed)
+    cnts = [max(1, round(m * (bt[1] - bt[0]) * bt[2] / W)) for bt in batches]
+    vals, lives, nans, deads, dsz = [], [], [], [], []
+    for bt, cnt in zip(batches, cnts):
+        f, pb = batch_scores(bt)
+        nans.append(torch.isnan(f).any())
+        idx = torch.randint(0, bt[1] - bt[0], (cnt,), generator=gen, device=device)
+        vals.append(f[idx])
+        if pb is not None:
+            lives.append(pb[idx])
+            deads.append(pb.logical_not().sum()); dsz.append(bt[2])
+        elif pbuf is not None: lives.append(torch.ones(cnt, dtype=torch.bool, device=device))
+    need = k - total(deads, dsz)  # weights still to prune among the live groups (masks never shrink)
+    wts = torch.tensor([(bt[1] - bt[0]) * bt[2] / c for bt, c in zip(batches, cnts)], dtype=torch.float64)
+    wts = wts.repeat_interleave(torch.tensor(cnts)).to(device)
+    if lives: wts *= torch.cat(lives)  # a pruned group stands for no live weight
+    vals, order = torch.sort(torch.cat([v.float() for v in vals]) + 0., stable=True)  # (-0.0 -> +0.0)
+    cum = torch.cumsum(wts[order], 0)
+    i = torch.searchsorted(cum, need.to(torch.float64).reshape(1))
+    del wts, order, lives
+    q = min(max(k / W, 1e-6), 1 - 1e-6)
+    r = int(4 * math.sqrt(len(vals) * q * (1 - q))) + 32  # a bracket of +-4 standard deviations of the sample rank
+    inf = torch.tensor([float('inf')], device=device)
+    while True:
+        lo = torch.where(i - r >= 0, vals[(i - r).clamp(0, len(vals) - 1)], -inf)
+        hi = torch.where(i + r < len(vals), vals[(i + r).clamp(0, len(vals) - 1)], inf)
+        lo, hi, isbad = torch.cat([lo, hi, torch.stack(nans).any().float().reshape(1)]).tolist()  # host read 1
+        if isbad: raise NaNScores("the criterion gave NaN scores; nothing was pruned")
+        # pass 1: count the live weights below lo and up to hi; flag the candidates in [lo, hi] in the mask buffer
+        belows, uptos = [], []
+        for bt in batches:
+            f, pb = batch_scores(bt)
+            f = exact(f, (lo, hi))
+            lt, le = torch.lt(f, lo), torch.le(f, hi, out=flat[bt[0]:bt[1]])
+            if pb is not None: lt &= pb; le &= pb
+            belows.append(lt.sum()); uptos.append(le.sum())
+            le ^= lt
+        szs = [bt[2] for bt in batches]
+        below = total(belows, szs)
+        b_w, u_w, nd = torch.stack([below, total(uptos, szs), need]).tolist()  # host read 2
+        if b_w <= max(nd, 0) and (u_w >= nd or math.isinf(hi)): break  # (nd < 0: earlier masks prune more)
+        r *= 8  # the sampled bracket missed (rare): widen it and go again
+    del vals, cum
+    idx = flat.nonzero().squeeze(1)  # host read 3: the candidates (a fraction of a percent of the groups)
+    bnd = torch.searchsorted(idx, torch.tensor([bt[0] for bt in batches] + [N], device=device)).tolist()  # host read 4
+    # pass 2: the masks (live and >= lo), and the candidates' scores
+    cv = []
+    for j, bt in enumerate(batches):
+        f, pb = batch_scores(bt)
+        if bnd[j + 1] > bnd[j]: cv.append(f[idx[bnd[j]:bnd[j + 1]] - bt[0]])
+        ge = torch.ge(exact(f, (lo, hi)), lo, out=flat[bt[0]:bt[1]])
+        if pb is not None: ge &= pb
+    bufs.clear(); last.clear(); pbuf = None
+    if cv:  # sorted by (score, position); the longest prefix of <= k - below weights is pruned
+        cv = torch.cat([v.float() for v in cv]) + 0.
+        order = torch.sort(cv, stable=True).indices
+        del cv
+        nb = [bnd[j + 1] - bnd[j] for j in range(len(batches))]
+        if len(set(szs)) == 1:  # one group size: the first (k - below) // size candidates
+            rank = torch.arange(1, len(order) + 1, device=device)
+            ok = rank <= torch.div(need - below, szs[0], rounding_mode='floor')
+        else:
+            cs = torch.tensor(szs).repeat_interleave(torch.tensor(nb)).to(device)
+            ok = torch.cumsum(cs[order], 0) <= need - below
+        take = torch.empty_like(ok)
+        take[order] = ok
+        flat.index_put_((idx,), ~take)
     return keeps
-
-def _raise_nan_scores(score_fns):
-    for f in score_fns:
-        if torch.isnan(f()).any(): raise ValueError("the criterion gave NaN scores; nothing was pruned")
 
 # %% ../nbs/03_sparsifier.ipynb #463106fc
 class Sparsifier:
@@ -376,13 +418,13 @@ class Sparsifier:
 
 # %% ../nbs/03_sparsifier.ipynb #70bddac1
 @patch
-def _group_scores(self:Sparsifier, name:str, out=None):
+def _group_scores(self:Sparsifier, name:str, out=None, check:bool=True):
     "1-D group scores of layer `name` (per-weight `(n_groups, M)` for N:M); `out`: a float32 buffer to reuse when groups are single weights"
     m = self.layers[name]; crit = self.criterion; w = self.weight(name)
     if out is not None and (self.granularity.is_nm or self.granularity.group_size(w, m, name) != 1): out = None
     raw = crit.score(name, w, out.view(w.shape) if out is not None else None)
     sc = self.granularity.group_scores(raw, m, name)
-    if torch.isnan(sc).any():
+    if check and torch.isnan(sc).any():
         raise ValueError(f"criterion {crit!r} gave NaN scores for layer {name!r}; nothing was pruned")
     return sc
 
@@ -433,7 +475,8 @@ def _parts(self:Sparsifier, names, chunk:int=_CHUNK, host:bool=True):
                 ng.append(b - a); sz.append(1); prev.append(None if pk is None else pk[a:b])
         else:
             if host: _check_finite(n, self.weight(n))
-            fns.append(lambda out=None, n=n: self._group_scores(n, out)); sfns.append(None)
+            # the selection may score a layer several times: the first call checks for NaN (one host read per layer)
+            fns.append(lambda out=None, n=n, first=[True]: self._group_scores(n, out, first and first.pop())); sfns.append(None)
             ng.append(G); sz.append(s); prev.append(pk)
     return fns, sfns, ng, sz, prev
 
@@ -442,11 +485,14 @@ def _select(self:Sparsifier, names, sparsity:float, unit:int=1) -> list[Tensor]:
     "1-D keep-flags per group of each layer in `names`, pruning round(sparsity * n / unit) * unit of their n weights together (one ranking)"
     dev = self.layers[names[0]].weight.device
     host = _host_kernels(dev)
-    if not host: self._check_weights(names)  # one read per layer, before any chunk
     n_w = sum(self.layers[n].weight.numel() for n in names)
-    fns, sfns, ng, sz, prev = self._parts(names, _CHUNK if host else _device_chunk(n_w), host)
+    on_device = _SELECT_PATH == 'device' or _SELECT_PATH is None and not host
+    fns, sfns, ng, sz, prev = self._parts(names, _device_chunk(n_w) if on_device else _CHUNK, host)
     flat = torch.empty(sum(ng), dtype=torch.bool, device=dev)
-    select_prune(fns, ng, sz, _round_half_up(sparsity * n_w / unit) * unit, prev, seed=self.seed, sample_fns=sfns, device=dev, out=flat)
+    try: select_prune(fns, ng, sz, _round_half_up(sparsity * n_w / unit) * unit, prev, seed=self.seed, sample_fns=sfns, device=dev, out=flat)
+    except NaNScores:
+        self._check_weights(names)  # name the layer with NaN weights
+        raise
     out, off = [], 0
     for n in names:
         m = self.layers[n]; G = m.weight.numel() // self.granularity.group_size(m.weight, m, n)
@@ -607,7 +653,9 @@ def _coupled_masks(self:Sparsifier, targets) -> dict[str, Tensor]:
         keeps = select_prune([lambda sc=sc: sc for sc in scores], [len(sc) for sc in scores], sizes,
                              _round_half_up(targets * n_w), prev, seed=self.seed, device=dev)
     for kp, b, p in zip(keeps, best, prev):  # every group keeps its best live channel: a layer never loses all its outputs
-        if p is None or p.any(): kp[b] = True
+        b = b.reshape(1)
+        if p is None: kp.index_fill_(0, b, True)
+        else: kp.index_copy_(0, b, kp.gather(0, b) | p.any().reshape(1))  # (unless the whole group was already pruned)
     fkeep = {n: torch.ones(self.layers[n].weight.shape[0] if not isinstance(self.layers[n], _conv_t) else self.layers[n].weight.shape[1],
                            dtype=torch.bool) for n in names}
     for gr, kp in zip(self.groups, keeps):
