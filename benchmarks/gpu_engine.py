@@ -1,4 +1,4 @@
-"""Global magnitude mask on an accelerator: the Sparsifier's radix select against PyTorch's built-in and one read.
+"""Global magnitude mask on an accelerator: the Sparsifier's device path against PyTorch's built-in and one read.
 
     python benchmarks/gpu_engine.py                 # on the GPU machine (torch only, no fastai needed)
     python benchmarks/gpu_engine.py --dev cpu --small   # a quick check of the script itself
@@ -131,7 +131,7 @@ def run(dev='cuda', small=False) -> dict:
     v, l = out['vit_l_16'], out['llama7b_bf16']
     print(f"{out['device']}, torch {out['torch']}{' (small sizes)' if small else ''}")
     print(f"{'vit_l_16 fp32 global 0.9':<44}{'s':>9}{'extra B/w':>11}")
-    for name, k in [('Sparsifier (radix select)', 'ours'), ('Sparsifier, CPU path (old engine)', 'old_engine'),
+    for name, k in [('Sparsifier (device path)', 'ours'), ('Sparsifier, CPU path (old engine)', 'old_engine'),
                     ('torch.nn.utils.prune.global_unstructured', 'torch_prune')]:
         print(f"  {name:<42}{v[k + '_s']:>9.4f}{v[k + '_bytes_per_weight']:>11.2f}")
     print(f"  {'one read of every weight':<42}{v['read_once_s']:>9.4f}")
