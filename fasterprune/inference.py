@@ -1,4 +1,4 @@
-"""Real speed from unstructured and 2:4 sparsity: an inference copy of a masked model whose layers run sparse kernels where they are measured faster. Plain PyTorch, no fastai.
+"""Real speed from sparsity: a masked model's inference copy, sparse kernels only where measured faster.
 
 Docs: https://fasterprune.github.io/fasterprune/inference.html.md"""
 
@@ -35,11 +35,11 @@ def is_2_4(w:Tensor) -> bool:
 
 def _inference_only(m:nn.Module, x:Tensor):
     if m.training:
-        raise RuntimeError(f"{type(m).__name__} is an inference-only sparse kernel: call `.eval()` on the exported model "
-                           "(to train, train the masked model and export it again)")
+        raise RuntimeError(f"{type(m).__name__} is an inference-only sparse kernel: call `.eval()` on the exported "
+                           "model (to train, train the masked model and export it again)")
     if torch.is_grad_enabled() and x.requires_grad:
-        raise RuntimeError(f"{type(m).__name__} is an inference-only sparse kernel and cannot backpropagate: call it under "
-                           "`torch.no_grad()` or `torch.inference_mode()`, with an input that does not require grad")
+        raise RuntimeError(f"{type(m).__name__} is an inference-only sparse kernel and cannot backpropagate: call it "
+                           "under `torch.no_grad()` or `torch.inference_mode()`, with an input that needs no grad")
 
 class SparseLinear(nn.Module):
     "Base of the exported Linear kernels: `x @ W.T + bias` over any leading dims; `state_dict` holds the dense `weight`"
@@ -49,7 +49,8 @@ class SparseLinear(nn.Module):
         bias:Tensor|None=None, # the bias, `(out_features,)`, or None
     ):
         super().__init__()
-        if weight.ndim != 2: raise ValueError(f"{type(self).__name__} needs a weight matrix, got shape {tuple(weight.shape)}")
+        if weight.ndim != 2:
+            raise ValueError(f"{type(self).__name__} needs a weight matrix, got shape {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape
         self.register_buffer('bias', None if bias is None else bias.detach().clone())
         self.set_weight(weight.detach())
@@ -62,7 +63,8 @@ class SparseLinear(nn.Module):
     def forward(self, x:Tensor) -> Tensor:
         _inference_only(self, x)
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"{type(self).__name__} expects inputs with {self.in_features} features in the last dim, got shape {tuple(x.shape)}")
+            raise ValueError(f"{type(self).__name__} expects inputs with {self.in_features} features in the last dim, "
+                             f"got shape {tuple(x.shape)}")
         y = self._mm(x.reshape(-1, self.in_features))
         return y if x.ndim == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
@@ -70,24 +72,27 @@ class SparseLinear(nn.Module):
         destination[prefix + 'weight'] = self.dense_weight()
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
         k = prefix + 'weight'
         if k not in state_dict: missing_keys.append(k)
         else:
             w, shape = state_dict[k], self._weight_shape()
             if tuple(w.shape) != shape:
-                error_msgs.append(f"size mismatch for {k}: copying a param with shape {tuple(w.shape)} from checkpoint, "
-                                  f"the shape in the current model is {shape}.")
+                error_msgs.append(f"size mismatch for {k}: copying a param with shape {tuple(w.shape)} from "
+                                  f"checkpoint, the shape in the current model is {shape}.")
             else:
                 ref = self.bias if self.bias is not None else self._ref()
                 w = w.detach().reshape(self.out_features, self.in_features).to(device=ref.device, dtype=ref.dtype)
                 with torch.no_grad(): self.set_weight(w)
         rest = {n: v for n, v in state_dict.items() if n != k}
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _ref(self) -> Tensor: raise NotImplementedError
     def _weight_shape(self) -> tuple: return (self.out_features, self.in_features)
-    def extra_repr(self): return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 class CSRLinear(SparseLinear):
     "A Linear layer whose weight is stored and multiplied in CSR form (`torch.sparse.addmm`, bias fused), CPU or CUDA"
@@ -104,12 +109,13 @@ class CSRLinear(SparseLinear):
     @property
     def weight(self) -> Tensor:
         "The weight as a sparse CSR tensor"
-        return torch.sparse_csr_tensor(self.crow, self.col, self.values, (self.out_features, self.in_features), check_invariants=False)
+        size = (self.out_features, self.in_features)
+        return torch.sparse_csr_tensor(self.crow, self.col, self.values, size, check_invariants=False)
     def dense_weight(self) -> Tensor: return self.weight.to_dense()
     def _ref(self): return self.values
 
     def _mm(self, x:Tensor) -> Tensor:
-        "`x @ W.T + b` computed as `(W @ x.T + b).T`: a transposed view, so a following CSR layer reads it without a copy"
+        "`x @ W.T + b` as `(W @ x.T + b).T`: a transposed view, which a following CSR layer reads without a copy"
         if self.bias is None: return torch.sparse.mm(self.weight, x.t()).t()
         return torch.sparse.addmm(self.bias.unsqueeze(1), self.weight, x.t()).t()
 
@@ -159,11 +165,12 @@ class CSRConv2d(CSRLinear):
         return y.reshape(self.out_channels, n, ho, wo).transpose(0, 1)  # a view: (n, out, ho, wo)
 
     def extra_repr(self):
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
-                f"dilation={self.dilation}, bias={self.bias is not None}, nnz={self.values.numel()}")
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
+                f"nnz={self.values.numel()}")
 
 # %% ../nbs/14_inference.ipynb #cbeb68e5
-semi_backends = ('cslt', 'cusparselt', 'cutlass')  # direct torch._cslt_sparse_mm; the plain to_sparse_semi_structured call
+semi_backends = ('cslt', 'cusparselt', 'cutlass')  # direct torch._cslt_sparse_mm; plain to_sparse_semi_structured
 
 def _to_semi(w:Tensor, cutlass:bool) -> Tensor:
     "`torch.sparse.to_sparse_semi_structured(w)` with the CUTLASS or the cuSPARSELt backend (the global flag restored)"
@@ -179,17 +186,19 @@ class SemiLinear(SparseLinear):
     def __init__(self,
         weight:Tensor,            # the 2:4 dense weight, on CUDA
         bias:Tensor|None=None,    # the bias or None
-        backend:str='cslt',       # 'cslt' (torch._cslt_sparse_mm: bias fused, algorithm `alg_id`), 'cusparselt' or 'cutlass' (plain call)
+        backend:str='cslt',       # 'cslt' (torch._cslt_sparse_mm, bias fused), 'cusparselt' or 'cutlass' (plain call)
         alg_id:int=0,             # cuSPARSELt algorithm ('cslt'): 0 .. torch.backends.cusparselt.get_max_alg_id()
-        transpose_result:bool=False, # 'cslt': let cuSPARSELt write `x @ W.T` (True: 60-90x slower on an H200, torch 2.11) or `W @ x.T`, read transposed
+        transpose_result:bool=False, # 'cslt': write `x @ W.T` (60-90x slower on H200, torch 2.11), or `W @ x.T`
     ):
-        if backend not in semi_backends: raise ValueError(f"backend must be one of {', '.join(semi_backends)}, got {backend!r}")
+        if backend not in semi_backends:
+            raise ValueError(f"backend must be one of {', '.join(semi_backends)}, got {backend!r}")
         self.backend, self.alg_id, self.transpose_result = backend, int(alg_id), bool(transpose_result)
         super().__init__(weight, bias)
 
     def set_weight(self, w:Tensor):
-        if w.device.type != 'cuda': raise ValueError(f"2:4 semi-structured kernels run on CUDA only; this weight is on {w.device}")
-        if not is_2_4(w): raise ValueError("this weight is not 2:4 sparse (some groups of 4 weights have more than 2 nonzeros); "
+        if w.device.type != 'cuda':
+            raise ValueError(f"2:4 semi-structured kernels run on CUDA only; this weight is on {w.device}")
+        if not is_2_4(w): raise ValueError("this weight is not 2:4 sparse (a group of 4 has more than 2 nonzeros); "
                                            "prune it with granularity='2:4' first")
         self._dtype, self._device = w.dtype, w.device
         if self.backend == 'cslt':
@@ -210,7 +219,8 @@ class SemiLinear(SparseLinear):
         n = x.shape[0]
         pad = (-n) % 8  # cuSPARSELt wants the dense operand's dims in multiples of 8
         if pad: x = F.pad(x, (0, 0, 0, pad))
-        y = torch._cslt_sparse_mm(self.packed, x.t(), bias=self.bias, transpose_result=self.transpose_result, alg_id=self.alg_id)
+        y = torch._cslt_sparse_mm(self.packed, x.t(), bias=self.bias, transpose_result=self.transpose_result,
+                                  alg_id=self.alg_id)
         y = y if self.transpose_result else y.t()
         return y[:n] if pad else y
 
@@ -218,15 +228,17 @@ class SemiLinear(SparseLinear):
         "Moving or casting would scramble the packed 2:4 format: refuse, instead of computing garbage"
         p = fn(self._ref())
         if p.dtype != self._dtype or p.device != self._device:
-            raise RuntimeError(f"a 2:4 SemiLinear on {self._device}/{self._dtype} cannot be moved or cast to {p.device}/{p.dtype}: "
-                               "move or cast the masked model, then export it again")
+            raise RuntimeError(f"a 2:4 SemiLinear on {self._device}/{self._dtype} cannot be moved or cast to "
+                               f"{p.device}/{p.dtype}: move or cast the masked model, then export it again")
         return super()._apply(fn, recurse)
 
     def __deepcopy__(self, memo):
-        return type(self)(self.dense_weight(), self.bias, self.backend, self.alg_id, self.transpose_result).train(self.training)
+        new = type(self)(self.dense_weight(), self.bias, self.backend, self.alg_id, self.transpose_result)
+        return new.train(self.training)
 
     def extra_repr(self):
-        return super().extra_repr() + f", backend={self.backend!r}" + (f", alg_id={self.alg_id}" if self.backend == 'cslt' else '')
+        alg = f", alg_id={self.alg_id}" if self.backend == 'cslt' else ''
+        return super().extra_repr() + f", backend={self.backend!r}" + alg
 
 # %% ../nbs/14_inference.ipynb #55788a14
 def _mha_supported(m:nn.MultiheadAttention) -> str|None:
@@ -238,20 +250,21 @@ def _mha_supported(m:nn.MultiheadAttention) -> str|None:
 def _mask(mask, n, h, l, s, dtype):
     "An MHA mask (bool: True = masked out; or float, added) as a float mask broadcastable to (n, h, l, s)"
     if mask is None: return None
-    if mask.dtype == torch.bool: mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float('-inf'))
-    else: mask = mask.to(dtype)
-    return mask
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, -math.inf)
+    return mask.to(dtype)
 
 class SparseMultiheadAttention(nn.Module):
     "`nn.MultiheadAttention` for inference with its q/k/v/out projections as separate (sparse or dense) Linear kernels"
     def __init__(self,
         mha:nn.MultiheadAttention, # the (masked) attention module it replaces
-        kernels:dict|None=None,    # {'q_proj'|'k_proj'|'v_proj'|'out_proj': a Linear-like module}; default dense nn.Linear
+        kernels:dict|None=None,    # {'q_proj'|'k_proj'|'v_proj'|'out_proj': a Linear-like module}; default nn.Linear
     ):
         super().__init__()
         why = _mha_supported(mha)
         if why: raise ValueError(f"SparseMultiheadAttention cannot replace this nn.MultiheadAttention: {why}")
-        self.embed_dim, self.num_heads, self.head_dim, self.batch_first = mha.embed_dim, mha.num_heads, mha.head_dim, mha.batch_first
+        self.embed_dim, self.num_heads, self.head_dim = mha.embed_dim, mha.num_heads, mha.head_dim
+        self.batch_first = mha.batch_first
         kernels = kernels or {}
         for name, (w, b) in _mha_mats(mha).items():
             self.add_module(name, kernels.get(name) or _dense_linear(w, b))
@@ -264,7 +277,7 @@ class SparseMultiheadAttention(nn.Module):
         _inference_only(self, query)
         unbatched = query.dim() == 2
         if unbatched: query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-        if self.batch_first and not unbatched: query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        if self.batch_first and not unbatched: query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         if unbatched and key_padding_mask is not None: key_padding_mask = key_padding_mask.unsqueeze(0)
         l, n, e = query.shape
         s, h, d = key.shape[0], self.num_heads, self.head_dim
@@ -300,7 +313,8 @@ class SparseMultiheadAttention(nn.Module):
         bs = [getattr(self, n).bias for n in _qkv]
         return None if bs[0] is None else torch.cat(bs)
 
-    def extra_repr(self): return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
+    def extra_repr(self):
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
 
 _qkv = ('q_proj', 'k_proj', 'v_proj')
 
@@ -309,7 +323,8 @@ def _mha_mats(mha:nn.MultiheadAttention) -> dict[str, tuple[Tensor, Tensor|None]
     ws = mha.in_proj_weight.detach().chunk(3)
     bs = (None,) * 3 if mha.in_proj_bias is None else mha.in_proj_bias.detach().chunk(3)
     o = mha.out_proj
-    return {**{n: (w, b) for n, w, b in zip(_qkv, ws, bs)}, 'out_proj': (o.weight.detach(), None if o.bias is None else o.bias.detach())}
+    out = (o.weight.detach(), None if o.bias is None else o.bias.detach())
+    return {**{n: (w, b) for n, w, b in zip(_qkv, ws, bs)}, 'out_proj': out}
 
 def _dense_of(m:nn.Module) -> Tensor: return m.dense_weight() if isinstance(m, SparseLinear) else m.weight
 
@@ -334,7 +349,8 @@ def _mha_load(module, state_dict, prefix, local_metadata, strict, missing_keys, 
         t = state_dict.pop(f'{prefix}in_proj_{kind}', None)
         if t is None: continue
         if t.shape[0] != 3 * module.embed_dim:
-            error_msgs.append(f"size mismatch for {prefix}in_proj_{kind}: shape {tuple(t.shape)}, expected first dim {3 * module.embed_dim}")
+            error_msgs.append(f"size mismatch for {prefix}in_proj_{kind}: shape {tuple(t.shape)}, "
+                              f"expected first dim {3 * module.embed_dim}")
             continue
         for n, part in zip(_qkv, t.chunk(3)): state_dict[f'{prefix}{n}.{kind}'] = part
 
@@ -389,7 +405,8 @@ def _to(x, device):
     return x
 
 def _call_args(model, example_input):
-    if example_input is None: raise TypeError("example_input is required: a batch like those the exported model will run on")
+    if example_input is None:
+        raise TypeError("example_input is required: a batch like those the exported model will run on")
     p = next(iter(model.parameters()), None)
     x = example_input if p is None else _to(example_input, p.device)
     if isinstance(x, dict): return (), x
@@ -417,22 +434,26 @@ def _matrices(model:nn.Module) -> tuple[dict, dict, dict]:
     return lins, mhas, convs
 
 def _check_kernels(kernels, names:list[str], convs:dict):
-    "Validate `kernels=`; a `ValueError` for unknown kernels, patterns that match nothing, and convolutions asked for what they cannot do"
+    "Validate `kernels=`: unknown kernels, patterns that match nothing, convolutions asked for what they cannot do"
     if kernels is None: return
     if isinstance(kernels, str): kernels = {'*': kernels}
     if not isinstance(kernels, dict):
-        raise TypeError(f"kernels must be None, a kernel name or a {{layer name or pattern: kernel}} dict, got {type(kernels).__name__}")
+        raise TypeError("kernels must be None, a kernel name or a {layer name or pattern: kernel} dict, "
+                        f"got {type(kernels).__name__}")
     for pat, k in kernels.items():
-        if k not in kernel_names: raise ValueError(f"kernels[{pat!r}]={k!r}: unknown kernel; choose from {', '.join(kernel_names)}")
+        if k not in kernel_names:
+            raise ValueError(f"kernels[{pat!r}]={k!r}: unknown kernel; choose from {', '.join(kernel_names)}")
         hits = [n for n in convs if fnmatch.fnmatchcase(n, pat)] if pat != '*' else []
         if hits and k == 'semi':
-            raise ValueError(f"kernels[{pat!r}]='semi' asks for 2:4 semi-structured on the convolution {hits[0]!r}: 2:4 kernels are "
-                             "for Linear layers and attention projections; use 'csr' (Conv2d) or 'dense'")
+            raise ValueError(f"kernels[{pat!r}]='semi' asks for 2:4 semi-structured on the convolution {hits[0]!r}: "
+                             "2:4 kernels are for Linear layers and attention projections; use 'csr' or 'dense'")
         bad = [(n, csr_conv_refusal(convs[n])) for n in hits if csr_conv_refusal(convs[n])]
         if bad and k == 'csr':
-            raise ValueError(f"kernels[{pat!r}]='csr' asks for CSR on the convolution {bad[0][0]!r}, which cannot: {bad[0][1]}")
+            raise ValueError(f"kernels[{pat!r}]='csr' asks for CSR on the convolution {bad[0][0]!r}, which cannot: "
+                             f"{bad[0][1]}")
         if not any(fnmatch.fnmatchcase(n, pat) for n in list(names) + list(convs)):
-            raise ValueError(f"kernels: pattern {pat!r} matches no Linear layer or attention projection; they are: {', '.join(names) or 'none'}")
+            raise ValueError(f"kernels: pattern {pat!r} matches no Linear layer, attention projection or Conv2d; "
+                             f"they are: {', '.join(names) or 'none'}")
 
 def _forced(kernels, name):
     if kernels is None: return None
@@ -440,21 +461,22 @@ def _forced(kernels, name):
     return next((k for pat, k in kernels.items() if fnmatch.fnmatchcase(name, pat)), None)
 
 def _max_alg_id() -> int:
-    "Highest cuSPARSELt algorithm id this build knows (`torch.backends.cusparselt.get_max_alg_id`, newer PyTorch), else 3"
+    "Highest cuSPARSELt algorithm id (`torch.backends.cusparselt.get_max_alg_id`, newer PyTorch; else 3), at most 7"
     f = getattr(getattr(torch.backends, 'cusparselt', None), 'get_max_alg_id', None)
     try: n = f() if f else None
     except Exception: n = None
     return min(int(n), 7) if n is not None else 3
 
 def _semi_candidates(w, b, x) -> tuple[list, list[str]]:
-    "`([(label, module)], [refusals])` for a 2:4 weight on CUDA: cuSPARSELt direct with each algorithm id, the plain calls"
+    "`([(label, module)], [refusals])` for a 2:4 weight on CUDA: cuSPARSELt direct with each algorithm, plain calls"
     cands, refused = [], []
-    have_cslt = hasattr(torch, '_cslt_sparse_mm') and getattr(getattr(torch.backends, 'cusparselt', None), 'is_available', lambda: False)()
+    lt = getattr(torch.backends, 'cusparselt', None)
+    have_cslt = hasattr(torch, '_cslt_sparse_mm') and lt is not None and lt.is_available()
     if have_cslt:
         try: base = SemiLinear(w, b, 'cslt', 0, transpose_result=False)
         except Exception as e: refused.append(f"cslt: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:80]}")
         else:
-            for alg in range(_max_alg_id() + 1):  # timing instead of _cslt_sparse_mm_search, which fails on H200 (torch 2.11)
+            for alg in range(_max_alg_id() + 1):  # timed, not _cslt_sparse_mm_search (fails on H200, torch 2.11)
                 c = copy.copy(base)  # shares the packed weight
                 c.alg_id = alg
                 cands.append((f"cslt alg {alg}", c))
@@ -466,7 +488,7 @@ def _semi_candidates(w, b, x) -> tuple[list, list[str]]:
     return cands, refused
 
 def _choose(name, w, b, x, forced, min_speedup, max_density, n_runs, conv=None) -> tuple[nn.Module|None, dict]:
-    "The fastest kernel for the matrix `w` (or the Conv2d `conv`) on the input `x` (None: stay dense) and its report row"
+    "The fastest kernel for the matrix `w` (or the Conv2d `conv`) on the input `x` (None: dense) and its report row"
     dev = w.device
     nz = int(torch.count_nonzero(w))
     density = nz / w.numel()
@@ -479,14 +501,17 @@ def _choose(name, w, b, x, forced, min_speedup, max_density, n_runs, conv=None) 
             raise ValueError(f"layer {name!r}: kernels= asks for 2:4 semi-structured, but its weight is not 2:4 sparse "
                              "(some groups of 4 have more than 2 nonzeros); prune it with granularity='2:4'")
         if dev.type != 'cuda':
-            raise ValueError(f"layer {name!r}: kernels= asks for 2:4 semi-structured, which needs a CUDA GPU (Ampere or newer); "
-                             f"the model is on {dev}. Use 'csr' on the CPU")
+            raise ValueError(f"layer {name!r}: kernels= asks for 2:4 semi-structured, which needs a CUDA GPU "
+                             f"(Ampere or newer); the model is on {dev}. Use 'csr' on the CPU")
     if x is None:
-        if forced: raise ValueError(f"layer {name!r}: kernels= asks for {forced!r}, but the layer did not run on the example input")
+        if forced:
+            raise ValueError(f"layer {name!r}: kernels= asks for {forced!r}, but it did not run on the example input")
         return None, {**row, 'reason': 'did not run on the example input'}
     x = x.detach() if conv is not None else x.detach().reshape(-1, w.shape[1])
     kinds = [forced] if forced else [k for k, ok in (('semi', nm), ('csr', density <= max_density)) if ok]
-    if not kinds: return None, {**row, 'reason': f'{density:.0%} nonzero > max_density={max_density:g}' + ('' if dev.type != 'cuda' else ', not 2:4')}
+    if not kinds:
+        why = f'{density:.0%} nonzero > max_density={max_density:g}' + (', not 2:4' if dev.type == 'cuda' else '')
+        return None, {**row, 'reason': why}
     cands, notes = [], []
     if 'semi' in kinds:
         c, notes = _semi_candidates(w, b, x)
@@ -515,7 +540,8 @@ def _choose(name, w, b, x, forced, min_speedup, max_density, n_runs, conv=None) 
     row.update(dense_ms=min(times[0]) * 1e3, sparse_ms=min(times[best + 1]) * 1e3, speedup=ratios[best], backend=label)
     tried = ', '.join(f'{l} {r:.2f}x' for (l, _), r in zip(ok, ratios))
     if forced or ratios[best] >= min_speedup:
-        row.update(kernel=mod.kernel, reason=('kernels= asks for it' if forced else f'faster than dense') + f' ({tried})')
+        why = 'kernels= asks for it' if forced else 'faster than dense'
+        row.update(kernel=mod.kernel, reason=f'{why} ({tried})')
         return mod, row
     return None, {**row, 'reason': f'no sparse kernel >= {min_speedup:g}x dense ({tried})'}
 
@@ -526,17 +552,18 @@ def _set(model, name, new):
 
 def to_sparse_inference(
     model:nn.Module,            # the masked (pruned) model, e.g. after `SparsifyCallback`; left untouched
-    example_input,              # a batch like those the export will run on (tensor, tuple or dict): layers are timed on its shapes
-    kernels=None,               # None: timing decides; or 'dense'/'csr'/'semi' for every weight matrix, or {layer name/pattern: kernel}
+    example_input,              # a batch like those it will run on (tensor, tuple or dict): timing uses its shapes
+    kernels=None,               # None: timing decides; 'dense'/'csr'/'semi' for every layer; {name/pattern: kernel}
     min_speedup:float=1.05,     # a sparse kernel replaces a dense one only when measured at least this much faster
     max_density:float=0.5,      # matrices with more nonzeros than this are not tried as CSR (never faster)
-    rtol:float|None=None,       # accepted max|masked - exported| / max|masked| on `example_input`; None: 1e-4, 2e-2 for fp16/bf16
+    rtol:float|None=None,       # accepted max|masked - exported| / max|masked|; None: 1e-4, 2e-2 for fp16/bf16 outputs
     n_runs:int=15,              # interleaved timing rounds per layer (median of ratios)
-    threads:int|None=None,      # CPU threads while timing (restored); None keeps the current count: time with the count you deploy with
+    threads:int|None=None,      # CPU threads while timing (restored), as deployed; None keeps the current count
 ) -> nn.Module:
-    "A copy of `model` for inference whose Linear, attention projection and Conv2d weights run sparse where measured faster"
+    "A copy of `model` for inference whose Linear, attention and Conv2d weights run sparse where measured faster"
     if not isinstance(model, nn.Module): raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(n_runs, bool) or int(n_runs) != n_runs or n_runs < 1: raise ValueError(f"n_runs must be a whole number >= 1, got {n_runs!r}")
+    if isinstance(n_runs, bool) or int(n_runs) != n_runs or n_runs < 1:
+        raise ValueError(f"n_runs must be a whole number >= 1, got {n_runs!r}")
     if not 0 < max_density <= 1: raise ValueError(f"max_density must be in (0, 1], got {max_density!r}")
     if threads is not None and (isinstance(threads, bool) or int(threads) != threads or threads < 1):
         raise ValueError(f"threads must be a whole number >= 1 or None, got {threads!r}")
@@ -550,8 +577,8 @@ def to_sparse_inference(
         if why: skipped[n] = why
         else: mats.update({f'{n}.{k}': (w, b, n, k) for k, (w, b) in _mha_mats(m).items()})
     conv_refused = {n: csr_conv_refusal(m) for n, m in convs.items() if csr_conv_refusal(m)}
-    mats.update({n: (m.weight.detach(), None if m.bias is None else m.bias.detach(), n, 'conv') for n, m in convs.items()
-                 if n not in conv_refused})
+    mats.update({n: (m.weight.detach(), None if m.bias is None else m.bias.detach(), n, 'conv')
+                 for n, m in convs.items() if n not in conv_refused})
     _check_kernels(kernels, list(mats), convs)
     mods = {**lins, **convs}
     args, kw = _call_args(model, example_input)
@@ -577,8 +604,9 @@ def to_sparse_inference(
         with torch.no_grad():
             for n, (w, b, owner, kind) in mats.items():
                 forced = _forced(kernels, n)
-                if kind == 'conv' and isinstance(kernels, str) and forced == 'semi': forced = None  # 2:4 is for matrices
-                mod, row = _choose(n, w, b, seen.get(n), forced, min_speedup, max_density, n_runs, convs.get(n) if kind == 'conv' else None)
+                if kind == 'conv' and isinstance(kernels, str) and forced == 'semi': forced = None  # matrices only
+                conv = convs.get(n) if kind == 'conv' else None
+                mod, row = _choose(n, w, b, seen.get(n), forced, min_speedup, max_density, n_runs, conv)
                 rows.append({**row, 'type': {'linear': 'Linear', 'conv': 'Conv2d'}.get(kind, 'MultiheadAttention')})
                 if mod is not None: chosen[n] = mod
     finally: torch.set_num_threads(old_threads)
@@ -588,22 +616,25 @@ def to_sparse_inference(
     new = copy.deepcopy(model).eval().requires_grad_(False)
     for n, (w, b, owner, kind) in mats.items():
         if kind in ('linear', 'conv') and n in chosen: _set(new, n, chosen[n])
+    # an nn.TransformerEncoderLayer's fused fast path would read its sparse layers' weights: turn it off
     fused = {f'{n}.self_attn' for n, m in model.named_modules() if isinstance(m, nn.TransformerEncoderLayer)
-             and any(c.startswith(n + '.') for c in chosen)}  # its fused fast path would read the sparse layers' weights
+             and any(c.startswith(n + '.') for c in chosen)}
     for n in mhas:
         ks = {k: chosen[f'{n}.{k}'] for k in (*_qkv, 'out_proj') if f'{n}.{k}' in chosen}
         if ks or (n in fused and n not in skipped): _set(new, n, SparseMultiheadAttention(mhas[n], ks).eval())
     with torch.no_grad(): out = new(*args, **kw)
     a, b = _tensors(ref), _tensors(out)
-    if len(a) != len(b): raise ValueError(f"the exported model returns {len(b)} tensors, the masked model {len(a)}: the export is wrong")
+    if len(a) != len(b):
+        raise ValueError(f"the exported model returns {len(b)} tensors, the masked model {len(a)}: the export is wrong")
     err = max((_rel_err(x, y) for x, y in zip(a, b)), default=0.)
     tol = rtol if rtol is not None else max((default_rtol(t.dtype) for t in a if t.is_floating_point()), default=1e-4)
     if not err <= tol:
-        raise ValueError(f"the exported model's output differs from the masked model's by {err:.3g} (relative), above rtol={tol:g}; "
-                         "nothing was exported (pass kernels= to keep the offending layers dense, or a larger rtol)")
+        raise ValueError(f"the exported model's output differs from the masked model's by {err:.3g} (relative), above "
+                         f"rtol={tol:g}; nothing was exported (keep the offending layers dense with kernels=)")
     new.sparse_export = dict(rows=rows, rtol=tol, error=err, device=str(next(iter(model.parameters())).device),
                              threads=threads or old_threads)
-    logger.info("sparse export: %d of %d weight matrices sparse, output within %.2g of the masked model", len(chosen), len(mats), err)
+    logger.info("sparse export: %d of %d weights sparse, output within %.2g of the masked model",
+                len(chosen), len(mats), err)
     return new
 
 def export_report(exported:nn.Module):
