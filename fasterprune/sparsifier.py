@@ -233,8 +233,8 @@ def _host_kernels(device) -> bool:
     return torch.device(device).type == 'cpu' and not _FORCE_DEVICE_PATH
 
 def _device_chunk(n:int) -> int:
-    "Scores per chunk on the device path: a 24th of the weights, between 2^20 and 2^24"
-    return max(2**20, min(2**24, n // 24))
+    "Scores per chunk on the device path: a 32nd of the weights, between 2^20 and 2^24"
+    return max(2**20, min(2**24, n // 32))
 
 def _exact_in(x:float, dtype) -> bool:
     "Is the float `x` exactly representable in `dtype` (so a comparison in that dtype is exact)?"
