@@ -87,18 +87,26 @@ def _effective_weight(m:nn.Module, rp) -> Tensor:
         if isinstance(h, _OldSpectralNorm): return h.compute_weight(m, do_power_iteration=False)
         return h.apply_mask(m)
 
+def _weight_norm_parts(m:nn.Module, rp, mk:Tensor):
+    "g, v, the dims a norm runs over, and which slices keep an entry (keepdim shape)"
+    g, v, dim = (rp[1].original0, rp[1].original1, rp[2].dim) if rp[0] == 'weight_norm' else (m.weight_g, m.weight_v, rp[2].dim)
+    dims = [d for d in range(v.ndim) if d != dim % v.ndim] if dim not in (None, -1) else list(range(v.ndim))
+    return g, v, dims, (mk.amax(dims, keepdim=True) if dims else mk)
+
+def _reparam_pairs(m:nn.Module, rp, mk:Tensor) -> list:
+    "(tensor, bool mask) pairs: multiplying each tensor by its mask zeroes the entries `mk` masks in the computed weight"
+    if rp[0] == 'orig': return [(rp[1].original, mk)]
+    if rp[0] == 'old_orig': return [(m.weight_orig, mk)]
+    g, v, dims, alive = _weight_norm_parts(m, rp, mk)
+    return [(v, mk | ~alive), (g, alive.reshape(g.shape))]  # a slice with no kept entry: its scale g is zeroed instead
+
 def _mask_reparam(m:nn.Module, rp, mk:Tensor):
     "Zero the entries masked by `mk` of the tensor(s) the layer's weight is computed from (in place, no autograd)"
-    if rp[0] == 'orig': rp[1].original.mul_(mk)
-    elif rp[0] == 'old_orig': m.weight_orig.mul_(mk)
-    else:
-        g, v, dim = (rp[1].original0, rp[1].original1, rp[2].dim) if rp[0] == 'weight_norm' else (m.weight_g, m.weight_v, rp[2].dim)
-        dims = [d for d in range(v.ndim) if d != dim % v.ndim] if dim not in (None, -1) else list(range(v.ndim))
-        alive = mk.amax(dims, keepdim=True) if dims else mk  # a slice with no kept entry: zero its scale instead
-        dead = ~alive
-        v.mul_(mk | dead)
-        v.masked_fill_(dead & (v.abs().amax(dims, keepdim=True) == 0 if dims else v == 0), 1.)  # keep the norm of dead slices > 0
-        g.mul_(alive.reshape(g.shape) if g.numel() == alive.numel() else alive.to(g.dtype).amax())
+    for t, k in _reparam_pairs(m, rp, mk): t.mul_(k)
+    if rp[0] in ('weight_norm', 'old_weight_norm'):  # a dead slice keeps a nonzero direction: its norm is never 0 (NaN)
+        g, v, dims, alive = _weight_norm_parts(m, rp, mk)
+        zero = v.abs().amax(dims, keepdim=True) == 0 if dims else v == 0
+        v.masked_fill_(zero & ~alive, 1.)
     if rp[0].startswith('old'): m.weight = _effective_weight(m, rp)  # the hooks' cached weight, until their next forward
 
 # %% ../nbs/03_sparsifier.ipynb #6c8baac3
@@ -570,6 +578,16 @@ def apply_masks(self:Sparsifier):
                 wn = w.detach().numpy(); np.multiply(wn, mk.numpy(), out=wn)  # numpy's float*bool is ~2x torch's on CPU
             else: w.mul_(mk)
         for p, mk in self.aux: p.mul_(mk)
+
+@patch
+def mask_pairs(self:Sparsifier) -> tuple[list[Tensor], list[Tensor]]:
+    "The tensors to multiply in place after each optimizer step, and their masks in each tensor's dtype (for `torch._foreach_mul_`)"
+    ts, ms = [], []
+    for n, mk in self.masks.items():
+        m, rp = self.layers[n], self._rp[n]
+        for t, k in ([(m.weight, mk)] if rp is None else _reparam_pairs(m, rp, mk)): ts.append(t); ms.append(k.to(t.dtype))
+    for p, mk in self.aux: ts.append(p); ms.append(mk.to(p.dtype))
+    return ts, ms
 
 @patch
 def reset(self:Sparsifier) -> Sparsifier:
