@@ -22,7 +22,7 @@ warnings.filterwarnings('ignore')
 
 
 def pairs(a, b, x, n_pairs, min_s=2e-3):
-    "Median of t_a / t_b over `n_pairs` interleaved pairs, and the median seconds of each; a sample repeats a call >= `min_s`"
+    "Median of t_a / t_b over `n_pairs` interleaved pairs, and the median seconds of each (a sample lasts >= `min_s`)"
     with torch.inference_mode():
         for f in (a, b):
             for _ in range(2): f(x)
@@ -47,9 +47,11 @@ def magnitude_(w, sparsity):
 
 
 def row(rows, what, batch, target, ratio, td, ts, note=''):
-    rows.append(dict(case=what, batch=batch, dense_ms=td * 1e3, sparse_ms=ts * 1e3, speedup=ratio, target=target, note=note))
+    rows.append(dict(case=what, batch=batch, dense_ms=td * 1e3, sparse_ms=ts * 1e3, speedup=ratio, target=target,
+                     note=note))
     ok = '' if target is None else ('  PASS' if ratio >= target else '  FAIL')
-    print(f"{what:<46} {batch:>5} {td * 1e3:>10.3f} {ts * 1e3:>10.3f} {ratio:>8.2f}x {'' if target is None else f'>= {target}x'}{ok} {note}", flush=True)
+    goal = '' if target is None else f'>= {target}x'
+    print(f"{what:<46} {batch:>5} {td * 1e3:>10.3f} {ts * 1e3:>10.3f} {ratio:>8.2f}x {goal}{ok} {note}", flush=True)
 
 
 def linear_rows(rows, n_pairs, threads, quick):
@@ -62,7 +64,8 @@ def linear_rows(rows, n_pairs, threads, quick):
             x = torch.randn(bs, n)
             e = to_sparse_inference(nn.Sequential(lin), x, kernels='csr', threads=threads)
             r, td, ts = pairs(lin, e, x, n_pairs)
-            row(rows, f'Linear {n}x{n} at {sp:.0%}, CSR', bs, 5.0 if sp == 0.95 and bs == 1 and not quick else None, r, td, ts)
+            target = 5.0 if sp == 0.95 and bs == 1 and not quick else None
+            row(rows, f'Linear {n}x{n} at {sp:.0%}, CSR', bs, target, r, td, ts)
 
 
 def mlp_rows(rows, n_pairs, threads, quick):
@@ -110,7 +113,8 @@ if __name__ == '__main__':
     ap.add_argument('--json', default=None, help='write the rows here')
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    print(f"torch {torch.__version__}, {a.threads} threads, median of {a.pairs} interleaved pairs (vit: {max(4, a.pairs // 3)})")
+    print(f"torch {torch.__version__}, {a.threads} threads, median of {a.pairs} interleaved pairs "
+          f"(vit: {max(4, a.pairs // 3)})")
     print(f"{'case':<46} {'batch':>5} {'dense ms':>10} {'sparse ms':>10} {'speedup':>9}")
     rows, t0 = [], time.perf_counter()
     for name, f in (('linear', linear_rows), ('mlp', mlp_rows), ('vit', vit_rows)):

@@ -1,6 +1,6 @@
 """2:4 semi-structured sparsity on the GPU through the sparse inference export (issue 11), one prepared script.
 
-    python3 benchmarks/gpu_sparse.py                      # CUDA (H100/H200): table on stdout, JSON in $OUT/gpu_sparse.json
+    python3 benchmarks/gpu_sparse.py                      # CUDA (H100/H200): a table, and $OUT/gpu_sparse.json
     python3 benchmarks/gpu_sparse.py --dev cpu --small    # CPU smoke test of the same code (the 2:4 part is skipped)
 
 1. A 2:4 MLP (4096 -> 16384 -> 4096, GELU, 16,384 tokens) in fp16 and bf16: the dense (masked) model, the plain
@@ -47,7 +47,8 @@ def plain_semi(model):
     from torch.sparse import to_sparse_semi_structured
     model = copy.deepcopy(model)
     for m in model.modules():
-        if isinstance(m, nn.Linear): m.weight = nn.Parameter(to_sparse_semi_structured(m.weight.detach()), requires_grad=False)
+        if isinstance(m, nn.Linear):
+            m.weight = nn.Parameter(to_sparse_semi_structured(m.weight.detach()), requires_grad=False)
     return model
 
 
@@ -77,17 +78,22 @@ def ratio(ref, t): return statistics.median(a / b for a, b in zip(ref, t))
 def rel_err(a, b): return float((a.float() - b.float()).abs().max() / a.float().abs().max())
 
 
+def _num(v, k): return None if v != v else round(float(v), k)  # NaN -> None (JSON)
+
+
+def _ms(times): return round(statistics.median(times) * 1e3, 4)
+
+
 def choices(exported):
-    df = export_report(exported)
-    return [dict(layer=r.layer, kernel=r.kernel, backend=r.backend, speedup=None if r.speedup != r.speedup else round(float(r.speedup), 3),
-                 dense_ms=None if r.dense_ms != r.dense_ms else round(float(r.dense_ms), 4),
-                 sparse_ms=None if r.sparse_ms != r.sparse_ms else round(float(r.sparse_ms), 4), reason=r.reason)
-            for r in df.itertuples()]
+    return [dict(layer=r.layer, kernel=r.kernel, backend=r.backend, speedup=_num(r.speedup, 3),
+                 dense_ms=_num(r.dense_ms, 4), sparse_ms=_num(r.sparse_ms, 4), reason=r.reason)
+            for r in export_report(exported).itertuples()]
 
 
 def mlp_case(dev, dtype, tokens, d, h, n_runs):
     torch.manual_seed(0)
-    model = prune_2_4(nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, d)).to(dev, dtype).eval().requires_grad_(False))
+    model = nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, d)).to(dev, dtype).eval().requires_grad_(False)
+    prune_2_4(model)
     x = torch.randn(tokens, d, device=dev, dtype=dtype)
     res = dict(case=f'2:4 MLP {d}->{h}->{d}', dtype=str(dtype).replace('torch.', ''), tokens=tokens)
     models, names = [model], ['dense']
@@ -115,16 +121,16 @@ def mlp_case(dev, dtype, tokens, d, h, n_runs):
 def fallback_case(dev, dtype, n_runs):
     "Layers too small for sparse kernels: the export must keep them dense and be as fast as dense"
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256), nn.GELU(), nn.Linear(256, 1024), nn.GELU(),
-                          nn.Linear(1024, 1024)).to(dev, dtype).eval().requires_grad_(False)
+    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256), nn.GELU(), nn.Linear(256, 1024),
+                          nn.GELU(), nn.Linear(1024, 1024)).to(dev, dtype).eval().requires_grad_(False)
     prune_2_4(model[:3])
     prune_unstructured(model[6], 0.95)
     x = torch.randn(64, 256, device=dev, dtype=dtype)
     exported = to_sparse_inference(model, x, n_runs=10)
     times = interleaved([model, exported], x, n_runs, reps=20)
     res = dict(case='fallback: small 2:4 MLP + 95 % Linear', dtype=str(dtype).replace('torch.', ''), tokens=64,
-               dense_ms=round(statistics.median(times[0]) * 1e3, 4), export_ms=round(statistics.median(times[1]) * 1e3, 4),
-               export_speedup=round(ratio(*times), 3), choices=choices(exported), target=0.95)
+               dense_ms=_ms(times[0]), export_ms=_ms(times[1]), export_speedup=round(ratio(*times), 3),
+               choices=choices(exported), target=0.95)
     with torch.inference_mode(): res['export_err'] = rel_err(model(x), exported(x))
     res['ok'] = res['export_speedup'] >= res['target']
     return res
@@ -134,14 +140,20 @@ def cpu_case(n_runs, small):
     "The CPU path of the same export: a 95 % unstructured MLP (CSR where faster)"
     torch.manual_seed(0)
     d, h = (64, 1024) if small else (1024, 4096)
-    model = prune_unstructured(nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 10)).eval(), 0.95)
+    model = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 10)).eval()
+    prune_unstructured(model, 0.95)
     x = torch.randn(64, d)
     exported = to_sparse_inference(model, x, n_runs=5)
     times = interleaved([model, exported], x, n_runs, reps=5)
-    res = dict(case=f'CPU 95 % MLP {d}-{h}-{h}-10', dtype='float32', tokens=64, dense_ms=round(statistics.median(times[0]) * 1e3, 4),
-               export_ms=round(statistics.median(times[1]) * 1e3, 4), export_speedup=round(ratio(*times), 3), choices=choices(exported))
+    res = dict(case=f'CPU 95 % MLP {d}-{h}-{h}-10', dtype='float32', tokens=64,
+               dense_ms=_ms(times[0]), export_ms=_ms(times[1]), export_speedup=round(ratio(*times), 3),
+               choices=choices(exported))
     with torch.no_grad(): res['export_err'] = rel_err(model(x), exported(x))
     return res
+
+
+def _failed(case, dtype, e):
+    return dict(case=case, dtype=str(dtype), error=f'{type(e).__name__}: {str(e)[:300]}', ok=False)
 
 
 def run(dev='cuda', small=False) -> dict:
@@ -156,32 +168,36 @@ def run(dev='cuda', small=False) -> dict:
         tokens, d, h, n_runs = (1024, 512, 2048, 10) if small else (16384, 4096, 16384, 30)
         for dtype in (torch.float16, torch.bfloat16):
             try: out['cases'].append(mlp_case(dev, dtype, tokens, d, h, n_runs))
-            except Exception as e: out['cases'].append(dict(case='2:4 MLP', dtype=str(dtype), error=f'{type(e).__name__}: {str(e)[:300]}', ok=False))
+            except Exception as e: out['cases'].append(_failed('2:4 MLP', dtype, e))
             torch.cuda.empty_cache()
         for dtype in (torch.float16,):
             try: out['cases'].append(fallback_case(dev, dtype, 30))
-            except Exception as e: out['cases'].append(dict(case='fallback', dtype=str(dtype), error=f'{type(e).__name__}: {str(e)[:300]}', ok=False))
+            except Exception as e: out['cases'].append(_failed('fallback', dtype, e))
     else:
-        out['notes'].append("no CUDA device: the 2:4 semi-structured part (cuSPARSELt/CUTLASS) was skipped; CPU CSR path and fallback only")
+        out['notes'].append("no CUDA device: the 2:4 semi-structured part (cuSPARSELt/CUTLASS) was skipped; "
+                            "CPU CSR path and fallback only")
         out['cases'].append(cpu_case(5 if small else 20, small))
         out['cases'].append(fallback_case(dev, torch.float32, 5 if small else 20))
     return out
 
 
 def show(res):
-    print(f"torch {res['torch']}, {res.get('gpu', res['device'])}" + (f" (sm {res['capability']}, cuSPARSELt {res['cusparselt']})" if 'gpu' in res else ''))
+    card = f" (sm {res['capability']}, cuSPARSELt {res['cusparselt']})" if 'gpu' in res else ''
+    print(f"torch {res['torch']}, {res.get('gpu', res['device'])}{card}")
     for n in res['notes']: print('note:', n)
     for c in res['cases']:
         if 'error' in c:
             print(f"FAIL  {c['case']} {c['dtype']}: {c['error']}")
             continue
         flag = '' if 'ok' not in c else ('PASS  ' if c['ok'] else 'FAIL  ')
-        plain = f", plain {c['plain_ms']} ms ({c['plain_speedup']}x)" if 'plain_ms' in c else (f", plain: {c['plain_error']}" if 'plain_error' in c else '')
-        print(f"{flag}{c['case']} {c['dtype']} x{c['tokens']}: dense {c['dense_ms']} ms{plain}, export {c['export_ms']} ms "
-              f"({c['export_speedup']}x dense, target {c.get('target', '-')}), max rel err {c['export_err']:.2g}")
+        plain = f", plain {c['plain_ms']} ms ({c['plain_speedup']}x)" if 'plain_ms' in c else ''
+        if 'plain_error' in c: plain = f", plain: {c['plain_error']}"
+        print(f"{flag}{c['case']} {c['dtype']} x{c['tokens']}: dense {c['dense_ms']} ms{plain}, "
+              f"export {c['export_ms']} ms ({c['export_speedup']}x dense, target {c.get('target', '-')}), "
+              f"max rel err {c['export_err']:.2g}")
         for r in c['choices']:
-            print(f"      {r['layer']:>6} {r['kernel']:>5} {r['backend'] or '':<22} dense {r['dense_ms']} ms, sparse {r['sparse_ms']} ms, "
-                  f"{r['speedup']}x  {r['reason'][:110]}")
+            print(f"      {r['layer']:>6} {r['kernel']:>5} {r['backend'] or '':<22} dense {r['dense_ms']} ms, "
+                  f"sparse {r['sparse_ms']} ms, {r['speedup']}x  {r['reason'][:110]}")
 
 
 if __name__ == '__main__':
@@ -195,5 +211,6 @@ if __name__ == '__main__':
     show(res)
     print(f"{res['seconds']} s")
     if os.environ.get('OUT'):
-        with open(os.path.join(os.environ['OUT'], 'gpu_sparse.json'), 'w') as f: json.dump(res, f, indent=1, default=str)
+        with open(os.path.join(os.environ['OUT'], 'gpu_sparse.json'), 'w') as f:
+            json.dump(res, f, indent=1, default=str)
     sys.exit(0 if all(c.get('ok', True) for c in res['cases']) else 1)
