@@ -24,21 +24,36 @@ class NMRoundingWarning(UserWarning):
     "An N:M target that N:M masks cannot reach exactly was rounded to the nearest one they can"
 
 # %% auto #0
-__all__ = ['logger', 'prunable_types', 'context_names', 'NMRoundingWarning', 'prunable_layers', 'check_sparsity', 'select_prune',
-           'force_device_path', 'NaNScores', 'device_select_prune', 'Sparsifier']
+__all__ = ['logger', 'prunable_types', 'context_names', 'NMRoundingWarning', 'AttentionProjection', 'prunable_layers',
+           'check_sparsity', 'select_prune', 'force_device_path', 'NaNScores', 'device_select_prune', 'Sparsifier']
 
 # %% ../nbs/03_sparsifier.ipynb #c7c62eb6
 prunable_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 context_names = ('local', 'global')
 
+class AttentionProjection:
+    "A prunable weight that is not a module's `weight`: a projection of `nn.MultiheadAttention` (`in_proj_weight`, ...)"
+    def __init__(self, module:nn.MultiheadAttention, attr:str): self.module, self.attr = module, attr
+    @property
+    def weight(self) -> Tensor: return getattr(self.module, self.attr)
+    def __repr__(self): return f"{type(self.module).__name__}.{self.attr}{tuple(self.weight.shape)}"
+
+_attn_attrs = ('in_proj_weight', 'q_proj_weight', 'k_proj_weight', 'v_proj_weight')
+
 def _matches(name, module, sel):
     if isinstance(sel, str): return fnmatch.fnmatchcase(name, sel)
-    if isinstance(sel, type): return isinstance(module, sel)
-    return module is sel
+    owner = module.module if isinstance(module, AttentionProjection) else module
+    if isinstance(sel, type): return isinstance(module, sel) or isinstance(owner, sel)
+    return module is sel or owner is sel
 
-def prunable_layers(model:nn.Module, layers=None, exclude=None) -> dict[str, nn.Module]:
+def prunable_layers(model:nn.Module, layers=None, exclude=None, attention:bool=False) -> dict[str, nn.Module]:
     "Modules whose weight is pruned, by name: every Conv/ConvTranspose/Linear, or those in `layers`, less `exclude`"
-    found = {n: m for n, m in model.named_modules() if isinstance(m, prunable_types) and isinstance(getattr(m, 'weight', None), Tensor)}
+    found = {}
+    for n, m in model.named_modules():
+        if isinstance(m, prunable_types) and isinstance(getattr(m, 'weight', None), Tensor): found[n] = m
+        if attention and isinstance(m, nn.MultiheadAttention):  # its input projections (out_proj is a Linear)
+            for a in _attn_attrs:
+                if isinstance(getattr(m, a, None), Tensor): found[f'{n}.{a}' if n else a] = AttentionProjection(m, a)
     if layers is not None:
         layers = [layers] if isinstance(layers, (str, type, nn.Module)) else list(layers)
         for sel in layers:
@@ -56,6 +71,7 @@ def prunable_layers(model:nn.Module, layers=None, exclude=None) -> dict[str, nn.
 _weight_norm_types = (parametrizations._WeightNorm, parametrizations._SpectralNorm)
 
 def _hook_of(m, kind):
+    if isinstance(m, AttentionProjection): return None
     return next((h for h in m._forward_pre_hooks.values()
                  if isinstance(h, kind) and getattr(h, 'name', getattr(h, '_tensor_name', None)) == 'weight'), None)
 
@@ -400,12 +416,13 @@ class Sparsifier:
         exclude=None,                  # names, glob patterns, modules or types to leave dense
         seed:int=0,                    # seeds the random criterion and the global sample (results never depend on the sample)
         example_input=None,            # with granularity='filter': trace the model on it and prune coupled channels together
+        attention:bool=False,          # also prune nn.MultiheadAttention's input projections (`<name>.in_proj_weight`)
     ):
         self.granularity = get_granularity(granularity)
         if context not in context_names: raise ValueError(f"Unknown context {context!r}; valid names: {', '.join(context_names)}")
         self.criterion = get_criterion(criteria, seed=seed)
         self.model, self.context, self.seed = model, context, seed
-        self.layers = prunable_layers(model, layers, exclude)
+        self.layers = prunable_layers(model, layers, exclude, attention)
         if not self.layers: raise ValueError(f"Nothing to prune: {type(model).__name__} has no Conv/ConvTranspose/Linear layer left after `layers`/`exclude`")
         for n, m in self.layers.items(): self.granularity.group_size(m.weight, m, n)  # fail now on undefined granularities
         self._rp = {n: _reparam(m, n) for n, m in self.layers.items()}  # reparametrized weights: what to mask instead

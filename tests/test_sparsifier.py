@@ -321,3 +321,41 @@ def test_unknown_parametrization_refused_up_front():
     for k, v in model.state_dict().items(): assert torch.equal(v, ref[k])
     sp = Sparsifier(model, exclude='0').sparsify(0.5)  # the fix the message names works
     fct.test_eq(list(sp.layers), ['1'])
+
+
+# ---- issue 11: attention projections are prunable tensors ----
+def _encoder(seed=0):
+    torch.manual_seed(seed)
+    return nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.), 2, enable_nested_tensor=False)
+
+
+@pytest.mark.parametrize('gran,context', [('weight', 'global'), ('weight', 'local'), ('vector', 'local'), ('filter', 'local'), ('2:4', 'local')])
+def test_attention_in_proj_pruned(gran, context):
+    "nn.MultiheadAttention.in_proj_weight is pruned with attention=True, counted exactly, and the masks hold its zeros"
+    model = _encoder().eval()
+    x = torch.randn(5, 3, 16)
+    sp = Sparsifier(model, gran, context, attention=True).sparsify(0.5)
+    names = [n for n in sp.layers if n.endswith('in_proj_weight')]
+    fct.test_eq(names, ['layers.0.self_attn.in_proj_weight', 'layers.1.self_attn.in_proj_weight'])
+    for n in names:
+        w = model.get_parameter(n)
+        fct.test_eq(int((w == 0).sum()), int((~sp.masks[n]).sum()))
+        if context == 'local': fct.test_close(float((w == 0).float().mean()), 0.5, eps=1e-9)
+    n_w = sum(m.weight.numel() for m in sp.layers.values())
+    if gran == 'weight' and context == 'global': fct.test_eq(sum(int((~k).sum()) for k in sp.masks.values()), _rnd(0.5 * n_w))
+    assert torch.isfinite(model(x)).all()
+    fct.test_eq(set(sp.state_dict()) >= set(names), True)
+    fct.test_eq([n for n in Sparsifier(model).layers if 'in_proj' in n], [])  # off by default
+
+
+def test_attention_separate_qkv_projections():
+    "With kdim/vdim different from embed_dim, q/k/v_proj_weight are the prunable tensors"
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, kdim=6, vdim=4)
+    sp = Sparsifier(mha, 'weight', 'local', attention=True).sparsify(0.25)
+    fct.test_eq(sorted(sp.layers), ['k_proj_weight', 'out_proj', 'q_proj_weight', 'v_proj_weight'])
+    for n in ('q_proj_weight', 'k_proj_weight', 'v_proj_weight'):
+        w = getattr(mha, n)
+        fct.test_eq(int((w == 0).sum()), _rnd(0.25 * w.numel()))
+    out, _ = mha(torch.randn(3, 2, 8), torch.randn(5, 2, 6), torch.randn(5, 2, 4))
+    assert torch.isfinite(out).all()
