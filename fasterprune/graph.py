@@ -36,10 +36,11 @@ _pass_fns = {torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.silu, F.gelu, 
              F.dropout3d, F.alpha_dropout, torch.clamp, torch.clip, torch.neg, torch.abs, torch.exp, operator.neg,
              F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
              F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
-             F.interpolate, F.pad}
+             F.interpolate, F.pad, torch.rsqrt, torch.sqrt, torch.square, torch.log}
 _pass_fn_names = {'stochastic_depth'}  # torchvision.ops.stochastic_depth (fx-wrapped): identity in eval, a per-sample mask in training
 _pass_methods = {'relu', 'relu_', 'sigmoid', 'sigmoid_', 'tanh', 'tanh_', 'clamp', 'clamp_', 'clip', 'clip_', 'contiguous', 'neg',
-                 'abs', 'exp', 'float', 'to', 'type_as', 'clone', 'detach'}
+                 'abs', 'exp', 'float', 'to', 'type_as', 'clone', 'detach', 'rsqrt', 'sqrt', 'square', 'log', 'half', 'bfloat16', 'double'}
+_pow_fns, _pow_methods = {torch.pow, operator.pow}, {'pow', 'pow_'}  # elementwise when the exponent is a number
 _binary_fns = {operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.isub, operator.truediv,
                operator.itruediv, torch.add, torch.mul, torch.sub, torch.div, torch.maximum, torch.minimum}
 _binary_methods = {'add', 'add_', 'mul', 'mul_', 'sub', 'sub_', 'div', 'div_'}
@@ -49,8 +50,9 @@ _reshape_fns = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
 _reshape_methods = {'view', 'reshape', 'flatten', 'squeeze', 'unsqueeze'}
 _cat_fns = {torch.cat, torch.concat, torch.concatenate}
 _pin_fns = {torch.permute, torch.transpose, torch.stack, torch.softmax, F.softmax, F.log_softmax, F.group_norm, F.layer_norm,
-            torch.chunk, torch.split}
-_pin_methods = {'permute', 'transpose', 't', 'softmax', 'log_softmax', 'chunk', 'split', 'unbind', 'split_with_sizes'}
+            torch.chunk, torch.split, F.scaled_dot_product_attention, torch.matmul, operator.matmul, torch.bmm, torch.einsum}
+_pin_fn_names = {'shifted_window_attention', 'shifted_window_attention_3d', '_patch_merging_pad', '_patch_merging_pad_3d'}  # torchvision's Swin
+_pin_methods = {'permute', 'transpose', 't', 'softmax', 'log_softmax', 'chunk', 'split', 'unbind', 'split_with_sizes', 'matmul', 'bmm'}
 
 class UnknownOpError(RuntimeError):
     "An operation touches channels in a way `fasterprune.graph` does not know"
@@ -137,7 +139,7 @@ class ChannelGraph:
         example_inputs = _plain(example_inputs)
         self.example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         self.modules = dict(model.named_modules())
-        self.parent, self.pinned, self.pin_reason = [], set(), {}
+        self.parent, self.pinned, self.pin_reason, self.ties = [], set(), {}, []
         self.slots: dict[tuple[str, str], Slot] = {}
         self.consumer_stats: dict[str, list] = {}  # module name -> [min, max] of each input position
         self.consumer_dyn: dict[str, Tensor] = {}  # module name -> may this input position vary with the model's input?
@@ -245,13 +247,14 @@ def _labels(self:ChannelGraph, n:fx.Node, out, it:_Labeler):
     if n.op == 'get_attr': return None
     if n.op == 'output':
         self._pin(it.arg_lab(n.args[0]), 'model output'); return None
-    ins_lab = [l for l in (it.arg_lab(a) for a in list(n.args) + list(n.kwargs.values())) if l is not None]
+    ins_lab = [l for l in (it.arg_lab(a) for a in list(n.args) + list(n.kwargs.values())) if _anylab(l)]
     if n.op == 'call_module':
         m = self.modules[n.target]
         return self._module_labels(n, m, out, it)
     target = n.target
     name = target if n.op == 'call_method' else getattr(target, '__name__', str(target))
     if not ins_lab:  # nothing labelled goes in: shapes, sizes, constants, new tensors
+        if _param_source(n, it, self.gm) is not None: return None  # a parameter viewed or reshaped: see `_binary`
         return _created(self._new(out.shape[1], f'{name} creates it')) if chan else None
     x = it.arg_val(n.args[0]) if n.args else None
     xl = it.arg_lab(n.args[0]) if n.args else None
@@ -267,7 +270,7 @@ def _labels(self:ChannelGraph, n:fx.Node, out, it:_Labeler):
                                                                     (n.op == 'call_method' and target in ('permute', 'transpose', 't'))):
         p = _perm_of(n, x.dim())
         if p is not None and out.dim() == x.dim(): return _at(xl, p.index(cd), out.dim())  # channels move with the permute
-    if (fn and target in _pin_fns) or (n.op == 'call_method' and target in _pin_methods):
+    if (fn and (target in _pin_fns or name in _pin_fn_names)) or (n.op == 'call_method' and target in _pin_methods):
         self._pin(ins_lab, name)
         if isinstance(out, (list, tuple)): return type(out)(self._new(o.shape[1], name) if isinstance(o, Tensor) and o.dim() >= 2 else None for o in out)
         return self._fresh(out, x, xl, name)
@@ -275,6 +278,9 @@ def _labels(self:ChannelGraph, n:fx.Node, out, it:_Labeler):
         if any(True for _ in _tensors(out)): self._fail(n, name, ins_lab)
         return None
     if (fn and (target in _pass_fns or name in _pass_fn_names)) or (n.op == 'call_method' and target in _pass_methods):
+        return self._passthrough(n, name, x, xl, out)
+    if ((fn and target in _pow_fns) or (n.op == 'call_method' and target in _pow_methods)) and isinstance(xl, Tensor) \
+            and not isinstance(it.arg_val(n.args[1]) if len(n.args) > 1 else n.kwargs.get('exponent'), Tensor):
         return self._passthrough(n, name, x, xl, out)
     if (fn and target in _binary_fns) or (n.op == 'call_method' and target in _binary_methods):
         return self._binary(n, name, out, it)
@@ -304,6 +310,12 @@ def _labels(self:ChannelGraph, n:fx.Node, out, it:_Labeler):
         return _at(labs[0], rcd, out.dim())
     self._fail(n, name, ins_lab)
     return self._fresh(out, x, xl, f'unknown op {name}')
+
+def _anylab(l) -> bool:
+    if isinstance(l, Tensor): return True
+    if isinstance(l, (list, tuple)): return any(_anylab(o) for o in l)
+    if isinstance(l, dict): return any(_anylab(o) for o in l.values())
+    return False
 
 def _created(lab:Tensor) -> Tensor:
     lab._created = True  # labels of a tensor made from nothing labelled: which dimension holds channels is unknown
@@ -375,12 +387,14 @@ def _binary(self:ChannelGraph, n, name, out, it):
         if not isinstance(v, Tensor): continue
         k = cd - (D - v.dim())  # the operand's dimension aligned with channels
         if k < 0 or v.shape[k] == 1:
-            if l is not None and v.dim() >= 2 and v.shape[_cd(l, v)] > 1 and _cd(l, v) != k: self._fail(n, f'{name} broadcasting channels', [l])
+            if l is not None and v.dim() >= 2 and v.shape[_cd(l, v)] > 1 and _cd(l, v) != k:
+                self._pin(l, f'{name} broadcasting channels over another dimension')
             elif l is not None and v.dim() >= 2 and v.shape[_cd(l, v)] == 1 and out.shape[cd] > 1: self._pin(l, f'{name} broadcasts one channel')
             continue
-        if l is not None and _cd(l, v) != k:
-            if hasattr(l, '_created'): self._pin(l, f'{name} with a new tensor'); l = self._new(v.shape[k], f'{name} with a new tensor')
-            else: self._fail(n, f'{name} of tensors with channels in different dimensions', [b for _, _, b in ops]); continue
+        if l is not None and _cd(l, v) != k:  # labels of another dimension: keep both sides (always correct)
+            why = f'{name} of tensors labelled in different dimensions'
+            self._pin([l, ref], why)
+            l = self._new(v.shape[k], why)
         if l is None:
             src = _param_source(a, it, self.gm)
             if src is None or (not src[2] and sum(s > 1 for s in v.shape) != 1):
@@ -476,7 +490,14 @@ def _module_labels(self:ChannelGraph, n, m, out, it):
     if isinstance(m, _conv_types) or (isinstance(m, nn.Linear) and isinstance(x, Tensor) and x.dim() == 2):
         if isinstance(m, _conv_types) and m.groups > 1:
             if _is_depthwise(m): return self._slot(name, 'dw', xl if xl is not None else self._new(m.in_channels, 'model input'))
-            self._pin(xl, f'grouped conv {name!r}'); return self._new(out.shape[1], f'grouped conv {name!r}')
+            if xl is None: xl = self._new(x.shape[1], f'unlabelled input of {name!r}')
+            self._slot(name, 'in', xl)
+            self._consumer(name, x, 1, it)
+            ids = self.slots[(name, 'out')].ids if (name, 'out') in self.slots else self._slot(name, 'out', self._new(out.shape[1]))
+            G = m.groups  # channel p of every conv group goes together: the cut stays one index per weight dimension
+            self.ties += [(xl.reshape(G, -1)[0].repeat(G - 1), xl.reshape(G, -1)[1:].reshape(-1)),
+                          (ids.reshape(G, -1)[0].repeat(G - 1), ids.reshape(G, -1)[1:].reshape(-1))]
+            return ids
         if xl is None: xl = self._new(x.shape[1], f'unlabelled input of {name!r}')
         self._slot(name, 'in', xl)
         self._consumer(name, x, 1, it)
@@ -525,6 +546,8 @@ class ChannelGroup:
     comps:Tensor                 # component index of each channel (internal to `ChannelGraph`)
     pinned:bool                  # True when these channels must stay (model input/output, channel-mixing ops)
     reason:str=''                # why they are pinned
+    units:Tensor|None = None     # channels with the same unit id go together (the same position of every group of a
+                                 # grouped conv); None when every channel is its own unit
     @property
     def width(self) -> int: return len(self.comps)
     def __repr__(self):
@@ -551,6 +574,16 @@ def _finish(self:ChannelGraph):
         hit = roots[k] == pr
         self.comp_pinned[k[hit]] = True
         for c, i in zip(k[hit].tolist(), pin_ids[hit].tolist()): self.comp_reason.setdefault(c, self.pin_reason[i])
+    self.comp_unit = torch.arange(self.n_comps)  # components that must go together (ties): the smallest member's index
+    pairs = [(torch.searchsorted(roots, P[a]), torch.searchsorted(roots, P[b])) for a, b in self.ties if len(a)]
+    while pairs:
+        u = self.comp_unit.clone()
+        for a, b in pairs:
+            m = torch.minimum(u[a], u[b])
+            u.scatter_reduce_(0, a, m, reduce='amin'); u.scatter_reduce_(0, b, m, reduce='amin')
+        u = u[u]
+        if torch.equal(u, self.comp_unit): break
+        self.comp_unit = u
 
 @patch
 def groups(self:ChannelGraph) -> list[ChannelGroup]:
@@ -583,7 +616,8 @@ def groups(self:ChannelGraph) -> list[ChannelGroup]:
             prod = {m: torch.tensor([p for c in comps for mm, p in owner[c] if mm == m]) for m in sig}
         pin = bool(self.comp_pinned[ct].any()) or not ok
         why = next((self.comp_reason[c] for c in comps if c in self.comp_reason), '' if ok else 'coupled filters of one layer')
-        res.append(ChannelGroup(prod, nd, ct, pin, why))
+        un = self.comp_unit[ct]
+        res.append(ChannelGroup(prod, nd, ct, pin, why, un if len(un.unique()) < len(un) else None))
     first = {n: i for i, n in enumerate(self.modules)}
     return sorted(res, key=lambda g: min(first[n] for n in g.producers))
 

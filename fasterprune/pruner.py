@@ -162,15 +162,18 @@ def _removable(self:Pruner, g:ChannelGraph, cand:Tensor):
         c = (mn + mx) / 2
         flat = (mx - mn) <= 1e-6 * torch.maximum(mx.abs(), mn.abs()).clamp_min(1.)
         flat &= ~g.consumer_dyn[name]  # constant by structure, not only on the example: nothing input-dependent reaches it
-        pos_ok = flat & ((c == 0) | _exact_fold(mods[name]))
+        pos_ok = flat & ((c == 0) | (_exact_fold(mods[name]) & (getattr(mods[name], 'groups', 1) == 1)))
         bad = ok.bool()[s.comp] & ~pos_ok
         if bad.any(): why[name] = int(bad.sum())
         ok.scatter_reduce_(0, s.comp, pos_ok.to(torch.int8), reduce='amin')
         consts[name] = torch.where(flat, c, torch.zeros_like(c))
+    ok = ok.bool()
+    bad_unit = torch.zeros(g.n_comps, dtype=torch.bool).index_put_((g.comp_unit[~ok],), torch.tensor(True))
+    ok &= ~bad_unit[g.comp_unit]  # the same position of every group of a grouped conv goes together, or stays
     for name, k in why.items():
         logger.info("Pruner: %d zeroed input channels of %r carry an input-dependent value or a constant that cannot be "
                     "folded exactly (zero padding); their components stay", k, name)
-    return ok.bool(), consts
+    return ok, consts
 
 # %% ../nbs/08_pruner.ipynb #f466ebaa
 @patch
@@ -214,7 +217,8 @@ def _cut(self:Pruner, g:ChannelGraph, remove:Tensor, consts:dict):
             self._cut_param(m.weight, 0, idx); self._cut_param(m.bias, 0, idx)
             self._set(m, 'out_features' if isinstance(m, nn.Linear) else 'out_channels', n)
         elif kind == 'in':
-            self._cut_param(m.weight, 1, idx)
+            G = getattr(m, 'groups', 1)  # grouped conv: kept positions are the same in every group (ties)
+            self._cut_param(m.weight, 1, idx if G == 1 else idx[idx < m.weight.shape[1]])
             self._set(m, 'in_features' if isinstance(m, nn.Linear) else 'in_channels', n)
         elif kind == 'dw':
             self._cut_param(m.weight, 0, idx); self._cut_param(m.bias, 0, idx)
@@ -380,6 +384,9 @@ def prune(self:Pruner,
         sc = crit.score(name, w).reshape(w.shape[0], -1).double().cpu()
         score.index_add_(0, s.comp, sc.sum(1)); count.index_add_(0, s.comp, torch.full((w.shape[0],), float(sc.shape[1]), dtype=torch.float64))
     mean = score / count.clamp_min(1)
+    usum = torch.zeros(g.n_comps, dtype=torch.float64).index_add_(0, g.comp_unit, mean)
+    ucnt = torch.zeros(g.n_comps, dtype=torch.float64).index_add_(0, g.comp_unit, torch.ones(g.n_comps, dtype=torch.float64))
+    mean = (usum / ucnt.clamp_min(1))[g.comp_unit]  # a unit (tied channels) scores as one: its members' mean
     remove = torch.zeros(g.n_comps, dtype=torch.bool)
     n_rm = [0] * len(groups)
     if context == 'global' and not isinstance(ratio, dict):
@@ -396,7 +403,14 @@ def prune(self:Pruner,
             if t is not None: n_rm[i] = min(int(math.floor(t * groups[i].width + 0.5)), groups[i].width - 1)
     for i, gr in enumerate(groups):
         r = _round_keep(gr.width, n_rm[i], round_to) if targets[i] is not None else 0
-        if r > 0: remove[gr.comps[torch.argsort(mean[gr.comps], stable=True)[:r]]] = True
+        order = torch.argsort(mean[gr.comps], stable=True)
+        if gr.units is not None:  # whole units (the same position of every group of a grouped conv), at most all but one
+            n_u = len(gr.units.unique())
+            u = gr.width // n_u
+            r = min(r // u, n_u - 1) * u
+            by_unit = torch.argsort(gr.units, stable=True)
+            order = by_unit[torch.argsort(mean[gr.comps][by_unit], stable=True)]  # by score, a unit's members together
+        if r > 0: remove[gr.comps[order[:r]]] = True
     if not remove.any():
         logger.info("Pruner.prune: nothing to remove"); return self.model
     try:

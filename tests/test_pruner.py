@@ -133,10 +133,14 @@ def test_unknown_op_is_named():
     m = M(); Pruner(m, torch.randn(1, 3, 4, 4), strict=False).prune(0.5)
     fct.test_eq(m.a.out_channels, 4)
 
-def test_grouped_conv_channels_pinned():
-    m = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, groups=2), nn.Conv2d(8, 4, 1))
-    Pruner(m, torch.randn(1, 3, 6, 6)).prune(0.5)
-    fct.test_eq([m[0].out_channels, m[1].out_channels], [8, 8])
+def test_grouped_conv_prunes_the_same_positions_in_every_group():
+    "A grouped conv (RegNet, ResNeXt) loses the same positions of every group, on its inputs and its outputs; verified"
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 12, 3, groups=2), nn.ReLU(), nn.Conv2d(12, 4, 1))
+    pr = Pruner(m, torch.randn(2, 3, 6, 6)); pr.prune(0.5)
+    fct.test_eq([m[0].out_channels, m[2].in_channels, m[2].out_channels, m[2].groups, m[4].in_channels], [4, 4, 6, 2, 6])
+    fct.test_eq(m[2].weight.shape, (6, 2, 3, 3))
+    assert pr.history[-1]['rel_error'] <= 1e-5
 
 def test_optimizer_state_follows():
     torch.manual_seed(0)

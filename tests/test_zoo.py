@@ -1,0 +1,214 @@
+"Issue 10: the couplings of today's architectures, each on a small hand-built module; the named models are slow tests"
+import copy, math, warnings
+import pytest, torch
+from torch import nn
+import torch.nn.functional as F
+import fastcore.test as fct
+from fasterprune.graph import channel_groups, ChannelGraph
+from fasterprune.pruner import Pruner, relative_error, save_pruned, load_pruned
+from fasterprune.sparsifier import Sparsifier
+
+warnings.filterwarnings('ignore', category=UserWarning)
+
+def _check(m, x, ratio=0.5, other=None):
+    "Prune `m` at `ratio`; the surgery verifies, and a fresh input gives what the masked model gave"
+    pr = Pruner(m, x, keep_original=False)
+    pr.prune(ratio)
+    h = pr.history[-1]
+    assert h['rel_error'] <= h['rtol'], h
+    return pr
+
+class LayerScale(nn.Module):
+    "ConvNeXt/CaiT layer scale: a per-channel parameter multiplies the block's output (a functional bias too)"
+    def __init__(self, c=8):
+        super().__init__()
+        self.c1, self.c2, self.head = nn.Conv2d(3, c, 3), nn.Conv2d(c, c, 1), nn.Conv2d(c, 4, 1)
+        self.gamma = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+        self.shift = nn.Parameter(torch.randn(c))
+    def forward(self, x):
+        y = self.gamma * self.c2(torch.relu(self.c1(x))) + self.shift.view(1, -1, 1, 1)
+        return self.head(torch.relu(y)).mean((2, 3))
+
+def test_layer_scale_and_functional_bias_are_cut_with_their_channels(tmp_path):
+    torch.manual_seed(0)
+    m = LayerScale(); x = torch.randn(2, 3, 8, 8)
+    _check(m, x)
+    fct.test_eq((m.c2.out_channels, m.gamma.shape[0], m.shift.shape[0], m.head.in_channels), (4, 4, 4, 4))
+    save_pruned(m, tmp_path / 'm.pt')  # the recipe carries the parameters' new shapes
+    fresh = load_pruned(LayerScale(), tmp_path / 'm.pt')
+    with torch.no_grad(): assert torch.equal(fresh.eval()(x), m.eval()(x))
+
+class SE(nn.Module):
+    "Squeeze-excitation gate, Linear style (view to N, C, 1, 1) and conv style"
+    def __init__(self, c=8, conv=False):
+        super().__init__()
+        self.conv = conv
+        self.c1, self.bn, self.head = nn.Conv2d(3, c, 3), nn.BatchNorm2d(c), nn.Conv2d(c, 4, 1)
+        self.fc1, self.fc2 = (nn.Conv2d(c, 4, 1), nn.Conv2d(4, c, 1)) if conv else (nn.Linear(c, 4), nn.Linear(4, c))
+    def forward(self, x):
+        x = torch.relu(self.bn(self.c1(x)))
+        if self.conv: s = torch.sigmoid(self.fc2(torch.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+        else: s = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3)))))).view(x.shape[0], -1, 1, 1)
+        return self.head(x * s).mean((2, 3))
+
+@pytest.mark.parametrize('conv', [False, True])
+def test_squeeze_excitation_gate_couples_without_pinning(conv):
+    torch.manual_seed(0)
+    m = SE(conv=conv); x = torch.randn(2, 3, 8, 8)
+    g = [gr for gr in channel_groups(m, x) if 'c1' in gr.producers][0]
+    assert not g.pinned and set(g.producers) == {'c1', 'fc2'}, g
+    _check(m, x)
+    fct.test_eq((m.c1.out_channels, m.fc2.weight.shape[0], m.bn.num_features, m.head.in_channels), (4, 4, 4, 4))
+
+class ConvNeXtBlock(nn.Module):
+    "dwconv -> permute -> LayerNorm -> Linear 4C -> GELU -> Linear C -> permute -> layer scale -> + x"
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 2, 2)
+        self.dw, self.ln = nn.Conv2d(c, c, 7, padding=3, groups=c), nn.LayerNorm(c)
+        self.fc1, self.fc2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+        self.head = nn.Linear(c, 5)
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.ln(self.dw(x).permute(0, 2, 3, 1))
+        y = (self.gamma * self.fc2(F.gelu(self.fc1(y)))).permute(0, 3, 1, 2)
+        return self.head((x + y).mean((2, 3)))
+
+def test_channels_last_block_prunes_its_hidden_units():
+    "ConvNeXt: the MLP's hidden units go; LayerNorm over the channels keeps the stream (its statistics would change)"
+    torch.manual_seed(0)
+    m = ConvNeXtBlock(); x = torch.randn(2, 3, 16, 16)
+    _check(m, x)
+    fct.test_eq((m.fc1.out_features, m.fc2.in_features), (16, 16))
+    fct.test_eq((m.stem.out_channels, m.dw.out_channels, m.ln.normalized_shape, m.gamma.shape[0]), (8, 8, (8,), 8))
+    stream = next(g for g in channel_groups(ConvNeXtBlock(), x) if 'stem' in g.producers)
+    assert stream.pinned and 'LayerNorm' in stream.reason and set(stream.producers) == {'stem', 'fc2'}, stream
+
+class MLPBlock(nn.Module):
+    "A transformer MLP on (N, T, E): LayerNorm -> fc1 -> GELU -> fc2, residual"
+    def __init__(self, e=16, h=64, gated=False):
+        super().__init__()
+        self.gated = gated
+        self.ln, self.fc1, self.fc2, self.head = nn.LayerNorm(e), nn.Linear(e, h), nn.Linear(h, e), nn.Linear(e, 3)
+        self.fc3 = nn.Linear(e, h) if gated else None
+    def forward(self, x):
+        y = self.ln(x)
+        y = F.silu(self.fc1(y)) * self.fc3(y) if self.gated else F.gelu(self.fc1(y))
+        return self.head(x + self.fc2(y))
+
+@pytest.mark.parametrize('gated', [False, True])
+def test_transformer_mlp_hidden_units(gated):
+    "fc1 rows (and a SwiGLU's gate rows) go with fc2's columns; the embedding width stays"
+    torch.manual_seed(0)
+    m = MLPBlock(gated=gated); x = torch.randn(2, 5, 16)
+    _check(m, x)
+    fct.test_eq((m.fc1.out_features, m.fc2.in_features, m.fc2.out_features), (32, 32, 16))
+    if gated: fct.test_eq(m.fc3.out_features, 32)
+
+def test_filter_sparsifier_and_compact_agree_on_transformer_mlp():
+    "Training-time filter masks on the hidden units are exactly what compact() removes"
+    torch.manual_seed(0)
+    m = MLPBlock(gated=True); x = torch.randn(2, 5, 16)
+    Sparsifier(m, 'filter', 'local', example_input=x).sparsify(0.5)
+    dead = int((m.fc1.weight == 0).all(1).sum())
+    assert dead >= 16
+    with torch.no_grad(): ref = m.eval()(x)
+    Pruner(m, x).compact()
+    fct.test_eq(m.fc1.out_features, 64 - dead)
+    with torch.no_grad(): assert relative_error(ref, m(x)) <= 1e-5
+
+class RMSNorm(nn.Module):
+    def __init__(self, d, eps=1e-6):
+        super().__init__(); self.eps, self.weight = eps, nn.Parameter(torch.ones(d))
+    def forward(self, x): return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+class LlamaBlock(nn.Module):
+    "A small Llama-like decoder: RMSNorm, rotary attention, SwiGLU MLP, tied embedding head"
+    def __init__(self, vocab=50, d=32, h=4, hidden=64, T=8):
+        super().__init__()
+        self.h, self.hd = h, d // h
+        self.emb, self.n1, self.n2, self.norm = nn.Embedding(vocab, d), RMSNorm(d), RMSNorm(d), RMSNorm(d)
+        self.wq, self.wk, self.wv, self.wo = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.w1, self.w2, self.w3 = nn.Linear(d, hidden, bias=False), nn.Linear(hidden, d, bias=False), nn.Linear(d, hidden, bias=False)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight
+        inv = 1.0 / (10000 ** (torch.arange(0, self.hd, 2).float() / self.hd))
+        f = torch.outer(torch.arange(T).float(), inv)
+        self.register_buffer('cos', torch.cat([f, f], -1).cos()[None, None], persistent=False)
+        self.register_buffer('sin', torch.cat([f, f], -1).sin()[None, None], persistent=False)
+    def forward(self, tok):
+        x = self.emb(tok)
+        B, T, D = x.shape
+        y = self.n1(x)
+        q, k, v = (w(y).view(B, T, self.h, self.hd).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        q, k = q * self.cos + _rotate_half(q) * self.sin, k * self.cos + _rotate_half(k) * self.sin
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.wo(o.transpose(1, 2).reshape(B, T, D))
+        y = self.n2(x)
+        x = x + self.w2(F.silu(self.w1(y)) * self.w3(y))
+        return self.head(self.norm(x))
+
+def test_llama_like_block(tmp_path):
+    "SwiGLU hidden units go (w1, w3 rows with w2 columns); the attention projections stay (head pruning: not yet)"
+    torch.manual_seed(0)
+    m = LlamaBlock(); tok = torch.randint(0, 50, (2, 8))
+    _check(m, tok)
+    fct.test_eq((m.w1.out_features, m.w3.out_features, m.w2.in_features), (32, 32, 32))
+    fct.test_eq((m.wq.out_features, m.wo.in_features, m.emb.embedding_dim), (32, 32, 32))
+    save_pruned(m, tmp_path / 'l.pt')
+    fresh = load_pruned(LlamaBlock(), tmp_path / 'l.pt')
+    assert fresh.head.weight is fresh.emb.weight
+    with torch.no_grad(): assert torch.equal(fresh.eval()(tok), m.eval()(tok))
+
+class ViTBlock(nn.Module):
+    "nn.MultiheadAttention + MLP, ViT style"
+    def __init__(self, e=16, heads=4):
+        super().__init__()
+        self.ln1, self.attn, self.ln2 = nn.LayerNorm(e), nn.MultiheadAttention(e, heads, batch_first=True), nn.LayerNorm(e)
+        self.fc1, self.fc2, self.head = nn.Linear(e, 4 * e), nn.Linear(4 * e, e), nn.Linear(e, 3)
+    def forward(self, x):
+        y = self.ln1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        x = x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+        return self.head(x[:, 0])
+
+def test_multihead_attention_block_prunes_its_mlp():
+    torch.manual_seed(0)
+    m = ViTBlock(); x = torch.randn(2, 5, 16)
+    _check(m, x)
+    fct.test_eq((m.fc1.out_features, m.attn.embed_dim, m.attn.num_heads), (32, 16, 4))
+
+def test_grouped_conv_regnet_style():
+    "RegNet's bottleneck: 1x1 -> grouped 3x3 -> squeeze-excitation -> 1x1; the same positions of every group go"
+    torch.manual_seed(0)
+    class B(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 16, 1), nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.Conv2d(16, 4, 1)
+            self.se1, self.se2 = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        def forward(self, x):
+            y = torch.relu(self.b(torch.relu(self.a(x))))
+            y = y * torch.sigmoid(self.se2(torch.relu(self.se1(F.adaptive_avg_pool2d(y, 1)))))
+            return self.c(y).mean((2, 3))
+    m = B(); x = torch.randn(2, 3, 8, 8)
+    _check(m, x)
+    fct.test_eq((m.a.out_channels, m.b.in_channels, m.b.out_channels, m.b.groups, m.se2.out_channels, m.c.in_channels),
+                (8, 8, 8, 4, 8, 8))
+
+ZOO = ['convnext_tiny', 'regnet_y_400mf', 'squeezenet1_0', 'vit_b_16', 'swin_t']
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ZOO)
+def test_zoo_models_prune_verified(name):
+    import torchvision
+    torch.manual_seed(0)
+    m = getattr(torchvision.models, name)()
+    x = torch.randn(2, 3, 224 if name in ('vit_b_16', 'swin_t') else 64, 224 if name in ('vit_b_16', 'swin_t') else 64)
+    n0 = sum(p.numel() for p in m.parameters())
+    _check(m, x)
+    assert sum(p.numel() for p in m.parameters()) < 0.75 * n0
