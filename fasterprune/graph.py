@@ -38,7 +38,7 @@ _pass_fns = {torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.silu, F.gelu, 
              F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
              F.interpolate, F.pad, torch.rsqrt, torch.sqrt, torch.square, torch.log}
 _pass_fn_names = {'stochastic_depth'}  # torchvision.ops.stochastic_depth (fx-wrapped): identity in eval, a per-sample mask in training
-_pass_methods = {'relu', 'relu_', 'sigmoid', 'sigmoid_', 'tanh', 'tanh_', 'clamp', 'clamp_', 'clip', 'clip_', 'contiguous', 'neg',
+_pass_methods = {'as_subclass', 'relu', 'relu_', 'sigmoid', 'sigmoid_', 'tanh', 'tanh_', 'clamp', 'clamp_', 'clip', 'clip_', 'contiguous', 'neg',
                  'abs', 'exp', 'float', 'to', 'type_as', 'clone', 'detach', 'rsqrt', 'sqrt', 'square', 'log', 'half', 'bfloat16', 'double'}
 _pow_fns, _pow_methods = {torch.pow, operator.pow}, {'pow', 'pow_'}  # elementwise when the exponent is a number
 _binary_fns = {operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.isub, operator.truediv,
@@ -106,8 +106,8 @@ def _full(out, v:bool):
     return v
 
 class _Labeler(fx.Interpreter):
-    def __init__(self, g:ChannelGraph, gm:fx.GraphModule):
-        super().__init__(gm)
+    def __init__(self, g:ChannelGraph, gm:nn.Module, graph:fx.Graph|None=None):
+        super().__init__(gm, graph=graph)
         self.g, self.lab, self.dyn = g, {}, {}
     def run_node(self, n):
         self.cur_args = n.args
@@ -134,6 +134,7 @@ class ChannelGraph:
         model:nn.Module,       # the model (not changed; run once in eval mode)
         example_inputs,        # a tensor or a tuple of positional inputs
         strict:bool=True,      # unknown ops that touch channels: error (True) or pin their channels (False)
+        traced:tuple|None=None,  # `(module, graph)` of an earlier `ChannelGraph` of this model (`.traced`): skips tracing
     ):
         self.model, self.strict = model, strict
         example_inputs = _plain(example_inputs)
@@ -146,15 +147,103 @@ class ChannelGraph:
         flags = {m: m.training for m in model.modules()}
         model.eval()  # before tracing: `self.training` is read at trace time (dropout, stochastic depth)
         try:
-            try: self.gm = fx.symbolic_trace(model)
-            except Exception as e:
-                raise RuntimeError(f"torch.fx could not trace {type(model).__name__} ({type(e).__name__}: {e}); fasterprune needs an fx-traceable model") from e
+            self.traced = traced if traced is not None else _trace(model, self.example_inputs)
+            self.gm = self.traced[0]
             with torch.no_grad():
-                it = _Labeler(self, self.gm)
+                it = _Labeler(self, *self.traced)
                 self.output = it.run(*self.example_inputs)
         finally:
             for m, t in flags.items(): m.training = t
         self._finish()
+
+# %% ../nbs/07_graph.ipynb #66b99dd6
+from torch.overrides import TorchFunctionMode
+
+_leaf_types = (nn.Linear, nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention, nn.Softmax, nn.LogSoftmax, nn.Softmin) + _conv_types \
+    + _norm_types + _pin_modules + _pass_modules + _reshape_modules
+_dunder = {'__add__': operator.add, '__iadd__': operator.iadd, '__radd__': operator.add, '__mul__': operator.mul,
+           '__imul__': operator.imul, '__rmul__': operator.mul, '__sub__': operator.sub, '__isub__': operator.isub,
+           '__rsub__': operator.sub, '__truediv__': operator.truediv, '__itruediv__': operator.itruediv,
+           '__rtruediv__': operator.truediv, '__neg__': operator.neg, '__getitem__': operator.getitem,
+           '__matmul__': operator.matmul, '__pow__': operator.pow}
+_swapped = {'__radd__', '__rmul__', '__rsub__', '__rtruediv__'}
+
+def _key(t:Tensor): return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+class _Recorder(TorchFunctionMode):
+    "Record one forward pass as an fx graph: known modules as `call_module`, torch functions and methods between them"
+    def __init__(self, model:nn.Module):
+        super().__init__()
+        self.graph, self.node, self.keep, self.depth, self.alias = fx.Graph(), {}, [], 0, {}
+        self.names = {id(t): n for n, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers())}
+        self.mod_names = {m: n for n, m in model.named_modules()}
+    def arg(self, a):
+        if isinstance(a, Tensor):
+            if id(a) in self.node: return self.node[id(a)]
+            if id(a) in self.names: return self._bind(a, self.graph.get_attr(self.names[id(a)]))
+            return self.alias.get(_key(a), a)  # a recorded tensor re-wrapped without a torch call, or a constant
+        if isinstance(a, tuple) and hasattr(a, '_fields'): return type(a)(*(self.arg(o) for o in a))
+        if isinstance(a, (list, tuple)): return type(a)(self.arg(o) for o in a)
+        if isinstance(a, dict): return {k: self.arg(v) for k, v in a.items()}
+        return a
+    def _bind(self, t, node):
+        self.keep.append(t); self.node[id(t)] = node; self.alias[_key(t)] = node
+        return node
+    def bind(self, out, node):
+        "Map the tensors of `out` to `node` (elements of tuples and lists to `getitem` nodes)"
+        if isinstance(out, Tensor): self._bind(out, node)
+        elif isinstance(out, (list, tuple)):
+            for i, o in enumerate(out):
+                if isinstance(o, Tensor): self._bind(o, self.graph.call_function(operator.getitem, (node, i)))
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.depth or not any(True for _ in _tensors(out)): return out
+        name = getattr(func, '__name__', '')
+        if name == '__get__': return out  # a property (`.shape`, `.T`, ...): read at record time
+        a, k = self.arg(args), self.arg(kwargs)
+        if name in _dunder:
+            if name in _swapped: a = (a[1], a[0]) + tuple(a[2:])
+            node = self.graph.call_function(_dunder[name], a, k)
+        elif name and getattr(Tensor, name, None) is func: node = self.graph.call_method(name, a, k)
+        else: node = self.graph.call_function(func, a, k)
+        self.bind(out, node)
+        return out
+    def pre_hook(self, m, args): self.depth += 1
+    def post_hook(self, m, args, kwargs, out):
+        self.depth -= 1
+        if self.depth == 0: self.bind(out, self.graph.call_module(self.mod_names[m], self.arg(args), self.arg(kwargs)))
+
+def _record(model:nn.Module, inputs:tuple) -> fx.Graph:
+    "The fx graph of one real forward pass of `model` on `inputs` (see above)"
+    rec = _Recorder(model)
+    for i, x in enumerate(inputs): rec.bind(x, rec.graph.placeholder(f'input_{i}'))
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, _leaf_types):
+            hooks += [m.register_forward_pre_hook(rec.pre_hook), m.register_forward_hook(rec.post_hook, with_kwargs=True)]
+    try:
+        with torch.no_grad(), rec: out = model(*inputs)
+    finally:
+        for h in hooks: h.remove()
+    rec.graph.output(rec.arg(out))
+    return rec.graph
+
+def _trace(model:nn.Module, inputs:tuple) -> tuple:
+    "`(module, graph)` to run the labelling on: torch.fx's symbolic trace, else a recorded forward pass"
+    try:
+        gm = fx.symbolic_trace(model)
+        return gm, None
+    except Exception as e:
+        err = e
+    try:
+        graph = _record(model, inputs)
+    except Exception as e2:
+        raise RuntimeError(f"torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}), and recording a forward "
+                           f"pass failed too ({type(e2).__name__}: {e2})") from e2
+    logger.info("graph: torch.fx could not trace %s (%s: %s); recorded one forward pass instead", type(model).__name__,
+                type(err).__name__, str(err).splitlines()[0][:200])
+    return model, graph
 
 # %% ../nbs/07_graph.ipynb #2687c1f2
 from fastcore.basics import patch

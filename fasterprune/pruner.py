@@ -381,8 +381,9 @@ def prune(self:Pruner,
     for (name, kind), s in g.slots.items():
         if kind != 'out': continue
         w = g.modules[name].weight
-        sc = crit.score(name, w).reshape(w.shape[0], -1).double().cpu()
-        score.index_add_(0, s.comp, sc.sum(1)); count.index_add_(0, s.comp, torch.full((w.shape[0],), float(sc.shape[1]), dtype=torch.float64))
+        sc = crit.score(name, w).reshape(w.shape[0], -1)
+        score.index_add_(0, s.comp, sc.sum(1, dtype=torch.float64).cpu())
+        count.index_add_(0, s.comp, torch.full((w.shape[0],), float(sc.shape[1]), dtype=torch.float64))
     mean = score / count.clamp_min(1)
     usum = torch.zeros(g.n_comps, dtype=torch.float64).index_add_(0, g.comp_unit, mean)
     ucnt = torch.zeros(g.n_comps, dtype=torch.float64).index_add_(0, g.comp_unit, torch.ones(g.n_comps, dtype=torch.float64))
@@ -415,7 +416,7 @@ def prune(self:Pruner,
         logger.info("Pruner.prune: nothing to remove"); return self.model
     try:
         self._zero(g, remove)
-        g2 = ChannelGraph(self.model, self.example_inputs, self.strict)
+        g2 = ChannelGraph(self.model, self.example_inputs, self.strict, traced=g.traced)  # same structure, new values
         assert g2.n_comps == g.n_comps
         ok, consts = self._removable(g2, remove)
         if (remove & ~ok).any():

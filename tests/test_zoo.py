@@ -212,3 +212,39 @@ def test_zoo_models_prune_verified(name):
     n0 = sum(p.numel() for p in m.parameters())
     _check(m, x)
     assert sum(p.numel() for p in m.parameters()) < 0.75 * n0
+
+class HookedUNet(nn.Module):
+    "What torch.fx cannot trace: a forward hook stores the skip tensor, a shape test picks the path"
+    def __init__(self):
+        super().__init__()
+        self.enc, self.down, self.mid = nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1)
+        self.up, self.dec, self.out = nn.ConvTranspose2d(16, 8, 2, 2), nn.Conv2d(16, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
+        self.stored = None
+        self.enc.register_forward_hook(lambda m, i, o: setattr(self, 'stored', o))
+    def forward(self, x):
+        h = self.mid(self.down(torch.relu(self.enc(x))))
+        u = self.up(torch.relu(h))
+        if u.shape[-2:] != self.stored.shape[-2:]: u = F.interpolate(u, self.stored.shape[-2:])
+        return self.out(torch.relu(self.dec(torch.cat([u, torch.relu(self.stored)], 1))))
+
+def test_untraceable_model_is_recorded_and_pruned():
+    "torch.fx fails on hooks and data-dependent Python: one recorded forward pass finds the couplings instead"
+    torch.manual_seed(0)
+    m = HookedUNet(); x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(Exception): torch.fx.symbolic_trace(HookedUNet())
+    _check(m, x)
+    fct.test_eq((m.enc.out_channels, m.mid.out_channels, m.dec.in_channels, m.dec.out_channels, m.out.out_channels), (4, 16, 12, 4, 2))  # ConvTranspose pins
+
+def test_fastai_dynamic_unet(tmp_path):
+    "fastai's U-Net (hooks, Python control flow, TensorBase output) prunes verified, saves and loads"
+    from fastai.vision.learner import create_unet_model
+    from torchvision.models import resnet18
+    torch.manual_seed(0)
+    def net(): return create_unet_model(resnet18, 3, (32, 32), pretrained=False)
+    m = net(); x = torch.randn(2, 3, 32, 32)
+    n0 = sum(p.numel() for p in m.parameters())
+    _check(m, x)
+    assert sum(p.numel() for p in m.parameters()) < 0.4 * n0
+    save_pruned(m, tmp_path / 'u.pt')
+    fresh = load_pruned(net(), tmp_path / 'u.pt')
+    with torch.no_grad(): assert torch.equal(fresh.eval()(x), m.eval()(x))
