@@ -579,6 +579,8 @@ def to_sparse_inference(
     conv_refused = {n: csr_conv_refusal(m) for n, m in convs.items() if csr_conv_refusal(m)}
     mats.update({n: (m.weight.detach(), None if m.bias is None else m.bias.detach(), n, 'conv')
                  for n, m in convs.items() if n not in conv_refused})
+    if not mats and not convs and not skipped:
+        raise ValueError(f"{type(model).__name__} has no Linear, MultiheadAttention or convolution layer: nothing to export")
     _check_kernels(kernels, list(mats), convs)
     mods = {**lins, **convs}
     args, kw = _call_args(model, example_input)
