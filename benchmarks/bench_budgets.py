@@ -3,7 +3,8 @@
 digits (scikit-learn, 1,437 train / 360 valid), two reference models from `fasterprune.data`:
 LeNet-300-100 (64-300-100-10 MLP) and `small_cnn` (two 3×3 conv blocks with BatchNorm, 1×8×8 input).
 For every budget (epochs of `fit_one_cycle`), dense vs `SparsifyCallback(s, 'weight', 'global', 'magnitude',
-agp(start_pct, end_pct))` for s in 0.9, 0.95 and every window; seeds 0..n-1; mean ± std of the final accuracy.
+agp(start_pct, end_pct))` for s in 0.9, 0.95 and every window; 3 seeds; mean ± std of the final accuracy. A seed
+fixes the initial weights and the batch order, the same for the dense and the sparse runs.
 The sparse runs assert that the final sparsity is exactly the target.
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/bench_budgets.py [--budgets 5 10 30] [--seeds 3]
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch, torch.nn as nn
 from fastai.learner import Learner
 from fastai.metrics import accuracy
+from fastai.torch_core import set_seed
 import fastai.callback.schedule, fastai.callback.progress  # noqa: F401
 from fasterprune.callback import SparsifyCallback
 from fasterprune.schedules import agp
@@ -37,7 +39,7 @@ WINDOWS = [(0., .25), (0., .4), (0., .5), (0., .6), (0., .75), (0., 1.), (.1, .6
 def run(model, seed, epochs, sparsity=None, window=None):
     "Final validation accuracy of one fit (dense when `sparsity` is None)"
     factory, flat, lr = MODELS[model]
-    torch.manual_seed(seed)
+    set_seed(seed)  # python, numpy and torch: the same initial weights and batch order for the dense and sparse runs
     learn = Learner(digits_dls(seed=42, flat=flat), factory(), loss_func=nn.CrossEntropyLoss(), metrics=accuracy)
     cbs = []
     if sparsity: cbs = [SparsifyCallback(sparsity, 'weight', 'global', 'magnitude', agp(*window), show_sparsity=False)]
@@ -119,8 +121,8 @@ def plot(rows, budgets, windows, sparsities, fname):
     h, l = axs[0][0].get_legend_handles_labels()
     fig.legend(h, l, loc='lower center', ncol=len(budgets), fontsize=9, title='training budget (fit_one_cycle)',
                title_fontsize=9, bbox_to_anchor=(0.5, 0))
-    fig.suptitle('digits: what AGP pruning costs, by training budget and by when pruning ends (mean ± std, 3 seeds)',
-                 fontsize=10)
+    fig.suptitle('digits: what AGP pruning costs, by training budget and by when pruning ends '
+                 f'(mean ± std, {rows[0]["n"]} seeds)', fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(fname, dpi=80)
 
@@ -148,17 +150,18 @@ def plot_sweep(rows, dense, fname):
     ax.set(xlabel='% of the weights left (sparsity 50 % → 99 %)', ylabel='validation accuracy (%)')
     ax.set_ylim(max(0, ax.get_ylim()[0]), 100)
     ax.legend(fontsize=8, loc='lower left')
-    ax.set_title('digits, fit_one_cycle 30 epochs, SparsifyCallback(s, schedule=\'agp\'): mean ± std, 3 seeds',
+    ax.set_title(f"digits, fit_one_cycle {rows[0]['epochs']} epochs, SparsifyCallback(s, schedule='agp'): "
+                 f"mean ± std, {rows[0]['n']} seeds",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(fname, dpi=90)
 
 
-def sweep(a, out):
+def sweep(a, out, seeds):
     "accuracy against sparsity at a fixed budget and the default window"
     runs, t0 = [], time.time()
     for m in a.models:
-        for seed in range(a.seeds):
+        for seed in seeds:
             acc = run(m, seed, a.epochs)
             runs.append(dict(model=m, epochs=a.epochs, seed=seed, sparsity=None, window=None, acc=acc))
             for s in SWEEP:
@@ -168,7 +171,7 @@ def sweep(a, out):
     rows = summarize(runs)
     dense = {m: _ms([r['acc'] for r in runs if r['model'] == m and r['sparsity'] is None]) for m in a.models}
     print(f"\ndigits, fit_one_cycle({a.epochs}, 1e-2), SparsifyCallback(s, 'weight', 'global', 'magnitude', agp()), "
-          f"seeds 0..{a.seeds - 1}; {time.time() - t0:.0f} s\n")
+          f"seeds {seeds[0]}..{seeds[-1]}; {time.time() - t0:.0f} s\n")
     print('| sparsity | ' + ' | '.join(MODEL_NAMES[m] for m in a.models) + ' |')
     print('|---|' + '---|' * len(a.models))
     print('| dense | ' + ' | '.join(f'{dense[m][0]:.4f} ± {dense[m][1]:.4f}' for m in a.models) + ' |')
@@ -191,31 +194,37 @@ def main():
     p.add_argument('--quick', action='store_true', help='1 seed, budgets 1 and 2, temp dir')
     p.add_argument('--sweep', action='store_true', help='accuracy against sparsity at --epochs, default window')
     p.add_argument('--epochs', type=int, default=30, help='the budget of --sweep')
+    p.add_argument('--windows', nargs='+', help='start,end pairs, e.g. 0,0.5 0,0.6 (default: the full grid)')
+    p.add_argument('--first-seed', type=int, default=0, help='seeds first_seed .. first_seed + seeds - 1')
+    p.add_argument('--name', default='budgets', help='output files NAME.json and NAME.png')
     a = p.parse_args()
+    windows = [tuple(float(v) for v in w.split(',')) for w in a.windows] if a.windows else WINDOWS
     torch.set_num_threads(1)
     out = Path(tempfile.mkdtemp()) if a.quick else HERE
     if a.quick: a.budgets, a.seeds, a.epochs = [1, 2], 1, 1
-    if a.sweep: return sweep(a, out)
+    seeds = range(a.first_seed, a.first_seed + a.seeds)
+    if a.sweep: return sweep(a, out, seeds)
     runs, t0 = [], time.time()
     for m in a.models:
         for b in a.budgets:
-            for seed in range(a.seeds):
+            for seed in seeds:
                 runs.append(dict(model=m, epochs=b, seed=seed, sparsity=None, window=None, acc=run(m, seed, b)))
                 for s in a.sparsities:
-                    for w in WINDOWS:
+                    for w in windows:
                         runs.append(dict(model=m, epochs=b, seed=seed, sparsity=s, window=list(w),
                                          acc=run(m, seed, b, s, w)))
             print(f"{m} {b} epochs done, {time.time() - t0:.0f} s", flush=True)
     rows = summarize(runs)
-    print(f"\ndigits (1,437 train / 360 valid), fit_one_cycle(epochs, 1e-2), bs 64, Adam, seeds 0..{a.seeds - 1}, "
-          f"SparsifyCallback(s, 'weight', 'global', 'magnitude', agp(start_pct, end_pct)); {time.time() - t0:.0f} s")
-    print_table(rows, a.budgets, WINDOWS, a.sparsities)
+    head = f"digits (1,437 train / 360 valid), fit_one_cycle(epochs, 1e-2), bs 64, Adam, seeds {seeds[0]}..{seeds[-1]}"
+    took = time.time() - t0
+    print(f"\n{head}, SparsifyCallback(s, 'weight', 'global', 'magnitude', agp(start_pct, end_pct)); {took:.0f} s")
+    print_table(rows, a.budgets, windows, a.sparsities)
     setup = dict(data='sklearn digits, 1437 train / 360 valid, valid split seed 42', bs=64, lr=1e-2,
                  fit='fit_one_cycle', opt='Adam', criteria='magnitude', context='global', granularity='weight',
-                 seeds=a.seeds, budgets=a.budgets, windows=[list(w) for w in WINDOWS], sparsities=a.sparsities)
-    (out / 'budgets.json').write_text(json.dumps(dict(setup=setup, summary=rows, runs=runs), indent=1))
-    plot(rows, a.budgets, WINDOWS, a.sparsities, out / 'budgets.png')
-    print(f"wrote budgets.json and budgets.png{' (quick run, temporary folder)' if a.quick else ''}")
+                 seeds=list(seeds), budgets=a.budgets, windows=[list(w) for w in windows], sparsities=a.sparsities)
+    (out / f'{a.name}.json').write_text(json.dumps(dict(setup=setup, summary=rows, runs=runs), indent=1))
+    plot(rows, a.budgets, windows, a.sparsities, out / f'{a.name}.png')
+    print(f"wrote {a.name}.json and {a.name}.png{' (quick run, temporary folder)' if a.quick else ''}")
 
 
 if __name__ == '__main__': main()
