@@ -220,7 +220,7 @@ def _record(model:nn.Module, inputs:tuple) -> fx.Graph:
     for i, x in enumerate(inputs): rec.bind(x, rec.graph.placeholder(f'input_{i}'))
     hooks = []
     for m in model.modules():
-        if isinstance(m, _leaf_types):
+        if isinstance(m, _leaf_types) and m is not model:
             hooks += [m.register_forward_pre_hook(rec.pre_hook), m.register_forward_hook(rec.post_hook, with_kwargs=True)]
     try:
         with torch.no_grad(), rec: out = model(*inputs)
@@ -229,10 +229,14 @@ def _record(model:nn.Module, inputs:tuple) -> fx.Graph:
     rec.graph.output(rec.arg(out))
     return rec.graph
 
+class _Tracer(fx.Tracer):
+    "torch.fx's tracer, with every MultiheadAttention (also the Pruner's pruned one) kept as one call"
+    def is_leaf_module(self, m, qualname): return isinstance(m, nn.MultiheadAttention) or super().is_leaf_module(m, qualname)
+
 def _trace(model:nn.Module, inputs:tuple) -> tuple:
     "`(module, graph)` to run the labelling on: torch.fx's symbolic trace, else a recorded forward pass"
     try:
-        gm = fx.symbolic_trace(model)
+        gm = fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
         return gm, None
     except Exception as e:
         err = e
@@ -571,8 +575,10 @@ def _module_labels(self:ChannelGraph, n, m, out, it):
         self._consumer(name, x, x.dim() - 1, it)
         ids = self.slots[(name, 'out')].ids if (name, 'out') in self.slots else self._slot(name, 'out', self._new(out.shape[-1]))
         return _at(ids, -1, out.dim())
-    if isinstance(m, nn.MultiheadAttention):  # heads mix inside; the embedding width stays
+    if isinstance(m, nn.MultiheadAttention):  # the embedding width stays; whole heads are units of their own
         self._pin([it.arg_lab(a) for a in list(n.args) + list(n.kwargs.values())], 'MultiheadAttention')
+        if m._qkv_same_embed_dim and m.bias_k is None and not m.add_zero_attn and m.num_heads > 1:
+            self._slot(name, 'head', self._new(m.num_heads))
         o = out[0] if isinstance(out, tuple) else out
         new = _at(self._new(o.shape[-1], 'MultiheadAttention'), -1, o.dim())
         return (new, None) if isinstance(out, tuple) else new
@@ -677,7 +683,7 @@ def _finish(self:ChannelGraph):
 @patch
 def groups(self:ChannelGraph) -> list[ChannelGroup]:
     "The coupled channel groups, in the order of their first producer"
-    outs = [s for s in self.slots.values() if s.kind == 'out']
+    outs = [s for s in self.slots.values() if s.kind in ('out', 'head')]
     owner = {}  # component -> list of (producer, position)
     for s in outs:
         for pos, c in enumerate(s.comp.tolist()): owner.setdefault(c, []).append((s.module, pos))

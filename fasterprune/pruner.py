@@ -17,7 +17,8 @@ from .graph import ChannelGraph, _conv_types, _tensors, _plain
 logger = logging.getLogger('fasterprune')
 
 # %% auto #0
-__all__ = ['logger', 'SurgeryError', 'Pruner', 'relative_error', 'pruning_recipe', 'apply_recipe', 'save_pruned', 'load_pruned']
+__all__ = ['logger', 'SurgeryError', 'Pruner', 'PrunedMultiheadAttention', 'relative_error', 'pruning_recipe', 'apply_recipe',
+           'save_pruned', 'load_pruned']
 
 # %% ../nbs/08_pruner.ipynb #f3639243
 class SurgeryError(RuntimeError):
@@ -149,9 +150,11 @@ def _removable(self:Pruner, g:ChannelGraph, cand:Tensor):
     has_out = torch.zeros(g.n_comps, dtype=torch.bool)
     why = {}
     for (name, kind), s in g.slots.items():
-        if kind != 'out': continue
-        w = mods[name].weight.detach()
-        zero = (w.reshape(w.shape[0], -1) == 0).all(1).to(torch.int8).cpu()
+        if kind == 'head': zero = _silent_heads(mods[name]).to(torch.int8).cpu()
+        elif kind == 'out':
+            w = mods[name].weight.detach()
+            zero = (w.reshape(w.shape[0], -1) == 0).all(1).to(torch.int8).cpu()
+        else: continue
         has_out[s.comp] = True
         ok.scatter_reduce_(0, s.comp, zero, reduce='amin')
     ok &= has_out.to(torch.int8)
@@ -210,7 +213,13 @@ def _cut(self:Pruner, g:ChannelGraph, remove:Tensor, consts:dict):
         keep = ~remove[s.comp]
         if keep.all(): continue
         idx, n, m = keep.nonzero().squeeze(1), int(keep.sum()), mods[name]
-        if s.kind == 'param':
+        if s.kind == 'head':
+            hr, hc = _head_index(m, idx)
+            self._cut_param(m.in_proj_weight, 0, hr); self._cut_param(m.in_proj_bias, 0, hr)
+            self._cut_param(m.out_proj.weight, 1, hc)
+            self._set(m.out_proj, 'in_features', len(hc)); self._set(m, 'num_heads', n)
+            if type(m) is nn.MultiheadAttention: self._set(m, '__class__', PrunedMultiheadAttention)
+        elif s.kind == 'param':
             self._cut_param(getattr(m, s.attr), s.dim, idx)
             if isinstance(m, nn.PReLU): self._set(m, 'num_parameters', n)
         elif kind == 'out':
@@ -228,6 +237,64 @@ def _cut(self:Pruner, g:ChannelGraph, remove:Tensor, consts:dict):
             for b in ('running_mean', 'running_var'):
                 if getattr(m, b, None) is not None: self._set(m, b, getattr(m, b).index_select(0, idx.to(getattr(m, b).device)))
             self._set(m, 'num_features', n)
+
+# %% ../nbs/08_pruner.ipynb #7551cd9b
+import torch.nn.functional as F
+
+def _head_index(m:nn.MultiheadAttention, heads:Tensor) -> tuple[Tensor, Tensor]:
+    "(rows of `in_proj_weight` for the q, k, v of `heads`, columns of `out_proj.weight` of `heads`)"
+    hd, E = m.head_dim, m.in_proj_weight.shape[0] // 3
+    cols = (heads.cpu()[:, None] * hd + torch.arange(hd)).reshape(-1)
+    return torch.cat([cols + k * E for k in range(3)]), cols
+
+def _silent_heads(m:nn.MultiheadAttention) -> Tensor:
+    "Heads whose output is zero for every input: value rows and bias zero, or output-projection columns zero"
+    H, hd, E = m.num_heads, m.head_dim, m.in_proj_weight.shape[0] // 3
+    v = m.in_proj_weight.detach()[2 * E:].reshape(H, -1)
+    vz = (v == 0).all(1)
+    if m.in_proj_bias is not None: vz &= (m.in_proj_bias.detach()[2 * E:].reshape(H, hd) == 0).all(1)
+    oz = (m.out_proj.weight.detach().reshape(m.out_proj.weight.shape[0], H, hd) == 0).all(2).all(0)
+    return vz | oz
+
+def _head_scores(m:nn.MultiheadAttention, crit, name:str) -> tuple[Tensor, Tensor]:
+    "(sum of the criterion's scores over each head's weights, their number)"
+    H, hd, E = m.num_heads, m.head_dim, m.in_proj_weight.shape[0] // 3
+    si = crit.score(f'{name}.in_proj_weight', m.in_proj_weight).reshape(3, H, hd, -1).sum((0, 2, 3), dtype=torch.float64)
+    so = crit.score(f'{name}.out_proj.weight', m.out_proj.weight).reshape(-1, H, hd).sum((0, 2), dtype=torch.float64)
+    n = 3 * hd * m.in_proj_weight.shape[1] + hd * m.out_proj.weight.shape[0]
+    return si + so, torch.full((H,), float(n), dtype=torch.float64)
+
+class PrunedMultiheadAttention(nn.MultiheadAttention):
+    "A `MultiheadAttention` that lost heads: `num_heads · head_dim` may be less than `embed_dim` (the width in and out)"
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if self.batch_first: query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        T, B, _ = query.shape
+        S, H, hd = key.shape[0], self.num_heads, self.head_dim
+        Ep, w, b = H * hd, self.in_proj_weight, self.in_proj_bias
+        q, k, v = (F.linear(t, w[i * Ep:(i + 1) * Ep], None if b is None else b[i * Ep:(i + 1) * Ep])
+                   for i, t in enumerate((query, key, value)))
+        q, k, v = (t.reshape(t.shape[0], B, H, hd).permute(1, 2, 0, 3) for t in (q, k, v))  # (B, H, len, hd)
+        mask = None
+        if attn_mask is not None:
+            mask = attn_mask if attn_mask.dtype != torch.bool else torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(attn_mask, float('-inf'))
+            mask = mask.reshape(B, H, T, S) if mask.dim() == 3 else mask
+        if key_padding_mask is not None:
+            kp = key_padding_mask if key_padding_mask.dtype != torch.bool else \
+                torch.zeros_like(key_padding_mask, dtype=q.dtype).masked_fill(key_padding_mask, float('-inf'))
+            kp = kp.reshape(B, 1, 1, S)
+            mask = kp if mask is None else mask + kp
+        p = self.dropout if self.training else 0.
+        if need_weights:
+            att = (q * hd ** -0.5) @ k.transpose(-2, -1)
+            if mask is not None: att = att + mask
+            if is_causal and mask is None: att = att.masked_fill(torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1), float('-inf'))
+            att = F.dropout(att.softmax(-1), p, self.training)
+            out = att @ v
+        else: out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal and mask is None)
+        out = self.out_proj(out.permute(2, 0, 1, 3).reshape(T, B, Ep))
+        if self.batch_first: out = out.transpose(0, 1)
+        return out, ((att.mean(1) if average_attn_weights else att) if need_weights else None)
 
 # %% ../nbs/08_pruner.ipynb #ef0799bc
 def _run_eval(model, inputs):
@@ -277,6 +344,9 @@ def _surgery(self:Pruner, g:ChannelGraph, remove:Tensor, consts:dict, refs, what
     try:
         self._cut(g, remove, consts)
         if self.verify:
+            if not any(bool(t.any()) for r in refs for t in _tensors(r)):
+                logger.warning("Pruner.%s: the model's output is zero on the example inputs: the check cannot tell a wrong "
+                               "surgery from a right one (a zero-initialised head?)", what)
             err = max(relative_error(r, o) for r, o in zip(refs, self._outputs()))
             tol = self._tolerance()
             if not err <= tol:
@@ -379,6 +449,9 @@ def prune(self:Pruner,
     targets = self._targets(groups, ratio)
     score, count = torch.zeros(g.n_comps, dtype=torch.float64), torch.zeros(g.n_comps, dtype=torch.float64)
     for (name, kind), s in g.slots.items():
+        if kind == 'head':
+            sc_sum, sc_n = _head_scores(g.modules[name], crit, name)
+            score.index_add_(0, s.comp, sc_sum.cpu()); count.index_add_(0, s.comp, sc_n)
         if kind != 'out': continue
         w = g.modules[name].weight
         sc = crit.score(name, w).reshape(w.shape[0], -1)
@@ -435,6 +508,13 @@ def _zero(self:Pruner, g:ChannelGraph, remove:Tensor):
             rm = remove[s.comp]
             if not rm.any(): continue
             m = g.modules[name]
+            if s.kind == 'head':  # a head's query, key and value rows and its output-projection columns
+                hr, hc = _head_index(m, rm.nonzero().squeeze(1))
+                for p, dim, ix in ((m.in_proj_weight, 0, hr), (m.in_proj_bias, 0, hr), (m.out_proj.weight, 1, hc)):
+                    if p is None: continue
+                    self._undo.append((p, 'data', p.data.clone()))
+                    p.data.index_fill_(dim, ix.to(p.device), 0)
+                continue
             if s.kind == 'param':  # a layer scale, a functional bias, PReLU slopes: zero too, so the channel is exactly 0
                 p = getattr(m, s.attr)
                 self._undo.append((p, 'data', p.data.clone()))
@@ -491,6 +571,7 @@ def pruning_recipe(model:nn.Module) -> dict:
         attrs = {a: getattr(m, a) for a in _size_attrs if isinstance(getattr(m, a, None), (int, tuple)) and not isinstance(getattr(m, a), bool)}
         skip = getattr(m, '_non_persistent_buffers_set', set())
         ts = {k: list(v.shape) for k, v in list(m._parameters.items()) + list(m._buffers.items()) if v is not None and k not in skip}
+        if isinstance(m, PrunedMultiheadAttention): attrs['pruned_heads'] = True  # load_pruned switches the class too
         if attrs or ts: r[n] = dict(attrs, tensors=ts)
     return r
 
@@ -525,8 +606,9 @@ def apply_recipe(model:nn.Module, recipe:dict) -> nn.Module:
         m = mods[n]
         if 'tensors' not in r:
             _apply_old_recipe(m, n, r); continue
+        if r.get('pruned_heads') and isinstance(m, nn.MultiheadAttention): m.__class__ = PrunedMultiheadAttention
         for a, v in r.items():
-            if a == 'tensors': continue
+            if a in ('tensors', 'pruned_heads'): continue
             if not hasattr(m, a): raise ValueError(f"recipe entry {n!r} sets {a!r}, which {type(m).__name__} does not have")
             setattr(m, a, tuple(v) if isinstance(getattr(m, a), tuple) else v)
         like = next((t for t in list(m._parameters.values()) + list(m._buffers.values()) if t is not None and t.is_floating_point()),
@@ -575,7 +657,8 @@ def load_pruned(model:nn.Module, path, map_location=None) -> nn.Module:
         t = mods[n]
         t._parameters, t._buffers = m._parameters, m._buffers
         for a, v in d['recipe'].get(n, {}).items():
-            if a not in ('tensors', 'bias'): setattr(t, a, getattr(m, a))
+            if a not in ('tensors', 'bias', 'pruned_heads'): setattr(t, a, getattr(m, a))
+        if type(m) is not type(t): t.__class__ = type(m)
     return model
 
 # %% ../nbs/08_pruner.ipynb #43d656e7

@@ -494,3 +494,11 @@ def test_pruner_rewind_point_follows_a_surgery():
     assert not torch.isin(trained[trained != 0], w0).all()  # training moved the weights away from the point
     assert torch.isin(w[w != 0], w0).all()  # the rewound survivors are the point's values, cut like the model
     assert (w != 0).sum() >= 0.5 * w.numel()
+
+def test_zero_output_warns_that_the_check_proves_nothing(caplog):
+    "A zero-initialised head makes every output zero: the surgery still runs, with a warning that the check is vacuous"
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    with torch.no_grad(): m[3].weight.zero_(); m[3].bias.zero_()
+    with caplog.at_level('WARNING', logger='fasterprune'): Pruner(m, torch.randn(2, 3, 8, 8)).prune(0.5)
+    assert 'proves nothing' in caplog.text or 'cannot tell' in caplog.text
