@@ -55,25 +55,31 @@ bench: venv
 # bars into what a terminal would show, replaces this checkout's paths in outputs, then cleans the metadata.
 # `make docs NB=nbs/00_schedules.ipynb` re-executes one notebook.
 NB ?= nbs
+# Third-party noise that is not the docs' business: torch's deprecation of torch.jit.script, hit when fastai is imported.
+DOCS_WARNINGS := ignore:`torch.jit.script` is deprecated:FutureWarning
 docs: venv
-	@OMP_NUM_THREADS=1 .venv/bin/nbdev-test $(NB) --n-workers 2 --save; status=$$?; \
-	$(PY) -c "$$SCRUB_OUTPUTS" $(NB) && .venv/bin/nbdev-clean --fname $(NB) && \
+	@OMP_NUM_THREADS=1 PYTHONWARNINGS='$(DOCS_WARNINGS)' .venv/bin/nbdev-test $(NB) --n-workers 2 --save; status=$$?; \
+	$(PY) -c "$$SCRUB_OUTPUTS" $(NB); scrubbed=$$?; \
+	.venv/bin/nbdev-clean --fname $(NB) || exit 1; \
 	if [ $$status -ne 0 ]; then echo "ERROR: some notebooks failed (see above); the others were re-executed"; exit 1; fi; \
+	if [ $$scrubbed -ne 0 ]; then exit 1; fi; \
 	echo "notebooks re-executed with their outputs: review with git diff, then commit"
 
 # Scrubs the outputs of the notebooks under argv[1]: progress bars written with carriage returns keep only what a
-# terminal shows, whitespace-only streams go, and paths of this checkout, the venv and the interpreter become short
-# relative ones. Fails, naming the cell, when an output still holds a machine path (the temporary folder, home, cwd).
+# terminal shows, whitespace-only streams go, paths of this checkout, the venv and the interpreter become short relative
+# ones, and temporary folders (tempfile.mkdtemp's random names) become <tmp>. Fails, naming the cell, when an output
+# still holds a machine path (the temporary folder, home, this checkout).
 define SCRUB_OUTPUTS
-import json, sys, sysconfig, tempfile
+import json, re, sys, sysconfig, tempfile
 from pathlib import Path
 arg = Path(sys.argv[1])
 def hidden(p): return any(q[0] in '._' for q in p.relative_to(arg).parts)  # checkpoints, like nbdev's globs
 nbs = [arg] if arg.is_file() else [p for p in sorted(arg.rglob('*.ipynb')) if not hidden(p)]
-subs = [(sysconfig.get_paths()['purelib'] + '/', 'site-packages/'), (sysconfig.get_paths()['stdlib'] + '/', 'lib/'),
-        (str(Path.cwd().resolve()) + '/', ''), (str(Path.cwd()) + '/', '')]
-subs = [(a, b) for a, b in subs if len(a) > 1]
-bad = [str(Path.cwd().resolve()), tempfile.gettempdir() + '/', str(Path.home()) + '/']
+def both(p): return dict.fromkeys([str(p) + '/', str(Path(p).resolve()) + '/'])  # as given and without symlinks
+sp, lib = sysconfig.get_paths()['purelib'], sysconfig.get_paths()['stdlib']
+subs = [(a, 'site-packages/') for a in both(sp)] + [(a, 'lib/') for a in both(lib)]
+subs += [(a, '') for a in both(Path.cwd())]
+bad = [*both(Path.cwd()), *both(sys.prefix), tempfile.gettempdir() + '/', str(Path.home()) + '/']
 def terminal(text):
     out = []
     for line in text.split('\n'):
@@ -81,9 +87,10 @@ def terminal(text):
         for part in line.split('\r'): shown = part + shown[len(part):]
         out.append(shown.rstrip())
     return '\n'.join(out)
+tmp = re.compile(re.escape(tempfile.gettempdir()) + r'/tmp\w+')
 def scrub(text):
     for a, b in subs: text = text.replace(a, b)
-    return text
+    return tmp.sub('<tmp>', text)
 def lines(text): return text.splitlines(keepends=True)
 problems = []
 for nb in nbs:

@@ -139,8 +139,9 @@ def plot_sweep(rows, dense, fname):
     for k, m in enumerate(dict.fromkeys(r['model'] for r in rows)):
         sel = sorted((r for r in rows if r['model'] == m), key=lambda r: r['sparsity'])
         kept = [100 * (1 - r['sparsity']) for r in sel]
+        n = sum(l.weight.numel() for l in MODELS[m][0]().modules() if isinstance(l, (nn.Linear, nn.Conv2d)))
         ax.errorbar(kept, [100 * r['mean'] for r in sel], yerr=[100 * r['std'] for r in sel], marker='o', ms=4,
-                    capsize=3, color=f'C{k}', label=f"{MODEL_NAMES[m]}, AGP global magnitude")
+                    capsize=3, color=f'C{k}', label=f"{MODEL_NAMES[m]} ({n / 1000:.0f}k weights), AGP global magnitude")
         ax.axhline(100 * dense[m][0], color=f'C{k}', ls='--', lw=1, label=f"{MODEL_NAMES[m]}, dense")
     ax.set_xscale('log')
     ax.invert_xaxis()
