@@ -161,7 +161,7 @@ def _sample_bracket(score_fns, sample_fns, n_groups, sizes, prev_keeps, k, m, se
 def _take_candidates(cv, cl, ci, sizes, need):
     "Which candidates (values `cv` of layers `cl` at indices `ci`, in (layer, index) order) to prune: the longest prefix by (value, position) of <= `need` weights"
     if need <= 0 or len(cv) == 0: return cl[:0], ci[:0]
-    if max(sizes) == 1 or all(sizes[l] == 1 for l in set(cl.unique().tolist())):  # one weight per group: an O(n) selection
+    if max(sizes) == 1 or bool((torch.tensor(sizes)[cl.long()] == 1).all()):  # one weight per group: an O(n) selection
         if need >= len(cv): return cl, ci
         t = torch.kthvalue(cv, need).values
         lt = cv < t
@@ -238,8 +238,10 @@ def select_prune(score_fns:list, n_groups:list[int], sizes:list[int], k:int, pre
         r *= 8  # the sampled bracket missed (rare): widen it and go again
     cv, cl, ci = (torch.cat(t) for t in zip(*cands))
     tl, ti = _take_candidates(cv, cl, ci, sizes, k - below_w)
-    for li, keep in enumerate(keeps):
-        sel = ti[tl == li]
+    if len(tl) > 1 and bool((tl[1:] < tl[:-1]).any()):  # split the chosen ones by layer in one pass, not one per layer
+        o = torch.argsort(tl, stable=True)
+        tl, ti = tl[o], ti[o]
+    for keep, sel in zip(keeps, ti.split(torch.bincount(tl.long(), minlength=len(keeps)).tolist())):
         if len(sel): keep[sel.to(device)] = False
     return keeps
 
