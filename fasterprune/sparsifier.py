@@ -58,7 +58,8 @@ def prunable_layers(model:nn.Module, layers=None, exclude=None, attention:bool=F
         layers = [layers] if isinstance(layers, (str, type, nn.Module)) else list(layers)
         for sel in layers:
             if not any(_matches(n, m, sel) for n, m in found.items()):
-                raise ValueError(f"layers: {sel!r} matches no Conv/Linear layer; prunable layers are: {', '.join(found) or 'none'}")
+                hint = '' if attention or not isinstance(sel, str) or 'proj_weight' not in sel else ' (attention projections need attention=True)'
+                raise ValueError(f"layers: {sel!r} matches no Conv/Linear layer{hint}; prunable layers are: {', '.join(found) or 'none'}")
         found = {n: m for n, m in found.items() if any(_matches(n, m, s) for s in layers)}
     if exclude is not None:
         exclude = [exclude] if isinstance(exclude, (str, type, nn.Module)) else list(exclude)
