@@ -29,7 +29,7 @@ def build(name:str) -> nn.Module:
     if name == 'dynamic_unet':
         from fastai.vision.learner import create_unet_model
         return create_unet_model(torchvision.models.resnet34, 5, (64, 64), pretrained=False)
-    kw = dict(aux_logits=False, init_weights=True) if name == 'googlenet' else {}
+    kw = dict(aux_logits=False, init_weights=False) if name == 'googlenet' else {}  # its own init vanishes: output = fc bias
     return getattr(torchvision.models, name)(weights=None, **kw)
 
 def n_params(m): return sum(p.numel() for p in m.parameters())

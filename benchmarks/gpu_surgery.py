@@ -37,7 +37,11 @@ def _flags():
 
 def one(name:str, dtype:str, dev:str, size:int, bs:int=16, n_example:int=8, n_runs:int=20) -> dict:
     torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None).to(device=dev, dtype=DTYPES[dtype]).eval()
+    model = getattr(torchvision.models, name)(weights=None)
+    with torch.no_grad():  # ViT's head starts at zero: a zero output would make the check vacuous
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and not m.weight.any(): torch.nn.init.normal_(m.weight, std=0.02)
+    model = model.to(device=dev, dtype=DTYPES[dtype]).eval()
     x = torch.randn(bs, 3, size, size, device=dev, dtype=DTYPES[dtype])
     n0 = sum(p.numel() for p in model.parameters())
     row = dict(model=name, dtype=dtype, size=size, params_dense=n0)
@@ -59,15 +63,15 @@ def one(name:str, dtype:str, dev:str, size:int, bs:int=16, n_example:int=8, n_ru
     row['speedup'] = row['lat_dense_ms'] / row['lat_pruned_ms']
     return row
 
-def run(dev:str='cuda', small:bool=False) -> dict:
+def run(dev:str='cuda', small:bool=False, models:list|None=None) -> dict:
     "Every row of the table, with the device, its default flags and the software versions"
-    names = ['resnet18'] if small else ['resnet18', 'resnet50', 'mobilenet_v2']
+    names = models or (['resnet18'] if small else ['resnet18', 'resnet50', 'mobilenet_v2'])
     size = 64 if small else 224
     res = dict(device=torch.cuda.get_device_name() if torch.device(dev).type == 'cuda' else 'cpu', torch=torch.__version__,
                default_flags=_flags(), rows=[])
     for name in names:
         for dt in DTYPES:
-            res['rows'].append(one(name, dt, dev, size, n_runs=5 if small else 20))
+            res['rows'].append(one(name, dt, dev, 224 if name.startswith(('vit', 'swin')) else size, n_runs=5 if small else 20))
             r = res['rows'][-1]
             print(f"{r['model']:>13} {r['dtype']:>9}  " + (f"ERROR {r['error']}" if 'error' in r else
                   f"surgery {r['surgery_s']:6.2f} s  err {r['rel_error']:.2e} <= rtol {r['rtol']:.1e} ({r['checked_in']})  "
@@ -79,9 +83,11 @@ if __name__ == '__main__':
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--dev', default='cuda')
     ap.add_argument('--small', action='store_true', help='resnet18 at 64x64 only (a smoke test)')
+    ap.add_argument('--models', nargs='+', default=None, help='torchvision models (default: resnet18 resnet50 mobilenet_v2; '
+                    'also try vit_b_16 convnext_tiny regnet_y_400mf)')
     ap.add_argument('--out', default=None, help='JSON file (default: $OUT/gpu_surgery.json when $OUT is set)')
     a = ap.parse_args()
-    res = run(a.dev, a.small)
+    res = run(a.dev, a.small, a.models)
     out = a.out or (os.path.join(os.environ['OUT'], 'gpu_surgery.json') if os.environ.get('OUT') else None)
     if out:
         Path(out).write_text(json.dumps(res, indent=1))
