@@ -90,12 +90,14 @@ def _exact_float32(f):
     return _f
 
 def _perturbed(x, g:torch.Generator):
-    "A second input of the same structure: floats plus noise of their own scale, integers (ids) shifted by one position"
+    "A second input like `x`: finite floats plus noise of their own scale, integers and booleans with samples shifted by one"
     if isinstance(x, Tensor):
         if x.is_floating_point():
+            ok = x.detach().isfinite()
+            scale = torch.where(ok, x.detach().abs(), torch.zeros_like(x)).sum() / ok.sum().clamp_min(1)
             noise = torch.randn(x.shape, generator=g).to(device=x.device, dtype=x.dtype)
-            return x + noise * x.detach().abs().mean().clamp_min(1e-3)
-        return x.roll(1, -1) if x.dim() else x
+            return torch.where(ok, x + noise * scale.clamp_min(1e-3), x)
+        return x.roll(1, 0) if x.dim() else x
     if isinstance(x, tuple) and hasattr(x, '_fields'): return type(x)(*(_perturbed(o, g) for o in x))
     if isinstance(x, (list, tuple)): return type(x)(_perturbed(o, g) for o in x)
     if isinstance(x, dict): return {k: _perturbed(v, g) for k, v in x.items()}

@@ -502,3 +502,19 @@ def test_zero_output_warns_that_the_check_proves_nothing(caplog):
     with torch.no_grad(): m[3].weight.zero_(); m[3].bias.zero_()
     with caplog.at_level('WARNING', logger='fasterprune'): Pruner(m, torch.randn(2, 3, 8, 8)).prune(0.5)
     assert 'proves nothing' in caplog.text or 'cannot tell' in caplog.text
+
+def test_second_input_keeps_categorical_ids_valid():
+    "Tabular models: the perturbed second input shifts samples, not columns, so each category column keeps valid ids"
+    class Tab(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e1, self.e2 = nn.Embedding(10, 4), nn.Embedding(3, 4)
+            self.fc1, self.fc2 = nn.Linear(4 + 4 + 5, 16), nn.Linear(16, 2)
+        def forward(self, cat, cont):
+            return self.fc2(torch.relu(self.fc1(torch.cat([self.e1(cat[:, 0]), self.e2(cat[:, 1]), cont], 1))))
+    torch.manual_seed(0)
+    m = Tab(); cat = torch.stack([torch.randint(0, 10, (8,)), torch.randint(0, 3, (8,))], 1)
+    cat[0] = torch.tensor([9, 0])
+    pr = Pruner(m, (cat, torch.randn(8, 5))); pr.prune(0.5)
+    fct.test_eq(m.fc1.out_features, 8)
+    assert pr.history[-1]['rel_error'] <= 1e-5
