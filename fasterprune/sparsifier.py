@@ -28,7 +28,8 @@ __all__ = ['logger', 'prunable_types', 'context_names', 'NMRoundingWarning', 'At
            'check_sparsity', 'select_prune', 'force_device_path', 'NaNScores', 'device_select_prune', 'Sparsifier']
 
 # %% ../nbs/03_sparsifier.ipynb #c7c62eb6
-prunable_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+prunable_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                  nn.Linear)
 context_names = ('local', 'global')
 
 class AttentionProjection:
@@ -58,14 +59,16 @@ def prunable_layers(model:nn.Module, layers=None, exclude=None, attention:bool=F
         layers = [layers] if isinstance(layers, (str, type, nn.Module)) else list(layers)
         for sel in layers:
             if not any(_matches(n, m, sel) for n, m in found.items()):
-                hint = '' if attention or not isinstance(sel, str) or 'proj_weight' not in sel else ' (attention projections need attention=True)'
-                raise ValueError(f"layers: {sel!r} matches no Conv/Linear layer{hint}; prunable layers are: {', '.join(found) or 'none'}")
+                attn = not attention and isinstance(sel, str) and 'proj_weight' in sel
+                hint = ' (attention projections need attention=True)' if attn else ''
+                raise ValueError(f"layers: {sel!r} matches no Conv/Linear layer{hint}; "
+                                 f"prunable layers are: {', '.join(found) or 'none'}")
         found = {n: m for n, m in found.items() if any(_matches(n, m, s) for s in layers)}
     if exclude is not None:
         exclude = [exclude] if isinstance(exclude, (str, type, nn.Module)) else list(exclude)
         found = {n: m for n, m in found.items() if not any(_matches(n, m, s) for s in exclude)}
     empty = [n for n, m in found.items() if m.weight.numel() == 0]
-    if empty: logger.info("prunable_layers: %s hold no weight (a zero-size dimension) and get no mask", ', '.join(empty))
+    if empty: logger.info("prunable_layers: %s hold no weight (a zero-size dimension), no mask", ', '.join(empty))
     return {n: m for n, m in found.items() if m.weight.numel() > 0}
 
 # %% ../nbs/03_sparsifier.ipynb #f8e2143d
@@ -82,17 +85,18 @@ def _reparam(m:nn.Module, name:str):
         ps = m.parametrizations.weight
         if len(ps) == 1 and isinstance(ps[0], parametrizations._WeightNorm): return ('weight_norm', ps, ps[0])
         if len(ps) == 1 and isinstance(ps[0], parametrizations._SpectralNorm): return ('orig', ps, None)
-        raise ValueError(f"layer {name!r}: its weight is computed by {', '.join(type(p).__name__ for p in ps)}, which masks cannot "
-                         f"follow (the next forward would recompute the pruned entries); leave it dense with exclude=[{name!r}], "
-                         "or remove the parametrization (torch.nn.utils.parametrize.remove_parametrizations)")
+        raise ValueError(f"layer {name!r}: its weight is computed by {', '.join(type(p).__name__ for p in ps)}, "
+                         "which masks cannot follow (the next forward would recompute the pruned entries); leave it "
+                         f"dense with exclude=[{name!r}], or remove the parametrization "
+                         "(torch.nn.utils.parametrize.remove_parametrizations)")
     h = _hook_of(m, _OldWeightNorm)
     if h is not None: return ('old_weight_norm', m, h)
     for kind in (_OldSpectralNorm, _prune.BasePruningMethod):
         h = _hook_of(m, kind)
         if h is not None: return ('old_orig', m, h)
     if not isinstance(m.weight, nn.Parameter) and m.weight.grad_fn is not None:
-        raise ValueError(f"layer {name!r}: its weight is computed by a forward hook the Sparsifier does not know; leave it dense "
-                         f"with exclude=[{name!r}], or remove the hook")
+        raise ValueError(f"layer {name!r}: its weight is computed by a forward hook the Sparsifier does not know; "
+                         f"leave it dense with exclude=[{name!r}], or remove the hook")
     return None
 
 def _effective_weight(m:nn.Module, rp) -> Tensor:
@@ -106,12 +110,13 @@ def _effective_weight(m:nn.Module, rp) -> Tensor:
 
 def _weight_norm_parts(m:nn.Module, rp, mk:Tensor):
     "g, v, the dims a norm runs over, and which slices keep an entry (keepdim shape)"
-    g, v, dim = (rp[1].original0, rp[1].original1, rp[2].dim) if rp[0] == 'weight_norm' else (m.weight_g, m.weight_v, rp[2].dim)
+    if rp[0] == 'weight_norm': g, v, dim = rp[1].original0, rp[1].original1, rp[2].dim
+    else: g, v, dim = m.weight_g, m.weight_v, rp[2].dim
     dims = [d for d in range(v.ndim) if d != dim % v.ndim] if dim not in (None, -1) else list(range(v.ndim))
     return g, v, dims, (mk.amax(dims, keepdim=True) if dims else mk)
 
 def _reparam_pairs(m:nn.Module, rp, mk:Tensor) -> list:
-    "(tensor, bool mask) pairs: multiplying each tensor by its mask zeroes the entries `mk` masks in the computed weight"
+    "(tensor, bool mask) pairs: multiplying each tensor by its mask zeroes the masked entries of the computed weight"
     if rp[0] == 'orig': return [(rp[1].original, mk)]
     if rp[0] == 'old_orig': return [(m.weight_orig, mk)]
     g, v, dims, alive = _weight_norm_parts(m, rp, mk)
@@ -124,7 +129,7 @@ def _mask_reparam(m:nn.Module, rp, mk:Tensor):
         g, v, dims, alive = _weight_norm_parts(m, rp, mk)
         zero = v.abs().amax(dims, keepdim=True) == 0 if dims else v == 0
         v.masked_fill_(zero & ~alive, 1.)
-    if rp[0].startswith('old'): m.weight = _effective_weight(m, rp)  # the hooks' cached weight, until their next forward
+    if rp[0].startswith('old'): m.weight = _effective_weight(m, rp)  # the hooks' cached weight, until the next forward
 
 # %% ../nbs/03_sparsifier.ipynb #6c8baac3
 def check_sparsity(s, what='sparsity') -> float:
@@ -134,7 +139,9 @@ def check_sparsity(s, what='sparsity') -> float:
     s = float(s)
     if math.isnan(s): raise ValueError(f"{what} is NaN; pass a fraction in [0, 1)")
     if s == 1: raise ValueError(f"{what}=1 would prune every weight: {what} is a fraction in [0, 1)")
-    if 1 < s <= 100: raise ValueError(f"{what}={s:g} looks like a percentage: {what} is a fraction in [0, 1), e.g. {s/100:g} for {s:g} %")
+    if 1 < s <= 100:
+        raise ValueError(f"{what}={s:g} looks like a percentage: {what} is a fraction in [0, 1), "
+                         f"e.g. {s/100:g} for {s:g} %")
     if not 0 <= s < 1: raise ValueError(f"{what} must be a fraction in [0, 1), got {s:g}")
     return s
 
@@ -160,7 +167,7 @@ def _sample_bracket(score_fns, sample_fns, n_groups, sizes, prev_keeps, k, m, se
     return vals, int(torch.searchsorted(cum, torch.tensor(float(k), dtype=torch.float64))), n_live
 
 def _take_candidates(cv, cl, ci, sizes, need):
-    "Which candidates (values `cv` of layers `cl` at indices `ci`, in (layer, index) order) to prune: the longest prefix by (value, position) of <= `need` weights"
+    "Candidates to prune (values `cv`, layers `cl`, indices `ci`): the longest (value, position) prefix of <= `need`"
     if need <= 0 or len(cv) == 0: return cl[:0], ci[:0]
     if max(sizes) == 1 or bool((torch.tensor(sizes)[cl.long()] == 1).all()):  # one weight per group: an O(n) selection
         if need >= len(cv): return cl, ci
@@ -197,12 +204,14 @@ def _split(sc, keep, scratch, p, lo, hi):
     return inb.nonzero().squeeze(1), n_keep
 
 def select_prune(score_fns:list, n_groups:list[int], sizes:list[int], k:int, prev_keeps:list|None=None,
-                 sample_size:int|None=None, seed:int=0, sample_fns:list|None=None, device=None, out:Tensor|None=None) -> list[Tensor]:
-    "Keep-masks (1-D bool per layer): groups pruned in `prev_keeps` stay pruned, then the live groups ordered by (score, layer, index) are pruned while the pruned weights stay <= `k`"
+                 sample_size:int|None=None, seed:int=0, sample_fns:list|None=None, device=None,
+                 out:Tensor|None=None) -> list[Tensor]:
+    "1-D keep-masks: the live groups by (score, layer, index) are pruned while <= `k` weights are (after `prev_keeps`)"
     prev_keeps = prev_keeps or [None] * len(n_groups)
     device = torch.device(device or 'cpu')
     if _SELECT_PATH == 'device' or _SELECT_PATH is None and not _host_kernels(device):
-        return device_select_prune(score_fns, n_groups, sizes, k, prev_keeps, device, out, None, sample_fns, sample_size, seed)
+        return device_select_prune(score_fns, n_groups, sizes, k, prev_keeps, device, out, None, sample_fns,
+                                   sample_size, seed)
     flat = out if out is not None else torch.empty(sum(n_groups), dtype=torch.bool, device=device)
     keeps = list(flat.split(list(n_groups)))  # all keep-masks are views of one buffer
     live = [g if p is None else int(torch.count_nonzero(p)) for g, p in zip(n_groups, prev_keeps)]
@@ -327,7 +336,7 @@ def device_select_prune(score_fns:list, n_groups:list[int], sizes:list[int], k:i
         return buf, pb
 
     def exact(f, lo_hi):
-        "`f`, in float32 unless both ends of the bracket are exact in its dtype (Python scalars compare in the tensor's dtype)"
+        "`f`, in float32 unless both ends of the bracket are exact in its dtype (scalars compare in the tensor's dtype)"
         return f if all(_exact_in(x, f.dtype) for x in lo_hi) else f.float()
 
     def total(ts, scale=None):
@@ -414,25 +423,30 @@ class Sparsifier:
         model:nn.Module,               # the model to prune, in place
         granularity='weight',          # 'weight', 'vector', 'kernel', 'filter', or N:M such as '2:4'
         context:str='global',          # 'local' (every layer at the target) or 'global' (one ranking)
-        criteria='magnitude',          # 'magnitude', 'gradient_magnitude', 'movement', 'random', a Criterion or f(weight)->scores
+        criteria='magnitude',          # 'magnitude', 'gradient_magnitude', 'movement', 'random', a Criterion, f(w)
         layers=None,                   # names, glob patterns, modules or types to prune (default: every Conv/Linear)
         exclude=None,                  # names, glob patterns, modules or types to leave dense
-        seed:int=0,                    # seeds the random criterion and the global sample (results never depend on the sample)
-        example_input=None,            # with granularity='filter': trace the model on it and prune coupled channels together
+        seed:int=0,                    # seeds the random criterion and the sample (results never depend on the sample)
+        example_input=None,            # granularity='filter': trace the model on it, prune coupled channels together
         attention:bool=False,          # also prune nn.MultiheadAttention's input projections (`<name>.in_proj_weight`)
     ):
         self.granularity = get_granularity(granularity)
-        if context not in context_names: raise ValueError(f"Unknown context {context!r}; valid names: {', '.join(context_names)}")
+        if context not in context_names:
+            raise ValueError(f"Unknown context {context!r}; valid names: {', '.join(context_names)}")
         self.criterion = get_criterion(criteria, seed=seed)
         self.model, self.context, self.seed = model, context, seed
         self.layers = prunable_layers(model, layers, exclude, attention)
-        if not self.layers: raise ValueError(f"Nothing to prune: {type(model).__name__} has no Conv/ConvTranspose/Linear layer left after `layers`/`exclude`")
-        for n, m in self.layers.items(): self.granularity.group_size(m.weight, m, n)  # fail now on undefined granularities
+        if not self.layers:
+            raise ValueError(f"Nothing to prune: {type(model).__name__} has no Conv/ConvTranspose/Linear layer left "
+                             "after `layers`/`exclude`")
+        for n, m in self.layers.items(): self.granularity.group_size(m.weight, m, n)  # fail now on undefined ones
         self._rp = {n: _reparam(m, n) for n, m in self.layers.items()}  # reparametrized weights: what to mask instead
         self.masks: dict[str, Tensor] = {}
         self.groups, self.aux = None, []  # coupled channel groups (filter granularity), and their bias/norm masks
         if example_input is not None:
-            if self.granularity.name != 'filter': raise ValueError(f"example_input couples channels for granularity='filter' only, not {self.granularity!r}")
+            if self.granularity.name != 'filter':
+                raise ValueError("example_input couples channels for granularity='filter' only, "
+                                 f"not {self.granularity!r}")
             self.couple(example_input)
 
     @property
@@ -442,12 +456,14 @@ class Sparsifier:
         "The weight layer `name` computes (the stored one, or the one a parametrization computes from its tensors)"
         return _effective_weight(self.layers[name], self._rp[name])
 
-    def __repr__(self): return f"Sparsifier({len(self.layers)} layers, granularity={self.granularity!r}, context={self.context!r}, criteria={self.criterion!r})"
+    def __repr__(self):
+        return (f"Sparsifier({len(self.layers)} layers, granularity={self.granularity!r}, context={self.context!r}, "
+                f"criteria={self.criterion!r})")
 
 # %% ../nbs/03_sparsifier.ipynb #70bddac1
 @patch
 def _group_scores(self:Sparsifier, name:str, out=None, check:bool=True):
-    "1-D group scores of layer `name` (per-weight `(n_groups, M)` for N:M); `out`: a float32 buffer to reuse when groups are single weights"
+    "1-D group scores of layer `name` (`(n_groups, M)` for N:M); `out`: a float32 buffer for single-weight groups"
     m = self.layers[name]; crit = self.criterion; w = self.weight(name)
     if out is not None and (self.granularity.is_nm or self.granularity.group_size(w, m, name) != 1): out = None
     raw = crit.score(name, w, out.view(w.shape) if out is not None else None)
@@ -470,10 +486,11 @@ def _check_weights(self:Sparsifier, names):
     for n in names: _check_finite(n, self.weight(n))
 
 def _check_finite(name, t):
-    "Raise, naming the layer, if `t` holds a NaN (a sum is one cheap read; the exact check runs only when it is not finite)"
-    if not torch.isfinite(t.detach().sum()) and torch.isnan(t).any(): raise ValueError(f"layer {name!r} has NaN weights; nothing was pruned")
+    "Raise, naming the layer, if `t` holds a NaN (a sum is one cheap read; the exact check runs only if not finite)"
+    if not torch.isfinite(t.detach().sum()) and torch.isnan(t).any():
+        raise ValueError(f"layer {name!r} has NaN weights; nothing was pruned")
 
-_CHUNK = 2**20  # weights per chunk when a big layer's magnitudes are scored piece by piece (4 MB of scores stay in cache)
+_CHUNK = 2**20  # weights per chunk when a big layer is scored piece by piece (4 MB of scores stay in cache)
 
 def _pointwise_chunk(crit, name, w, out, check=True):
     sc = crit.score(name, w, out)
@@ -487,7 +504,7 @@ class _Scores:
 
 @patch
 def _parts(self:Sparsifier, names, chunk:int=_CHUNK, host:bool=True):
-    "Score functions, sample functions, group counts, group sizes and previous keep-flags for `names`, one entry per part"
+    "Score functions, sample functions, group counts, group sizes and previous keep-flags of `names`, one per part"
     g, fns, sfns, ng, sz, prev = self.granularity, [], [], [], [], []
     for n in names:
         m = self.layers[n]; s = g.group_size(m.weight, m, n); G = m.weight.numel() // s; pk = self._prev_keep(n)
@@ -504,20 +521,22 @@ def _parts(self:Sparsifier, names, chunk:int=_CHUNK, host:bool=True):
         else:
             if host: _check_finite(n, self.weight(n))
             # the selection may score a layer several times: the first call checks for NaN (one host read per layer)
-            fns.append(lambda out=None, n=n, first=[True]: self._group_scores(n, out, first and first.pop())); sfns.append(None)
+            fns.append(lambda out=None, n=n, first=[True]: self._group_scores(n, out, first and first.pop()))
+            sfns.append(None)
             ng.append(G); sz.append(s); prev.append(pk)
     return fns, sfns, ng, sz, prev
 
 @patch
 def _select(self:Sparsifier, names, sparsity:float, unit:int=1) -> list[Tensor]:
-    "1-D keep-flags per group of each layer in `names`, pruning round(sparsity * n / unit) * unit of their n weights together (one ranking)"
+    "1-D keep-flags per group of `names`: round(sparsity * n / unit) * unit of their n weights pruned, one ranking"
     dev = self.layers[names[0]].weight.device
     host = _host_kernels(dev)
     n_w = sum(self.layers[n].weight.numel() for n in names)
     on_device = _SELECT_PATH == 'device' or _SELECT_PATH is None and not host
     fns, sfns, ng, sz, prev = self._parts(names, _device_chunk(n_w) if on_device else _CHUNK, host)
     flat = torch.empty(sum(ng), dtype=torch.bool, device=dev)
-    try: select_prune(fns, ng, sz, _round_half_up(sparsity * n_w / unit) * unit, prev, seed=self.seed, sample_fns=sfns, device=dev, out=flat)
+    k = _round_half_up(sparsity * n_w / unit) * unit
+    try: select_prune(fns, ng, sz, k, prev, seed=self.seed, sample_fns=sfns, device=dev, out=flat)
     except NaNScores:
         self._check_weights(names)  # name the layer with NaN weights
         raise
@@ -530,12 +549,15 @@ def _select(self:Sparsifier, names, sparsity:float, unit:int=1) -> list[Tensor]:
 @patch
 def _check_targets(self:Sparsifier, sparsity) -> dict[str, float]|float:
     if isinstance(sparsity, dict) and self.groups is not None:
-        raise ValueError("per-layer targets are not supported with coupled channel groups (filter granularity); pass one fraction, or coupled=False")
+        raise ValueError("per-layer targets are not supported with coupled channel groups (filter granularity); "
+                         "pass one fraction, or coupled=False")
     if isinstance(sparsity, dict):
         out = {}
         for pat, s in sparsity.items():
             hits = [n for n, m in self.layers.items() if _matches(n, m, pat)]
-            if not hits: raise ValueError(f"sparsity: {pat!r} matches no pruned layer; pruned layers are: {', '.join(self.layers)}")
+            if not hits:
+                raise ValueError(f"sparsity: {pat!r} matches no pruned layer; "
+                                 f"pruned layers are: {', '.join(self.layers)}")
             for n in hits: out[n] = check_sparsity(s, f'sparsity[{pat!r}]')
         return out
     return check_sparsity(sparsity)
@@ -550,13 +572,14 @@ def compute_masks(self:Sparsifier, sparsity) -> dict[str, Tensor]:
         cap = (g.m - g.n) / g.m
         ts = targets if isinstance(targets, dict) else {n: targets for n in self.layers}
         for n, s in ts.items():
-            if s > cap + 1e-9: raise ValueError(f"{g!r} keeps {g.n} of every {g.m} weights: the most it can prune is {cap:g}, got {s:g} for {n!r}")
+            if s > cap + 1e-9: raise ValueError(f"{g!r} keeps {g.n} of every {g.m} weights: the most it can prune is "
+                                                f"{cap:g}, got {s:g} for {n!r}")
         for s in sorted(set(ts.values())):
             got = min(_round_half_up(s * g.m), g.m - g.n) / g.m
             if abs(got - s) > 1e-9:
                 reach = ', '.join(f'{i / g.m:g}' for i in range(g.m - g.n + 1))
-                warnings.warn(f"{g!r} can only reach sparsities {reach} (every group of {g.m} prunes the same number of "
-                              f"weights): {s:g} is rounded to {got:g}", NMRoundingWarning, stacklevel=3)
+                warnings.warn(f"{g!r} can only reach sparsities {reach} (every group of {g.m} prunes the same number "
+                              f"of weights): {s:g} is rounded to {got:g}", NMRoundingWarning, stacklevel=3)
         self._check_weights(ts)
         scores = {}
         for n in ts:
@@ -594,18 +617,21 @@ def apply_masks(self:Sparsifier):
                 _mask_reparam(self.layers[n], self._rp[n], mk)
                 continue
             w = self.layers[n].weight
-            if _host_kernels(w.device) and w.is_contiguous() and mk.is_contiguous() and w.dtype in (torch.float32, torch.float64):
+            host = _host_kernels(w.device) and w.is_contiguous() and mk.is_contiguous()
+            if host and w.dtype in (torch.float32, torch.float64):
                 wn = w.detach().numpy(); np.multiply(wn, mk.numpy(), out=wn)  # numpy's float*bool is ~2x torch's on CPU
             else: w.mul_(mk)
         for p, mk in self.aux: p.mul_(mk)
 
 @patch
 def mask_pairs(self:Sparsifier) -> tuple[list[Tensor], list[Tensor]]:
-    "The tensors to multiply in place after each optimizer step, and their masks in each tensor's dtype (for `torch._foreach_mul_`)"
+    "Tensors to multiply in place after each optimizer step, and their masks in their dtype (`torch._foreach_mul_`)"
     ts, ms = [], []
     for n, mk in self.masks.items():
         m, rp = self.layers[n], self._rp[n]
-        for t, k in ([(m.weight, mk)] if rp is None else _reparam_pairs(m, rp, mk)): ts.append(t); ms.append(k.to(t.dtype))
+        for t, k in ([(m.weight, mk)] if rp is None else _reparam_pairs(m, rp, mk)):
+            ts.append(t)
+            ms.append(k.to(t.dtype))
     for p, mk in self.aux: ts.append(p); ms.append(mk.to(p.dtype))
     return ts, ms
 
@@ -627,7 +653,8 @@ def _budgets(self:Sparsifier, t) -> list:
     if self.groups is not None:
         names = sorted({n for gr in self.groups for n in gr.producers})
         sz = [sum(g.group_size(L[n].weight, L[n], n) for n in gr.producers) for gr in self.groups]
-        if self.context == 'local': return [(names, sum(_round_half_up(t * gr.width) * s for gr, s in zip(self.groups, sz)))]
+        if self.context == 'local':
+            return [(names, sum(_round_half_up(t * gr.width) * s for gr, s in zip(self.groups, sz)))]
         return [(names, _round_half_up(t * sum(gr.width * s for gr, s in zip(self.groups, sz))))]
     if g.is_nm or self.context == 'local': return [(list(L), sum(local(n, t) for n in L))]
     return [(list(L), _round_half_up(t * sum(m.weight.numel() for m in L.values())))]
@@ -637,11 +664,13 @@ def sparsify(self:Sparsifier, sparsity) -> Sparsifier:
     "Prune to `sparsity` (a fraction, or a per-layer dict): compute the masks, keep them, zero the weights"
     t = self._check_targets(sparsity)
     for names, budget in self._budgets(t):
-        pruned = int(sum(((~self.masks[k]).sum() for k in names if k in self.masks), torch.zeros((), dtype=torch.int64)))
+        pruned = int(sum(((~self.masks[k]).sum() for k in names if k in self.masks),
+                         torch.zeros((), dtype=torch.int64)))
         if pruned > budget:
             total = sum(self.layers[k].weight.numel() for k in names)
             what = names[0] if isinstance(t, dict) else 'the pruned layers'
-            raise ValueError(f"the masks already prune {pruned / total:.4f} of {what}, more than {sparsity if not isinstance(t, dict) else t[names[0]]:g}: "
+            s = t[names[0]] if isinstance(t, dict) else t
+            raise ValueError(f"the masks already prune {pruned / total:.4f} of {what}, more than {s:g}: "
                              "masks never shrink; call reset() first to start over")
     self.set_masks(self.compute_masks(sparsity))
     self.apply_masks()
@@ -653,22 +682,27 @@ def sparsify(self:Sparsifier, sparsity) -> Sparsifier:
 def couple(self:Sparsifier, example_input, strict:bool=True) -> Sparsifier:
     "Prune coupled output channels together (filter granularity): trace the model on `example_input` to find them"
     from fasterprune.graph import channel_groups
-    if self.granularity.name != 'filter': raise ValueError(f"coupled channels need granularity='filter', not {self.granularity!r}")
+    if self.granularity.name != 'filter':
+        raise ValueError(f"coupled channels need granularity='filter', not {self.granularity!r}")
     groups = channel_groups(self.model, example_input, strict)
-    self.groups = [gr for gr in groups if not gr.pinned and gr.width > 0 and all(n in self.layers for n in gr.producers)]
-    if not self.groups: raise ValueError("Nothing to prune: every channel group is pinned (model outputs, channel-mixing ops) or touches an excluded layer")
+    self.groups = [gr for gr in groups
+                   if not gr.pinned and gr.width > 0 and all(n in self.layers for n in gr.producers)]
+    if not self.groups:
+        raise ValueError("Nothing to prune: every channel group is pinned (model outputs, channel-mixing ops) "
+                         "or touches an excluded layer")
     mods = dict(self.model.named_modules())
     self._norms = {n: mods[n] for gr in self.groups for n in gr.norms}
     return self
 
 @patch
 def _coupled_masks(self:Sparsifier, targets) -> dict[str, Tensor]:
-    if isinstance(targets, dict): raise ValueError("per-layer targets are not supported with coupled channel groups; pass one fraction")
+    if isinstance(targets, dict):
+        raise ValueError("per-layer targets are not supported with coupled channel groups; pass one fraction")
     names = sorted({n for gr in self.groups for n in gr.producers}, key=list(self.layers).index)
     self._check_weights(names)
     dev = self.layers[names[0]].weight.device
     fscore = {}
-    for n in names:  # mean score of each filter, relative to the layer's mean filter: dimensionless, comparable across layers
+    for n in names:  # mean score of each filter, relative to the layer's mean filter: comparable across layers
         f = self._group_scores(n).to(dev).float()
         fscore[n] = f / f.mean().clamp_min(torch.finfo(torch.float32).tiny)
     fsize = {n: self.granularity.group_size(self.layers[n].weight, self.layers[n], n) for n in names}
@@ -684,22 +718,24 @@ def _coupled_masks(self:Sparsifier, targets) -> dict[str, Tensor]:
         prev.append(p)
         best.append((sc if p is None else sc.masked_fill(~p, float('-inf'))).argmax())  # the best live channel
     if self.context == 'local':
-        keeps = [select_prune([lambda sc=sc: sc], [len(sc)], [s], _round_half_up(targets * len(sc)) * s, [p], seed=self.seed, device=dev)[0]
+        keeps = [select_prune([lambda sc=sc: sc], [len(sc)], [s], _round_half_up(targets * len(sc)) * s, [p],
+                              seed=self.seed, device=dev)[0]
                  for sc, s, p in zip(scores, sizes, prev)]
     else:
         n_w = sum(len(sc) * s for sc, s in zip(scores, sizes))
         keeps = select_prune([lambda sc=sc: sc for sc in scores], [len(sc) for sc in scores], sizes,
                              _round_half_up(targets * n_w), prev, seed=self.seed, device=dev)
-    for kp, b, p in zip(keeps, best, prev):  # every group keeps its best live channel: a layer never loses all its outputs
+    for kp, b, p in zip(keeps, best, prev):  # every group keeps its best live channel: a layer keeps an output
         b = b.reshape(1)
         if p is None: kp.index_fill_(0, b, True)
         else: kp.index_copy_(0, b, kp.gather(0, b) | p.any().reshape(1))  # (unless the whole group was already pruned)
-    fkeep = {n: torch.ones(self.layers[n].weight.shape[0] if not isinstance(self.layers[n], _conv_t) else self.layers[n].weight.shape[1],
-                           dtype=torch.bool) for n in names}
+    def n_out(m): return m.weight.shape[1] if isinstance(m, _conv_t) else m.weight.shape[0]
+    fkeep = {n: torch.ones(n_out(self.layers[n]), dtype=torch.bool) for n in names}
     for gr, kp in zip(self.groups, keeps):
         for n, ix in gr.producers.items(): fkeep[n][ix.cpu()] = kp.cpu()
     self._aux_keep = [(gr, kp) for gr, kp in zip(self.groups, keeps)]
-    return {n: self.granularity.expand(fkeep[n].to(self.layers[n].weight.device), self.layers[n].weight, self.layers[n]) for n in names}
+    return {n: self.granularity.expand(fkeep[n].to(self.layers[n].weight.device), self.layers[n].weight, self.layers[n])
+            for n in names}
 
 @patch
 def _coupled_aux(self:Sparsifier) -> list:
@@ -743,7 +779,7 @@ def sparsity(self:Sparsifier) -> float:
 
 @patch
 def adopt_zeros(self:Sparsifier) -> Sparsifier:
-    "Masks from the weights that are already exactly zero; layers with no zero, or only zeros (zero-initialized), keep no mask"
+    "Masks from the weights already exactly zero; layers with no zero, or only zeros (zero-initialized), get none"
     masks = {}
     with torch.no_grad():
         for n, m in self.layers.items():
@@ -762,7 +798,8 @@ def report(self:Sparsifier):
     rows = []
     for n, m in self.layers.items():
         w = self.weight(n); nz = int(torch.count_nonzero(w))
-        rows.append(dict(layer=n, type=type(m).__name__, shape=tuple(w.shape), params=w.numel(), nonzero=nz, sparsity=1 - nz / w.numel()))
+        rows.append(dict(layer=n, type=type(m).__name__, shape=tuple(w.shape), params=w.numel(), nonzero=nz,
+                         sparsity=1 - nz / w.numel()))
     tp, tn = sum(r['params'] for r in rows), sum(r['nonzero'] for r in rows)
     rows.append(dict(layer='total', type='', shape=(), params=tp, nonzero=tn, sparsity=1 - tn / tp))
     return pd.DataFrame(rows)
@@ -777,8 +814,11 @@ def state_dict(self:Sparsifier) -> dict[str, Tensor]:
 def load_state_dict(self:Sparsifier, sd:dict[str, Tensor]):
     "Load masks saved by `state_dict` (checked against the layers before anything changes) and apply them"
     for n, mk in sd.items():
-        if n not in self.layers: raise ValueError(f"mask for unknown layer {n!r}; this Sparsifier prunes: {', '.join(self.layers)}")
-        if tuple(mk.shape) != tuple(self.layers[n].weight.shape): raise ValueError(f"mask for {n!r} has shape {tuple(mk.shape)}, the weight has {tuple(self.layers[n].weight.shape)}")
+        if n not in self.layers:
+            raise ValueError(f"mask for unknown layer {n!r}; this Sparsifier prunes: {', '.join(self.layers)}")
+        if tuple(mk.shape) != tuple(self.layers[n].weight.shape):
+            raise ValueError(f"mask for {n!r} has shape {tuple(mk.shape)}, "
+                             f"the weight has {tuple(self.layers[n].weight.shape)}")
     self.masks = {}
     self.set_masks({n: mk.to(dtype=torch.bool, device=self.layers[n].weight.device) for n, mk in sd.items()})
     self.apply_masks()
