@@ -297,7 +297,7 @@ class SparseMultiheadAttention(nn.Module):
             attn = scores.softmax(-1)
             out = attn @ v
         else: out = F.scaled_dot_product_attention(q, k, v, attn_mask=am, is_causal=causal)
-        out = self.out_proj(out.permute(2, 0, 1, 3).reshape(l * n, e)).reshape(l, n, e)
+        out = self.out_proj(out.permute(2, 0, 1, 3).reshape(l * n, h * d)).reshape(l, n, -1)  # h·d < e after head pruning
         if self.batch_first and not unbatched: out = out.transpose(0, 1)
         if unbatched: out = out.squeeze(1)
         if not need_weights: return out, None
@@ -348,9 +348,9 @@ def _mha_load(module, state_dict, prefix, local_metadata, strict, missing_keys, 
     for kind in ('weight', 'bias'):
         t = state_dict.pop(f'{prefix}in_proj_{kind}', None)
         if t is None: continue
-        if t.shape[0] != 3 * module.embed_dim:
+        if t.shape[0] != 3 * module.num_heads * module.head_dim:
             error_msgs.append(f"size mismatch for {prefix}in_proj_{kind}: shape {tuple(t.shape)}, "
-                              f"expected first dim {3 * module.embed_dim}")
+                              f"expected first dim {3 * module.num_heads * module.head_dim}")
             continue
         for n, part in zip(_qkv, t.chunk(3)): state_dict[f'{prefix}{n}.{kind}'] = part
 
