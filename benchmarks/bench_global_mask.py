@@ -42,14 +42,17 @@ def baseline_sparsifier(rev):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     d = tempfile.mkdtemp(); pkg = os.path.join(d, 'fp_baseline'); os.makedirs(pkg)
     for f in ('__init__.py', 'criteria.py', 'granularity.py', 'sparsifier.py'):
-        src = subprocess.run(['git', '-C', root, 'show', f'{rev}:fasterprune/{f}'], capture_output=True, text=True, check=True).stdout
+        src = subprocess.run(['git', '-C', root, 'show', f'{rev}:fasterprune/{f}'], capture_output=True, text=True,
+                             check=True).stdout
         with open(os.path.join(pkg, f), 'w') as fh: fh.write(src.replace('fasterprune.', 'fp_baseline.'))
     sys.path.insert(0, d)
     return importlib.import_module('fp_baseline.sparsifier').Sparsifier
 
 
 def main():
-    p = argparse.ArgumentParser(); p.add_argument('--repeats', type=int, default=3); p.add_argument('--sparsity', type=float, default=0.9)
+    p = argparse.ArgumentParser()
+    p.add_argument('--repeats', type=int, default=3)
+    p.add_argument('--sparsity', type=float, default=0.9)
     p.add_argument('--baseline', help='git revision whose Sparsifier is timed in the same run')
     a = p.parse_args()
     torch.manual_seed(0)
@@ -70,22 +73,25 @@ def main():
         assert pruned == round(a.sparsity * n) == zeros, (pruned, zeros, round(a.sparsity * n))
         extra = (mem.peak - mem.base) / n
         (rows if tag == 'this' else base_rows).append((dt, extra, dc))
-        print(f"run {r} [{tag}]: {len(sp.layers)} layers, {n:,} prunable weights, pruned {pruned:,} (= round({a.sparsity}*n)), "
+        print(f"run {r} [{tag}]: {len(sp.layers)} layers, {n:,} prunable weights, "
+              f"pruned {pruned:,} (= round({a.sparsity}*n)), "
               f"{dt:.3f} s ({dc:.3f} s CPU), peak extra {extra:.3f} bytes/weight")
         del sp, model; trim()
     # reference: kthvalue over all magnitudes (one run)
     model = torchvision.models.vit_l_16(); model.requires_grad_(False)
     ws = [m.weight for m in Sparsifier(model).layers.values()]
     t = time.perf_counter()
-    allw = torch.cat([w.detach().abs().flatten() for w in ws]); kth = torch.kthvalue(allw, round(a.sparsity * allw.numel())).values
+    allw = torch.cat([w.detach().abs().flatten() for w in ws])
+    kth = torch.kthvalue(allw, round(a.sparsity * allw.numel())).values
     dk = time.perf_counter() - t
     print(f"\n{'':<34}{'median s':>10}{'bytes/weight':>14}")
-    print(f"{'Sparsifier global sparsify(0.9)':<34}{statistics.median(r[0] for r in rows):>10.3f}{statistics.median(r[1] for r in rows):>14.3f}")
+    med = lambda rs, i: statistics.median(r[i] for r in rs)
+    print(f"{'Sparsifier global sparsify(0.9)':<34}{med(rows, 0):>10.3f}{med(rows, 1):>14.3f}")
     if base_rows:
         mb = statistics.median(r[0] for r in base_rows)
         print(f"{'baseline ' + a.baseline:<34}{mb:>10.3f}{statistics.median(r[1] for r in base_rows):>14.3f}")
         print(f"{'ratio this / baseline':<34}{statistics.median(r[0] for r in rows) / mb:>10.3f}")
-        print(f"{'ratio of CPU seconds':<34}{statistics.median(r[2] for r in rows) / statistics.median(r[2] for r in base_rows):>10.3f}")
+        print(f"{'ratio of CPU seconds':<34}{med(rows, 2) / med(base_rows, 2):>10.3f}")
     print(f"{'reference: cat + torch.kthvalue':<34}{dk:>10.3f}{'>= 4':>14}")
 
 

@@ -4,7 +4,8 @@
     python benchmarks/gpu_engine.py --dev cpu --small   # a quick check of the script itself
     python benchmarks/gpu_engine.py --json out.json
 
-(1) torchvision vit_l_16 (weights=None, fp32, ~228 M prunable weights), Sparsifier(model, 'weight', 'global').sparsify(0.9):
+(1) torchvision vit_l_16 (weights=None, fp32, ~228 M prunable weights), Sparsifier(model, 'weight', 'global')
+    .sparsify(0.9):
     median of 3 timed runs after one warm-up (weights restored between runs), peak extra bytes per weight (the masks the
     Sparsifier keeps, 1 byte per weight, included), exact counts; the same with the engine's CPU path forced (the old
     chunked selection), `torch.nn.utils.prune.global_unstructured`, and one read of every weight (sum of |w| per layer).
@@ -76,7 +77,8 @@ def bench_vit(dev, small, s=0.9, repeats=3):
     for r in range(repeats + 1):
         m2 = copy.deepcopy(model)
         params = [(m, 'weight') for m in S.prunable_layers(m2).values()]
-        dt, extra, _ = _measure(dev, lambda: torch.nn.utils.prune.global_unstructured(params, torch.nn.utils.prune.L1Unstructured, amount=s))
+        P = torch.nn.utils.prune
+        dt, extra, _ = _measure(dev, lambda: P.global_unstructured(params, P.L1Unstructured, amount=s))
         if r: times.append(dt); extras.append(extra / n)
         del m2, params
     res['torch_prune_s'], res['torch_prune_bytes_per_weight'] = statistics.median(times), statistics.median(extras)
@@ -94,7 +96,8 @@ def _llama_stack(dev, small):
     for _ in range(blocks):
         for out_f, in_f in [(d, d)] * 4 + [(h, d)] * 2 + [(d, h)]:
             lin = nn.Linear(in_f, out_f, bias=False, device='meta')
-            lin.weight = nn.Parameter(torch.empty(out_f, in_f, device=dev, dtype=torch.bfloat16).normal_(), requires_grad=False)
+            w = torch.empty(out_f, in_f, device=dev, dtype=torch.bfloat16).normal_()
+            lin.weight = nn.Parameter(w, requires_grad=False)
             layers.append(lin)
     return nn.Sequential(*layers)
 
@@ -123,7 +126,8 @@ def bench_llama(dev, small):
 def run(dev='cuda', small=False) -> dict:
     "Figures of both benchmarks as a dict (seconds, bytes per weight, exactness)"
     dev = torch.device(dev)
-    out = dict(device=torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu', torch=torch.__version__, small=small)
+    name = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'
+    out = dict(device=name, torch=torch.__version__, small=small)
     t = time.perf_counter()
     out['vit_l_16'] = bench_vit(dev, small)
     out['llama7b_bf16'] = bench_llama(dev, small)

@@ -1,4 +1,4 @@
-"The mask selection engine: host syncs bounded by the number of layers (the accelerator's path), exact masks on both paths"
+"The mask selection engine: host syncs bounded by the number of layers (accelerator path), exact masks on both paths"
 import math, contextlib
 import torch, torch.nn as nn
 import pytest
@@ -20,7 +20,7 @@ _SYNCS = ('item', '__int__', '__bool__', '__float__', '__index__', 'tolist', 'cp
 
 @contextlib.contextmanager
 def count_syncs():
-    "Count the calls that would make a CUDA device wait for the host (reading a value, copying to the host, sizes from data)"
+    "Count the calls that would make a CUDA device wait for the host (reading values, copies to the host, data sizes)"
     counts = {}
     orig = {n: getattr(torch.Tensor, n) for n in _SYNCS}
     def wrap(n, f):
@@ -40,7 +40,8 @@ def count_syncs():
 
 def _big(scale):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(512 * scale, 1024), nn.ReLU(), nn.Linear(1024, 512 * scale), nn.ReLU(), nn.Linear(512 * scale, 1024))
+    d = 512 * scale
+    return nn.Sequential(nn.Linear(d, 1024), nn.ReLU(), nn.Linear(1024, d), nn.ReLU(), nn.Linear(d, 1024))
 
 
 @pytest.mark.parametrize('gran,context,crit', [('weight', 'global', 'magnitude'), ('weight', 'local', 'magnitude'),
@@ -65,7 +66,7 @@ def test_host_syncs_do_not_grow_with_layer_size(gran, context, crit):
 
 
 def _reference(scores, sizes, k, prevs):
-    "Sort every live group by (score, layer, index); prune the longest prefix of <= k weights, after the groups already pruned"
+    "Sort the live groups by (score, layer, index); prune the longest prefix of <= k weights, counting earlier prunes"
     v = torch.cat([s.float() for s in scores])
     sz = torch.cat([torch.full((len(s),), z, dtype=torch.int64) for s, z in zip(scores, sizes)])
     lv = torch.cat([torch.ones(len(s), dtype=torch.bool) if p is None else p for s, p in zip(scores, prevs)])
@@ -97,7 +98,8 @@ def selections(draw):
     sizes = [draw(st.sampled_from([1, 1, 2, 3, 9])) for _ in scores]
     prevs = [None if draw(st.booleans()) else torch.rand(len(s), generator=g) < draw(st.floats(0.2, 1)) for s in scores]
     n_w = sum(len(s) * z for s, z in zip(scores, sizes))
-    return scores, sizes, draw(st.integers(0, n_w)), prevs, draw(st.integers(1, 900)), draw(st.sampled_from([None, 8, 64, 512]))
+    k, chunk, sample = draw(st.integers(0, n_w)), draw(st.integers(1, 900)), draw(st.sampled_from([None, 8, 64, 512]))
+    return scores, sizes, k, prevs, chunk, sample
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -115,19 +117,22 @@ def test_radix_select_matches_sort(case):
 def test_host_select_matches_sort(case):
     "The CPU's sampled select equals the same reference"
     scores, sizes, k, prevs, chunk, _ = case
-    got = select_prune([lambda s=s: s.float() for s in scores], [len(s) for s in scores], sizes, k, prevs, sample_size=max(16, chunk // 8))
+    got = select_prune([lambda s=s: s.float() for s in scores], [len(s) for s in scores], sizes, k, prevs,
+                       sample_size=max(16, chunk // 8))
     fct.test_eq(torch.cat(got), _reference(scores, sizes, k, prevs))
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(0, 10_000), st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
-       st.sampled_from(['weight', 'vector', 'kernel', 'filter']), st.sampled_from(['local', 'global']), st.floats(0, 0.95),
+       st.sampled_from(['weight', 'vector', 'kernel', 'filter']), st.sampled_from(['local', 'global']),
+       st.floats(0, 0.95),
        st.floats(0, 0.95))
 def test_sparsifier_same_masks_on_both_paths(seed, dtype, gran, context, s1, s2):
     "The Sparsifier gives the same masks on the host path and the accelerator path, through a mask update"
     def run(device):
         torch.manual_seed(seed)
-        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 6, (3, 2)), nn.Flatten(), nn.Linear(6 * 4 * 5, 5)).to(dtype)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 6, (3, 2)), nn.Flatten(),
+                              nn.Linear(6 * 4 * 5, 5)).to(dtype)
         with torch.no_grad(): model[0].weight.mul_(4).round_()  # ties within and across layers
         force_device_path(device)
         try:

@@ -11,8 +11,11 @@ from fasterprune.granularity import get_granularity
 def _model(seed, kind):
     torch.manual_seed(seed)
     if kind == 'mlp': return nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 3))
-    if kind == 'cnn': return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 12, (3, 2)), nn.Flatten(), nn.LazyLinear(4) if False else nn.Linear(12 * 4 * 5, 4))
-    if kind == 'mixed': return nn.Sequential(nn.Conv1d(2, 6, 5), nn.ConvTranspose2d(4, 6, 3), nn.Conv3d(2, 4, 2), nn.Linear(8, 4))
+    if kind == 'cnn':
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 12, (3, 2)), nn.Flatten(),
+                             nn.Linear(12 * 4 * 5, 4))
+    if kind == 'mixed':
+        return nn.Sequential(nn.Conv1d(2, 6, 5), nn.ConvTranspose2d(4, 6, 3), nn.Conv3d(2, 4, 2), nn.Linear(8, 4))
     raise ValueError(kind)
 
 
@@ -51,7 +54,8 @@ def test_global_weight_exact(seed, kind, s):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.integers(0, 10_000), st.sampled_from(['cnn', 'mixed']), st.sampled_from(['vector', 'kernel', 'filter']), st.floats(0, 0.99))
+@given(st.integers(0, 10_000), st.sampled_from(['cnn', 'mixed']), st.sampled_from(['vector', 'kernel', 'filter']),
+       st.floats(0, 0.99))
 def test_global_structured_never_overshoots(seed, kind, gran, s):
     model = _model(seed, kind)
     sp = Sparsifier(model, gran, 'global').sparsify(s)
@@ -121,7 +125,8 @@ def test_per_layer_dict_and_exclude():
     fct.test_fail(lambda: Sparsifier(model, exclude=nn.Linear), contains='Nothing to prune')
 
 
-@pytest.mark.parametrize('bad,msg', [(90, 'e.g. 0.9'), (1.0, 'would prune every weight'), (-0.1, '[0, 1)'), (150, '[0, 1)'), (float('nan'), 'NaN'), ('0.5', 'number')])
+@pytest.mark.parametrize('bad,msg', [(90, 'e.g. 0.9'), (1.0, 'would prune every weight'), (-0.1, '[0, 1)'),
+                                     (150, '[0, 1)'), (float('nan'), 'NaN'), ('0.5', 'number')])
 def test_bad_sparsity_leaves_model_untouched(bad, msg):
     model = _model(0, 'mlp'); ref = copy.deepcopy(model.state_dict())
     sp = Sparsifier(model)
@@ -142,7 +147,8 @@ def test_nan_names_layer_and_leaves_model_untouched():
 def test_unknown_names_list_valid_ones():
     model = _model(0, 'mlp')
     fct.test_fail(lambda: Sparsifier(model, granularity='row'), contains="'weight', 'vector', 'kernel', 'filter'")
-    fct.test_fail(lambda: Sparsifier(model, criteria='taylor'), contains='magnitude, gradient_magnitude, movement, random')
+    fct.test_fail(lambda: Sparsifier(model, criteria='taylor'),
+                  contains='magnitude, gradient_magnitude, movement, random')
     fct.test_fail(lambda: Sparsifier(model, context='layer'), contains='local, global')
 
 
@@ -187,7 +193,8 @@ def _live_filters(w): return int((w.reshape(w.shape[0], -1) != 0).any(1).sum())
 class ThreeConv(nn.Module):
     def __init__(self):
         super().__init__()
-        self.c0, self.c1, self.c2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1)
+        self.c0, self.c1 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 16, 3, padding=1)
         self.head = nn.Linear(16, 10)
     def forward(self, x):
         x = torch.relu(self.c2(torch.relu(self.c1(torch.relu(self.c0(x))))))
@@ -208,12 +215,13 @@ def test_coupled_filters_never_empty_a_layer(context, s):
 
 
 def test_resnet18_global_filters_fair_across_layers():
-    "item 2: global coupled filter pruning of resnet18 at 0.5 keeps >= 25 % of every conv's filters, total within one group"
+    "item 2: coupled global filter pruning, resnet18 at 0.5: every conv keeps >= 25 % of its filters, total exact"
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None)
     sp = Sparsifier(model, 'filter', 'global', example_input=torch.randn(1, 3, 32, 32)).sparsify(0.5)
     for n, m in sp.layers.items():
-        if isinstance(m, nn.Conv2d): assert _live_filters(m.weight) >= 0.25 * m.out_channels, (n, _live_filters(m.weight), m.out_channels)
+        if isinstance(m, nn.Conv2d):
+            assert _live_filters(m.weight) >= 0.25 * m.out_channels, (n, _live_filters(m.weight), m.out_channels)
     g = sp.granularity
     sizes = [sum(g.group_size(sp.layers[n].weight, sp.layers[n], n) for n in gr.producers) for gr in sp.groups]
     n_w = sum(gr.width * s for gr, s in zip(sp.groups, sizes))
@@ -232,7 +240,8 @@ def test_magnitude_subclass_is_honoured():
     assert before[~keep].min() >= before[keep].max()
 
 
-@pytest.mark.parametrize('gran,context', [('filter', 'local'), ('vector', 'local'), ('kernel', 'global'), ('weight', 'local')])
+@pytest.mark.parametrize('gran,context', [('filter', 'local'), ('vector', 'local'), ('kernel', 'global'),
+                                          ('weight', 'local')])
 def test_sparsify_same_target_twice(gran, context):
     "item 13: sparsify(s) twice is a no-op, not 'masks never shrink' (odd group counts round up per layer)"
     torch.manual_seed(0)
@@ -260,7 +269,8 @@ def test_nm_unreachable_target_warns(nm, s, got):
         Sparsifier(nn.Sequential(nn.Linear(16, 8)), nm).sparsify((g.m - g.n) / g.m)  # reachable: no warning
 
 
-@pytest.mark.parametrize('gran,context', [('weight', 'global'), ('weight', 'local'), ('filter', 'local'), ('kernel', 'global'), ('2:4', 'local')])
+@pytest.mark.parametrize('gran,context', [('weight', 'global'), ('weight', 'local'), ('filter', 'local'),
+                                          ('kernel', 'global'), ('2:4', 'local')])
 def test_zero_size_layer_is_skipped(gran, context):
     "item 14: a zero-size layer gets no mask instead of a ZeroDivisionError"
     model = nn.Sequential(nn.Linear(0, 8), nn.Linear(8, 4))
@@ -283,9 +293,10 @@ _REPARAMS = {
 @pytest.mark.parametrize('gran', ['weight', 'filter'])
 @pytest.mark.parametrize('reapply', ['apply_masks', 'mask_pairs'])
 def test_reparametrized_layers_stay_masked(kind, gran, reapply):
-    "item 12: masks on weight_norm / spectral_norm / torch prune layers hold through optimizer steps, sparsity measured exact"
+    "item 12: weight_norm / spectral_norm / torch prune layers stay masked through optimizer steps, sparsity exact"
     torch.manual_seed(0)
-    model = nn.Sequential(_REPARAMS[kind](nn.Linear(12, 10)), nn.ReLU(), _REPARAMS[kind](nn.Linear(10, 6)), nn.ReLU(), nn.Linear(6, 3))
+    rp = _REPARAMS[kind]
+    model = nn.Sequential(rp(nn.Linear(12, 10)), nn.ReLU(), rp(nn.Linear(10, 6)), nn.ReLU(), nn.Linear(6, 3))
     x = torch.randn(16, 12)
     sp = Sparsifier(model, gran, 'local').sparsify(0.5)
     def check():
@@ -297,10 +308,11 @@ def test_reparametrized_layers_stay_masked(kind, gran, reapply):
         dense_zeros = sum(int((m.weight_mask == 0).sum()) for m in model.modules() if hasattr(m, 'weight_mask'))
         n_w = sum(m.weight.numel() for m in sp.layers.values())
         # measured on the weight the layers compute (torch prune's own mask may zero a few more)
-        fct.test_close(sp.sparsity(), sum(int((~mk).sum()) for mk in sp.masks.values()) / n_w, eps=dense_zeros / n_w + 1e-9)
+        masked = sum(int((~mk).sum()) for mk in sp.masks.values())
+        fct.test_close(sp.sparsity(), masked / n_w, eps=dense_zeros / n_w + 1e-9)
     check()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    ts, ms = sp.mask_pairs()  # what a training loop multiplies after each step (SparsifyCallback's fused re-application)
+    ts, ms = sp.mask_pairs()  # what a training loop multiplies after each step (SparsifyCallback's fused multiply)
     for _ in range(3):
         opt.zero_grad(); model(x).pow(2).sum().backward(); opt.step()
         if reapply == 'apply_masks': sp.apply_masks()
@@ -317,7 +329,8 @@ def test_unknown_parametrization_refused_up_front():
     parametrize.register_parametrization(model[0], 'weight', Sym())
     ref = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError) as e: Sparsifier(model).sparsify(0.5)
-    assert "'0'" in str(e.value) and 'exclude=' in str(e.value) and 'remove_parametrizations' in str(e.value), str(e.value)
+    msg = str(e.value)
+    assert "'0'" in msg and 'exclude=' in msg and 'remove_parametrizations' in msg, msg
     for k, v in model.state_dict().items(): assert torch.equal(v, ref[k])
     sp = Sparsifier(model, exclude='0').sparsify(0.5)  # the fix the message names works
     fct.test_eq(list(sp.layers), ['1'])
@@ -329,7 +342,8 @@ def _encoder(seed=0):
     return nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.), 2, enable_nested_tensor=False)
 
 
-@pytest.mark.parametrize('gran,context', [('weight', 'global'), ('weight', 'local'), ('vector', 'local'), ('filter', 'local'), ('2:4', 'local')])
+@pytest.mark.parametrize('gran,context', [('weight', 'global'), ('weight', 'local'), ('vector', 'local'),
+                                          ('filter', 'local'), ('2:4', 'local')])
 def test_attention_in_proj_pruned(gran, context):
     "nn.MultiheadAttention.in_proj_weight is pruned with attention=True, counted exactly, and the masks hold its zeros"
     model = _encoder().eval()
@@ -342,7 +356,8 @@ def test_attention_in_proj_pruned(gran, context):
         fct.test_eq(int((w == 0).sum()), int((~sp.masks[n]).sum()))
         if context == 'local': fct.test_close(float((w == 0).float().mean()), 0.5, eps=1e-9)
     n_w = sum(m.weight.numel() for m in sp.layers.values())
-    if gran == 'weight' and context == 'global': fct.test_eq(sum(int((~k).sum()) for k in sp.masks.values()), _rnd(0.5 * n_w))
+    if gran == 'weight' and context == 'global':
+        fct.test_eq(sum(int((~k).sum()) for k in sp.masks.values()), _rnd(0.5 * n_w))
     assert torch.isfinite(model(x)).all()
     fct.test_eq(set(sp.state_dict()) >= set(names), True)
     fct.test_eq([n for n in Sparsifier(model).layers if 'in_proj' in n], [])  # off by default
