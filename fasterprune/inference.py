@@ -297,7 +297,8 @@ class SparseMultiheadAttention(nn.Module):
             attn = scores.softmax(-1)
             out = attn @ v
         else: out = F.scaled_dot_product_attention(q, k, v, attn_mask=am, is_causal=causal)
-        out = self.out_proj(out.permute(2, 0, 1, 3).reshape(l * n, h * d)).reshape(l, n, -1)  # h·d < e after head pruning
+        out = out.permute(2, 0, 1, 3).reshape(l * n, h * d)  # h·d < e when heads were pruned
+        out = self.out_proj(out).reshape(l, n, -1)
         if self.batch_first and not unbatched: out = out.transpose(0, 1)
         if unbatched: out = out.squeeze(1)
         if not need_weights: return out, None
@@ -580,7 +581,7 @@ def to_sparse_inference(
     mats.update({n: (m.weight.detach(), None if m.bias is None else m.bias.detach(), n, 'conv')
                  for n, m in convs.items() if n not in conv_refused})
     if not mats and not convs and not skipped:
-        raise ValueError(f"{type(model).__name__} has no Linear, MultiheadAttention or convolution layer: nothing to export")
+        raise ValueError(f"{type(model).__name__} has no Linear, MultiheadAttention or convolution: nothing to export")
     _check_kernels(kernels, list(mats), convs)
     mods = {**lins, **convs}
     args, kw = _call_args(model, example_input)
