@@ -91,7 +91,8 @@ class FunctionCriterion(Criterion):
     def score(self, name, w, out=None):
         s = self.f(w.detach())
         if not isinstance(s, Tensor) or s.shape != w.shape:
-            raise ValueError(f"criterion {self.name!r} must return a tensor of the weight's shape {tuple(w.shape)} for {name!r}, got {getattr(s, 'shape', type(s))}")
+            raise ValueError(f"criterion {self.name!r} must return a tensor of the weight's shape {tuple(w.shape)} "
+                             f"for {name!r}, got {getattr(s, 'shape', type(s))}")
         return s.float()
 
 # %% ../nbs/01_criteria.ipynb #ab148f36
@@ -103,7 +104,9 @@ def get_criterion(criteria, seed:int=0) -> Criterion:
     if isinstance(criteria, str):
         makers = dict(magnitude=Magnitude, gradient_magnitude=GradientMagnitude, movement=Movement,
                       random=lambda: RandomCriterion(seed))
-        if criteria not in makers: raise ValueError(f"Unknown criteria {criteria!r}; valid names: {', '.join(criteria_names)} (or pass a callable f(weight) -> scores)")
+        if criteria not in makers: raise ValueError(f"Unknown criteria {criteria!r}; valid names: "
+                                                    f"{', '.join(criteria_names)} (or pass a callable f(weight) -> scores)")
         return makers[criteria]()
     if callable(criteria): return FunctionCriterion(criteria)
-    raise TypeError(f"criteria must be a name ({', '.join(criteria_names)}), a Criterion or a callable, got {type(criteria).__name__}")
+    raise TypeError(f"criteria must be a name ({', '.join(criteria_names)}), a Criterion or a callable, "
+                    f"got {type(criteria).__name__}")
