@@ -104,8 +104,9 @@ def get_criterion(criteria, seed:int=0) -> Criterion:
     if isinstance(criteria, str):
         makers = dict(magnitude=Magnitude, gradient_magnitude=GradientMagnitude, movement=Movement,
                       random=lambda: RandomCriterion(seed))
-        if criteria not in makers: raise ValueError(f"Unknown criteria {criteria!r}; valid names: "
-                                                    f"{', '.join(criteria_names)} (or pass a callable f(weight) -> scores)")
+        if criteria not in makers:
+            raise ValueError(f"Unknown criteria {criteria!r}; valid names: {', '.join(criteria_names)} "
+                             "(or pass a callable f(weight) -> scores)")
         return makers[criteria]()
     if callable(criteria): return FunctionCriterion(criteria)
     raise TypeError(f"criteria must be a name ({', '.join(criteria_names)}), a Criterion or a callable, "
