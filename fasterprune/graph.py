@@ -38,8 +38,9 @@ _pass_fns = {torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.silu, F.gelu, 
              F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
              F.interpolate, F.pad, torch.rsqrt, torch.sqrt, torch.square, torch.log}
 _pass_fn_names = {'stochastic_depth'}  # torchvision.ops.stochastic_depth (fx-wrapped): identity in eval, a per-sample mask in training
-_pass_methods = {'as_subclass', 'relu', 'relu_', 'sigmoid', 'sigmoid_', 'tanh', 'tanh_', 'clamp', 'clamp_', 'clip', 'clip_', 'contiguous', 'neg',
-                 'abs', 'exp', 'float', 'to', 'type_as', 'clone', 'detach', 'rsqrt', 'sqrt', 'square', 'log', 'half', 'bfloat16', 'double'}
+_pass_methods = {'as_subclass', 'relu', 'relu_', 'sigmoid', 'sigmoid_', 'tanh', 'tanh_', 'clamp', 'clamp_', 'clip', 'clip_',
+                 'contiguous', 'neg', 'abs', 'exp', 'float', 'to', 'type_as', 'clone', 'detach', 'rsqrt', 'sqrt', 'square', 'log',
+                 'half', 'bfloat16', 'double'}
 _pow_fns, _pow_methods = {torch.pow, operator.pow}, {'pow', 'pow_'}  # elementwise when the exponent is a number
 _binary_fns = {operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.isub, operator.truediv,
                operator.itruediv, torch.add, torch.mul, torch.sub, torch.div, torch.maximum, torch.minimum}
@@ -51,8 +52,10 @@ _reshape_methods = {'view', 'reshape', 'flatten', 'squeeze', 'unsqueeze'}
 _cat_fns = {torch.cat, torch.concat, torch.concatenate}
 _pin_fns = {torch.permute, torch.transpose, torch.stack, torch.softmax, F.softmax, F.log_softmax, F.group_norm, F.layer_norm,
             torch.chunk, torch.split, F.scaled_dot_product_attention, torch.matmul, operator.matmul, torch.bmm, torch.einsum}
-_pin_fn_names = {'shifted_window_attention', 'shifted_window_attention_3d', '_patch_merging_pad', '_patch_merging_pad_3d'}  # torchvision's Swin
-_pin_methods = {'permute', 'transpose', 't', 'softmax', 'log_softmax', 'chunk', 'split', 'unbind', 'split_with_sizes', 'matmul', 'bmm'}
+# torchvision's Swin: fx-wrapped functions that mix channels
+_pin_fn_names = {'shifted_window_attention', 'shifted_window_attention_3d', '_patch_merging_pad', '_patch_merging_pad_3d'}
+_pin_methods = {'permute', 'transpose', 't', 'softmax', 'log_softmax', 'chunk', 'split', 'unbind', 'split_with_sizes', 'matmul',
+                'bmm'}
 
 class UnknownOpError(RuntimeError):
     "An operation touches channels in a way `fasterprune.graph` does not know"
@@ -159,8 +162,8 @@ class ChannelGraph:
 # %% ../nbs/07_graph.ipynb #66b99dd6
 from torch.overrides import TorchFunctionMode
 
-_leaf_types = (nn.Linear, nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention, nn.Softmax, nn.LogSoftmax, nn.Softmin) + _conv_types \
-    + _norm_types + _pin_modules + _pass_modules + _reshape_modules
+_leaf_types = (nn.Linear, nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention, nn.Softmax, nn.LogSoftmax, nn.Softmin) \
+    + _conv_types + _norm_types + _pin_modules + _pass_modules + _reshape_modules
 _dunder = {'__add__': operator.add, '__iadd__': operator.iadd, '__radd__': operator.add, '__mul__': operator.mul,
            '__imul__': operator.imul, '__rmul__': operator.mul, '__sub__': operator.sub, '__isub__': operator.isub,
            '__rsub__': operator.sub, '__truediv__': operator.truediv, '__itruediv__': operator.itruediv,
@@ -175,7 +178,8 @@ class _Recorder(TorchFunctionMode):
     def __init__(self, model:nn.Module):
         super().__init__()
         self.graph, self.node, self.keep, self.depth, self.alias = fx.Graph(), {}, [], 0, {}
-        self.names = {id(t): n for n, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers())}
+        named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers())
+        self.names = {id(t): n for n, t in named}
         self.mod_names = {m: n for n, m in model.named_modules()}
     def arg(self, a):
         if isinstance(a, Tensor):
@@ -221,7 +225,8 @@ def _record(model:nn.Module, inputs:tuple) -> fx.Graph:
     hooks = []
     for m in model.modules():
         if isinstance(m, _leaf_types) and m is not model:
-            hooks += [m.register_forward_pre_hook(rec.pre_hook), m.register_forward_hook(rec.post_hook, with_kwargs=True)]
+            hooks.append(m.register_forward_pre_hook(rec.pre_hook))
+            hooks.append(m.register_forward_hook(rec.post_hook, with_kwargs=True))
     try:
         with torch.no_grad(), rec: out = model(*inputs)
     finally:
@@ -231,7 +236,8 @@ def _record(model:nn.Module, inputs:tuple) -> fx.Graph:
 
 class _Tracer(fx.Tracer):
     "torch.fx's tracer, with every MultiheadAttention (also the Pruner's pruned one) kept as one call"
-    def is_leaf_module(self, m, qualname): return isinstance(m, nn.MultiheadAttention) or super().is_leaf_module(m, qualname)
+    def is_leaf_module(self, m, qualname):
+        return isinstance(m, nn.MultiheadAttention) or super().is_leaf_module(m, qualname)
 
 def _trace(model:nn.Module, inputs:tuple) -> tuple:
     "`(module, graph)` to run the labelling on: torch.fx's symbolic trace, else a recorded forward pass"
@@ -243,8 +249,8 @@ def _trace(model:nn.Module, inputs:tuple) -> tuple:
     try:
         graph = _record(model, inputs)
     except Exception as e2:
-        raise RuntimeError(f"torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}), and recording a forward "
-                           f"pass failed too ({type(e2).__name__}: {e2})") from e2
+        raise RuntimeError(f"torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}), and recording "
+                           f"a forward pass failed too ({type(e2).__name__}: {e2})") from e2
     logger.info("graph: torch.fx could not trace %s (%s: %s); recorded one forward pass instead", type(model).__name__,
                 type(err).__name__, str(err).splitlines()[0][:200])
     return model, graph
@@ -359,10 +365,10 @@ def _labels(self:ChannelGraph, n:fx.Node, out, it:_Labeler):
             nc = _index_keeps(n.args[1], x.dim(), cd)
             if nc is not None and out.dim() > nc and out.shape[nc] == x.shape[cd]: return _at(xl, nc, out.dim())
         self._pin(ins_lab, 'indexing'); return self._new(out.shape[1], 'indexing') if chan else None
-    if isinstance(xl, Tensor) and isinstance(x, Tensor) and isT and ((fn and target in (torch.permute, torch.transpose)) or
-                                                                    (n.op == 'call_method' and target in ('permute', 'transpose', 't'))):
+    moves = (fn and target in (torch.permute, torch.transpose)) or (n.op == 'call_method' and target in ('permute', 'transpose', 't'))
+    if isinstance(xl, Tensor) and isinstance(x, Tensor) and isT and moves:
         p = _perm_of(n, x.dim())
-        if p is not None and out.dim() == x.dim(): return _at(xl, p.index(cd), out.dim())  # channels move with the permute
+        if p is not None and out.dim() == x.dim(): return _at(xl, p.index(cd), out.dim())  # channels move with it
     if (fn and (target in _pin_fns or name in _pin_fn_names)) or (n.op == 'call_method' and target in _pin_methods):
         self._pin(ins_lab, name)
         if isinstance(out, (list, tuple)): return type(out)(self._new(o.shape[1], name) if isinstance(o, Tensor) and o.dim() >= 2 else None for o in out)
@@ -396,7 +402,8 @@ def _labels(self:ChannelGraph, n:fx.Node, out, it:_Labeler):
         rcd = _cd(ref, out) if ref is not None else 1
         for l, v in zip(labs, vals):
             if isinstance(l, Tensor) and _cd(l, v) != rcd: self._pin(l, 'cat of tensors with channels in different dimensions')
-        labs = [l if isinstance(l, Tensor) and _cd(l, v) == rcd else self._new(v.shape[rcd], 'unlabelled input of cat') for l, v in zip(labs, vals)]
+        labs = [l if isinstance(l, Tensor) and _cd(l, v) == rcd else self._new(v.shape[rcd], 'unlabelled input of cat')
+                for l, v in zip(labs, vals)]
         if d == rcd: return _at(torch.cat(labs), rcd, out.dim())
         if d == 0: self._pin(labs, 'cat along the batch'); return self._new(out.shape[1], 'cat along the batch')
         for l in labs[1:]: self._union(labs[0], l)
@@ -439,7 +446,8 @@ def _index_keeps(idx, nd:int, cd:int) -> int|None:
 @patch
 def _passthrough(self:ChannelGraph, n, name, x, xl, out):
     cd = _cd(xl, x) if isinstance(xl, Tensor) else 1
-    if isinstance(x, Tensor) and isinstance(out, Tensor) and out.dim() == x.dim() and out.shape[0] == x.shape[0] and out.shape[cd] == x.shape[cd]:
+    if isinstance(x, Tensor) and isinstance(out, Tensor) and out.dim() == x.dim() and out.shape[0] == x.shape[0] \
+            and out.shape[cd] == x.shape[cd]:
         if cd == 1 or out.shape == x.shape: return xl
     self._pin(xl, name)
     return self._fresh(out, x, xl, name)
@@ -448,17 +456,19 @@ def _passthrough(self:ChannelGraph, n, name, x, xl, out):
 def _reshape(self:ChannelGraph, name, x, xl, out):
     if xl is None: return self._new(out.shape[1], name) if out.dim() >= 2 else None
     cd = _cd(xl, x)
-    if cd == 1 and out.dim() >= 2 and out.shape[:2] == x.shape[:2]: return xl  # channels stay in dimension 1 (squeeze of 1x1, unflatten of space)
+    if cd == 1 and out.dim() >= 2 and out.shape[:2] == x.shape[:2]: return xl  # channels stay in dimension 1 (squeeze, unflatten)
     if cd == 1 and x.dim() >= 3 and out.dim() == 2 and out.shape[0] == x.shape[0] and out.shape[1] == math.prod(x.shape[1:]):
         return xl.repeat_interleave(math.prod(x.shape[2:]))  # flatten: channel c -> features c*HW ... (c+1)*HW - 1
-    if cd == x.dim() - 1 and out.dim() >= 2 and out.shape[-1] == x.shape[-1]: return _at(xl, out.dim() - 1, out.dim())  # channels last stay last
+    if cd == x.dim() - 1 and out.dim() >= 2 and out.shape[-1] == x.shape[-1]:
+        return _at(xl, out.dim() - 1, out.dim())  # channels last stay last
     self._pin(xl, f'{name} moves channels')
     return self._new(out.shape[1], f'{name} moves channels') if out.dim() >= 2 else None
 
 def _param_source(n, it, gm):
     "(module name, parameter name, dimension map) when `n` is a parameter, possibly viewed or reshaped; else None"
     chain = []
-    while isinstance(n, fx.Node) and n.op == 'call_method' and n.target in ('view', 'reshape', 'unsqueeze', 'squeeze', 'expand', 'expand_as', 'to', 'type_as', 'contiguous'):
+    views = ('view', 'reshape', 'unsqueeze', 'squeeze', 'expand', 'expand_as', 'to', 'type_as', 'contiguous')
+    while isinstance(n, fx.Node) and n.op == 'call_method' and n.target in views:
         chain.append(n); n = n.args[0]
     while isinstance(n, fx.Node) and n.op == 'call_function' and n.target in (torch.reshape, torch.unsqueeze, torch.squeeze):
         chain.append(n); n = n.args[0]
@@ -472,8 +482,8 @@ def _binary(self:ChannelGraph, n, name, out, it):
     if D < 2:
         self._pin([it.arg_lab(a) for a in n.args], name); return None
     ops = [(a, it.arg_val(a), it.arg_lab(a)) for a in list(n.args) + list(n.kwargs.values())]
-    ref = next((l for a, v, l in ops if isinstance(v, Tensor) and isinstance(l, Tensor) and v.dim() == D and not hasattr(l, '_created')), None)
-    ref = ref if ref is not None else next((l for a, v, l in ops if isinstance(v, Tensor) and isinstance(l, Tensor) and v.dim() == D), None)
+    full = [l for a, v, l in ops if isinstance(v, Tensor) and isinstance(l, Tensor) and v.dim() == D]
+    ref = next((l for l in full if not hasattr(l, '_created')), full[0] if full else None)
     cd = _cd(ref, out) if ref is not None else 1
     res = None
     for a, v, l in ops:
@@ -482,7 +492,8 @@ def _binary(self:ChannelGraph, n, name, out, it):
         if k < 0 or v.shape[k] == 1:
             if l is not None and v.dim() >= 2 and v.shape[_cd(l, v)] > 1 and _cd(l, v) != k:
                 self._pin(l, f'{name} broadcasting channels over another dimension')
-            elif l is not None and v.dim() >= 2 and v.shape[_cd(l, v)] == 1 and out.shape[cd] > 1: self._pin(l, f'{name} broadcasts one channel')
+            elif l is not None and v.dim() >= 2 and v.shape[_cd(l, v)] == 1 and out.shape[cd] > 1:
+                self._pin(l, f'{name} broadcasts one channel')
             continue
         if l is not None and _cd(l, v) != k:  # labels of another dimension: keep both sides (always correct)
             why = f'{name} of tensors labelled in different dimensions'
@@ -491,7 +502,8 @@ def _binary(self:ChannelGraph, n, name, out, it):
         if l is None:
             src = _param_source(a, it, self.gm)
             if src is None or (not src[2] and sum(s > 1 for s in v.shape) != 1):
-                self._fail(n, f'{name} with a channel-wide tensor of unknown origin {getattr(a, "name", a)!r}', [b for _, _, b in ops])
+                what = f'{name} with a channel-wide tensor of unknown origin {getattr(a, "name", a)!r}'
+                self._fail(n, what, [b for _, _, b in ops])
                 continue
             mod, attr, direct = src
             p = getattr(self.modules[mod], attr)
@@ -514,7 +526,8 @@ def _dyn(self:ChannelGraph, n:fx.Node, out, it:_Labeler):
     vals = list(n.args) + list(n.kwargs.values())
     if not _has_node(vals):
         return _full(out, True)  # made from nothing (a new random or constant tensor): assume it varies
-    if n.op == 'call_method' and n.target in _size_methods or (n.op == 'call_function' and n.target is getattr and n.args[1] == 'shape'):
+    if (n.op == 'call_method' and n.target in _size_methods) or \
+            (n.op == 'call_function' and n.target is getattr and n.args[1] == 'shape'):
         return False  # shapes are the same for every input of this shape
     ds = [it.arg_dyn(a) for a in vals]
     if not any(_anyd(d) for d in ds): return _full(out, False)
@@ -538,11 +551,12 @@ def _dyn(self:ChannelGraph, n:fx.Node, out, it:_Labeler):
         res = torch.zeros(C, dtype=torch.bool)
         for a, d in zip(vals, ds):
             v = it.arg_val(a)
-            if isinstance(v, Tensor) and v.dim() == out.dim() and v.shape[cd] == C and isinstance(d, Tensor) and len(d) == C: res |= d
+            aligned = isinstance(v, Tensor) and v.dim() == out.dim() and v.shape[cd] == C
+            if aligned and isinstance(d, Tensor) and len(d) == C: res |= d
             elif _anyd(d): res |= True
         return res
-    if not binary and isinstance(lab, Tensor) and isinstance(xl, Tensor) and lab.data_ptr() == xl.data_ptr() and isinstance(dx, Tensor) \
-            and len(dx) == C: return dx  # channels pass through (maybe to another dimension)
+    same = isinstance(lab, Tensor) and isinstance(xl, Tensor) and lab.data_ptr() == xl.data_ptr()
+    if not binary and same and isinstance(dx, Tensor) and len(dx) == C: return dx  # channels pass (maybe to another dimension)
     if n.op == 'call_function' and n.target in _cat_fns and isinstance(lab, Tensor):
         ts = n.args[0] if n.args else n.kwargs['tensors']
         if _normdim(n.kwargs.get('dim', n.args[1] if len(n.args) > 1 else 0), out.dim()) == cd:
@@ -573,7 +587,8 @@ def _module_labels(self:ChannelGraph, n, m, out, it):
         if xl is None: xl = _at(self._new(x.shape[-1], f'unlabelled input of {name!r}'), -1, x.dim())
         self._slot(name, 'in', xl)
         self._consumer(name, x, x.dim() - 1, it)
-        ids = self.slots[(name, 'out')].ids if (name, 'out') in self.slots else self._slot(name, 'out', self._new(out.shape[-1]))
+        key = (name, 'out')
+        ids = self.slots[key].ids if key in self.slots else self._slot(name, 'out', self._new(out.shape[-1]))
         return _at(ids, -1, out.dim())
     if isinstance(m, nn.MultiheadAttention):  # the embedding width stays; whole heads are units of their own
         self._pin([it.arg_lab(a) for a in list(n.args) + list(n.kwargs.values())], 'MultiheadAttention')
@@ -588,7 +603,8 @@ def _module_labels(self:ChannelGraph, n, m, out, it):
             if xl is None: xl = self._new(x.shape[1], f'unlabelled input of {name!r}')
             self._slot(name, 'in', xl)
             self._consumer(name, x, 1, it)
-            ids = self.slots[(name, 'out')].ids if (name, 'out') in self.slots else self._slot(name, 'out', self._new(out.shape[1]))
+            key = (name, 'out')
+            ids = self.slots[key].ids if key in self.slots else self._slot(name, 'out', self._new(out.shape[1]))
             G = m.groups  # channel p of every conv group goes together: the cut stays one index per weight dimension
             self.ties += [(xl.reshape(G, -1)[0].repeat(G - 1), xl.reshape(G, -1)[1:].reshape(-1)),
                           (ids.reshape(G, -1)[0].repeat(G - 1), ids.reshape(G, -1)[1:].reshape(-1))]
@@ -607,7 +623,8 @@ def _module_labels(self:ChannelGraph, n, m, out, it):
         return xl
     if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):  # ids in, vectors out: the embedding width stays
         self._pin(xl, type(m).__name__)
-        return _at(self._new(out.shape[-1], type(m).__name__), -1, out.dim()) if isinstance(out, Tensor) and out.dim() >= 2 else None
+        if not (isinstance(out, Tensor) and out.dim() >= 2): return None
+        return _at(self._new(out.shape[-1], type(m).__name__), -1, out.dim())
     if isinstance(m, (nn.LayerNorm, nn.RMSNorm) if hasattr(nn, 'RMSNorm') else nn.LayerNorm) and isinstance(xl, Tensor) \
             and cd < x.dim() - len(m.normalized_shape):
         return xl  # normalizes other dimensions than the channels: per-channel positions pass through

@@ -39,6 +39,10 @@ def _exact_fold(m) -> bool:
     if isinstance(p, str): return p == 'valid' or all(k == 1 for k in m.kernel_size)
     return all(x == 0 for x in p)
 
+_old_reparam = {'weight_norm': ('weight_norm', 'torch.nn.utils.remove_weight_norm'),
+                'spectral_norm': ('spectral_norm', 'torch.nn.utils.remove_spectral_norm'),
+                'utils.prune': ('torch.nn.utils.prune', 'torch.nn.utils.prune.remove')}
+
 def _reparametrized(model:nn.Module) -> list[str]:
     "One line per reparametrized layer of `model`: what it is and how to remove it"
     from torch.nn.utils import parametrize
@@ -51,9 +55,8 @@ def _reparametrized(model:nn.Module) -> list[str]:
                 res.append(f"{n!r}.{t} ({kinds}): torch.nn.utils.parametrize.remove_parametrizations({where}, {t!r})")
         for h in m._forward_pre_hooks.values():
             mod, t = type(h).__module__, getattr(h, 'name', getattr(h, '_tensor_name', 'weight'))
-            if mod.endswith('weight_norm'): res.append(f"{n!r}.{t} (weight_norm): torch.nn.utils.remove_weight_norm({where}, {t!r})")
-            elif mod.endswith('spectral_norm'): res.append(f"{n!r}.{t} (spectral_norm): torch.nn.utils.remove_spectral_norm({where}, {t!r})")
-            elif mod.endswith('utils.prune'): res.append(f"{n!r}.{t} (torch.nn.utils.prune): torch.nn.utils.prune.remove({where}, {t!r})")
+            fix = next((f for k, f in _old_reparam.items() if mod.endswith(k)), None)
+            if fix: res.append(f"{n!r}.{t} ({fix[0]}): {fix[1]}({where}, {t!r})")
     return res
 
 def _check_reparametrized(model:nn.Module):
@@ -68,7 +71,8 @@ _low_precision = (torch.float16, torch.bfloat16)
 class _ExactFloat32:
     "Context manager: float32 convolutions and matmuls without TF32 (cuDNN and cuBLAS); restores the global flags"
     def __enter__(self):
-        self.old = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        b = torch.backends
+        self.old = (torch.get_float32_matmul_precision(), b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32)
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
             torch.set_float32_matmul_precision('highest')
@@ -279,7 +283,8 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
         q, k, v = (t.reshape(t.shape[0], B, H, hd).permute(1, 2, 0, 3) for t in (q, k, v))  # (B, H, len, hd)
         mask = None
         if attn_mask is not None:
-            mask = attn_mask if attn_mask.dtype != torch.bool else torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(attn_mask, float('-inf'))
+            mask = attn_mask if attn_mask.dtype != torch.bool else \
+                torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(attn_mask, float('-inf'))
             mask = mask.reshape(B, H, T, S) if mask.dim() == 3 else mask
         if key_padding_mask is not None:
             kp = key_padding_mask if key_padding_mask.dtype != torch.bool else \
@@ -290,7 +295,8 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
         if need_weights:
             att = (q * hd ** -0.5) @ k.transpose(-2, -1)
             if mask is not None: att = att + mask
-            if is_causal and mask is None: att = att.masked_fill(torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1), float('-inf'))
+            if is_causal and mask is None:
+                att = att.masked_fill(torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1), float('-inf'))
             att = F.dropout(att.softmax(-1), p, self.training)
             out = att @ v
         else: out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal and mask is None)
@@ -352,8 +358,8 @@ def _surgery(self:Pruner, g:ChannelGraph, remove:Tensor, consts:dict, refs, what
             err = max(relative_error(r, o) for r, o in zip(refs, self._outputs()))
             tol = self._tolerance()
             if not err <= tol:
-                raise SurgeryError(f"{what}: the pruned model's output differs from the masked model's by {err:.3g} (relative, on the "
-                                   f"example and a perturbed copy), above rtol={tol:g}; the model was restored")
+                raise SurgeryError(f"{what}: the pruned model's output differs from the masked model's by {err:.3g} (relative, "
+                                   f"on the example and a perturbed copy), above rtol={tol:g}; the model was restored")
     except Exception:
         self._rollback(); raise
     self._sync_optimizer()
@@ -461,7 +467,7 @@ def prune(self:Pruner,
         count.index_add_(0, s.comp, torch.full((w.shape[0],), float(sc.shape[1]), dtype=torch.float64))
     mean = score / count.clamp_min(1)
     usum = torch.zeros(g.n_comps, dtype=torch.float64).index_add_(0, g.comp_unit, mean)
-    ucnt = torch.zeros(g.n_comps, dtype=torch.float64).index_add_(0, g.comp_unit, torch.ones(g.n_comps, dtype=torch.float64))
+    ucnt = torch.zeros(g.n_comps, dtype=torch.float64).index_add_(0, g.comp_unit, torch.ones_like(mean))
     mean = (usum / ucnt.clamp_min(1))[g.comp_unit]  # a unit (tied channels) scores as one: its members' mean
     remove = torch.zeros(g.n_comps, dtype=torch.bool)
     n_rm = [0] * len(groups)
@@ -570,9 +576,11 @@ def pruning_recipe(model:nn.Module) -> dict:
     "Size attributes and tensor shapes of every module: what a fresh architecture needs to take the state_dict"
     r = {}
     for n, m in model.named_modules():
-        attrs = {a: getattr(m, a) for a in _size_attrs if isinstance(getattr(m, a, None), (int, tuple)) and not isinstance(getattr(m, a), bool)}
+        attrs = {a: getattr(m, a) for a in _size_attrs
+                 if isinstance(getattr(m, a, None), (int, tuple)) and not isinstance(getattr(m, a), bool)}
         skip = getattr(m, '_non_persistent_buffers_set', set())
-        ts = {k: list(v.shape) for k, v in list(m._parameters.items()) + list(m._buffers.items()) if v is not None and k not in skip}
+        own = list(m._parameters.items()) + list(m._buffers.items())
+        ts = {k: list(v.shape) for k, v in own if v is not None and k not in skip}
         if isinstance(m, PrunedMultiheadAttention): attrs['pruned_heads'] = True  # load_pruned switches the class too
         if attrs or ts: r[n] = dict(attrs, tensors=ts)
     return r
@@ -602,7 +610,8 @@ def apply_recipe(model:nn.Module, recipe:dict) -> nn.Module:
     "Resize the modules of a fresh `model` to `recipe` (tensors left uninitialised: load a state_dict next); tied tensors stay tied"
     mods = dict(model.named_modules())
     missing = [n for n in recipe if n not in mods]
-    if missing: raise ValueError(f"recipe names modules this model does not have: {', '.join(missing[:5])}; build the same architecture first")
+    if missing:
+        raise ValueError(f"recipe names modules this model does not have: {', '.join(missing[:5])}; build the same architecture first")
     new = {}  # id of a resized tensor -> its replacement, shared by every module that holds it
     for n, r in recipe.items():
         m = mods[n]
@@ -613,8 +622,8 @@ def apply_recipe(model:nn.Module, recipe:dict) -> nn.Module:
             if a in ('tensors', 'pruned_heads'): continue
             if not hasattr(m, a): raise ValueError(f"recipe entry {n!r} sets {a!r}, which {type(m).__name__} does not have")
             setattr(m, a, tuple(v) if isinstance(getattr(m, a), tuple) else v)
-        like = next((t for t in list(m._parameters.values()) + list(m._buffers.values()) if t is not None and t.is_floating_point()),
-                    torch.empty(0))
+        own = list(m._parameters.values()) + list(m._buffers.values())
+        like = next((t for t in own if t is not None and t.is_floating_point()), torch.empty(0))
         for k, shape in r['tensors'].items():
             is_p = k in m._parameters or k not in m._buffers
             cur = m._parameters.get(k) if is_p else m._buffers.get(k)
@@ -643,11 +652,12 @@ def _read(path, map_location=None):
         try:
             from fasterprune.distributed import CheckpointError, _diagnose  # fastai's side of the package explains files best
             why, Err = _diagnose(p), CheckpointError
-        except ImportError: why, Err = f"it is not a complete file written by torch.save ({p.stat().st_size:,} bytes)", ValueError
+        except ImportError:
+            why, Err = f"it is not a complete file written by torch.save ({p.stat().st_size:,} bytes)", ValueError
         raise Err(f"cannot read pruned model {p}: {why} [{type(e).__name__}]; nothing was loaded") from e
 
 def load_pruned(model:nn.Module, path, map_location=None) -> nn.Module:
-    "Resize the fresh `model` (the original architecture) to the saved recipe and load its whole state; returns `model`, untouched if anything does not fit"
+    "Resize the fresh `model` (the original architecture) to the recipe and load its whole state; untouched if anything does not fit"
     d = _read(path, map_location)
     if not isinstance(d, dict) or not {'recipe', 'state_dict'} <= set(d):
         raise ValueError(f"{path} is not a file written by save_pruned (it needs 'recipe' and 'state_dict')")
