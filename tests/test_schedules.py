@@ -1,5 +1,6 @@
 "Property tests of schedules: monotone, in [0, 1], exactly 1 from end_pct on"
-import math
+import json, math
+from pathlib import Path
 from hypothesis import given, settings, strategies as st
 import fastcore.test as fct
 from fasterprune.schedules import one_shot, iterative, agp, linear, cos, get_schedule, Schedule
@@ -55,3 +56,48 @@ def test_custom_callable_validated():
     fct.test_eq(get_schedule(lambda p: p / 2)(0.5), 0.25)
     fct.test_fail(lambda: get_schedule(lambda p: -0.1)(0.3), contains='[0, 1]')
     fct.test_fail(lambda: get_schedule(3), contains='schedule must be')
+
+
+BENCH = Path(__file__).parents[1] / 'benchmarks'
+IMAGE = 100 / 360  # one validation image of digits, in accuracy points
+
+
+def _losses(*names):
+    "{(window, model, epochs, sparsity): {seed: accuracy points vs the same seed's dense run}} from benchmark files"
+    runs = [r for n in names for r in json.loads((BENCH / f'{n}.json').read_text())['runs']]
+    dense = {(r['model'], r['epochs'], r['seed']): r['acc'] for r in runs if r['sparsity'] is None}
+    cells = {}
+    for r in runs:
+        if r['sparsity'] is None: continue
+        key = (tuple(r['window']), r['model'], r['epochs'], r['sparsity'])
+        cells.setdefault(key, {})[r['seed']] = 100 * (r['acc'] - dense[(r['model'], r['epochs'], r['seed'])])
+    return cells
+
+
+def _worst(cells, windows, budget=None):
+    "{window: the largest mean loss over models and sparsities (at `budget`, or at any budget)}"
+    return {w: min(sum(v.values()) / len(v) for k, v in cells.items() if k[0] == w and budget in (None, k[2]))
+            for w in windows}
+
+
+def test_default_window_loses_least_at_every_budget():
+    "The default window is, at every budget of benchmarks/budgets*.json, within one validation image of the best"
+    grid = _losses('budgets')  # 3 seeds, every window
+    default = (agp().start_pct, agp().end_pct)
+    pooled = _losses('budgets', 'budgets_check')  # the finalists again, with 7 more seeds
+    n_seeds = {w: min(len(v) for k, v in pooled.items() if k[0] == w) for w in {k[0] for k in pooled}}
+    finalists = [w for w, n in n_seeds.items() if n == max(n_seeds.values())]
+    assert default in finalists and max(n_seeds.values()) >= 10, (default, n_seeds)
+    worst3 = _worst(grid, {k[0] for k in grid})
+    top = sorted(worst3, key=worst3.get, reverse=True)[:len(finalists)]
+    fct.test_eq(set(top), set(finalists))  # the finalists are the best windows of the full grid
+    for b in sorted({k[2] for k in pooled}):
+        worst = _worst(pooled, finalists, b)
+        best = max(worst, key=worst.get)
+        assert worst[default] >= worst[best] - IMAGE, f"{b} epochs: {best} loses at most {-worst[best]:.2f} points, " \
+                                                      f"the default {default} {-worst[default]:.2f}"
+
+
+def test_gradual_schedules_share_the_default_window():
+    for s in (agp(), linear(), cos(), iterative(), get_schedule('agp'), get_schedule('iterative')):
+        fct.test_eq((s.start_pct, s.end_pct), (agp().start_pct, agp().end_pct))
