@@ -237,7 +237,11 @@ def _record(model:nn.Module, inputs:tuple) -> fx.Graph:
 class _Tracer(fx.Tracer):
     "torch.fx's tracer, with every MultiheadAttention (also the Pruner's pruned one) kept as one call"
     def is_leaf_module(self, m, qualname):
-        return isinstance(m, nn.MultiheadAttention) or super().is_leaf_module(m, qualname)
+        return isinstance(m, nn.MultiheadAttention) or _is_window_attention(m) or super().is_leaf_module(m, qualname)
+
+def _is_window_attention(m) -> bool:
+    "torchvision's Swin (v1) window attention, or the Pruner's pruned one"
+    return any(c.__name__ == 'ShiftedWindowAttention' for c in type(m).__mro__) and hasattr(m, 'relative_position_bias_table')
 
 def _trace(model:nn.Module, inputs:tuple) -> tuple:
     "`(module, graph)` to run the labelling on: torch.fx's symbolic trace, else a recorded forward pass"
@@ -590,6 +594,10 @@ def _module_labels(self:ChannelGraph, n, m, out, it):
         key = (name, 'out')
         ids = self.slots[key].ids if key in self.slots else self._slot(name, 'out', self._new(out.shape[-1]))
         return _at(ids, -1, out.dim())
+    if _is_window_attention(m):  # Swin: heads as for MultiheadAttention; the relative position bias table follows them
+        self._pin(xl, 'window attention')
+        if m.num_heads > 1: self._slot(name, 'head', self._new(m.num_heads))
+        return self._fresh(out, x, xl, 'window attention')
     if isinstance(m, nn.MultiheadAttention):  # the embedding width stays; whole heads are units of their own
         self._pin([it.arg_lab(a) for a in list(n.args) + list(n.kwargs.values())], 'MultiheadAttention')
         if m._qkv_same_embed_dim and m.bias_k is None and not m.add_zero_attn and m.num_heads > 1:

@@ -221,10 +221,15 @@ def _cut(self:Pruner, g:ChannelGraph, remove:Tensor, consts:dict):
         idx, n, m = keep.nonzero().squeeze(1), int(keep.sum()), mods[name]
         if s.kind == 'head':
             hr, hc = _head_index(m, idx)
-            self._cut_param(m.in_proj_weight, 0, hr); self._cut_param(m.in_proj_bias, 0, hr)
-            self._cut_param(m.out_proj.weight, 1, hc)
-            self._set(m.out_proj, 'in_features', len(hc)); self._set(m, 'num_heads', n)
-            if type(m) is nn.MultiheadAttention: self._set(m, '__class__', PrunedMultiheadAttention)
+            w_in, b_in, proj = _attn_parts(m)
+            self._cut_param(w_in, 0, hr); self._cut_param(b_in, 0, hr); self._cut_param(proj.weight, 1, hc)
+            self._set(proj, 'in_features', len(hc)); self._set(m, 'num_heads', n)
+            if isinstance(m, nn.MultiheadAttention):
+                if type(m) is nn.MultiheadAttention: self._set(m, '__class__', PrunedMultiheadAttention)
+            else:
+                self._set(m.qkv, 'out_features', len(hr))
+                self._cut_param(m.relative_position_bias_table, 1, idx)
+                if type(m) is not _pruned_window_attention(type(m)): self._set(m, '__class__', _pruned_window_attention(type(m)))
         elif s.kind == 'param':
             self._cut_param(getattr(m, s.attr), s.dim, idx)
             if isinstance(m, nn.PReLU): self._set(m, 'num_parameters', n)
@@ -247,27 +252,37 @@ def _cut(self:Pruner, g:ChannelGraph, remove:Tensor, consts:dict):
 # %% ../nbs/08_pruner.ipynb #7551cd9b
 import torch.nn.functional as F
 
-def _head_index(m:nn.MultiheadAttention, heads:Tensor) -> tuple[Tensor, Tensor]:
-    "(rows of `in_proj_weight` for the q, k, v of `heads`, columns of `out_proj.weight` of `heads`)"
-    hd, E = m.head_dim, m.in_proj_weight.shape[0] // 3
+def _attn_parts(m) -> tuple:
+    "(packed q, k, v weight, its bias, the output projection Linear) of a MultiheadAttention or a Swin window attention"
+    if isinstance(m, nn.MultiheadAttention): return m.in_proj_weight, m.in_proj_bias, m.out_proj
+    return m.qkv.weight, m.qkv.bias, m.proj
+
+def _head_index(m, heads:Tensor) -> tuple[Tensor, Tensor]:
+    "(rows of the packed q, k, v weight for `heads`, columns of the output projection of `heads`)"
+    w_in = _attn_parts(m)[0]
+    E = w_in.shape[0] // 3
+    hd = E // m.num_heads
     cols = (heads.cpu()[:, None] * hd + torch.arange(hd)).reshape(-1)
     return torch.cat([cols + k * E for k in range(3)]), cols
 
-def _silent_heads(m:nn.MultiheadAttention) -> Tensor:
+def _silent_heads(m) -> Tensor:
     "Heads whose output is zero for every input: value rows and bias zero, or output-projection columns zero"
-    H, hd, E = m.num_heads, m.head_dim, m.in_proj_weight.shape[0] // 3
-    v = m.in_proj_weight.detach()[2 * E:].reshape(H, -1)
-    vz = (v == 0).all(1)
-    if m.in_proj_bias is not None: vz &= (m.in_proj_bias.detach()[2 * E:].reshape(H, hd) == 0).all(1)
-    oz = (m.out_proj.weight.detach().reshape(m.out_proj.weight.shape[0], H, hd) == 0).all(2).all(0)
+    w_in, b_in, proj = _attn_parts(m)
+    H, E = m.num_heads, w_in.shape[0] // 3
+    hd = E // H
+    vz = (w_in.detach()[2 * E:].reshape(H, -1) == 0).all(1)
+    if b_in is not None: vz &= (b_in.detach()[2 * E:].reshape(H, hd) == 0).all(1)
+    oz = (proj.weight.detach().reshape(proj.weight.shape[0], H, hd) == 0).all(2).all(0)
     return vz | oz
 
-def _head_scores(m:nn.MultiheadAttention, crit, name:str) -> tuple[Tensor, Tensor]:
+def _head_scores(m, crit, name:str) -> tuple[Tensor, Tensor]:
     "(sum of the criterion's scores over each head's weights, their number)"
-    H, hd, E = m.num_heads, m.head_dim, m.in_proj_weight.shape[0] // 3
-    si = crit.score(f'{name}.in_proj_weight', m.in_proj_weight).reshape(3, H, hd, -1).sum((0, 2, 3), dtype=torch.float64)
-    so = crit.score(f'{name}.out_proj.weight', m.out_proj.weight).reshape(-1, H, hd).sum((0, 2), dtype=torch.float64)
-    n = 3 * hd * m.in_proj_weight.shape[1] + hd * m.out_proj.weight.shape[0]
+    w_in, _, proj = _attn_parts(m)
+    H = m.num_heads
+    hd = w_in.shape[0] // 3 // H
+    si = crit.score(f'{name}.in_proj', w_in).reshape(3, H, hd, -1).sum((0, 2, 3), dtype=torch.float64)
+    so = crit.score(f'{name}.out_proj', proj.weight).reshape(-1, H, hd).sum((0, 2), dtype=torch.float64)
+    n = 3 * hd * w_in.shape[1] + hd * proj.weight.shape[0]
     return si + so, torch.full((H,), float(n), dtype=torch.float64)
 
 class PrunedMultiheadAttention(nn.MultiheadAttention):
@@ -303,6 +318,51 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
         out = self.out_proj(out.permute(2, 0, 1, 3).reshape(T, B, Ep))
         if self.batch_first: out = out.transpose(0, 1)
         return out, ((att.mean(1) if average_attn_weights else att) if need_weights else None)
+
+# %% ../nbs/08_pruner.ipynb #3ad89dde
+import itertools
+
+def _window_attention(x, qkv:nn.Linear, proj:nn.Linear, bias:Tensor, ws, heads:int, shift, p_attn:float, p_out:float,
+                      training:bool) -> Tensor:
+    "Shifted-window self-attention on `x` (N, H, W, C) with `heads` heads of `qkv.out_features // 3 // heads` channels"
+    B, H, W, C = x.shape
+    hd = qkv.out_features // 3 // heads
+    x = F.pad(x, (0, 0, 0, (-W) % ws[1], 0, (-H) % ws[0]))
+    Hp, Wp = x.shape[1], x.shape[2]
+    shift = [0 if ws[0] >= Hp else shift[0], 0 if ws[1] >= Wp else shift[1]]
+    if sum(shift): x = torch.roll(x, (-shift[0], -shift[1]), (1, 2))
+    nh, nw, n = Hp // ws[0], Wp // ws[1], ws[0] * ws[1]
+    x = x.view(B, nh, ws[0], nw, ws[1], C).permute(0, 1, 3, 2, 4, 5).reshape(B * nh * nw, n, C)
+    q, k, v = F.linear(x, qkv.weight, qkv.bias).reshape(x.shape[0], n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+    att = (q * hd ** -0.5) @ k.transpose(-2, -1) + bias
+    if sum(shift):  # windows that wrapped around: positions from different regions do not attend to each other
+        region = x.new_zeros(Hp, Wp)
+        cuts = [(slice(0, -w), slice(-w, -s), slice(-s, None)) for w, s in zip(ws, shift)]
+        for i, (a, b) in enumerate(itertools.product(*cuts)): region[a, b] = i
+        region = region.view(nh, ws[0], nw, ws[1]).permute(0, 2, 1, 3).reshape(nh * nw, n)
+        diff = region[:, None, :] - region[:, :, None]
+        mask = torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
+        att = (att.view(B, nh * nw, heads, n, n) + mask[None, :, None]).view(-1, heads, n, n)
+    att = F.dropout(att.softmax(-1), p_attn, training)
+    out = (att @ v).transpose(1, 2).reshape(x.shape[0], n, heads * hd)
+    out = F.dropout(F.linear(out, proj.weight, proj.bias), p_out, training)
+    out = out.view(B, nh, nw, ws[0], ws[1], C).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
+    if sum(shift): out = torch.roll(out, (shift[0], shift[1]), (1, 2))
+    return out[:, :H, :W, :].contiguous()
+
+def _window_forward(self, x):
+    return _window_attention(x, self.qkv, self.proj, self.get_relative_position_bias(), self.window_size, self.num_heads,
+                             self.shift_size, self.attention_dropout, self.dropout, self.training)
+
+_pruned_classes = {}
+
+def _pruned_window_attention(cls:type) -> type:
+    "The pruned version of a Swin window attention class (made once per class)"
+    if getattr(cls, '_pruned_heads', False): return cls
+    if cls not in _pruned_classes:
+        _pruned_classes[cls] = type('PrunedShiftedWindowAttention', (cls,), dict(forward=_window_forward, _pruned_heads=True,
+                                    __doc__="Swin window attention that lost heads: the head width is its own, not C // heads"))
+    return _pruned_classes[cls]
 
 # %% ../nbs/08_pruner.ipynb #ef0799bc
 def _run_eval(model, inputs):
@@ -518,7 +578,8 @@ def _zero(self:Pruner, g:ChannelGraph, remove:Tensor):
             m = g.modules[name]
             if s.kind == 'head':  # a head's query, key and value rows and its output-projection columns
                 hr, hc = _head_index(m, rm.nonzero().squeeze(1))
-                for p, dim, ix in ((m.in_proj_weight, 0, hr), (m.in_proj_bias, 0, hr), (m.out_proj.weight, 1, hc)):
+                w_in, b_in, proj = _attn_parts(m)
+                for p, dim, ix in ((w_in, 0, hr), (b_in, 0, hr), (proj.weight, 1, hc)):
                     if p is None: continue
                     self._undo.append((p, 'data', p.data.clone()))
                     p.data.index_fill_(dim, ix.to(p.device), 0)
@@ -581,7 +642,8 @@ def pruning_recipe(model:nn.Module) -> dict:
         skip = getattr(m, '_non_persistent_buffers_set', set())
         own = list(m._parameters.items()) + list(m._buffers.items())
         ts = {k: list(v.shape) for k, v in own if v is not None and k not in skip}
-        if isinstance(m, PrunedMultiheadAttention): attrs['pruned_heads'] = True  # load_pruned switches the class too
+        if isinstance(m, PrunedMultiheadAttention) or getattr(type(m), '_pruned_heads', False):
+            attrs['pruned_heads'] = True  # load_pruned switches the class too
         if attrs or ts: r[n] = dict(attrs, tensors=ts)
     return r
 
@@ -617,7 +679,8 @@ def apply_recipe(model:nn.Module, recipe:dict) -> nn.Module:
         m = mods[n]
         if 'tensors' not in r:
             _apply_old_recipe(m, n, r); continue
-        if r.get('pruned_heads') and isinstance(m, nn.MultiheadAttention): m.__class__ = PrunedMultiheadAttention
+        if r.get('pruned_heads'):
+            m.__class__ = PrunedMultiheadAttention if isinstance(m, nn.MultiheadAttention) else _pruned_window_attention(type(m))
         for a, v in r.items():
             if a in ('tensors', 'pruned_heads'): continue
             if not hasattr(m, a): raise ValueError(f"recipe entry {n!r} sets {a!r}, which {type(m).__name__} does not have")

@@ -287,3 +287,21 @@ def test_fastai_dynamic_unet(tmp_path):
     save_pruned(m, tmp_path / 'u.pt')
     fresh = load_pruned(net(), tmp_path / 'u.pt')
     with torch.no_grad(): assert torch.equal(fresh.eval()(x), m.eval()(x))
+
+def test_swin_window_attention_heads(tmp_path):
+    "Swin's window attention loses whole heads (qkv rows, proj columns, bias-table columns); pruned twice, saved, loaded"
+    from torchvision.models.swin_transformer import SwinTransformer
+    def net(): return SwinTransformer([4, 4], 16, [2, 2], [2, 4], [4, 4], num_classes=5)
+    torch.manual_seed(0)
+    m = net(); x = torch.randn(2, 3, 32, 32)
+    n0 = sum(p.numel() for p in m.parameters())
+    pr = _check(m, x)
+    attn = m.features[1][1].attn  # a shifted block
+    fct.test_eq((attn.num_heads, attn.qkv.out_features, attn.proj.in_features, attn.relative_position_bias_table.shape[1]),
+                (1, 3 * 8, 8, 1))
+    fct.test_eq(type(attn).__name__, 'PrunedShiftedWindowAttention')
+    pr.prune(0.3)  # the pruned attention traces as one call again
+    assert pr.history[-1]['rel_error'] <= 1e-5 and sum(p.numel() for p in m.parameters()) < 0.6 * n0
+    save_pruned(m, tmp_path / 's.pt')
+    fresh = load_pruned(net(), tmp_path / 's.pt')
+    with torch.no_grad(): assert torch.equal(fresh.eval()(x), m.eval()(x))
