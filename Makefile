@@ -51,14 +51,16 @@ bench: venv
 	$(PY) benchmarks/bench_accuracy.py
 
 # The notebooks are the rendered docs, so they are committed executed. `make docs` re-executes them in place (the
-# same runner and flags as `nbtest`: `#| slow` and `#| cuda` cells are skipped), keeps the outputs, turns progress
-# bars into what a terminal would show, replaces this checkout's paths in outputs, then cleans the metadata.
-# `make docs NB=nbs/00_schedules.ipynb` re-executes one notebook.
+# same runner and flags as `nbtest`: `#| slow` and `#| cuda` cells are skipped), each in a fresh process so that no
+# notebook's state (an open figure, a setting) shows up in another's outputs, two at a time; it keeps the outputs,
+# turns progress bars into what a terminal would show, replaces this checkout's paths in outputs, then cleans the
+# metadata. `make docs NB=nbs/00_schedules.ipynb` re-executes one notebook.
 NB ?= nbs
-# Third-party noise that is not the docs' business: torch's deprecation of torch.jit.script, hit when fastai is imported.
+# Third-party noise, not the docs' business: torch's deprecation of torch.jit.script, hit when fastai is imported.
 DOCS_WARNINGS := ignore:`torch.jit.script` is deprecated:FutureWarning
 docs: venv
-	@OMP_NUM_THREADS=1 PYTHONWARNINGS='$(DOCS_WARNINGS)' .venv/bin/nbdev-test $(NB) --n-workers 2 --save; status=$$?; \
+	@if [ -d $(NB) ]; then ls $(NB)/*.ipynb; else echo $(NB); fi | OMP_NUM_THREADS=1 PYTHONWARNINGS='$(DOCS_WARNINGS)' \
+	  xargs -P 2 -I{} .venv/bin/nbdev-test {} --save; status=$$?; \
 	$(PY) -c "$$SCRUB_OUTPUTS" $(NB); scrubbed=$$?; \
 	.venv/bin/nbdev-clean --fname $(NB) || exit 1; \
 	if [ $$status -ne 0 ]; then echo "ERROR: some notebooks failed (see above); the others were re-executed"; exit 1; fi; \
