@@ -7,6 +7,7 @@ import argparse, statistics, warnings
 import torch, torch.nn as nn
 from fastai.learner import Learner
 from fastai.metrics import accuracy
+from fastai.torch_core import set_seed
 import fastai.callback.schedule, fastai.callback.progress  # noqa: F401
 from fasterprune.callback import SparsifyCallback
 from fasterprune.data import digits_dls, lenet_300_100
@@ -15,18 +16,21 @@ warnings.filterwarnings('ignore')
 
 
 def run(seed, epochs, lr, sparsity=None):
-    torch.manual_seed(seed)
+    set_seed(seed)  # python, numpy and torch: the same initial weights and batch order on every rerun
     learn = Learner(digits_dls(seed=42), lenet_300_100(), loss_func=nn.CrossEntropyLoss(), metrics=accuracy)
     cbs = [SparsifyCallback(sparsity, 'weight', 'global', 'magnitude', 'agp')] if sparsity else []
     with learn.no_bar(), learn.no_logging():
         learn.fit_one_cycle(epochs, lr, cbs=cbs)
         acc = float(learn.validate()[1])
-    if sparsity: assert abs(cbs[0].sparsifier.sparsity() - sparsity) < 1e-4
+    if sparsity:
+        assert abs(cbs[0].sparsifier.sparsity() - sparsity) < 1e-4
     return acc
 
 
 def main():
-    p = argparse.ArgumentParser(); p.add_argument('--epochs', type=int, default=30); p.add_argument('--seeds', type=int, default=3)
+    p = argparse.ArgumentParser()
+    p.add_argument('--epochs', type=int, default=30)
+    p.add_argument('--seeds', type=int, default=3)
     p.add_argument('--lr', type=float, default=1e-2)
     a = p.parse_args()
     torch.set_num_threads(1)
