@@ -13,7 +13,7 @@ from torch import nn, Tensor
 
 # %% auto #0
 __all__ = ['context_names', 'check_fraction', 'check_context', 'evaluating', 'round_half_up', 'flat_tensors', 'to_device',
-           'model_device']
+           'model_device', 'few', 'state_problems']
 
 # %% ../nbs/00a_core.ipynb #883279e8
 def check_fraction(
@@ -86,3 +86,23 @@ def model_device(model:nn.Module) -> torch.device|None:
     "The device of `model`'s first parameter, or None for a model without parameters"
     p = next(iter(model.parameters()), None)
     return None if p is None else p.device
+
+# %% ../nbs/00a_core.ipynb #dacc4b19
+def few(xs, k:int=3) -> str:
+    "The first `k` items of `xs` joined by commas, and how many more"
+    xs = list(xs)
+    return ', '.join(map(str, xs[:k])) + (f" and {len(xs) - k} more" if len(xs) > k else '')
+
+def state_problems(
+    state:dict, # the state to load: {name: tensor}
+    own:dict,   # the state it should fit, e.g. `model.state_dict()`
+) -> list[str]:
+    "How `state` differs from `own` (missing keys, unexpected keys, different shapes), in words; empty if it fits"
+    probs = []
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    if missing: probs.append(f"missing {few(missing)}")
+    if unexpected: probs.append(f"unexpected {few(unexpected)}")
+    shapes = [f"{k} {tuple(state[k].shape)} (model: {tuple(v.shape)})" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if shapes: probs.append(f"different shapes: {few(shapes)}")
+    return probs

@@ -49,3 +49,13 @@ def test_small_helpers():
     fct.test_eq(type(moved[1]), list)
     fct.test_eq(model_device(nn.Linear(1, 1).to('meta')).type, 'meta')
     assert model_device(nn.Identity()) is None
+
+
+def test_state_problems_name_every_difference():
+    from fasterprune.core import state_problems
+    own = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).state_dict()
+    fct.test_eq(state_problems(dict(own), own), [])
+    bad = {**own, '0.weight': torch.zeros(5, 3), 'extra': torch.zeros(1)}
+    del bad['1.bias']
+    fct.test_eq(state_problems(bad, own), ['missing 1.bias', 'unexpected extra',
+                                           'different shapes: 0.weight (5, 3) (model: (4, 3))'])
