@@ -10,6 +10,7 @@ __all__ = []
 # %% ../nbs/12_all.ipynb #f1e17e89
 import fastai.callback.schedule  # Learner.fit_one_cycle, fine_tune
 import fastai.callback.fp16      # Learner.to_fp16, to_bf16
+from .core import *
 from .schedules import *
 from .criteria import *
 from .granularity import *
@@ -20,9 +21,14 @@ from .metrics import *
 from .plots import *
 from .graph import *
 from .pruner import *
+from .rewind import *
 from .lottery import *
 from .distributed import *
+from .inference import *
 
 # %% ../nbs/12_all.ipynb #fc4ead7f
-from . import schedules as _sc, criteria as _cr, granularity as _gr, sparsifier as _sp, callback as _cb, data as _da, metrics as _me, plots as _pl, graph as _gh, pruner as _pr, lottery as _lt, distributed as _di
-__all__ = [n for _m in (_sc, _cr, _gr, _sp, _cb, _da, _me, _pl, _gh, _pr, _lt, _di) for n in _m.__all__ if n != 'logger']
+import importlib as _il
+_names = ('core', 'schedules', 'criteria', 'granularity', 'sparsifier', 'callback', 'data', 'metrics', 'plots', 'graph',
+          'pruner', 'rewind', 'lottery', 'distributed', 'inference')
+_modules = [_il.import_module(f'fasterprune.{_n}') for _n in _names]
+__all__ = list(dict.fromkeys(n for _m in _modules for n in _m.__all__ if n != 'logger'))
