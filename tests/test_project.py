@@ -46,3 +46,39 @@ def test_core_does_not_import_fastai():
     for mod in ('schedules', 'criteria', 'granularity', 'sparsifier'):
         src = (ROOT / 'fasterprune' / f'{mod}.py').read_text()
         assert not re.search(r'^\s*(import|from)\s+fastai\b', src, flags=re.M), mod
+
+
+def test_plain_pytorch_modules_do_not_import_fastai():
+    "The engine, metrics, graph, Pruner, rewinding and the sparse export work in plain PyTorch loops (DESIGN.md arrows)"
+    for mod in ('core', 'metrics', 'graph', 'pruner', 'rewind', 'inference'):
+        src = (ROOT / 'fasterprune' / f'{mod}.py').read_text()
+        assert not re.search(r'^\s*(import|from)\s+fastai\b', src, flags=re.M), mod
+
+
+def test_no_links_to_a_docs_site_nothing_builds():
+    "quarto cannot be installed here, so no docs site is published: modules and metadata must not point to one"
+    pp = tomllib.loads((ROOT / 'pyproject.toml').read_text())
+    assert 'Documentation' not in pp['project'].get('urls', {})
+    for f in (ROOT / 'fasterprune').glob('*.py'):
+        assert 'github.io' not in f.read_text(), f.name
+
+
+def _local_links(md: str):
+    return [t for t in re.findall(r'\]\(([^)\s]+)\)', md) if not re.match(r'[a-z]+://|#', t)]
+
+
+def test_relative_links_resolve():
+    "Links in the README and between notebooks point to files that exist"
+    import json
+    for link in _local_links((ROOT / 'README.md').read_text()):
+        assert (ROOT / link.split('#')[0]).exists(), f"README.md links to missing {link}"
+    for nb in (ROOT / 'nbs').glob('*.ipynb'):
+        md = '\n'.join(''.join(c['source']) for c in json.loads(nb.read_text())['cells'] if c['cell_type'] == 'markdown')
+        for link in _local_links(md):
+            assert (nb.parent / link.split('#')[0]).exists(), f"{nb.name} links to missing {link}"
+
+
+def test_license_file_matches_declared_license():
+    ini, pp = _meta()
+    text = (ROOT / 'LICENSE').read_text()
+    assert pp['project']['license'] == 'Apache-2.0' and 'Apache License' in text and 'Version 2.0' in text
