@@ -4,11 +4,13 @@
 
 # %% ../nbs/14_inference.ipynb #025760be
 from __future__ import annotations
-import copy, math, time, statistics, logging, fnmatch, warnings
-from contextlib import contextmanager
+import copy, math, time, logging, fnmatch, warnings
 import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
+import pandas as pd
+from .core import evaluating, flat_tensors
+from .metrics import _prepare, _check_whole, _check_threads
 
 logger = logging.getLogger('fasterprune')
 
@@ -391,36 +393,9 @@ def _rel_err(a:Tensor, b:Tensor) -> float:
     err = float((a - b).abs().max()) if a.numel() else 0.
     return err / scale if scale > 0 else err
 
-def _tensors(out) -> list[Tensor]:
-    if isinstance(out, Tensor): return [out]
-    if isinstance(out, dict): return [t for v in out.values() for t in _tensors(v)]
-    if isinstance(out, (tuple, list)): return [t for v in out for t in _tensors(v)]
-    return []
-
-def _to(x, device):
-    if isinstance(x, Tensor): return x.to(device)
-    if isinstance(x, dict): return {k: _to(v, device) for k, v in x.items()}
-    if isinstance(x, (tuple, list)): return type(x)(_to(v, device) for v in x)
-    return x
-
-def _call_args(model, example_input):
-    if example_input is None:
-        raise TypeError("example_input is required: a batch like those the exported model will run on")
-    p = next(iter(model.parameters()), None)
-    x = example_input if p is None else _to(example_input, p.device)
-    if isinstance(x, dict): return (), x
-    if isinstance(x, (tuple, list)): return tuple(x), {}
-    return (x,), {}
-
-@contextmanager
-def _evaluating(model):
-    "Eval mode and `no_grad`; every module's own training flag is restored afterwards"
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad(): yield
-    finally:
-        for m, t in modes: m.training = t
+def _first_line(e:Exception) -> str:
+    "`Type: the first line of the message` (at most 80 characters of it), for a report's reason"
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:80]}"
 
 def _plain_linear(m): return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
 
@@ -473,7 +448,7 @@ def _semi_candidates(w, b, x) -> tuple[list, list[str]]:
     have_cslt = hasattr(torch, '_cslt_sparse_mm') and lt is not None and lt.is_available()
     if have_cslt:
         try: base = SemiLinear(w, b, 'cslt', 0, transpose_result=False)
-        except Exception as e: refused.append(f"cslt: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:80]}")
+        except Exception as e: refused.append(f"cslt: {_first_line(e)}")
         else:
             for alg in range(_max_alg_id() + 1):  # timed, not _cslt_sparse_mm_search (fails on H200, torch 2.11)
                 c = copy.copy(base)  # shares the packed weight
@@ -483,71 +458,157 @@ def _semi_candidates(w, b, x) -> tuple[list, list[str]]:
     for backend in ('cusparselt', 'cutlass'):
         if backend == 'cusparselt' and not have_cslt: continue
         try: cands.append((backend, SemiLinear(w, b, backend)))
-        except Exception as e: refused.append(f"{backend}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:80]}")
+        except Exception as e: refused.append(f"{backend}: {_first_line(e)}")
     return cands, refused
 
-def _choose(name, w, b, x, forced, min_speedup, max_density, n_runs, conv=None) -> tuple[nn.Module|None, dict]:
-    "The fastest kernel for the matrix `w` (or the Conv2d `conv`) on the input `x` (None: dense) and its report row"
-    dev = w.device
-    nz = int(torch.count_nonzero(w))
-    density = nz / w.numel()
-    row = dict(layer=name, shape=tuple(w.shape), density=density, kernel='dense', backend='', dense_ms=math.nan,
-               sparse_ms=math.nan, speedup=math.nan, reason='')
-    if forced == 'dense': return None, {**row, 'reason': 'kernels= asks for dense'}
-    nm = dev.type == 'cuda' and is_2_4(w)
-    if forced == 'semi':
-        if not is_2_4(w):
-            raise ValueError(f"layer {name!r}: kernels= asks for 2:4 semi-structured, but its weight is not 2:4 sparse "
-                             "(some groups of 4 have more than 2 nonzeros); prune it with granularity='2:4'")
-        if dev.type != 'cuda':
-            raise ValueError(f"layer {name!r}: kernels= asks for 2:4 semi-structured, which needs a CUDA GPU "
-                             f"(Ampere or newer); the model is on {dev}. Use 'csr' on the CPU")
-    if x is None:
-        if forced:
-            raise ValueError(f"layer {name!r}: kernels= asks for {forced!r}, but it did not run on the example input")
-        return None, {**row, 'reason': 'did not run on the example input'}
-    x = x.detach() if conv is not None else x.detach().reshape(-1, w.shape[1])
-    kinds = [forced] if forced else [k for k, ok in (('semi', nm), ('csr', density <= max_density)) if ok]
-    if not kinds:
-        why = f'{density:.0%} nonzero > max_density={max_density:g}' + (', not 2:4' if dev.type == 'cuda' else '')
-        return None, {**row, 'reason': why}
-    cands, notes = [], []
-    if 'semi' in kinds:
-        c, notes = _semi_candidates(w, b, x)
-        cands += c
+def _refuse_semi(name:str, w:Tensor):
+    "A `ValueError` when `kernels=` asks for 2:4 semi-structured on a weight that is not 2:4 or not on CUDA"
+    if not is_2_4(w):
+        raise ValueError(f"layer {name!r}: kernels= asks for 2:4 semi-structured, but its weight is not 2:4 sparse "
+                         "(some groups of 4 have more than 2 nonzeros); prune it with granularity='2:4'")
+    if w.device.type != 'cuda':
+        raise ValueError(f"layer {name!r}: kernels= asks for 2:4 semi-structured, which needs a CUDA GPU "
+                         f"(Ampere or newer); the model is on {w.device}. Use 'csr' on the CPU")
+
+def _candidates(w, b, x, kinds:list[str], conv=None) -> tuple[list, list[str]]:
+    "`([(label, module)], [notes])`: the sparse kernels of `kinds` built for `w` (or the Conv2d `conv`), and refusals"
+    cands, notes = _semi_candidates(w, b, x) if 'semi' in kinds else ([], [])
     if 'csr' in kinds:
         try: cands.append(('csr', CSRLinear(w, b) if conv is None else CSRConv2d(conv)))
-        except Exception as e: notes.append(f"csr: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:80]}")
-    dense = (lambda t: F.linear(t, w, b)) if conv is None else (lambda t: conv._conv_forward(t, w, b))
-    ref = dense(x)
-    tol = default_rtol(w.dtype)
+        except Exception as e: notes.append(f"csr: {_first_line(e)}")
+    return cands, notes
+
+def _accurate(cands:list, x:Tensor, ref:Tensor, tol:float, notes:list[str]) -> list:
+    "The candidates whose output on `x` is within `tol` of `ref` (relative); why the others are not goes to `notes`"
     ok = []
     for label, mod in cands:
         try: err = _rel_err(ref, mod(x))
         except Exception as e:
-            notes.append(f"{label}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:80]}")
+            notes.append(f"{label}: {_first_line(e)}")
             continue
         if err <= tol: ok.append((label, mod))
         else: notes.append(f"{label}: output off by {err:.2g} (relative)")
-    if not ok:
-        if forced: raise ValueError(f"layer {name!r}: no {forced!r} kernel works here: {'; '.join(notes)}")
-        return None, {**row, 'reason': 'no sparse kernel works: ' + '; '.join(notes)}
+    return ok
+
+def _fastest(ok:list, dense, x:Tensor, n_runs:int, row:dict) -> tuple[nn.Module, float, str]:
+    "`(module, its speedup, all speedups as text)` of the fastest of `ok` against `dense`; its times go to `row`"
     times = time_kernels([dense] + [mod for _, mod in ok], x, n_runs)
     ratios = [min(times[0]) / min(ts) for ts in times[1:]]  # best of n_runs: noise only ever adds time
     best = max(range(len(ok)), key=lambda i: ratios[i])
     label, mod = ok[best]
     row.update(dense_ms=min(times[0]) * 1e3, sparse_ms=min(times[best + 1]) * 1e3, speedup=ratios[best], backend=label)
-    tried = ', '.join(f'{l} {r:.2f}x' for (l, _), r in zip(ok, ratios))
-    if forced or ratios[best] >= min_speedup:
-        why = 'kernels= asks for it' if forced else 'faster than dense'
-        row.update(kernel=mod.kernel, reason=f'{why} ({tried})')
-        return mod, row
-    return None, {**row, 'reason': f'no sparse kernel >= {min_speedup:g}x dense ({tried})'}
+    return mod, ratios[best], ', '.join(f'{l} {r:.2f}x' for (l, _), r in zip(ok, ratios))
+
+def _choose(name, w, b, x, forced, min_speedup, max_density, n_runs, conv=None) -> tuple[nn.Module|None, dict]:
+    "The fastest kernel for the matrix `w` (or the Conv2d `conv`) on the input `x` (None: dense) and its report row"
+    cuda = w.device.type == 'cuda'
+    density = int(torch.count_nonzero(w)) / w.numel()
+    row = dict(layer=name, shape=tuple(w.shape), density=density, kernel='dense', backend='', dense_ms=math.nan,
+               sparse_ms=math.nan, speedup=math.nan, reason='')
+    if forced == 'dense': return None, {**row, 'reason': 'kernels= asks for dense'}
+    if forced == 'semi': _refuse_semi(name, w)
+    if x is None:
+        if forced:
+            raise ValueError(f"layer {name!r}: kernels= asks for {forced!r}, but it did not run on the example input")
+        return None, {**row, 'reason': 'did not run on the example input'}
+    x = x.detach() if conv is not None else x.detach().reshape(-1, w.shape[1])
+    kinds = [forced] if forced else [k for k, ok in (('semi', cuda and is_2_4(w)), ('csr', density <= max_density))
+                                     if ok]
+    if not kinds:
+        why = f'{density:.0%} nonzero > max_density={max_density:g}' + (', not 2:4' if cuda else '')
+        return None, {**row, 'reason': why}
+    cands, notes = _candidates(w, b, x, kinds, conv)
+    dense = (lambda t: F.linear(t, w, b)) if conv is None else (lambda t: conv._conv_forward(t, w, b))
+    ok = _accurate(cands, x, dense(x), default_rtol(w.dtype), notes)
+    if not ok:
+        if forced: raise ValueError(f"layer {name!r}: no {forced!r} kernel works here: {'; '.join(notes)}")
+        return None, {**row, 'reason': 'no sparse kernel works: ' + '; '.join(notes)}
+    mod, speedup, tried = _fastest(ok, dense, x, n_runs, row)
+    if not forced and speedup < min_speedup:
+        return None, {**row, 'reason': f'no sparse kernel >= {min_speedup:g}x dense ({tried})'}
+    why = 'kernels= asks for it' if forced else 'faster than dense'
+    return mod, {**row, 'kernel': mod.kernel, 'reason': f'{why} ({tried})'}
 
 # %% ../nbs/14_inference.ipynb #d5f44d96
 def _set(model, name, new):
     parent, _, child = name.rpartition('.')
     setattr(model.get_submodule(parent) if parent else model, child, new)
+
+def _weight_bias(m:nn.Module) -> tuple[Tensor, Tensor|None]:
+    return m.weight.detach(), None if m.bias is None else m.bias.detach()
+
+def _export_matrices(lins:dict, mhas:dict, convs:dict) -> tuple[dict, dict, dict]:
+    "`(mats, skipped, conv_refused)`: `{name: (weight, bias, owner, kind)}` to choose kernels for, what stays dense"
+    mats = {n: (*_weight_bias(m), n, 'linear') for n, m in lins.items() if _plain_linear(m)}
+    skipped = {n: 'a Linear subclass with its own forward' for n, m in lins.items() if not _plain_linear(m)}
+    for n, m in mhas.items():
+        why = _mha_supported(m)
+        if why: skipped[n] = why
+        else: mats.update({f'{n}.{k}': (w, b, n, k) for k, (w, b) in _mha_mats(m).items()})
+    conv_refused = {n: csr_conv_refusal(m) for n, m in convs.items() if csr_conv_refusal(m)}
+    mats.update({n: (*_weight_bias(m), n, 'conv') for n, m in convs.items() if n not in conv_refused})
+    return mats, skipped, conv_refused
+
+def _layer_inputs(model, args, kw, mods:dict, mhas:dict) -> tuple[object, dict]:
+    "`(output, {matrix name: its input})` of one pass of `model` in eval mode: `mods`' and the attentions' inputs"
+    seen = {}
+    def lin_hook(name):
+        def f(m, a): seen[name] = a[0]
+        return f
+    def mha_hook(name):
+        def f(m, a, k):
+            q, key, v = (list(a) + [k.get('query'), k.get('key'), k.get('value')][len(a):])[:3]
+            seen.update({f'{name}.q_proj': q, f'{name}.k_proj': key, f'{name}.v_proj': v, f'{name}.out_proj': q})
+        return f
+    hs = [m.register_forward_pre_hook(lin_hook(n)) for n, m in mods.items()]
+    hs += [m.register_forward_pre_hook(mha_hook(n), with_kwargs=True) for n, m in mhas.items()]
+    try:
+        with evaluating(model): ref = model(*args, **kw)
+    finally:
+        for h in hs: h.remove()
+    return ref, seen
+
+def _choose_all(mats:dict, seen:dict, convs:dict, kernels, threads, **choice) -> tuple[list[dict], dict]:
+    "`(report rows, {name: sparse module})` for `mats`, timed on `threads` CPU threads (restored afterwards)"
+    old_threads = torch.get_num_threads()
+    rows, chosen = [], {}
+    try:
+        if threads is not None: torch.set_num_threads(int(threads))
+        with torch.no_grad():
+            for n, (w, b, owner, kind) in mats.items():
+                forced = _forced(kernels, n)
+                if kind == 'conv' and isinstance(kernels, str) and forced == 'semi': forced = None  # matrices only
+                conv = convs.get(n) if kind == 'conv' else None
+                mod, row = _choose(n, w, b, seen.get(n), forced, conv=conv, **choice)
+                rows.append({**row, 'type': {'linear': 'Linear', 'conv': 'Conv2d'}.get(kind, 'MultiheadAttention')})
+                if mod is not None: chosen[n] = mod
+    finally: torch.set_num_threads(old_threads)
+    return rows, chosen
+
+def _exported(model:nn.Module, mats:dict, chosen:dict, mhas:dict, skipped:dict) -> nn.Module:
+    "A copy of `model` in eval mode with the `chosen` kernels in place of their Linear, Conv2d and attention modules"
+    new = copy.deepcopy(model).eval().requires_grad_(False)
+    for n, (w, b, owner, kind) in mats.items():
+        if kind in ('linear', 'conv') and n in chosen: _set(new, n, chosen[n])
+    # an nn.TransformerEncoderLayer's fused fast path would read its sparse layers' weights: turn it off
+    fused = {f'{n}.self_attn' for n, m in model.named_modules() if isinstance(m, nn.TransformerEncoderLayer)
+             and any(c.startswith(n + '.') for c in chosen)}
+    for n in mhas:
+        ks = {k: chosen[f'{n}.{k}'] for k in (*_qkv, 'out_proj') if f'{n}.{k}' in chosen}
+        if ks or (n in fused and n not in skipped): _set(new, n, SparseMultiheadAttention(mhas[n], ks).eval())
+    return new
+
+def _check_output(ref, out, rtol:float|None) -> tuple[float, float]:
+    "`(error, tolerance)` of the exported model's output `out` against the masked model's `ref`, else a `ValueError`"
+    a, b = flat_tensors(ref), flat_tensors(out)
+    if len(a) != len(b):
+        raise ValueError(f"the exported model returns {len(b)} tensors, the masked model {len(a)}: the export is wrong")
+    err = max((_rel_err(x, y) for x, y in zip(a, b)), default=0.)
+    tol = rtol if rtol is not None else max((default_rtol(t.dtype) for t in a if t.is_floating_point()), default=1e-4)
+    if not err <= tol:
+        raise ValueError(f"the exported model's output differs from the masked model's by {err:.3g} (relative), above "
+                         f"rtol={tol:g}; nothing was exported (keep the offending layers dense with kernels=)")
+    return err, tol
 
 def to_sparse_inference(
     model:nn.Module,            # the masked (pruned) model, e.g. after `SparsifyCallback`; left untouched
@@ -561,86 +622,33 @@ def to_sparse_inference(
 ) -> nn.Module:
     "A copy of `model` for inference whose Linear, attention and Conv2d weights run sparse where measured faster"
     if not isinstance(model, nn.Module): raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(n_runs, bool) or int(n_runs) != n_runs or n_runs < 1:
-        raise ValueError(f"n_runs must be a whole number >= 1, got {n_runs!r}")
+    _check_whole(n_runs, 'n_runs', 1)
     if not 0 < max_density <= 1: raise ValueError(f"max_density must be in (0, 1], got {max_density!r}")
-    if threads is not None and (isinstance(threads, bool) or int(threads) != threads or threads < 1):
-        raise ValueError(f"threads must be a whole number >= 1 or None, got {threads!r}")
+    _check_threads(threads)
     lins, mhas, convs = _matrices(model)
-    mats = {}  # name -> (weight, bias, owner name, kind)
-    for n, m in lins.items():
-        if _plain_linear(m): mats[n] = (m.weight.detach(), None if m.bias is None else m.bias.detach(), n, 'linear')
-    skipped = {n: 'a Linear subclass with its own forward' for n, m in lins.items() if not _plain_linear(m)}
-    for n, m in mhas.items():
-        why = _mha_supported(m)
-        if why: skipped[n] = why
-        else: mats.update({f'{n}.{k}': (w, b, n, k) for k, (w, b) in _mha_mats(m).items()})
-    conv_refused = {n: csr_conv_refusal(m) for n, m in convs.items() if csr_conv_refusal(m)}
-    mats.update({n: (m.weight.detach(), None if m.bias is None else m.bias.detach(), n, 'conv')
-                 for n, m in convs.items() if n not in conv_refused})
+    mats, skipped, conv_refused = _export_matrices(lins, mhas, convs)
     if not mats and not convs and not skipped:
         raise ValueError(f"{type(model).__name__} has no Linear, MultiheadAttention or convolution: nothing to export")
     _check_kernels(kernels, list(mats), convs)
-    mods = {**lins, **convs}
-    args, kw = _call_args(model, example_input)
-    seen = {}
-    def lin_hook(name):
-        def f(m, a): seen[name] = a[0]
-        return f
-    def mha_hook(name):
-        def f(m, a, k):
-            q, key, v = (list(a) + [k.get('query'), k.get('key'), k.get('value')][len(a):])[:3]
-            seen.update({f'{name}.q_proj': q, f'{name}.k_proj': key, f'{name}.v_proj': v, f'{name}.out_proj': q})
-        return f
-    hs = [mods[n].register_forward_pre_hook(lin_hook(n)) for n, (_, _, _, k) in mats.items() if k in ('linear', 'conv')]
-    hs += [m.register_forward_pre_hook(mha_hook(n), with_kwargs=True) for n, m in mhas.items() if n not in skipped]
-    try:
-        with _evaluating(model): ref = model(*args, **kw)
-    finally:
-        for h in hs: h.remove()
-    old_threads = torch.get_num_threads()
-    rows, chosen = [], {}
-    try:
-        if threads is not None: torch.set_num_threads(int(threads))
-        with torch.no_grad():
-            for n, (w, b, owner, kind) in mats.items():
-                forced = _forced(kernels, n)
-                if kind == 'conv' and isinstance(kernels, str) and forced == 'semi': forced = None  # matrices only
-                conv = convs.get(n) if kind == 'conv' else None
-                mod, row = _choose(n, w, b, seen.get(n), forced, min_speedup, max_density, n_runs, conv)
-                rows.append({**row, 'type': {'linear': 'Linear', 'conv': 'Conv2d'}.get(kind, 'MultiheadAttention')})
-                if mod is not None: chosen[n] = mod
-    finally: torch.set_num_threads(old_threads)
+    args, kw = _prepare(model, example_input)
+    mods = {n: {**lins, **convs}[n] for n, (_, _, _, k) in mats.items() if k in ('linear', 'conv')}
+    ref, seen = _layer_inputs(model, args, kw, mods, {n: m for n, m in mhas.items() if n not in skipped})
+    rows, chosen = _choose_all(mats, seen, convs, kernels, threads, min_speedup=min_speedup, max_density=max_density,
+                               n_runs=n_runs)
     rows += [dict(layer=n, type='MultiheadAttention', kernel='dense', reason=why) for n, why in skipped.items()]
     rows += [dict(layer=n, type=type(convs[n]).__name__, shape=tuple(convs[n].weight.shape), kernel='dense', reason=why)
              for n, why in conv_refused.items()]
-    new = copy.deepcopy(model).eval().requires_grad_(False)
-    for n, (w, b, owner, kind) in mats.items():
-        if kind in ('linear', 'conv') and n in chosen: _set(new, n, chosen[n])
-    # an nn.TransformerEncoderLayer's fused fast path would read its sparse layers' weights: turn it off
-    fused = {f'{n}.self_attn' for n, m in model.named_modules() if isinstance(m, nn.TransformerEncoderLayer)
-             and any(c.startswith(n + '.') for c in chosen)}
-    for n in mhas:
-        ks = {k: chosen[f'{n}.{k}'] for k in (*_qkv, 'out_proj') if f'{n}.{k}' in chosen}
-        if ks or (n in fused and n not in skipped): _set(new, n, SparseMultiheadAttention(mhas[n], ks).eval())
+    new = _exported(model, mats, chosen, mhas, skipped)
     with torch.no_grad(): out = new(*args, **kw)
-    a, b = _tensors(ref), _tensors(out)
-    if len(a) != len(b):
-        raise ValueError(f"the exported model returns {len(b)} tensors, the masked model {len(a)}: the export is wrong")
-    err = max((_rel_err(x, y) for x, y in zip(a, b)), default=0.)
-    tol = rtol if rtol is not None else max((default_rtol(t.dtype) for t in a if t.is_floating_point()), default=1e-4)
-    if not err <= tol:
-        raise ValueError(f"the exported model's output differs from the masked model's by {err:.3g} (relative), above "
-                         f"rtol={tol:g}; nothing was exported (keep the offending layers dense with kernels=)")
+    err, tol = _check_output(ref, out, rtol)
     new.sparse_export = dict(rows=rows, rtol=tol, error=err, device=str(next(iter(model.parameters())).device),
-                             threads=threads or old_threads)
+                             threads=threads or torch.get_num_threads())
     logger.info("sparse export: %d of %d weights sparse, output within %.2g of the masked model",
                 len(chosen), len(mats), err)
     return new
 
 def export_report(exported:nn.Module):
     "A `pandas.DataFrame` of what `to_sparse_inference` chose for each layer and why (measured ms dense vs sparse)"
-    import pandas as pd
     info = getattr(exported, 'sparse_export', None)
     if info is None: raise ValueError("this model was not made by `to_sparse_inference`: there is no export report")
     cols = ['layer', 'type', 'shape', 'density', 'kernel', 'backend', 'dense_ms', 'sparse_ms', 'speedup', 'reason']
