@@ -201,12 +201,18 @@ def test_resume_adopts_saved_masks(tmp_path):
 
 
 def test_state_dict_loads_into_fresh_architecture():
+    "The pruned model's state_dict is a plain one (no mask buffers) that carries the zeros into a fresh model"
     learn = _learn(model=small_cnn(c=8), flat=False)
-    learn.fit(1, 1e-2, cbs=SparsifyCallback(0.8))
+    cb = SparsifyCallback(0.8)
+    learn.fit(1, 1e-2, cbs=cb)
     fresh = small_cnn(c=8)
     fresh.load_state_dict(learn.model.state_dict(), strict=True)
+    fresh_sp = {n: m for n, m in fresh.named_modules() if n in cb.sparsifier.layers}
+    fct.test_eq(sum(int((m.weight == 0).sum()) for m in fresh_sp.values()), round(0.8 * _n_w(cb.sparsifier)))
+    for n, mk in cb.sparsifier.masks.items(): assert (fresh_sp[n].weight[~mk] == 0).all(), n
     x = torch.randn(3, 1, 8, 8)
-    learn.model.eval(); fresh.eval()
+    learn.model.eval()
+    fresh.eval()
     fct.test_close(fresh(x), learn.model(x))
 
 
@@ -224,13 +230,17 @@ def test_bad_input_errors_and_untouched():
 
 
 def test_callback_reused_on_a_new_learner_starts_over():
+    "On a new Learner's model the schedule runs again from its start: a fresh history, not the old one continued"
     cb = SparsifyCallback(0.7, schedule='linear')
+    hists = []
     for i in range(2):
         learn = _learn()
         learn.fit(1, 1e-2, cbs=cb)
         fct.test_close(cb.sparsifier.sparsity(), 0.7, eps=1e-3)
         assert cb.sparsifier.model is learn.model
-    fct.test_eq(cb.history[0]['pos'] > 0, True)
+        hists.append([(h['pos'], h['target']) for h in cb.history])
+    fct.test_eq(hists[1], hists[0])  # the same updates again, from the first (gradual) one
+    assert len(hists[0]) >= 2 and hists[0][0][1] < 0.7 / 2
 
 
 def test_zero_initialized_head_still_trains():
@@ -477,3 +487,33 @@ def test_frozen_fit_prunes_the_trainable_layers_named_in_layers():
     learn.fit(1, 1e-2, cbs=cb)
     fct.test_eq(_n_zero(cb.sparsifier), round(0.5 * _n_w(cb.sparsifier)))
     fct.test_eq(int((learn.model[0].weight == 0).sum()), 0)
+
+
+class _Attn(nn.Module):
+    "Digits as 8 tokens of 8 features through nn.MultiheadAttention, then a Linear head"
+    def __init__(self):
+        super().__init__()
+        self.attn, self.head = nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(64, 10)
+    def forward(self, x):
+        t = x.view(-1, 8, 8)
+        return self.head(self.attn(t, t, t, need_weights=False)[0].flatten(1))
+
+
+def test_attention_in_projections_pruned_when_asked():
+    "attention=True reaches the Sparsifier: MultiheadAttention's in_proj_weight is pruned, masked after every step"
+    learn = _learn(model=_Attn())
+    cb = SparsifyCallback(0.5, context='local', schedule='one_shot', attention=True)
+    chk = CheckZeros(cb)
+    learn.fit(1, 1e-2, cbs=[cb, chk])
+    w = learn.model.attn.in_proj_weight
+    assert 'attn.in_proj_weight' in cb.sparsifier.layers and chk.checked > 0
+    fct.test_eq(int((w == 0).sum()), w.numel() // 2)
+    n_hist, masks = len(cb.history), {k: v.clone() for k, v in cb.sparsifier.masks.items()}
+    learn.fit(1, 1e-2, cbs=[cb, chk])  # the same model: the projection is recognised, not taken for a surgery
+    assert not cb.fixed and cb.completed and len(cb.history) == n_hist
+    _same_masks(cb.sparsifier.masks, masks)
+    dense = _learn(model=_Attn())
+    cb2 = SparsifyCallback(0.5, context='local', schedule='one_shot')  # default: attention=False
+    dense.fit(1, 1e-2, cbs=cb2)
+    assert 'attn.in_proj_weight' not in cb2.sparsifier.layers
+    fct.test_eq(int((dense.model.attn.in_proj_weight == 0).sum()), 0)
