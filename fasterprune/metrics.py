@@ -9,7 +9,7 @@ from contextlib import ExitStack
 import torch
 from torch import nn, Tensor
 import pandas as pd
-from .core import evaluating, model_device, to_device
+from .core import evaluating, few, model_device, to_device
 from .sparsifier import prunable_layers
 
 logger = logging.getLogger('fasterprune')
@@ -28,8 +28,6 @@ def _layers(model:nn.Module) -> dict[str, nn.Module]:
                          "there is nothing to prune or measure")
     return layers
 
-def _names(ns, k=5): return ', '.join(list(ns)[:k]) + (f' (+{len(ns) - k} more)' if len(ns) > k else '')
-
 def _nonzero(ts) -> int: return sum(int(torch.count_nonzero(t)) for t in ts)
 
 def check_original(
@@ -41,8 +39,8 @@ def check_original(
     what = f"original= ({type(original).__name__}) is not the architecture the model ({type(model).__name__}) came from"
     only_m, only_o = [n for n in a if n not in b], [n for n in b if n not in a]
     if only_m or only_o:
-        raise ValueError(f"{what}: Conv/Linear layers only in the model: {_names(only_m) or 'none'}; "
-                         f"only in original: {_names(only_o) or 'none'}")
+        raise ValueError(f"{what}: Conv/Linear layers only in the model: {few(only_m, 5) or 'none'}; "
+                         f"only in original: {few(only_o, 5) or 'none'}")
     for n, m in a.items():
         o = b[n]
         sm, so = tuple(m.weight.shape), tuple(o.weight.shape)
@@ -123,7 +121,7 @@ def layer_flops(
     finally:
         for h in hs: h.remove()
     idle = [n for n, u in uses.items() if u == 0]
-    if idle: logger.info("layers that did not run as modules in the forward pass count 0 FLOPs: %s", _names(idle))
+    if idle: logger.info("layers that did not run as modules in the forward pass count 0 FLOPs: %s", few(idle, 5))
     return {n: (uses[n] * m.weight.numel(), uses[n] * _nonzero([m.weight])) for n, m in layers.items()}
 
 def count_flops(

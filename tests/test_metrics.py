@@ -12,7 +12,8 @@ from fasterprune.metrics import (count_params, layer_flops, count_flops, compres
 
 def _reference_macs(model, x):
     "FlopCounterMode's total (2 FLOPs per multiply-add) halved"
-    with torch.no_grad(), FlopCounterMode(display=False) as fc: model.eval()(x)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model.eval()(x)
     total = fc.get_total_flops()
     assert total % 2 == 0
     return total // 2
@@ -25,7 +26,8 @@ def _uniform_mask_(model, keep_every:int):
             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)):
                 assert m.weight.numel() % keep_every == 0
                 flat = m.weight.view(-1)
-                keep = torch.zeros_like(flat, dtype=torch.bool); keep[::keep_every] = True
+                keep = torch.zeros_like(flat, dtype=torch.bool)
+                keep[::keep_every] = True
                 flat.mul_(keep)
 
 
@@ -60,12 +62,14 @@ def test_small_cnn_by_hand():
 
 def test_uniform_masks_give_one_over_density():
     torch.manual_seed(0)
-    cnn = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2), nn.Flatten(), nn.Linear(8 * 3 * 3, 8))
+    cnn = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2), nn.Flatten(),
+                        nn.Linear(8 * 3 * 3, 8))
     x = torch.randn(2, 4, 8, 8)
     _uniform_mask_(cnn, 4)
     fct.test_eq(theoretical_speedup(cnn, x), 4.)                  # exactly
     assert compression_ratio(cnn) < 4                            # the biases are kept
-    nobias = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 8, bias=False))
+    nobias = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, bias=False), nn.ReLU(), nn.Flatten(),
+                           nn.Linear(8 * 64, 8, bias=False))
     _uniform_mask_(nobias, 4)
     fct.test_eq(compression_ratio(nobias), 4.)
     fct.test_eq(theoretical_speedup(nobias, x[:1]), 4.)
@@ -75,7 +79,8 @@ def test_where_the_zeros_are_changes_the_speedup():
     "Same number of zeros: in the early conv (many uses per weight) vs in the Linear (one use per weight)"
     def make():
         torch.manual_seed(0)
-        return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(8 * 8 * 8, 1, bias=False))
+        return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.Flatten(),
+                             nn.Linear(8 * 8 * 8, 1, bias=False))
     x = torch.randn(1, 1, 8, 8)
     early, late = make(), make()
     with torch.no_grad():
@@ -89,7 +94,9 @@ def test_where_the_zeros_are_changes_the_speedup():
 def test_report_totals_are_the_headline_numbers():
     torch.manual_seed(0)
     cnn = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
-    with torch.no_grad(): cnn[0].weight[:4] = 0.; cnn[4].weight[:, ::3] = 0.
+    with torch.no_grad():
+        cnn[0].weight[:4] = 0.
+        cnn[4].weight[:, ::3] = 0.
     x = torch.randn(1, 1, 8, 8)
     df = sparsity_report(cnn, (x,))  # a fastai-style tuple of inputs
     fct.test_eq(list(df.layer), ['0', '4', '(other parameters)', 'total'])
@@ -99,7 +106,8 @@ def test_report_totals_are_the_headline_numbers():
     fct.test_close(tot.flops / tot.nonzero_flops, theoretical_speedup(cnn, x))
     fct.test_close(df.attrs['theoretical_speedup'], theoretical_speedup(cnn, x))
     fct.test_close(df.loc[0, 'sparsity'], 0.5)
-    fct.test_close(df.params_share[:-1].sum(), 1.); fct.test_close(df.flops_share[:-1].sum(), 1.)
+    fct.test_close(df.params_share[:-1].sum(), 1.)
+    fct.test_close(df.flops_share[:-1].sum(), 1.)
 
 
 # --- convolutions against a direct count ------------------------------------------------------------------------------
@@ -135,7 +143,8 @@ def test_conv_flops_direct(dims, c_in, c_out, k, s, p, d, g, size):
 
 @pytest.mark.parametrize('dims,groups,stride', [(1, 1, 2), (2, 1, 2), (2, 4, 1), (3, 2, 2)])
 def test_conv_transpose_flops(dims, groups, stride):
-    conv = getattr(nn, f'ConvTranspose{dims}d')(8, 4, 3, stride=stride, padding=1, output_padding=stride - 1, groups=groups)
+    conv = getattr(nn, f'ConvTranspose{dims}d')(8, 4, 3, stride=stride, padding=1, output_padding=stride - 1,
+                                                groups=groups)
     size = (5, 6, 4)[:dims]
     x = torch.randn(1, 8, *size)
     direct = math.prod(size) * 8 * (4 // groups) * 3 ** dims   # every input element meets C_out/groups kernels
@@ -143,9 +152,10 @@ def test_conv_transpose_flops(dims, groups, stride):
     fct.test_eq(direct, _reference_macs(conv, x))
 
 
-# --- torchvision models against FlopCounterMode ------------------------------------------------------------------------
+# --- torchvision models against FlopCounterMode -----------------------------------------------------------------------
 
-@pytest.mark.parametrize('name,size', [('resnet18', 224), ('resnet50', 224), ('mobilenet_v3_small', 224), ('regnet_y_400mf', 64), ('shufflenet_v2_x0_5', 96)])
+@pytest.mark.parametrize('name,size', [('resnet18', 224), ('resnet50', 224), ('mobilenet_v3_small', 224),
+                                       ('regnet_y_400mf', 64), ('shufflenet_v2_x0_5', 96)])
 def test_torchvision_against_flop_counter(name, size):
     import torchvision
     torch.manual_seed(0)
@@ -160,8 +170,8 @@ def test_torchvision_against_flop_counter(name, size):
 # --- original= (physically smaller models) --------------------------------------------------------------------------
 
 def _net(c):
-    return nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten(), nn.Linear(c, 10))
+    return nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))
 
 def test_original_smaller_model():
     big, small, x = _net(16), _net(8), torch.randn(1, 3, 8, 8)
@@ -175,31 +185,36 @@ def test_original_of_another_family():
     import torchvision
     x = torch.randn(1, 3, 8, 8)
     fct.test_fail(lambda: compression_ratio(_net(16), original=_net(8)), contains='can only be smaller')
-    fct.test_fail(lambda: theoretical_speedup(_net(8), x, original=torchvision.models.resnet18()), contains='only in original')
-    fct.test_fail(lambda: compression_ratio(_net(8), original=nn.Sequential(nn.Linear(3, 8))), contains='only in the model')
+    resnet, linear = torchvision.models.resnet18(), nn.Sequential(nn.Linear(3, 8))
+    fct.test_fail(lambda: theoretical_speedup(_net(8), x, original=resnet), contains='only in original')
+    fct.test_fail(lambda: compression_ratio(_net(8), original=linear), contains='only in the model')
 
 
 # --- bad input --------------------------------------------------------------------------------------------------------
 
 def test_bad_input():
-    fct.test_fail(lambda: compression_ratio(nn.Sequential(nn.ReLU(), nn.LayerNorm(4))), contains='no Conv/ConvTranspose/Linear')
-    fct.test_fail(lambda: sparsity_report(nn.Sequential(nn.ReLU()), torch.randn(1, 4)), contains='no Conv/ConvTranspose/Linear')
+    nothing = 'no Conv/ConvTranspose/Linear'
+    fct.test_fail(lambda: compression_ratio(nn.Sequential(nn.ReLU(), nn.LayerNorm(4))), contains=nothing)
+    fct.test_fail(lambda: sparsity_report(nn.Sequential(nn.ReLU()), torch.randn(1, 4)), contains=nothing)
     net = _net(8)
     fct.test_fail(lambda: theoretical_speedup(net, torch.randn(1, 1, 8, 8)), contains='shape (1, 1, 8, 8)')
     fct.test_fail(lambda: sparsity_report(net, torch.randn(3, 8)), contains='shape (3, 8)')
-    fct.test_fail(lambda: measured_speedup(net, net, torch.randn(2, 2), n_warmup=0, n_runs=1), contains='shape (2, 2)')
+    fct.test_fail(lambda: measured_speedup(net, net, torch.randn(2, 2), n_warmup=0, n_runs=1),
+                  contains='shape (2, 2)')
     fct.test_fail(lambda: count_flops(net, None), contains='example_input is required')
     fct.test_fail(lambda: compression_ratio('resnet'), contains='torch.nn.Module')
     fct.test_fail(lambda: measure_latency(net, torch.randn(1, 3, 8, 8), threads=0), contains='threads')
-    try: theoretical_speedup(net, torch.randn(1, 1, 8, 8))
-    except ValueError as e: assert isinstance(e.__cause__, RuntimeError)  # the original error stays attached
+    with pytest.raises(ValueError) as e:
+        theoretical_speedup(net, torch.randn(1, 1, 8, 8))
+    assert isinstance(e.value.__cause__, RuntimeError)  # the original error stays attached
 
 
-# --- latency -----------------------------------------------------------------------------------------------------------
+# --- latency ----------------------------------------------------------------------------------------------------------
 
 def test_latency_restores_state():
     net, x = _net(8), torch.randn(1, 3, 8, 8)
-    net.train(); net[0].eval()
+    net.train()
+    net[0].eval()
     n0 = torch.get_num_threads()
     t = measure_latency(net, x, n_warmup=1, n_runs=3, threads=1)
     assert 0 < t < 1
