@@ -46,11 +46,16 @@ def test_local_exact_groups(seed, kind, gran, s):
 @given(st.integers(0, 10_000), st.sampled_from(['mlp', 'cnn', 'mixed']), st.floats(0, 0.99))
 def test_global_weight_exact(seed, kind, s):
     model = _model(seed, kind)
+    before = torch.cat([m.weight.detach().abs().flatten() for m in prunable_layers(model).values()])
     sp = Sparsifier(model, 'weight', 'global').sparsify(s)
     n = sum(m.weight.numel() for m in sp.layers.values())
-    fct.test_eq(sum(int((~k).sum()) for k in sp.masks.values()), _rnd(s * n))
-    # the pruned weights are the smallest ones: every pruned |w| <= every kept |w|
-    # (compare the saved magnitudes before pruning)
+    keep = torch.cat([k.flatten() for k in sp.masks.values()])
+    fct.test_eq(int((~keep).sum()), _rnd(s * n))
+    # the pruned weights are the smallest ones: every pruned |w| <= every kept |w| (magnitudes saved before pruning)
+    if 0 < int((~keep).sum()) < n: assert before[~keep].max() <= before[keep].min()
+    # and the weights hold exactly the masks' zeros
+    after = torch.cat([m.weight.detach().flatten() for m in sp.layers.values()])
+    fct.test_eq(torch.equal(after == 0, ~keep), True)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -328,9 +333,8 @@ def test_unknown_parametrization_refused_up_front():
     model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 2))
     parametrize.register_parametrization(model[0], 'weight', Sym())
     ref = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError) as e: Sparsifier(model).sparsify(0.5)
-    msg = str(e.value)
-    assert "'0'" in msg and 'exclude=' in msg and 'remove_parametrizations' in msg, msg
+    with pytest.raises(ValueError, match="layer '0'.*exclude=.*remove_parametrizations"):
+        Sparsifier(model).sparsify(0.5)
     for k, v in model.state_dict().items(): assert torch.equal(v, ref[k])
     sp = Sparsifier(model, exclude='0').sparsify(0.5)  # the fix the message names works
     fct.test_eq(list(sp.layers), ['1'])
@@ -374,3 +378,23 @@ def test_attention_separate_qkv_projections():
         fct.test_eq(int((w == 0).sum()), _rnd(0.25 * w.numel()))
     out, _ = mha(torch.randn(3, 2, 8), torch.randn(5, 2, 6), torch.randn(5, 2, 4))
     assert torch.isfinite(out).all()
+
+
+def test_report_is_the_metrics_report():
+    "Sparsifier.report has sparsity_report's columns and rows; with an input, it is sparsity_report (FLOPs included)"
+    from fasterprune.metrics import sparsity_report, report_columns
+    model = _model(0, 'cnn')
+    sp = Sparsifier(model, 'filter', 'local', exclude='4').sparsify(0.5)
+    x = torch.randn(2, 3, 8, 8)
+    ref = sparsity_report(model, x)
+    fct.test_eq(list(ref.columns), list(report_columns))
+    with_input = sp.report(x)
+    fct.test_eq(with_input.equals(ref), True)
+    plain = sp.report()
+    fct.test_eq(list(plain.columns), list(report_columns))
+    fct.test_eq(list(plain['layer']), ['0', '2', '4', '(other parameters)', 'total'])  # the excluded layer too
+    flops = ['flops', 'nonzero_flops', 'flops_share']
+    fct.test_eq(plain.drop(columns=flops).astype(str).equals(ref.drop(columns=flops).astype(str)), True)
+    fct.test_eq(bool(plain[flops].isna().all().all()), True)
+    fct.test_eq(plain['sparsity'].tolist()[:3], [0.5, 0.5, 0.])
+    fct.test_close(plain.attrs['compression_ratio'], ref.attrs['compression_ratio'])
