@@ -6,9 +6,11 @@
 from __future__ import annotations
 import math, operator, logging
 from dataclasses import dataclass, field
+from fastcore.basics import patch
 import torch
 from torch import nn, Tensor, fx
 import torch.nn.functional as F
+from .core import evaluating, flat_tensors
 
 logger = logging.getLogger('fasterprune')
 
@@ -17,28 +19,32 @@ __all__ = ['logger', 'UnknownOpError', 'Slot', 'ChannelGraph', 'ChannelGroup', '
 
 # %% ../nbs/07_graph.ipynb #691c1871
 _conv_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_norm_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-_pin_modules = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
-                nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle, nn.Softmax2d)
-_pass_modules = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.LeakyReLU,
-                 nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.PReLU, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-                 nn.AlphaDropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-                 nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
-                 nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d,
+_norm_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+               nn.InstanceNorm3d)
+_pin_modules = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.GroupNorm, nn.LayerNorm,
+                nn.LocalResponseNorm, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle, nn.Softmax2d)
+_pass_modules = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
+                 nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.PReLU, nn.Softplus, nn.Identity, nn.Dropout,
+                 nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+                 nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+                 nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d,
+                 nn.LPPool2d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d,
+                 nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d,
                  nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d)
 _reshape_modules = (nn.Flatten, nn.Unflatten)
 
-_pass_fns = {torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.hardtanh, F.leaky_relu,
-             F.elu, F.selu, F.celu, F.mish, F.softplus, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, F.dropout, F.dropout1d, F.dropout2d,
-             F.dropout3d, F.alpha_dropout, torch.clamp, torch.clip, torch.neg, torch.abs, torch.exp, operator.neg,
-             F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
-             F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+_pass_fns = {torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid,
+             F.hardtanh, F.leaky_relu, F.elu, F.selu, F.celu, F.mish, F.softplus, torch.sigmoid, torch.tanh,
+             F.sigmoid, F.tanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.clamp,
+             torch.clip, torch.neg, torch.abs, torch.exp, operator.neg, F.max_pool1d, F.max_pool2d, F.max_pool3d,
+             F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+             F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
              F.interpolate, F.pad, torch.rsqrt, torch.sqrt, torch.square, torch.log}
-_pass_fn_names = {'stochastic_depth'}  # torchvision.ops.stochastic_depth (fx-wrapped): identity in eval, a per-sample mask in training
-_pass_methods = {'as_subclass', 'relu', 'relu_', 'sigmoid', 'sigmoid_', 'tanh', 'tanh_', 'clamp', 'clamp_', 'clip', 'clip_',
-                 'contiguous', 'neg', 'abs', 'exp', 'float', 'to', 'type_as', 'clone', 'detach', 'rsqrt', 'sqrt', 'square', 'log',
-                 'half', 'bfloat16', 'double'}
+# torchvision.ops.stochastic_depth (fx-wrapped): identity in eval, a per-sample mask in training
+_pass_fn_names = {'stochastic_depth'}
+_pass_methods = {'as_subclass', 'relu', 'relu_', 'sigmoid', 'sigmoid_', 'tanh', 'tanh_', 'clamp', 'clamp_', 'clip',
+                 'clip_', 'contiguous', 'neg', 'abs', 'exp', 'float', 'to', 'type_as', 'clone', 'detach', 'rsqrt',
+                 'sqrt', 'square', 'log', 'half', 'bfloat16', 'double'}
 _pow_fns, _pow_methods = {torch.pow, operator.pow}, {'pow', 'pow_'}  # elementwise when the exponent is a number
 _binary_fns = {operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.isub, operator.truediv,
                operator.itruediv, torch.add, torch.mul, torch.sub, torch.div, torch.maximum, torch.minimum}
@@ -48,12 +54,14 @@ _reduce_methods = {'mean', 'sum', 'amax', 'amin'}
 _reshape_fns = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
 _reshape_methods = {'view', 'reshape', 'flatten', 'squeeze', 'unsqueeze'}
 _cat_fns = {torch.cat, torch.concat, torch.concatenate}
-_pin_fns = {torch.permute, torch.transpose, torch.stack, torch.softmax, F.softmax, F.log_softmax, F.group_norm, F.layer_norm,
-            torch.chunk, torch.split, F.scaled_dot_product_attention, torch.matmul, operator.matmul, torch.bmm, torch.einsum}
+_pin_fns = {torch.permute, torch.transpose, torch.stack, torch.softmax, F.softmax, F.log_softmax, F.group_norm,
+            F.layer_norm, torch.chunk, torch.split, F.scaled_dot_product_attention, torch.matmul, operator.matmul,
+            torch.bmm, torch.einsum}
 # torchvision's Swin: fx-wrapped functions that mix channels
-_pin_fn_names = {'shifted_window_attention', 'shifted_window_attention_3d', '_patch_merging_pad', '_patch_merging_pad_3d'}
-_pin_methods = {'permute', 'transpose', 't', 'softmax', 'log_softmax', 'chunk', 'split', 'unbind', 'split_with_sizes', 'matmul',
-                'bmm'}
+_pin_fn_names = {'shifted_window_attention', 'shifted_window_attention_3d', '_patch_merging_pad',
+                 '_patch_merging_pad_3d'}
+_pin_methods = {'permute', 'transpose', 't', 'softmax', 'log_softmax', 'chunk', 'split', 'unbind', 'split_with_sizes',
+                'matmul', 'bmm'}
 
 class UnknownOpError(RuntimeError):
     "An operation touches channels in a way `fasterprune.graph` does not know"
@@ -63,8 +71,9 @@ class UnknownOpError(RuntimeError):
 class Slot:
     "One channel-indexed dimension of a module: positions and their labels"
     module:str  # the module's name in `model.named_modules()`
-    kind:str    # 'out' (Conv/Linear filters), 'in' (Conv/Linear input kernels or features), 'dw' (depthwise conv), 'norm'
-                # (BatchNorm/InstanceNorm), 'param' (one per-channel parameter: PReLU(C), a layer scale, a functional bias)
+    kind:str    # 'out' (Conv/Linear filters), 'in' (their input kernels or features), 'dw' (depthwise conv), 'norm'
+                # (BatchNorm/InstanceNorm), 'param' (a per-channel parameter: PReLU(C), layer scale, functional bias),
+                # 'head' (the heads of an attention module)
     ids:Tensor  # label of each position (int64); after `ChannelGraph` is built, `comp` holds its component
     comp:Tensor|None = None
     attr:str|None = None  # 'param' slots: the parameter's name in `module` (cut along `dim`)
@@ -74,13 +83,6 @@ class Slot:
 def _is_depthwise(m): return m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 def _normdim(d, nd): return d + nd if d < 0 else d
-
-def _tensors(x):
-    if isinstance(x, Tensor): yield x
-    elif isinstance(x, (list, tuple)):
-        for o in x: yield from _tensors(o)
-    elif isinstance(x, dict):
-        for o in x.values(): yield from _tensors(o)
 
 def _plain(x):
     "`x` with every tensor subclass (fastai's `TensorImage`, ...) turned into a plain `torch.Tensor`, in any nesting"
@@ -135,27 +137,131 @@ class ChannelGraph:
         model:nn.Module,       # the model (not changed; run once in eval mode)
         example_inputs,        # a tensor or a tuple of positional inputs
         strict:bool=True,      # unknown ops that touch channels: error (True) or pin their channels (False)
-        traced:tuple|None=None,  # `(module, graph)` of an earlier `ChannelGraph` of this model (`.traced`): skips tracing
+        traced:tuple|None=None,  # `(module, graph)` of an earlier `ChannelGraph` of this model (`.traced`): no tracing
     ):
         self.model, self.strict = model, strict
         example_inputs = _plain(example_inputs)
-        self.example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        multi = isinstance(example_inputs, (tuple, list))
+        self.example_inputs = tuple(example_inputs) if multi else (example_inputs,)
         self.modules = dict(model.named_modules())
-        self.parent, self.pinned, self.pin_reason, self.ties = [], set(), {}, []
+        self.parent = []       # union-find over labels: parent label of each label
+        self.pinned = set()    # labels whose channels must stay
+        self.pin_reason = {}   # label -> why it is pinned (the first reason)
+        self.ties = []         # (labels, labels) pairs of components that must go together (grouped convs)
         self.slots: dict[tuple[str, str], Slot] = {}
         self.consumer_stats: dict[str, list] = {}  # module name -> [min, max] of each input position
         self.consumer_dyn: dict[str, Tensor] = {}  # module name -> may this input position vary with the model's input?
-        flags = {m: m.training for m in model.modules()}
-        model.eval()  # before tracing: `self.training` is read at trace time (dropout, stochastic depth)
-        try:
+        # eval mode before tracing: `self.training` is read at trace time (dropout, stochastic depth)
+        with evaluating(model, no_grad=False):
             self.traced = traced if traced is not None else _trace(model, self.example_inputs)
             self.gm = self.traced[0]
             with torch.no_grad():
                 it = _Labeler(self, *self.traced)
                 self.output = it.run(*self.example_inputs)
-        finally:
-            for m, t in flags.items(): m.training = t
         self._finish()
+
+    def _new(self, n:int, pin:str|None=None) -> Tensor:
+        "`n` fresh labels (pinned with the reason `pin`, if given)"
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        ids = torch.arange(start, start + n)
+        if pin is not None: self._pin(ids, pin)
+        return ids
+
+    def _find(self, i:int) -> int:
+        p = self.parent
+        while p[i] != i:
+            p[i] = p[p[i]]
+            i = p[i]
+        return i
+
+    def _union(self, a:Tensor, b:Tensor):
+        "Unite the labels `a` and `b`, position by position"
+        for x, y in zip(a.tolist(), b.tolist()):
+            rx, ry = self._find(x), self._find(y)
+            if rx != ry: self.parent[max(rx, ry)] = min(rx, ry)
+
+    def _pin(self, ids, reason:str):
+        "Pin the labels `ids` (a tensor, or any nesting of them; None: nothing)"
+        if ids is None: return
+        if isinstance(ids, dict): ids = list(ids.values())
+        if isinstance(ids, (list, tuple)):
+            for o in ids: self._pin(o, reason)
+            return
+        for i in ids.unique().tolist():
+            self.pinned.add(i)
+            self.pin_reason.setdefault(i, reason)
+
+    def _slot(self, name:str, kind:str, ids:Tensor, attr:str|None=None, dim:int|None=None) -> Tensor:
+        "Register the slot `(name, kind)` with labels `ids`; a second call of the module unites them with the first"
+        key = (name, kind if attr is None else f'{kind}:{attr}')
+        if key in self.slots:
+            old = self.slots[key].ids
+            if len(old) != len(ids):
+                raise RuntimeError(f"module {name!r} is called on inputs with {len(old)} and {len(ids)} channels")
+            self._union(old, ids)
+            res = old
+        else:
+            self.slots[key] = Slot(name, kind, ids, attr=attr)
+            res = ids
+        if dim is not None: self.slots[key].dim = dim
+        return res
+
+    def _fail(self, n:fx.Node, what:str, ins):
+        "An unknown op: an error when strict, else its channels `ins` are pinned"
+        if self.strict:
+            raise UnknownOpError(f"fx node {n.name!r} ({n.format_node()}) applies {what}, which fasterprune does not "
+                                 f"know how to handle on channels; pass strict=False to keep the channels around it "
+                                 f"(no pruning there)")
+        self._pin(ins, f'unknown op {what}')
+        logger.info("graph: %s is unknown; its channels are pinned", what)
+
+    def _consumer(self, name:str, x:Tensor, cd:int, it:_Labeler):
+        "Record what reaches the input positions (dimension `cd` of `x`) of consumer `name`: range and input dependence"
+        xl = self.slots[(name, 'in')].ids
+        d = it.arg_dyn(it.cur_args[0]) if it.cur_args else True
+        d = d if isinstance(d, Tensor) and len(d) == len(xl) else torch.full((len(xl),), _anyd(d))
+        self.consumer_dyn[name] = d | self.consumer_dyn[name] if name in self.consumer_dyn else d
+        st = self.consumer_stats.get(name)
+        dims = [i for i in range(x.dim()) if i != cd]
+        mn, mx = x.amin(dims).float(), x.amax(dims).float()
+        self.consumer_stats[name] = [mn, mx] if st is None else [torch.minimum(st[0], mn), torch.maximum(st[1], mx)]
+
+    def _finish(self):
+        "Components of the labels: each slot position's `comp`, pinned components and their reasons, tied units"
+        P = torch.tensor(self.parent, dtype=torch.long)
+        while True:
+            Q = P[P]
+            if torch.equal(Q, P): break
+            P = Q
+        slots = list(self.slots.values())
+        roots = torch.unique(torch.cat([P[s.ids] for s in slots])) if slots else torch.zeros(0, dtype=torch.long)
+        self.n_comps = len(roots)
+        for s in slots: s.comp = torch.searchsorted(roots, P[s.ids])
+        self._pin_comps(P, roots)
+        self.comp_unit = torch.arange(self.n_comps)  # components that must go together (ties): the smallest member
+        pairs = [(torch.searchsorted(roots, P[a]), torch.searchsorted(roots, P[b])) for a, b in self.ties if len(a)]
+        while pairs:
+            u = self.comp_unit.clone()
+            for a, b in pairs:
+                m = torch.minimum(u[a], u[b])
+                u.scatter_reduce_(0, a, m, reduce='amin')
+                u.scatter_reduce_(0, b, m, reduce='amin')
+            u = u[u]
+            if torch.equal(u, self.comp_unit): break
+            self.comp_unit = u
+
+    def _pin_comps(self, P:Tensor, roots:Tensor):
+        "`comp_pinned` and `comp_reason` from the pinned labels (`P`: each label's root; `roots`: one per component)"
+        pin_ids = torch.tensor(sorted(self.pinned), dtype=torch.long)
+        self.comp_pinned = torch.zeros(self.n_comps, dtype=torch.bool)
+        self.comp_reason = {}
+        if not (len(pin_ids) and len(roots)): return
+        pr = P[pin_ids]
+        k = torch.searchsorted(roots, pr).clamp(max=len(roots) - 1)
+        hit = roots[k] == pr
+        self.comp_pinned[k[hit]] = True
+        for c, i in zip(k[hit].tolist(), pin_ids[hit].tolist()): self.comp_reason.setdefault(c, self.pin_reason[i])
 
 # %% ../nbs/07_graph.ipynb #66b99dd6
 from torch.overrides import TorchFunctionMode
@@ -189,7 +295,9 @@ class _Recorder(TorchFunctionMode):
         if isinstance(a, dict): return {k: self.arg(v) for k, v in a.items()}
         return a
     def _bind(self, t, node):
-        self.keep.append(t); self.node[id(t)] = node; self.alias[_key(t)] = node
+        self.keep.append(t)
+        self.node[id(t)] = node
+        self.alias[_key(t)] = node
         return node
     def bind(self, out, node):
         "Map the tensors of `out` to `node` (elements of tuples and lists to `getitem` nodes)"
@@ -200,7 +308,7 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self.depth or not any(True for _ in _tensors(out)): return out
+        if self.depth or not flat_tensors(out): return out
         name = getattr(func, '__name__', '')
         if name == '__get__': return out  # a property (`.shape`, `.T`, ...): read at record time
         a, k = self.arg(args), self.arg(kwargs)
@@ -214,7 +322,8 @@ class _Recorder(TorchFunctionMode):
     def pre_hook(self, m, args): self.depth += 1
     def post_hook(self, m, args, kwargs, out):
         self.depth -= 1
-        if self.depth == 0: self.bind(out, self.graph.call_module(self.mod_names[m], self.arg(args), self.arg(kwargs)))
+        if self.depth == 0:
+            self.bind(out, self.graph.call_module(self.mod_names[m], self.arg(args), self.arg(kwargs)))
 
 def _record(model:nn.Module, inputs:tuple) -> fx.Graph:
     "The fx graph of one real forward pass of `model` on `inputs` (see above)"
@@ -239,7 +348,8 @@ class _Tracer(fx.Tracer):
 
 def _is_window_attention(m) -> bool:
     "torchvision's Swin (v1) window attention, or the Pruner's pruned one"
-    return any(c.__name__ == 'ShiftedWindowAttention' for c in type(m).__mro__) and hasattr(m, 'relative_position_bias_table')
+    swin = any(c.__name__ == 'ShiftedWindowAttention' for c in type(m).__mro__)
+    return swin and hasattr(m, 'relative_position_bias_table')
 
 def _trace(model:nn.Module, inputs:tuple) -> tuple:
     "`(module, graph)` to run the labelling on: torch.fx's symbolic trace, else a recorded forward pass"
@@ -251,65 +361,11 @@ def _trace(model:nn.Module, inputs:tuple) -> tuple:
     try:
         graph = _record(model, inputs)
     except Exception as e2:
-        raise RuntimeError(f"torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}), and recording "
-                           f"a forward pass failed too ({type(e2).__name__}: {e2})") from e2
-    logger.info("graph: torch.fx could not trace %s (%s: %s); recorded one forward pass instead", type(model).__name__,
-                type(err).__name__, str(err).splitlines()[0][:200])
+        raise RuntimeError(f"torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}), and "
+                           f"recording a forward pass failed too ({type(e2).__name__}: {e2})") from e2
+    logger.info("graph: torch.fx could not trace %s (%s: %s); recorded one forward pass instead",
+                type(model).__name__, type(err).__name__, str(err).splitlines()[0][:200])
     return model, graph
-
-# %% ../nbs/07_graph.ipynb #2687c1f2
-from fastcore.basics import patch
-
-@patch
-def _new(self:ChannelGraph, n:int, pin:str|None=None) -> Tensor:
-    start = len(self.parent)
-    self.parent.extend(range(start, start + n))
-    ids = torch.arange(start, start + n)
-    if pin is not None: self._pin(ids, pin)
-    return ids
-
-@patch
-def _find(self:ChannelGraph, i:int) -> int:
-    p = self.parent
-    while p[i] != i:
-        p[i] = p[p[i]]; i = p[i]
-    return i
-
-@patch
-def _union(self:ChannelGraph, a:Tensor, b:Tensor):
-    for x, y in zip(a.tolist(), b.tolist()):
-        rx, ry = self._find(x), self._find(y)
-        if rx != ry: self.parent[max(rx, ry)] = min(rx, ry)
-
-@patch
-def _pin(self:ChannelGraph, ids, reason:str):
-    if ids is None: return
-    if isinstance(ids, dict): ids = list(ids.values())
-    if isinstance(ids, (list, tuple)):
-        for o in ids: self._pin(o, reason)
-        return
-    for i in ids.unique().tolist():
-        self.pinned.add(i); self.pin_reason.setdefault(i, reason)
-
-@patch
-def _slot(self:ChannelGraph, name:str, kind:str, ids:Tensor, attr:str|None=None) -> Tensor:
-    "Register the slot `(name, kind)` with labels `ids`; a second call of the same module unites its labels with the first"
-    key = (name, kind if attr is None else f'{kind}:{attr}')
-    if key in self.slots:
-        old = self.slots[key].ids
-        if len(old) != len(ids): raise RuntimeError(f"module {name!r} is called on inputs with {len(old)} and {len(ids)} channels")
-        self._union(old, ids)
-        return old
-    self.slots[key] = Slot(name, kind, ids, attr=attr)
-    return ids
-
-@patch
-def _fail(self:ChannelGraph, n:fx.Node, what:str, ins):
-    if self.strict:
-        raise UnknownOpError(f"fx node {n.name!r} ({n.format_node()}) applies {what}, which fasterprune does not know how to "
-                             f"handle on channels; pass strict=False to keep the channels around it (no pruning there)")
-    self._pin(ins, f'unknown op {what}')
-    logger.info("graph: %s is unknown; its channels are pinned", what)
 
 # %% ../nbs/07_graph.ipynb #2d82c705
 def _cd(lab, t) -> int:
@@ -335,83 +391,110 @@ def _perm_of(n:fx.Node, nd:int) -> list|None:
     if name in ('transpose', 'swapaxes', 'swapdims'):
         d0, d1 = (a + [n.kwargs.get('dim0'), n.kwargs.get('dim1')])[:2]
         if not (isinstance(d0, int) and isinstance(d1, int)): return None
-        p = list(range(nd)); p[d0 % nd], p[d1 % nd] = p[d1 % nd], p[d0 % nd]
+        p = list(range(nd))
+        p[d0 % nd], p[d1 % nd] = p[d1 % nd], p[d0 % nd]
         return p
     if name == 't' and nd == 2: return [1, 0]
     return None
 
+def _is(n:fx.Node, fns=(), methods=(), names=()) -> bool:
+    "Is `n` a call of one of the functions `fns` (or named in `names`), or of one of the tensor methods `methods`?"
+    if n.op == 'call_function': return n.target in fns or getattr(n.target, '__name__', None) in names
+    return n.op == 'call_method' and n.target in methods
+
+def _new_for(g:ChannelGraph, out, reason:str):
+    "Fresh labels pinned with `reason` for a value with channels (dimension 1); None for anything else"
+    return g._new(out.shape[1], reason) if isinstance(out, Tensor) and out.dim() >= 2 else None
+
 @patch
 def _labels(self:ChannelGraph, n:fx.Node, out, it:_Labeler):
-    isT = isinstance(out, Tensor)
-    chan = isT and out.dim() >= 2
-    if n.op == 'placeholder': return self._new(out.shape[1], 'model input') if chan else None
+    "The labels of the value `out` that node `n` computed"
+    if n.op == 'placeholder': return _new_for(self, out, 'model input')
     if n.op == 'get_attr': return None
     if n.op == 'output':
-        self._pin(it.arg_lab(n.args[0]), 'model output'); return None
+        self._pin(it.arg_lab(n.args[0]), 'model output')
+        return None
+    if n.op == 'call_module': return self._module_labels(n, self.modules[n.target], out, it)
     ins_lab = [l for l in (it.arg_lab(a) for a in list(n.args) + list(n.kwargs.values())) if _anylab(l)]
-    if n.op == 'call_module':
-        m = self.modules[n.target]
-        return self._module_labels(n, m, out, it)
-    target = n.target
-    name = target if n.op == 'call_method' else getattr(target, '__name__', str(target))
+    name = n.target if n.op == 'call_method' else getattr(n.target, '__name__', str(n.target))
     if not ins_lab:  # nothing labelled goes in: shapes, sizes, constants, new tensors
         if _param_source(n, it, self.gm) is not None: return None  # a parameter viewed or reshaped: see `_binary`
-        return _created(self._new(out.shape[1], f'{name} creates it')) if chan else None
+        lab = _new_for(self, out, f'{name} creates it')
+        return _created(lab) if lab is not None else None
     x = it.arg_val(n.args[0]) if n.args else None
     xl = it.arg_lab(n.args[0]) if n.args else None
-    cd = _cd(xl, x) if isinstance(xl, Tensor) else 1
-    fn = n.op == 'call_function'
-    if fn and target is operator.getitem:
-        if isinstance(xl, (list, tuple, dict)): return xl[n.args[1]]
-        if isinstance(x, Tensor) and isT and isinstance(xl, Tensor):
-            nc = _index_keeps(n.args[1], x.dim(), cd)
-            if nc is not None and out.dim() > nc and out.shape[nc] == x.shape[cd]: return _at(xl, nc, out.dim())
-        self._pin(ins_lab, 'indexing'); return self._new(out.shape[1], 'indexing') if chan else None
-    moves = (fn and target in (torch.permute, torch.transpose)) or (n.op == 'call_method' and target in ('permute', 'transpose', 't'))
-    if isinstance(xl, Tensor) and isinstance(x, Tensor) and isT and moves:
+    if n.op == 'call_function' and n.target is operator.getitem: return self._getitem(n, x, xl, out, ins_lab)
+    if isinstance(xl, Tensor) and isinstance(x, Tensor) and isinstance(out, Tensor) \
+            and _is(n, (torch.permute, torch.transpose), ('permute', 'transpose', 't')):
         p = _perm_of(n, x.dim())
-        if p is not None and out.dim() == x.dim(): return _at(xl, p.index(cd), out.dim())  # channels move with it
-    if (fn and (target in _pin_fns or name in _pin_fn_names)) or (n.op == 'call_method' and target in _pin_methods):
+        if p is not None and out.dim() == x.dim(): return _at(xl, p.index(_cd(xl, x)), out.dim())  # channels move
+    if _is(n, _pin_fns, _pin_methods, _pin_fn_names):
         self._pin(ins_lab, name)
-        if isinstance(out, (list, tuple)): return type(out)(self._new(o.shape[1], name) if isinstance(o, Tensor) and o.dim() >= 2 else None for o in out)
+        if isinstance(out, (list, tuple)): return type(out)(_new_for(self, o, name) for o in out)
         return self._fresh(out, x, xl, name)
-    if not isT:  # sizes, shapes, dims: no channels
-        if any(True for _ in _tensors(out)): self._fail(n, name, ins_lab)
+    if not isinstance(out, Tensor):  # sizes, shapes, dims: no channels
+        if flat_tensors(out): self._fail(n, name, ins_lab)
         return None
-    if (fn and (target in _pass_fns or name in _pass_fn_names)) or (n.op == 'call_method' and target in _pass_methods):
-        return self._passthrough(n, name, x, xl, out)
-    if ((fn and target in _pow_fns) or (n.op == 'call_method' and target in _pow_methods)) and isinstance(xl, Tensor) \
-            and not isinstance(it.arg_val(n.args[1]) if len(n.args) > 1 else n.kwargs.get('exponent'), Tensor):
-        return self._passthrough(n, name, x, xl, out)
-    if (fn and target in _binary_fns) or (n.op == 'call_method' and target in _binary_methods):
-        return self._binary(n, name, out, it)
-    if (fn and target in _reduce_fns) or (n.op == 'call_method' and target in _reduce_methods):
-        dims = n.kwargs.get('dim', n.args[1] if len(n.args) > 1 else None)
-        dims = list(range(x.dim())) if dims is None else [dims] if isinstance(dims, int) else list(dims)
-        dims = [_normdim(d, x.dim()) for d in dims]
-        if isinstance(xl, Tensor) and 0 not in dims and cd not in dims and out.dim() >= 2:
-            keep = n.kwargs.get('keepdim', n.args[2] if len(n.args) > 2 else False)
-            return _at(xl, cd if keep else cd - sum(d < cd for d in dims), out.dim())
-        self._pin(ins_lab, f'{name} over channels'); return self._new(out.shape[1], name) if chan else None
-    if (fn and target in _reshape_fns) or (n.op == 'call_method' and target in _reshape_methods):
-        return self._reshape(name, x, xl, out)
-    if fn and target in _cat_fns:
-        ts = n.args[0] if n.args else n.kwargs['tensors']
-        d = _normdim(n.kwargs.get('dim', n.args[1] if len(n.args) > 1 else 0), out.dim())
-        vals = [it.arg_val(t) for t in ts]
-        labs = [it.arg_lab(t) for t in ts]
-        ref = next((l for l, v in zip(labs, vals) if isinstance(l, Tensor) and not hasattr(l, '_created')), None)
-        rcd = _cd(ref, out) if ref is not None else 1
-        for l, v in zip(labs, vals):
-            if isinstance(l, Tensor) and _cd(l, v) != rcd: self._pin(l, 'cat of tensors with channels in different dimensions')
-        labs = [l if isinstance(l, Tensor) and _cd(l, v) == rcd else self._new(v.shape[rcd], 'unlabelled input of cat')
-                for l, v in zip(labs, vals)]
-        if d == rcd: return _at(torch.cat(labs), rcd, out.dim())
-        if d == 0: self._pin(labs, 'cat along the batch'); return self._new(out.shape[1], 'cat along the batch')
-        for l in labs[1:]: self._union(labs[0], l)
-        return _at(labs[0], rcd, out.dim())
+    return self._elementwise_labels(n, name, x, xl, out, ins_lab, it)
+
+@patch
+def _elementwise_labels(self:ChannelGraph, n:fx.Node, name:str, x, xl, out:Tensor, ins_lab:list, it:_Labeler):
+    "Labels of a tensor made by a function or method: pass-through, power, binary, reduction, reshape, cat, unknown"
+    if _is(n, _pass_fns, _pass_methods, _pass_fn_names): return self._passthrough(n, name, x, xl, out)
+    if _is(n, _pow_fns, _pow_methods) and isinstance(xl, Tensor):
+        exponent = it.arg_val(n.args[1]) if len(n.args) > 1 else n.kwargs.get('exponent')
+        if not isinstance(exponent, Tensor): return self._passthrough(n, name, x, xl, out)
+    if _is(n, _binary_fns, _binary_methods): return self._binary(n, name, out, it)
+    if _is(n, _reduce_fns, _reduce_methods): return self._reduce(n, name, x, xl, out, ins_lab)
+    if _is(n, _reshape_fns, _reshape_methods): return self._reshape(name, x, xl, out)
+    if _is(n, _cat_fns): return self._cat(n, out, it)
     self._fail(n, name, ins_lab)
     return self._fresh(out, x, xl, f'unknown op {name}')
+
+@patch
+def _getitem(self:ChannelGraph, n:fx.Node, x, xl, out, ins_lab:list):
+    "Labels of `x[idx]`: an element of a labelled tuple, list or dict; a tensor index that leaves the channels whole"
+    if isinstance(xl, (list, tuple, dict)): return xl[n.args[1]]
+    if isinstance(x, Tensor) and isinstance(out, Tensor) and isinstance(xl, Tensor):
+        cd = _cd(xl, x)
+        nc = _index_keeps(n.args[1], x.dim(), cd)
+        if nc is not None and out.dim() > nc and out.shape[nc] == x.shape[cd]: return _at(xl, nc, out.dim())
+    self._pin(ins_lab, 'indexing')
+    return _new_for(self, out, 'indexing')
+
+@patch
+def _reduce(self:ChannelGraph, n:fx.Node, name:str, x, xl, out:Tensor, ins_lab:list):
+    "Labels of a mean, sum, max or min: channels pass when neither the batch nor the channels are reduced"
+    dims = n.kwargs.get('dim', n.args[1] if len(n.args) > 1 else None)
+    dims = list(range(x.dim())) if dims is None else [dims] if isinstance(dims, int) else list(dims)
+    dims = [_normdim(d, x.dim()) for d in dims]
+    cd = _cd(xl, x) if isinstance(xl, Tensor) else 1
+    if isinstance(xl, Tensor) and 0 not in dims and cd not in dims and out.dim() >= 2:
+        keep = n.kwargs.get('keepdim', n.args[2] if len(n.args) > 2 else False)
+        return _at(xl, cd if keep else cd - sum(d < cd for d in dims), out.dim())
+    self._pin(ins_lab, f'{name} over channels')
+    return _new_for(self, out, name)
+
+@patch
+def _cat(self:ChannelGraph, n:fx.Node, out:Tensor, it:_Labeler):
+    "Labels of a concatenation: along the channels, the inputs' labels in a row; along other dimensions, united"
+    ts = n.args[0] if n.args else n.kwargs['tensors']
+    d = _normdim(n.kwargs.get('dim', n.args[1] if len(n.args) > 1 else 0), out.dim())
+    vals = [it.arg_val(t) for t in ts]
+    labs = [it.arg_lab(t) for t in ts]
+    ref = next((l for l in labs if isinstance(l, Tensor) and not hasattr(l, '_created')), None)
+    rcd = _cd(ref, out) if ref is not None else 1
+    for l, v in zip(labs, vals):
+        if isinstance(l, Tensor) and _cd(l, v) != rcd:
+            self._pin(l, 'cat of tensors with channels in different dimensions')
+    labs = [l if isinstance(l, Tensor) and _cd(l, v) == rcd else self._new(v.shape[rcd], 'unlabelled input of cat')
+            for l, v in zip(labs, vals)]
+    if d == rcd: return _at(torch.cat(labs), rcd, out.dim())
+    if d == 0:
+        self._pin(labs, 'cat along the batch')
+        return self._new(out.shape[1], 'cat along the batch')
+    for l in labs[1:]: self._union(labs[0], l)
+    return _at(labs[0], rcd, out.dim())
 
 def _anylab(l) -> bool:
     if isinstance(l, Tensor): return True
@@ -442,7 +525,8 @@ def _index_keeps(idx, nd:int, cd:int) -> int|None:
     dims = dict(zip(pos, items))
     at = dims.get(cd, slice(None))  # not named: inside the ellipsis, or after the last index
     if not (isinstance(at, slice) and at == slice(None)): return None
-    if any(not isinstance(i, (int, slice)) for d, i in dims.items() if d != 0): return None  # advanced indexing moves dimensions
+    if any(not isinstance(i, (int, slice)) for d, i in dims.items() if d != 0):
+        return None  # advanced indexing moves dimensions
     return cd - sum(isinstance(i, int) for d, i in dims.items() if d < cd)
 
 @patch
@@ -458,8 +542,10 @@ def _passthrough(self:ChannelGraph, n, name, x, xl, out):
 def _reshape(self:ChannelGraph, name, x, xl, out):
     if xl is None: return self._new(out.shape[1], name) if out.dim() >= 2 else None
     cd = _cd(xl, x)
-    if cd == 1 and out.dim() >= 2 and out.shape[:2] == x.shape[:2]: return xl  # channels stay in dimension 1 (squeeze, unflatten)
-    if cd == 1 and x.dim() >= 3 and out.dim() == 2 and out.shape[0] == x.shape[0] and out.shape[1] == math.prod(x.shape[1:]):
+    if cd == 1 and out.dim() >= 2 and out.shape[:2] == x.shape[:2]:
+        return xl  # channels stay in dimension 1 (squeeze, unflatten)
+    flat = x.dim() >= 3 and out.dim() == 2 and out.shape[0] == x.shape[0] and out.shape[1] == math.prod(x.shape[1:])
+    if cd == 1 and flat:
         return xl.repeat_interleave(math.prod(x.shape[2:]))  # flatten: channel c -> features c*HW ... (c+1)*HW - 1
     if cd == x.dim() - 1 and out.dim() >= 2 and out.shape[-1] == x.shape[-1]:
         return _at(xl, out.dim() - 1, out.dim())  # channels last stay last
@@ -471,9 +557,12 @@ def _param_source(n, it, gm):
     chain = []
     views = ('view', 'reshape', 'unsqueeze', 'squeeze', 'expand', 'expand_as', 'to', 'type_as', 'contiguous')
     while isinstance(n, fx.Node) and n.op == 'call_method' and n.target in views:
-        chain.append(n); n = n.args[0]
-    while isinstance(n, fx.Node) and n.op == 'call_function' and n.target in (torch.reshape, torch.unsqueeze, torch.squeeze):
-        chain.append(n); n = n.args[0]
+        chain.append(n)
+        n = n.args[0]
+    while isinstance(n, fx.Node) and n.op == 'call_function' and n.target in (torch.reshape, torch.unsqueeze,
+                                                                              torch.squeeze):
+        chain.append(n)
+        n = n.args[0]
     if not (isinstance(n, fx.Node) and n.op == 'get_attr'): return None
     mod, _, attr = n.target.rpartition('.')
     return mod, attr, not chain
@@ -482,7 +571,8 @@ def _param_source(n, it, gm):
 def _binary(self:ChannelGraph, n, name, out, it):
     D = out.dim()
     if D < 2:
-        self._pin([it.arg_lab(a) for a in n.args], name); return None
+        self._pin([it.arg_lab(a) for a in n.args], name)
+        return None
     ops = [(a, it.arg_val(a), it.arg_lab(a)) for a in list(n.args) + list(n.kwargs.values())]
     full = [l for a, v, l in ops if isinstance(v, Tensor) and isinstance(l, Tensor) and v.dim() == D]
     ref = next((l for l in full if not hasattr(l, '_created')), full[0] if full else None)
@@ -510,8 +600,8 @@ def _binary(self:ChannelGraph, n, name, out, it):
             mod, attr, direct = src
             p = getattr(self.modules[mod], attr)
             dim = k if direct else next(i for i, s in enumerate(p.shape) if s > 1)
-            l = self._slot(mod, 'param', res if res is not None else self._new(out.shape[cd]), attr)  # cut with its channels
-            self.slots[(mod, f'param:{attr}')].dim = dim
+            ids = res if res is not None else self._new(out.shape[cd])
+            l = self._slot(mod, 'param', ids, attr, dim)  # the parameter is cut with its channels
         if res is None: res = l
         else: self._union(res, l)
     return _at(res, cd, D) if res is not None else self._new(out.shape[1], name)
@@ -548,8 +638,7 @@ def _dyn(self:ChannelGraph, n:fx.Node, out, it:_Labeler):
     if n.op == 'call_function' and n.target is operator.getitem and isinstance(dx, (list, tuple, dict)):
         d = dx[n.args[1]]
         return d if isinstance(d, Tensor) and len(d) == C else torch.full((C,), _anyd(d))
-    binary = (n.op == 'call_function' and n.target in _binary_fns) or (n.op == 'call_method' and n.target in _binary_methods)
-    if binary:
+    if _is(n, _binary_fns, _binary_methods):
         res = torch.zeros(C, dtype=torch.bool)
         for a, d in zip(vals, ds):
             v = it.arg_val(a)
@@ -558,7 +647,7 @@ def _dyn(self:ChannelGraph, n:fx.Node, out, it:_Labeler):
             elif _anyd(d): res |= True
         return res
     same = isinstance(lab, Tensor) and isinstance(xl, Tensor) and lab.data_ptr() == xl.data_ptr()
-    if not binary and same and isinstance(dx, Tensor) and len(dx) == C: return dx  # channels pass (maybe to another dimension)
+    if same and isinstance(dx, Tensor) and len(dx) == C: return dx  # channels pass (maybe to another dimension)
     if n.op == 'call_function' and n.target in _cat_fns and isinstance(lab, Tensor):
         ts = n.args[0] if n.args else n.kwargs['tensors']
         if _normdim(n.kwargs.get('dim', n.args[1] if len(n.args) > 1 else 0), out.dim()) == cd:
@@ -576,84 +665,93 @@ def _has_node(a) -> bool:
     return False
 
 # %% ../nbs/07_graph.ipynb #ec321949
+_softmax_modules = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
+_last_dim_norms = (nn.LayerNorm, nn.RMSNorm) if hasattr(nn, 'RMSNorm') else (nn.LayerNorm,)
+
 @patch
-def _module_labels(self:ChannelGraph, n, m, out, it):
-    name = n.target
+def _module_labels(self:ChannelGraph, n:fx.Node, m:nn.Module, out, it:_Labeler):
+    "The labels of the value `out` that module `m` (called by node `n`) computed"
+    name, tname = n.target, type(m).__name__
     x = it.arg_val(n.args[0]) if n.args else None
     xl = it.arg_lab(n.args[0]) if n.args else None
     cd = _cd(xl, x) if isinstance(xl, Tensor) else 1
     if isinstance(xl, Tensor) and cd != 1 and isinstance(m, _conv_types + _norm_types + (nn.PReLU,)):
-        self._pin(xl, f'{type(m).__name__} on channels moved out of dimension 1'); xl, cd = None, 1
-    if isinstance(m, nn.Linear) and isinstance(x, Tensor) and x.dim() > 2:  # features are the last dimension
-        if cd != x.dim() - 1: self._pin(xl, f'Linear {name!r} on another dimension than the labelled one'); xl = None
-        if xl is None: xl = _at(self._new(x.shape[-1], f'unlabelled input of {name!r}'), -1, x.dim())
-        self._slot(name, 'in', xl)
-        self._consumer(name, x, x.dim() - 1, it)
-        key = (name, 'out')
-        ids = self.slots[key].ids if key in self.slots else self._slot(name, 'out', self._new(out.shape[-1]))
-        return _at(ids, -1, out.dim())
-    if _is_window_attention(m):  # Swin: heads as for MultiheadAttention; the relative position bias table follows them
-        self._pin(xl, 'window attention')
-        if m.num_heads > 1: self._slot(name, 'head', self._new(m.num_heads))
-        return self._fresh(out, x, xl, 'window attention')
-    if isinstance(m, nn.MultiheadAttention):  # the embedding width stays; whole heads are units of their own
-        self._pin([it.arg_lab(a) for a in list(n.args) + list(n.kwargs.values())], 'MultiheadAttention')
-        if m._qkv_same_embed_dim and m.bias_k is None and not m.add_zero_attn and m.num_heads > 1:
-            self._slot(name, 'head', self._new(m.num_heads))
-        o = out[0] if isinstance(out, tuple) else out
-        new = _at(self._new(o.shape[-1], 'MultiheadAttention'), -1, o.dim())
-        return (new, None) if isinstance(out, tuple) else new
+        self._pin(xl, f'{tname} on channels moved out of dimension 1')
+        xl, cd = None, 1
+    if isinstance(m, nn.Linear) and isinstance(x, Tensor) and x.dim() > 2:
+        return self._linear_nd(name, x, xl, cd, out, it)
+    if _is_window_attention(m) or isinstance(m, nn.MultiheadAttention): return self._attention(n, m, x, xl, out, it)
     if isinstance(m, _conv_types) or (isinstance(m, nn.Linear) and isinstance(x, Tensor) and x.dim() == 2):
-        if isinstance(m, _conv_types) and m.groups > 1:
-            if _is_depthwise(m): return self._slot(name, 'dw', xl if xl is not None else self._new(m.in_channels, 'model input'))
-            if xl is None: xl = self._new(x.shape[1], f'unlabelled input of {name!r}')
-            self._slot(name, 'in', xl)
-            self._consumer(name, x, 1, it)
-            key = (name, 'out')
-            ids = self.slots[key].ids if key in self.slots else self._slot(name, 'out', self._new(out.shape[1]))
-            G = m.groups  # channel p of every conv group goes together: the cut stays one index per weight dimension
-            self.ties += [(xl.reshape(G, -1)[0].repeat(G - 1), xl.reshape(G, -1)[1:].reshape(-1)),
-                          (ids.reshape(G, -1)[0].repeat(G - 1), ids.reshape(G, -1)[1:].reshape(-1))]
-            return ids
-        if xl is None: xl = self._new(x.shape[1], f'unlabelled input of {name!r}')
-        self._slot(name, 'in', xl)
-        self._consumer(name, x, 1, it)
-        if (name, 'out') in self.slots: return self.slots[(name, 'out')].ids
-        return self._slot(name, 'out', self._new(out.shape[1]))
+        return self._layer(name, m, x, xl, out, it)
     if isinstance(m, _norm_types):
         if xl is None: return None
         has_state = getattr(m, 'affine', False) or getattr(m, 'track_running_stats', False)
         return self._slot(name, 'norm', xl) if has_state else xl
-    if isinstance(m, nn.PReLU) and m.num_parameters > 1 and xl is not None and x.dim() >= 2 and x.shape[1] == m.num_parameters:
+    if isinstance(m, nn.PReLU) and m.num_parameters > 1 and xl is not None and x.dim() >= 2 \
+            and x.shape[1] == m.num_parameters:
         self._slot(name, 'param', xl, 'weight')  # one slope per channel: cut with its channels
         return xl
     if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):  # ids in, vectors out: the embedding width stays
-        self._pin(xl, type(m).__name__)
+        self._pin(xl, tname)
         if not (isinstance(out, Tensor) and out.dim() >= 2): return None
-        return _at(self._new(out.shape[-1], type(m).__name__), -1, out.dim())
-    if isinstance(m, (nn.LayerNorm, nn.RMSNorm) if hasattr(nn, 'RMSNorm') else nn.LayerNorm) and isinstance(xl, Tensor) \
-            and cd < x.dim() - len(m.normalized_shape):
+        return _at(self._new(out.shape[-1], tname), -1, out.dim())
+    if isinstance(m, _last_dim_norms) and isinstance(xl, Tensor) and cd < x.dim() - len(m.normalized_shape):
         return xl  # normalizes other dimensions than the channels: per-channel positions pass through
-    if isinstance(m, _pass_modules): return self._passthrough(n, type(m).__name__, x, xl, out)
-    if isinstance(m, _reshape_modules): return self._reshape(type(m).__name__, x, xl, out)
-    if isinstance(m, (nn.Softmax, nn.LogSoftmax, nn.Softmin)):
-        if m.dim is not None and isinstance(x, Tensor) and _normdim(m.dim, x.dim()) != cd: return xl
-    if isinstance(m, _pin_modules) or isinstance(m, (nn.Softmax, nn.LogSoftmax, nn.Softmin)):
-        self._pin(xl, type(m).__name__)
-        return self._fresh(out, x, xl, type(m).__name__)
-    self._fail(n, f'module {name!r} ({type(m).__name__})', [xl])
-    return self._new(out.shape[1], f'unknown module {type(m).__name__}') if isinstance(out, Tensor) and out.dim() >= 2 else None
+    if isinstance(m, _pass_modules): return self._passthrough(n, tname, x, xl, out)
+    if isinstance(m, _reshape_modules): return self._reshape(tname, x, xl, out)
+    if isinstance(m, _softmax_modules) and m.dim is not None and isinstance(x, Tensor) \
+            and _normdim(m.dim, x.dim()) != cd:
+        return xl
+    if isinstance(m, _pin_modules + _softmax_modules):
+        self._pin(xl, tname)
+        return self._fresh(out, x, xl, tname)
+    self._fail(n, f'module {name!r} ({tname})', [xl])
+    return _new_for(self, out, f'unknown module {tname}')
+
 @patch
-def _consumer(self:ChannelGraph, name:str, x:Tensor, cd:int, it):
-    "Record what reaches the input positions (dimension `cd` of `x`) of consumer `name`: range and input dependence"
-    xl = self.slots[(name, 'in')].ids
-    d = it.arg_dyn(it.cur_args[0]) if it.cur_args else True
-    d = d if isinstance(d, Tensor) and len(d) == len(xl) else torch.full((len(xl),), _anyd(d))
-    self.consumer_dyn[name] = d | self.consumer_dyn[name] if name in self.consumer_dyn else d
-    st = self.consumer_stats.get(name)
-    dims = [i for i in range(x.dim()) if i != cd]
-    mn, mx = x.amin(dims).float(), x.amax(dims).float()
-    self.consumer_stats[name] = [mn, mx] if st is None else [torch.minimum(st[0], mn), torch.maximum(st[1], mx)]
+def _consumer_slots(self:ChannelGraph, name:str, x:Tensor, xl:Tensor, cd:int, n_out:int, it:_Labeler) -> Tensor:
+    "Register the input slot (labels `xl`, dimension `cd` of `x`) and the output slot of layer `name`: its out labels"
+    self._slot(name, 'in', xl)
+    self._consumer(name, x, cd, it)
+    key = (name, 'out')
+    return self.slots[key].ids if key in self.slots else self._slot(name, 'out', self._new(n_out))
+
+@patch
+def _linear_nd(self:ChannelGraph, name:str, x:Tensor, xl, cd:int, out:Tensor, it:_Labeler):
+    "A Linear on `(N, ..., C)`: its features are the last dimension"
+    if cd != x.dim() - 1:
+        self._pin(xl, f'Linear {name!r} on another dimension than the labelled one')
+        xl = None
+    if xl is None: xl = _at(self._new(x.shape[-1], f'unlabelled input of {name!r}'), -1, x.dim())
+    ids = self._consumer_slots(name, x, xl, x.dim() - 1, out.shape[-1], it)
+    return _at(ids, -1, out.dim())
+
+@patch
+def _attention(self:ChannelGraph, n:fx.Node, m:nn.Module, x, xl, out, it:_Labeler):
+    "MultiheadAttention or Swin's window attention: the embedding width stays; whole heads are units of their own"
+    if _is_window_attention(m):  # the relative position bias table follows the heads
+        self._pin(xl, 'window attention')
+        if m.num_heads > 1: self._slot(n.target, 'head', self._new(m.num_heads))
+        return self._fresh(out, x, xl, 'window attention')
+    self._pin([it.arg_lab(a) for a in list(n.args) + list(n.kwargs.values())], 'MultiheadAttention')
+    if m._qkv_same_embed_dim and m.bias_k is None and not m.add_zero_attn and m.num_heads > 1:
+        self._slot(n.target, 'head', self._new(m.num_heads))
+    o = out[0] if isinstance(out, tuple) else out
+    new = _at(self._new(o.shape[-1], 'MultiheadAttention'), -1, o.dim())
+    return (new, None) if isinstance(out, tuple) else new
+
+@patch
+def _layer(self:ChannelGraph, name:str, m:nn.Module, x:Tensor, xl, out:Tensor, it:_Labeler):
+    "A Conv or a 2-D Linear: a consumer and a producer (a depthwise conv passes its channels through)"
+    if isinstance(m, _conv_types) and _is_depthwise(m):
+        return self._slot(name, 'dw', xl if xl is not None else self._new(m.in_channels, 'model input'))
+    if xl is None: xl = self._new(x.shape[1], f'unlabelled input of {name!r}')
+    ids = self._consumer_slots(name, x, xl, 1, out.shape[1], it)
+    G = getattr(m, 'groups', 1)
+    if G > 1:  # channel p of every conv group goes together: the cut stays one index per weight dimension
+        self.ties += [(xl.reshape(G, -1)[0].repeat(G - 1), xl.reshape(G, -1)[1:].reshape(-1)),
+                      (ids.reshape(G, -1)[0].repeat(G - 1), ids.reshape(G, -1)[1:].reshape(-1))]
+    return ids
 
 # %% ../nbs/07_graph.ipynb #c55a30d1
 @dataclass
@@ -671,37 +769,6 @@ class ChannelGroup:
     def __repr__(self):
         p = ', '.join(list(self.producers)[:4]) + (f' (+{len(self.producers) - 4})' if len(self.producers) > 4 else '')
         return f"ChannelGroup({self.width} channels of [{p}]{', pinned: ' + self.reason if self.pinned else ''})"
-
-@patch
-def _finish(self:ChannelGraph):
-    P = torch.tensor(self.parent, dtype=torch.long)
-    while True:
-        Q = P[P]
-        if torch.equal(Q, P): break
-        P = Q
-    pin_ids = torch.tensor(sorted(self.pinned), dtype=torch.long)
-    slots = list(self.slots.values())
-    roots = torch.unique(torch.cat([P[s.ids] for s in slots])) if slots else torch.zeros(0, dtype=torch.long)
-    self.n_comps = len(roots)
-    for s in slots: s.comp = torch.searchsorted(roots, P[s.ids])
-    self.comp_pinned = torch.zeros(self.n_comps, dtype=torch.bool)
-    self.comp_reason = {}
-    if len(pin_ids) and len(roots):
-        pr = P[pin_ids]
-        k = torch.searchsorted(roots, pr).clamp(max=len(roots) - 1)
-        hit = roots[k] == pr
-        self.comp_pinned[k[hit]] = True
-        for c, i in zip(k[hit].tolist(), pin_ids[hit].tolist()): self.comp_reason.setdefault(c, self.pin_reason[i])
-    self.comp_unit = torch.arange(self.n_comps)  # components that must go together (ties): the smallest member's index
-    pairs = [(torch.searchsorted(roots, P[a]), torch.searchsorted(roots, P[b])) for a, b in self.ties if len(a)]
-    while pairs:
-        u = self.comp_unit.clone()
-        for a, b in pairs:
-            m = torch.minimum(u[a], u[b])
-            u.scatter_reduce_(0, a, m, reduce='amin'); u.scatter_reduce_(0, b, m, reduce='amin')
-        u = u[u]
-        if torch.equal(u, self.comp_unit): break
-        self.comp_unit = u
 
 @patch
 def groups(self:ChannelGraph) -> list[ChannelGroup]:
@@ -733,7 +800,8 @@ def groups(self:ChannelGraph) -> list[ChannelGroup]:
         else:  # a component with several filters of the same layer: keep them together, never prune
             prod = {m: torch.tensor([p for c in comps for mm, p in owner[c] if mm == m]) for m in sig}
         pin = bool(self.comp_pinned[ct].any()) or not ok
-        why = next((self.comp_reason[c] for c in comps if c in self.comp_reason), '' if ok else 'coupled filters of one layer')
+        why = next((self.comp_reason[c] for c in comps if c in self.comp_reason),
+                   '' if ok else 'coupled filters of one layer')
         un = self.comp_unit[ct]
         res.append(ChannelGroup(prod, nd, ct, pin, why, un if len(un.unique()) < len(un) else None))
     first = {n: i for i, n in enumerate(self.modules)}

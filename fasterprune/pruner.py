@@ -355,7 +355,7 @@ def _head_scores(m, crit, name:str) -> tuple[Tensor, Tensor]:
     return si + so, torch.full((H,), float(n), dtype=torch.float64)
 
 class PrunedMultiheadAttention(nn.MultiheadAttention):
-    "A `MultiheadAttention` that lost heads: `num_heads · head_dim` may be less than `embed_dim` (the width in and out)"
+    "A `MultiheadAttention` that lost heads: `num_heads · head_dim` may be less than `embed_dim` (width in and out)"
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
         if self.batch_first: query, key, value = (t.transpose(0, 1) for t in (query, key, value))
@@ -383,7 +383,9 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
                 att = att.masked_fill(torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1), float('-inf'))
             att = F.dropout(att.softmax(-1), p, self.training)
             out = att @ v
-        else: out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal and mask is None)
+        else:
+            causal = is_causal and mask is None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
         out = self.out_proj(out.permute(2, 0, 1, 3).reshape(T, B, Ep))
         if self.batch_first: out = out.transpose(0, 1)
         return out, ((att.mean(1) if average_attn_weights else att) if need_weights else None)
@@ -420,8 +422,8 @@ def _window_attention(x, qkv:nn.Linear, proj:nn.Linear, bias:Tensor, ws, heads:i
     return out[:, :H, :W, :].contiguous()
 
 def _window_forward(self, x):
-    return _window_attention(x, self.qkv, self.proj, self.get_relative_position_bias(), self.window_size, self.num_heads,
-                             self.shift_size, self.attention_dropout, self.dropout, self.training)
+    return _window_attention(x, self.qkv, self.proj, self.get_relative_position_bias(), self.window_size,
+                             self.num_heads, self.shift_size, self.attention_dropout, self.dropout, self.training)
 
 _pruned_classes = {}
 
@@ -429,8 +431,9 @@ def _pruned_window_attention(cls:type) -> type:
     "The pruned version of a Swin window attention class (made once per class)"
     if getattr(cls, '_pruned_heads', False): return cls
     if cls not in _pruned_classes:
-        _pruned_classes[cls] = type('PrunedShiftedWindowAttention', (cls,), dict(forward=_window_forward, _pruned_heads=True,
-                                    __doc__="Swin window attention that lost heads: the head width is its own, not C // heads"))
+        doc = "Swin window attention that lost heads: the head width is its own, not C // heads"
+        _pruned_classes[cls] = type('PrunedShiftedWindowAttention', (cls,),
+                                    dict(forward=_window_forward, _pruned_heads=True, __doc__=doc))
     return _pruned_classes[cls]
 
 # %% ../nbs/08_pruner.ipynb #ef0799bc
@@ -676,7 +679,7 @@ def prune_weights(self:Pruner,
     context:str='local',   # 'local' (each layer at `rate`) or 'global' (one ranking over the layers)
     layer_rates=None,      # {layer name or pattern: rate} for layers pruned at their own rate
 ) -> dict:
-    "Prune `rate` of the surviving weights by magnitude; the masks hold through later fits. Returns the masks (True = keep)"
+    "Prune `rate` of the surviving weights by magnitude; the masks hold through later fits. Returns them (True = keep)"
     return self._rw().prune_weights(rate, context, layer_rates)
 
 @patch
@@ -689,8 +692,8 @@ def rewind(self:Pruner,
 
 # %% ../nbs/08_pruner.ipynb #3bf99aab
 _size_attrs = ('in_channels', 'out_channels', 'groups', 'in_features', 'out_features', 'num_features', 'num_parameters',
-               'normalized_shape', 'num_groups', 'num_channels', 'num_embeddings', 'embedding_dim', 'embed_dim', 'kdim', 'vdim',
-               'num_heads', 'head_dim')
+               'normalized_shape', 'num_groups', 'num_channels', 'num_embeddings', 'embedding_dim', 'embed_dim',
+               'kdim', 'vdim', 'num_heads', 'head_dim')
 
 def pruning_recipe(model:nn.Module) -> dict:
     "Size attributes and tensor shapes of every module: what a fresh architecture needs to take the state_dict"
@@ -724,25 +727,30 @@ def _apply_old_recipe(m:nn.Module, n:str, r:dict):
         c = m.num_features = r['num_features']
         if m.weight is not None: m.weight, m.bias = _param((c,), m.weight), _param((c,), m.bias)
         if m.running_mean is not None:
-            m.running_mean = torch.zeros(c, device=m.running_mean.device); m.running_var = torch.ones(c, device=m.running_var.device)
+            m.running_mean = torch.zeros(c, device=m.running_mean.device)
+            m.running_var = torch.ones(c, device=m.running_var.device)
     else: raise ValueError(f"recipe entry {n!r} {r} does not fit {type(m).__name__}")
 
 def apply_recipe(model:nn.Module, recipe:dict) -> nn.Module:
-    "Resize the modules of a fresh `model` to `recipe` (tensors left uninitialised: load a state_dict next); tied tensors stay tied"
+    "Resize the modules of a fresh `model` to `recipe` (tensors uninitialised: load a state_dict next), ties kept"
     mods = dict(model.named_modules())
     missing = [n for n in recipe if n not in mods]
     if missing:
-        raise ValueError(f"recipe names modules this model does not have: {', '.join(missing[:5])}; build the same architecture first")
+        raise ValueError(f"recipe names modules this model does not have: {', '.join(missing[:5])}; "
+                         "build the same architecture first")
     new = {}  # id of a resized tensor -> its replacement, shared by every module that holds it
     for n, r in recipe.items():
         m = mods[n]
         if 'tensors' not in r:
-            _apply_old_recipe(m, n, r); continue
+            _apply_old_recipe(m, n, r)
+            continue
         if r.get('pruned_heads'):
-            m.__class__ = PrunedMultiheadAttention if isinstance(m, nn.MultiheadAttention) else _pruned_window_attention(type(m))
+            mha = isinstance(m, nn.MultiheadAttention)
+            m.__class__ = PrunedMultiheadAttention if mha else _pruned_window_attention(type(m))
         for a, v in r.items():
             if a in ('tensors', 'pruned_heads'): continue
-            if not hasattr(m, a): raise ValueError(f"recipe entry {n!r} sets {a!r}, which {type(m).__name__} does not have")
+            if not hasattr(m, a):
+                raise ValueError(f"recipe entry {n!r} sets {a!r}, which {type(m).__name__} does not have")
             setattr(m, a, tuple(v) if isinstance(getattr(m, a), tuple) else v)
         own = list(m._parameters.values()) + list(m._buffers.values())
         like = next((t for t in own if t is not None and t.is_floating_point()), torch.empty(0))
@@ -761,7 +769,7 @@ def apply_recipe(model:nn.Module, recipe:dict) -> nn.Module:
     return model
 
 def save_pruned(model:nn.Module, path):
-    "Save `model` as {'recipe', 'state_dict'} (the whole state, plain tensors and numbers, loadable with weights_only=True)"
+    "Save `model` as {'recipe', 'state_dict'} (the whole state as plain tensors and numbers: loads with weights_only)"
     sd = {k: _plain(v) for k, v in model.state_dict().items()}
     torch.save(dict(recipe=pruning_recipe(model), state_dict=sd), path)
 
@@ -772,22 +780,23 @@ def _read(path, map_location=None):
     try: return torch.load(p, map_location=map_location, weights_only=True)
     except Exception as e:
         try:
-            from fasterprune.distributed import CheckpointError, _diagnose  # fastai's side of the package explains files best
+            from fasterprune.distributed import CheckpointError, _diagnose  # the fastai side explains files best
             why, Err = _diagnose(p), CheckpointError
         except ImportError:
             why, Err = f"it is not a complete file written by torch.save ({p.stat().st_size:,} bytes)", ValueError
         raise Err(f"cannot read pruned model {p}: {why} [{type(e).__name__}]; nothing was loaded") from e
 
 def load_pruned(model:nn.Module, path, map_location=None) -> nn.Module:
-    "Resize the fresh `model` (the original architecture) to the recipe and load its whole state; untouched if anything does not fit"
+    "Resize the fresh `model` (the original architecture) to the recipe, load its whole state; untouched on any misfit"
     d = _read(path, map_location)
     if not isinstance(d, dict) or not {'recipe', 'state_dict'} <= set(d):
         raise ValueError(f"{path} is not a file written by save_pruned (it needs 'recipe' and 'state_dict')")
-    trial = copy.deepcopy(model)  # resize and load a copy first: a recipe or state_dict that does not fit changes nothing
+    trial = copy.deepcopy(model)  # resize and load a copy first: a misfit recipe or state_dict changes nothing
     apply_recipe(trial, d['recipe'])
     trial.load_state_dict(d['state_dict'], strict=True)
     mods = dict(model.named_modules())
-    for n, m in trial.named_modules():  # then move every module's tensors (tied ones stay shared) and sizes into `model`
+    # then move every module's tensors (tied ones stay shared) and sizes into `model`
+    for n, m in trial.named_modules():
         t = mods[n]
         t._parameters, t._buffers = m._parameters, m._buffers
         for a, v in d['recipe'].get(n, {}).items():
@@ -796,6 +805,11 @@ def load_pruned(model:nn.Module, path, map_location=None) -> nn.Module:
     return model
 
 # %% ../nbs/08_pruner.ipynb #43d656e7
+def _batch_of(x1, b:int):
+    "The one-item input `x1` (a tensor or a tuple) repeated to a batch of `b`"
+    if isinstance(x1, Tensor): return x1.expand(b, *x1.shape[1:]).contiguous()
+    return tuple(t.expand(b, *t.shape[1:]).contiguous() for t in x1)
+
 @patch
 def report(self:Pruner,
     original:nn.Module|None=None,  # the reference (default: the model as the Pruner first saw it)
@@ -816,7 +830,8 @@ def report(self:Pruner,
         row['compression_ratio'] = compression_ratio(m, orig if m is not orig else None)
         row['theoretical_speedup'] = theoretical_speedup(m, x1, orig if m is not orig else None)
         for b in batch_sizes:
-            xb = x1.expand(b, *x1.shape[1:]).contiguous() if isinstance(x1, Tensor) else tuple(t.expand(b, *t.shape[1:]).contiguous() for t in x1)
-            row[f'measured_speedup_bs{b}'] = 1.0 if m is orig else measured_speedup(orig, m, xb, n_runs=n_runs, threads=threads)
+            xb = _batch_of(x1, b)
+            speedup = 1.0 if m is orig else measured_speedup(orig, m, xb, n_runs=n_runs, threads=threads)
+            row[f'measured_speedup_bs{b}'] = speedup
         rows.append(row)
     return pd.DataFrame(rows).set_index('model')

@@ -6,7 +6,7 @@ import torchvision
 import fastcore.test as fct
 from torch.utils.flop_counter import FlopCounterMode
 from fasterprune.graph import channel_groups, ChannelGraph, UnknownOpError
-from fasterprune.pruner import Pruner, SurgeryError, save_pruned, load_pruned, relative_error
+from fasterprune.pruner import Pruner, SurgeryError, save_pruned, load_pruned, relative_error, _Surgery
 from fasterprune.metrics import count_params, count_flops
 
 warnings.filterwarnings('ignore', category=UserWarning)
@@ -210,7 +210,7 @@ def test_load_pruned_bad_file_leaves_model_untouched(tmp_path):
     d['state_dict'] = {('x' + k): v for k, v in d['state_dict'].items()}  # keys that do not fit
     torch.save(d, tmp_path / 'bad.pt')
     dst = net(); ref = copy.deepcopy(dst.state_dict())
-    with pytest.raises(RuntimeError): load_pruned(dst, tmp_path / 'bad.pt')
+    with pytest.raises(RuntimeError, match='Missing key'): load_pruned(dst, tmp_path / 'bad.pt')
     fct.test_eq(dst[0].weight.shape, (16, 3, 3, 3))
     for k, v in dst.state_dict().items(): assert torch.equal(v, ref[k])
     ok = load_pruned(net(), tmp_path / 'p.pt')
@@ -430,12 +430,12 @@ def test_planted_wrong_channel_is_caught(monkeypatch, dtype, op):
     x = torch.randn(4, 3, 16, 16, dtype=dtype)
     if op == 'compact':
         with torch.no_grad(): m[4].weight[:16] = 0; m[5].weight[:16] = 0; m[5].bias[:16] = 0
-    orig = Pruner._cut_param
+    orig = _Surgery.cut_param
     def planted(self, p, dim, idx):
         if dim == 1 and p is (m[4] if op == 'prune' else m[8]).weight:
             idx = (idx + 1) % p.shape[1]  # every kept input off by one position
         return orig(self, p, dim, idx)
-    monkeypatch.setattr(Pruner, '_cut_param', planted)
+    monkeypatch.setattr(_Surgery, 'cut_param', planted)
     sd = {k: v.clone() for k, v in m.state_dict().items()}
     with pytest.raises(SurgeryError, match='restored'):
         pr = Pruner(m, x)
