@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_lottery.ipynb #9901367b
 from __future__ import annotations
-import os, json, logging, statistics, warnings
+import json, logging, statistics, warnings
 from pathlib import Path
 import torch
 from torch import nn, Tensor
@@ -14,10 +14,11 @@ from fastai.learner import Learner
 from fastai.torch_core import set_seed, get_model
 import fastai.callback.progress  # Learner.no_bar
 from fastprogress.fastprogress import master_bar, progress_bar
-from .sparsifier import prunable_layers, context_names
-from .rewind import (Rewinder, check_rate, check_iteration, check_context, model_state, imp_masks,
+from .core import check_context
+from .sparsifier import prunable_layers
+from .rewind import (Rewinder, check_rate, check_iteration, model_state, imp_masks,
                                 random_masks, weights_remaining, check_ticket, _layer_rates)
-from .distributed import save_on_rank0, read_checkpoint, is_rank0, barrier
+from .distributed import save_on_rank0, read_checkpoint
 
 logger = logging.getLogger('fasterprune')
 _all_ = ['Rewinder', 'check_rate', 'model_state', 'imp_masks', 'random_masks', 'weights_remaining', 'check_ticket']
@@ -270,13 +271,8 @@ def _resume(state_path, config:dict, model:nn.Module) -> dict:
     return old
 
 def _write_json(obj, path):
-    "Write `obj` as JSON to `path`, atomically, from rank 0; every rank waits"
-    path = Path(path)
-    if is_rank0():
-        tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-        tmp.write_text(json.dumps(obj, indent=1))
-        os.replace(tmp, path)
-    barrier()
+    "Write `obj` as JSON to `path`, atomically, from rank 0 (`save_on_rank0`); every rank waits"
+    return save_on_rank0(obj, path, write=lambda o, p: Path(p).write_text(json.dumps(o, indent=1)))
 
 # %% ../nbs/09_lottery.ipynb #0b399c40
 def _round(make_learner, r:int, st:dict, run:dict, tickets_dir, bar) -> dict[str, list]:
@@ -351,9 +347,9 @@ _arm_labels = dict(ticket='ticket (rewind to iteration {})', reinit='random re-i
 
 def plot_lottery(res:dict, path=None, ax=None, title:str|None=None):
     "Accuracy (mean ± std over seeds) vs % of weights remaining, log x axis; saved to `path` when given"
-    import matplotlib.pyplot as plt
-    if ax is None: fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    else: fig = ax.figure
+    from matplotlib.figure import Figure  # not pyplot: no global figure is left open when the CLI saves it
+    if ax is None: ax = Figure(figsize=(6.4, 4.2)).subplots()
+    fig = ax.figure
     rows, cfg = res['rows'], res['config']
     x = [r['pct_remaining'] for r in rows]
     for a, style in zip(cfg['arms'], ('o-', 's--', '^:')):

@@ -4,27 +4,22 @@
 
 # %% ../nbs/08b_rewind.ipynb #508e0295
 from __future__ import annotations
-import math, logging
+import logging
 import torch
 from torch import nn, Tensor
-from .sparsifier import Sparsifier, prunable_layers, context_names, _matches, _round_half_up
+from .core import check_fraction, check_context, round_half_up, state_problems
+from .sparsifier import Sparsifier, prunable_layers, _matches
 
 logger = logging.getLogger('fasterprune')
 
 # %% auto #0
-__all__ = ['logger', 'check_rate', 'check_iteration', 'model_state', 'check_ticket', 'check_context', 'imp_masks', 'random_masks',
+__all__ = ['logger', 'check_rate', 'check_iteration', 'model_state', 'check_ticket', 'imp_masks', 'random_masks',
            'weights_remaining', 'Rewinder']
 
 # %% ../nbs/08b_rewind.ipynb #cae58486
 def check_rate(rate, what:str='rate') -> float:
-    "`rate` as a float in (0, 1), or a `ValueError` that says what to pass"
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)):
-        raise TypeError(f"{what} must be a number in (0, 1), got {type(rate).__name__}")
-    r = float(rate)
-    if math.isnan(r) or not 0 < r < 1:
-        hint = f" ({r:g} looks like a percentage: pass {r/100:g} for {r:g} %)" if 1 < r < 100 else ''
-        raise ValueError(f"{what} must be a fraction in (0, 1) of the remaining weights, got {r:g}{hint}")
-    return r
+    "`rate` as a float in (0, 1) (`core.check_fraction` without 0: a round prunes something), or an error that says why"
+    return check_fraction(rate, what, zero=False)
 
 def check_iteration(iteration) -> int:
     "`iteration` as a whole number of optimizer steps >= 0, or a `ValueError`"
@@ -55,16 +50,9 @@ def check_ticket(ticket:dict, model:nn.Module, what:str='ticket'):
     "Raise a `ValueError` listing how `ticket` (masks, rewind point, weights) does not fit `model`"
     for k in ('masks', 'rewind'):
         if not isinstance(ticket.get(k), dict): raise ValueError(f"{what} has no {k!r} dict: not a lottery ticket")
-    sd, probs = model.state_dict(), []
-    for part in ('rewind', 'weights'):
-        st = ticket.get(part)
-        if st is None: continue
-        miss, extra = [k for k in sd if k not in st], [k for k in st if k not in sd]
-        bad = [f"{k} {tuple(st[k].shape)} vs {tuple(v.shape)}" for k, v in sd.items()
-               if k in st and tuple(st[k].shape) != tuple(v.shape)]
-        if miss: probs.append(f"{part}: missing {', '.join(miss[:5])}{' ...' if len(miss) > 5 else ''}")
-        if extra: probs.append(f"{part}: unexpected {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
-        if bad: probs.append(f"{part}: shapes differ: {'; '.join(bad[:5])}")
+    sd = model.state_dict()
+    probs = [f"{part}: {p}" for part in ('rewind', 'weights') if ticket.get(part) is not None
+             for p in state_problems(ticket[part], sd)]
     try: _mask_targets(model, ticket['masks'])
     except ValueError as e: probs.append(str(e))
     if probs:
@@ -72,12 +60,6 @@ def check_ticket(ticket:dict, model:nn.Module, what:str='ticket'):
                          "the model was not changed:\n  " + "\n  ".join(probs))
 
 # %% ../nbs/08b_rewind.ipynb #aaa14649
-def check_context(context:str) -> str:
-    "`context` if it is 'local' or 'global', else a `ValueError` naming the valid ones"
-    if context not in context_names:
-        raise ValueError(f"Unknown context {context!r}; valid names: {', '.join(context_names)}")
-    return context
-
 def _layer_rates(lyr:dict, layer_rates) -> dict[str, float]:
     "{layer name: rate} for the layers `layer_rates` ({name or glob pattern: rate}) matches, each pattern checked"
     own = {}
@@ -90,7 +72,7 @@ def _layer_rates(lyr:dict, layer_rates) -> dict[str, float]:
 
 def _imp_target(n_w:int, n_kept:int, rate:float) -> float:
     "The sparsity of `n_w` weights that keeps round(n_kept * (1 - rate)) of the `n_kept` survivors, at least one"
-    return (n_w - max(1, _round_half_up(n_kept * (1 - rate)))) / n_w
+    return (n_w - max(1, round_half_up(n_kept * (1 - rate)))) / n_w
 
 def _compute(model, lyr, names, masks, target) -> dict[str, Tensor]:
     "The Sparsifier's masks for the layers `names` (one ranking for a float `target`, per layer for a dict)"
@@ -301,11 +283,9 @@ class Rewinder:
         raise RuntimeError("no rewind point: call keep_rewind_point() before training")
 
     def _check_point(self):
+        "A `ValueError` unless the rewind point fits the model (keys the model gained since, a folded bias, may stay)"
         sd = self.model.state_dict()
-        extra = [k for k in self.rewind_point if k not in sd]
-        bad = [f"{k} {tuple(v.shape)} vs {tuple(sd[k].shape)}" for k, v in self.rewind_point.items()
-               if k in sd and v.shape != sd[k].shape]
-        probs = [f"{what}: {', '.join(xs[:5])}" for what, xs in (('not in the model', extra), ('shapes', bad)) if xs]
+        probs = state_problems(self.rewind_point, {k: v for k, v in sd.items() if k in self.rewind_point})
         if probs:
             raise ValueError(f"the rewind point does not fit {type(self.model).__name__} (a surgery since it was "
                              f"kept?): {'; '.join(probs)}; the model was not changed: pass the surgery's cuts to "

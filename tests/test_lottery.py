@@ -12,7 +12,8 @@ from fastai.optimizer import SGD, Adam
 from fastai.torch_core import set_seed
 from fasterprune.data import digits_arrays, TensorPairs, mlp, small_cnn, lenet_300_100
 from fasterprune.lottery import (RewindCallback, MaskCallback, LotteryTicket, imp_masks, random_masks, apply_masks,
-                                 weights_remaining, model_state, save_ticket, load_ticket, lottery_experiment, lottery_table, check_rate)
+                                 weights_remaining, model_state, save_ticket, load_ticket, lottery_experiment, lottery_table, check_rate,
+                                 plot_lottery)
 from fasterprune.rewind import Rewinder
 from fasterprune.cli import main
 
@@ -281,3 +282,18 @@ def test_cli_lth(tmp_path, capsys):
         fct.test_eq(main(['lth', '--epochs', '1', '--json', str(js), *args]), 2)
         assert 'error' in capsys.readouterr().err
     fct.test_eq(js.read_bytes(), before)
+
+
+def test_plot_lottery_leaves_no_pyplot_figure_open(tmp_path):
+    "The CLI saves the plot: no figure may stay open in pyplot (it would show up in a later notebook cell)"
+    import matplotlib.pyplot as plt
+    rows = [dict(round=r, pct_remaining=100 * 0.5 ** r, compression=2. ** r, ticket_mean=0.9, ticket_std=0.01,
+                 random_mean=0.8, random_std=0.02) for r in range(3)]
+    res = dict(config=dict(name='mlp', rate=0.5, seeds=[0, 1], rewind_iter=0, arms=['ticket', 'random']), rows=rows)
+    before = plt.get_fignums()
+    fig = plot_lottery(res, tmp_path/'lth.png')
+    fct.test_eq(plt.get_fignums(), before)
+    assert (tmp_path/'lth.png').stat().st_size > 0
+    ax = fig.axes[0]
+    fct.test_eq([t.get_text() for t in ax.get_legend().get_texts()], ['ticket (rewind to iteration 0)', 'random pruning'])
+    fct.test_eq(ax.get_xscale(), 'log')
