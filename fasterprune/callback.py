@@ -13,8 +13,8 @@ from fastai.torch_core import get_model, rank_distrib
 from .schedules import get_schedule
 from .granularity import get_granularity
 from .criteria import get_criterion
-from .sparsifier import (Sparsifier, AttentionProjection, check_sparsity, context_names, prunable_layers,
-                                   NMRoundingWarning)
+from .core import check_fraction, check_context
+from .sparsifier import Sparsifier, AttentionProjection, prunable_layers, NMRoundingWarning
 from .metrics import sparsity_report
 
 logger = logging.getLogger('fasterprune')
@@ -42,8 +42,7 @@ class SparsifyCallback(Callback):
     ):
         self.granularity = get_granularity(granularity)
         self.sparsity = self._check_sparsity(sparsity)
-        if context not in context_names:
-            raise ValueError(f"Unknown context {context!r}; valid names: {', '.join(context_names)}")
+        check_context(context)
         get_criterion(criteria)  # fail now on unknown names
         self.schedule = get_schedule(schedule)
         if update_every is not None and (int(update_every) != update_every or update_every < 1):
@@ -64,8 +63,8 @@ class SparsifyCallback(Callback):
         if sparsity is None:
             if not g.is_nm: raise ValueError("sparsity=None only makes sense for N:M granularities; pass a fraction")
             sparsity = (g.m - g.n) / g.m
-        if isinstance(sparsity, dict): out = {k: check_sparsity(v, f'sparsity[{k!r}]') for k, v in sparsity.items()}
-        else: out = check_sparsity(sparsity)
+        if isinstance(sparsity, dict): out = {k: check_fraction(v, f'sparsity[{k!r}]') for k, v in sparsity.items()}
+        else: out = check_fraction(sparsity, 'sparsity')
         if g.is_nm:  # say now that the final target is out of reach, not at every update
             for s in sorted(set(out.values()) if isinstance(out, dict) else {out}):
                 if abs(self._nm_level(s) - s) > 1e-9:
