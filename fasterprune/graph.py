@@ -181,6 +181,10 @@ class ChannelGraph:
             rx, ry = self._find(x), self._find(y)
             if rx != ry: self.parent[max(rx, ry)] = min(rx, ry)
 
+    def _tie(self, a:Tensor, b:Tensor):
+        "The components of labels `a` and `b` go together, position by position (not united: their channels differ)"
+        self.ties.append((a, b))
+
     def _pin(self, ids, reason:str):
         "Pin the labels `ids` (a tensor, or any nesting of them; None: nothing)"
         if ids is None: return
@@ -749,8 +753,8 @@ def _layer(self:ChannelGraph, name:str, m:nn.Module, x:Tensor, xl, out:Tensor, i
     ids = self._consumer_slots(name, x, xl, 1, out.shape[1], it)
     G = getattr(m, 'groups', 1)
     if G > 1:  # channel p of every conv group goes together: the cut stays one index per weight dimension
-        self.ties += [(xl.reshape(G, -1)[0].repeat(G - 1), xl.reshape(G, -1)[1:].reshape(-1)),
-                      (ids.reshape(G, -1)[0].repeat(G - 1), ids.reshape(G, -1)[1:].reshape(-1))]
+        self._tie(xl.reshape(G, -1)[0].repeat(G - 1), xl.reshape(G, -1)[1:].reshape(-1))
+        self._tie(ids.reshape(G, -1)[0].repeat(G - 1), ids.reshape(G, -1)[1:].reshape(-1))
     return ids
 
 # %% ../nbs/07_graph.ipynb #c55a30d1
