@@ -10,7 +10,7 @@ from torch import nn, Tensor
 import torch.nn.functional as F
 import pandas as pd
 from .core import evaluating, flat_tensors
-from .metrics import _prepare, _check_whole, _check_threads
+from .metrics import _prepare, _check_whole, _check_threads, _interleaved, _sync
 
 logger = logging.getLogger('fasterprune')
 
@@ -356,9 +356,6 @@ def _mha_load(module, state_dict, prefix, local_metadata, strict, missing_keys, 
         for n, part in zip(_qkv, t.chunk(3)): state_dict[f'{prefix}{n}.{kind}'] = part
 
 # %% ../nbs/14_inference.ipynb #4561d2f5
-def _sync(device):
-    if device.type == 'cuda': torch.cuda.synchronize(device)
-
 def time_kernels(
     fns:list,          # callables of one tensor, e.g. a dense and a sparse Linear
     x:Tensor,          # the input they are timed on
@@ -366,24 +363,16 @@ def time_kernels(
     target_s:float=1e-3, # each sample repeats a call until it lasts about this long (timer resolution, noise)
 ) -> list[list[float]]:
     "Seconds per call of each of `fns` on `x`, one list per fn, from interleaved rounds (CUDA synchronized)"
-    dev = x.device
+    cuda = [x.device] if x.device.type == 'cuda' else []
     for f in fns: f(x)
-    _sync(dev)
+    _sync(cuda)
     t0 = time.perf_counter()
     fns[0](x)
-    _sync(dev)
+    _sync(cuda)
     reps = max(1, min(100, int(target_s / max(time.perf_counter() - t0, 1e-7))))
     for f in fns:
         for _ in range(reps): f(x)
-    times = [[] for _ in fns]
-    for i in range(n_runs):
-        for j in (range(len(fns)) if i % 2 == 0 else reversed(range(len(fns)))):
-            _sync(dev)
-            t0 = time.perf_counter()
-            for _ in range(reps): fns[j](x)
-            _sync(dev)
-            times[j].append((time.perf_counter() - t0) / reps)
-    return times
+    return _interleaved([(f, (x,), {}) for f in fns], n_runs, cuda, reps)
 
 # %% ../nbs/14_inference.ipynb #2abdfa3c
 def _rel_err(a:Tensor, b:Tensor) -> float:

@@ -189,17 +189,17 @@ def _check_threads(threads):
 def _sync(devices):
     for d in devices: torch.cuda.synchronize(d)
 
-def _interleaved(calls, n_runs:int, cuda:list) -> list[list[float]]:
-    "Seconds of each `(model, args, kwargs)` call in `n_runs` rounds, in order on even rounds, reversed on odd ones"
+def _interleaved(calls:list, n_runs:int, cuda:list, reps:int=1) -> list[list[float]]:
+    "Seconds per call of each `(f, args, kwargs)` over `n_runs` rounds of `reps` calls, the order reversed every round"
     times = [[] for _ in calls]
     for i in range(n_runs):
         for j in (range(len(calls)) if i % 2 == 0 else reversed(range(len(calls)))):
-            m, a, kw = calls[j]
+            f, a, kw = calls[j]
             _sync(cuda)
             t0 = time.perf_counter()
-            m(*a, **kw)
+            for _ in range(reps): f(*a, **kw)
             _sync(cuda)
-            times[j].append(time.perf_counter() - t0)
+            times[j].append((time.perf_counter() - t0) / reps)
     return times
 
 def _time_runs(models, example_input, n_warmup, n_runs, threads) -> list[list[float]]:
