@@ -26,25 +26,37 @@ def trim():
 
 
 class PeakRSS:
+    "Peak resident memory inside the `with` block, sampled every 0.5 ms by a thread"
     def __init__(self): self.proc, self.peak, self.stop = psutil.Process(), 0, False
+
     def _run(self):
         while not self.stop:
-            self.peak = max(self.peak, self.proc.memory_info().rss); time.sleep(0.0005)
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.0005)
+
     def __enter__(self):
-        self.base = self.proc.memory_info().rss; self.peak = self.base
-        self.t = threading.Thread(target=self._run, daemon=True); self.t.start(); return self
+        self.base = self.peak = self.proc.memory_info().rss
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+        return self
+
     def __exit__(self, *a):
-        self.stop = True; self.t.join(); self.peak = max(self.peak, self.proc.memory_info().rss)
+        self.stop = True
+        self.t.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
 def baseline_sparsifier(rev):
     "The Sparsifier class of git revision `rev`, imported from a temporary copy of its package"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    d = tempfile.mkdtemp(); pkg = os.path.join(d, 'fp_baseline'); os.makedirs(pkg)
-    for f in ('__init__.py', 'criteria.py', 'granularity.py', 'sparsifier.py'):
-        src = subprocess.run(['git', '-C', root, 'show', f'{rev}:fasterprune/{f}'], capture_output=True, text=True,
-                             check=True).stdout
-        with open(os.path.join(pkg, f), 'w') as fh: fh.write(src.replace('fasterprune.', 'fp_baseline.'))
+    d = tempfile.mkdtemp()
+    pkg = os.path.join(d, 'fp_baseline')
+    os.makedirs(pkg)
+    for f in ('__init__.py', 'core.py', 'criteria.py', 'granularity.py', 'sparsifier.py'):
+        got = subprocess.run(['git', '-C', root, 'show', f'{rev}:fasterprune/{f}'], capture_output=True, text=True)
+        if got.returncode and f == 'core.py': continue  # revisions before fasterprune/core.py existed
+        got.check_returncode()
+        with open(os.path.join(pkg, f), 'w') as fh: fh.write(got.stdout.replace('fasterprune.', 'fp_baseline.'))
     sys.path.insert(0, d)
     return importlib.import_module('fp_baseline.sparsifier').Sparsifier
 
@@ -66,7 +78,8 @@ def main():
         n = sum(m.weight.numel() for m in sp.layers.values())
         trim()
         with PeakRSS() as mem:
-            t, c = time.perf_counter(), time.process_time(); sp.sparsify(a.sparsity)
+            t, c = time.perf_counter(), time.process_time()
+            sp.sparsify(a.sparsity)
             dt, dc = time.perf_counter() - t, time.process_time() - c
         pruned = sum(int((~mk).sum()) for mk in sp.masks.values())
         zeros = sum(int((m.weight == 0).sum()) for m in sp.layers.values())
@@ -76,16 +89,18 @@ def main():
         print(f"run {r} [{tag}]: {len(sp.layers)} layers, {n:,} prunable weights, "
               f"pruned {pruned:,} (= round({a.sparsity}*n)), "
               f"{dt:.3f} s ({dc:.3f} s CPU), peak extra {extra:.3f} bytes/weight")
-        del sp, model; trim()
+        del sp, model
+        trim()
     # reference: kthvalue over all magnitudes (one run)
-    model = torchvision.models.vit_l_16(); model.requires_grad_(False)
+    model = torchvision.models.vit_l_16()
+    model.requires_grad_(False)
     ws = [m.weight for m in Sparsifier(model).layers.values()]
     t = time.perf_counter()
     allw = torch.cat([w.detach().abs().flatten() for w in ws])
     kth = torch.kthvalue(allw, round(a.sparsity * allw.numel())).values
     dk = time.perf_counter() - t
     print(f"\n{'':<34}{'median s':>10}{'bytes/weight':>14}")
-    med = lambda rs, i: statistics.median(r[i] for r in rs)
+    def med(rs, i): return statistics.median(r[i] for r in rs)
     print(f"{'Sparsifier global sparsify(0.9)':<34}{med(rows, 0):>10.3f}{med(rows, 1):>14.3f}")
     if base_rows:
         mb = statistics.median(r[0] for r in base_rows)

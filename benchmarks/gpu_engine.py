@@ -29,8 +29,12 @@ def _measure(dev, f):
     "Seconds and peak extra bytes (CUDA only) of `f()`"
     _sync(dev)
     if dev.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
-    t = time.perf_counter(); out = f(); _sync(dev); dt = time.perf_counter() - t
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    t = time.perf_counter()
+    out = f()
+    _sync(dev)
+    dt = time.perf_counter() - t
     extra = torch.cuda.max_memory_allocated() - base if dev.type == 'cuda' else float('nan')
     return dt, extra, out
 
@@ -38,7 +42,8 @@ def _measure(dev, f):
 def _pruned(sp): return int(sum(((~m).sum() for m in sp.masks.values()), torch.zeros((), dtype=torch.int64)))
 
 
-def _zeros(sp): return int(sum(((m.weight == 0).sum() for m in sp.layers.values()), torch.zeros((), dtype=torch.int64)))
+def _zeros(sp):
+    return int(sum(((m.weight == 0).sum() for m in sp.layers.values()), torch.zeros((), dtype=torch.int64)))
 
 
 def _vit(dev, small):
@@ -61,17 +66,21 @@ def bench_vit(dev, small, s=0.9, repeats=3):
         times, extras = [], []
         try:
             for r in range(repeats + 1):
-                torch._foreach_copy_(ws, saved); sp.reset()
+                torch._foreach_copy_(ws, saved)
+                sp.reset()
                 dt, extra, _ = _measure(dev, lambda: sp.sparsify(s))
                 assert _pruned(sp) == round(s * n) == _zeros(sp), (_pruned(sp), _zeros(sp), round(s * n))
-                if r: times.append(dt); extras.append(extra / n)
+                if r:
+                    times.append(dt)
+                    extras.append(extra / n)
         finally: S._SELECT_PATH = None
         return statistics.median(times), statistics.median(extras)
 
     res['ours_s'], res['ours_bytes_per_weight'] = ours(None)
     res['exact'] = True
     res['old_engine_s'], res['old_engine_bytes_per_weight'] = ours('host')
-    torch._foreach_copy_(ws, saved); sp.reset()
+    torch._foreach_copy_(ws, saved)
+    sp.reset()
     del saved
     times, extras = [], []
     for r in range(repeats + 1):
@@ -79,7 +88,9 @@ def bench_vit(dev, small, s=0.9, repeats=3):
         params = [(m, 'weight') for m in S.prunable_layers(m2).values()]
         P = torch.nn.utils.prune
         dt, extra, _ = _measure(dev, lambda: P.global_unstructured(params, P.L1Unstructured, amount=s))
-        if r: times.append(dt); extras.append(extra / n)
+        if r:
+            times.append(dt)
+            extras.append(extra / n)
         del m2, params
     res['torch_prune_s'], res['torch_prune_bytes_per_weight'] = statistics.median(times), statistics.median(extras)
     times = []
@@ -149,7 +160,9 @@ def run(dev='cuda', small=False) -> dict:
 
 if __name__ == '__main__':
     p = argparse.ArgumentParser()
-    p.add_argument('--dev', default='cuda'); p.add_argument('--small', action='store_true'); p.add_argument('--json')
+    p.add_argument('--dev', default='cuda')
+    p.add_argument('--small', action='store_true')
+    p.add_argument('--json')
     a = p.parse_args()
     res = run(a.dev, a.small)
     if a.json:
