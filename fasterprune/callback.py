@@ -133,15 +133,8 @@ class SparsifyCallback(Callback):
             self._mode = 'keep' if self._matches(model) else 'off'
             self._refresh_cache()
             return
-        if self.sparsifier is None or self.sparsifier.model is not model: self._new(model)  # a new model: start over
-        elif not self._matches(model):  # the same model after surgery (Pruner.compact): its zeros become fixed masks
-            self._new(model, keep_history=True)
-            self.fixed = True
-            logger.info("SparsifyCallback: the model's layers changed since the last fit (surgery): its %d zero "
-                        "weights are kept as fixed masks and nothing more is pruned; call restart() to prune it again",
-                        sum(int((~mk).sum()) for mk in self.sparsifier.masks.values()))
-        sp = self.sparsifier
-        frozen = self._frozen_layers(sp)
+        self._follow(model)
+        frozen = self._frozen_layers(self.sparsifier)
         if self.completed or self.fixed or frozen:
             if frozen and not (self.completed or self.fixed):
                 logger.info("SparsifyCallback: %s frozen by Learner.freeze in this fit: the masks are kept and the "
@@ -151,24 +144,38 @@ class SparsifyCallback(Callback):
             self._refresh_cache()
             self._apply()
             return
+        self._plan()
+        # Pruning at pos 0 (one-shot, iterative) happens before the first batch; gradient criteria have no gradients
+        # yet, so for them it happens after the first optimizer step, on that step's gradients.
+        self._refresh_cache()  # masks adopted from the weights' zeros, if any
+        if self.schedule(0.) > 0 and not self._needs_grad: self._update(0., self.schedule(0.))
+        self._apply()
+        self._mode = 'prune'
+
+    def _follow(self, model):
+        "The Sparsifier for `model`: a new one for a new model; after a surgery, one that keeps its zeros fixed"
+        if self.sparsifier is None or self.sparsifier.model is not model: self._new(model)  # a new model: start over
+        elif not self._matches(model):  # the same model after surgery (Pruner.compact): its zeros become fixed masks
+            self._new(model, keep_history=True)
+            self.fixed = True
+            logger.info("SparsifyCallback: the model's layers changed since the last fit (surgery): its %d zero "
+                        "weights are kept as fixed masks and nothing more is pruned; call restart() to prune it again",
+                        sum(int((~mk).sum()) for mk in self.sparsifier.masks.values()))
+
+    def _plan(self):
+        "This fit's steps and update interval; gradient criteria need every pruned layer trainable"
+        sp, sched = self.sparsifier, self.schedule
         if sp.criterion.needs_grad:
             stuck = [n for n, m in sp.layers.items() if not m.weight.requires_grad]
             if stuck: raise ValueError(f"criteria {sp.criterion!r} needs gradients, but these layers are frozen: "
                                        f"{', '.join(stuck)}; unfreeze them, leave them out with exclude=, "
                                        "or use criteria='magnitude'")
         self.n_steps = max(1, self.n_epoch * len(self.dls.train))
-        sched = self.schedule
         window = max(1, round((sched.end_pct - sched.start_pct) * self.n_steps))
         self._every = 1 if sched.stepwise else (self.update_every or max(1, min(100, window // 8)))
         self._needs_grad = sp.criterion.needs_grad
         self._done = False
         if self._needs_grad: sp.criterion.reset()  # gradients accumulate over this fit's steps only
-        # Pruning at pos 0 (one-shot, iterative) happens before the first batch; gradient criteria have no gradients
-        # yet, so for them it happens after the first optimizer step, on that step's gradients.
-        self._refresh_cache()  # masks adopted from the weights' zeros, if any
-        if sched(0.) > 0 and not self._needs_grad: self._update(0., sched(0.))
-        self._apply()
-        self._mode = 'prune'
 
     def after_step(self):
         if self._mode is None or self._mode == 'off': return

@@ -83,7 +83,7 @@ def test_rewind_iteration_beyond_first_fit():
     with pytest.raises(ValueError, match="beyond the fit's length of 12"): _quiet_fit(learn, 2, 1e-2)
     fct.test_eq(all(torch.equal(w0[n], v) for n, v in learn.model.state_dict().items()), True)
     for bad in (-1, 1.5, True):
-        with pytest.raises(ValueError): RewindCallback(bad)
+        with pytest.raises(ValueError, match='whole number of optimizer steps'): RewindCallback(bad)
 
 
 # ---------------------------------------------------------------- masks through every fit
@@ -254,7 +254,7 @@ def test_bad_input_overwrites_nothing(tmp_path):
     kw = {**KW, 'json_path': js}
     for bad in (0, 1, 1.0, -0.2, 20, float('nan')):
         with pytest.raises(ValueError, match='rate'): lottery_experiment(_make, rounds=2, **{**kw, 'rate': bad})
-    with pytest.raises(TypeError): lottery_experiment(_make, rounds=2, **{**kw, 'rate': '0.2'})
+    with pytest.raises(TypeError, match='rate must be a number'): lottery_experiment(_make, rounds=2, **{**kw, 'rate': '0.2'})
     for bad in (0, -1, 1.5):
         with pytest.raises(ValueError, match='rounds'): lottery_experiment(_make, rounds=bad, **kw)
     with pytest.raises(ValueError, match='beyond the first fit'): lottery_experiment(_make, rounds=2, rewind_iter=7, **kw)

@@ -208,7 +208,7 @@ def test_load_ticket_empty_or_truncated(tmp_path):
     for f, why in (('empty.pt', 'empty'), ('cut.pt', 'truncated')):
         with pytest.raises(CheckpointError, match=why): load_ticket(tmp_path/f, fresh)
         fct.test_eq(all(torch.equal(before[k], v) for k, v in fresh.state_dict().items()), True)
-    with pytest.raises(FileNotFoundError): load_ticket(tmp_path/'missing.pt', fresh)
+    with pytest.raises(FileNotFoundError, match='no checkpoint at'): load_ticket(tmp_path/'missing.pt', fresh)
 
 
 def _make():
