@@ -2,12 +2,14 @@
 import pytest, torch
 from torch import nn
 import fastcore.test as fct
-from fasterprune.core import check_fraction, check_context, evaluating, round_half_up, flat_tensors, to_device, model_device
+from fasterprune.core import (check_fraction, check_context, evaluating, round_half_up, flat_tensors, to_device,
+                              model_device)
 
 
 @pytest.mark.parametrize('bad,zero,msg', [(90, True, 'e.g. 0.9 for 90 %'), (1, True, 'would prune every weight'),
-                                          (0, False, 'must be a fraction in (0, 1), got 0'), (100, False, 'e.g. 1 for 100 %'),
-                                          (101, True, 'got 101'), (-1e-9, True, '[0, 1)'), (float('inf'), True, 'got inf')])
+                                          (0, False, 'must be a fraction in (0, 1), got 0'),
+                                          (100, False, 'e.g. 1 for 100 %'), (101, True, 'got 101'),
+                                          (-1e-9, True, '[0, 1)'), (float('inf'), True, 'got inf')])
 def test_fraction_refused(bad, zero, msg):
     fct.test_fail(lambda: check_fraction(bad, 'rate', zero=zero), contains=msg)
 
