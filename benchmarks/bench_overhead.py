@@ -29,7 +29,8 @@ def digits_x4():
 
 def random_images(n_train=4096, n_valid=256):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(n_train + n_valid, 3, 32, 32, generator=g); y = torch.randint(0, 10, (n_train + n_valid,), generator=g)
+    x = torch.randn(n_train + n_valid, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (n_train + n_valid,), generator=g)
     return TensorPairs(x[:n_train], y[:n_train]), TensorPairs(x[n_train:], y[n_train:])
 
 
@@ -47,7 +48,9 @@ def timed_fit(kind, sparse):
     learn, epochs = make_learner(kind)
     cbs = [SparsifyCallback(0.9, 'weight', 'global', 'magnitude', 'agp')] if sparse else []
     with learn.no_bar(), learn.no_logging():
-        t = time.perf_counter(); learn.fit(epochs, 1e-3, cbs=cbs); dt = time.perf_counter() - t
+        t = time.perf_counter()
+        learn.fit(epochs, 1e-3, cbs=cbs)
+        dt = time.perf_counter() - t
     if sparse:
         sp = cbs[0].sparsifier
         assert abs(sp.sparsity() - 0.9) < 1e-6, sp.sparsity()
@@ -56,7 +59,9 @@ def timed_fit(kind, sparse):
 
 
 def main():
-    p = argparse.ArgumentParser(); p.add_argument('--pairs', type=int, default=3); p.add_argument('--only', default=None)
+    p = argparse.ArgumentParser()
+    p.add_argument('--pairs', type=int, default=3)
+    p.add_argument('--only', default=None)
     a = p.parse_args()
     kinds = [a.only] if a.only else ['mlp', 'resnet18']
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -67,7 +72,8 @@ def main():
         for i in range(a.pairs):
             order = [False, True] if i % 2 == 0 else [True, False]
             res = {s: timed_fit(kind, s) for s in order}
-            r = res[True][0] / res[False][0]; ratios.append(r)
+            r = res[True][0] / res[False][0]
+            ratios.append(r)
             print(f"{kind:<10}{i:>5}{res[False][0]:>10.2f}{res[True][0]:>10.2f}{r:>8.3f}{res[True][1]:>9}")
         print(f"{kind:<10}{'median':>5}{'':>20}{statistics.median(ratios):>8.3f}")
 

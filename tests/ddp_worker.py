@@ -79,7 +79,8 @@ class PoisonOnRank(Callback):
     def __init__(self, rank:int, at:int): self.rank, self.at = rank, at
     def after_loss(self):
         if self.train_iter == self.at and int(os.environ.get('RANK', 0)) == self.rank:
-            self.learn.loss_grad = self.loss_grad * float('nan'); self.learn.loss = self.loss * float('nan')
+            self.learn.loss_grad = self.loss_grad * float('nan')
+            self.learn.loss = self.loss * float('nan')
 
 
 def nan_run(world:int) -> dict:
@@ -97,10 +98,14 @@ def sync_check_errors() -> dict:
     "What `check_masks_in_sync` says when rank 1 differs in one weight, and when it holds a mask for one more layer"
     one = lambda *shape: torch.ones(*shape, dtype=torch.bool)
     values, layout = {'a': one(4, 5), 'b': one(3)}, {'a': one(4, 5)}
-    if dist.get_rank() == 1: values['b'][1] = False; layout['c'] = one(2)
+    if dist.get_rank() == 1:
+        values['b'][1] = False
+        layout['c'] = one(2)
     out = {}
     for name, m in [('values', values), ('layout', layout)]:
-        try: check_masks_in_sync(m); out[name] = None
+        try:
+            check_masks_in_sync(m)
+            out[name] = None
         except RuntimeError as e: out[name] = str(e)
     return out
 

@@ -168,10 +168,12 @@ def test_resume_mid_schedule(tmp_path):
         learn = Learner(_dls(shuffle=False), mlp(64, 48, 10), loss_func=nn.CrossEntropyLoss(), opt_func=Adam,
                         path=tmp_path)
         return learn
-    a = make(); saver = SaveAt()
+    a = make()
+    saver = SaveAt()
     cb_a = SparsifyCallback(0.9, schedule=agp(0., 1.), update_every=4)
     a.fit(4, 1e-2, cbs=[cb_a, saver])
-    b = make(); b.load('mid')
+    b = make()
+    b.load('mid')
     cb_b = SparsifyCallback(0.9, schedule=agp(0., 1.), update_every=4)
     class Grab(Callback):
         order = 50  # after SparsifyCallback sets up, at the first training epoch of the fit
@@ -194,8 +196,10 @@ def test_resume_adopts_saved_masks(tmp_path):
     cb = SparsifyCallback(0.5, schedule='one_shot')
     learn.fit(1, 1e-2, cbs=cb)
     learn.save('m')
-    fresh = Learner(_dls(), mlp(64, 32, 10), loss_func=nn.CrossEntropyLoss(), path=tmp_path); fresh.load('m')
-    cb2 = SparsifyCallback(0.5, schedule='one_shot'); chk = CheckZeros(cb2)
+    fresh = Learner(_dls(), mlp(64, 32, 10), loss_func=nn.CrossEntropyLoss(), path=tmp_path)
+    fresh.load('m')
+    cb2 = SparsifyCallback(0.5, schedule='one_shot')
+    chk = CheckZeros(cb2)
     fresh.fit(1, 1e-2, cbs=[cb2, chk])
     for k, v in cb.sparsifier.masks.items(): fct.test_eq(cb2.sparsifier.masks[k], v)
 
@@ -402,11 +406,13 @@ def test_frozen_fit_keeps_existing_masks():
     learn = _learn(splitter=lambda m: [params(m[0]), params(m[2:])])
     cb = SparsifyCallback(0.5, schedule=agp(0., 1.))
     learn.fit(1, 1e-2, cbs=[cb, _CancelAt(4)])  # part-way
-    s = cb.sparsifier.sparsity(); n = len(cb.history)
+    s = cb.sparsifier.sparsity()
+    n = len(cb.history)
     learn.freeze()
     chk = CheckZeros(cb)
     learn.fit(1, 1e-2, cbs=[cb, chk])
-    fct.test_eq(cb.sparsifier.sparsity(), s); fct.test_eq(len(cb.history), n)
+    fct.test_eq(cb.sparsifier.sparsity(), s)
+    fct.test_eq(len(cb.history), n)
     assert chk.checked > 0
 
 

@@ -18,7 +18,8 @@ ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
 
 def _free_port() -> int:
     with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
 
 
 def _n_weights(masks): return sum(m.numel() for m in masks.values())
@@ -35,7 +36,9 @@ def test_ddp_two_processes_match_one(tmp_path):
         ref_nan = w.nan_run(1)
         out, _ = proc.communicate(timeout=300)
     finally:
-        if proc.poll() is None: proc.kill(); proc.wait()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 0, out[-4000:]
     ranks = torch.load(tmp_path/'ddp.pt', weights_only=False)
     assert len(ranks) == 2
@@ -82,7 +85,8 @@ def test_sigkill_resume(tmp_path):
     killed, ref_dir = tmp_path/'killed', tmp_path/'ref'
     proc = subprocess.Popen([sys.executable, str(WORKER), 'fit', str(killed)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        ref = w.make_learner(1, ref_dir); ref_cbs = w.resume_cbs()  # the uninterrupted fit, while the other one runs
+        ref = w.make_learner(1, ref_dir)
+        ref_cbs = w.resume_cbs()  # the uninterrupted fit, while the other one runs
         w._fit(ref, 1, w.R_EPOCHS, ref_cbs)
         deadline = time.monotonic() + 120
         while not (killed/'midway').exists():  # epochs 0 and 1 are checkpointed, epoch 2 is half done
@@ -92,7 +96,9 @@ def test_sigkill_resume(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
-        if proc.poll() is None: proc.kill(); proc.wait()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == -signal.SIGKILL
     path, ep = latest_checkpoint(killed/'models')
     assert ep == w.KILL_EPOCH - 1 and not (killed/'models'/f'model_{w.KILL_EPOCH}.pth').exists()  # killed mid-schedule
@@ -127,7 +133,8 @@ def test_bad_checkpoints_leave_the_model_untouched(tmp_path):
     from fasterprune.data import mlp
     torch.save(mlp(64, 300, 50, 10).state_dict(), tmp_path/'models'/'foreign.pth')  # first layer fits, the rest does not
     torch.save({'config': {'lr': 1}}, tmp_path/'models'/'config.pth')
-    osd = torch.load(good, weights_only=False); osd['opt']['state'][0] = {k: (v[:1] if torch.is_tensor(v) and v.ndim else v) for k, v in osd['opt']['state'][0].items()}
+    osd = torch.load(good, weights_only=False)
+    osd['opt']['state'][0] = {k: (v[:1] if torch.is_tensor(v) and v.ndim else v) for k, v in osd['opt']['state'][0].items()}
     torch.save(osd, tmp_path/'models'/'badopt.pth')
     before, opt_before = _state(learn), [dict(s) for s in learn.opt.state_dict()['state']]
     for name, msg in [('half', 'truncated'), ('empty', 'empty'), ('foreign', 'different shapes: 2.weight (50, 300)'),
@@ -136,7 +143,8 @@ def test_bad_checkpoints_leave_the_model_untouched(tmp_path):
         assert _same(before, _state(learn)), name
         assert all(all(s[k] is t[k] for k in s) for s, t in zip(opt_before, learn.opt.state_dict()['state'])), name
     # the file a SIGKILL during a write leaves is skipped when resuming: the newest complete one is used
-    (tmp_path/'models'/'model_0.pth').write_bytes(data); (tmp_path/'models'/'model_1.pth').write_bytes(data[:1000])
+    (tmp_path/'models'/'model_0.pth').write_bytes(data)
+    (tmp_path/'models'/'model_1.pth').write_bytes(data[:1000])
     assert latest_checkpoint(learn) == (tmp_path/'models'/'model_0.pth', 0)
     fresh = w.make_learner(1, tmp_path)
     assert resume_from_checkpoint(fresh) == 1 and _same(before, _state(fresh))
@@ -144,7 +152,9 @@ def test_bad_checkpoints_leave_the_model_untouched(tmp_path):
 
 class _Poison(Callback):
     def after_loss(self):
-        if self.train_iter == 23: self.learn.loss_grad = self.loss_grad * float('nan'); self.learn.loss = self.loss * float('nan')
+        if self.train_iter == 23:
+            self.learn.loss_grad = self.loss_grad * float('nan')
+            self.learn.loss = self.loss * float('nan')
 
 
 @pytest.mark.parametrize('every', [1, 7])  # a mask update at the NaN step, and none
@@ -173,7 +183,9 @@ def test_stop_on_nan_when_mixed_precision_skips_the_step():
     class PoisonAt(Callback):
         order = 5
         def after_loss(self):
-            if self.train_iter == 7: self.learn.loss_grad = self.learn.loss_grad * float('nan'); self.learn.loss = self.learn.loss * float('nan')
+            if self.train_iter == 7:
+                self.learn.loss_grad = self.learn.loss_grad * float('nan')
+                self.learn.loss = self.learn.loss * float('nan')
     torch.manual_seed(0)
     learn = Learner(digits_dls(), mlp(64, 32, 10), loss_func=torch.nn.CrossEntropyLoss())
     with pytest.raises(FloatingPointError, match='loss is nan.*iteration 7'):

@@ -116,7 +116,8 @@ def test_imp_masks_counts_and_contexts():
         new = imp_masks(net, m, 0.2, 'local', {'4': 0.1})
         fct.test_eq({n: int(v.sum()) for n, v in new.items()},
                     {n: max(1, math.floor(kept[n] * (0.9 if n == '4' else 0.8) + 0.5)) for n in kept})
-        Rewinder(net).set_masks(new); m = new
+        Rewinder(net).set_masks(new)
+        m = new
     g = imp_masks(net, m, 0.3, 'global', {'4': 0.1})
     rest = int(m['0'].sum()) + int(m['2'].sum())
     fct.test_eq(int(g['0'].sum()) + int(g['2'].sum()), math.floor(rest * 0.7 + 0.5))
@@ -130,13 +131,17 @@ def test_imp_masks_counts_and_contexts():
 def test_random_masks_same_counts_nested():
     set_seed(0)
     net = mlp(64, 48, 10)
-    m1 = imp_masks(net, None, 0.5); Rewinder(net).set_masks(m1); m2 = imp_masks(net, m1, 0.5)
+    m1 = imp_masks(net, None, 0.5)
+    Rewinder(net).set_masks(m1)
+    m2 = imp_masks(net, m1, 0.5)
     r1, r2 = random_masks(m1, seed=3), random_masks(m2, seed=3)
     for n in m1:
-        fct.test_eq(int(r1[n].sum()), int(m1[n].sum())); fct.test_eq(int(r2[n].sum()), int(m2[n].sum()))
+        fct.test_eq(int(r1[n].sum()), int(m1[n].sum()))
+        fct.test_eq(int(r2[n].sum()), int(m2[n].sum()))
         fct.test_eq(bool((r2[n] & ~r1[n]).any()), False)   # nested for a fixed seed
         fct.test_ne(r2[n], m2[n])
-    fct.test_eq(random_masks(m2, seed=3)['0'], r2['0']); fct.test_ne(random_masks(m2, seed=4)['0'], r2['0'])
+    fct.test_eq(random_masks(m2, seed=3)['0'], r2['0'])
+    fct.test_ne(random_masks(m2, seed=4)['0'], r2['0'])
 
 
 # ---------------------------------------------------------------- tickets on disk
@@ -145,7 +150,9 @@ def test_ticket_roundtrip_and_foreign_ticket(tmp_path):
     set_seed(0)
     learn = _learn(small_cnn(c=8), flat=False)
     lt = LotteryTicket(learn, rate=0.5, rewind_iter=2)
-    _quiet_fit(learn, 1, 1e-2); lt.next_round(); _quiet_fit(learn, 1, 1e-2)
+    _quiet_fit(learn, 1, 1e-2)
+    lt.next_round()
+    _quiet_fit(learn, 1, 1e-2)
     p = save_ticket(lt.ticket(), tmp_path/'t.pt')
     raw = torch.load(p, weights_only=True)                       # plain tensors only
     fct.test_eq(set(raw), {'round', 'rewind_iter', 'masks', 'rewind', 'weights'})
@@ -207,7 +214,8 @@ def _same(a, b): return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k i
 
 def remaining_pct(r):
     "% kept by the runner's mlp(64, 32, 16, 10) after r rounds at 0.5 (output layer 0.25)"
-    ks = [64 * 32, 32 * 16, 16 * 10]; n = sum(ks)
+    ks = [64 * 32, 32 * 16, 16 * 10]
+    n = sum(ks)
     for _ in range(r): ks = [math.floor(k * f + 0.5) for k, f in zip(ks, (0.5, 0.5, 0.75))]
     return 100 * sum(ks) / n
 
@@ -240,7 +248,8 @@ def test_resume_after_kill(tmp_path):
     fct.test_eq(part['rows'], full['rows'][:2])
     KILL.update(n=0)
     more = lottery_experiment(_make, rounds=3, json_path=js2, **kw)
-    fct.test_eq(KILL['n'], 12); fct.test_eq(more['rows'], full['rows'])
+    fct.test_eq(KILL['n'], 12)
+    fct.test_eq(more['rows'], full['rows'])
     KILL.update(n=0)
     fct.test_eq(lottery_experiment(_make, rounds=2, json_path=js2, **kw)['rows'], full['rows'][:3])
     fct.test_eq(KILL['n'], 0)                                    # nothing left to run
@@ -276,7 +285,8 @@ def test_cli_lth(tmp_path, capsys):
     out = capsys.readouterr().out
     assert 'ticket' in out and 'random' in out and png.stat().st_size > 0
     rows = json.loads(js.read_text())['rows']
-    fct.test_eq(len(rows), 2); fct.test_close(rows[1]['pct_remaining'], 100 * (round(0.5 * 64 * 300) + round(0.5 * 300 * 100) + round(0.75 * 1000)) / (64 * 300 + 300 * 100 + 1000), eps=1e-9)
+    fct.test_eq(len(rows), 2)
+    fct.test_close(rows[1]['pct_remaining'], 100 * (round(0.5 * 64 * 300) + round(0.5 * 300 * 100) + round(0.75 * 1000)) / (64 * 300 + 300 * 100 + 1000), eps=1e-9)
     before = js.read_bytes()
     for args in (['--rate', '1.5'], ['--rate', '20'], ['--rounds', '0'], ['--rewind-iter', '100000'], ['--controls', 'nope']):
         fct.test_eq(main(['lth', '--epochs', '1', '--json', str(js), *args]), 2)

@@ -93,7 +93,8 @@ def test_rewind_to_iteration_k_plain_pytorch():
         model.train()
         for i in range(steps):
             nn.functional.cross_entropy(model(xt[32 * i:32 * i + 32]), yt[32 * i:32 * i + 32]).backward()
-            opt.step(); opt.zero_grad()
+            opt.step()
+            opt.zero_grad()
             if record: seen[i + 1] = model_state(model)
     train(8, record=True)
     fct.test_eq(all(torch.equal(rw.rewind_point[n], v) for n, v in seen[5].items()), True)

@@ -189,7 +189,8 @@ def test_validate_and_get_preds_change_nothing(kind):
     learn.fit(1, LR[kind])
     fct.test_eq(_n_zero(cb.sparsifier), round(0.9 * _n_w(cb.sparsifier)))
     pruned = _sd(learn.model)
-    learn.validate(); learn.get_preds()
+    learn.validate()
+    learn.get_preds()
     assert _same(pruned, _sd(learn.model))
 
 
