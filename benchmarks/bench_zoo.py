@@ -39,7 +39,9 @@ def _calibrate_bn(model, x):
     output is its classifier's bias), and then any surgery would look exact"""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns: return
-    for m in bns: m.reset_running_stats(); m.momentum = None
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
     model.train()
     with torch.no_grad(): model(x.expand(4, *x.shape[1:]) + torch.randn(4, *x.shape[1:]))
     for m in bns: m.momentum = 0.1
@@ -108,11 +110,14 @@ def main():
         x = torch.randn(1, 3, size, size)
         row = dict(model=name)
         try:
-            torch.manual_seed(0); model = build(name).eval()
+            torch.manual_seed(0)
+            model = build(name).eval()
             _no_zero_layers(model)
             _calibrate_bn(model, x)
         except Exception as e:
-            row['fp_error'] = row['tp_error'] = f"cannot build: {type(e).__name__}: {e}"[:200]; rows.append(row); continue
+            row['fp_error'] = row['tp_error'] = f"cannot build: {type(e).__name__}: {e}"[:200]
+            rows.append(row)
+            continue
         twin = copy.deepcopy(model)
         try: row.update({f'fp_{k}': v for k, v in run_fp(model, x, a.ratio).items()})
         except Exception as e: row['fp_error'] = f"{type(e).__name__}: {str(e).splitlines()[0]}"[:200]

@@ -48,13 +48,15 @@ def one(name:str, dtype:str, dev:str, size:int, bs:int=16, n_example:int=8, n_ru
     row['lat_dense_ms'] = latency(model, x, n_runs) * 1e3
     flags = _flags()
     pr = Pruner(model, x[:n_example], keep_original=False)
-    _sync(dev); t0 = time.perf_counter()
+    _sync(dev)
+    t0 = time.perf_counter()
     try: pr.prune(0.5)
     except Exception as e:  # recorded, not raised: the other rows still run
         row.update(error=f"{type(e).__name__}: {str(e)[:300]}")
         return row
     finally:
-        _sync(dev); row['surgery_s'] = time.perf_counter() - t0
+        _sync(dev)
+        row['surgery_s'] = time.perf_counter() - t0
         row['flags_restored'] = _flags() == flags
     h = pr.history[-1]
     n1 = sum(p.numel() for p in model.parameters())

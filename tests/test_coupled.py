@@ -14,7 +14,8 @@ class TinyRes(nn.Module):
     def __init__(self, c=8):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
-        self.b1 = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c))
+        self.b1 = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
+                                nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c))
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))
     def forward(self, x):
         x = self.stem(x)
@@ -31,11 +32,13 @@ def test_coupled_groups_share_indices():
     prods = sorted(tuple(sorted(g.producers)) for g in sp.groups)
     fct.test_eq(prods, [('b1.0',), ('b1.3', 'stem.0')])
     fct.test_eq(_dead(m.stem[0].weight), _dead(m.b1[3].weight))  # same channels on both sides of the add
-    fct.test_eq(int(_dead(m.stem[0].weight).sum()), 4); fct.test_eq(int(_dead(m.b1[0].weight).sum()), 4)
+    fct.test_eq(int(_dead(m.stem[0].weight).sum()), 4)
+    fct.test_eq(int(_dead(m.b1[0].weight).sum()), 4)
     fct.test_eq(int(_dead(m.head[2].weight).sum()), 0)  # classifier outputs are pinned
     # biases and BatchNorm affine parameters of pruned channels are zero too
     d = _dead(m.stem[0].weight)
-    for t in (m.stem[0].bias, m.stem[1].weight, m.stem[1].bias, m.b1[4].weight, m.b1[4].bias): fct.test_eq(t[d].abs().sum().item(), 0.)
+    for t in (m.stem[0].bias, m.stem[1].weight, m.stem[1].bias, m.b1[4].weight, m.b1[4].bias):
+        fct.test_eq(t[d].abs().sum().item(), 0.)
 
 
 def test_callback_then_compact_removes_exactly_the_pruned_channels():
@@ -50,7 +53,8 @@ def test_callback_then_compact_removes_exactly_the_pruned_channels():
     n_dead = int(_dead(model.stem[0].weight).sum()), int(_dead(model.b1[0].weight).sum())
     assert sum(n_dead) > 0
     Pruner(model, x).compact()  # verifies equivalence itself (raises otherwise)
-    fct.test_eq(model.stem[0].out_channels, 8 - n_dead[0]); fct.test_eq(model.b1[3].out_channels, 8 - n_dead[0])
+    fct.test_eq(model.stem[0].out_channels, 8 - n_dead[0])
+    fct.test_eq(model.b1[3].out_channels, 8 - n_dead[0])
     fct.test_eq(model.b1[0].out_channels, 8 - n_dead[1])
     with torch.no_grad(): fct.test_close(model(x), masked(x), eps=1e-4)
 
@@ -64,7 +68,9 @@ def test_zoo_sparsify_then_compact(arch, context):
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)(num_classes=10).eval()
     for m in model.modules():  # non-trivial BatchNorm statistics
-        if isinstance(m, nn.BatchNorm2d): m.running_mean.uniform_(-0.5, 0.5); m.running_var.uniform_(0.5, 1.5)
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
     x = torch.randn(2, 3, 32, 32)
     sp = Sparsifier(model, 'filter', context, example_input=x[:1]).sparsify(0.4)
     masked = copy.deepcopy(model)

@@ -31,7 +31,8 @@ class LayerScale(nn.Module):
 
 def test_layer_scale_and_functional_bias_are_cut_with_their_channels(tmp_path):
     torch.manual_seed(0)
-    m = LayerScale(); x = torch.randn(2, 3, 8, 8)
+    m = LayerScale()
+    x = torch.randn(2, 3, 8, 8)
     _check(m, x)
     fct.test_eq((m.c2.out_channels, m.gamma.shape[0], m.shift.shape[0], m.head.in_channels), (4, 4, 4, 4))
     save_pruned(m, tmp_path / 'm.pt')  # the recipe carries the parameters' new shapes
@@ -54,7 +55,8 @@ class SE(nn.Module):
 @pytest.mark.parametrize('conv', [False, True])
 def test_squeeze_excitation_gate_couples_without_pinning(conv):
     torch.manual_seed(0)
-    m = SE(conv=conv); x = torch.randn(2, 3, 8, 8)
+    m = SE(conv=conv)
+    x = torch.randn(2, 3, 8, 8)
     g = [gr for gr in channel_groups(m, x) if 'c1' in gr.producers][0]
     assert not g.pinned and set(g.producers) == {'c1', 'fc2'}, g
     _check(m, x)
@@ -78,7 +80,8 @@ class ConvNeXtBlock(nn.Module):
 def test_channels_last_block_prunes_its_hidden_units():
     "ConvNeXt: the MLP's hidden units go; LayerNorm over the channels keeps the stream (its statistics would change)"
     torch.manual_seed(0)
-    m = ConvNeXtBlock(); x = torch.randn(2, 3, 16, 16)
+    m = ConvNeXtBlock()
+    x = torch.randn(2, 3, 16, 16)
     _check(m, x)
     fct.test_eq((m.fc1.out_features, m.fc2.in_features), (16, 16))
     fct.test_eq((m.stem.out_channels, m.dw.out_channels, m.ln.normalized_shape, m.gamma.shape[0]), (8, 8, (8,), 8))
@@ -101,7 +104,8 @@ class MLPBlock(nn.Module):
 def test_transformer_mlp_hidden_units(gated):
     "fc1 rows (and a SwiGLU's gate rows) go with fc2's columns; the embedding width stays"
     torch.manual_seed(0)
-    m = MLPBlock(gated=gated); x = torch.randn(2, 5, 16)
+    m = MLPBlock(gated=gated)
+    x = torch.randn(2, 5, 16)
     _check(m, x)
     fct.test_eq((m.fc1.out_features, m.fc2.in_features, m.fc2.out_features), (32, 32, 16))
     if gated: fct.test_eq(m.fc3.out_features, 32)
@@ -109,7 +113,8 @@ def test_transformer_mlp_hidden_units(gated):
 def test_filter_sparsifier_and_compact_agree_on_transformer_mlp():
     "Training-time filter masks on the hidden units are exactly what compact() removes"
     torch.manual_seed(0)
-    m = MLPBlock(gated=True); x = torch.randn(2, 5, 16)
+    m = MLPBlock(gated=True)
+    x = torch.randn(2, 5, 16)
     Sparsifier(m, 'filter', 'local', example_input=x).sparsify(0.5)
     dead = int((m.fc1.weight == 0).all(1).sum())
     assert dead >= 16
@@ -120,7 +125,8 @@ def test_filter_sparsifier_and_compact_agree_on_transformer_mlp():
 
 class RMSNorm(nn.Module):
     def __init__(self, d, eps=1e-6):
-        super().__init__(); self.eps, self.weight = eps, nn.Parameter(torch.ones(d))
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(d))
     def forward(self, x): return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 def _rotate_half(x):
@@ -134,7 +140,8 @@ class LlamaBlock(nn.Module):
         self.h, self.hd = h, d // h
         self.emb, self.n1, self.n2, self.norm = nn.Embedding(vocab, d), RMSNorm(d), RMSNorm(d), RMSNorm(d)
         self.wq, self.wk, self.wv, self.wo = (nn.Linear(d, d, bias=False) for _ in range(4))
-        self.w1, self.w2, self.w3 = nn.Linear(d, hidden, bias=False), nn.Linear(hidden, d, bias=False), nn.Linear(d, hidden, bias=False)
+        self.w1, self.w2 = nn.Linear(d, hidden, bias=False), nn.Linear(hidden, d, bias=False)
+        self.w3 = nn.Linear(d, hidden, bias=False)
         self.head = nn.Linear(d, vocab, bias=False)
         self.head.weight = self.emb.weight
         inv = 1.0 / (10000 ** (torch.arange(0, self.hd, 2).float() / self.hd))
@@ -156,7 +163,8 @@ class LlamaBlock(nn.Module):
 def test_llama_like_block(tmp_path):
     "SwiGLU hidden units go (w1, w3 rows with w2 columns); the attention projections stay (head pruning: not yet)"
     torch.manual_seed(0)
-    m = LlamaBlock(); tok = torch.randint(0, 50, (2, 8))
+    m = LlamaBlock()
+    tok = torch.randint(0, 50, (2, 8))
     _check(m, tok)
     fct.test_eq((m.w1.out_features, m.w3.out_features, m.w2.in_features), (32, 32, 32))
     fct.test_eq((m.wq.out_features, m.wo.in_features, m.emb.embedding_dim), (32, 32, 32))
@@ -169,7 +177,8 @@ class ViTBlock(nn.Module):
     "nn.MultiheadAttention + MLP, ViT style"
     def __init__(self, e=16, heads=4):
         super().__init__()
-        self.ln1, self.attn, self.ln2 = nn.LayerNorm(e), nn.MultiheadAttention(e, heads, batch_first=True), nn.LayerNorm(e)
+        self.ln1, self.ln2 = nn.LayerNorm(e), nn.LayerNorm(e)
+        self.attn = nn.MultiheadAttention(e, heads, batch_first=True)
         self.fc1, self.fc2, self.head = nn.Linear(e, 4 * e), nn.Linear(4 * e, e), nn.Linear(e, 3)
     def forward(self, x):
         y = self.ln1(x)
@@ -182,10 +191,12 @@ def test_multihead_attention_heads_and_mlp(tmp_path, context):
     "Whole heads go (q, k, v rows with the out-projection columns), the MLP's hidden units too; saved and loaded"
     from fasterprune.pruner import PrunedMultiheadAttention
     torch.manual_seed(0)
-    m = ViTBlock(); x = torch.randn(2, 5, 16)
+    m = ViTBlock()
+    x = torch.randn(2, 5, 16)
     Pruner(m, x).prune(0.5, context=context)
-    fct.test_eq((m.attn.embed_dim, m.attn.head_dim, m.attn.in_proj_weight.shape[1], m.attn.out_proj.weight.shape[0]), (16, 4, 16, 16))
-    fct.test_eq((m.attn.in_proj_weight.shape[0], m.attn.out_proj.in_features), (3 * 4 * m.attn.num_heads, 4 * m.attn.num_heads))
+    a = m.attn
+    fct.test_eq((a.embed_dim, a.head_dim, a.in_proj_weight.shape[1], a.out_proj.weight.shape[0]), (16, 4, 16, 16))
+    fct.test_eq((a.in_proj_weight.shape[0], a.out_proj.in_features), (3 * 4 * a.num_heads, 4 * a.num_heads))
     if context == 'local':
         fct.test_eq((m.fc1.out_features, m.attn.num_heads), (32, 2))
         assert type(m.attn) is PrunedMultiheadAttention
@@ -200,16 +211,21 @@ def test_pruned_attention_matches_masked_heads_with_masks_and_weights():
     torch.manual_seed(0)
     class Cross(nn.Module):
         def __init__(self):
-            super().__init__(); self.mha = nn.MultiheadAttention(16, 4, batch_first=True)
-        def forward(self, q, kv, am, kp): return self.mha(q, kv, kv, key_padding_mask=kp, attn_mask=am, need_weights=False)[0]
-    model = Cross().eval(); mha = model.mha
+            super().__init__()
+            self.mha = nn.MultiheadAttention(16, 4, batch_first=True)
+        def forward(self, q, kv, am, kp):
+            return self.mha(q, kv, kv, key_padding_mask=kp, attn_mask=am, need_weights=False)[0]
+    model = Cross().eval()
+    mha = model.mha
     q, kv = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
     am, kp = torch.rand(5, 7) > 0.8, torch.zeros(2, 7, dtype=torch.bool)
     kp[0, -2:] = True
     pr = Pruner(model, (q, kv, am, kp))
     with torch.no_grad():
         hr, hc = _head_index(mha, torch.tensor([1, 3]))
-        mha.in_proj_weight[hr] = 0; mha.in_proj_bias[hr] = 0; mha.out_proj.weight[:, hc] = 0
+        mha.in_proj_weight[hr] = 0
+        mha.in_proj_bias[hr] = 0
+        mha.out_proj.weight[:, hc] = 0
         ref = mha(q, kv, kv, key_padding_mask=kp, attn_mask=am, need_weights=False)[0]
     pr.compact()
     fct.test_eq(mha.num_heads, 2)
@@ -231,7 +247,8 @@ def test_grouped_conv_regnet_style():
             y = torch.relu(self.b(torch.relu(self.a(x))))
             y = y * torch.sigmoid(self.se2(torch.relu(self.se1(F.adaptive_avg_pool2d(y, 1)))))
             return self.c(y).mean((2, 3))
-    m = B(); x = torch.randn(2, 3, 8, 8)
+    m = B()
+    x = torch.randn(2, 3, 8, 8)
     _check(m, x)
     fct.test_eq((m.a.out_channels, m.b.in_channels, m.b.out_channels, m.b.groups, m.se2.out_channels, m.c.in_channels),
                 (8, 8, 8, 4, 8, 8))
@@ -257,7 +274,8 @@ class HookedUNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.enc, self.down, self.mid = nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1)
-        self.up, self.dec, self.out = nn.ConvTranspose2d(16, 8, 2, 2), nn.Conv2d(16, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
+        self.up = nn.ConvTranspose2d(16, 8, 2, 2)
+        self.dec, self.out = nn.Conv2d(16, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
         self.stored = None
         self.enc.register_forward_hook(lambda m, i, o: setattr(self, 'stored', o))
     def forward(self, x):
@@ -269,11 +287,13 @@ class HookedUNet(nn.Module):
 def test_untraceable_model_is_recorded_and_pruned():
     "torch.fx fails on hooks and data-dependent Python: one recorded forward pass finds the couplings instead"
     torch.manual_seed(0)
-    m = HookedUNet(); x = torch.randn(2, 3, 8, 8)
+    m = HookedUNet()
+    x = torch.randn(2, 3, 8, 8)
     with pytest.raises(AttributeError, match="no attribute 'shape'"):  # the hook-stored tensor is not there
         torch.fx.symbolic_trace(HookedUNet())
     _check(m, x)
-    fct.test_eq((m.enc.out_channels, m.mid.out_channels, m.dec.in_channels, m.dec.out_channels, m.out.out_channels), (4, 16, 12, 4, 2))  # ConvTranspose pins
+    widths = (m.enc.out_channels, m.mid.out_channels, m.dec.in_channels, m.dec.out_channels, m.out.out_channels)
+    fct.test_eq(widths, (4, 16, 12, 4, 2))  # ConvTranspose pins
 
 def test_fastai_dynamic_unet(tmp_path):
     "fastai's U-Net (hooks, Python control flow, TensorBase output) prunes verified, saves and loads"
@@ -281,7 +301,8 @@ def test_fastai_dynamic_unet(tmp_path):
     from torchvision.models import resnet18
     torch.manual_seed(0)
     def net(): return create_unet_model(resnet18, 3, (32, 32), pretrained=False)
-    m = net(); x = torch.randn(2, 3, 32, 32)
+    m = net()
+    x = torch.randn(2, 3, 32, 32)
     n0 = sum(p.numel() for p in m.parameters())
     _check(m, x)
     assert sum(p.numel() for p in m.parameters()) < 0.4 * n0
@@ -290,16 +311,17 @@ def test_fastai_dynamic_unet(tmp_path):
     with torch.no_grad(): assert torch.equal(fresh.eval()(x), m.eval()(x))
 
 def test_swin_window_attention_heads(tmp_path):
-    "Swin's window attention loses whole heads (qkv rows, proj columns, bias-table columns); pruned twice, saved, loaded"
+    "Swin window attention loses whole heads (qkv rows, proj columns, bias-table columns); pruned twice, saved, loaded"
     from torchvision.models.swin_transformer import SwinTransformer
     def net(): return SwinTransformer([4, 4], 16, [2, 2], [2, 4], [4, 4], num_classes=5)
     torch.manual_seed(0)
-    m = net(); x = torch.randn(2, 3, 32, 32)
+    m = net()
+    x = torch.randn(2, 3, 32, 32)
     n0 = sum(p.numel() for p in m.parameters())
     pr = _check(m, x)
     attn = m.features[1][1].attn  # a shifted block
-    fct.test_eq((attn.num_heads, attn.qkv.out_features, attn.proj.in_features, attn.relative_position_bias_table.shape[1]),
-                (1, 3 * 8, 8, 1))
+    sizes = (attn.num_heads, attn.qkv.out_features, attn.proj.in_features, attn.relative_position_bias_table.shape[1])
+    fct.test_eq(sizes, (1, 3 * 8, 8, 1))
     fct.test_eq(type(attn).__name__, 'PrunedShiftedWindowAttention')
     pr.prune(0.3)  # the pruned attention traces as one call again
     assert pr.history[-1]['rel_error'] <= 1e-5 and sum(p.numel() for p in m.parameters()) < 0.6 * n0
