@@ -8,9 +8,9 @@ import math, fnmatch, inspect, logging, warnings, struct
 import numpy as np
 import torch
 from torch import nn, Tensor
-from .core import check_fraction, check_context, context_names, round_half_up
-from .criteria import get_criterion, Criterion
-from .granularity import get_granularity, Granularity, _conv_t
+from .core import check_fraction, check_context, round_half_up
+from .criteria import get_criterion
+from .granularity import get_granularity, _conv_t
 from torch.nn.utils import parametrize, parametrizations
 import torch.nn.utils.prune as _prune
 from torch.nn.utils.weight_norm import WeightNorm as _OldWeightNorm
@@ -22,8 +22,8 @@ class NMRoundingWarning(UserWarning):
     "An N:M target that N:M masks cannot reach exactly was rounded to the nearest one they can"
 
 # %% auto #0
-__all__ = ['logger', 'prunable_types', 'NMRoundingWarning', 'AttentionProjection', 'prunable_layers', 'check_sparsity',
-           'select_prune', 'force_device_path', 'NaNScores', 'device_select_prune', 'Sparsifier']
+__all__ = ['logger', 'prunable_types', 'NMRoundingWarning', 'AttentionProjection', 'prunable_layers', 'select_prune',
+           'force_device_path', 'NaNScores', 'device_select_prune', 'Sparsifier']
 
 # %% ../nbs/03_sparsifier.ipynb #c7c62eb6
 prunable_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
@@ -128,14 +128,7 @@ def _mask_reparam(m:nn.Module, rp, mk:Tensor):
         v.masked_fill_(zero & ~alive, 1.)
     if rp[0].startswith('old'): m.weight = _effective_weight(m, rp)  # the hooks' cached weight, until the next forward
 
-# %% ../nbs/03_sparsifier.ipynb #6c8baac3
-def check_sparsity(s, what:str='sparsity') -> float:
-    "`s` as a float in [0, 1), or a `ValueError` that says what to pass instead (`core.check_fraction`)"
-    return check_fraction(s, what)
-
 # %% ../nbs/03_sparsifier.ipynb #d826f202
-_round_half_up = round_half_up  # the name rewind.py imports
-
 def _fill_keeps(keeps:list, prev_keeps:list) -> list:
     "`keeps` set to the previous keep-flags (all True where a layer has none): nothing new is pruned"
     for kp, p in zip(keeps, prev_keeps):
@@ -626,7 +619,7 @@ class Sparsifier:
 
     # --- masks -------------------------------------------------------------------------------------------------------
     def _check_targets(self, sparsity) -> dict[str, float]|float:
-        if not isinstance(sparsity, dict): return check_sparsity(sparsity)
+        if not isinstance(sparsity, dict): return check_fraction(sparsity, 'sparsity')
         if self.groups is not None:
             raise ValueError("per-layer targets are not supported with coupled channel groups (filter granularity); "
                              "pass one fraction, or coupled=False")
@@ -636,7 +629,7 @@ class Sparsifier:
             if not hits:
                 raise ValueError(f"sparsity: {pat!r} matches no pruned layer; "
                                  f"pruned layers are: {', '.join(self.layers)}")
-            for n in hits: out[n] = check_sparsity(s, f'sparsity[{pat!r}]')
+            for n in hits: out[n] = check_fraction(s, f'sparsity[{pat!r}]')
         return out
 
     def _nm_masks(self, ts:dict[str, float]) -> dict[str, Tensor]:
