@@ -32,7 +32,8 @@ N_TRAIN, BS, EPOCHS, LR = 1280, 32, 3, 1e-2  # 20 steps per epoch of a global ba
 CONFIGS = {
     'magnitude': dict(sparsity=0.8, granularity='weight', context='global', criteria='magnitude', schedule='agp'),
     # filter granularity traces coupled channels on one batch of the wrapped loader, on every rank
-    'gradient': dict(sparsity=0.5, granularity='filter', context='local', criteria='gradient_magnitude', schedule='iterative'),
+    'gradient': dict(sparsity=0.5, granularity='filter', context='local', criteria='gradient_magnitude',
+                     schedule='iterative'),
 }
 NAN_RANK, NAN_ITER = 1, 25
 
@@ -90,7 +91,8 @@ def nan_run(world:int) -> dict:
     err = None
     try: _fit(learn, world, EPOCHS, [cb, PoisonOnRank(NAN_RANK if world > 1 else 0, NAN_ITER), StopOnNaNCallback()])
     except FloatingPointError as e: err = str(e)
-    return dict(error=err, train_iter=learn.train_iter, finite=all(bool(torch.isfinite(p).all()) for p in learn.model.parameters()),
+    finite = all(bool(torch.isfinite(p).all()) for p in learn.model.parameters())
+    return dict(error=err, train_iter=learn.train_iter, finite=finite,
                 sparsity=cb.sparsifier.sparsity(), last=cb.history[-1]['sparsity'] if cb.history else None)
 
 
@@ -113,7 +115,8 @@ def sync_check_errors() -> dict:
 # the fit that the test kills: checkpoints after every epoch; in the middle of epoch 2 it says so and waits to be killed
 R_EPOCHS, KILL_EPOCH, KILL_ITER = 4, 2, 5
 def resume_cbs():
-    return [SparsifyCallback(0.8, 'weight', 'global', 'magnitude', agp(end_pct=0.9), show_sparsity=False),  # still pruning at the kill
+    # still pruning at the kill
+    return [SparsifyCallback(0.8, 'weight', 'global', 'magnitude', agp(end_pct=0.9), show_sparsity=False),
             SaveModelCallback(every_epoch=True, with_opt=True, fname='model')]
 
 class Midway(Callback):

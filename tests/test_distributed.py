@@ -26,7 +26,7 @@ def _n_weights(masks): return sum(m.numel() for m in masks.values())
 
 
 def test_ddp_two_processes_match_one(tmp_path):
-    "torchrun, 2 processes, gloo: identical masks on both ranks, exact sparsity, the one-process result on the same global batches"
+    "torchrun, 2 processes, gloo: identical masks on both ranks, exact sparsity, one process's result, same batches"
     assert patch_distributed_dl()
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc-per-node', '2', '--master-addr', '127.0.0.1',
            '--master-port', str(_free_port()), str(WORKER), 'ddp', str(tmp_path)]
@@ -46,7 +46,8 @@ def test_ddp_two_processes_match_one(tmp_path):
         r0, r1, one = ranks[0][name], ranks[1][name], ref[name]
         # every rank holds the same masks and the same weights, bit for bit
         # filter granularity prunes coupled channel groups: the classifier's outputs ('4') stay
-        assert list(r0['masks']) == list(r1['masks']) == list(one['masks']) == (['0', '2', '4'] if name == 'magnitude' else ['0', '2'])
+        layers = ['0', '2', '4'] if name == 'magnitude' else ['0', '2']
+        assert list(r0['masks']) == list(r1['masks']) == list(one['masks']) == layers
         for k in r0['masks']: assert torch.equal(r0['masks'][k], r1['masks'][k]), (name, k)
         for k in r0['state']: assert torch.equal(r0['state'][k], r1['state'][k]), (name, k)
         # sparsity is exact
@@ -64,13 +65,16 @@ def test_ddp_two_processes_match_one(tmp_path):
         assert flips <= 0.001 * _n_weights(r0['masks']), (name, flips)
         for k, v in r0['state'].items():
             lk = k[:-len('.weight')]
-            agree = (r0['masks'][lk] == one['masks'][lk]) if k.endswith('.weight') and lk in r0['masks'] else torch.ones_like(v, dtype=torch.bool)
-            assert torch.allclose(v[agree], one['state'][k][agree], atol=1e-5, rtol=1e-4), (name, k, (v - one['state'][k]).abs().max())
+            masked = k.endswith('.weight') and lk in r0['masks']
+            agree = (r0['masks'][lk] == one['masks'][lk]) if masked else torch.ones_like(v, dtype=torch.bool)
+            assert torch.allclose(v[agree], one['state'][k][agree], atol=1e-5, rtol=1e-4), \
+                (name, k, (v - one['state'][k]).abs().max())
         assert [h['target'] for h in r0['history']] == pytest.approx([h['target'] for h in one['history']])
     # a NaN loss on rank 1 only: both ranks stop at the same step, before it, with a message naming the loss
     for r in ranks:
         nan = r['nan']
-        assert nan['error'] is not None and 'gradients are not finite' in nan['error'] and f"iteration {w.NAN_ITER}" in nan['error']
+        assert nan['error'] is not None and 'gradients are not finite' in nan['error']
+        assert f"iteration {w.NAN_ITER}" in nan['error']
         assert nan['train_iter'] == w.NAN_ITER and nan['finite'] and nan['sparsity'] == nan['last']
     assert 'loss is nan' in ranks[w.NAN_RANK]['nan']['error']
     assert ranks[0]['nan']['sparsity'] == ranks[1]['nan']['sparsity'] == ref_nan['sparsity']
@@ -83,7 +87,8 @@ def test_ddp_two_processes_match_one(tmp_path):
 def test_sigkill_resume(tmp_path):
     "A fit killed with SIGKILL mid-schedule resumes from its last checkpoint to the weights of an uninterrupted fit"
     killed, ref_dir = tmp_path/'killed', tmp_path/'ref'
-    proc = subprocess.Popen([sys.executable, str(WORKER), 'fit', str(killed)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, str(WORKER), 'fit', str(killed)], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     try:
         ref = w.make_learner(1, ref_dir)
         ref_cbs = w.resume_cbs()  # the uninterrupted fit, while the other one runs
@@ -103,7 +108,8 @@ def test_sigkill_resume(tmp_path):
     path, ep = latest_checkpoint(killed/'models')
     assert ep == w.KILL_EPOCH - 1 and not (killed/'models'/f'model_{w.KILL_EPOCH}.pth').exists()  # killed mid-schedule
     # the checkpoint holds the masks (its zeros) and weights of the uninterrupted fit at that epoch
-    a, b = torch.load(path, weights_only=False)['model'], torch.load(ref_dir/'models'/f'model_{ep}.pth', weights_only=False)['model']
+    a = torch.load(path, weights_only=False)['model']
+    b = torch.load(ref_dir/'models'/f'model_{ep}.pth', weights_only=False)['model']
     assert all(torch.equal(a[k], b[k]) for k in b)
     learn = w.make_learner(1, killed)
     start = resume_from_checkpoint(learn)
@@ -131,15 +137,18 @@ def test_bad_checkpoints_leave_the_model_untouched(tmp_path):
     (tmp_path/'models'/'half.pth').write_bytes(data[:len(data) // 2])
     (tmp_path/'models'/'empty.pth').write_bytes(b'')
     from fasterprune.data import mlp
-    torch.save(mlp(64, 300, 50, 10).state_dict(), tmp_path/'models'/'foreign.pth')  # first layer fits, the rest does not
+    # first layer fits, the rest does not
+    torch.save(mlp(64, 300, 50, 10).state_dict(), tmp_path/'models'/'foreign.pth')
     torch.save({'config': {'lr': 1}}, tmp_path/'models'/'config.pth')
     osd = torch.load(good, weights_only=False)
-    osd['opt']['state'][0] = {k: (v[:1] if torch.is_tensor(v) and v.ndim else v) for k, v in osd['opt']['state'][0].items()}
+    st0 = osd['opt']['state'][0]
+    osd['opt']['state'][0] = {k: (v[:1] if torch.is_tensor(v) and v.ndim else v) for k, v in st0.items()}
     torch.save(osd, tmp_path/'models'/'badopt.pth')
     before, opt_before = _state(learn), [dict(s) for s in learn.opt.state_dict()['state']]
     for name, msg in [('half', 'truncated'), ('empty', 'empty'), ('foreign', 'different shapes: 2.weight (50, 300)'),
                       ('config', 'holds no model state'), ('badopt', 'optimizer state of different shapes')]:
-        with pytest.raises(CheckpointError, match=msg.replace('(', r'\(').replace(')', r'\)')): load_checkpoint(learn, name)
+        with pytest.raises(CheckpointError, match=msg.replace('(', r'\(').replace(')', r'\)')):
+            load_checkpoint(learn, name)
         assert _same(before, _state(learn)), name
         assert all(all(s[k] is t[k] for k in s) for s, t in zip(opt_before, learn.opt.state_dict()['state'])), name
     # the file a SIGKILL during a write leaves is skipped when resuming: the newest complete one is used
@@ -166,11 +175,12 @@ def test_nan_loss_stops_with_a_message(every):
     assert learn.train_iter == 23
     assert all(bool(torch.isfinite(p).all()) for p in learn.model.parameters())
     assert cb.sparsifier.sparsity() == cb.history[-1]['sparsity']  # the masks are still exact
-    assert not learn.opt.state or all(p.grad is None or not p.grad.any() for p in learn.model.parameters())  # no NaN gradients left over
+    # no NaN gradients left over
+    assert not learn.opt.state or all(p.grad is None or not p.grad.any() for p in learn.model.parameters())
 
 
 def test_stop_on_nan_when_mixed_precision_skips_the_step():
-    "fp16 MixedPrecision cancels steps with non-finite gradients before StopOnNaNCallback.before_step: the loss still stops the fit"
+    "fp16 MixedPrecision cancels steps with non-finite gradients before StopOnNaNCallback.before_step: loss stops it"
     from fastai.learner import Learner
     from fastai.callback.core import Callback, CancelStepException
     from fasterprune.callback import SparsifyCallback

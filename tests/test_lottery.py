@@ -12,7 +12,8 @@ from fastai.optimizer import SGD, Adam
 from fastai.torch_core import set_seed
 from fasterprune.data import digits_arrays, TensorPairs, mlp, small_cnn, lenet_300_100
 from fasterprune.lottery import (RewindCallback, MaskCallback, LotteryTicket, imp_masks, random_masks, apply_masks,
-                                 weights_remaining, model_state, save_ticket, load_ticket, lottery_experiment, lottery_table, check_rate,
+                                 weights_remaining, model_state, save_ticket, load_ticket, lottery_experiment,
+                                 lottery_table, check_rate,
                                  plot_lottery)
 from fasterprune.rewind import Rewinder
 from fasterprune.cli import main
@@ -88,7 +89,8 @@ def test_rewind_iteration_beyond_first_fit():
 
 # ---------------------------------------------------------------- masks through every fit
 
-@pytest.mark.parametrize('opt,wd,fresh', [(partial(SGD, mom=0.9), 1e-2, True), (Adam, 0.1, True), (partial(SGD, mom=0.9), None, False)])
+@pytest.mark.parametrize('opt,wd,fresh', [(partial(SGD, mom=0.9), 1e-2, True), (Adam, 0.1, True),
+                                          (partial(SGD, mom=0.9), None, False)])
 def test_masks_stay_zero_after_every_step(opt, wd, fresh):
     set_seed(0)
     learn = _learn(opt=opt, wd=wd)
@@ -159,7 +161,8 @@ def test_ticket_roundtrip_and_foreign_ticket(tmp_path):
     for which, ref in (('weights', learn.model.state_dict()), ('rewind', None)):
         fresh = small_cnn(c=8)
         load_ticket(p, fresh, which)
-        ref = ref if ref is not None else {k: v * (lt.masks[k[:-7]] if k[:-7] in lt.masks and k.endswith('.weight') else 1) for k, v in lt.rewind_point.items()}
+        def masked(k, v): return v * lt.masks[k[:-7]] if k[:-7] in lt.masks and k.endswith('.weight') else v
+        ref = ref if ref is not None else {k: masked(k, v) for k, v in lt.rewind_point.items()}
         fct.test_eq(all(torch.equal(fresh.state_dict()[k], v) for k, v in ref.items()), True)
     for other in (lenet_300_100(), small_cnn(c=16)):
         before = model_state(other)
@@ -171,7 +174,8 @@ def test_ticket_roundtrip_and_foreign_ticket(tmp_path):
 # ---------------------------------------------------------------- the runner
 
 def _make():
-    return Learner(_dls(), mlp(64, 32, 16, 10), loss_func=nn.CrossEntropyLoss(), metrics=accuracy, opt_func=partial(SGD, mom=0.9))
+    return Learner(_dls(), mlp(64, 32, 16, 10), loss_func=nn.CrossEntropyLoss(), metrics=accuracy,
+                   opt_func=partial(SGD, mom=0.9))
 
 KW = dict(rate=0.5, epochs=1, lr=0.05, seeds=2, layer_rates={'4': 0.25}, progress=False)
 
@@ -192,8 +196,9 @@ def test_controls_same_schedule():
             fct.test_eq(_same(t['init'], _masked(rewind[s], t['masks'])), True)               # ticket: rewound, masked
             fct.test_eq(all(torch.equal(ri['masks'][n], t['masks'][n]) for n in t['masks']), True)  # reinit: same masks
             fct.test_eq(torch.equal(ri['init']['0.weight'], rewind[s]['0.weight']), False)           # ... fresh init
-            fct.test_eq({n: int(m.sum()) for n, m in ra['masks'].items()}, {n: int(m.sum()) for n, m in t['masks'].items()})
-            fct.test_eq(torch.equal(ra['masks']['0'], t['masks']['0']), False)                         # random: other masks
+            fct.test_eq({n: int(m.sum()) for n, m in ra['masks'].items()},
+                        {n: int(m.sum()) for n, m in t['masks'].items()})
+            fct.test_eq(torch.equal(ra['masks']['0'], t['masks']['0']), False)  # random: other masks
             fct.test_eq(_same(ra['init'], _masked(rewind[s], ra['masks'])), True)            # ... same init
     rows = res['rows']
     fct.test_eq([r['round'] for r in rows], [0, 1, 2])
@@ -263,17 +268,23 @@ def test_bad_input_overwrites_nothing(tmp_path):
     kw = {**KW, 'json_path': js}
     for bad in (0, 1, 1.0, -0.2, 20, float('nan')):
         with pytest.raises(ValueError, match='rate'): lottery_experiment(_make, rounds=2, **{**kw, 'rate': bad})
-    with pytest.raises(TypeError, match='rate must be a number'): lottery_experiment(_make, rounds=2, **{**kw, 'rate': '0.2'})
+    with pytest.raises(TypeError, match='rate must be a number'):
+        lottery_experiment(_make, rounds=2, **{**kw, 'rate': '0.2'})
     for bad in (0, -1, 1.5):
         with pytest.raises(ValueError, match='rounds'): lottery_experiment(_make, rounds=bad, **kw)
-    with pytest.raises(ValueError, match='beyond the first fit'): lottery_experiment(_make, rounds=2, rewind_iter=7, **kw)
+    with pytest.raises(ValueError, match='beyond the first fit'):
+        lottery_experiment(_make, rounds=2, rewind_iter=7, **kw)
     with pytest.raises(ValueError, match='other settings'): lottery_experiment(_make, rounds=2, **{**kw, 'epochs': 2})
-    with pytest.raises(ValueError, match='unknown control'): lottery_experiment(_make, rounds=2, controls='shuffle', **{k: v for k, v in kw.items()})
-    with pytest.raises(ValueError, match='matches no pruned layer'): lottery_experiment(_make, rounds=2, **{**kw, 'layer_rates': {'head': 0.1}})
+    with pytest.raises(ValueError, match='unknown control'):
+        lottery_experiment(_make, rounds=2, controls='shuffle', **{k: v for k, v in kw.items()})
+    with pytest.raises(ValueError, match='matches no pruned layer'):
+        lottery_experiment(_make, rounds=2, **{**kw, 'layer_rates': {'head': 0.1}})
     def foreign(): return Learner(_dls(), mlp(64, 40, 16, 10), loss_func=nn.CrossEntropyLoss(), metrics=accuracy)
-    with pytest.raises(ValueError, match='another architecture'): lottery_experiment(foreign, rounds=2, **{**kw, 'name': '_make'})
+    with pytest.raises(ValueError, match='another architecture'):
+        lottery_experiment(foreign, rounds=2, **{**kw, 'name': '_make'})
     fct.test_eq((js.read_bytes(), st.read_bytes()), before)
-    with pytest.raises(ValueError, match='does not exist'): lottery_experiment(_make, rounds=1, **{**KW, 'json_path': tmp_path/'no'/'x.json'})
+    with pytest.raises(ValueError, match='does not exist'):
+        lottery_experiment(_make, rounds=1, **{**KW, 'json_path': tmp_path/'no'/'x.json'})
     def no_metric(): return Learner(_dls(), mlp(64, 8, 10), loss_func=nn.CrossEntropyLoss())
     with pytest.raises(ValueError, match='no metric'): lottery_experiment(no_metric, rounds=1, progress=False)
     fct.test_eq(check_rate(0.2), 0.2)
@@ -281,14 +292,17 @@ def test_bad_input_overwrites_nothing(tmp_path):
 
 def test_cli_lth(tmp_path, capsys):
     js, png = tmp_path/'lth.json', tmp_path/'lth.png'
-    fct.test_eq(main(['lth', '--rounds', '1', '--rate', '0.5', '--epochs', '1', '--controls', 'random', '--json', str(js), '--plot', str(png)]), 0)
+    fct.test_eq(main(['lth', '--rounds', '1', '--rate', '0.5', '--epochs', '1', '--controls', 'random',
+                      '--json', str(js), '--plot', str(png)]), 0)
     out = capsys.readouterr().out
     assert 'ticket' in out and 'random' in out and png.stat().st_size > 0
     rows = json.loads(js.read_text())['rows']
     fct.test_eq(len(rows), 2)
-    fct.test_close(rows[1]['pct_remaining'], 100 * (round(0.5 * 64 * 300) + round(0.5 * 300 * 100) + round(0.75 * 1000)) / (64 * 300 + 300 * 100 + 1000), eps=1e-9)
+    kept = round(0.5 * 64 * 300) + round(0.5 * 300 * 100) + round(0.75 * 1000)
+    fct.test_close(rows[1]['pct_remaining'], 100 * kept / (64 * 300 + 300 * 100 + 1000), eps=1e-9)
     before = js.read_bytes()
-    for args in (['--rate', '1.5'], ['--rate', '20'], ['--rounds', '0'], ['--rewind-iter', '100000'], ['--controls', 'nope']):
+    for args in (['--rate', '1.5'], ['--rate', '20'], ['--rounds', '0'], ['--rewind-iter', '100000'],
+                 ['--controls', 'nope']):
         fct.test_eq(main(['lth', '--epochs', '1', '--json', str(js), *args]), 2)
         assert 'error' in capsys.readouterr().err
     fct.test_eq(js.read_bytes(), before)
@@ -305,5 +319,6 @@ def test_plot_lottery_leaves_no_pyplot_figure_open(tmp_path):
     fct.test_eq(plt.get_fignums(), before)
     assert (tmp_path/'lth.png').stat().st_size > 0
     ax = fig.axes[0]
-    fct.test_eq([t.get_text() for t in ax.get_legend().get_texts()], ['ticket (rewind to iteration 0)', 'random pruning'])
+    fct.test_eq([t.get_text() for t in ax.get_legend().get_texts()],
+                ['ticket (rewind to iteration 0)', 'random pruning'])
     fct.test_eq(ax.get_xscale(), 'log')

@@ -189,7 +189,8 @@ def test_masks_applied_by_the_sparsifier(monkeypatch):
 
 
 def test_rewind_module_needs_no_fastai():
-    code = "import sys, fasterprune.rewind; bad = [m for m in sys.modules if m.split('.')[0] == 'fastai']; assert not bad, bad"
+    code = ("import sys, fasterprune.rewind; bad = [m for m in sys.modules if m.split('.')[0] == 'fastai']; "
+            "assert not bad, bad")
     fct.test_eq(subprocess.run([sys.executable, '-c', code], capture_output=True, text=True).returncode, 0)
 
 
@@ -248,8 +249,8 @@ def test_fit_after_surgery_without_follow_cuts():
 
 
 def test_follow_cuts_batchnorm():
-    "Channel surgery through conv -> BatchNorm -> conv: parameter cuts only (as the Pruner records them); the BN running"
-    "statistics of the rewind point follow, and the survivors (BN buffers included) rewind exactly"
+    "Channel surgery through conv -> BatchNorm -> conv: parameter cuts only (as the Pruner records them); the BN "
+    "running statistics of the rewind point follow, and the survivors (BN buffers included) rewind exactly"
     set_seed(0)
     learn = _learn()
     model = learn.model
