@@ -437,9 +437,9 @@ def _pruned_window_attention(cls:type) -> type:
     return _pruned_classes[cls]
 
 # %% ../nbs/08_pruner.ipynb #ef0799bc
-def _run_eval(model:nn.Module, inputs):
-    "`model`'s output on `inputs` (a tensor or a tuple of positional inputs), in eval mode without autograd"
-    with evaluating(model): return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+def _call(model:nn.Module, inputs):
+    "`model` on `inputs`: a tensor, or a tuple of positional inputs"
+    return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
 
 def relative_error(ref, out) -> float:
     "max |ref − out| / max |ref| over every tensor of two outputs of the same structure"
@@ -456,10 +456,12 @@ def _n_params(model:nn.Module) -> int: return sum(p.numel() for p in model.param
 def _outputs(self:Pruner, g:ChannelGraph|None=None) -> list:
     "The model's outputs on the example and on the second input, computed as verification does (see \"Precision\")"
     ins = (self.example_inputs, self.second_inputs)
-    if self.dtype in _low_precision:
-        m64 = copy.deepcopy(self.model).double()
-        return [_run_eval(m64, _to64(x)) for x in ins]
-    return [g.output if g is not None else _run_eval(self.model, ins[0]), _run_eval(self.model, ins[1])]
+    low = self.dtype in _low_precision
+    model = copy.deepcopy(self.model).double() if low else self.model
+    if low: ins = tuple(_to64(x) for x in ins)
+    with evaluating(model):
+        first = g.output if g is not None and not low else _call(model, ins[0])  # the graph's run: the same output
+        return [first, _call(model, ins[1])]
 
 @patch
 def _tolerance(self:Pruner, folded:bool) -> float:
