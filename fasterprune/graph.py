@@ -5,7 +5,7 @@
 # %% ../nbs/07_graph.ipynb #105ce07e
 from __future__ import annotations
 import math, operator, logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fastcore.basics import patch
 import torch
 from torch import nn, Tensor, fx
