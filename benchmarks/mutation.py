@@ -228,7 +228,8 @@ def run_module(module, root, n, seed, jobs, equivalent, only=None):
         with ThreadPoolExecutor(jobs) as ex: res = list(ex.map(one, picked))
     finally:
         for w in workers: w.close()
-    return dict(module=module, file_sha1=hashlib.sha1(src.encode()).hexdigest(), total_mutants=len(allm),
+    commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True).stdout.strip()
+    return dict(module=module, commit=commit, file_sha1=hashlib.sha1(src.encode()).hexdigest(), total_mutants=len(allm),
                 clean_secs=round(base, 1), timeout_secs=round(timeout), tests=TESTS[module] + [EXTRA_TESTS],
                 mutants=[asdict(m) | dict(signature=m.signature) for m in res])
 
@@ -273,6 +274,7 @@ def main():
     p.add_argument('--out', help='JSON to write')
     p.add_argument('--table', help='print the table of an existing JSON and exit')
     p.add_argument('--list', action='store_true', help='list the sampled mutants without running them')
+    p.add_argument('--show', type=int, nargs='+', help='print the diff of these mutant indices (one module) and exit')
     a = p.parse_args()
     if a.table:
         print(table(json.loads(Path(a.table).read_text())))
@@ -281,6 +283,14 @@ def main():
     ONLY_TESTS = a.tests
     eq_path = Path(a.equivalent)
     equivalent = json.loads(eq_path.read_text()) if eq_path.exists() else {}
+    if a.show:
+        import difflib
+        src = (Path(a.root) / 'fasterprune' / f'{a.modules[0]}.py').read_text()
+        allm = enumerate_mutants(a.modules[0], src)
+        for i in a.show:
+            d = difflib.unified_diff(src.splitlines(), allm[i][1].splitlines(), n=0, lineterm='')
+            print(f"#{i} {allm[i][0].op}:", *[l[:160] for l in list(d)[3:]], sep='\n  ')
+        return
     if a.list:
         for mod in a.modules:
             allm = enumerate_mutants(mod, (Path(a.root) / 'fasterprune' / f'{mod}.py').read_text())

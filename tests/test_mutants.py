@@ -242,3 +242,83 @@ def test_fit_logs_the_final_sparsity_report(caplog):
     learn = _learn()
     with caplog.at_level('INFO', logger='fasterprune'): learn.fit(1, 1e-2, cbs=SparsifyCallback(0.5, schedule=one_shot()))
     assert any('0.5000 sparsity' in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_all_zero_per_layer_targets_prune_nothing():
+    learn = _learn()
+    cb = SparsifyCallback({'0': 0., '2': 0.}, schedule='linear')
+    learn.fit(1, 1e-2, cbs=cb)
+    fct.test_eq((cb.history, _zeros(cb)), ([], 0))
+
+
+# ---- pruner ------------------------------------------------------------------------------------------------------
+from fasterprune.pruner import Pruner, PrunedMultiheadAttention
+
+
+@pytest.mark.parametrize('batch_first', [False, True])
+def test_pruned_attention_with_every_head_is_torchs_attention(batch_first):
+    "PrunedMultiheadAttention with all its heads computes what nn.MultiheadAttention does: masks, weights, cross-attention"
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(8, 2, batch_first=batch_first).eval()
+    pm = PrunedMultiheadAttention(8, 2, batch_first=batch_first).eval()
+    pm.load_state_dict(ref.state_dict())
+    T, S, B = 3, 5, 2
+    q, kv = torch.randn(T, B, 8), torch.randn(S, B, 8)
+    if batch_first: q, kv = q.transpose(0, 1), kv.transpose(0, 1)
+    kp = torch.zeros(B, S, dtype=torch.bool)
+    kp[0, -2:] = True
+    am = torch.zeros(T, S, dtype=torch.bool)
+    am[1, 0] = True
+    with torch.no_grad():
+        for kw in (dict(), dict(key_padding_mask=kp), dict(attn_mask=am), dict(average_attn_weights=False)):
+            for nw in (True, False):
+                (o1, w1), (o2, w2) = ref(q, kv, kv, need_weights=nw, **kw), pm(q, kv, kv, need_weights=nw, **kw)
+                fct.test_close(o2, o1, eps=1e-5)
+                if nw: fct.test_close(w2, w1, eps=1e-5)
+                else: assert w1 is None and w2 is None
+
+
+class _Attn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha, self.head = nn.MultiheadAttention(8, 4), nn.Linear(8, 3)
+    def forward(self, x): return self.head(self.mha(x, x, x, need_weights=False)[0].mean(0))
+
+
+@pytest.mark.parametrize('silence', ['out_proj', 'value'])
+def test_compact_removes_silent_heads_only(silence):
+    "A head whose output-projection columns are zero, or whose value rows and bias are zero, is removed; no other"
+    torch.manual_seed(0)
+    m = _Attn().eval()
+    x = torch.randn(5, 2, 8)
+    with torch.no_grad():
+        if silence == 'out_proj': m.mha.out_proj.weight[:, 2:4] = 0  # head 1 of 4 (head_dim 2)
+        else:
+            m.mha.in_proj_weight[16 + 2:16 + 4] = 0
+            m.mha.in_proj_bias[16 + 2:16 + 4] = 0
+        ref = m(x)
+    Pruner(m, x).compact()
+    fct.test_eq((m.mha.num_heads, m.mha.in_proj_weight.shape[0], m.mha.out_proj.in_features), (3, 18, 6))
+    with torch.no_grad(): fct.test_close(m(x), ref, eps=1e-5)
+
+
+@pytest.mark.parametrize('shift', [[1, 1], [0, 0]])
+def test_compact_swin_window_attention_keeps_the_output(shift):
+    "A silent head of a (shifted, padded) Swin window attention goes; the smaller module computes the same output"
+    from torchvision.models.swin_transformer import ShiftedWindowAttention
+    torch.manual_seed(0)
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.head = ShiftedWindowAttention(8, [2, 2], shift, 2), nn.Linear(8, 3)
+        def forward(self, x): return self.head(self.attn(x).mean((1, 2)))
+    m = M().eval()
+    x = torch.randn(2, 5, 5, 8)  # 5x5 pads to 6x6 windows of 2x2
+    with torch.no_grad():
+        m.attn.proj.weight[:, 4:8] = 0  # head 1 of 2
+        ref = m(x)
+    Pruner(m, x).compact()
+    fct.test_eq((m.attn.num_heads, m.attn.qkv.out_features, m.attn.proj.in_features), (1, 12, 4))
+    with torch.no_grad():
+        fct.test_close(m(x), ref, eps=1e-5)
+        fct.test_eq(m(torch.randn(1, 4, 6, 8)).shape, (1, 3))  # another size runs too
