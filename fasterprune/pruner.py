@@ -100,7 +100,9 @@ def _perturbed(x, g:torch.Generator):
     if isinstance(x, Tensor):
         if x.is_floating_point():
             ok = x.detach().isfinite()
-            scale = torch.where(ok, x.detach().abs(), torch.zeros_like(x)).sum() / ok.sum().clamp_min(1)
+            # the mean |x| summed in float64: a half-precision sum overflows to inf on a few thousand values
+            total = torch.where(ok, x.detach().abs(), torch.zeros_like(x)).sum(dtype=torch.float64)
+            scale = (total / ok.sum().clamp_min(1)).to(x.dtype)
             noise = torch.randn(x.shape, generator=g).to(device=x.device, dtype=x.dtype)
             return torch.where(ok, x + noise * scale.clamp_min(1e-3), x)
         return x.roll(1, 0) if x.dim() else x

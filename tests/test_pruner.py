@@ -481,6 +481,17 @@ def test_half_precision_prune_and_compact(dtype):
     fct.test_eq(m.layer2[0].conv1.out_channels, 56)
     assert m.layer2[0].conv1.weight.dtype == dtype
 
+def test_fp16_example_batch_larger_than_the_half_range():
+    "The second, perturbed input of an fp16 model stays finite when the sum of |x| exceeds fp16's range (65504)"
+    torch.manual_seed(0)
+    m = seq_cnn().half().eval()
+    x = torch.randn(128, 3, 16, 16).half()  # 98,304 values: their |x| sum to about 78,000, past fp16's 65504
+    assert torch.isinf(x.abs().sum()), "the case needs an overflowing half-precision sum"
+    pr = Pruner(m, x, keep_original=False)
+    assert bool(torch.isfinite(pr.second_inputs).all())
+    pr.prune(0.5)
+    assert pr.history[-1]['rel_error'] <= pr.history[-1]['rtol']
+
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize('op', ['prune', 'compact'])
 def test_planted_wrong_channel_is_caught(monkeypatch, dtype, op):
