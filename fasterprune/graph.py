@@ -15,7 +15,7 @@ from .core import evaluating, flat_tensors
 logger = logging.getLogger('fasterprune')
 
 # %% auto #0
-__all__ = ['logger', 'UnknownOpError', 'Slot', 'ChannelGraph', 'ChannelGroup', 'channel_groups']
+__all__ = ['logger', 'UnknownOpError', 'Slot', 'ChannelGraph', 'AttentionHeads', 'ChannelGroup', 'channel_groups']
 
 # %% ../nbs/07_graph.ipynb #691c1871
 _conv_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -138,6 +138,7 @@ class ChannelGraph:
         example_inputs,        # a tensor or a tuple of positional inputs
         strict:bool=True,      # unknown ops that touch channels: error (True) or pin their channels (False)
         traced:tuple|None=None,  # `(module, graph)` of an earlier `ChannelGraph` of this model (`.traced`): no tracing
+        heads:dict|None=None,    # {module name: `AttentionHeads`}: hand-written attention whose heads prune whole
     ):
         self.model, self.strict = model, strict
         example_inputs = _plain(example_inputs)
@@ -158,7 +159,10 @@ class ChannelGraph:
             with torch.no_grad():
                 it = _Labeler(self, *self.traced)
                 self.output = it.run(*self.example_inputs)
+        self.heads = {}  # module name -> `_WrittenHeads` of each hand-written attention named in `heads`
+        for owner, spec in (heads or {}).items(): self._written_heads(owner, spec)
         self._finish()
+        for owner, w in self.heads.items(): self._check_written(owner, w)
 
     def _new(self, n:int, pin:str|None=None) -> Tensor:
         "`n` fresh labels (pinned with the reason `pin`, if given)"
@@ -756,6 +760,66 @@ def _layer(self:ChannelGraph, name:str, m:nn.Module, x:Tensor, xl, out:Tensor, i
         self._tie(xl.reshape(G, -1)[0].repeat(G - 1), xl.reshape(G, -1)[1:].reshape(-1))
         self._tie(ids.reshape(G, -1)[0].repeat(G - 1), ids.reshape(G, -1)[1:].reshape(-1))
     return ids
+
+# %% ../nbs/07_graph.ipynb #3177773b
+@dataclass
+class AttentionHeads:
+    "A hand-written attention block: the attribute its forward splits heads with, and its projections (`nn.Linear`)"
+    num_heads:str='num_heads'  # the int attribute of the block read by `.view(B, T, self.num_heads, head_dim)`
+    q:str='q_proj'             # the query, key, value projections and the output projection, named inside the block
+    k:str='k_proj'
+    v:str='v_proj'
+    o:str='o_proj'
+
+@dataclass
+class _WrittenHeads:
+    "The modules of a hand-written attention named by an `AttentionHeads`: what the Pruner cuts"
+    owner:nn.Module
+    attr:str
+    qkv:tuple       # the q, k, v projections
+    o:nn.Linear     # the output projection
+    names:tuple     # ([q, k, v names], o name) in the model
+    @property
+    def num_heads(self) -> int: return getattr(self.owner, self.attr)
+
+@patch
+def _written_heads(self:ChannelGraph, owner:str, spec):
+    "Register the heads of the hand-written attention `owner` (a 'head' slot) after checking `spec` fits it"
+    if isinstance(spec, (tuple, list)): spec = AttentionHeads(*spec)
+    if not isinstance(spec, AttentionHeads):
+        raise TypeError(f"heads[{owner!r}] must be an AttentionHeads(num_heads, q, k, v, o), got {type(spec).__name__}")
+    if owner not in self.modules:
+        raise ValueError(f"heads: the model has no module {owner!r} (use '' for the model itself)")
+    m = self.modules[owner]
+    H = getattr(m, spec.num_heads, None)
+    if not isinstance(H, int) or isinstance(H, bool) or H < 1:
+        raise ValueError(f"heads[{owner!r}]: {type(m).__name__}.{spec.num_heads} is {H!r}, not a head count; name "
+                         "the int attribute the forward splits heads with")
+    full = lambda n: f'{owner}.{n}' if owner else n
+    lins = []
+    for n in (spec.q, spec.k, spec.v, spec.o):
+        if not isinstance(self.modules.get(full(n)), nn.Linear):
+            raise ValueError(f"heads[{owner!r}]: {full(n)!r} is not an nn.Linear of the model")
+        lins.append(self.modules[full(n)])
+    q, k, v, o = lins
+    if not q.out_features == k.out_features == v.out_features == o.in_features or q.out_features % H:
+        raise ValueError(f"heads[{owner!r}]: q, k, v widths {q.out_features}, {k.out_features}, {v.out_features} and "
+                         f"o's input {o.in_features} must be equal and a multiple of {spec.num_heads}={H} (grouped-"
+                         "query attention is not supported)")
+    w = _WrittenHeads(m, spec.num_heads, (q, k, v), o, ([full(n) for n in (spec.q, spec.k, spec.v)], full(spec.o)))
+    self.heads[owner] = w
+    if H > 1: self._slot(owner, 'head', self._new(H))
+
+@patch
+def _check_written(self:ChannelGraph, owner:str, w:_WrittenHeads):
+    "The projections' channels must be split into heads (pinned by the view): else they would also prune one by one"
+    qkv, o = w.names
+    if w.num_heads == 1: return  # no head slot: nothing to prune there
+    slots = [self.slots[(n, 'out')] for n in qkv] + [self.slots[(o, 'in')]]
+    free = [s.module for s in slots if not self.comp_pinned[s.comp].all()]
+    if free:
+        raise ValueError(f"heads[{owner!r}]: the channels of {free} are not split into heads in the traced forward "
+                         "(they prune one by one); this is not the attention pattern AttentionHeads describes")
 
 # %% ../nbs/07_graph.ipynb #c55a30d1
 @dataclass

@@ -11,7 +11,7 @@ import torch
 from torch import nn, Tensor
 from .core import check_context, check_fraction, evaluating, flat_tensors, round_half_up
 from .criteria import get_criterion
-from .graph import ChannelGraph, _conv_types, _plain
+from .graph import ChannelGraph, _WrittenHeads, _conv_types, _plain
 
 logger = logging.getLogger('fasterprune')
 
@@ -127,6 +127,7 @@ class Pruner:
         strict:bool=True,         # unknown ops that touch channels: error (True) or keep their channels (False)
         opt=None,                 # a torch optimizer whose state follows the cut (a Learner's `opt` is handled for you)
         keep_original:bool=True,  # keep a copy of the starting model for `report()`
+        heads:dict|None=None,     # {block name: `AttentionHeads`}: hand-written attention whose heads prune whole
     ):
         self.learn = model if _is_learner(model) else None
         if self.learn is not None:
@@ -139,6 +140,9 @@ class Pruner:
         _check_reparametrized(model)
         example_inputs = _plain(example_inputs)  # fastai's TensorImage & co. must not leak into folded biases
         self.model, self.verify, self.rtol, self.strict, self.opt = model, verify, rtol, strict, opt
+        if heads is not None and not isinstance(heads, dict):
+            raise TypeError(f"heads must be a dict {{block name: AttentionHeads(...)}}, got {type(heads).__name__}")
+        self.heads = heads
         p = next(model.parameters(), None)
         to = (lambda x: x.to(p.device)) if p is not None else (lambda x: x)
         multi = isinstance(example_inputs, (tuple, list))
@@ -170,7 +174,7 @@ def _removable(g:ChannelGraph, cand:Tensor):
     has_out = torch.zeros(g.n_comps, dtype=torch.bool)
     why = {}
     for (name, kind), s in g.slots.items():
-        if kind == 'head': zero = _silent_heads(mods[name]).to(torch.int8).cpu()
+        if kind == 'head': zero = _silent_heads(_owner(g, name, kind)).to(torch.int8).cpu()
         elif kind == 'out':
             w = mods[name].weight.detach()
             zero = (w.reshape(w.shape[0], -1) == 0).all(1).to(torch.int8).cpu()
@@ -202,7 +206,10 @@ def _removable(g:ChannelGraph, cand:Tensor):
 def _zero_targets(m:nn.Module, s, rm:Tensor) -> list:
     "(parameter, dim, indices) holding the channels `rm` of slot `s` of module `m` at their source"
     idx = rm.nonzero().squeeze(1)
-    if s.kind == 'head':  # a head's query, key and value rows and its output-projection columns
+    if s.kind == 'head' and isinstance(m, _WrittenHeads):  # hand-written: rows of q, k, v; columns of o
+        cols = _head_index(m, idx)[1]
+        res = [(p, 0, cols) for lin in m.qkv for p in (lin.weight, lin.bias)] + [(m.o.weight, 1, cols)]
+    elif s.kind == 'head':  # a head's query, key and value rows and its output-projection columns
         hr, hc = _head_index(m, idx)
         w_in, b_in, proj = _attn_parts(m)
         res = [(w_in, 0, hr), (b_in, 0, hr), (proj.weight, 1, hc)]
@@ -256,7 +263,7 @@ class _Surgery:
             for (name, kind), s in g.slots.items():
                 rm = remove[s.comp]
                 if kind == 'in' or not rm.any(): continue
-                for p, dim, idx in _zero_targets(g.modules[name], s, rm):
+                for p, dim, idx in _zero_targets(_owner(g, name, kind), s, rm):
                     self.keep(p)
                     p.data.index_fill_(dim, idx.to(p.device), 0)
 
@@ -278,7 +285,7 @@ class _Surgery:
         "Keep only the channels not in `remove`, in every slot"
         for (name, kind), s in g.slots.items():
             keep = ~remove[s.comp]
-            if not keep.all(): self._cut_slot(s, g.modules[name], keep.nonzero().squeeze(1))
+            if not keep.all(): self._cut_slot(s, _owner(g, name, kind), keep.nonzero().squeeze(1))
 
     def _cut_slot(self, s, m:nn.Module, idx:Tensor):
         n = len(idx)
@@ -305,6 +312,7 @@ class _Surgery:
         self.set(m, 'num_features', len(idx))
 
     def _cut_heads(self, m:nn.Module, idx:Tensor):
+        if isinstance(m, _WrittenHeads): return self._cut_written(m, idx)
         hr, hc = _head_index(m, idx)
         w_in, b_in, proj = _attn_parts(m)
         self.cut_param(w_in, 0, hr)
@@ -320,6 +328,19 @@ class _Surgery:
         pruned = _pruned_window_attention(type(m))
         if type(m) is not pruned: self.set(m, '__class__', pruned)
 
+    def _cut_written(self, w:_WrittenHeads, idx:Tensor):
+        "Hand-written attention: the q, k, v rows and o columns of the heads `idx` stay; the head count follows"
+        cols = _head_index(w, idx)[1]
+        for lin in w.qkv:
+            self.cut_param(lin.weight, 0, cols)
+            self.cut_param(lin.bias, 0, cols)
+            self.set(lin, 'out_features', len(cols))
+        self.cut_param(w.o.weight, 1, cols)
+        self.set(w.o, 'in_features', len(cols))
+        if not hasattr(w.owner, '_pruned_head_attrs'): w.owner._pruned_head_attrs = ()
+        self.set(w.owner, '_pruned_head_attrs', tuple(sorted({*w.owner._pruned_head_attrs, w.attr})))  # for recipes
+        self.set(w.owner, w.attr, len(idx))
+
 # %% ../nbs/08_pruner.ipynb #7551cd9b
 import torch.nn.functional as F
 
@@ -328,8 +349,16 @@ def _attn_parts(m) -> tuple:
     if isinstance(m, nn.MultiheadAttention): return m.in_proj_weight, m.in_proj_bias, m.out_proj
     return m.qkv.weight, m.qkv.bias, m.proj
 
+def _owner(g:ChannelGraph, name:str, kind:str):
+    "The module of slot `(name, kind)`; for the heads of a hand-written attention, its `_WrittenHeads`"
+    return g.heads[name] if kind == 'head' and name in g.heads else g.modules[name]
+
 def _head_index(m, heads:Tensor) -> tuple[Tensor, Tensor]:
     "(rows of the packed q, k, v weight for `heads`, columns of the output projection of `heads`)"
+    if isinstance(m, _WrittenHeads):  # separate q, k, v: the same rows in each, and those columns of o
+        hd = m.o.in_features // m.num_heads
+        cols = (heads.cpu()[:, None] * hd + torch.arange(hd)).reshape(-1)
+        return cols, cols
     w_in = _attn_parts(m)[0]
     E = w_in.shape[0] // 3
     hd = E // m.num_heads
@@ -338,6 +367,11 @@ def _head_index(m, heads:Tensor) -> tuple[Tensor, Tensor]:
 
 def _silent_heads(m) -> Tensor:
     "Heads whose output is zero for every input: value rows and bias zero, or output-projection columns zero"
+    if isinstance(m, _WrittenHeads):
+        H, v, o = m.num_heads, m.qkv[2], m.o
+        vz = (v.weight.detach().reshape(H, -1) == 0).all(1)
+        if v.bias is not None: vz &= (v.bias.detach().reshape(H, -1) == 0).all(1)
+        return vz | (o.weight.detach().reshape(o.out_features, H, -1) == 0).all(2).all(0)
     w_in, b_in, proj = _attn_parts(m)
     H, E = m.num_heads, w_in.shape[0] // 3
     hd = E // H
@@ -348,6 +382,12 @@ def _silent_heads(m) -> Tensor:
 
 def _head_scores(m, crit, name:str) -> tuple[Tensor, Tensor]:
     "(sum of the criterion's scores over each head's weights, their number)"
+    if isinstance(m, _WrittenHeads):
+        H, (qkv, on), o = m.num_heads, m.names, m.o
+        si = sum(crit.score(n, lin.weight).reshape(H, -1).sum(1, dtype=torch.float64) for n, lin in zip(qkv, m.qkv))
+        so = crit.score(on, o.weight).reshape(o.out_features, H, -1).sum((0, 2), dtype=torch.float64)
+        n = o.in_features // H * (sum(lin.in_features for lin in m.qkv) + o.out_features)
+        return si + so, torch.full((H,), float(n), dtype=torch.float64)
     w_in, _, proj = _attn_parts(m)
     H = m.num_heads
     hd = w_in.shape[0] // 3 // H
@@ -478,7 +518,11 @@ def _check(self:Pruner, refs:list, what:str, folded:bool) -> tuple[float, float]
     if not any(bool(t.any()) for r in refs for t in flat_tensors(r)):
         logger.warning("Pruner.%s: the model's output is zero on the example inputs: the check cannot tell a wrong "
                        "surgery from a right one (a zero-initialised head?)", what)
-    err = max(relative_error(r, o) for r, o in zip(refs, self._outputs()))
+    try: outs = self._outputs()
+    except Exception as e:  # e.g. a forward that still views the old head count
+        raise SurgeryError(f"{what}: the pruned model no longer runs on the example inputs ({type(e).__name__}: {e}); "
+                           "the model was restored") from e
+    err = max(relative_error(r, o) for r, o in zip(refs, outs))
     tol = self._tolerance(folded)
     if not err <= tol:
         raise SurgeryError(f"{what}: the pruned model's output differs from the masked model's by {err:.3g} "
@@ -542,7 +586,7 @@ def _sync_optimizer(self:Pruner, tx:_Surgery):
 def compact(self:Pruner) -> nn.Module:
     "Remove every component whose producer filters are all zero (and whose constant folds exactly); returns the model"
     _check_reparametrized(self.model)
-    g = ChannelGraph(self.model, self.example_inputs, self.strict)
+    g = ChannelGraph(self.model, self.example_inputs, self.strict, heads=self.heads)
     ok, consts = _removable(g, torch.ones(g.n_comps, dtype=torch.bool))
     if not ok.any():
         logger.info("Pruner.compact: no zeroed channel component to remove")
@@ -574,7 +618,7 @@ def _component_scores(g:ChannelGraph, crit) -> Tensor:
     score, count = torch.zeros(g.n_comps, dtype=torch.float64), torch.zeros(g.n_comps, dtype=torch.float64)
     for (name, kind), s in g.slots.items():
         if kind == 'head':
-            sc_sum, sc_n = _head_scores(g.modules[name], crit, name)
+            sc_sum, sc_n = _head_scores(_owner(g, name, kind), crit, name)
             score.index_add_(0, s.comp, sc_sum.cpu())
             count.index_add_(0, s.comp, sc_n)
         if kind != 'out': continue
@@ -643,7 +687,7 @@ def prune(self:Pruner,
         raise ValueError(f"round_to must be a whole number >= 1, got {round_to!r}")
     crit = get_criterion(criteria)
     _check_reparametrized(self.model)
-    g = ChannelGraph(self.model, self.example_inputs, self.strict)
+    g = ChannelGraph(self.model, self.example_inputs, self.strict, heads=self.heads)
     groups = g.groups()
     targets = _targets(groups, ratio)
     mean = _component_scores(g, crit)
@@ -656,7 +700,8 @@ def prune(self:Pruner,
     tx = _Surgery()
     try:
         tx.zero(g, remove)
-        g2 = ChannelGraph(self.model, self.example_inputs, self.strict, traced=g.traced)  # same structure, new values
+        # the same structure, new values
+        g2 = ChannelGraph(self.model, self.example_inputs, self.strict, traced=g.traced, heads=self.heads)
         assert g2.n_comps == g.n_comps
         ok, consts = _removable(g2, remove)
         if (remove & ~ok).any():
@@ -710,6 +755,8 @@ def pruning_recipe(model:nn.Module) -> dict:
         ts = {k: list(v.shape) for k, v in own if v is not None and k not in skip}
         if isinstance(m, PrunedMultiheadAttention) or getattr(type(m), '_pruned_heads', False):
             attrs['pruned_heads'] = True  # load_pruned switches the class too
+        for a in getattr(m, '_pruned_head_attrs', ()): attrs[a] = getattr(m, a)  # a hand-written attention's heads
+        if getattr(m, '_pruned_head_attrs', ()): attrs['head_attrs'] = list(m._pruned_head_attrs)
         if attrs or ts: r[n] = dict(attrs, tensors=ts)
     return r
 
@@ -751,8 +798,9 @@ def apply_recipe(model:nn.Module, recipe:dict) -> nn.Module:
         if r.get('pruned_heads'):
             mha = isinstance(m, nn.MultiheadAttention)
             m.__class__ = PrunedMultiheadAttention if mha else _pruned_window_attention(type(m))
+        if r.get('head_attrs'): m._pruned_head_attrs = tuple(r['head_attrs'])
         for a, v in r.items():
-            if a in ('tensors', 'pruned_heads'): continue
+            if a in ('tensors', 'pruned_heads', 'head_attrs'): continue
             if not hasattr(m, a):
                 raise ValueError(f"recipe entry {n!r} sets {a!r}, which {type(m).__name__} does not have")
             setattr(m, a, tuple(v) if isinstance(getattr(m, a), tuple) else v)
@@ -804,7 +852,8 @@ def load_pruned(model:nn.Module, path, map_location=None) -> nn.Module:
         t = mods[n]
         t._parameters, t._buffers = m._parameters, m._buffers
         for a, v in d['recipe'].get(n, {}).items():
-            if a not in ('tensors', 'bias', 'pruned_heads'): setattr(t, a, getattr(m, a))
+            if a == 'head_attrs': t._pruned_head_attrs = m._pruned_head_attrs  # the heads' attributes, for recipes
+            elif a not in ('tensors', 'bias', 'pruned_heads'): setattr(t, a, getattr(m, a))
         if type(m) is not type(t): t.__class__ = type(m)
     return model
 

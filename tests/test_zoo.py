@@ -135,9 +135,9 @@ def _rotate_half(x):
 
 class LlamaBlock(nn.Module):
     "A small Llama-like decoder: RMSNorm, rotary attention, SwiGLU MLP, tied embedding head"
-    def __init__(self, vocab=50, d=32, h=4, hidden=64, T=8):
+    def __init__(self, vocab=50, d=32, h=4, hidden=64, T=8, merge_to_width=False):
         super().__init__()
-        self.h, self.hd = h, d // h
+        self.h, self.hd, self.merge_to_width = h, d // h, merge_to_width
         self.emb, self.n1, self.n2, self.norm = nn.Embedding(vocab, d), RMSNorm(d), RMSNorm(d), RMSNorm(d)
         self.wq, self.wk, self.wv, self.wo = (nn.Linear(d, d, bias=False) for _ in range(4))
         self.w1, self.w2 = nn.Linear(d, hidden, bias=False), nn.Linear(hidden, d, bias=False)
@@ -155,7 +155,7 @@ class LlamaBlock(nn.Module):
         q, k, v = (w(y).view(B, T, self.h, self.hd).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
         q, k = q * self.cos + _rotate_half(q) * self.sin, k * self.cos + _rotate_half(k) * self.sin
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.wo(o.transpose(1, 2).reshape(B, T, D))
+        x = x + self.wo(o.transpose(1, 2).reshape(B, T, D if self.merge_to_width else -1))
         y = self.n2(x)
         x = x + self.w2(F.silu(self.w1(y)) * self.w3(y))
         return self.head(self.norm(x))
@@ -172,6 +172,78 @@ def test_llama_like_block(tmp_path):
     fresh = load_pruned(LlamaBlock(), tmp_path / 'l.pt')
     assert fresh.head.weight is fresh.emb.weight
     with torch.no_grad(): assert torch.equal(fresh.eval()(tok), m.eval()(tok))
+
+def _llama_heads():
+    from fasterprune.graph import AttentionHeads
+    return {'': AttentionHeads('h', 'wq', 'wk', 'wv', 'wo')}
+
+@pytest.mark.parametrize('context', ['local', 'global'])
+def test_llama_like_block_heads(tmp_path, context):
+    "Named as AttentionHeads, whole heads go: the q, k, v rows of a head with its wo columns, the head count follows"
+    torch.manual_seed(0)
+    m = LlamaBlock()
+    tok = torch.randint(0, 50, (2, 8))
+    n0 = sum(p.numel() for p in m.parameters())
+    pr = Pruner(m, tok, heads=_llama_heads())
+    pr_groups = [g for g in ChannelGraph(m, tok, heads=_llama_heads()).groups() if not g.pinned]
+    fct.test_eq(sorted(g.width for g in pr_groups), [4, 64])  # a head is one channel of its group; 64 SwiGLU units
+    pr.prune(0.5, context=context)
+    h = pr.history[-1]
+    assert h['rel_error'] <= h['rtol'] and h['params_after'] < n0
+    assert 1 <= m.h < 4
+    fct.test_eq((m.wq.out_features, m.wk.out_features, m.wv.out_features, m.wo.in_features), (8 * m.h,) * 4)
+    fct.test_eq((m.wq.in_features, m.wo.out_features, m.emb.embedding_dim), (32, 32, 32))
+    if context == 'local': fct.test_eq((m.h, m.w1.out_features), (2, 32))
+    with torch.no_grad(): m.eval()(torch.randint(0, 50, (3, 8)))  # a fresh batch runs through the fewer heads
+    save_pruned(m, tmp_path / 'l.pt')
+    fresh = load_pruned(LlamaBlock(), tmp_path / 'l.pt')
+    fct.test_eq(fresh.h, m.h)
+    with torch.no_grad(): assert torch.equal(fresh.eval()(tok), m.eval()(tok))
+    save_pruned(fresh, tmp_path / 'l2.pt')  # the loaded model saves its head count again
+    fct.test_eq(load_pruned(LlamaBlock(), tmp_path / 'l2.pt').h, m.h)
+
+def test_llama_heads_keep_the_lowest_heads_and_verify():
+    "The head whose weights are smallest goes first; a model whose forward merges heads to the full width is refused"
+    from fasterprune.pruner import SurgeryError
+    from fasterprune.graph import AttentionHeads
+    torch.manual_seed(0)
+    m = LlamaBlock()
+    with torch.no_grad():
+        for w in (m.wq, m.wk, m.wv): w.weight[8:16] *= 0.01  # head 1 is the weakest
+    tok = torch.randint(0, 50, (2, 8))
+    wv = m.wv.weight.detach().clone()
+    Pruner(m, tok, heads=_llama_heads()).prune({'': 0.25})
+    fct.test_eq(m.h, 3)
+    assert torch.equal(m.wv.weight, torch.cat([wv[:8], wv[16:]]))
+    bad = LlamaBlock(merge_to_width=True)  # `.reshape(B, T, D)`: the forward cannot run with fewer heads
+    sd = {k: v.clone() for k, v in bad.state_dict().items()}
+    with pytest.raises(SurgeryError, match="no longer runs"): Pruner(bad, tok, heads=_llama_heads()).prune(0.5)
+    fct.test_eq((bad.h, bad.wq.out_features), (4, 32))
+    assert all(torch.equal(v, bad.state_dict()[k]) for k, v in sd.items())
+    wrong = LlamaBlock()  # the head width named as the head count: verification refuses, the model is restored
+    with pytest.raises(SurgeryError, match="no longer runs"):
+        Pruner(wrong, tok, heads={'': AttentionHeads('hd', 'wq', 'wk', 'wv', 'wo')}).prune(0.5)
+    fct.test_eq((wrong.h, wrong.hd, wrong.wq.out_features), (4, 8, 32))
+    for heads, err in [({'': AttentionHeads('x', 'wq', 'wk', 'wv', 'wo')}, "not a head count"),
+                       ({'': AttentionHeads('h', 'wq', 'wk', 'w1', 'wo')}, "must be equal"),
+                       ({'': AttentionHeads('h', 'wq', 'wk', 'n1', 'wo')}, "not an nn.Linear"),
+                       ({'attn': AttentionHeads()}, "no module 'attn'")]:
+        with pytest.raises(ValueError, match=err): Pruner(LlamaBlock(), tok, heads=heads).prune(0.5)
+
+def test_head_declaration_on_unsplit_projections_is_refused():
+    "AttentionHeads on projections whose channels are not split by a view: refused, since they prune one by one"
+    from fasterprune.graph import AttentionHeads
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.n_heads = 2
+            self.q, self.k, self.v, self.o = (nn.Linear(8, 8) for _ in range(4))
+        def forward(self, x): return self.o(torch.relu(self.q(x) + self.k(x) + self.v(x)))
+    x = torch.randn(2, 8)
+    m = Flat()
+    with pytest.raises(ValueError, match="not split into heads"):
+        Pruner(m, x, heads={'': AttentionHeads('n_heads', 'q', 'k', 'v', 'o')}).prune(0.5)
+    fct.test_eq((m.n_heads, m.q.out_features), (2, 8))
 
 class ViTBlock(nn.Module):
     "nn.MultiheadAttention + MLP, ViT style"
