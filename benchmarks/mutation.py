@@ -24,7 +24,7 @@ so it survives unrelated edits elsewhere in the file, but not a rewrite of that 
 Usage (from the repository root; test files per module are in `TESTS`):
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/mutation.py --root . --n 45 --seed 0 --jobs 2 \
         --out benchmarks/mutation_before.json
-    python benchmarks/mutation.py --table benchmarks/mutation_before.json   # print the table again
+    python benchmarks/mutation.py --table benchmarks/mutation_before.json   # the table again, equivalents marked
 """
 from __future__ import annotations
 import argparse, ast, hashlib, json, os, random, shutil, signal, subprocess, sys, tempfile, time
@@ -272,17 +272,24 @@ def main():
     p.add_argument('--only', type=int, nargs='*', help='rerun only these mutant indices (one module)')
     p.add_argument('--tests', nargs='+', help='run only these test files (to check that new tests kill --only ones)')
     p.add_argument('--out', help='JSON to write')
-    p.add_argument('--table', help='print the table of an existing JSON and exit')
+    p.add_argument('--table', nargs='+', help='print the table of existing JSON results (merged, equivalents marked)')
     p.add_argument('--list', action='store_true', help='list the sampled mutants without running them')
     p.add_argument('--show', type=int, nargs='+', help='print the diff of these mutant indices (one module) and exit')
     a = p.parse_args()
-    if a.table:
-        print(table(json.loads(Path(a.table).read_text())))
-        return
     global ONLY_TESTS
     ONLY_TESTS = a.tests
     eq_path = Path(a.equivalent)
     equivalent = json.loads(eq_path.read_text()) if eq_path.exists() else {}
+    if a.table:  # merge results (e.g. modules run separately), mark the listed equivalent mutants, print the table
+        runs = [json.loads(Path(t).read_text()) for t in a.table]
+        res = dict(runs[0], modules=[mod for r in runs for mod in r['modules']], secs=sum(r['secs'] for r in runs))
+        for m in (m for mod in res['modules'] for m in mod['mutants']):
+            if m['status'] == 'survived' and m['signature'] in equivalent:
+                m['status'], m['detail'] = 'equivalent', equivalent[m['signature']]
+        res['summary'] = {mod['module']: summarize(mod) for mod in res['modules']}
+        print(table(res))
+        if a.out: Path(a.out).write_text(json.dumps(res, indent=1) + '\n')
+        return
     if a.show:
         import difflib
         src = (Path(a.root) / 'fasterprune' / f'{a.modules[0]}.py').read_text()

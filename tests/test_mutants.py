@@ -252,7 +252,7 @@ def test_all_zero_per_layer_targets_prune_nothing():
 
 
 # ---- pruner ------------------------------------------------------------------------------------------------------
-from fasterprune.pruner import Pruner, PrunedMultiheadAttention
+from fasterprune.pruner import Pruner, PrunedMultiheadAttention, save_pruned, load_pruned
 
 
 @pytest.mark.parametrize('batch_first', [False, True])
@@ -304,21 +304,41 @@ def test_compact_removes_silent_heads_only(silence):
 
 @pytest.mark.parametrize('shift', [[1, 1], [0, 0]])
 def test_compact_swin_window_attention_keeps_the_output(shift):
-    "A silent head of a (shifted, padded) Swin window attention goes; the smaller module computes the same output"
+    "Silent heads of a (shifted, padded) Swin window attention go, twice; the smaller module computes the same output"
     from torchvision.models.swin_transformer import ShiftedWindowAttention
     torch.manual_seed(0)
     class M(nn.Module):
         def __init__(self):
             super().__init__()
-            self.attn, self.head = ShiftedWindowAttention(8, [2, 2], shift, 2), nn.Linear(8, 3)
+            self.attn, self.head = ShiftedWindowAttention(12, [2, 2], shift, 3), nn.Linear(12, 3)
         def forward(self, x): return self.head(self.attn(x).mean((1, 2)))
     m = M().eval()
-    x = torch.randn(2, 5, 5, 8)  # 5x5 pads to 6x6 windows of 2x2
-    with torch.no_grad():
-        m.attn.proj.weight[:, 4:8] = 0  # head 1 of 2
-        ref = m(x)
+    x = torch.randn(2, 5, 5, 12)  # 5x5 pads to 6x6 windows of 2x2
+    pr = Pruner(m, x)
+    for heads, cols in ((2, slice(8, 12)), (1, slice(0, 4))):  # silence the last head, then the first one left
+        with torch.no_grad():
+            m.attn.proj.weight[:, cols] = 0
+            ref = m(x)
+        pr.compact()
+        fct.test_eq((m.attn.num_heads, m.attn.qkv.out_features, m.attn.proj.in_features), (heads, 12 * heads, 4 * heads))
+        with torch.no_grad():
+            fct.test_close(m(x), ref, eps=1e-5)
+            fct.test_eq(m(torch.randn(1, 4, 6, 12)).shape, (1, 3))  # another size runs too
+
+
+def test_compacted_attention_saved_and_loaded_into_a_fresh_model(tmp_path):
+    torch.manual_seed(0)
+    m = _Attn().eval()
+    x = torch.randn(5, 2, 8)
+    with torch.no_grad(): m.mha.out_proj.weight[:, 2:4] = 0
     Pruner(m, x).compact()
-    fct.test_eq((m.attn.num_heads, m.attn.qkv.out_features, m.attn.proj.in_features), (1, 12, 4))
-    with torch.no_grad():
-        fct.test_close(m(x), ref, eps=1e-5)
-        fct.test_eq(m(torch.randn(1, 4, 6, 8)).shape, (1, 3))  # another size runs too
+    save_pruned(m, tmp_path / 'a.pt')
+    fresh = load_pruned(_Attn(), tmp_path / 'a.pt').eval()
+    fct.test_eq((type(fresh.mha), fresh.mha.num_heads), (PrunedMultiheadAttention, 3))
+    with torch.no_grad(): fct.test_eq(fresh(x), m(x))
+
+
+def test_recipe_that_does_not_fit_the_model_is_refused():
+    from fasterprune.pruner import pruning_recipe, apply_recipe
+    r = pruning_recipe(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)))
+    fct.test_fail(lambda: apply_recipe(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), r), contains="recipe entry '1'")
