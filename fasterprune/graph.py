@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_graph.ipynb #105ce07e
 from __future__ import annotations
-import math, operator, logging
+import fnmatch, math, operator, logging
 from dataclasses import dataclass
 from fastcore.basics import patch
 import torch
@@ -138,7 +138,7 @@ class ChannelGraph:
         example_inputs,        # a tensor or a tuple of positional inputs
         strict:bool=True,      # unknown ops that touch channels: error (True) or pin their channels (False)
         traced:tuple|None=None,  # `(module, graph)` of an earlier `ChannelGraph` of this model (`.traced`): no tracing
-        heads:dict|None=None,    # {module name: `AttentionHeads`}: hand-written attention whose heads prune whole
+        heads:dict|None=None,    # {module name or pattern: `AttentionHeads`}: hand-written attention, heads prune whole
     ):
         self.model, self.strict = model, strict
         example_inputs = _plain(example_inputs)
@@ -160,7 +160,18 @@ class ChannelGraph:
                 it = _Labeler(self, *self.traced)
                 self.output = it.run(*self.example_inputs)
         self.heads = {}  # module name -> `_WrittenHeads` of each hand-written attention named in `heads`
-        for owner, spec in (heads or {}).items(): self._written_heads(owner, spec)
+        for key, spec in (heads or {}).items():
+            if not any(c in key for c in '*?['):
+                self._written_heads(key, spec)
+                continue
+            sp = AttentionHeads(*spec) if isinstance(spec, (tuple, list)) else spec
+            parts = [getattr(sp, a, None) for a in ('num_heads', 'q', 'k', 'v', 'o')]
+            hits = [n for n, m in self.modules.items()  # a pattern: every module it names that has those parts
+                    if fnmatch.fnmatchcase(n, key) and all(isinstance(a, str) and hasattr(m, a) for a in parts)]
+            if not hits:
+                raise ValueError(f"heads: the pattern {key!r} matches no module of the model with the attributes "
+                                 f"{parts}")
+            for n in hits: self._written_heads(n, spec)
         self._finish()
         for owner, w in self.heads.items(): self._check_written(owner, w)
 

@@ -230,6 +230,60 @@ def test_llama_heads_keep_the_lowest_heads_and_verify():
                        ({'attn': AttentionHeads()}, "no module 'attn'")]:
         with pytest.raises(ValueError, match=err): Pruner(LlamaBlock(), tok, heads=heads).prune(0.5)
 
+class SoftmaxAttention(nn.Module):
+    "Attention written out: biased projections, `reshape`/`permute` into heads, softmax(q @ k^T) @ v, learned positions"
+    def __init__(self, d=24, n_heads=3):
+        super().__init__()
+        self.num_heads, self.head_dim = n_heads, d // n_heads  # not D // num_heads in forward: that breaks once cut
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d) for _ in range(4))
+    def forward(self, x):
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q = self.q_proj(x).reshape(B, T, self.num_heads, hd).permute(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, T, self.num_heads, hd).permute(0, 2, 3, 1)
+        v = self.v_proj(x).view(B, T, self.num_heads, hd).transpose(1, 2)
+        att = torch.softmax(q @ k / math.sqrt(hd), dim=-1)
+        return self.o_proj((att @ v).permute(0, 2, 1, 3).reshape(B, T, -1))
+
+class TwoLayerDecoder(nn.Module):
+    def __init__(self, d=24, T=6):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(T, d))
+        self.layers = nn.ModuleList(SoftmaxAttention(d) for _ in range(2))
+        self.fc1, self.fc2 = nn.Linear(d, 48), nn.Linear(48, 4)
+    def forward(self, x):
+        x = x + self.pos
+        for a in self.layers: x = x + a(x)
+        return self.fc2(F.gelu(self.fc1(x)))
+
+def test_written_attention_variants_pattern_optimizer_compact(tmp_path):
+    "Every block a pattern names loses heads; the optimizer state follows; pruned twice; zeroed heads compact away"
+    from fasterprune.graph import AttentionHeads
+    torch.manual_seed(0)
+    m = TwoLayerDecoder()
+    x = torch.randn(2, 6, 24)
+    opt = torch.optim.Adam(m.parameters())
+    m(x).sum().backward()
+    opt.step()
+    pr = Pruner(m, x, opt=opt, heads={'layers.*': AttentionHeads()})
+    pr.prune(0.34)
+    a0, a1 = m.layers
+    fct.test_eq((a0.num_heads, a1.num_heads, a0.q_proj.bias.shape[0], a1.o_proj.in_features), (2, 2, 16, 16))
+    fct.test_eq(opt.state[a0.k_proj.weight]['exp_avg'].shape, (16, 24))
+    opt.zero_grad()
+    m(x).sum().backward()
+    opt.step()  # the optimizer steps on the cut parameters
+    with torch.no_grad(): a1.o_proj.weight[:, 8:] = 0  # a1's second head is silent
+    pr.compact()
+    fct.test_eq((a0.num_heads, a1.num_heads, a1.v_proj.out_features), (2, 1, 8))
+    assert pr.history[-1]['rel_error'] <= 1e-5
+    save_pruned(m, tmp_path / 'd.pt')
+    fresh = load_pruned(TwoLayerDecoder(), tmp_path / 'd.pt')
+    fct.test_eq((fresh.layers[0].num_heads, fresh.layers[1].num_heads), (2, 1))
+    with torch.no_grad(): assert torch.equal(fresh.eval()(x), m.eval()(x))
+    with pytest.raises(ValueError, match="matches no module"):
+        Pruner(m, x, heads={'blocks.*': AttentionHeads()}).prune(0.5)
+
 def test_head_declaration_on_unsplit_projections_is_refused():
     "AttentionHeads on projections whose channels are not split by a view: refused, since they prune one by one"
     from fasterprune.graph import AttentionHeads
