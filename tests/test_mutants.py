@@ -302,18 +302,18 @@ def test_compact_removes_silent_heads_only(silence):
     with torch.no_grad(): fct.test_close(m(x), ref, eps=1e-5)
 
 
-@pytest.mark.parametrize('shift', [[1, 1], [0, 0]])
-def test_compact_swin_window_attention_keeps_the_output(shift):
+@pytest.mark.parametrize('window,shift', [([2, 3], [1, 2]), ([2, 2], [0, 0])])
+def test_compact_swin_window_attention_keeps_the_output(window, shift):
     "Silent heads of a (shifted, padded) Swin window attention go, twice; the smaller module computes the same output"
     from torchvision.models.swin_transformer import ShiftedWindowAttention
     torch.manual_seed(0)
     class M(nn.Module):
         def __init__(self):
             super().__init__()
-            self.attn, self.head = ShiftedWindowAttention(12, [2, 2], shift, 3), nn.Linear(12, 3)
+            self.attn, self.head = ShiftedWindowAttention(12, window, shift, 3), nn.Linear(12, 3)
         def forward(self, x): return self.head(self.attn(x).mean((1, 2)))
     m = M().eval()
-    x = torch.randn(2, 5, 5, 12)  # 5x5 pads to 6x6 windows of 2x2
+    x = torch.randn(2, 5, 5, 12)  # 5x5 pads to whole windows; rectangular windows and shifts
     pr = Pruner(m, x)
     for heads, cols in ((2, slice(8, 12)), (1, slice(0, 4))):  # silence the last head, then the first one left
         with torch.no_grad():
