@@ -568,8 +568,12 @@ def _reshape(self:ChannelGraph, name, x, xl, out):
         return xl.repeat_interleave(math.prod(x.shape[2:]))  # flatten: channel c -> features c*HW ... (c+1)*HW - 1
     if cd == x.dim() - 1 and out.dim() >= 2 and out.shape[-1] == x.shape[-1]:
         return _at(xl, out.dim() - 1, out.dim())  # channels last stay last
-    self._pin(xl, f'{name} moves channels')
-    return self._new(out.shape[1], f'{name} moves channels') if out.dim() >= 2 else None
+    why = f'{name} moves channels'
+    if cd == x.dim() - 1 and out.dim() == x.dim() + 1 and out.shape[:-2] == x.shape[:-1] and out.shape[-2] > 1:
+        why = (f'{name} splits channels into {out.shape[-2]} heads of {out.shape[-1]} (an attention? name it in '
+               'heads= with AttentionHeads to prune whole heads)')
+    self._pin(xl, why)
+    return self._new(out.shape[1], why) if out.dim() >= 2 else None
 
 def _param_source(n, it, gm):
     "(module name, parameter name, dimension map) when `n` is a parameter, possibly viewed or reshaped; else None"

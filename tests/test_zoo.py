@@ -165,6 +165,8 @@ def test_llama_like_block(tmp_path):
     torch.manual_seed(0)
     m = LlamaBlock()
     tok = torch.randint(0, 50, (2, 8))
+    wq = next(g for g in channel_groups(m, tok) if 'wq' in g.producers)
+    assert wq.pinned and '4 heads of 8' in wq.reason and 'heads=' in wq.reason  # the reason says what to do
     _check(m, tok)
     fct.test_eq((m.w1.out_features, m.w3.out_features, m.w2.in_features), (32, 32, 32))
     fct.test_eq((m.wq.out_features, m.wo.in_features, m.emb.embedding_dim), (32, 32, 32))
