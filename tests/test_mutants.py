@@ -342,3 +342,18 @@ def test_recipe_that_does_not_fit_the_model_is_refused():
     from fasterprune.pruner import pruning_recipe, apply_recipe
     r = pruning_recipe(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)))
     fct.test_fail(lambda: apply_recipe(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), r), contains="recipe entry '1'")
+
+
+def test_prune_removes_the_lowest_scoring_attention_heads():
+    torch.manual_seed(0)
+    m = _Attn().eval()
+    x = torch.randn(5, 2, 8)
+    with torch.no_grad():
+        for h in (0, 2):  # heads 0 and 2 (head_dim 2) get tiny weights: magnitude ranks them last
+            rows = torch.cat([torch.arange(2 * h, 2 * h + 2) + k * 8 for k in range(3)])
+            m.mha.in_proj_weight[rows] *= 1e-3
+            m.mha.out_proj.weight[:, 2 * h:2 * h + 2] *= 1e-3
+    q_kept = m.mha.in_proj_weight.detach()[[2, 3, 6, 7]].clone()
+    Pruner(m, x).prune(0.5)
+    fct.test_eq(m.mha.num_heads, 2)
+    fct.test_eq(m.mha.in_proj_weight.detach()[:4], q_kept)
