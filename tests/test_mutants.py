@@ -313,7 +313,7 @@ def test_compact_swin_window_attention_keeps_the_output(window, shift):
             self.attn, self.head = ShiftedWindowAttention(12, window, shift, 3), nn.Linear(12, 3)
         def forward(self, x): return self.head(self.attn(x).mean((1, 2)))
     m = M().eval()
-    x = torch.randn(2, 5, 5, 12)  # 5x5 pads to whole windows; rectangular windows and shifts
+    x = torch.randn(2, 4, 5, 12)  # 4x5 pads to whole windows; rectangular windows and shifts
     pr = Pruner(m, x)
     for heads, cols in ((2, slice(8, 12)), (1, slice(0, 4))):  # silence the last head, then the first one left
         with torch.no_grad():
@@ -357,3 +357,17 @@ def test_prune_removes_the_lowest_scoring_attention_heads():
     Pruner(m, x).prune(0.5)
     fct.test_eq(m.mha.num_heads, 2)
     fct.test_eq(m.mha.in_proj_weight.detach()[:4], q_kept)
+
+
+def test_relative_error_of_empty_outputs_is_zero():
+    from fasterprune.pruner import relative_error
+    fct.test_eq(relative_error(torch.empty(0), torch.empty(0)), 0.)
+    fct.test_eq(relative_error(torch.ones(3), torch.ones(3)), 0.)
+    fct.test_eq(relative_error(torch.ones(2), torch.tensor([1., 1.5])), 0.5)
+
+
+def test_global_prune_removes_exactly_the_ratio_of_channels():
+    torch.manual_seed(0)
+    m = mlp(8, 16, 16, 4)
+    Pruner(m, torch.randn(4, 8)).prune(0.5, context='global')
+    fct.test_eq(m[0].out_features + m[2].out_features, 16)
