@@ -21,6 +21,12 @@ Equivalent mutants (no behaviour change) are listed by hand in `--equivalent` (J
 and left out of the score: score = killed / (total - equivalent). A signature is `module:line text:operator:new text`,
 so it survives unrelated edits elsewhere in the file, but not a rewrite of that line.
 
+Recorded runs (benchmarks/mutation_before.json, mutation_after.json; equivalents in mutation_equivalent.json):
+  before: a worktree at 432b67e, without tests/test_mutants.py, all four modules in one run with --jobs 2;
+  after:  a worktree at 1ae74e8 / 6a4e0ad (schedules, sparsifier, callback identical in both) with
+          tests/test_mutants.py, two runs side by side (--modules schedules sparsifier callback; --modules pruner),
+          merged with --table. Mutant indices and lines differ between the two: the files were refactored.
+
 Usage (from the repository root; test files per module are in `TESTS`):
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/mutation.py --root . --n 45 --seed 0 --jobs 2 \
         --out benchmarks/mutation_before.json
