@@ -371,3 +371,30 @@ def test_global_prune_removes_exactly_the_ratio_of_channels():
     m = mlp(8, 16, 16, 4)
     Pruner(m, torch.randn(4, 8)).prune(0.5, context='global')
     fct.test_eq(m[0].out_features + m[2].out_features, 16)
+
+
+class _Written(nn.Module):
+    "A hand-written attention block (named to the Pruner with AttentionHeads)"
+    def __init__(self):
+        super().__init__()
+        self.h, self.hd = 4, 2
+        self.wq, self.wk, self.wv, self.wo = (nn.Linear(8, 8) for _ in range(4))
+        self.head = nn.Linear(8, 3)
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = (w(x).view(B, T, self.h, self.hd).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.head(self.wo(o.transpose(1, 2).reshape(B, T, -1)).mean(1))
+
+
+def test_compact_removes_a_silent_hand_written_head():
+    from fasterprune.graph import AttentionHeads
+    torch.manual_seed(0)
+    m = _Written().eval()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        m.wo.weight[:, 2:4] = 0  # head 1 is silent
+        ref = m(x)
+    Pruner(m, x, heads={'': AttentionHeads('h', 'wq', 'wk', 'wv', 'wo')}).compact()
+    fct.test_eq((m.h, m.wq.out_features, m.wo.in_features, m.wo.out_features), (3, 6, 6, 8))
+    with torch.no_grad(): fct.test_close(m(x), ref, eps=1e-5)
