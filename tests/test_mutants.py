@@ -398,3 +398,31 @@ def test_compact_removes_a_silent_hand_written_head():
     Pruner(m, x, heads={'': AttentionHeads('h', 'wq', 'wk', 'wv', 'wo')}).compact()
     fct.test_eq((m.h, m.wq.out_features, m.wo.in_features, m.wo.out_features), (3, 6, 6, 8))
     with torch.no_grad(): fct.test_close(m(x), ref, eps=1e-5)
+
+
+def _conv_net():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+def test_prune_failing_before_the_cut_restores_the_zeroed_filters(monkeypatch):
+    "An error after the chosen filters were zeroed (re-tracing, folding analysis) leaves the model exactly as it was"
+    import fasterprune.pruner as P
+    torch.manual_seed(0)
+    m = _conv_net().eval()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    pr = Pruner(m, torch.randn(2, 3, 8, 8))
+    def boom(*a, **k): raise RuntimeError("analysis failed")
+    monkeypatch.setattr(P, '_removable', boom)
+    with pytest.raises(RuntimeError, match='analysis failed'): pr.prune(0.5)
+    for k, v in m.state_dict().items(): assert torch.equal(v, before[k]), k
+
+
+def test_pruner_rewinding_calls_chain():
+    "keep_rewind_point and rewind return the Pruner, so the README's chained calls work"
+    torch.manual_seed(0)
+    m = _conv_net().eval()
+    pr = Pruner(m, torch.randn(2, 3, 8, 8))
+    assert pr.keep_rewind_point() is pr
+    pr.prune_weights(0.5)
+    assert pr.rewind() is pr
