@@ -10,6 +10,7 @@ from fastai.data.load import DataLoader
 from fastai.optimizer import SGD, Adam
 import fastai.callback.schedule, fastai.callback.fp16  # noqa: F401  (fit_one_cycle, fine_tune, to_fp16, to_bf16)
 from fasterprune.callback import SparsifyCallback
+from fit_checks import CheckZeros, CancelAt
 from fasterprune.sparsifier import NMRoundingWarning
 from fasterprune.schedules import agp, iterative, one_shot
 from fasterprune.data import digits_arrays, digits_dls, TensorPairs, lenet_300_100, small_cnn, mlp
@@ -29,15 +30,6 @@ def _learn(model=None, flat=True, **kw):
     return learn
 
 
-class CheckZeros(Callback):
-    "After every optimizer step (after SparsifyCallback), masked weights must be exactly zero"
-    order, run_valid = 41, False
-    def __init__(self, sp_cb): self.sp_cb, self.checked = sp_cb, 0
-    def after_step(self):
-        sp = self.sp_cb.sparsifier
-        for n, mk in sp.masks.items():
-            assert (sp.layers[n].weight[~mk] == 0).all(), f"{n} has nonzero masked weights at iter {self.train_iter}"
-        if sp.masks: self.checked += 1
 
 
 def _n_zero(sp): return sum(int((m.weight == 0).sum()) for m in sp.layers.values())
@@ -359,7 +351,7 @@ def test_validation_only_passes_never_prune(how):
 def test_lr_find_leaves_model_and_callback_untouched(tmp_path, mid):
     cb = SparsifyCallback(0.9, schedule=agp(0., 1.))
     learn = _learn(cbs=cb, path=tmp_path)
-    if mid: learn.fit(2, 1e-2, cbs=_CancelAt(8))  # half-way through an AGP schedule
+    if mid: learn.fit(2, 1e-2, cbs=CancelAt(8))  # half-way through an AGP schedule
     before, hist = _sd(learn.model), list(cb.history)
     masks = {k: v.clone() for k, v in (cb.sparsifier.masks if mid else {}).items()}
     chk = CheckZeros(cb) if mid else []
@@ -375,13 +367,6 @@ def test_lr_find_leaves_model_and_callback_untouched(tmp_path, mid):
     fct.test_eq(_n_zero(cb.sparsifier), round(0.9 * _n_w(cb.sparsifier)))
 
 
-class _CancelAt(Callback):
-    "Stop the fit after `n` training batches (like an interrupted fit or EarlyStopping)"
-    order = 90
-    def __init__(self, n): self.n = n
-    def after_batch(self):
-        from fastai.callback.core import CancelFitException
-        if self.training and self.train_iter >= self.n: raise CancelFitException()
 
 
 @pytest.mark.parametrize('criteria', ['magnitude', 'gradient_magnitude', 'movement', 'random'])
@@ -405,7 +390,7 @@ def test_frozen_fit_keeps_existing_masks():
     from fastai.torch_core import params
     learn = _learn(splitter=lambda m: [params(m[0]), params(m[2:])])
     cb = SparsifyCallback(0.5, schedule=agp(0., 1.))
-    learn.fit(1, 1e-2, cbs=[cb, _CancelAt(4)])  # part-way
+    learn.fit(1, 1e-2, cbs=[cb, CancelAt(4)])  # part-way
     s = cb.sparsifier.sparsity()
     n = len(cb.history)
     learn.freeze()

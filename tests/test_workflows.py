@@ -8,7 +8,7 @@ import pytest, torch, torch.nn as nn, torch.nn.functional as F
 import fastcore.test as fct
 import pandas as pd
 import torchvision
-from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
@@ -21,6 +21,7 @@ from fastai.tabular.core import Categorify, Normalize
 from fastai.tabular.learner import tabular_learner
 import fastai.callback.schedule  # noqa: F401  (fit_one_cycle, fine_tune, lr_find)
 from fasterprune.callback import SparsifyCallback
+from fit_checks import CheckZeros, CancelAt
 from fasterprune.data import digits_arrays, TensorPairs
 from fasterprune.pruner import Pruner
 from fasterprune.schedules import agp
@@ -66,24 +67,8 @@ def tabular(cbs=None, path='.', n=512):
 MAKE = dict(vision=vision, tabular=tabular)
 
 
-class Zeros(Callback):
-    "After every optimizer step (after SparsifyCallback's), the masked weights are exactly zero"
-    order, run_valid = 41, False
-    def __init__(self, cb): self.cb, self.checked = cb, 0
-    def after_step(self):
-        sp = self.cb.sparsifier
-        if sp is None: return
-        for n, mk in sp.masks.items():
-            assert (sp.layers[n].weight[~mk] == 0).all(), f"{n}: nonzero masked weights at iteration {self.train_iter}"
-        self.checked += bool(sp.masks)
 
 
-class CancelAt(Callback):
-    "Stop the fit after `n` training batches (an interrupted fit)"
-    order = 90
-    def __init__(self, n): self.n = n
-    def after_batch(self):
-        if self.training and self.train_iter >= self.n: raise CancelFitException()
 
 
 def _layers(model): return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -103,7 +88,7 @@ def _out(model, xb):
 def test_fit_compact_fit(kind):
     cb = SparsifyCallback(0.8, 'weight', 'global', schedule='agp')
     learn = MAKE[kind](cbs=cb)
-    z = Zeros(cb)
+    z = CheckZeros(cb)
     learn.fit(2, LR[kind], cbs=z)
     assert z.checked > 0
     fct.test_eq(_n_zero(cb.sparsifier), round(0.8 * _n_w(cb.sparsifier)))  # exact
@@ -114,7 +99,7 @@ def test_fit_compact_fit(kind):
     fct.test_close(_out(learn.model, xb), ref, eps=1e-4)  # compacted output equal
     acc = learn.validate()[1]
     zeros = [(m.weight == 0).clone() for m in _layers(learn.model)]
-    z = Zeros(cb)
+    z = CheckZeros(cb)
     learn.fit(1, LR[kind] / 10, cbs=z)
     fct.test_eq([(m.weight == 0) for m in _layers(learn.model)], zeros)  # the same zeros: nothing pruned again
     assert learn.recorder.values[-1][0] < 1.5 * train_loss  # training goes on from where it was, nothing re-pruned
@@ -150,7 +135,7 @@ def test_lr_find_then_fit(kind, tmp_path):
     learn.lr_find(num_it=8, show_plot=False)
     assert _same(before, _sd(learn.model))  # weights and BatchNorm statistics as before
     assert cb.sparsifier is None and cb.history == []
-    z = Zeros(cb)
+    z = CheckZeros(cb)
     learn.fit(2, LR[kind], cbs=z)
     assert cb.history[0]['target'] < 0.4  # gradual from the start of this fit
     fct.test_eq(_n_zero(cb.sparsifier), round(0.8 * _n_w(cb.sparsifier)))
@@ -167,7 +152,7 @@ def test_fine_tune(kind):
     class AtEnd(Callback):
         order = 60
         def after_fit(self): seen.append((cb.sparsifier.sparsity(), len(cb.history)))
-    z = Zeros(cb)
+    z = CheckZeros(cb)
     learn.fine_tune(1, LR[kind], freeze_epochs=1, cbs=[cb, AtEnd(), z])
     target = round(0.7 * _n_w(cb.sparsifier))
     if kind == 'vision': fct.test_eq(seen[0], (0., 0))  # the frozen fit kept the (no) masks
@@ -209,7 +194,7 @@ def test_save_load_continue(kind, tmp_path):
     cb2 = mk()
     learn2 = MAKE[kind](cbs=cb2, path=tmp_path)
     learn2.load('mid', with_opt=True)
-    z = Zeros(cb2)
+    z = CheckZeros(cb2)
     learn2.fit(2, LR[kind], cbs=z)
     for k, v in saved.items(): assert not (cb2.sparsifier.masks[k] & ~v).any(), k  # the saved zeros stayed pruned
     fct.test_eq(_n_zero(cb2.sparsifier), round(0.8 * _n_w(cb2.sparsifier)))
