@@ -15,7 +15,8 @@ from .core import evaluating, flat_tensors
 logger = logging.getLogger('fasterprune')
 
 # %% auto #0
-__all__ = ['logger', 'UnknownOpError', 'Slot', 'ChannelGraph', 'AttentionHeads', 'ChannelGroup', 'channel_groups']
+__all__ = ['logger', 'UnknownOpError', 'CountedLayerNorm', 'Slot', 'ChannelGraph', 'AttentionHeads', 'ChannelGroup',
+           'channel_groups']
 
 # %% ../nbs/07_graph.ipynb #691c1871
 _conv_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -66,13 +67,49 @@ _pin_methods = {'permute', 'transpose', 't', 'softmax', 'log_softmax', 'chunk', 
 class UnknownOpError(RuntimeError):
     "An operation touches channels in a way `fasterprune.graph` does not know"
 
+# %% ../nbs/07_graph.ipynb #01dae4f5
+class CountedLayerNorm(nn.LayerNorm):
+    "LayerNorm of the `k` kept channels of a wider one whose other channels were constant: statistics count them"
+    full_count:int = 0     # channels the mean and variance divide by (the width before pruning); 0: the input's width
+    channel_dim:int = -1   # the normalized dimension: -1 (channels last, like `nn.LayerNorm`) or 1 (like `LayerNorm2d`)
+    removed_sum:float = 0.  # sum of the constants the removed channels carried (0 when they were zero)
+    removed_sq:float = 0.   # sum of their squares
+    def forward(self, x:Tensor) -> Tensor:
+        d, k = self.channel_dim, x.shape[self.channel_dim]
+        C = self.full_count or k
+        s1, s2 = self.removed_sum, self.removed_sq
+        low = x.dtype in (torch.float16, torch.bfloat16)
+        y = x.float() if low else x  # half precision: statistics in float32, as F.layer_norm accumulates
+        mean = (y.sum(d, keepdim=True) + s1) / C
+        yc = y - mean
+        # a removed channel holding c adds (c - mean)²: summed, s2 - 2·mean·s1 + (C - k)·mean²
+        var = (yc.square().sum(d, keepdim=True) + (s2 - 2 * s1 * mean + (C - k) * mean.square())) / C
+        y = yc * torch.rsqrt(var + self.eps)
+        shape = [1] * x.dim()
+        shape[d] = k
+        if self.weight is not None: y = y * self.weight.to(y.dtype).view(shape)
+        if self.bias is not None: y = y + self.bias.to(y.dtype).view(shape)
+        return y.to(x.dtype)
+    def extra_repr(self):
+        s = f"{super().extra_repr()}, full_count={self.full_count}, channel_dim={self.channel_dim}"
+        return s + (f", removed_sum={self.removed_sum:g}, removed_sq={self.removed_sq:g}" if self.removed_sq else '')
+
+def _ln_channel_dim(m:nn.Module) -> int|None:
+    "The dimension a LayerNorm over one channel dimension normalizes (-1 or 1); None for other modules and LayerNorms"
+    if not isinstance(m, nn.LayerNorm) or len(m.normalized_shape) != 1: return None
+    if isinstance(m, CountedLayerNorm): return m.channel_dim
+    if type(m).forward is nn.LayerNorm.forward: return -1
+    if type(m).__name__ == 'LayerNorm2d': return 1  # torchvision's and timm's: permute, layer_norm, permute back
+    return None
+
 # %% ../nbs/07_graph.ipynb #5ed3442e
 @dataclass
 class Slot:
     "One channel-indexed dimension of a module: positions and their labels"
     module:str  # the module's name in `model.named_modules()`
     kind:str    # 'out' (Conv/Linear filters), 'in' (their input kernels or features), 'dw' (depthwise conv), 'norm'
-                # (BatchNorm/InstanceNorm), 'param' (a per-channel parameter: PReLU(C), layer scale, functional bias),
+                # (BatchNorm/InstanceNorm), 'ln' (a LayerNorm over the channels: weight, bias and counted statistics),
+                # 'param' (a per-channel parameter: PReLU(C), layer scale, functional bias),
                 # 'head' (the heads of an attention module)
     ids:Tensor  # label of each position (int64); after `ChannelGraph` is built, `comp` holds its component
     comp:Tensor|None = None
@@ -152,6 +189,8 @@ class ChannelGraph:
         self.slots: dict[tuple[str, str], Slot] = {}
         self.consumer_stats: dict[str, list] = {}  # module name -> [min, max] of each input position
         self.consumer_dyn: dict[str, Tensor] = {}  # module name -> may this input position vary with the model's input?
+        self.norm_stats: dict[str, list] = {}  # LayerNorm over channels ('ln' slot) -> [min, max] of each input channel
+        self.norm_dyn: dict[str, Tensor] = {}  # LayerNorm over channels -> may this input channel vary with the input?
         # eval mode before tracing: `self.training` is read at trace time (dropout, stochastic depth)
         with evaluating(model, no_grad=False):
             self.traced = traced if traced is not None else _trace(model, self.example_inputs)
@@ -235,16 +274,17 @@ class ChannelGraph:
         self._pin(ins, f'unknown op {what}')
         logger.info("graph: %s is unknown; its channels are pinned", what)
 
-    def _consumer(self, name:str, x:Tensor, cd:int, it:_Labeler):
+    def _consumer(self, name:str, x:Tensor, cd:int, it:_Labeler, kind:str='in'):
         "Record what reaches the input positions (dimension `cd` of `x`) of consumer `name`: range and input dependence"
-        xl = self.slots[(name, 'in')].ids
+        stats, dyn = (self.consumer_stats, self.consumer_dyn) if kind == 'in' else (self.norm_stats, self.norm_dyn)
+        xl = self.slots[(name, kind)].ids
         d = it.arg_dyn(it.cur_args[0]) if it.cur_args else True
         d = d if isinstance(d, Tensor) and len(d) == len(xl) else torch.full((len(xl),), _anyd(d))
-        self.consumer_dyn[name] = d | self.consumer_dyn[name] if name in self.consumer_dyn else d
-        st = self.consumer_stats.get(name)
+        dyn[name] = d | dyn[name] if name in dyn else d
+        st = stats.get(name)
         dims = [i for i in range(x.dim()) if i != cd]
         mn, mx = x.amin(dims).float(), x.amax(dims).float()
-        self.consumer_stats[name] = [mn, mx] if st is None else [torch.minimum(st[0], mn), torch.maximum(st[1], mx)]
+        stats[name] = [mn, mx] if st is None else [torch.minimum(st[0], mn), torch.maximum(st[1], mx)]
 
     def _finish(self):
         "Components of the labels: each slot position's `comp`, pinned components and their reasons, tied units"
@@ -344,13 +384,19 @@ class _Recorder(TorchFunctionMode):
         if self.depth == 0:
             self.bind(out, self.graph.call_module(self.mod_names[m], self.arg(args), self.arg(kwargs)))
 
+def _is_leaf(m:nn.Module) -> bool:
+    "Is `m` recorded as one call? Known torch.nn layers; subclasses that rewrite `forward` are recorded inside"
+    if not isinstance(m, _leaf_types): return False
+    if isinstance(m, nn.MultiheadAttention) or _ln_channel_dim(m) is not None: return True
+    return getattr(type(m).forward, '__module__', '').startswith('torch.')
+
 def _record(model:nn.Module, inputs:tuple) -> fx.Graph:
     "The fx graph of one real forward pass of `model` on `inputs` (see above)"
     rec = _Recorder(model)
     for i, x in enumerate(inputs): rec.bind(x, rec.graph.placeholder(f'input_{i}'))
     hooks = []
     for m in model.modules():
-        if isinstance(m, _leaf_types) and m is not model:
+        if _is_leaf(m) and m is not model:
             hooks.append(m.register_forward_pre_hook(rec.pre_hook))
             hooks.append(m.register_forward_hook(rec.post_hook, with_kwargs=True))
     try:
@@ -363,7 +409,8 @@ def _record(model:nn.Module, inputs:tuple) -> fx.Graph:
 class _Tracer(fx.Tracer):
     "torch.fx's tracer, with every MultiheadAttention (also the Pruner's pruned one) kept as one call"
     def is_leaf_module(self, m, qualname):
-        return isinstance(m, nn.MultiheadAttention) or _is_window_attention(m) or super().is_leaf_module(m, qualname)
+        return isinstance(m, nn.MultiheadAttention) or _is_window_attention(m) or _ln_channel_dim(m) is not None \
+            or super().is_leaf_module(m, qualname)
 
 def _is_window_attention(m) -> bool:
     "torchvision's Swin (v1) window attention, or the Pruner's pruned one"
@@ -658,6 +705,8 @@ def _dyn(self:ChannelGraph, n:fx.Node, out, it:_Labeler):
                 and lab.data_ptr() == self.slots[(n.target, 'out')].ids.data_ptr():
             w = m.weight.detach()
             return (w.reshape(w.shape[0], -1) != 0).any(1).cpu()  # a zero filter outputs its bias
+        if (n.target, 'ln') in self.slots and isinstance(lab, Tensor) and len(lab) == C:
+            return (m.weight.detach() != 0).cpu() & _anyd(ds)  # w_c = 0: channel c is its bias, whatever comes in
     if n.op == 'call_function' and n.target is operator.getitem and isinstance(dx, (list, tuple, dict)):
         d = dx[n.args[1]]
         return d if isinstance(d, Tensor) and len(d) == C else torch.full((C,), _anyd(d))
@@ -718,7 +767,11 @@ def _module_labels(self:ChannelGraph, n:fx.Node, m:nn.Module, out, it:_Labeler):
         self._pin(xl, tname)
         if not (isinstance(out, Tensor) and out.dim() >= 2): return None
         return _at(self._new(out.shape[-1], tname), -1, out.dim())
-    if isinstance(m, _last_dim_norms) and isinstance(xl, Tensor) and cd < x.dim() - len(m.normalized_shape):
+    if isinstance(m, nn.LayerNorm) and isinstance(xl, Tensor) and _ln_channel_dim(m) is not None \
+            and cd == _ln_channel_dim(m) % x.dim() and x.dim() >= 2:
+        return self._channel_norm(name, m, x, xl, cd, it)
+    if isinstance(m, _last_dim_norms) and isinstance(xl, Tensor) and cd < x.dim() - len(m.normalized_shape) \
+            and _ln_channel_dim(m) != 1:
         return xl  # normalizes other dimensions than the channels: per-channel positions pass through
     if isinstance(m, _pass_modules): return self._passthrough(n, tname, x, xl, out)
     if isinstance(m, _reshape_modules): return self._reshape(tname, x, xl, out)
@@ -730,6 +783,16 @@ def _module_labels(self:ChannelGraph, n:fx.Node, m:nn.Module, out, it:_Labeler):
         return self._fresh(out, x, xl, tname)
     self._fail(n, f'module {name!r} ({tname})', [xl])
     return _new_for(self, out, f'unknown module {tname}')
+
+@patch
+def _channel_norm(self:ChannelGraph, name:str, m:nn.LayerNorm, x:Tensor, xl:Tensor, cd:int, it:_Labeler):
+    "A LayerNorm over the channels: they pass (an 'ln' slot cuts its weight and bias); its input range is recorded"
+    if m.weight is None:  # a zero channel comes out as -mean/std, not zero: it must stay
+        self._pin(xl, f'LayerNorm {name!r} without affine weight over the channels')
+        return xl
+    self._slot(name, 'ln', xl)
+    self._consumer(name, x, cd, it, kind='ln')  # removal needs each removed channel to come in exactly zero
+    return xl
 
 @patch
 def _consumer_slots(self:ChannelGraph, name:str, x:Tensor, xl:Tensor, cd:int, n_out:int, it:_Labeler) -> Tensor:
@@ -841,7 +904,7 @@ def _check_written(self:ChannelGraph, owner:str, w:_WrittenHeads):
 class ChannelGroup:
     "Channels coupled across layers: the k-th channel of the group is filter `producers[name][k]` of every producer"
     producers:dict[str, Tensor]  # producer layer (Conv/Linear) name -> its filter index of each channel of the group
-    norms:dict[str, Tensor]      # BatchNorm/InstanceNorm name -> its channel index of each channel of the group
+    norms:dict[str, Tensor]      # BatchNorm/InstanceNorm/channel LayerNorm name -> its channel index of each channel
     comps:Tensor                 # component index of each channel (internal to `ChannelGraph`)
     pinned:bool                  # True when these channels must stay (model input/output, channel-mixing ops)
     reason:str=''                # why they are pinned
@@ -870,7 +933,7 @@ def groups(self:ChannelGraph) -> list[ChannelGroup]:
         gid[comps], rank[comps] = i, torch.arange(len(comps))
     nds = [{} for _ in sigs]
     for s in self.slots.values():
-        if s.kind != 'norm': continue
+        if s.kind not in ('norm', 'ln'): continue
         g_of = gid[s.comp]
         for i in g_of.unique().tolist():
             pos = (g_of == i).nonzero().squeeze(1)

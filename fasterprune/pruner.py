@@ -11,7 +11,7 @@ import torch
 from torch import nn, Tensor
 from .core import check_context, check_fraction, evaluating, flat_tensors, round_half_up
 from .criteria import get_criterion
-from .graph import ChannelGraph, _WrittenHeads, _conv_types, _plain
+from .graph import ChannelGraph, CountedLayerNorm, _WrittenHeads, _conv_types, _ln_channel_dim, _plain
 
 logger = logging.getLogger('fasterprune')
 
@@ -194,12 +194,22 @@ def _removable(g:ChannelGraph, cand:Tensor):
         if bad.any(): why[name] = int(bad.sum())
         ok.scatter_reduce_(0, s.comp, pos_ok.to(torch.int8), reduce='amin')
         consts[name] = torch.where(flat, c, torch.zeros_like(c))
+    for (name, kind), s in g.slots.items():  # a LayerNorm over the channels counts a removed one if it is constant
+        if kind != 'ln': continue
+        mn, mx = (t.cpu() for t in g.norm_stats[name])
+        c = (mn + mx) / 2
+        flat = (mx - mn) <= 1e-6 * torch.maximum(mx.abs(), mn.abs()).clamp_min(1.)
+        flat &= ~g.norm_dyn[name]
+        bad = ok.bool()[s.comp] & ~flat
+        if bad.any(): why[name] = int(bad.sum())
+        ok.scatter_reduce_(0, s.comp, flat.to(torch.int8), reduce='amin')
+        consts[name] = torch.where(flat, c, torch.zeros_like(c))
     ok = ok.bool()
     bad_unit = torch.zeros(g.n_comps, dtype=torch.bool).index_put_((g.comp_unit[~ok],), torch.tensor(True))
     ok &= ~bad_unit[g.comp_unit]  # the same position of every group of a grouped conv goes together, or stays
     for name, k in why.items():
         logger.info("Pruner: %d zeroed input channels of %r carry an input-dependent value or a constant that "
-                    "cannot be folded exactly (zero padding); their components stay", k, name)
+                    "cannot be folded exactly (zero padding, a LayerNorm's statistics); their components stay", k, name)
     return ok, consts
 
 # %% ../nbs/08_pruner.ipynb #f466ebaa
@@ -225,6 +235,7 @@ class _Surgery:
         self.cuts = {}        # parameter -> (its shape before the surgery, [(dim, kept indices), ...])
         self.new_params = []  # (module, bias) for each bias created by a fold
         self.folded = False   # was a constant folded into a bias?
+        self.norm_consts = {} # LayerNorm over the channels -> the constants of its removed channels (see `fold`)
 
     def set(self, obj, attr:str, val):
         "`setattr(obj, attr, val)`, recorded"
@@ -270,10 +281,14 @@ class _Surgery:
     def fold(self, g:ChannelGraph, remove:Tensor, consts:dict):
         "Fold the constants of removed input channels into their consumer's bias (on the uncut weights)"
         for (name, kind), s in g.slots.items():
-            if kind != 'in': continue
+            if kind not in ('in', 'ln'): continue
             rm = remove[s.comp]
             if not rm.any(): continue
             c = consts[name][rm]
+            if kind == 'ln':  # a LayerNorm over the channels counts them in its statistics (`_cut_layer_norm`)
+                self.norm_consts[name] = c.double()
+                self.folded |= bool((c != 0).any())
+                continue
             if not (c != 0).any(): continue
             m = g.modules[name]
             W = m.weight.detach()
@@ -293,6 +308,7 @@ class _Surgery:
         elif s.kind == 'param':
             self.cut_param(getattr(m, s.attr), s.dim, idx)
             if isinstance(m, nn.PReLU): self.set(m, 'num_parameters', n)
+        elif s.kind == 'ln': self._cut_layer_norm(m, s.module, idx)
         elif s.kind == 'in':
             G = getattr(m, 'groups', 1)  # grouped conv: kept positions are the same in every group (ties)
             self.cut_param(m.weight, 1, idx if G == 1 else idx[idx < m.weight.shape[1]])
@@ -304,6 +320,21 @@ class _Surgery:
             elif s.kind == 'dw':
                 for a in ('in_channels', 'out_channels', 'groups'): self.set(m, a, n)
             else: self._cut_norm(m, idx)
+
+    def _cut_layer_norm(self, m:nn.LayerNorm, name:str, idx:Tensor):
+        "A LayerNorm over the channels keeps `idx` and becomes a `CountedLayerNorm` that still counts the removed ones"
+        counted = isinstance(m, CountedLayerNorm)
+        full = m.full_count if counted and m.full_count else m.normalized_shape[0]
+        d = _ln_channel_dim(m)
+        c = self.norm_consts.get(name, torch.zeros(0, dtype=torch.float64))  # constants the removed channels held
+        s1 = (m.removed_sum if counted else 0.) + float(c.sum())
+        s2 = (m.removed_sq if counted else 0.) + float(c.square().sum())
+        self.cut_param(m.weight, 0, idx)
+        self.cut_param(m.bias, 0, idx)
+        if type(m) is not CountedLayerNorm: self.set(m, '__class__', CountedLayerNorm)
+        for a, v in (('full_count', full), ('channel_dim', d), ('removed_sum', s1), ('removed_sq', s2),
+                     ('normalized_shape', (len(idx),))):
+            self.set(m, a, v)
 
     def _cut_norm(self, m:nn.Module, idx:Tensor):
         for b in ('running_mean', 'running_var'):
@@ -755,6 +786,9 @@ def pruning_recipe(model:nn.Module) -> dict:
         ts = {k: list(v.shape) for k, v in own if v is not None and k not in skip}
         if isinstance(m, PrunedMultiheadAttention) or getattr(type(m), '_pruned_heads', False):
             attrs['pruned_heads'] = True  # load_pruned switches the class too
+        if isinstance(m, CountedLayerNorm):  # load_pruned switches the class and sets the counts
+            attrs.update(counted_norm=True, full_count=m.full_count, channel_dim=m.channel_dim,
+                         removed_sum=float(m.removed_sum), removed_sq=float(m.removed_sq))
         for a in getattr(m, '_pruned_head_attrs', ()): attrs[a] = getattr(m, a)  # a hand-written attention's heads
         if getattr(m, '_pruned_head_attrs', ()): attrs['head_attrs'] = list(m._pruned_head_attrs)
         if attrs or ts: r[n] = dict(attrs, tensors=ts)
@@ -799,8 +833,12 @@ def apply_recipe(model:nn.Module, recipe:dict) -> nn.Module:
             mha = isinstance(m, nn.MultiheadAttention)
             m.__class__ = PrunedMultiheadAttention if mha else _pruned_window_attention(type(m))
         if r.get('head_attrs'): m._pruned_head_attrs = tuple(r['head_attrs'])
+        if r.get('counted_norm'):
+            if not isinstance(m, nn.LayerNorm):
+                raise ValueError(f"recipe entry {n!r} makes a CountedLayerNorm of a {type(m).__name__}, not a LayerNorm")
+            m.__class__ = CountedLayerNorm
         for a, v in r.items():
-            if a in ('tensors', 'pruned_heads', 'head_attrs'): continue
+            if a in ('tensors', 'pruned_heads', 'head_attrs', 'counted_norm'): continue
             if not hasattr(m, a):
                 raise ValueError(f"recipe entry {n!r} sets {a!r}, which {type(m).__name__} does not have")
             setattr(m, a, tuple(v) if isinstance(getattr(m, a), tuple) else v)
@@ -853,7 +891,7 @@ def load_pruned(model:nn.Module, path, map_location=None) -> nn.Module:
         t._parameters, t._buffers = m._parameters, m._buffers
         for a, v in d['recipe'].get(n, {}).items():
             if a == 'head_attrs': t._pruned_head_attrs = m._pruned_head_attrs  # the heads' attributes, for recipes
-            elif a not in ('tensors', 'bias', 'pruned_heads'): setattr(t, a, getattr(m, a))
+            elif a not in ('tensors', 'bias', 'pruned_heads', 'counted_norm'): setattr(t, a, getattr(m, a))
         if type(m) is not type(t): t.__class__ = type(m)
     return model
 

@@ -4,8 +4,8 @@ import pytest, torch
 from torch import nn
 import torch.nn.functional as F
 import fastcore.test as fct
-from fasterprune.graph import channel_groups, ChannelGraph
-from fasterprune.pruner import Pruner, relative_error, save_pruned, load_pruned
+from fasterprune.graph import channel_groups, ChannelGraph, CountedLayerNorm
+from fasterprune.pruner import Pruner, SurgeryError, relative_error, save_pruned, load_pruned
 from fasterprune.sparsifier import Sparsifier
 
 warnings.filterwarnings('ignore', category=UserWarning)
@@ -77,16 +77,155 @@ class ConvNeXtBlock(nn.Module):
         y = (self.gamma * self.fc2(F.gelu(self.fc1(y)))).permute(0, 3, 1, 2)
         return self.head((x + y).mean((2, 3)))
 
-def test_channels_last_block_prunes_its_hidden_units():
-    "ConvNeXt: the MLP's hidden units go; LayerNorm over the channels keeps the stream (its statistics would change)"
+def test_channels_last_block_prunes_its_hidden_units_and_stream():
+    "ConvNeXt: the MLP's hidden units go, and the stream under the LayerNorm too (a CountedLayerNorm keeps the count)"
     torch.manual_seed(0)
     m = ConvNeXtBlock()
     x = torch.randn(2, 3, 16, 16)
+    stream = next(g for g in channel_groups(ConvNeXtBlock(), x) if 'stem' in g.producers)
+    assert not stream.pinned and set(stream.producers) == {'stem', 'fc2'} and list(stream.norms) == ['ln'], stream
     _check(m, x)
     fct.test_eq((m.fc1.out_features, m.fc2.in_features), (16, 16))
-    fct.test_eq((m.stem.out_channels, m.dw.out_channels, m.ln.normalized_shape, m.gamma.shape[0]), (8, 8, (8,), 8))
-    stream = next(g for g in channel_groups(ConvNeXtBlock(), x) if 'stem' in g.producers)
-    assert stream.pinned and 'LayerNorm' in stream.reason and set(stream.producers) == {'stem', 'fc2'}, stream
+    fct.test_eq((m.stem.out_channels, m.dw.out_channels, m.ln.normalized_shape, m.gamma.shape[0]), (4, 4, (4,), 4))
+    assert isinstance(m.ln, CountedLayerNorm) and m.ln.full_count == 8 and m.ln.channel_dim == -1, m.ln
+
+class LayerNorm2d(nn.LayerNorm):
+    "torchvision's and timm's LayerNorm over dimension 1 of (N, C, H, W)"
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps) \
+            .permute(0, 3, 1, 2)
+
+class CNBlock(nn.Module):
+    "dwconv -> permute -> LayerNorm -> fc1 -> GELU -> fc2 -> layer scale -> permute back, + x"
+    def __init__(self, c):
+        super().__init__()
+        self.dw, self.ln = nn.Conv2d(c, c, 7, padding=3, groups=c), nn.LayerNorm(c, eps=1e-6)
+        self.fc1, self.fc2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+    def forward(self, x):
+        y = self.fc2(F.gelu(self.fc1(self.ln(self.dw(x).permute(0, 2, 3, 1)))))
+        return x + (self.gamma * y).permute(0, 3, 1, 2)
+
+class TinyConvNeXt(nn.Module):
+    "stem conv + LayerNorm2d, 2 blocks, downsample LayerNorm2d + conv, 1 block, head LayerNorm + Linear"
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 2, 2), LayerNorm2d(c))
+        self.b1, self.b2 = CNBlock(c), CNBlock(c)
+        self.down = nn.Sequential(LayerNorm2d(c), nn.Conv2d(c, 2 * c, 2, 2))
+        self.b3 = CNBlock(2 * c)
+        self.head_ln, self.head = nn.LayerNorm(2 * c), nn.Linear(2 * c, 5)
+        with torch.no_grad():  # affine parameters away from 1 and 0: a wrong count or a kept bias would show
+            for ln in (self.stem[1], self.b1.ln, self.b2.ln, self.down[0], self.b3.ln, self.head_ln):
+                ln.weight.uniform_(0.5, 1.5)
+                ln.bias.normal_()
+    def forward(self, x):
+        return self.head(self.head_ln(self.b3(self.down(self.b2(self.b1(self.stem(x))))).mean((2, 3))))
+
+def _zero_stream(m:TinyConvNeXt, chans:list, dw_bias:bool=True):
+    "The masked model of a filter sparsifier: stage-1 stream channels `chans` zero at every producer and LayerNorm"
+    with torch.no_grad():
+        for p in (m.stem[0].weight, m.stem[0].bias, m.stem[1].weight, m.stem[1].bias, m.down[0].weight,
+                  m.down[0].bias) + tuple(q for b in (m.b1, m.b2) for q in (b.fc2.weight, b.fc2.bias, b.ln.weight,
+                                                                            b.ln.bias)):
+            p[chans] = 0
+        if dw_bias:
+            for b in (m.b1, m.b2): b.dw.bias[chans] = 0
+
+def test_convnext_stream_compacts_exactly_under_counted_layer_norms(tmp_path):
+    "Zero stream channels under LayerNorm (stem, blocks, downsample) go; every norm keeps dividing by 8; exact"
+    torch.manual_seed(0)
+    m = TinyConvNeXt().eval()
+    _zero_stream(m, [1, 4, 6])
+    x, x2 = torch.randn(2, 3, 16, 16), torch.randn(3, 3, 16, 16)
+    with torch.no_grad(): ref, ref2 = m(x), m(x2)
+    Pruner(m, x, keep_original=False).compact()
+    lns = (m.stem[1], m.b1.ln, m.b2.ln, m.down[0])
+    fct.test_eq([(type(ln), ln.normalized_shape, ln.full_count) for ln in lns], [(CountedLayerNorm, (5,), 8)] * 4)
+    fct.test_eq([ln.channel_dim for ln in lns], [1, -1, -1, 1])
+    fct.test_eq((m.stem[0].out_channels, m.b1.dw.groups, m.b1.fc1.in_features, m.b2.fc2.out_features,
+                 m.b1.gamma.shape[0], m.down[1].in_channels), (5, 5, 5, 5, 5, 5))
+    with torch.no_grad(): out, out2 = m(x), m(x2)
+    assert relative_error(ref, out) < 1e-6 and relative_error(ref2, out2) < 1e-6  # a fresh batch too
+    save_pruned(m, tmp_path / 'm.pt')  # the counted norms and their counts travel in the recipe
+    fresh = load_pruned(TinyConvNeXt(), tmp_path / 'm.pt').eval()
+    assert isinstance(fresh.b2.ln, CountedLayerNorm) and fresh.down[0].full_count == 8
+    with torch.no_grad(): assert torch.equal(fresh(x2), out2)
+
+def test_convnext_constant_under_layer_norm_is_counted_input_dependent_stays(monkeypatch):
+    "A depthwise bias left on a zero channel reaches the LayerNorm as a constant: counted (its sums kept), exact"
+    torch.manual_seed(0)
+    m = TinyConvNeXt().eval()
+    _zero_stream(m, [1, 4, 6], dw_bias=False)
+    x, x2 = torch.randn(2, 3, 16, 16), torch.randn(3, 3, 16, 16)
+    with torch.no_grad(): ref2 = m(x2)
+    pr = Pruner(copy.deepcopy(m), x, keep_original=False)
+    pr.compact()
+    ln = pr.model.b1.ln
+    fct.test_eq((ln.normalized_shape, ln.full_count), ((5,), 8))
+    fct.test_close(ln.removed_sq, float(m.b1.dw.bias.detach()[[1, 4, 6]].square().sum()), eps=1e-5)
+    with torch.no_grad(): assert relative_error(ref2, pr.model(x2)) < 1e-6
+    # a CountedLayerNorm that forgot the constants would be caught by the verification, the model restored
+    monkeypatch.setattr(CountedLayerNorm, 'removed_sq', property(lambda self: 0., lambda self, v: None))
+    pr = Pruner(m, x, keep_original=False)
+    with pytest.raises(SurgeryError): pr.compact()
+    fct.test_eq((type(m.b1.ln), m.b1.ln.normalized_shape, m.stem[0].out_channels), (nn.LayerNorm, (8,), 8))
+    # an input-dependent value under the LayerNorm keeps its channel: the stem LayerNorm's weight left on channel 4
+    m = TinyConvNeXt().eval()
+    _zero_stream(m, [1, 4, 6])
+    with torch.no_grad(): m.stem[1].weight[4] = 1.
+    Pruner(m, x, keep_original=False).compact()
+    fct.test_eq((m.stem[0].out_channels, m.b1.ln.normalized_shape, m.b1.ln.full_count), (6, (6,), 8))
+
+def test_convnext_filter_sparsifier_and_compact_agree():
+    "Training-time filter masks on ConvNeXt (stream under LayerNorms, hidden units): compact() removes them, exactly"
+    torch.manual_seed(0)
+    m = TinyConvNeXt()
+    x = torch.randn(2, 3, 16, 16)
+    Sparsifier(m, 'filter', 'local', example_input=x).sparsify(0.5)
+    dead = int((m.stem[0].weight == 0).flatten(1).all(1).sum())
+    assert dead >= 3 and bool((m.stem[1].weight[(m.stem[0].weight == 0).flatten(1).all(1)] == 0).all())
+    with torch.no_grad(): ref = m.eval()(x)
+    Pruner(m, x).compact()
+    fct.test_eq((m.stem[0].out_channels, m.stem[1].full_count, m.b2.ln.normalized_shape), (8 - dead, 8, (8 - dead,)))
+    with torch.no_grad(): assert relative_error(ref, m(x)) <= 1e-5
+
+def test_convnext_prune_half_the_stream_verified_and_twice():
+    "prune(0.5) on the ConvNeXt-like model: stream and hidden units halve, verified; a second prune keeps the count"
+    torch.manual_seed(0)
+    m = TinyConvNeXt().eval()
+    n0 = sum(p.numel() for p in m.parameters())
+    pr = _check(m, torch.randn(2, 3, 16, 16))
+    fct.test_eq((m.stem[0].out_channels, m.b1.fc1.out_features, m.down[1].out_channels, m.b3.fc1.out_features,
+                 m.head.in_features, m.head_ln.full_count), (4, 16, 8, 32, 8, 16))
+    fct.test_eq(pr.history[-1]['params_after'], sum(p.numel() for p in m.parameters()))
+    assert sum(p.numel() for p in m.parameters()) / n0 < 0.4  # 0.34; the stream kept whole: 0.6
+    pr.prune(0.5)
+    h = pr.history[-1]
+    assert h['rel_error'] <= h['rtol'] and m.stem[1].normalized_shape == (2,) and m.stem[1].full_count == 8, h
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize('channel_dim', [-1, 1])
+def test_counted_layer_norm_equals_the_full_one_on_zero_channels(dtype, channel_dim):
+    torch.manual_seed(0)
+    ln = nn.LayerNorm(8).to(dtype)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.normal_()
+    x = torch.randn(4, 8, 3, 5) if channel_dim == 1 else torch.randn(4, 3, 5, 8)
+    keep = torch.tensor([0, 2, 3, 7])
+    x.index_fill_(channel_dim, torch.tensor([1, 4, 5, 6]), 0)
+    x = x.to(dtype)
+    c = CountedLayerNorm(4).to(dtype)
+    c.full_count, c.channel_dim, c.eps = 8, channel_dim, ln.eps
+    with torch.no_grad():
+        full = ln(x.movedim(channel_dim, -1)).movedim(-1, channel_dim).index_select(channel_dim, keep)
+        c.weight.copy_(ln.weight[keep])
+        c.bias.copy_(ln.bias[keep])
+        out = c(x.index_select(channel_dim, keep))
+    fct.test_eq(out.dtype, dtype)
+    tol = {torch.float16: 4e-3, torch.float32: 1e-6, torch.float64: 1e-12}[dtype]
+    assert relative_error(full.double(), out.double()) < tol
 
 class MLPBlock(nn.Module):
     "A transformer MLP on (N, T, E): LayerNorm -> fc1 -> GELU -> fc2, residual"
@@ -396,6 +535,22 @@ def test_zoo_models_prune_verified(name):
     n0 = sum(p.numel() for p in m.parameters())
     _check(m, x)
     assert sum(p.numel() for p in m.parameters()) < 0.75 * n0
+
+@pytest.mark.slow
+def test_convnext_tiny_prunes_its_stream(tmp_path):
+    "torchvision's convnext_tiny at 0.5: every stream under LayerNorm(2d) halves, kept params <= 0.28, saved, loaded"
+    import torchvision
+    torch.manual_seed(0)
+    m = torchvision.models.convnext_tiny().eval()
+    x = torch.randn(1, 3, 64, 64)
+    n0 = sum(p.numel() for p in m.parameters())
+    _check(m, x)
+    assert sum(p.numel() for p in m.parameters()) / n0 <= 0.28
+    fct.test_eq((m.features[0][1].normalized_shape, m.features[0][1].full_count, m.classifier[0].full_count),
+                ((48,), 96, 768))
+    save_pruned(m, tmp_path / 'c.pt')
+    fresh = load_pruned(torchvision.models.convnext_tiny(), tmp_path / 'c.pt').eval()
+    with torch.no_grad(): assert torch.equal(fresh(x), m(x))
 
 class HookedUNet(nn.Module):
     "What torch.fx cannot trace: a forward hook stores the skip tensor, a shape test picks the path"
