@@ -33,6 +33,9 @@ _pass_modules = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.Ha
                  nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d,
                  nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d)
 _reshape_modules = (nn.Flatten, nn.Unflatten)
+_act_modules = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
+                nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d,
+                nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 _pass_fns = {torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid,
              F.hardtanh, F.leaky_relu, F.elu, F.selu, F.celu, F.mish, F.softplus, torch.sigmoid, torch.tanh,
@@ -145,6 +148,28 @@ def _full(out, v:bool):
     if isinstance(out, dict): return {k: _full(o, v) for k, o in out.items()}
     return v
 
+def _keeps_shape(m:nn.Module) -> bool:
+    "Does `m` return a tensor of its input's shape? (torch's own norms and activations)"
+    if _ln_channel_dim(m) is not None: return True
+    return isinstance(m, _norm_types + _act_modules + (nn.LayerNorm,)) and \
+        getattr(type(m).forward, '__module__', '').startswith('torch.')
+
+def _to_meta(x):
+    "`x` with every tensor replaced by an empty one of its shape on the meta device, in any nesting"
+    if isinstance(x, Tensor): return torch.empty_like(x, device='meta')
+    if isinstance(x, tuple) and hasattr(x, '_fields'): return type(x)(*(_to_meta(o) for o in x))
+    if isinstance(x, (list, tuple)): return type(x)(_to_meta(o) for o in x)
+    if isinstance(x, dict): return {k: _to_meta(v) for k, v in x.items()}
+    return x
+
+def _on_meta(m:nn.Module):
+    "Context manager: every parameter and buffer of `m` is a meta tensor of its shape inside (tied ones stay tied)"
+    from torch.nn.utils.stateless import _reparametrize_module
+    named = list(m.named_parameters(remove_duplicate=False)) + list(m.named_buffers(remove_duplicate=False))
+    meta = {}
+    for _, t in named: meta.setdefault(id(t), torch.empty_like(t, device='meta', requires_grad=False))
+    return _reparametrize_module(m, {n: meta[id(t)] for n, t in named})
+
 class _Labeler(fx.Interpreter):
     def __init__(self, g:ChannelGraph, gm:nn.Module, graph:fx.Graph|None=None):
         super().__init__(gm, graph=graph)
@@ -153,8 +178,13 @@ class _Labeler(fx.Interpreter):
         self.cur_args = n.args
         out = super().run_node(n)
         self.lab[n] = self.g._labels(n, out, self)
-        self.dyn[n] = self.g._dyn(n, out, self)
+        self.dyn[n] = self.g._dyn(n, out, self) if self.g.values else True
         return out
+    def call_module(self, target, args, kwargs):
+        m = self.fetch_attr(target)
+        if not self.g.values and len(args) == 1 and not kwargs and isinstance(args[0], Tensor) and _keeps_shape(m):
+            return args[0]  # shapes only: a norm or an activation returns its input's shape (meta kernels cost more)
+        return super().call_module(target, args, kwargs)
     def arg_val(self, a):
         return self.env[a] if isinstance(a, fx.Node) else a
     def arg_lab(self, a):
@@ -168,6 +198,22 @@ class _Labeler(fx.Interpreter):
         if isinstance(a, dict): return {k: self.arg_dyn(o) for k, o in a.items()}
         return False
 
+def _components(n:int, pairs:list) -> Tensor:
+    "The root (smallest label) of each of the `n` labels' component, `pairs` of label tensors united position by position"
+    P = torch.arange(n)
+    if not pairs: return P
+    a, b = torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs])
+    while True:
+        pa, pb = P[a], P[b]
+        if torch.equal(pa, pb): return P
+        m = torch.minimum(pa, pb)  # hook each root to the smallest root it meets, then jump to the roots
+        P.scatter_reduce_(0, pa, m, reduce='amin')
+        P.scatter_reduce_(0, pb, m, reduce='amin')
+        while True:
+            Q = P[P]
+            if torch.equal(Q, P): break
+            P = Q
+
 class ChannelGraph:
     "Channel dependencies of `model` found by tracing it with `torch.fx` on `example_inputs`"
     def __init__(self,
@@ -176,28 +222,19 @@ class ChannelGraph:
         strict:bool=True,      # unknown ops that touch channels: error (True) or pin their channels (False)
         traced:tuple|None=None,  # `(module, graph)` of an earlier `ChannelGraph` of this model (`.traced`): no tracing
         heads:dict|None=None,    # {module name or pattern: `AttentionHeads`}: hand-written attention, heads prune whole
+        values:bool=True,        # False: the structure only (no value ranges, `output` None), run on meta tensors
     ):
         self.model, self.strict = model, strict
         example_inputs = _plain(example_inputs)
         multi = isinstance(example_inputs, (tuple, list))
         self.example_inputs = tuple(example_inputs) if multi else (example_inputs,)
         self.modules = dict(model.named_modules())
-        self.parent = []       # union-find over labels: parent label of each label
-        self.pinned = set()    # labels whose channels must stay
-        self.pin_reason = {}   # label -> why it is pinned (the first reason)
-        self.ties = []         # (labels, labels) pairs of components that must go together (grouped convs)
-        self.slots: dict[tuple[str, str], Slot] = {}
-        self.consumer_stats: dict[str, list] = {}  # module name -> [min, max] of each input position
-        self.consumer_dyn: dict[str, Tensor] = {}  # module name -> may this input position vary with the model's input?
-        self.norm_stats: dict[str, list] = {}  # LayerNorm over channels ('ln' slot) -> [min, max] of each input channel
-        self.norm_dyn: dict[str, Tensor] = {}  # LayerNorm over channels -> may this input channel vary with the input?
+        self.values = values
         # eval mode before tracing: `self.training` is read at trace time (dropout, stochastic depth)
         with evaluating(model, no_grad=False):
             self.traced = traced if traced is not None else _trace(model, self.example_inputs)
             self.gm = self.traced[0]
-            with torch.no_grad():
-                it = _Labeler(self, *self.traced)
-                self.output = it.run(*self.example_inputs)
+            with torch.no_grad(): self.output = self._run()
         self.heads = {}  # module name -> `_WrittenHeads` of each hand-written attention named in `heads`
         for key, spec in (heads or {}).items():
             if not any(c in key for c in '*?['):
@@ -214,26 +251,47 @@ class ChannelGraph:
         self._finish()
         for owner, w in self.heads.items(): self._check_written(owner, w)
 
+    def _reset(self):
+        "Empty labels, pins, slots and value records"
+        self.n_labels = 0      # labels made so far (0 .. n_labels - 1)
+        self.unions = []       # (labels, labels) pairs united position by position (components: `_finish`)
+        self.pinned = set()    # labels whose channels must stay
+        self.pin_reason = {}   # label -> why it is pinned (the first reason)
+        self.ties = []         # (labels, labels) pairs of components that must go together (grouped convs)
+        self.slots: dict[tuple[str, str], Slot] = {}
+        self.consumer_stats: dict[str, list] = {}  # module name -> [min, max] of each input position
+        self.consumer_dyn: dict[str, Tensor] = {}  # module name -> may this input position vary with the model's input?
+        self.norm_stats: dict[str, list] = {}  # LayerNorm over channels ('ln' slot) -> [min, max] of each input channel
+        self.norm_dyn: dict[str, Tensor] = {}  # LayerNorm over channels -> may this input channel vary with the input?
+
+    def _run(self):
+        "Label every node of the traced graph (shapes only, on meta tensors, when `values` is False); the output"
+        self._reset()
+        if not self.values:
+            try:
+                with _on_meta(self.traced[0]):
+                    _Labeler(self, *self.traced).run(*_to_meta(self.example_inputs))
+                return None
+            except UnknownOpError: raise
+            except Exception as e:  # e.g. a tensor made on the CPU inside the forward: run it for real
+                logger.info("graph: the run on meta tensors failed (%s: %s); running on the example",
+                            type(e).__name__, str(e).splitlines()[0][:200] if str(e) else '')
+                self.values = True
+                self._reset()
+        return _Labeler(self, *self.traced).run(*self.example_inputs)
+
     def _new(self, n:int, pin:str|None=None) -> Tensor:
         "`n` fresh labels (pinned with the reason `pin`, if given)"
-        start = len(self.parent)
-        self.parent.extend(range(start, start + n))
+        start = self.n_labels
+        self.n_labels += n
         ids = torch.arange(start, start + n)
         if pin is not None: self._pin(ids, pin)
         return ids
 
-    def _find(self, i:int) -> int:
-        p = self.parent
-        while p[i] != i:
-            p[i] = p[p[i]]
-            i = p[i]
-        return i
-
     def _union(self, a:Tensor, b:Tensor):
-        "Unite the labels `a` and `b`, position by position"
-        for x, y in zip(a.tolist(), b.tolist()):
-            rx, ry = self._find(x), self._find(y)
-            if rx != ry: self.parent[max(rx, ry)] = min(rx, ry)
+        "Unite the labels `a` and `b`, position by position (resolved at once in `_finish`)"
+        if len(a) != len(b): raise RuntimeError(f"cannot unite {len(a)} with {len(b)} channels")
+        self.unions.append((a.reshape(-1), b.reshape(-1)))
 
     def _tie(self, a:Tensor, b:Tensor):
         "The components of labels `a` and `b` go together, position by position (not united: their channels differ)"
@@ -276,6 +334,7 @@ class ChannelGraph:
 
     def _consumer(self, name:str, x:Tensor, cd:int, it:_Labeler, kind:str='in'):
         "Record what reaches the input positions (dimension `cd` of `x`) of consumer `name`: range and input dependence"
+        if not self.values: return
         stats, dyn = (self.consumer_stats, self.consumer_dyn) if kind == 'in' else (self.norm_stats, self.norm_dyn)
         xl = self.slots[(name, kind)].ids
         d = it.arg_dyn(it.cur_args[0]) if it.cur_args else True
@@ -288,11 +347,7 @@ class ChannelGraph:
 
     def _finish(self):
         "Components of the labels: each slot position's `comp`, pinned components and their reasons, tied units"
-        P = torch.tensor(self.parent, dtype=torch.long)
-        while True:
-            Q = P[P]
-            if torch.equal(Q, P): break
-            P = Q
+        P = _components(self.n_labels, self.unions)
         slots = list(self.slots.values())
         roots = torch.unique(torch.cat([P[s.ids] for s in slots])) if slots else torch.zeros(0, dtype=torch.long)
         self.n_comps = len(roots)
@@ -420,8 +475,7 @@ def _is_window_attention(m) -> bool:
 def _trace(model:nn.Module, inputs:tuple) -> tuple:
     "`(module, graph)` to run the labelling on: torch.fx's symbolic trace, else a recorded forward pass"
     try:
-        gm = fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
-        return gm, None
+        return model, _Tracer().trace(model)  # run by an Interpreter on the model itself: no GraphModule to build
     except Exception as e:
         err = e
     try:
@@ -920,34 +974,46 @@ class ChannelGroup:
 def groups(self:ChannelGraph) -> list[ChannelGroup]:
     "The coupled channel groups, in the order of their first producer"
     outs = [s for s in self.slots.values() if s.kind in ('out', 'head')]
-    owner = {}  # component -> list of (producer, position)
-    for s in outs:
-        for pos, c in enumerate(s.comp.tolist()): owner.setdefault(c, []).append((s.module, pos))
-    by_sig = {}
-    for c, mem in owner.items():
-        by_sig.setdefault(tuple(sorted({m for m, _ in mem})), []).append(c)
-    gid, rank = torch.full((self.n_comps,), -1), torch.zeros(self.n_comps, dtype=torch.long)
-    sigs = list(by_sig.items())
-    for i, (sig, comps) in enumerate(sigs):
-        comps.sort(key=lambda c: owner[c][0][1])
-        gid[comps], rank[comps] = i, torch.arange(len(comps))
-    nds = [{} for _ in sigs]
-    for s in self.slots.values():
-        if s.kind not in ('norm', 'ln'): continue
+    if not outs: return []
+    names = sorted({s.module for s in outs})
+    mid = {n: i for i, n in enumerate(names)}  # producer ids in name order
+    M, nc = len(names), self.n_comps
+    all_c = torch.cat([s.comp for s in outs])  # every producer position, slot after slot: its component
+    all_m = torch.cat([torch.full((len(s.comp),), mid[s.module]) for s in outs])
+    all_p = torch.cat([torch.arange(len(s.comp)) for s in outs])
+    first = torch.full((nc,), len(all_c)).scatter_reduce_(0, all_c, torch.arange(len(all_c)), 'amin')
+    pairs = torch.unique(all_c * M + all_m)  # (component, producer) pairs, by component, then producer
+    counts = torch.bincount(pairs // M, minlength=nc)
+    ends, cnt, pm = counts.cumsum(0).tolist(), counts.tolist(), (pairs % M).tolist()
+    by_sig = {}  # the producers of a component (its signature) -> components, in the order of their first position
+    for c in torch.argsort(first, stable=True)[:int((counts > 0).sum())].tolist():
+        by_sig.setdefault(tuple(pm[ends[c] - cnt[c]:ends[c]]), []).append(c)
+    pos_first = all_p[first.clamp(max=len(all_c) - 1)]
+    gid, rank = torch.full((nc,), -1), torch.zeros(nc, dtype=torch.long)
+    sigs = []
+    for i, (sig, comps) in enumerate(by_sig.items()):
+        ct = torch.tensor(comps)
+        ct = ct[torch.argsort(pos_first[ct], stable=True)]  # by position in the first producer
+        gid[ct], rank[ct] = i, torch.arange(len(ct))
+        sigs.append((tuple(names[j] for j in sig), ct))
+    nds, prods = [{} for _ in sigs], [{} for _ in sigs]
+    for s in self.slots.values():  # each slot's positions in each group, in the group's channel order
+        if s.kind not in ('norm', 'ln', 'out', 'head'): continue
         g_of = gid[s.comp]
         for i in g_of.unique().tolist():
+            if i < 0: continue
             pos = (g_of == i).nonzero().squeeze(1)
-            if i >= 0 and len(pos) == len(sigs[i][1]): nds[i][s.module] = pos[torch.argsort(rank[s.comp[pos]])]
+            pos = pos[torch.argsort(rank[s.comp[pos]], stable=True)]
+            if s.kind in ('out', 'head'): prods[i].setdefault(s.module, []).append(pos)
+            elif len(pos) == len(sigs[i][1]): nds[i][s.module] = pos
+    n_mem = torch.bincount(all_c, minlength=nc)  # producer positions of each component
     res = []
-    for (sig, comps), nd in zip(sigs, nds):
-        ok = all(len(owner[c]) == len(sig) for c in comps)
-        ct = torch.tensor(comps)
-        if ok: prod = {m: torch.tensor([dict(owner[c])[m] for c in comps]) for m in sig}
-        else:  # a component with several filters of the same layer: keep them together, never prune
-            prod = {m: torch.tensor([p for c in comps for mm, p in owner[c] if mm == m]) for m in sig}
+    for (sig, ct), nd, pr in zip(sigs, nds, prods):
+        ok = bool((n_mem[ct] == len(sig)).all())  # else a component holds several filters of one layer
+        prod = {m: pr[m][0] if len(pr[m]) == 1 else torch.cat(pr[m]) for m in sig}
         pin = bool(self.comp_pinned[ct].any()) or not ok
-        why = next((self.comp_reason[c] for c in comps if c in self.comp_reason),
-                   '' if ok else 'coupled filters of one layer')
+        why = next((self.comp_reason[c] for c in ct.tolist() if c in self.comp_reason),
+                   '' if ok else 'coupled filters of one layer') if pin else ''
         un = self.comp_unit[ct]
         res.append(ChannelGroup(prod, nd, ct, pin, why, un if len(un.unique()) < len(un) else None))
     first = {n: i for i, n in enumerate(self.modules)}
@@ -959,4 +1025,4 @@ def channel_groups(
     strict:bool=True,  # unknown ops: error (True) or pin their channels (False)
 ) -> list[ChannelGroup]:
     "Output channels of Conv/Linear layers that must be pruned together, found by tracing `model` with torch.fx"
-    return ChannelGraph(model, example_inputs, strict).groups()
+    return ChannelGraph(model, example_inputs, strict, values=False).groups()

@@ -231,7 +231,7 @@ def _zero_targets(m:nn.Module, s, rm:Tensor) -> list:
 class _Surgery:
     "The changes of one surgery, each recorded so that `rollback` undoes them all"
     def __init__(self):
-        self.undo = []        # (object, attribute, old value), in the order of the changes
+        self.undo = []        # (object, attribute, old value) or (tensor, dim, (indices, old rows)), in order
         self.cuts = {}        # parameter -> (its shape before the surgery, [(dim, kept indices), ...])
         self.new_params = []  # (module, bias) for each bias created by a fold
         self.folded = False   # was a constant folded into a bias?
@@ -242,9 +242,9 @@ class _Surgery:
         self.undo.append((obj, attr, getattr(obj, attr)))
         setattr(obj, attr, val)
 
-    def keep(self, p:Tensor):
-        "Record the values of `p` before an in-place change"
-        self.undo.append((p, 'data', p.data.clone()))
+    def keep(self, p:Tensor, dim:int, idx:Tensor):
+        "Record the positions `idx` of `p` along `dim` before an in-place change (not a copy of the whole tensor)"
+        self.undo.append((p, dim, (idx, p.data.index_select(dim, idx))))
 
     def cut_param(self, p, dim:int, idx:Tensor):
         "Keep only the positions `idx` of `p` along `dim` (nothing when `p` is None)"
@@ -265,7 +265,9 @@ class _Surgery:
 
     def rollback(self):
         "Undo every recorded change, newest first"
-        for obj, attr, old in reversed(self.undo): setattr(obj, attr, old)
+        for obj, attr, old in reversed(self.undo):
+            if isinstance(attr, str): setattr(obj, attr, old)
+            else: obj.data.index_copy_(attr, *old)  # rows zeroed in place: their old values back
         self.undo, self.cuts, self.new_params = [], {}, []
 
     def zero(self, g:ChannelGraph, remove:Tensor):
@@ -275,8 +277,9 @@ class _Surgery:
                 rm = remove[s.comp]
                 if kind == 'in' or not rm.any(): continue
                 for p, dim, idx in _zero_targets(_owner(g, name, kind), s, rm):
-                    self.keep(p)
-                    p.data.index_fill_(dim, idx.to(p.device), 0)
+                    idx = idx.to(p.device)
+                    self.keep(p, dim, idx)
+                    p.data.index_fill_(dim, idx, 0)
 
     def fold(self, g:ChannelGraph, remove:Tensor, consts:dict):
         "Fold the constants of removed input channels into their consumer's bias (on the uncut weights)"
@@ -718,7 +721,7 @@ def prune(self:Pruner,
         raise ValueError(f"round_to must be a whole number >= 1, got {round_to!r}")
     crit = get_criterion(criteria)
     _check_reparametrized(self.model)
-    g = ChannelGraph(self.model, self.example_inputs, self.strict, heads=self.heads)
+    g = ChannelGraph(self.model, self.example_inputs, self.strict, heads=self.heads, values=False)  # the structure
     groups = g.groups()
     targets = _targets(groups, ratio)
     mean = _component_scores(g, crit)
