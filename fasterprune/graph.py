@@ -251,8 +251,16 @@ class ChannelGraph:
         self._finish()
         for owner, w in self.heads.items(): self._check_written(owner, w)
 
+    def live_filters(self, name:str) -> Tensor:
+        "Which filters (weight rows) of layer `name` hold a nonzero weight, on the CPU (cached: weights read once)"
+        if name not in self._live:
+            w = self.modules[name].weight.detach()
+            self._live[name] = (w.reshape(w.shape[0], -1) != 0).any(1).cpu()
+        return self._live[name]
+
     def _reset(self):
         "Empty labels, pins, slots and value records"
+        self._live = {}        # layer name -> `live_filters`
         self.n_labels = 0      # labels made so far (0 .. n_labels - 1)
         self.unions = []       # (labels, labels) pairs united position by position (components: `_finish`)
         self.pinned = set()    # labels whose channels must stay
@@ -757,8 +765,7 @@ def _dyn(self:ChannelGraph, n:fx.Node, out, it:_Labeler):
         m = self.modules[n.target]
         if isinstance(m, _conv_types + (nn.Linear,)) and (n.target, 'out') in self.slots and isinstance(lab, Tensor) \
                 and lab.data_ptr() == self.slots[(n.target, 'out')].ids.data_ptr():
-            w = m.weight.detach()
-            return (w.reshape(w.shape[0], -1) != 0).any(1).cpu()  # a zero filter outputs its bias
+            return self.live_filters(n.target)  # a zero filter outputs its bias
         if (n.target, 'ln') in self.slots and isinstance(lab, Tensor) and len(lab) == C:
             return (m.weight.detach() != 0).cpu() & _anyd(ds)  # w_c = 0: channel c is its bias, whatever comes in
     if n.op == 'call_function' and n.target is operator.getitem and isinstance(dx, (list, tuple, dict)):

@@ -176,8 +176,7 @@ def _removable(g:ChannelGraph, cand:Tensor):
     for (name, kind), s in g.slots.items():
         if kind == 'head': zero = _silent_heads(_owner(g, name, kind)).to(torch.int8).cpu()
         elif kind == 'out':
-            w = mods[name].weight.detach()
-            zero = (w.reshape(w.shape[0], -1) == 0).all(1).to(torch.int8).cpu()
+            zero = (~g.live_filters(name)).to(torch.int8)
         else: continue
         has_out[s.comp] = True
         ok.scatter_reduce_(0, s.comp, zero, reduce='amin')
@@ -414,19 +413,23 @@ def _silent_heads(m) -> Tensor:
     oz = (proj.weight.detach().reshape(proj.weight.shape[0], H, hd) == 0).all(2).all(0)
     return vz | oz
 
+def _sum32(t:Tensor, dim) -> Tensor:
+    "Sum of the scores `t` over `dim` accumulated in float32 (half precision would overflow; float64 is 9x slower)"
+    return t.float().sum(dim).double()
+
 def _head_scores(m, crit, name:str) -> tuple[Tensor, Tensor]:
     "(sum of the criterion's scores over each head's weights, their number)"
     if isinstance(m, _WrittenHeads):
         H, (qkv, on), o = m.num_heads, m.names, m.o
-        si = sum(crit.score(n, lin.weight).reshape(H, -1).sum(1, dtype=torch.float64) for n, lin in zip(qkv, m.qkv))
-        so = crit.score(on, o.weight).reshape(o.out_features, H, -1).sum((0, 2), dtype=torch.float64)
+        si = sum(_sum32(crit.score(n, lin.weight).reshape(H, -1), 1) for n, lin in zip(qkv, m.qkv))
+        so = _sum32(crit.score(on, o.weight).reshape(o.out_features, H, -1), (0, 2))
         n = o.in_features // H * (sum(lin.in_features for lin in m.qkv) + o.out_features)
         return si + so, torch.full((H,), float(n), dtype=torch.float64)
     w_in, _, proj = _attn_parts(m)
     H = m.num_heads
     hd = w_in.shape[0] // 3 // H
-    si = crit.score(f'{name}.in_proj', w_in).reshape(3, H, hd, -1).sum((0, 2, 3), dtype=torch.float64)
-    so = crit.score(f'{name}.out_proj', proj.weight).reshape(-1, H, hd).sum((0, 2), dtype=torch.float64)
+    si = _sum32(crit.score(f'{name}.in_proj', w_in).reshape(3, H, hd, -1), (0, 2, 3))
+    so = _sum32(crit.score(f'{name}.out_proj', proj.weight).reshape(-1, H, hd), (0, 2))
     n = 3 * hd * w_in.shape[1] + hd * proj.weight.shape[0]
     return si + so, torch.full((H,), float(n), dtype=torch.float64)
 
@@ -658,7 +661,7 @@ def _component_scores(g:ChannelGraph, crit) -> Tensor:
         if kind != 'out': continue
         w = g.modules[name].weight
         sc = crit.score(name, w).reshape(w.shape[0], -1)
-        score.index_add_(0, s.comp, sc.sum(1, dtype=torch.float64).cpu())
+        score.index_add_(0, s.comp, _sum32(sc, 1).cpu())
         count.index_add_(0, s.comp, torch.full((w.shape[0],), float(sc.shape[1]), dtype=torch.float64))
     mean = score / count.clamp_min(1)
     usum = torch.zeros(g.n_comps, dtype=torch.float64).index_add_(0, g.comp_unit, mean)
