@@ -578,6 +578,33 @@ def test_untraceable_model_is_recorded_and_pruned():
     widths = (m.enc.out_channels, m.mid.out_channels, m.dec.in_channels, m.dec.out_channels, m.out.out_channels)
     fct.test_eq(widths, (4, 16, 12, 4, 2))  # ConvTranspose pins
 
+class UntraceableConvNeXt(TinyConvNeXt):
+    "TinyConvNeXt with data-dependent Python in its forward: torch.fx fails, the recorded forward must see LayerNorm2d"
+    def forward(self, x):
+        x = self.stem(x)
+        if x.shape[-1] > 1000: x = x[..., ::2]  # never taken, but fx cannot trace the test
+        return self.head(self.head_ln(self.b3(self.down(self.b2(self.b1(x)))).mean((2, 3))))
+
+def test_untraceable_convnext_records_layer_norm2d_as_one_call():
+    "The recorded forward keeps a LayerNorm2d whole (over dimension 1): its stream prunes under a CountedLayerNorm"
+    torch.manual_seed(0)
+    m = UntraceableConvNeXt().eval()
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(UntraceableConvNeXt())
+    _check(m, torch.randn(2, 3, 16, 16))
+    fct.test_eq((type(m.stem[1]), m.stem[1].channel_dim, m.stem[1].normalized_shape, m.stem[1].full_count),
+                (CountedLayerNorm, 1, (4,), 8))
+
+def test_convnext_half_precision_prunes_verified():
+    "float16 on the CPU: CountedLayerNorm computes its statistics in float32; the check runs in float64 copies"
+    torch.manual_seed(0)
+    m = TinyConvNeXt().eval().half()
+    x = torch.randn(2, 3, 16, 16).half()
+    pr = _check(m, x)
+    assert pr.history[-1]['checked_in'] == 'float64' and m.b1.ln.weight.dtype == torch.float16
+    with torch.no_grad(): out = m(x)
+    assert out.dtype == torch.float16 and bool(out.isfinite().all()) and m.b1.ln.full_count == 8
+
 def test_fastai_dynamic_unet(tmp_path):
     "fastai's U-Net (hooks, Python control flow, TensorBase output) prunes verified, saves and loads"
     from fastai.vision.learner import create_unet_model
