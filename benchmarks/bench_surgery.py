@@ -3,8 +3,9 @@
 Usage: .venv/bin/python benchmarks/bench_surgery.py [--models resnet18 resnet50 mobilenet_v2] [--ratio 0.5]
        [--size 224] [--threads 1] [--runs1 30] [--runs16 7] [--round-to 8] [--no-fuse]
 
-Surgery time is the whole `Pruner(model, x).prune(ratio)` call: fx trace and labelled run (twice), scoring, zeroing,
-surgery and the verification forward pass, on a 1×3×size×size example. Speedups are medians of interleaved runs
+Surgery time is the whole `Pruner(model, x).prune(ratio)` call: fx trace, a structure run on meta tensors, scoring,
+zeroing, a labelled run of the zeroed model, surgery and the verification (the masked model on a second input, the
+pruned model on both), on a 1×3×size×size example. Speedups are medians of interleaved runs
 (`fasterprune.metrics.measured_speedup`); theoretical speedup is dense Conv/Linear MACs before / after. The
 '(conv+bn fused)' rows time both models after folding BatchNorm into the convs (eval-mode inference, as deployed):
 BatchNorm and ReLU cost scales with activations (x0.5 here), not with MACs (x0.25), so they cap the unfused ratio.
