@@ -4,12 +4,12 @@
 
 # %% ../nbs/03_sparsifier.ipynb #88fdc5cf
 from __future__ import annotations
-import math, fnmatch, inspect, logging, warnings, struct
+import math, fnmatch, inspect, logging, random, warnings
 import numpy as np
 import torch
 from torch import nn, Tensor
 from .core import check_fraction, check_context, round_half_up
-from .criteria import get_criterion
+from .criteria import get_criterion, Magnitude
 from .granularity import get_granularity, _conv_t
 from torch.nn.utils import parametrize, parametrizations
 import torch.nn.utils.prune as _prune
@@ -239,13 +239,14 @@ def select_prune(
     sample_fns:list|None=None,    # per part: f(idx) -> the scores at `idx` without scoring the whole part, or None
     device=None,                  # where the masks live
     out:Tensor|None=None,         # a bool buffer of sum(n_groups) for the masks, which are views of it
+    sources:list|None=None,       # per part: a 1-D tensor whose magnitudes are its scores (the device path samples it)
 ) -> list[Tensor]:
     "1-D keep-masks: the live groups by (score, layer, index) are pruned while <= `k` weights are (after `prev_keeps`)"
     prev_keeps = prev_keeps or [None] * len(n_groups)
     device = torch.device(device or 'cpu')
     if _use_device_path(device):
-        return device_select_prune(score_fns, n_groups, sizes, k, prev_keeps, device, out, None, sample_fns,
-                                   sample_size, seed)
+        return device_select_prune(score_fns, n_groups, sizes, k, prev_keeps, device, out, sample_size=sample_size,
+                                   seed=seed, sources=sources)
     flat = out if out is not None else torch.empty(sum(n_groups), dtype=torch.bool, device=device)
     keeps = list(flat.split(list(n_groups)))  # all keep-masks are views of one buffer
     live = [g if p is None else int(torch.count_nonzero(p)) for g, p in zip(n_groups, prev_keeps)]
@@ -278,23 +279,13 @@ def _device_chunk(n:int) -> int:
     "Scores per chunk on the device path: a 32nd of the weights, between 2^20 and 2^24"
     return max(2**20, min(2**24, n // 32))
 
-def _exact_in(x:float, dtype) -> bool:
-    "Is the float `x` exactly representable in `dtype` (so a comparison in that dtype is exact)?"
-    if dtype in (torch.float32, torch.float64) or math.isinf(x): return True
-    if dtype == torch.bfloat16: return struct.unpack('<I', struct.pack('<f', x))[0] & 0xFFFF == 0
-    if dtype == torch.float16: return float(np.float16(x)) == x
-    return False
-
-def _exact(f:Tensor, lo:float, hi:float) -> Tensor:
-    "`f`, in float32 unless both ends of the bracket are exact in its dtype (scalars compare in the tensor's dtype)"
-    return f if _exact_in(lo, f.dtype) and _exact_in(hi, f.dtype) else f.float()
-
 class NaNScores(ValueError): "The criterion gave NaN scores"
 
 # %% ../nbs/03_sparsifier.ipynb #897c90db
 class _Batches:
     "The parts cut in batches (consecutive pieces with one group size and one score dtype, <= `C` groups each)"
     def __init__(self, score_fns, n_groups, sizes, prev_keeps, C:int, device):
+        if C > 2**24: raise ValueError(f"batches of at most 2^24 groups (their counts are exact in float32), got {C}")
         self.fns, self.n_groups, self.prev, self.device = score_fns, n_groups, prev_keeps, device
         self.offs = [0]
         for g in n_groups: self.offs.append(self.offs[-1] + g)
@@ -314,10 +305,11 @@ class _Batches:
         self.bufs = {dt: torch.empty(min(C, N), dtype=dt, device=device) for dt in set(dts)}
         has_prev = any(p is not None for p in prev_keeps)
         self.pbuf = torch.empty(min(C, N), dtype=torch.bool, device=device) if has_prev else None
+        self.hbuf = torch.empty((2, min(C, N)), dtype=torch.float16, device=device)  # flags to count
         self.last = (None, None)  # the scores of a part bigger than a chunk, while its chunks are read
 
     def scores(self, bt) -> tuple[Tensor, Tensor|None]:
-        "Scores of batch `bt` in its buffer, and its live flags (None: all live)"
+        "Scores of batch `bt` in its buffer, and the flags of its groups pruned before (None: none were)"
         st, en, s, dt, items = bt
         buf, live = self.bufs[dt][:en - st], False
         for li, a, b in items:
@@ -331,113 +323,145 @@ class _Batches:
             if sc.data_ptr() != dst.data_ptr() or sc.dtype != dt: dst.copy_(sc if len(sc) == b - a else sc[a:b])
             live |= self.prev[li] is not None
         if not live: return buf, None
-        pb = self.pbuf[:en - st]
+        dead = self.pbuf[:en - st]
         for li, a, b in items:
             o, p = self.offs[li] + a - st, self.prev[li]
-            if p is None: pb[o:o + b - a].fill_(True)
-            else: pb[o:o + b - a].copy_(p[a:b])
-        return buf, pb
-
-    def total(self, ts:list, scale:list|None=None) -> Tensor:
-        "Sum of per-batch counts (a list of 0-dim tensors), each times its group size"
-        if not ts: return torch.zeros((), dtype=torch.int64, device=self.device)
-        t = torch.stack(ts)
-        return (t * torch.tensor(scale, device=self.device)).sum() if scale and any(x != 1 for x in scale) else t.sum()
+            if p is None: dead[o:o + b - a].fill_(False)
+            else: torch.logical_not(p[a:b], out=dead[o:o + b - a])
+        return buf, dead
 
     def close(self):
         "Free the score buffers"
-        self.bufs, self.last, self.pbuf = {}, (None, None), None
+        self.bufs, self.last, self.pbuf, self.hbuf = {}, (None, None), None, None
 
 # %% ../nbs/03_sparsifier.ipynb #974075ad
-def _device_sample(bs:_Batches, k:int, W:int, N:int, sample_size, seed):
-    "Pass 0: sorted sampled scores (each weighted by the live weights it stands for), the k-th's rank, need, any NaN"
-    device = bs.device
-    m = sample_size or min(2**22, max(2**12, N // 512))
-    gen = torch.Generator(device).manual_seed(seed)
-    cnts = [max(1, round(m * (bt[1] - bt[0]) * bt[2] / W)) for bt in bs.batches]
-    vals, lives, nans, deads, dsz = [], [], [], [], []
-    for bt, cnt in zip(bs.batches, cnts):
-        f, pb = bs.scores(bt)
-        nans.append(torch.isnan(f).any())
-        idx = torch.randint(0, bt[1] - bt[0], (cnt,), generator=gen, device=device)
-        vals.append(f[idx])
-        if pb is not None:
-            lives.append(pb[idx])
-            deads.append(pb.logical_not().sum())
-            dsz.append(bt[2])
-        elif bs.pbuf is not None: lives.append(torch.ones(cnt, dtype=torch.bool, device=device))
-    need = k - bs.total(deads, dsz)  # weights still to prune among the live groups (masks never shrink)
-    wts = torch.tensor([(bt[1] - bt[0]) * bt[2] / c for bt, c in zip(bs.batches, cnts)], dtype=torch.float64)
-    wts = wts.repeat_interleave(torch.tensor(cnts)).to(device)
-    if lives: wts *= torch.cat(lives)  # a pruned group stands for no live weight
-    vals, order = torch.sort(torch.cat([v.float() for v in vals]) + 0., stable=True)  # (-0.0 -> +0.0)
-    i = torch.searchsorted(torch.cumsum(wts[order], 0), need.to(torch.float64).reshape(1))
-    return vals, i, need, torch.stack(nans).any()
+def _on_device(vals:list, dtype, device) -> Tensor:
+    "A short host list as a tensor on `device`; on CUDA through pinned memory, so the host does not wait for the queue"
+    t = torch.tensor(vals, dtype=dtype)
+    if torch.device(device).type != 'cuda': return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
-def _device_count(bs:_Batches, flat:Tensor, lo:float, hi:float) -> tuple[Tensor, Tensor]:
-    "Pass 1: live weights below `lo` and up to `hi` (device counts); candidates in [lo, hi] flagged in `flat`"
-    belows, uptos = [], []
+def _device_sample(bs:_Batches, srcs:list|None, k:int, sample_size, seed):
+    "Pass 0: every `step`-th group from a seeded start, sorted; the sample rank of the k-th live weight; any NaN"
+    dev, N = bs.device, bs.offs[-1]
+    step = max(1, N // (sample_size or min(2**22, max(2**12, N // 512))))
+    start = random.Random(seed).randrange(step)
+    has_prev = bs.pbuf is not None
+    vals, lives, wts, nans = [], [], [], []
     for bt in bs.batches:
-        f, pb = bs.scores(bt)
-        f = _exact(f, lo, hi)
-        lt, le = torch.lt(f, lo), torch.le(f, hi, out=flat[bt[0]:bt[1]])
-        if pb is not None:
-            lt &= pb
-            le &= pb
-        belows.append(lt.sum())
-        uptos.append(le.sum())
-        le ^= lt
-    return bs.total(belows, bs.sizes), bs.total(uptos, bs.sizes)
+        st, en, s, _, items = bt
+        if srcs is None:
+            f, dead = bs.scores(bt)
+            nans.append(torch.isnan(f).any())
+            j = (start - st) % step
+            vals.append(f[j::step].to(torch.float32, copy=True))
+            if has_prev: lives.append(torch.ones_like(vals[-1], dtype=torch.bool) if dead is None else ~dead[j::step])
+            wts.append((len(vals[-1]), step * s))
+            continue
+        for li, a, b in items:
+            p, j = bs.prev[li], a + (start - bs.offs[li] - a) % step
+            vals.append(srcs[li][j:b:step])
+            if has_prev: lives.append(torch.ones_like(vals[-1], dtype=torch.bool) if p is None else p[j:b:step])
+            wts.append((len(vals[-1]), step * s))
+    if srcs is not None: nans = [torch.stack(torch._foreach_norm(srcs)).isnan().any()]  # one read of the weights
+    v = torch.cat(vals)
+    v = (v.abs() if srcs is not None else v).float() + 0.  # (-0.0 -> +0.0)
+    vals, order = torch.sort(v, stable=True)
+    if len({w for _, w in wts}) == 1: wt = torch.full((len(v),), float(wts[0][1]), dtype=torch.float64, device=dev)
+    else: wt = torch.cat([torch.full((c,), float(w), dtype=torch.float64, device=dev) for c, w in wts])
+    need = torch.full((1,), float(k), dtype=torch.float64, device=dev)
+    if lives:  # a pruned group stands for no live weight; the sample estimates the weights still to prune
+        lw = wt * torch.cat(lives)
+        need, wt = need - (wt.sum() - lw.sum()), lw
+    return vals, torch.searchsorted(torch.cumsum(wt[order], 0), need), torch.stack(nans).any()
 
-def _device_bracket(bs:_Batches, flat:Tensor, k:int, W:int, sample_size, seed) -> tuple[float, float, Tensor, Tensor]:
-    "`lo, hi` around the k-th live weight, the weights below `lo` and still to prune; candidates flagged in `flat`"
-    vals, i, need, nan = _device_sample(bs, k, W, len(flat), sample_size, seed)
+def _device_codes(bs:_Batches, flat:Tensor, lo:Tensor, hi:Tensor, cdt, sz:Tensor|None) -> list[Tensor]:
+    "Pass 1: codes in `flat` (as uint8): 2 live in [lo, hi], 1 below lo or pruned before, 0 above; their counts"
+    u8, ups, sms, deads = flat.view(torch.uint8), [], [], []
+    for bt in bs.batches:
+        f, dead = bs.scores(bt)
+        if f.dtype != cdt: f = f.to(cdt)
+        # flags in float16: a sum of <= 2^24 of them into float32 is exact and, on a GPU, reads them without a copy
+        ge, le = bs.hbuf[0, :len(f)], bs.hbuf[1, :len(f)]
+        if bs.pbuf is not None:  # weights pruned before
+            deads.append(torch.zeros((), device=bs.device) if dead is None else ge.copy_(dead).sum(dtype=torch.float32))
+        torch.ge(f, lo, out=ge)
+        torch.le(f, hi, out=le)
+        if dead is not None:
+            ge.masked_fill_(dead, 0)
+            le.masked_fill_(dead, 1)
+        ups.append(le.sum(dtype=torch.float32))
+        torch.addcmul(le, le, ge, out=ge)  # the code: le * (1 + ge)
+        sms.append(ge.sum(dtype=torch.float32))
+        u8[bt[0]:bt[1]].copy_(ge)
+    t = torch.stack(ups + sms + deads).double().view(2 + bool(deads), -1)
+    if sz is not None: t = t * sz  # weights, not groups
+    return t.sum(1).unbind()  # below (pruned before included) + candidates; below + 2 candidates; pruned before
+
+def _device_bracket(bs:_Batches, srcs, flat:Tensor, k:int, W:int, sample_size, seed):
+    "Codes for a bracket around the k-th live weight; the weights below it and still to prune (None: nothing to prune)"
+    vals, i, nan = _device_sample(bs, srcs, k, sample_size, seed)
     q = min(max(k / W, 1e-6), 1 - 1e-6)
     r = int(4 * math.sqrt(len(vals) * q * (1 - q))) + 32  # a bracket of +-4 standard deviations of the sample rank
-    inf = torch.tensor([float('inf')], device=bs.device)
+    dts = {bt[3] for bt in bs.batches}
+    cdt = dts.pop() if len(dts) == 1 else torch.float32  # mixed dtypes: the bracket's ends are exact in float32
+    sz = None if all(s == 1 for s in bs.sizes) else _on_device(bs.sizes, torch.float64, bs.device)
+    inf = torch.full((1,), math.inf, device=bs.device)
     while True:
-        lo = torch.where(i - r >= 0, vals[(i - r).clamp(0, len(vals) - 1)], -inf)
-        hi = torch.where(i + r < len(vals), vals[(i + r).clamp(0, len(vals) - 1)], inf)
-        lo, hi, isbad = torch.cat([lo, hi, nan.float().reshape(1)]).tolist()  # host read 1
-        if isbad: raise NaNScores("the criterion gave NaN scores; nothing was pruned")
-        below, upto = _device_count(bs, flat, lo, hi)
-        b_w, u_w, nd = torch.stack([below, upto, need]).tolist()  # host read 2
-        if b_w <= max(nd, 0) and (u_w >= nd or math.isinf(hi)): return lo, hi, below, need  # (nd < 0: masks prune more)
+        lo = torch.where(i - r >= 0, vals[(i - r).clamp(0, len(vals) - 1)], -inf).reshape(())
+        hi = torch.where(i + r < len(vals), vals[(i + r).clamp(0, len(vals) - 1)], inf).reshape(())
+        up, sm, *dead = _device_codes(bs, flat, lo, hi, cdt, sz)
+        dead = dead[0] if dead else torch.zeros_like(up)
+        need, below, cand = k - dead, 2 * up - sm - dead, sm - up
+        b_w, c_w, nd, isnan, hinf = torch.stack([below, cand, need, nan.double(), hi.isinf().double()]).tolist()
+        if isnan: raise NaNScores("the criterion gave NaN scores; nothing was pruned")
+        if nd <= 0: return None  # the earlier masks already prune k weights or more (masks never shrink)
+        if b_w <= nd and (b_w + c_w >= nd or hinf): return below, need
         r *= 8  # the sampled bracket missed (rare): widen it and go again
 
-def _device_masks(bs:_Batches, flat:Tensor, lo:float, hi:float) -> tuple[Tensor, list[int], list[Tensor]]:
-    "The candidates' positions, their bounds per batch and scores; pass 2 writes the masks (live and >= lo)"
-    idx = flat.nonzero().squeeze(1)  # host read 3: the candidates (a fraction of a percent of the groups)
-    starts = torch.tensor([bt[0] for bt in bs.batches] + [len(flat)], device=bs.device)
-    bnd = torch.searchsorted(idx, starts).tolist()  # host read 4
-    cv = []
-    for j, bt in enumerate(bs.batches):
-        f, pb = bs.scores(bt)
-        if bnd[j + 1] > bnd[j]: cv.append(f[idx[bnd[j]:bnd[j + 1]] - bt[0]])
-        ge = torch.ge(_exact(f, lo, hi), lo, out=flat[bt[0]:bt[1]])
-        if pb is not None: ge &= pb
-    return idx, bnd, cv
+def _device_candidates(bs:_Batches, srcs, flat:Tensor) -> tuple[Tensor, Tensor, list[int]]:
+    "The candidates' positions and scores, their group size per piece; `flat` becomes the masks without them"
+    u8, N, dev = flat.view(torch.uint8), len(flat), bs.device
+    ch = max(2**24, -(-N // 8))  # at most 8 reads, and an eighth of a byte per group of scratch
+    idx = torch.cat([torch.nonzero(u8[a:a + ch] == 2).squeeze(1) + a for a in range(0, N, ch)])
+    u8.eq_(0)  # keep: above the bracket; below it, pruned before and the candidates: pruned (candidates decided next)
+    items = [(li, a, b) for bt in bs.batches for li, a, b in bt[4]]
+    starts = [bs.offs[li] + a for li, a, _ in items]
+    bnd = torch.searchsorted(idx, _on_device(starts + [N], torch.int64, dev)).tolist()  # host read
+    cv, per, j1 = [], [], 0
+    if srcs is not None:  # the candidates' weights, gathered from the sources: one small read per piece
+        pid = torch.searchsorted(_on_device(starts, torch.int64, dev), idx, right=True) - 1
+        loc = idx - _on_device([bs.offs[li] for li, _, _ in items], torch.int64, dev)[pid]
+        cv = [srcs[li][loc[bnd[j]:bnd[j + 1]]] for j, (li, _, _) in enumerate(items) if bnd[j + 1] > bnd[j]]
+        per = [(bnd[j + 1] - bnd[j], bs.sizes[0]) for j in range(len(items))]
+        return idx, torch.cat(cv).abs().float() + 0. if cv else None, per
+    for bt in bs.batches:  # score the batches with candidates again, gather once per batch
+        j0, j1 = j1, j1 + len(bt[4])
+        if bnd[j1] == bnd[j0]: continue
+        f, _ = bs.scores(bt)
+        cv.append(f[idx[bnd[j0]:bnd[j1]] - bt[0]].float())
+        per += [(bnd[j + 1] - bnd[j], bt[2]) for j in range(j0, j1)]
+    return idx, torch.cat(cv) + 0. if cv else None, per
 
-def _device_take(flat:Tensor, idx:Tensor, bnd:list[int], cv:list[Tensor], sizes:list[int], budget:Tensor):
-    "Clear the candidates by (score, position) while the pruned weights stay <= `budget` (a device scalar)"
-    cv = torch.cat([v.float() for v in cv]) + 0.
+def _device_take(flat:Tensor, idx:Tensor, cv:Tensor, per:list, budget:Tensor):
+    "Prune the candidates by (score, position) while the pruned weights stay <= `budget`: keep the others"
     order = torch.sort(cv, stable=True).indices
-    del cv
-    if len(set(sizes)) == 1:  # one group size: the first budget // size candidates
+    sizes = {s for c, s in per if c}
+    if len(sizes) == 1:  # one group size: the first budget // size candidates
         rank = torch.arange(1, len(order) + 1, device=flat.device)
-        ok = rank <= torch.div(budget, sizes[0], rounding_mode='floor')
+        ok = rank <= torch.div(budget, sizes.pop(), rounding_mode='floor')
     else:
-        nb = [bnd[j + 1] - bnd[j] for j in range(len(sizes))]
-        cs = torch.tensor(sizes).repeat_interleave(torch.tensor(nb)).to(flat.device)
+        cs = torch.repeat_interleave(_on_device([s for _, s in per], torch.int64, flat.device),
+                                     _on_device([c for c, _ in per], torch.int64, flat.device), output_size=len(idx))
         ok = torch.cumsum(cs[order], 0) <= budget
     take = torch.empty_like(ok)
     take[order] = ok
     flat.index_put_((idx,), ~take)
 
 def device_select_prune(score_fns:list, n_groups:list[int], sizes:list[int], k:int, prev_keeps:list|None=None,
-                        device=None, out:Tensor|None=None, chunk:int|None=None, sample_fns:list|None=None,
-                        sample_size:int|None=None, seed:int=0) -> list[Tensor]:
-    "`select_prune`'s masks with device kernels and a bounded number of host reads (none per chunk)"
+                        device=None, out:Tensor|None=None, chunk:int|None=None, sample_size:int|None=None,
+                        seed:int=0, sources:list|None=None) -> list[Tensor]:
+    "`select_prune`'s masks with device kernels and a bounded number of host reads (none per chunk or per layer)"
     prev_keeps = prev_keeps or [None] * len(n_groups)
     device = torch.device(device or 'cpu')
     flat = out if out is not None else torch.empty(sum(n_groups), dtype=torch.bool, device=device)
@@ -445,10 +469,13 @@ def device_select_prune(score_fns:list, n_groups:list[int], sizes:list[int], k:i
     if k <= 0: return _fill_keeps(keeps, prev_keeps)
     N, W = sum(n_groups), sum(g * s for g, s in zip(n_groups, sizes))
     bs = _Batches(score_fns, n_groups, sizes, prev_keeps, chunk or _device_chunk(N), device)
-    lo, hi, below, need = _device_bracket(bs, flat, k, W, sample_size, seed)
-    idx, bnd, cv = _device_masks(bs, flat, lo, hi)
+    got = _device_bracket(bs, sources, flat, k, W, sample_size, seed)
+    if got is None:
+        bs.close()
+        return _fill_keeps(keeps, prev_keeps)
+    idx, cv, per = _device_candidates(bs, sources, flat)
     bs.close()
-    if cv: _device_take(flat, idx, bnd, cv, bs.sizes, need - below)  # the longest prefix of <= k - below weights
+    if cv is not None: _device_take(flat, idx, cv, per, got[1] - got[0])  # the longest prefix of <= k - below
     return keeps
 
 # %% ../nbs/03_sparsifier.ipynb #e455f5f8
@@ -475,6 +502,15 @@ def _nnz(t:Tensor) -> int:
         return int(np.count_nonzero(t.detach().numpy()))
     return int(torch.count_nonzero(t))
 
+def _nnz_each(ts) -> list[int]:
+    "Nonzero entries of each tensor in `ts`: numpy's count on the CPU, one host read per other device"
+    ts, out, by_dev = list(ts), {}, {}
+    for i, t in enumerate(ts):
+        if _host_kernels(t.device): out[i] = _nnz(t)
+        else: by_dev.setdefault(t.device, []).append(i)
+    for idx in by_dev.values(): out.update(zip(idx, torch.stack([torch.count_nonzero(ts[i]) for i in idx]).tolist()))
+    return [out[i] for i in range(len(ts))]
+
 def _n_out(m:nn.Module) -> int:
     "Output channels of a Conv/ConvTranspose/Linear"
     return m.weight.shape[1] if isinstance(m, _conv_t) else m.weight.shape[0]
@@ -497,13 +533,19 @@ def _report_without_flops(model:nn.Module):
     df.attrs.update(compression_ratio=P / NZ if NZ else math.inf, theoretical_speedup=math.nan)
     return df
 
-def _mask_dense(w:Tensor, mk:Tensor):
-    "`w *= mk` in place (numpy's float*bool is about twice torch's on CPU)"
+def _count_true(t:Tensor) -> Tensor:
+    "True entries of the bool tensor `t`, exactly, as a float64 scalar (sums of float16 rows of 2^16 into float32)"
+    h = t.reshape(-1).to(torch.float16)
+    n = len(h) - len(h) % 2**16
+    return h[:n].view(-1, 2**16).sum(1, dtype=torch.float32).double().sum() + h[n:].sum(dtype=torch.float32)
+
+def _mask_dense(w:Tensor, mk:Tensor, zero:Tensor|None=None):
+    "Zero `w` where `mk` is False, in place (numpy's float*bool is about twice torch's on CPU; elsewhere one `where`)"
     host = _host_kernels(w.device) and w.is_contiguous() and mk.is_contiguous()
     if host and w.dtype in (torch.float32, torch.float64):
         wn = w.detach().numpy()
         np.multiply(wn, mk.numpy(), out=wn)
-    else: w.mul_(mk)
+    else: torch.where(mk, w, w.new_zeros(()) if zero is None else zero, out=w)
 
 # %% ../nbs/03_sparsifier.ipynb #463106fc
 class Sparsifier:
@@ -575,9 +617,10 @@ class Sparsifier:
         for n in names: _check_finite(n, self.weight(n))
 
     def _parts(self, names, chunk:int=_CHUNK, host:bool=True):
-        "Score functions, sample functions, group counts, group sizes and previous keep-flags of `names`, one per part"
-        fns, sfns, ng, sz, prev = [], [], [], [], []
+        "Score functions, sample functions, group counts, group sizes, previous keep-flags and sources, one per part"
+        fns, sfns, ng, sz, prev, srcs = [], [], [], [], [], []
         crit = self.criterion
+        magnitude = type(crit).score is Magnitude.score  # the scores are |w|: the device path reads w for its sample
         for n in names:
             s, pk = self._group_size(n), self._prev_keep(n)
             G = self.layers[n].weight.numel() // s
@@ -592,6 +635,7 @@ class Sparsifier:
                     ng.append(b - a)
                     sz.append(1)
                     prev.append(None if pk is None else pk[a:b])
+                    srcs.append(w[a:b] if magnitude else None)
                 continue
             if host: _check_finite(n, self.weight(n))
             # the selection may score a layer several times: the first call checks for NaN (one host read per layer)
@@ -600,17 +644,19 @@ class Sparsifier:
             ng.append(G)
             sz.append(s)
             prev.append(pk)
-        return fns, sfns, ng, sz, prev
+            srcs.append(None)
+        return fns, sfns, ng, sz, prev, srcs
 
     def _select(self, names, sparsity:float, unit:int=1) -> list[Tensor]:
         "1-D keep-flags per group of `names`: round(sparsity * n / unit) * unit of their n weights pruned, one ranking"
         dev = self.layers[names[0]].weight.device
         n_w = sum(self.layers[n].weight.numel() for n in names)
         chunk = _device_chunk(n_w) if _use_device_path(dev) else _CHUNK
-        fns, sfns, ng, sz, prev = self._parts(names, chunk, _host_kernels(dev))
+        fns, sfns, ng, sz, prev, srcs = self._parts(names, chunk, _host_kernels(dev))
         flat = torch.empty(sum(ng), dtype=torch.bool, device=dev)
         k = round_half_up(sparsity * n_w / unit) * unit
-        try: select_prune(fns, ng, sz, k, prev, seed=self.seed, sample_fns=sfns, device=dev, out=flat)
+        srcs = srcs if all(x is not None for x in srcs) else None
+        try: select_prune(fns, ng, sz, k, prev, seed=self.seed, sample_fns=sfns, device=dev, out=flat, sources=srcs)
         except NaNScores:
             self._check_weights(names)  # name the layer with NaN weights
             raise
@@ -678,8 +724,12 @@ class Sparsifier:
     def apply_masks(self):
         "Zero every masked weight (in place, no autograd)"
         with torch.no_grad():
+            zeros = {}  # one 0-dim zero per dtype and device for `torch.where`
             for n, mk in self.masks.items():
-                if self._rp[n] is None: _mask_dense(self.layers[n].weight, mk)
+                w = self.layers[n].weight
+                if self._rp[n] is None:
+                    if (w.dtype, w.device) not in zeros: zeros[w.dtype, w.device] = w.new_zeros(())
+                    _mask_dense(w, mk, zeros[w.dtype, w.device])
                 else: _mask_reparam(self.layers[n], self._rp[n], mk)
             for p, mk in self.aux: p.mul_(mk)
 
@@ -714,12 +764,18 @@ class Sparsifier:
         if g.is_nm or self.context == 'local': return [(list(L), sum(local(n, t) for n in L))]
         return [(list(L), round_half_up(t * sum(m.weight.numel() for m in L.values())))]
 
+    def _n_pruned(self, names) -> int:
+        "Weights the masks of `names` prune (one host read; on a device, no int64 copy of a mask)"
+        mks = [self.masks[n] for n in names]
+        if not mks: return 0
+        if _host_kernels(mks[0].device): return sum(mk.numel() - _nnz(mk) for mk in mks)
+        return sum(mk.numel() for mk in mks) - int(torch.stack([_count_true(mk) for mk in mks]).sum())
+
     def sparsify(self, sparsity) -> Sparsifier:
         "Prune to `sparsity` (a fraction, or a per-layer dict): compute the masks, keep them, zero the weights"
         t = self._check_targets(sparsity)
         for names, budget in self._budgets(t):
-            pruned = int(sum(((~self.masks[k]).sum() for k in names if k in self.masks),
-                             torch.zeros((), dtype=torch.int64)))
+            pruned = self._n_pruned([k for k in names if k in self.masks])
             if pruned > budget:
                 total = sum(self.layers[k].weight.numel() for k in names)
                 what = names[0] if isinstance(t, dict) else 'the pruned layers'
@@ -818,23 +874,26 @@ class Sparsifier:
     # --- measuring ---------------------------------------------------------------------------------------------------
     def layer_sparsity(self) -> dict[str, float]:
         "Fraction of zero weights in each pruned layer, measured"
-        return {n: 1 - _nnz(self.weight(n)) / m.weight.numel() for n, m in self.layers.items()}
+        nz = _nnz_each(self.weight(n) for n in self.layers)
+        return {n: 1 - z / m.weight.numel() for (n, m), z in zip(self.layers.items(), nz)}
 
     def sparsity(self) -> float:
         "Fraction of zero weights over all pruned layers, measured"
         tot = sum(m.weight.numel() for m in self.layers.values())
-        return 1 - sum(_nnz(self.weight(n)) for n in self.layers) / tot
+        return 1 - sum(_nnz_each(self.weight(n) for n in self.layers)) / tot
 
     def adopt_zeros(self) -> Sparsifier:
         "Masks from the weights already exactly zero; layers with no zero, or only zeros (zero-initialized), get none"
         masks = {}
         with torch.no_grad():
-            for n, m in self.layers.items():
-                mk = self.weight(n) != 0
-                if not mk.all() and mk.any(): masks[n] = mk
+            names, zeros = list(self.layers), 0
+            for n, z in zip(names, _nnz_each(self.weight(n) for n in names)):  # one host read per device
+                if 0 < z < self.layers[n].weight.numel():
+                    masks[n] = self.weight(n) != 0
+                    zeros += self.layers[n].weight.numel() - z
         if masks:
             logger.info("Sparsifier: %d zero weights in %d layers taken as already pruned (%s)",
-                        sum(int((~mk).sum()) for mk in masks.values()), len(masks), ', '.join(masks))
+                        zeros, len(masks), ', '.join(masks))
             self.set_masks(masks)
         return self
 
