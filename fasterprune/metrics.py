@@ -10,7 +10,7 @@ import torch
 from torch import nn, Tensor
 import pandas as pd
 from .core import evaluating, few, model_device, to_device
-from .sparsifier import prunable_layers
+from .sparsifier import prunable_layers, _nnz_each as _nonzero_each
 
 logger = logging.getLogger('fasterprune')
 
@@ -28,7 +28,7 @@ def _layers(model:nn.Module) -> dict[str, nn.Module]:
                          "there is nothing to prune or measure")
     return layers
 
-def _nonzero(ts) -> int: return sum(int(torch.count_nonzero(t)) for t in ts)
+def _nonzero(ts) -> int: return sum(_nonzero_each(ts))
 
 def check_original(
     model:nn.Module,    # the pruned, physically smaller model
@@ -122,7 +122,8 @@ def layer_flops(
         for h in hs: h.remove()
     idle = [n for n, u in uses.items() if u == 0]
     if idle: logger.info("layers that did not run as modules in the forward pass count 0 FLOPs: %s", few(idle, 5))
-    return {n: (uses[n] * m.weight.numel(), uses[n] * _nonzero([m.weight])) for n, m in layers.items()}
+    nz = dict(zip(layers, _nonzero_each(m.weight for m in layers.values())))
+    return {n: (uses[n] * m.weight.numel(), uses[n] * nz[n]) for n, m in layers.items()}
 
 def count_flops(
     model:nn.Module, # a model with Conv/ConvTranspose/Linear layers
@@ -164,7 +165,8 @@ def sparsity_report(
     def row(layer, typ, shape, p, nz, f, nf):
         return dict(layer=layer, type=typ, shape=shape, params=p, nonzero=nz, sparsity=1 - nz / p if p else 0.,
                     flops=f, nonzero_flops=nf, params_share=p / P if P else 0., flops_share=f / F if F else 0.)
-    rows = [row(n, type(m).__name__, tuple(m.weight.shape), m.weight.numel(), _nonzero([m.weight]), *fl[n])
+    nz = dict(zip(layers, _nonzero_each(m.weight for m in layers.values())))
+    rows = [row(n, type(m).__name__, tuple(m.weight.shape), m.weight.numel(), nz[n], *fl[n])
             for n, m in layers.items()]
     seen = {id(m.weight) for m in layers.values()}
     other = [p for p in model.parameters() if id(p) not in seen]
