@@ -54,6 +54,38 @@ def lottery_check():
     return check("lottery rounds on cuda (layers > 32 k weights)", len(res['rows']) == 4, f"{res['rows'][-1]}")
 
 
+def engine_check(dev='cuda', cases=60):
+    "The device selection against a full sort on `dev`: fp32/bf16/fp16 with ties, group sizes, earlier masks"
+    from fasterprune.sparsifier import device_select_prune
+    bad = 0
+    for case in range(cases):
+        g = torch.Generator().manual_seed(case)
+        dt = (torch.float32, torch.bfloat16, torch.float16)[case % 3]
+        scores, sizes, prevs = [], [], []
+        for _ in range(1 + case % 4):
+            n = int(torch.randint(1, 200_000, (1,), generator=g))
+            x = torch.randn(n, generator=g).abs()
+            if case % 2: x = (x * 4).round() / 4  # many ties
+            scores.append(x.to(dt).to(dev))
+            sizes.append((1, 1, 3, 9)[int(torch.randint(0, 4, (1,), generator=g))])
+            prevs.append(None if case % 5 < 2 else (torch.rand(n, generator=g) < 0.7).to(dev))
+        n_w = sum(len(s) * z for s, z in zip(scores, sizes))
+        k = int(torch.randint(0, n_w + 1, (1,), generator=g))
+        got = torch.cat(device_select_prune([lambda out=None, s=s: s for s in scores], [len(s) for s in scores],
+                                            sizes, k, prevs, device=dev)).cpu()
+        v = torch.cat([s.float().cpu() for s in scores])
+        sz = torch.cat([torch.full((len(s),), z, dtype=torch.int64) for s, z in zip(scores, sizes)])
+        lv = torch.cat([torch.ones(len(s), dtype=torch.bool) if p is None else p.cpu() for s, p in zip(scores, prevs)])
+        kk = k - int((sz * ~lv).sum())
+        ref = lv.clone()
+        if kk > 0:
+            idx = lv.nonzero().squeeze(1)
+            order = idx[torch.argsort(v[idx], stable=True)]
+            ref[order[:int((torch.cumsum(sz[order], 0) <= kk).sum())]] = False
+        bad += not torch.equal(got, ref)
+    return check(f"device selection equals a full sort on {dev} ({cases} cases)", bad == 0, f"{bad} mismatches")
+
+
 def nm_speed(rows=8192, features=(4096, 4096), runs=50):
     from fasterprune.sparsifier import Sparsifier
     from torch.sparse import to_sparse_semi_structured

@@ -52,6 +52,35 @@ def _vit(dev, small):
     return torchvision.models.vit_l_16(weights=None).to(dev)
 
 
+def _profile(dev, sp, ws, saved, s):
+    "One profiled `sparsify`: host time, device kernel time, kernel launches, host reads, the busiest ops"
+    from torch.profiler import profile, ProfilerActivity
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == 'cuda' else [])
+    try:
+        if saved is not None:
+            torch._foreach_copy_(ws, saved)
+            sp.reset()
+        _sync(dev)
+        with profile(activities=acts) as prof: sp.sparsify(s)
+        _sync(dev)
+        ev = prof.key_averages()
+        dev_us = sum(getattr(e, 'self_device_time_total', 0) for e in ev)
+        kernels = sum(e.count for e in prof.events() if getattr(e, 'device_type', None) is not None
+                      and str(e.device_type).endswith('CUDA'))
+        reads = sum(e.count for e in ev if e.key == 'aten::_local_scalar_dense' or e.key.startswith('cudaStreamSync')
+                    or e.key == 'aten::nonzero')
+        ops = sum(e.count for e in ev if e.key.startswith('aten::'))
+        top = sorted(ev, key=lambda e: -getattr(e, 'self_device_time_total', 0))[:10]
+        top += sorted(ev, key=lambda e: -e.self_cpu_time_total)[:6]
+        out = dict(device_kernel_s=dev_us / 1e6, kernels=kernels, aten_ops=ops, host_reads=reads,
+                   top=[(e.key, e.count, round(e.self_cpu_time_total / 1e3, 3),
+                         round(getattr(e, 'self_device_time_total', 0) / 1e3, 3)) for e in top])
+        print(f"  profile: {ops} aten ops, {kernels} kernels, device time {dev_us / 1e3:.2f} ms, host reads {reads}")
+        for t in out['top']: print(f"    {t[0]:<40} x{t[1]:<5} cpu {t[2]:8.2f} ms  device {t[3]:8.2f} ms")
+        return out
+    except Exception as e: return dict(error=repr(e)[:500])
+
+
 def bench_vit(dev, small, s=0.9, repeats=3):
     torch.manual_seed(0)
     model = _vit(dev, small).requires_grad_(False)
@@ -78,6 +107,7 @@ def bench_vit(dev, small, s=0.9, repeats=3):
 
     res['ours_s'], res['ours_bytes_per_weight'] = ours(None)
     res['exact'] = True
+    res['profile'] = _profile(dev, sp, ws, saved, s)
     res['old_engine_s'], res['old_engine_bytes_per_weight'] = ours('host')
     torch._foreach_copy_(ws, saved)
     sp.reset()
@@ -126,6 +156,8 @@ def bench_llama(dev, small):
         res[f'{key}_exact'] = pruned == round(s * n) == zeros
         assert res[f'{key}_exact'], (s, pruned, zeros, round(s * n))
     ws = [m.weight for m in sp.layers.values()]
+    print("  profile of one more update, 0.95 -> 0.97:")
+    res['profile_update'] = _profile(dev, sp, ws, None, 0.97)
     times = []
     for r in range(3):
         dt, _, _ = _measure(dev, lambda: torch._foreach_norm(ws, 1))
