@@ -9,14 +9,18 @@ from fasterprune.granularity import get_granularity
 
 
 def _model(seed, kind):
+    "A small model whose weights hold no exact zero (a random init can draw 0.0, which would count as pruned)"
     torch.manual_seed(seed)
-    if kind == 'mlp': return nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 3))
-    if kind == 'cnn':
-        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 12, (3, 2)), nn.Flatten(),
-                             nn.Linear(12 * 4 * 5, 4))
-    if kind == 'mixed':
-        return nn.Sequential(nn.Conv1d(2, 6, 5), nn.ConvTranspose2d(4, 6, 3), nn.Conv3d(2, 4, 2), nn.Linear(8, 4))
-    raise ValueError(kind)
+    if kind == 'mlp': m = nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 3))
+    elif kind == 'cnn':
+        m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 12, (3, 2)), nn.Flatten(),
+                          nn.Linear(12 * 4 * 5, 4))
+    elif kind == 'mixed':
+        m = nn.Sequential(nn.Conv1d(2, 6, 5), nn.ConvTranspose2d(4, 6, 3), nn.Conv3d(2, 4, 2), nn.Linear(8, 4))
+    else: raise ValueError(kind)
+    with torch.no_grad():
+        for p in m.parameters(): p.masked_fill_(p == 0, 1e-3)
+    return m
 
 
 def _rnd(x): return int(math.floor(x + 0.5))
