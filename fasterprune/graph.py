@@ -988,6 +988,7 @@ def groups(self:ChannelGraph) -> list[ChannelGroup]:
     all_c = torch.cat([s.comp for s in outs])  # every producer position, slot after slot: its component
     all_m = torch.cat([torch.full((len(s.comp),), mid[s.module]) for s in outs])
     all_p = torch.cat([torch.arange(len(s.comp)) for s in outs])
+    if not len(all_c): return []
     first = torch.full((nc,), len(all_c)).scatter_reduce_(0, all_c, torch.arange(len(all_c)), 'amin')
     pairs = torch.unique(all_c * M + all_m)  # (component, producer) pairs, by component, then producer
     counts = torch.bincount(pairs // M, minlength=nc)
