@@ -515,6 +515,25 @@ def _n_out(m:nn.Module) -> int:
     "Output channels of a Conv/ConvTranspose/Linear"
     return m.weight.shape[1] if isinstance(m, _conv_t) else m.weight.shape[0]
 
+def _unit_index(gr) -> tuple|None|bool:
+    "(unit of each channel of `gr` as 0..n_u-1, n_u); None: every channel is its own unit; False: units differ in size"
+    if gr.units is None: return None
+    ids, inv, cnt = torch.unique(gr.units, return_inverse=True, return_counts=True)
+    if not bool((cnt == cnt[0]).all()) or len(ids) * int(cnt[0]) != gr.width: return False
+    return inv, len(ids)
+
+def _head_rows(n_rows:int, num_heads:int, heads:Tensor) -> Tensor:
+    "(len(heads), 3·head_dim): the q, k and v rows of each head in `heads` of a packed projection of `n_rows` rows"
+    E = n_rows // 3
+    hd = E // num_heads
+    r = heads.reshape(-1, 1, 1) * hd + torch.arange(3).reshape(1, 3, 1) * E + torch.arange(hd).reshape(1, 1, hd)
+    return r.reshape(len(heads), -1)
+
+def _bias_of(m) -> Tensor|None:
+    "The bias whose entries follow the filters of layer `m` (an attention's packed projection: its `in_proj_bias`)"
+    if isinstance(m, AttentionProjection): return m.module.in_proj_bias if m.attr == 'in_proj_weight' else None
+    return getattr(m, 'bias', None)
+
 def _report_without_flops(model:nn.Module):
     "`metrics.sparsity_report`'s rows and columns when there is no input to count FLOPs on: those columns are NaN"
     import pandas as pd
@@ -573,6 +592,7 @@ class Sparsifier:
         self._rp = {n: _reparam(m, n) for n, m in self.layers.items()}  # reparametrized weights: what to mask instead
         self.masks: dict[str, Tensor] = {}
         self.groups, self.aux = None, []  # coupled channel groups (filter granularity), and their bias/norm masks
+        self._rows, self._units = [], []  # per group: {layer: filter rows of each channel}, its units
         if example_input is not None:
             if self.granularity.name != 'filter':
                 raise ValueError("example_input couples channels for granularity='filter' only, "
@@ -756,11 +776,11 @@ class Sparsifier:
             return round_half_up(s * n_groups(n)) * self._group_size(n)
         if isinstance(t, dict): return [([n], local(n, s)) for n, s in t.items()]
         if self.groups is not None:
-            names = sorted({n for gr in self.groups for n in gr.producers})
-            sz = [sum(self._group_size(n) for n in gr.producers) for gr in self.groups]
-            if self.context == 'local':
-                return [(names, sum(round_half_up(t * gr.width) * s for gr, s in zip(self.groups, sz)))]
-            return [(names, round_half_up(t * sum(gr.width * s for gr, s in zip(self.groups, sz))))]
+            names = sorted({n for rows in self._rows for n in rows})
+            sz = self._unit_sizes()  # weights of one unit (a channel, a grouped conv's unit, a head) of each group
+            if self.context == 'local': return [(names, sum(n * s for n, s in zip(self._local_units(t), sz)))]
+            n_units = [gr.width if un is None else un[1] for gr, un in zip(self.groups, self._units)]
+            return [(names, round_half_up(t * sum(n * s for n, s in zip(n_units, sz))))]
         if g.is_nm or self.context == 'local': return [(list(L), sum(local(n, t) for n in L))]
         return [(list(L), round_half_up(t * sum(m.weight.numel() for m in L.values())))]
 
@@ -793,74 +813,125 @@ class Sparsifier:
         from fasterprune.graph import channel_groups
         if self.granularity.name != 'filter':
             raise ValueError(f"coupled channels need granularity='filter', not {self.granularity!r}")
-        groups = channel_groups(self.model, example_input, strict)
-        self.groups = [gr for gr in groups
-                       if not gr.pinned and gr.width > 0 and all(n in self.layers for n in gr.producers)]
-        if not self.groups:
+        mods = dict(self.model.named_modules())
+        groups, rows, units = [], [], []
+        for gr in channel_groups(self.model, example_input, strict):
+            if gr.pinned or gr.width == 0: continue
+            r = self._group_rows(gr, mods)
+            if r is None: continue  # a producer outside `layers`/`exclude` (or attention without its projection)
+            u = _unit_index(gr)
+            if u is False:
+                logger.warning("Sparsifier.couple: the units of %r differ in size; its channels stay", gr)
+                continue
+            groups.append(gr)
+            rows.append(r)
+            units.append(u)
+        if not groups:
             raise ValueError("Nothing to prune: every channel group is pinned (model outputs, channel-mixing ops) "
                              "or touches an excluded layer")
-        mods = dict(self.model.named_modules())
+        self.groups, self._rows, self._units = groups, rows, units
         self._norms = {n: mods[n] for gr in self.groups for n in gr.norms}
         return self
 
-    def _channel_scores(self, names, dev) -> tuple[list, list, list, list]:
-        "Per group: channel scores (producers' mean of layer-relative filter scores), size, live flags, best live one"
+    def _group_rows(self, gr, mods) -> dict[str, Tensor]|None:
+        "{pruned layer: (width, r) filter indices of each channel of `gr`}, or None if a producer is not pruned"
+        from fasterprune.graph import _is_window_attention
+        out = {}
+        for n, ix in gr.producers.items():
+            if n in self.layers:
+                out[n] = ix.reshape(-1, 1)
+                continue
+            m = mods.get(n)
+            if isinstance(m, nn.MultiheadAttention): lay = f'{n}.in_proj_weight' if n else 'in_proj_weight'
+            elif _is_window_attention(m): lay = f'{n}.qkv' if n else 'qkv'
+            else: return None
+            if lay not in self.layers: return None  # MHA: attention=False (or excluded); Swin: its qkv excluded
+            out[lay] = _head_rows(self.layers[lay].weight.shape[0], m.num_heads, ix)
+        return out
+
+    def _unit_scores(self, names, dev) -> tuple[list, list, list, list]:
+        "Per group: unit scores (mean of their channels' layer-relative filter scores), size, live flags, best live one"
         fscore = {}
         for n in names:  # mean score of each filter, relative to the layer's mean filter: comparable across layers
             f = self._group_scores(n).to(dev).float()
             fscore[n] = f / f.mean().clamp_min(torch.finfo(torch.float32).tiny)
         scores, sizes, prev, best = [], [], [], []
-        for gr in self.groups:
-            sc = sum(fscore[n][ix.to(dev)] for n, ix in gr.producers.items()) / len(gr.producers)
-            pk = [self._prev_keep(n) for n in gr.producers]
+        for gr, rows, un in zip(self.groups, self._rows, self._units):
+            rows = {n: ix.to(dev) for n, ix in rows.items()}
+            sc = sum(fscore[n][ix].mean(1) for n, ix in rows.items()) / len(rows)  # a head: the mean of its rows
+            size = sum(ix.shape[1] * self._group_size(n) for n, ix in rows.items())
+            pk = {n: self._prev_keep(n) for n in rows}
             p = None
-            if any(q is not None for q in pk):  # a channel is live while one of its producers' filters is
-                live = [q[ix.to(q.device)] if q is not None else torch.ones(len(ix), dtype=torch.bool, device=dev)
-                        for q, ix in zip(pk, gr.producers.values())]
-                p = torch.stack(live).any(0).to(dev)
+            if any(q is not None for q in pk.values()):  # a channel is live while one of its producers' filters is
+                live = [pk[n].to(dev)[ix].any(1) if pk[n] is not None
+                        else torch.ones(len(ix), dtype=torch.bool, device=dev) for n, ix in rows.items()]
+                p = torch.stack(live).any(0)
+            if un is not None:  # whole units: the mean of their channels' scores, live while one channel is
+                inv, n_u = un[0].to(dev), un[1]
+                u = gr.width // n_u
+                sc = torch.zeros(n_u, dtype=sc.dtype, device=dev).index_add_(0, inv, sc) / u
+                if p is not None: p = torch.zeros(n_u, device=dev).index_add_(0, inv, p.float()) > 0
+                size *= u
             scores.append(sc)
-            sizes.append(sum(self._group_size(n) for n in gr.producers))
+            sizes.append(size)
             prev.append(p)
-            best.append((sc if p is None else sc.masked_fill(~p, float('-inf'))).argmax())  # the best live channel
+            best.append((sc if p is None else sc.masked_fill(~p, float('-inf'))).argmax())  # the best live unit
         return scores, sizes, prev, best
+
+    def _local_units(self, target:float) -> list[int]:
+        "Units each group loses at `target` (local): `round(target · width)` channels in whole units, all but one"
+        out = []
+        for gr, un in zip(self.groups, self._units):
+            n_u = gr.width if un is None else un[1]
+            out.append(min(round_half_up(target * gr.width) // (gr.width // n_u), n_u - 1))
+        return out
+
+    def _unit_sizes(self) -> list[int]:
+        "Weights in one unit of each group (all its channels' filters in every producer)"
+        return [sum(ix.shape[1] * self._group_size(n) for n, ix in rows.items()) * (1 if un is None else
+                gr.width // un[1]) for gr, rows, un in zip(self.groups, self._rows, self._units)]
 
     def _coupled_masks(self, target:float) -> dict[str, Tensor]:
         "Filter masks of the coupled groups' producers at `target` (one fraction: per-layer dicts were refused)"
-        names = sorted({n for gr in self.groups for n in gr.producers}, key=list(self.layers).index)
+        names = sorted({n for rows in self._rows for n in rows}, key=list(self.layers).index)
         self._check_weights(names)
         dev = self.layers[names[0]].weight.device
-        scores, sizes, prev, best = self._channel_scores(names, dev)
+        scores, sizes, prev, best = self._unit_scores(names, dev)
         if self.context == 'local':
-            keeps = [select_prune([lambda sc=sc: sc], [len(sc)], [s], round_half_up(target * len(sc)) * s, [p],
-                                  seed=self.seed, device=dev)[0]
-                     for sc, s, p in zip(scores, sizes, prev)]
+            keeps = [select_prune([lambda sc=sc: sc], [len(sc)], [s], n_rm * s, [p], seed=self.seed, device=dev)[0]
+                     for sc, s, p, n_rm in zip(scores, sizes, prev, self._local_units(target))]
         else:
             n_w = sum(len(sc) * s for sc, s in zip(scores, sizes))
             keeps = select_prune([lambda sc=sc: sc for sc in scores], [len(sc) for sc in scores], sizes,
                                  round_half_up(target * n_w), prev, seed=self.seed, device=dev)
-        for kp, b, p in zip(keeps, best, prev):  # every group keeps its best live channel: a layer keeps an output
+        for kp, b, p in zip(keeps, best, prev):  # every group keeps its best live unit: a layer keeps an output
             b = b.reshape(1)
             if p is None: kp.index_fill_(0, b, True)
             else: kp.index_copy_(0, b, kp.gather(0, b) | p.any().reshape(1))  # (unless the group was already pruned)
-        fkeep = {n: torch.ones(_n_out(self.layers[n]), dtype=torch.bool) for n in names}
-        for gr, kp in zip(self.groups, keeps):
-            for n, ix in gr.producers.items(): fkeep[n][ix.cpu()] = kp.cpu()
+        fkeep = {n: torch.ones(_n_out(self.layers[n]), dtype=torch.bool, device=dev) for n in names}
+        for rows, un, kp in zip(self._rows, self._units, keeps):
+            kc = kp if un is None else kp[un[0].to(dev)]  # unit -> its channels
+            for n, ix in rows.items():
+                ix = ix.to(dev)
+                fkeep[n][ix] = kc[:, None].expand_as(ix)
         return {n: self.granularity.expand(fkeep[n].to(self.layers[n].weight.device), self.layers[n].weight,
                                            self.layers[n])
                 for n in names}
 
     def _coupled_aux(self) -> list:
-        "(tensor, float mask) pairs zeroing the biases and norm affine parameters of pruned channels"
+        "(tensor, float mask) pairs zeroing the biases and norm affine parameters of pruned channels (and heads)"
         out = []
         for n, mk in self.masks.items():
             m = self.layers[n]
-            if getattr(m, 'bias', None) is None: continue
+            b = _bias_of(m)
+            if b is None: continue
             keep = self.granularity.groups(mk, m, n).any(1)
-            if not keep.all(): out.append((m.bias, keep.to(m.bias.dtype)))
-        for gr in self.groups or []:
-            n0, ix0 = next(iter(gr.producers.items()))
+            if not keep.all(): out.append((b, keep.to(b.dtype)))
+        for gr, rows in zip(self.groups or [], self._rows):
+            n0, ix0 = next(iter(rows.items()))
             if not gr.norms or n0 not in self.masks: continue
-            keep = self.granularity.groups(self.masks[n0], self.layers[n0], n0).any(1)[ix0]
+            keep = self.granularity.groups(self.masks[n0], self.layers[n0], n0).any(1)[ix0.to(self.masks[n0].device)]
+            keep = keep.any(1)
             if keep.all(): continue
             for nn_, ix in gr.norms.items():
                 norm = self._norms[nn_]
