@@ -578,7 +578,7 @@ class Sparsifier:
         exclude=None,                  # names, glob patterns, modules or types to leave dense
         seed:int=0,                    # seeds the random criterion and the sample (results never depend on the sample)
         example_input=None,            # granularity='filter': trace the model on it, prune coupled channels together
-        attention:bool=False,          # also prune nn.MultiheadAttention's input projections (`<name>.in_proj_weight`)
+        attention:bool=False,          # also prune nn.MultiheadAttention's `in_proj_weight` (coupled: whole heads)
     ):
         self.granularity = get_granularity(granularity)
         self.context = check_context(context)
