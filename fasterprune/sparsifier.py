@@ -675,7 +675,7 @@ class Sparsifier:
         fns, sfns, ng, sz, prev, srcs = self._parts(names, chunk, _host_kernels(dev))
         flat = torch.empty(sum(ng), dtype=torch.bool, device=dev)
         k = round_half_up(sparsity * n_w / unit) * unit
-        srcs = srcs if all(x is not None for x in srcs) else None
+        srcs = srcs if all(x is not None and x.device == dev for x in srcs) else None  # other devices: scored
         try: select_prune(fns, ng, sz, k, prev, seed=self.seed, sample_fns=sfns, device=dev, out=flat, sources=srcs)
         except NaNScores:
             self._check_weights(names)  # name the layer with NaN weights
