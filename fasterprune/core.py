@@ -53,12 +53,12 @@ def evaluating(
     no_grad:bool=True,  # also disable autograd inside the block
 ):
     "Eval mode (and `no_grad`) inside the block; each module's own training flag is restored afterwards"
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    training = [m for m in model.modules() if m.training]
+    if training: model.eval()  # (a model already in eval mode is left alone: the Pruner enters this block often)
     try:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not no_grad): yield model
     finally:
-        for m, t in modes: m.training = t
+        for m in training: m.training = True
 
 # %% ../nbs/00a_core.ipynb #54dfea06
 def round_half_up(x:float) -> int:
