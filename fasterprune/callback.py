@@ -38,7 +38,7 @@ class SparsifyCallback(Callback):
         seed:int=0,               # seeds the random criterion
         coupled:bool|None=None,   # filter granularity: prune coupled channels together (None: yes, unless untraceable)
         show_sparsity:bool=True,  # add a measured 'sparsity' column to the progress table
-        attention:bool=False,     # also prune nn.MultiheadAttention's input projections (`<name>.in_proj_weight`)
+        attention:bool=False,     # prune MultiheadAttention's in-projections too ('filter': whole heads, coupled)
     ):
         self.granularity = get_granularity(granularity)
         self.sparsity = self._check_sparsity(sparsity)
