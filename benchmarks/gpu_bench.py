@@ -90,9 +90,10 @@ def checks(dev='cuda', small=False):
     import gpu_checks
     if dev != 'cuda': return dict(engine=bool(gpu_checks.engine_check(dev, cases=12)))
     ok_en = gpu_checks.engine_check(dev)
+    ok_cu = gpu_checks.coupled_check(dev)
     ok_cb = gpu_checks.callback_checks()
     ok_lt = gpu_checks.lottery_check()
-    return dict(engine=bool(ok_en), callback=bool(ok_cb), lottery=bool(ok_lt))
+    return dict(engine=bool(ok_en), coupled=bool(ok_cu), callback=bool(ok_cb), lottery=bool(ok_lt))
 
 
 def _sections():

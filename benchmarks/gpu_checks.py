@@ -11,9 +11,11 @@
    card; record the card's name with the figures in benchmarks/RESULTS.md.
 """
 import statistics, sys, time, warnings
+from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
 
 warnings.filterwarnings('ignore')
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 def check(name, ok, detail=''):
@@ -84,6 +86,31 @@ def engine_check(dev='cuda', cases=60):
             ref[order[:int((torch.cumsum(sz[order], 0) <= kk).sum())]] = False
         bad += not torch.equal(got, ref)
     return check(f"device selection equals a full sort on {dev} ({cases} cases)", bad == 0, f"{bad} mismatches")
+
+
+def coupled_check(dev='cuda', size=64):
+    "Filter masks on grouped-conv units and attention heads, then compact, on `dev`: kept equal to Pruner.prune's"
+    import copy, logging
+    from bench_zoo import build, n_params, _calibrate_bn, _no_zero_layers
+    from fasterprune.sparsifier import Sparsifier
+    from fasterprune.pruner import Pruner
+    logging.getLogger('fasterprune').setLevel(logging.ERROR)
+    ok = True
+    for name in ('regnet_y_400mf', 'vit_b_16'):
+        x = torch.randn(1, 3, 224 if name == 'vit_b_16' else size, 224 if name == 'vit_b_16' else size, device=dev)
+        torch.manual_seed(0)
+        model = build(name).eval().to(dev)
+        _no_zero_layers(model)
+        _calibrate_bn(model, x)
+        twin, n0 = copy.deepcopy(model), n_params(model)
+        Sparsifier(model, 'filter', 'local', attention=True).couple(x).sparsify(0.5)
+        pr = Pruner(model, x, keep_original=False)
+        pr.compact()
+        Pruner(twin, x, keep_original=False).prune(0.5)
+        a, b = n_params(model) / n0, n_params(twin) / n0
+        ok &= check(f"{name} filter masks + compact on {dev} keep what Pruner.prune keeps", abs(a - b) < 1e-9,
+                    f"{a:.3f} vs {b:.3f}, verified rel. error {pr.history[-1]['rel_error']:.1e}")
+    return ok
 
 
 def nm_speed(rows=8192, features=(4096, 4096), runs=50):

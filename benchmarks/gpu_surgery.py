@@ -1,6 +1,7 @@
 """Pruner surgery on a GPU under PyTorch's default CUDA settings (TF32 convolutions), and in fp16/bf16.
 
-For resnet18, resnet50 and mobilenet_v2 (random weights, 224x224): `Pruner(model, x).prune(0.5)` with its verification,
+For resnet18, resnet50, mobilenet_v2 and convnext_tiny (random weights, 224x224; ConvNeXt's stream goes through
+CountedLayerNorm): `Pruner(model, x).prune(0.5)` with its verification,
 the surgery time, the relative error and the tolerance it was checked against, the parameters kept, and the measured
 latency of the dense and the pruned model (batch 16, CUDA-synchronised). No fastai import: runs on a bare PyTorch box.
 
@@ -67,7 +68,7 @@ def one(name:str, dtype:str, dev:str, size:int, bs:int=16, n_example:int=8, n_ru
 
 def run(dev:str='cuda', small:bool=False, models:list|None=None) -> dict:
     "Every row of the table, with the device, its default flags and the software versions"
-    names = models or (['resnet18'] if small else ['resnet18', 'resnet50', 'mobilenet_v2'])
+    names = models or (['resnet18'] if small else ['resnet18', 'resnet50', 'mobilenet_v2', 'convnext_tiny'])
     size = 64 if small else 224
     res = dict(device=torch.cuda.get_device_name() if torch.device(dev).type == 'cuda' else 'cpu', torch=torch.__version__,
                default_flags=_flags(), rows=[])
