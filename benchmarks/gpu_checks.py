@@ -97,11 +97,12 @@ def coupled_check(dev='cuda', size=64):
     logging.getLogger('fasterprune').setLevel(logging.ERROR)
     ok = True
     for name in ('regnet_y_400mf', 'vit_b_16'):
-        x = torch.randn(1, 3, 224 if name == 'vit_b_16' else size, 224 if name == 'vit_b_16' else size, device=dev)
+        x = torch.randn(1, 3, 224 if name == 'vit_b_16' else size, 224 if name == 'vit_b_16' else size)
         torch.manual_seed(0)
-        model = build(name).eval().to(dev)
+        model = build(name).eval()
         _no_zero_layers(model)
-        _calibrate_bn(model, x)
+        _calibrate_bn(model, x)  # on the CPU, then both go to the device
+        model, x = model.to(dev), x.to(dev)
         twin, n0 = copy.deepcopy(model), n_params(model)
         Sparsifier(model, 'filter', 'local', attention=True).couple(x).sparsify(0.5)
         pr = Pruner(model, x, keep_original=False)

@@ -345,6 +345,8 @@ def _device_sample(bs:_Batches, srcs:list|None, k:int, sample_size, seed):
     "Pass 0: every `step`-th group from a seeded start, sorted; the sample rank of the k-th live weight; any NaN"
     dev, N = bs.device, bs.offs[-1]
     step = max(1, N // (sample_size or min(2**22, max(2**12, N // 512))))
+    # a step coprime with 2, 3, 5 and 7: a power of two would sample one column of a (.., 512) weight, and miss
+    while step > 1 and any(step % q == 0 for q in (2, 3, 5, 7)): step += 1
     start = random.Random(seed).randrange(step)
     has_prev = bs.pbuf is not None
     vals, lives, wts, nans = [], [], [], []

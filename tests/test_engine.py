@@ -161,3 +161,20 @@ def test_device_path_nan_scores_refused():
     with torch.no_grad(): model[1].weight[0, 0] = float('nan')
     with device_path(): fct.test_fail(lambda: Sparsifier(model).sparsify(0.5), contains="layer '1' has NaN")
     fct.test_eq(int((model[0].weight == 0).sum()), 0)
+
+
+def test_device_sample_does_not_alias_with_power_of_two_shapes(monkeypatch):
+    "One scoring pass per selection even when the columns of a (2048, 512) weight have very different scales"
+    passes = []
+    codes = S._device_codes
+    monkeypatch.setattr(S, '_device_codes', lambda *a, **kw: passes.append(1) or codes(*a, **kw))
+    torch.manual_seed(0)
+    lin = nn.Linear(512, 2048)
+    with torch.no_grad(): lin.weight.mul_((torch.arange(512) % 64 + 1.).pow(2))
+    sp = Sparsifier(nn.Sequential(lin), 'weight', 'global')
+    with device_path():
+        for s in (0.3, 0.6, 0.9):
+            n = len(passes)
+            sp.sparsify(s)
+            fct.test_eq(len(passes) - n, 1)  # a sample every 256th weight would read 2 of the 512 columns: 3 passes
+    fct.test_eq(int((lin.weight == 0).sum()), round(0.9 * lin.weight.numel()))
