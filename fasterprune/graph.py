@@ -81,6 +81,8 @@ class CountedLayerNorm(nn.LayerNorm):
         d, k = self.channel_dim, x.shape[self.channel_dim]
         C = self.full_count or k
         s1, s2 = self.removed_sum, self.removed_sq
+        if C > k and not s1 and not s2: return self._zero_padded(x, C - k)
+        # removed channels that carried constants: the statistics add their sums (several kernels, exact)
         low = x.dtype in (torch.float16, torch.bfloat16)
         y = x.float() if low else x  # half precision: statistics in float32, as F.layer_norm accumulates
         mean = (y.sum(d, keepdim=True) + s1) / C
@@ -93,6 +95,15 @@ class CountedLayerNorm(nn.LayerNorm):
         if self.weight is not None: y = y * self.weight.to(y.dtype).view(shape)
         if self.bias is not None: y = y + self.bias.to(y.dtype).view(shape)
         return y.to(x.dtype)
+    def _zero_padded(self, x:Tensor, n:int) -> Tensor:
+        "The removed channels were zero: put `n` zeros back, one fused `layer_norm` over the full width, keep the first k"
+        d, k = self.channel_dim % x.dim(), x.shape[self.channel_dim]
+        w = None if self.weight is None else F.pad(self.weight, (0, n))
+        b = None if self.bias is None else F.pad(self.bias, (0, n))
+        last = d == x.dim() - 1
+        y = F.layer_norm(F.pad(x if last else x.movedim(d, -1), (0, n)), (k + n,), w, b, self.eps)[..., :k]
+        return y if last else y.movedim(-1, d)
+
     def extra_repr(self):
         s = f"{super().extra_repr()}, full_count={self.full_count}, channel_dim={self.channel_dim}"
         return s + (f", removed_sum={self.removed_sum:g}, removed_sq={self.removed_sq:g}" if self.removed_sq else '')
