@@ -39,6 +39,7 @@ class SparsifyCallback(Callback):
         coupled:bool|None=None,   # filter granularity: prune coupled channels together (None: yes, unless untraceable)
         show_sparsity:bool=True,  # add a measured 'sparsity' column to the progress table
         attention:bool=False,     # prune MultiheadAttention's in-projections too ('filter': whole heads, coupled)
+        heads:dict|None=None,     # {module or pattern: AttentionHeads}: hand-written attention, whole heads ('filter')
     ):
         self.granularity = get_granularity(granularity)
         self.sparsity = self._check_sparsity(sparsity)
@@ -49,9 +50,17 @@ class SparsifyCallback(Callback):
             raise ValueError(f"update_every must be a whole number of steps >= 1, got {update_every}")
         if coupled and self.granularity.name != 'filter':
             raise ValueError(f"coupled=True needs granularity='filter', not {self.granularity!r}")
+        if heads is not None:
+            if not isinstance(heads, dict):
+                raise TypeError(f"heads must be a dict {{block name or pattern: AttentionHeads(...)}}, "
+                                f"got {type(heads).__name__}")
+            if self.granularity.name != 'filter' or coupled is False:
+                raise ValueError("heads= prunes whole attention heads of coupled filters: it needs "
+                                 f"granularity='filter' (not {self.granularity!r}) and coupled channels")
         self.context, self.criteria, self.update_every = context, criteria, update_every
         self.layers, self.exclude = layers, exclude
         self.seed, self.show_sparsity, self.coupled, self.attention = seed, show_sparsity, coupled, attention
+        self.heads = heads
         self.sparsifier, self.history, self.report, self.last_target = None, [], None, None
         self.completed = False  # the schedule reached its end: later fits keep the masks
         self.fixed = False      # masks adopted from a surgered model's zeros: kept as they are
@@ -251,9 +260,9 @@ class SparsifyCallback(Callback):
         try: n_inp = self.dls.n_inp
         except AttributeError: n_inp = 1  # datasets that don't say: the last item is the target
         x = tuple(t[:1] for t in b[:n_inp])
-        try: sp.couple(x[0] if len(x) == 1 else x)
+        try: sp.couple(x[0] if len(x) == 1 else x, heads=self.heads)
         except Exception as e:
-            if self.coupled: raise
+            if self.coupled or self.heads: raise  # asked for: say why it cannot be done
             logger.warning("SparsifyCallback: could not trace coupled channels (%s: %s); pruning filters layer by "
                            "layer, which Pruner.compact() may not be able to remove", type(e).__name__, e)
 

@@ -96,7 +96,7 @@ class CountedLayerNorm(nn.LayerNorm):
         if self.bias is not None: y = y + self.bias.to(y.dtype).view(shape)
         return y.to(x.dtype)
     def _zero_padded(self, x:Tensor, n:int) -> Tensor:
-        "The removed channels were zero: put `n` zeros back, one fused `layer_norm` over the full width, keep the first k"
+        "The removed channels were zero: put `n` zeros back, one fused `layer_norm` over the full width, keep k"
         d, k = self.channel_dim % x.dim(), x.shape[self.channel_dim]
         w = None if self.weight is None else F.pad(self.weight, (0, n))
         b = None if self.bias is None else F.pad(self.bias, (0, n))
@@ -210,7 +210,7 @@ class _Labeler(fx.Interpreter):
         return False
 
 def _components(n:int, pairs:list) -> Tensor:
-    "The root (smallest label) of each of the `n` labels' component, `pairs` of label tensors united position by position"
+    "The root (smallest label) of each of the `n` labels' component; `pairs` of label tensors united position-wise"
     P = torch.arange(n)
     if not pairs: return P
     a, b = torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs])
@@ -1039,9 +1039,10 @@ def groups(self:ChannelGraph) -> list[ChannelGroup]:
     return sorted(res, key=lambda g: min(first[n] for n in g.producers))
 
 def channel_groups(
-    model:nn.Module,   # the model to analyse (not changed)
-    example_inputs,    # a tensor or tuple of inputs it runs on (a batch of one is enough)
-    strict:bool=True,  # unknown ops: error (True) or pin their channels (False)
+    model:nn.Module,         # the model to analyse (not changed)
+    example_inputs,          # a tensor or tuple of inputs it runs on (a batch of one is enough)
+    strict:bool=True,        # unknown ops: error (True) or pin their channels (False)
+    heads:dict|None=None,    # {module name or pattern: `AttentionHeads`}: hand-written attention, heads go whole
 ) -> list[ChannelGroup]:
     "Output channels of Conv/Linear layers that must be pruned together, found by tracing `model` with torch.fx"
-    return ChannelGraph(model, example_inputs, strict, values=False).groups()
+    return ChannelGraph(model, example_inputs, strict, values=False, heads=heads).groups()

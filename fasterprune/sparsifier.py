@@ -810,16 +810,22 @@ class Sparsifier:
         return self
 
     # --- coupled channels --------------------------------------------------------------------------------------------
-    def couple(self, example_input, strict:bool=True) -> Sparsifier:
+    def couple(self,
+        example_input,          # what the model runs on (a batch of one is enough)
+        strict:bool=True,       # unknown ops: error (True) or pin their channels (False)
+        heads:dict|None=None,   # {module name or pattern: `AttentionHeads`}: hand-written attention, heads go whole
+    ) -> Sparsifier:
         "Prune coupled output channels together (filter granularity): trace the model on `example_input` to find them"
-        from fasterprune.graph import channel_groups
+        from fasterprune.graph import ChannelGraph
         if self.granularity.name != 'filter':
             raise ValueError(f"coupled channels need granularity='filter', not {self.granularity!r}")
         mods = dict(self.model.named_modules())
+        g = ChannelGraph(self.model, example_input, strict, values=False, heads=heads)
+        written = {n: (w.names[0], w.num_heads) for n, w in g.heads.items()}  # q, k, v layer names; head count
         groups, rows, units = [], [], []
-        for gr in channel_groups(self.model, example_input, strict):
+        for gr in g.groups():
             if gr.pinned or gr.width == 0: continue
-            r = self._group_rows(gr, mods)
+            r = self._group_rows(gr, mods, written)
             if r is None: continue  # a producer outside `layers`/`exclude` (or attention without its projection)
             u = _unit_index(gr)
             if u is False:
@@ -835,13 +841,19 @@ class Sparsifier:
         self._norms = {n: mods[n] for gr in self.groups for n in gr.norms}
         return self
 
-    def _group_rows(self, gr, mods) -> dict[str, Tensor]|None:
+    def _group_rows(self, gr, mods, written:dict) -> dict[str, Tensor]|None:
         "{pruned layer: (width, r) filter indices of each channel of `gr`}, or None if a producer is not pruned"
         from fasterprune.graph import _is_window_attention
         out = {}
         for n, ix in gr.producers.items():
             if n in self.layers:
                 out[n] = ix.reshape(-1, 1)
+                continue
+            if n in written:  # a hand-written attention: a head is its rows of the q, k and v projections
+                qkv, H = written[n]
+                if any(q not in self.layers for q in qkv): return None
+                hd = self.layers[qkv[0]].weight.shape[0] // H
+                for q in qkv: out[q] = ix.reshape(-1, 1) * hd + torch.arange(hd)
                 continue
             m = mods.get(n)
             if isinstance(m, nn.MultiheadAttention): lay = f'{n}.in_proj_weight' if n else 'in_proj_weight'

@@ -218,3 +218,66 @@ def test_tiny_vit_heads_compact():
     Pruner(m, x, keep_original=False).compact()
     fct.test_eq([l.self_attention.num_heads for l in m.encoder.layers], [2, 2])
     fct.test_eq([l.mlp[0].out_features for l in m.encoder.layers], [32, 32])
+
+
+def _llama():
+    from test_zoo import LlamaBlock
+    from fasterprune.graph import AttentionHeads
+    torch.manual_seed(0)
+    return LlamaBlock(), {'': AttentionHeads('h', 'wq', 'wk', 'wv', 'wo')}
+
+
+@pytest.mark.parametrize('context', ['local', 'global'])
+def test_hand_written_heads_named_zeroed_whole_and_removed(context):
+    "Named with AttentionHeads, a Llama-style block's heads are pruned whole (q, k, v rows) and compact removes them"
+    m, heads = _llama()
+    tok = torch.randint(0, 50, (2, 8))
+    sp = Sparsifier(m, 'filter', context).couple(tok, heads=heads).sparsify(0.5)
+    dead = [_dead(w.weight).reshape(4, 8) for w in (m.wq, m.wk, m.wv)]
+    for d in dead: assert (d.all(1) | ~d.any(1)).all()  # whole heads only
+    fct.test_eq(dead[0].all(1), dead[2].all(1))  # the same heads in q, k and v
+    n_dead = int(dead[0].all(1).sum())
+    assert 1 <= n_dead <= 3 and sp.sparsity() > 0
+    with torch.no_grad(): ref = m.eval()(tok)
+    Pruner(m, tok, heads=heads).compact()
+    fct.test_eq(m.h, 4 - n_dead)
+    fct.test_eq((m.wq.out_features, m.wo.in_features), (8 * m.h, 8 * m.h))
+    with torch.no_grad(): fct.test_close(m(tok), ref, eps=1e-5)
+
+
+def test_hand_written_heads_unnamed_stay_dense():
+    "Without heads= the projections split into heads are pinned: not pruned one row at a time"
+    m, _ = _llama()
+    tok = torch.randint(0, 50, (2, 8))
+    Sparsifier(m, 'filter', 'local').couple(tok).sparsify(0.5)
+    for w in (m.wq, m.wk, m.wv): fct.test_eq(int((w.weight == 0).sum()), 0)
+    assert _dead(m.w1.weight).any()  # the SwiGLU units still prune
+
+
+def test_callback_heads_on_a_language_model_then_compact():
+    "SparsifyCallback(heads=) on a tiny Llama-style LM: whole heads zeroed during fit, compact removes them"
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    import torch.nn.functional as F
+    m, heads = _llama()
+    g = torch.Generator().manual_seed(0)
+    batches = [(t[:, :-1].contiguous(), t[:, 1:].contiguous())
+               for t in (torch.randint(0, 50, (8, 9), generator=g) for _ in range(6))]
+    dls = DataLoaders(DataLoader(batches, bs=None), DataLoader(batches[:1], bs=None))
+    learn = Learner(dls, m, loss_func=lambda out, y: F.cross_entropy(out.reshape(-1, 50), y.reshape(-1)))
+    cb = SparsifyCallback(0.5, 'filter', 'local', heads=heads)
+    with learn.no_bar(), learn.no_logging(): learn.fit(2, 1e-2, cbs=cb)
+    n_dead = int(_dead(m.wv.weight).reshape(4, 8).all(1).sum())
+    assert n_dead >= 1
+    tok = batches[0][0]
+    with torch.no_grad(): ref = m.eval()(tok)
+    Pruner(m, tok, heads=heads).compact()
+    fct.test_eq(m.h, 4 - n_dead)
+    with torch.no_grad(): fct.test_close(m(tok), ref, eps=1e-5)
+
+
+def test_callback_heads_needs_coupled_filters():
+    _, heads = _llama()
+    fct.test_fail(lambda: SparsifyCallback(0.5, 'weight', heads=heads), contains="granularity='filter'")
+    fct.test_fail(lambda: SparsifyCallback(0.5, 'filter', coupled=False, heads=heads), contains="coupled")
+    fct.test_fail(lambda: SparsifyCallback(0.5, 'filter', heads=['wq']), contains="must be a dict")
