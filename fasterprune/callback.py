@@ -207,7 +207,7 @@ class SparsifyCallback(Callback):
         sp, xb = self.sparsifier, getattr(self.learn, 'xb', None)
         if xb and xb[0] is not None: self.report = sparsity_report(sp.model, tuple(x[:1] for x in xb))  # FLOPs too
         else: self.report = sp.report()
-        if rank_distrib() == 0:
+        if rank_distrib() == 0 and logger.isEnabledFor(logging.INFO):  # (formatting the table costs a few ms)
             logger.info("SparsifyCallback: %.4f sparsity over %d pruned layers\n%s", sp.sparsity(), len(sp.layers),
                         self.report.to_string())
 
