@@ -9,7 +9,8 @@ from pathlib import Path
 from fastcore.basics import patch
 import torch
 from torch import nn, Tensor
-from .core import check_context, check_fraction, evaluating, flat_tensors, round_half_up
+from fasterprune.core import check_context, check_fraction, evaluating, flat_tensors, model_device, round_half_up, \
+    to_device
 from .criteria import get_criterion
 from .graph import ChannelGraph, CountedLayerNorm, _WrittenHeads, _conv_types, _ln_channel_dim, _plain
 
@@ -27,11 +28,26 @@ def _is_learner(o):
     "Is `o` a fastai Learner? (by duck typing: this module does not import fastai)"
     return hasattr(o, 'dls') and hasattr(o, 'model') and hasattr(o, 'create_opt')
 
+def _one_batch(dl, device=None):
+    "The first batch of `dl`: fastai's `one_batch()`, or `next(iter(dl))` for a plain torch `DataLoader`; on `device`"
+    b = dl.one_batch() if hasattr(dl, 'one_batch') else next(iter(dl))
+    return to_device(b, device)
+
 def _first_batch(learn, n:int=16):
+    "The first `n` inputs of the validation set (the training set when it is empty), on the model's device"
     dl = learn.dls.valid if len(learn.dls.valid) else learn.dls.train
-    xb = dl.one_batch()[:getattr(learn.dls, 'n_inp', 1)]
+    b = _one_batch(dl, model_device(learn.model))
+    xb = (b,) if isinstance(b, Tensor) else tuple(b)[:getattr(learn.dls, 'n_inp', 1)]
     xb = tuple(x[:n] for x in xb)
     return xb[0] if len(xb) == 1 else xb
+
+def _learner_heads(learn) -> dict|None:
+    "The `heads=` of the Learner's SparsifyCallback (looked up by attribute: no fastai import), or None"
+    for cb in getattr(learn, 'cbs', None) or []:
+        h = getattr(cb, 'heads', None)
+        if isinstance(h, dict) and h: return h
+    h = getattr(learn, '_sparsify_heads', None)  # left by a SparsifyCallback that was passed to `fit(cbs=)`
+    return h if isinstance(h, dict) and h else None
 
 def _exact_fold(m) -> bool:
     "Is a constant input channel of `m` the same as a bias (no zero padding that sees the border)?"
@@ -133,6 +149,10 @@ class Pruner:
         if self.learn is not None:
             model = self.learn.model
             if example_inputs is None: example_inputs = _first_batch(self.learn)
+            if heads is None:
+                heads = _learner_heads(self.learn)
+                if heads is not None:
+                    logger.info("Pruner: heads= taken from the Learner's SparsifyCallback: %s", sorted(heads))
         if not isinstance(model, nn.Module):
             raise TypeError(f"Pruner needs an nn.Module or a fastai Learner, got {type(model).__name__}")
         if example_inputs is None:
@@ -637,17 +657,26 @@ def _targets(groups:list, ratio) -> list:
         r = check_fraction(ratio, 'ratio', unit='channel')
         return [None if gr.pinned else r for gr in groups]
     rs = {k: check_fraction(v, f'ratio[{k!r}]', unit='channel') for k, v in ratio.items()}
-    used, out = set(), []
+    used, on_pinned, out = set(), {}, []
     for gr in groups:
         hit = {k: v for k, v in rs.items() if any(fnmatch.fnmatchcase(n, k) for n in gr.producers)}
+        if gr.pinned:  # its channels stay: a pattern that only names pinned layers would silently do nothing
+            for k in hit: on_pinned.setdefault(k, []).append(f"{', '.join(sorted(gr.producers))} ({gr.reason})")
+            out.append(None)
+            continue
         used |= set(hit)
         if len(set(hit.values())) > 1:
             raise ValueError(f"ratio: {sorted(hit)} give different ratios to coupled layers {sorted(gr.producers)}")
-        out.append(None if gr.pinned or not hit else next(iter(hit.values())))
+        out.append(next(iter(hit.values())) if hit else None)
     unused = set(rs) - used
     if unused:
-        prunable = ', '.join(n for gr in groups if not gr.pinned for n in gr.producers)
-        raise ValueError(f"ratio: {sorted(unused)} match no prunable layer; prunable layers: {prunable}")
+        prunable = ', '.join(n for gr in groups if not gr.pinned for n in gr.producers) or 'none'
+        pinned = '; '.join(f"{k!r} names only pinned layers, whose channels must stay: {'; '.join(on_pinned[k])}"
+                           for k in sorted(unused) if k in on_pinned)
+        nothing = sorted(k for k in unused if k not in on_pinned)
+        why = '. '.join(([f"{nothing} match no layer that produces channels"] if nothing else []) +
+                        ([pinned] if pinned else []))
+        raise ValueError(f"ratio: {why}. Prunable layers: {prunable}")
     return out
 
 def _component_scores(g:ChannelGraph, crit) -> Tensor:

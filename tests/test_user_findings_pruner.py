@@ -1,0 +1,89 @@
+"A new user's findings in the Pruner and the channel graph: each test fails on the code before the fix"
+import logging
+import pytest, torch
+import fastcore.test as fct
+import torch.nn as nn, torch.nn.functional as F
+from fasterprune.graph import AttentionHeads, UnknownOpError, channel_groups
+from fasterprune.pruner import Pruner
+
+
+def _net(): return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+def _plain_dls(X, Y):
+    from torch.utils.data import TensorDataset, DataLoader
+    from fastai.data.core import DataLoaders
+    return DataLoaders(DataLoader(TensorDataset(X, Y), batch_size=16), DataLoader(TensorDataset(X, Y), batch_size=16))
+
+
+# 1. Pruner(learn) with fastai DataLoaders made of plain torch DataLoaders (no `one_batch`)
+def test_pruner_learner_plain_dataloaders():
+    from fastai.learner import Learner
+    torch.manual_seed(0)
+    X, Y = torch.randn(64, 3, 8, 8), torch.randint(0, 4, (64,))
+    learn = Learner(_plain_dls(X, Y), _net(), loss_func=nn.CrossEntropyLoss())
+    pr = Pruner(learn)
+    fct.test_eq(pr.example_inputs.shape, (16, 3, 8, 8))
+    fct.test_eq(pr.example_inputs, X[:16])
+    pr.prune(0.5)
+    fct.test_eq(learn.model[0].out_channels, 4)
+
+
+# 5. a ratio dict whose patterns name only pinned layers: an error that says why, the model untouched
+def test_ratio_dict_pinned_only_raises():
+    torch.manual_seed(0)
+    m, x = _net(), torch.randn(2, 3, 8, 8)
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError) as e: Pruner(m, x).prune({'4': 0.5})
+    msg = str(e.value)
+    assert 'pinned' in msg and 'model output' in msg, msg
+    assert 'Prunable layers: 0' in msg, msg
+    for k, v in m.state_dict().items(): fct.test_eq(v, sd[k])
+    with pytest.raises(ValueError, match='match no layer'): Pruner(m, x).prune({'nothing*': 0.5})
+    with pytest.raises(ValueError, match="'4' names only pinned"): Pruner(m, x).prune({'0': 0.5, '4': 0.5})
+    fct.test_eq(m[0].out_channels, 8)
+    Pruner(m, x).prune({'*': 0.5})  # a pattern that also names prunable layers: those prune
+    fct.test_eq(m[0].out_channels, 4)
+
+
+# 6. Pruner(learn) takes heads= from the Learner's SparsifyCallback
+class _Attn(nn.Module):
+    def __init__(self, d=16, h=4):
+        super().__init__()
+        self.n_heads, self.hd = h, d // h
+        self.wq, self.wk, self.wv, self.wo = (nn.Linear(d, d, bias=False) for _ in range(4))
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = (p(x).view(B, T, self.n_heads, self.hd).transpose(1, 2) for p in (self.wq, self.wk, self.wv))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(o.transpose(1, 2).reshape(B, T, -1))
+
+class _LM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.attn, self.out = nn.Embedding(20, 16), _Attn(), nn.Linear(16, 20)
+    def forward(self, t):
+        x = self.emb(t)
+        return self.out(x + self.attn(x)).mean(1)
+
+def test_pruner_learner_takes_callback_heads(caplog):
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    from fastai.learner import Learner
+    from torch.utils.data import TensorDataset
+    from fasterprune.callback import SparsifyCallback
+    torch.manual_seed(0)
+    X, Y = torch.randint(0, 20, (64, 6)), torch.randint(0, 20, (64,))
+    dls = DataLoaders(DataLoader(TensorDataset(X[:32], Y[:32]), bs=16), DataLoader(TensorDataset(X[32:], Y[32:]), bs=16))
+    model = _LM()
+    spec = {'attn': AttentionHeads('n_heads', 'wq', 'wk', 'wv', 'wo')}
+    cb = SparsifyCallback(0.5, 'filter', 'local', schedule='one_shot', heads=spec)
+    learn = Learner(dls, model, loss_func=nn.CrossEntropyLoss(), cbs=cb)
+    with learn.no_logging(), learn.no_bar(): learn.fit(1, 1e-3)
+    zero_rows = int((model.attn.wq.weight.abs().sum(1) == 0).sum())
+    assert zero_rows > 0
+    with caplog.at_level(logging.INFO, logger='fasterprune'): pr = Pruner(learn)
+    assert 'SparsifyCallback' in caplog.text
+    fct.test_eq(pr.heads, spec)
+    pr.compact()
+    fct.test_eq(model.attn.n_heads * model.attn.hd, 16 - zero_rows)
+    fct.test_eq(model.attn.wq.weight.shape[0], 16 - zero_rows)
