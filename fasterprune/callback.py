@@ -16,6 +16,25 @@ from .criteria import get_criterion
 from .core import check_fraction, check_context
 from .sparsifier import Sparsifier, AttentionProjection, prunable_layers, NMRoundingWarning
 from .metrics import sparsity_report
+from .core import to_device, model_device, evaluating
+from .graph import UnknownOpError
+
+def _output_layers(sp:Sparsifier, x) -> list[str]:
+    "The pruned layers whose output (or a view of it) is one of the model's outputs, found on input `x`"
+    outs, hs = {}, []
+    def hook(n):
+        def f(mod, args, out):  # records where the output lives; returns None, so the output is unchanged
+            if isinstance(out, torch.Tensor): outs.setdefault(n, out.untyped_storage().data_ptr())
+        return f
+    for n, m in sp.layers.items():
+        if not isinstance(m, AttentionProjection): hs.append(m.register_forward_hook(hook(n)))
+    try:
+        with evaluating(sp.model): y = sp.model(*x) if isinstance(x, tuple) else sp.model(x)
+    finally:
+        for h in hs: h.remove()
+    ys = y.values() if isinstance(y, dict) else y if isinstance(y, (tuple, list)) else [y]
+    ptrs = {t.untyped_storage().data_ptr() for t in ys if isinstance(t, torch.Tensor)}
+    return [n for n, p in outs.items() if p in ptrs]
 
 logger = logging.getLogger('fasterprune')
 
@@ -54,9 +73,12 @@ class SparsifyCallback(Callback):
             if not isinstance(heads, dict):
                 raise TypeError(f"heads must be a dict {{block name or pattern: AttentionHeads(...)}}, "
                                 f"got {type(heads).__name__}")
-            if self.granularity.name != 'filter' or coupled is False:
+            if self.granularity.name != 'filter':
                 raise ValueError("heads= prunes whole attention heads of coupled filters: it needs "
-                                 f"granularity='filter' (not {self.granularity!r}) and coupled channels")
+                                 f"granularity='filter', not {self.granularity!r}")
+            if coupled is False:
+                raise ValueError("heads= prunes whole attention heads, which needs coupled channels: "
+                                 "drop coupled=False (or heads=)")
         self.context, self.criteria, self.update_every = context, criteria, update_every
         self.layers, self.exclude = layers, exclude
         self.seed, self.show_sparsity, self.coupled, self.attention = seed, show_sparsity, coupled, attention
@@ -239,7 +261,13 @@ class SparsifyCallback(Callback):
         "A Sparsifier on `model` that takes its zeros as pruned (the callback's state changes once every check passed)"
         sp = Sparsifier(model, self.granularity, self.context, self.criteria, self.layers, self.exclude, self.seed,
                         attention=self.attention)
-        if self.granularity.name == 'filter' and self.coupled is not False: self._couple(sp)
+        if self.granularity.name == 'filter' and self.coupled is not False:
+            outs = self._couple(sp)
+            if outs:  # untraceable: filters layer by layer, but the layers that make the model's output stay dense
+                ex = [] if self.exclude is None else list(self.exclude) if isinstance(self.exclude, (list, tuple)) \
+                     else [self.exclude]
+                sp = Sparsifier(model, self.granularity, self.context, self.criteria, self.layers, ex + outs,
+                                self.seed, attention=self.attention)
         if isinstance(self.sparsity, dict): sp._check_targets(self.sparsity)
         sp.adopt_zeros()
         self.sparsifier, self._shapes, self.report = sp, [tuple(m.weight.shape) for m in sp.layers.values()], None
@@ -253,18 +281,38 @@ class SparsifyCallback(Callback):
         frozen = {id(p) for pl in list(getattr(opt, 'param_lists', []))[:k] for p in pl}
         return [n for n, m in sp.layers.items() if id(m.weight) in frozen and not m.weight.requires_grad]
 
-    def _couple(self, sp):
-        "Filter granularity: coupled channels from one training input (untraceable and coupled=None: single filters)"
+    def _first_input(self, model):
+        "One training input (a batch of one) on `model`'s device, from fastai or plain PyTorch data loaders"
         dl = self.dls.train
-        b = getattr(dl, 'dl', dl).one_batch()  # a DistributedDL wraps the real one
+        dl = getattr(dl, 'dl', dl)  # a DistributedDL wraps the real one
+        b = dl.one_batch() if hasattr(dl, 'one_batch') else next(iter(dl))  # a torch DataLoader has no one_batch
         try: n_inp = self.dls.n_inp
         except AttributeError: n_inp = 1  # datasets that don't say: the last item is the target
-        x = tuple(t[:1] for t in b[:n_inp])
-        try: sp.couple(x[0] if len(x) == 1 else x, heads=self.heads)
+        x = to_device(tuple(t[:1] for t in b[:n_inp]), model_device(model))
+        return x[0] if len(x) == 1 else x
+
+    def _couple(self, sp) -> list|None:
+        "Filter granularity: coupled channels from one training input; untraceable: the output layers, to leave dense"
+        x = self._first_input(sp.model)
+        try:
+            sp.couple(x, heads=self.heads)
+            return None
+        except UnknownOpError as e:  # an op the graph does not know: keep the channels around it, couple the rest
+            if self.coupled is None and not self.heads:
+                try:
+                    sp.couple(x, strict=False)
+                    logger.warning("SparsifyCallback: %s; the channels around it are kept, the rest prune coupled", e)
+                    return None
+                except Exception: err = e
+            else: raise
         except Exception as e:
             if self.coupled or self.heads: raise  # asked for: say why it cannot be done
-            logger.warning("SparsifyCallback: could not trace coupled channels (%s: %s); pruning filters layer by "
-                           "layer, which Pruner.compact() may not be able to remove", type(e).__name__, e)
+            err = e
+        outs = _output_layers(sp, x)
+        logger.warning("SparsifyCallback: could not trace coupled channels (%s: %s); pruning filters layer by layer, "
+                       "which Pruner.compact() may not be able to remove. The layers that produce the model's output "
+                       "stay dense: %s", type(err).__name__, err, ', '.join(outs) or 'none found')
+        return [sp.layers[n] for n in outs]
 
     def _target(self, frac:float):
         "The target at schedule fraction `frac` (for N:M, the level it reaches: the schedule moves in reachable steps)"

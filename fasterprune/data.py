@@ -19,6 +19,7 @@ class TensorPairs(torch.utils.data.Dataset):
     def __init__(self, x, y): self.x, self.y = x, y
     def __len__(self): return len(self.x)
     def __getitem__(self, i): return self.x[i], self.y[i]
+    def new_empty(self): return type(self)(self.x[:0], self.y[:0])  # what `Learner.export` keeps of a dataset
 
 def digits_arrays(flat:bool=True, valid_pct:float=0.2, seed:int=42, repeat:int=1):
     "`(x_train, y_train, x_valid, y_valid)` tensors of scikit-learn's digits, pixels scaled to [0, 1]"
@@ -34,8 +35,10 @@ def digits_arrays(flat:bool=True, valid_pct:float=0.2, seed:int=42, repeat:int=1
 def digits_dls(bs:int=64, flat:bool=True, valid_pct:float=0.2, seed:int=42, repeat:int=1, device=None) -> DataLoaders:
     "fastai `DataLoaders` over scikit-learn's bundled digits (no download)"
     xt, yt, xv, yv = digits_arrays(flat, valid_pct, seed, repeat)
-    return DataLoaders(DataLoader(TensorPairs(xt, yt), bs=bs, shuffle=True, drop_last=True),
-                       DataLoader(TensorPairs(xv, yv), bs=bs * 2), device=device or torch.device('cpu'))
+    dls = DataLoaders(DataLoader(TensorPairs(xt, yt), bs=bs, shuffle=True, drop_last=True),
+                      DataLoader(TensorPairs(xv, yv), bs=bs * 2), device=device or torch.device('cpu'))
+    dls.c = 10  # the number of classes, as fastai's `vision_learner` / `tabular_learner` read it
+    return dls
 
 # %% ../nbs/10_data.ipynb #4db09609
 def mlp(*sizes:int) -> nn.Sequential:

@@ -52,6 +52,7 @@ def prunable_layers(model:nn.Module, layers=None, exclude=None, attention:bool=F
         if attention and isinstance(m, nn.MultiheadAttention):  # its input projections (out_proj is a Linear)
             for a in _attn_attrs:
                 if isinstance(getattr(m, a, None), Tensor): found[f'{n}.{a}' if n else a] = AttentionProjection(m, a)
+    every = dict(found)
     if layers is not None:
         layers = [layers] if isinstance(layers, (str, type, nn.Module)) else list(layers)
         for sel in layers:
@@ -63,6 +64,12 @@ def prunable_layers(model:nn.Module, layers=None, exclude=None, attention:bool=F
         found = {n: m for n, m in found.items() if any(_matches(n, m, s) for s in layers)}
     if exclude is not None:
         exclude = [exclude] if isinstance(exclude, (str, type, nn.Module)) else list(exclude)
+        for sel in exclude:  # a name or module that leaves nothing out is a typo (a type may fit no layer here)
+            if isinstance(sel, type) or any(_matches(n, m, sel) for n, m in every.items()): continue
+            block = isinstance(sel, str) and sel in dict(model.named_modules())
+            hint = f" ({sel!r} is a block: '{sel}.*' leaves its layers out)" if block else ''
+            raise ValueError(f"exclude: {sel!r} matches no Conv/Linear layer, so it leaves nothing out{hint}; "
+                             f"prunable layers are: {', '.join(every) or 'none'}")
         found = {n: m for n, m in found.items() if not any(_matches(n, m, s) for s in exclude)}
     empty = [n for n, m in found.items() if m.weight.numel() == 0]
     if empty: logger.info("prunable_layers: %s hold no weight (a zero-size dimension), no mask", ', '.join(empty))
