@@ -58,9 +58,11 @@ _reduce_methods = {'mean', 'sum', 'amax', 'amin'}
 _reshape_fns = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
 _reshape_methods = {'view', 'reshape', 'flatten', 'squeeze', 'unsqueeze'}
 _cat_fns = {torch.cat, torch.concat, torch.concatenate}
+# copies along dimensions: the channels pass when their dimension is not expanded or repeated, else they are pinned
+_expand_fns, _expand_methods = {torch.tile, torch.broadcast_to}, {'expand', 'expand_as', 'repeat', 'tile'}
 _pin_fns = {torch.permute, torch.transpose, torch.stack, torch.softmax, F.softmax, F.log_softmax, F.group_norm,
             F.layer_norm, torch.chunk, torch.split, F.scaled_dot_product_attention, torch.matmul, operator.matmul,
-            torch.bmm, torch.einsum}
+            torch.bmm, torch.einsum} | ({F.rms_norm} if hasattr(F, 'rms_norm') else set())
 # torchvision's Swin: fx-wrapped functions that mix channels
 _pin_fn_names = {'shifted_window_attention', 'shifted_window_attention_3d', '_patch_merging_pad',
                  '_patch_merging_pad_3d'}
@@ -400,7 +402,8 @@ class ChannelGraph:
 from torch.overrides import TorchFunctionMode
 
 _leaf_types = (nn.Linear, nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention, nn.Softmax, nn.LogSoftmax, nn.Softmin) \
-    + _conv_types + _norm_types + _pin_modules + _pass_modules + _reshape_modules
+    + _conv_types + _norm_types + _pin_modules + _pass_modules + _reshape_modules \
+    + (getattr(nn, 'RMSNorm', nn.LayerNorm),)
 _dunder = {'__add__': operator.add, '__iadd__': operator.iadd, '__radd__': operator.add, '__mul__': operator.mul,
            '__imul__': operator.imul, '__rmul__': operator.mul, '__sub__': operator.sub, '__isub__': operator.isub,
            '__rsub__': operator.sub, '__truediv__': operator.truediv, '__itruediv__': operator.itruediv,
@@ -587,6 +590,10 @@ def _elementwise_labels(self:ChannelGraph, n:fx.Node, name:str, x, xl, out:Tenso
     if _is(n, _reduce_fns, _reduce_methods): return self._reduce(n, name, x, xl, out, ins_lab)
     if _is(n, _reshape_fns, _reshape_methods): return self._reshape(name, x, xl, out)
     if _is(n, _cat_fns): return self._cat(n, out, it)
+    if _is(n, _expand_fns, _expand_methods): return self._expand(name, x, xl, out)
+    if name == 'repeat_interleave':  # GQA's `k.repeat_interleave(n_rep, dim=1)` shares k/v heads between query heads
+        name = ('repeat_interleave (grouped-query attention repeats k/v heads this way: it is not supported; pass '
+                'strict=False to keep those projections whole)')
     self._fail(n, name, ins_lab)
     return self._fresh(out, x, xl, f'unknown op {name}')
 
@@ -676,6 +683,17 @@ def _passthrough(self:ChannelGraph, n, name, x, xl, out):
         if cd == 1 or out.shape == x.shape: return xl
     self._pin(xl, name)
     return self._fresh(out, x, xl, name)
+
+@patch
+def _expand(self:ChannelGraph, name, x, xl, out):
+    "Labels of `expand`, `repeat`, `tile`: the channels pass when their dimension keeps its size (copies elsewhere)"
+    new = out.dim() - x.dim() if isinstance(x, Tensor) else -1  # leading dimensions added
+    if isinstance(xl, Tensor) and new >= 0:
+        cd = _cd(xl, x)
+        if out.shape[cd + new] == x.shape[cd]: return _at(xl, cd + new, out.dim())
+    why = f'{name} copies channels'
+    self._pin(xl, why)
+    return self._new(out.shape[1], why) if out.dim() >= 2 else None
 
 @patch
 def _reshape(self:ChannelGraph, name, x, xl, out):
@@ -845,6 +863,11 @@ def _module_labels(self:ChannelGraph, n:fx.Node, m:nn.Module, out, it:_Labeler):
     if isinstance(m, _last_dim_norms) and isinstance(xl, Tensor) and cd < x.dim() - len(m.normalized_shape) \
             and _ln_channel_dim(m) != 1:
         return xl  # normalizes other dimensions than the channels: per-channel positions pass through
+    if isinstance(m, _last_dim_norms):  # an RMSNorm (or a LayerNorm the graph cannot cut) over the channels
+        why = (f'{tname} {name!r} over the channels (its statistics count every channel: not pruned)'
+               if not isinstance(m, nn.LayerNorm) else tname)
+        self._pin(xl, why)
+        return self._fresh(out, x, xl, why)
     if isinstance(m, _pass_modules): return self._passthrough(n, tname, x, xl, out)
     if isinstance(m, _reshape_modules): return self._reshape(tname, x, xl, out)
     if isinstance(m, _softmax_modules) and m.dim is not None and isinstance(x, Tensor) \

@@ -73,7 +73,8 @@ def test_pruner_learner_takes_callback_heads(caplog):
     from fasterprune.callback import SparsifyCallback
     torch.manual_seed(0)
     X, Y = torch.randint(0, 20, (64, 6)), torch.randint(0, 20, (64,))
-    dls = DataLoaders(DataLoader(TensorDataset(X[:32], Y[:32]), bs=16), DataLoader(TensorDataset(X[32:], Y[32:]), bs=16))
+    dls = DataLoaders(DataLoader(TensorDataset(X[:32], Y[:32]), bs=16),
+                      DataLoader(TensorDataset(X[32:], Y[32:]), bs=16))
     model = _LM()
     spec = {'attn': AttentionHeads('n_heads', 'wq', 'wk', 'wv', 'wo')}
     cb = SparsifyCallback(0.5, 'filter', 'local', schedule='one_shot', heads=spec)
@@ -87,3 +88,74 @@ def test_pruner_learner_takes_callback_heads(caplog):
     pr.compact()
     fct.test_eq(model.attn.n_heads * model.attn.hd, 16 - zero_rows)
     fct.test_eq(model.attn.wq.weight.shape[0], 16 - zero_rows)
+
+
+# 2. PyTorch's nn.RMSNorm over the channels: those channels are pinned (kept), the rest of the model prunes
+@pytest.mark.skipif(not hasattr(nn, 'RMSNorm'), reason='nn.RMSNorm needs PyTorch 2.4')
+def test_rmsnorm_over_channels_pins():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.RMSNorm(16), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    x = torch.randn(2, 5, 8)
+    gs = channel_groups(m, x)
+    g0 = next(g for g in gs if '0' in g.producers)
+    assert g0.pinned and 'RMSNorm' in g0.reason, g0
+    ref = m(x).detach()
+    pr = Pruner(m, x)
+    pr.prune(0.5)
+    fct.test_eq((m[0].out_features, m[1].weight.shape[0], m[2].out_features), (16, 16, 16))
+    assert pr.history[-1]['rel_error'] <= 1e-5
+    fct.test_eq(m(x).shape, ref.shape)
+
+
+# 3. expand / repeat: pinned when they copy channels (a grey -> RGB adapter), channels pass when they copy elsewhere
+class _Copy(nn.Module):
+    def __init__(self, f): super().__init__(); self.f = f
+    def forward(self, x): return self.f(x)
+
+def _cnn(pre, mid=lambda y: y, c_mid=8, rep=1):
+    return nn.Sequential(_Copy(pre), nn.Conv2d(3, c_mid, 3), nn.ReLU(), _Copy(mid), nn.Conv2d(c_mid * rep, 8, 3),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+
+@pytest.mark.parametrize('pre', [lambda x: x.expand(-1, 3, -1, -1), lambda x: x.repeat(1, 3, 1, 1),
+                                 lambda x: torch.tile(x, (1, 3, 1, 1))])
+def test_grey_to_rgb_copy_prunes(pre):
+    torch.manual_seed(0)
+    m, x = _cnn(pre), torch.randn(2, 1, 16, 16)
+    Pruner(m, x).prune(0.5)
+    fct.test_eq((m[1].in_channels, m[1].out_channels, m[4].out_channels), (3, 4, 4))
+
+@pytest.mark.parametrize('mid', [lambda y: y.repeat(1, 1, 2, 2), lambda y: y.expand(2, -1, -1, -1),
+                                 lambda y: y.mean((2, 3), keepdim=True).expand(-1, -1, 6, 6) + y[:, :, :6, :6]])
+def test_copy_along_other_dims_passes_channels(mid):
+    torch.manual_seed(0)
+    m, x = _cnn(lambda x: x, mid), torch.randn(1, 3, 16, 16)
+    gs = channel_groups(m, x)
+    fct.test_eq([g.pinned for g in gs], [False, False, True])
+    pr = Pruner(m, x)
+    pr.prune(0.5)
+    fct.test_eq((m[1].out_channels, m[4].in_channels), (4, 4))
+
+def test_repeat_of_channels_pins_them():
+    m = _cnn(lambda x: x, lambda y: y.repeat(1, 4, 1, 1), c_mid=2, rep=4)
+    gs = channel_groups(m, torch.randn(1, 3, 16, 16))
+    g1 = next(g for g in gs if '1' in g.producers)
+    assert g1.pinned and 'repeat copies channels' in g1.reason, g1
+
+
+# 7. grouped-query attention: the error about repeat_interleave says what it is
+class _GQA(nn.Module):
+    def __init__(self, d=16, h=4, kv=2):
+        super().__init__()
+        self.h, self.kv, self.hd = h, kv, d // h
+        self.wq, self.wo = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+        self.wk, self.wv = nn.Linear(d, kv * self.hd, bias=False), nn.Linear(d, kv * self.hd, bias=False)
+    def forward(self, x):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.h, self.hd).transpose(1, 2)
+        k, v = (p(x).view(B, T, self.kv, self.hd).transpose(1, 2) for p in (self.wk, self.wv))
+        k, v = k.repeat_interleave(self.h // self.kv, dim=1), v.repeat_interleave(self.h // self.kv, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.wo(o.transpose(1, 2).reshape(B, T, -1))
+
+def test_gqa_repeat_interleave_error_names_gqa():
+    with pytest.raises(UnknownOpError, match='grouped-query attention'): channel_groups(_GQA(), torch.randn(2, 3, 16))
