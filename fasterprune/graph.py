@@ -476,16 +476,22 @@ def _record(model:nn.Module, inputs:tuple) -> fx.Graph:
         if _is_leaf(m) and m is not model:
             hooks.append(m.register_forward_pre_hook(rec.pre_hook))
             hooks.append(m.register_forward_hook(rec.post_hook, with_kwargs=True))
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # TransformerEncoderLayer: its parts, not one fused kernel
     try:
         with torch.no_grad(), rec: out = model(*inputs)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
         for h in hooks: h.remove()
     rec.graph.output(rec.arg(out))
     return rec.graph
 
+_traced_inside = (nn.TransformerEncoder, nn.TransformerEncoderLayer)  # torch.nn modules whose parts are known
+
 class _Tracer(fx.Tracer):
     "torch.fx's tracer, with every MultiheadAttention (also the Pruner's pruned one) kept as one call"
     def is_leaf_module(self, m, qualname):
+        if isinstance(m, _traced_inside): return False
         return isinstance(m, nn.MultiheadAttention) or _is_window_attention(m) or _ln_channel_dim(m) is not None \
             or super().is_leaf_module(m, qualname)
 

@@ -323,6 +323,10 @@ class _Surgery:
         for (name, kind), s in g.slots.items():
             keep = ~remove[s.comp]
             if not keep.all(): self._cut_slot(s, _owner(g, name, kind), keep.nonzero().squeeze(1))
+        for m in g.modules.values():  # the fused fast path of a TransformerEncoderLayer needs all its heads
+            if isinstance(m, nn.TransformerEncoderLayer) and isinstance(m.self_attn, PrunedMultiheadAttention) \
+                    and m.activation_relu_or_gelu:
+                self.set(m, 'activation_relu_or_gelu', False)  # its fast-path test: the layer runs its parts
 
     def _cut_slot(self, s, m:nn.Module, idx:Tensor):
         n = len(idx)
@@ -821,6 +825,8 @@ def pruning_recipe(model:nn.Module) -> dict:
         ts = {k: list(v.shape) for k, v in own if v is not None and k not in skip}
         if isinstance(m, PrunedMultiheadAttention) or getattr(type(m), '_pruned_heads', False):
             attrs['pruned_heads'] = True  # load_pruned switches the class too
+        if isinstance(m, nn.TransformerEncoderLayer) and isinstance(m.self_attn, PrunedMultiheadAttention):
+            attrs['activation_relu_or_gelu'] = False  # no fused fast path with fewer heads (see `_Surgery.cut`)
         if isinstance(m, CountedLayerNorm):  # load_pruned switches the class and sets the counts
             attrs.update(counted_norm=True, full_count=m.full_count, channel_dim=m.channel_dim,
                          removed_sum=float(m.removed_sum), removed_sq=float(m.removed_sq))

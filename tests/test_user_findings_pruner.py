@@ -159,3 +159,29 @@ class _GQA(nn.Module):
 
 def test_gqa_repeat_interleave_error_names_gqa():
     with pytest.raises(UnknownOpError, match='grouped-query attention'): channel_groups(_GQA(), torch.randn(2, 3, 16))
+
+
+# 4. nn.TransformerEncoder: traced inside, MHA heads and feed-forward units prune; the fused fast path stays off
+class _Enc(nn.Module):
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(32, 3)
+    def forward(self, x): return self.head(self.enc(x).mean(1))
+
+def test_transformer_encoder_prunes_heads_and_units(tmp_path):
+    from fasterprune.pruner import PrunedMultiheadAttention, save_pruned, load_pruned
+    torch.manual_seed(0)
+    m, x = _Enc().eval(), torch.randn(2, 5, 32)
+    pr = Pruner(m, x)
+    pr.prune(0.5)
+    for l in m.enc.layers:
+        assert isinstance(l.self_attn, PrunedMultiheadAttention)
+        fct.test_eq((l.self_attn.num_heads, l.linear1.out_features, l.linear2.in_features), (2, 32, 32))
+    assert pr.history[-1]['rel_error'] <= 1e-5
+    with torch.no_grad(): y = m(x)  # eval + no_grad: the fused fast path would need every head
+    fct.test_close(y, m(x).detach(), eps=1e-5)
+    save_pruned(m, tmp_path / 'enc.pt')
+    m2 = load_pruned(_Enc().eval(), tmp_path / 'enc.pt')
+    with torch.no_grad(): fct.test_close(m2(x), y, eps=1e-6)
