@@ -15,8 +15,8 @@ from .core import evaluating, flat_tensors
 logger = logging.getLogger('fasterprune')
 
 # %% auto #0
-__all__ = ['logger', 'UnknownOpError', 'CountedLayerNorm', 'Slot', 'ChannelGraph', 'AttentionHeads', 'ChannelGroup',
-           'channel_groups']
+__all__ = ['logger', 'UnknownOpError', 'CountedLayerNorm', 'CountedRMSNorm', 'Slot', 'ChannelGraph', 'AttentionHeads',
+           'ChannelGroup', 'channel_groups']
 
 # %% ../nbs/07_graph.ipynb #691c1871
 _conv_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -110,8 +110,33 @@ class CountedLayerNorm(nn.LayerNorm):
         s = f"{super().extra_repr()}, full_count={self.full_count}, channel_dim={self.channel_dim}"
         return s + (f", removed_sum={self.removed_sum:g}, removed_sq={self.removed_sq:g}" if self.removed_sq else '')
 
+class CountedRMSNorm(nn.RMSNorm):
+    "RMSNorm of the `k` kept channels of a wider one whose other channels were constant: the mean square counts them"
+    full_count:int = 0     # channels the mean square divides by (the width before pruning); 0: the input's width
+    channel_dim:int = -1   # the normalized dimension (the last, like `nn.RMSNorm`)
+    removed_sq:float = 0.  # sum of the squares of the constants the removed channels carried (0 when they were zero)
+    def forward(self, x:Tensor) -> Tensor:
+        k = x.shape[-1]
+        C = self.full_count or k
+        if C == k and not self.removed_sq: return super().forward(x)
+        if not self.removed_sq:  # zeros removed: pad them back, one fused `rms_norm` over the full width, keep k
+            w = None if self.weight is None else F.pad(self.weight, (0, C - k))
+            return F.rms_norm(F.pad(x, (0, C - k)), (C,), w, self.eps)[..., :k]
+        low = x.dtype in (torch.float16, torch.bfloat16)
+        y = x.float() if low else x  # half precision: statistics in float32, as F.rms_norm accumulates
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        y = y * torch.rsqrt((y.square().sum(-1, keepdim=True) + self.removed_sq) / C + eps)
+        if self.weight is not None: y = y * self.weight.to(y.dtype)
+        return y.to(x.dtype)
+    def extra_repr(self):
+        s = f"{super().extra_repr()}, full_count={self.full_count}"
+        return s + (f", removed_sq={self.removed_sq:g}" if self.removed_sq else '')
+
 def _ln_channel_dim(m:nn.Module) -> int|None:
-    "The dimension a LayerNorm over one channel dimension normalizes (-1 or 1); None for other modules and LayerNorms"
+    "The dimension a LayerNorm (or RMSNorm) over one channel dimension normalizes (-1 or 1); None for other modules"
+    if isinstance(m, nn.RMSNorm) and len(m.normalized_shape) == 1:
+        if isinstance(m, CountedRMSNorm): return m.channel_dim
+        return -1 if type(m).forward is nn.RMSNorm.forward else None
     if not isinstance(m, nn.LayerNorm) or len(m.normalized_shape) != 1: return None
     if isinstance(m, CountedLayerNorm): return m.channel_dim
     if type(m).forward is nn.LayerNorm.forward: return -1
@@ -802,7 +827,13 @@ def _dyn(self:ChannelGraph, n:fx.Node, out, it:_Labeler):
                 and lab.data_ptr() == self.slots[(n.target, 'out')].ids.data_ptr():
             return self.live_filters(n.target)  # a zero filter outputs its bias
         if (n.target, 'ln') in self.slots and isinstance(lab, Tensor) and len(lab) == C:
-            return (m.weight.detach() != 0).cpu() & _anyd(ds)  # w_c = 0: channel c is its bias, whatever comes in
+            live = torch.ones(C, dtype=torch.bool) if m.weight is None else (m.weight.detach() != 0).cpu()
+            if isinstance(m, nn.RMSNorm) and isinstance(x, Tensor) and x.shape[-1] == C:
+                # x_c / rms · w_c: a channel that comes in zero for every input comes out zero
+                d0 = ds[0] if isinstance(ds[0], Tensor) and len(ds[0]) == C else torch.full((C,), _anyd(ds[0]))
+                zero = (x.reshape(-1, C) == 0).all(0).cpu() & ~d0
+                return live & ~zero
+            return live & _anyd(ds)  # w_c = 0: channel c is its bias, whatever comes in
     if n.op == 'call_function' and n.target is operator.getitem and isinstance(dx, (list, tuple, dict)):
         d = dx[n.args[1]]
         return d if isinstance(d, Tensor) and len(d) == C else torch.full((C,), _anyd(d))
@@ -863,14 +894,14 @@ def _module_labels(self:ChannelGraph, n:fx.Node, m:nn.Module, out, it:_Labeler):
         self._pin(xl, tname)
         if not (isinstance(out, Tensor) and out.dim() >= 2): return None
         return _at(self._new(out.shape[-1], tname), -1, out.dim())
-    if isinstance(m, nn.LayerNorm) and isinstance(xl, Tensor) and _ln_channel_dim(m) is not None \
+    if isinstance(m, (nn.LayerNorm, nn.RMSNorm)) and isinstance(xl, Tensor) and _ln_channel_dim(m) is not None \
             and cd == _ln_channel_dim(m) % x.dim() and x.dim() >= 2:
         return self._channel_norm(name, m, x, xl, cd, it)
     if isinstance(m, _last_dim_norms) and isinstance(xl, Tensor) and cd < x.dim() - len(m.normalized_shape) \
             and _ln_channel_dim(m) != 1:
         return xl  # normalizes other dimensions than the channels: per-channel positions pass through
-    if isinstance(m, _last_dim_norms):  # an RMSNorm (or a LayerNorm the graph cannot cut) over the channels
-        why = (f'{tname} {name!r} over the channels (its statistics count every channel: not pruned)'
+    if isinstance(m, _last_dim_norms):  # an RMSNorm (or a LayerNorm) over the channels the graph cannot cut
+        why = (f'{tname} {name!r} over the channels and other dimensions, or with its own forward (not pruned)'
                if not isinstance(m, nn.LayerNorm) else tname)
         self._pin(xl, why)
         return self._fresh(out, x, xl, why)
@@ -888,7 +919,7 @@ def _module_labels(self:ChannelGraph, n:fx.Node, m:nn.Module, out, it:_Labeler):
 @patch
 def _channel_norm(self:ChannelGraph, name:str, m:nn.LayerNorm, x:Tensor, xl:Tensor, cd:int, it:_Labeler):
     "A LayerNorm over the channels: they pass (an 'ln' slot cuts its weight and bias); its input range is recorded"
-    if m.weight is None:  # a zero channel comes out as -mean/std, not zero: it must stay
+    if m.weight is None and isinstance(m, nn.LayerNorm):  # a zero channel comes out as -mean/std, not zero: it stays
         self._pin(xl, f'LayerNorm {name!r} without affine weight over the channels')
         return xl
     self._slot(name, 'ln', xl)

@@ -12,7 +12,8 @@ from torch import nn, Tensor
 from fasterprune.core import check_context, check_fraction, evaluating, flat_tensors, model_device, round_half_up, \
     to_device
 from .criteria import get_criterion
-from .graph import ChannelGraph, CountedLayerNorm, _WrittenHeads, _conv_types, _ln_channel_dim, _plain
+from .graph import ChannelGraph, CountedLayerNorm, CountedRMSNorm, _WrittenHeads, _conv_types, \
+    _ln_channel_dim, _plain
 
 logger = logging.getLogger('fasterprune')
 
@@ -244,7 +245,7 @@ def _zero_targets(m:nn.Module, s, rm:Tensor) -> list:
         res = [(w_in, 0, hr), (b_in, 0, hr), (proj.weight, 1, hc)]
     elif s.kind == 'param':  # a layer scale, a functional bias, PReLU slopes: zero too, so the channel is exactly 0
         res = [(getattr(m, s.attr), s.dim, idx)]
-    else: res = [(m.weight, 0, idx), (m.bias, 0, idx)]  # filters, depthwise filters, norm scale, and their shifts
+    else: res = [(m.weight, 0, idx), (getattr(m, 'bias', None), 0, idx)]  # filters, norm scales, and their shifts
     return [(p, dim, ix) for p, dim, ix in res if p is not None]
 
 class _Surgery:
@@ -347,18 +348,20 @@ class _Surgery:
                 for a in ('in_channels', 'out_channels', 'groups'): self.set(m, a, n)
             else: self._cut_norm(m, idx)
 
-    def _cut_layer_norm(self, m:nn.LayerNorm, name:str, idx:Tensor):
-        "A LayerNorm over the channels keeps `idx` and becomes a `CountedLayerNorm` that still counts the removed ones"
-        counted = isinstance(m, CountedLayerNorm)
+    def _cut_layer_norm(self, m:nn.Module, name:str, idx:Tensor):
+        "A LayerNorm (RMSNorm) over the channels keeps `idx`: a `CountedLayerNorm` (`CountedRMSNorm`) counts the rest"
+        cls = CountedRMSNorm if isinstance(m, nn.RMSNorm) else CountedLayerNorm
+        counted = isinstance(m, cls)
         full = m.full_count if counted and m.full_count else m.normalized_shape[0]
         d = _ln_channel_dim(m)
         c = self.norm_consts.get(name, torch.zeros(0, dtype=torch.float64))  # constants the removed channels held
-        s1 = (m.removed_sum if counted else 0.) + float(c.sum())
+        s1 = (getattr(m, 'removed_sum', 0.) if counted else 0.) + float(c.sum())
         s2 = (m.removed_sq if counted else 0.) + float(c.square().sum())
         self.cut_param(m.weight, 0, idx)
-        self.cut_param(m.bias, 0, idx)
-        if type(m) is not CountedLayerNorm: self.set(m, '__class__', CountedLayerNorm)
-        for a, v in (('full_count', full), ('channel_dim', d), ('removed_sum', s1), ('removed_sq', s2),
+        self.cut_param(getattr(m, 'bias', None), 0, idx)
+        if type(m) is not cls: self.set(m, '__class__', cls)
+        sums = (('removed_sum', s1),) if cls is CountedLayerNorm else ()  # an RMSNorm has no mean
+        for a, v in (('full_count', full), ('channel_dim', d), *sums, ('removed_sq', s2),
                      ('normalized_shape', (len(idx),))):
             self.set(m, a, v)
 
@@ -830,6 +833,8 @@ def pruning_recipe(model:nn.Module) -> dict:
         if isinstance(m, CountedLayerNorm):  # load_pruned switches the class and sets the counts
             attrs.update(counted_norm=True, full_count=m.full_count, channel_dim=m.channel_dim,
                          removed_sum=float(m.removed_sum), removed_sq=float(m.removed_sq))
+        if isinstance(m, CountedRMSNorm):
+            attrs.update(counted_rms=True, full_count=m.full_count, removed_sq=float(m.removed_sq))
         for a in getattr(m, '_pruned_head_attrs', ()): attrs[a] = getattr(m, a)  # a hand-written attention's heads
         if getattr(m, '_pruned_head_attrs', ()): attrs['head_attrs'] = list(m._pruned_head_attrs)
         if attrs or ts: r[n] = dict(attrs, tensors=ts)
@@ -878,8 +883,12 @@ def apply_recipe(model:nn.Module, recipe:dict) -> nn.Module:
             if not isinstance(m, nn.LayerNorm):
                 raise ValueError(f"recipe entry {n!r} makes a CountedLayerNorm of a {type(m).__name__}, not a LayerNorm")
             m.__class__ = CountedLayerNorm
+        if r.get('counted_rms'):
+            if not isinstance(m, nn.RMSNorm):
+                raise ValueError(f"recipe entry {n!r} makes a CountedRMSNorm of a {type(m).__name__}, not an RMSNorm")
+            m.__class__ = CountedRMSNorm
         for a, v in r.items():
-            if a in ('tensors', 'pruned_heads', 'head_attrs', 'counted_norm'): continue
+            if a in ('tensors', 'pruned_heads', 'head_attrs', 'counted_norm', 'counted_rms'): continue
             if not hasattr(m, a):
                 raise ValueError(f"recipe entry {n!r} sets {a!r}, which {type(m).__name__} does not have")
             setattr(m, a, tuple(v) if isinstance(getattr(m, a), tuple) else v)
@@ -932,7 +941,8 @@ def load_pruned(model:nn.Module, path, map_location=None) -> nn.Module:
         t._parameters, t._buffers = m._parameters, m._buffers
         for a, v in d['recipe'].get(n, {}).items():
             if a == 'head_attrs': t._pruned_head_attrs = m._pruned_head_attrs  # the heads' attributes, for recipes
-            elif a not in ('tensors', 'bias', 'pruned_heads', 'counted_norm'): setattr(t, a, getattr(m, a))
+            elif a not in ('tensors', 'bias', 'pruned_heads', 'counted_norm', 'counted_rms'):
+                setattr(t, a, getattr(m, a))
         if type(m) is not type(t): t.__class__ = type(m)
     return model
 

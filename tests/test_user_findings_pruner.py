@@ -90,21 +90,53 @@ def test_pruner_learner_takes_callback_heads(caplog):
     fct.test_eq(model.attn.wq.weight.shape[0], 16 - zero_rows)
 
 
-# 2. PyTorch's nn.RMSNorm over the channels: those channels are pinned (kept), the rest of the model prunes
-@pytest.mark.skipif(not hasattr(nn, 'RMSNorm'), reason='nn.RMSNorm needs PyTorch 2.4')
-def test_rmsnorm_over_channels_pins():
+# 2. PyTorch's nn.RMSNorm over the channels: cut, its mean square counted like CountedLayerNorm's statistics
+def _rms_net(): return nn.Sequential(nn.Linear(8, 16), nn.RMSNorm(16), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+def test_rmsnorm_over_channels_prunes_counted(tmp_path):
+    from fasterprune.graph import CountedRMSNorm
+    from fasterprune.pruner import save_pruned, load_pruned
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(8, 16), nn.RMSNorm(16), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
-    x = torch.randn(2, 5, 8)
-    gs = channel_groups(m, x)
-    g0 = next(g for g in gs if '0' in g.producers)
-    assert g0.pinned and 'RMSNorm' in g0.reason, g0
-    ref = m(x).detach()
+    m, x = _rms_net(), torch.randn(2, 5, 8)
+    g0 = next(g for g in channel_groups(m, x) if '0' in g.producers)
+    assert not g0.pinned and '1' in g0.norms, g0
     pr = Pruner(m, x)
     pr.prune(0.5)
-    fct.test_eq((m[0].out_features, m[1].weight.shape[0], m[2].out_features), (16, 16, 16))
+    fct.test_eq((m[0].out_features, m[1].weight.shape[0], m[2].in_features, m[2].out_features), (8, 8, 8, 16))
+    assert isinstance(m[1], CountedRMSNorm) and m[1].full_count == 16
     assert pr.history[-1]['rel_error'] <= 1e-5
-    fct.test_eq(m(x).shape, ref.shape)
+    y = m(x).detach()
+    save_pruned(m, tmp_path / 'rms.pt')
+    m2 = load_pruned(_rms_net(), tmp_path / 'rms.pt')
+    assert isinstance(m2[1], CountedRMSNorm)
+    fct.test_close(m2(x), y, eps=1e-6)
+
+def test_rmsnorm_compact_and_constants():
+    from fasterprune.graph import CountedRMSNorm
+    torch.manual_seed(0)
+    m, x = _rms_net(), torch.randn(2, 5, 8)
+    with torch.no_grad(): m[0].weight[:6] = 0; m[0].bias[:6] = 0
+    ref = m(x).detach()
+    Pruner(m, x).compact()
+    fct.test_eq((m[0].out_features, m[1].weight.shape[0]), (10, 10))
+    fct.test_close(m(x), ref, eps=1e-5)
+    # removed channels that held constants c: the mean square adds sum(c^2)
+    full, keep = nn.RMSNorm(6, eps=1e-6), torch.tensor([0, 2, 3, 5])
+    with torch.no_grad(): full.weight.uniform_(0.5, 1.5)
+    xs = torch.randn(3, 4, 6)
+    xs[..., 1], xs[..., 4] = 0.7, -1.2
+    c = CountedRMSNorm(4, eps=1e-6)
+    with torch.no_grad(): c.weight.copy_(full.weight[keep])
+    c.full_count, c.removed_sq = 6, 0.7 ** 2 + 1.2 ** 2
+    fct.test_close(c(xs[..., keep]), full(xs)[..., keep], eps=1e-6)
+
+def test_rmsnorm_over_several_dims_pins():
+    m = nn.Sequential(nn.Linear(8, 16), nn.RMSNorm((5, 16)), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    x = torch.randn(2, 5, 8)
+    g0 = next(g for g in channel_groups(m, x) if '0' in g.producers)
+    assert g0.pinned and 'RMSNorm' in g0.reason, g0
+    Pruner(m, x).prune(0.5)  # the rest prunes
+    fct.test_eq((m[0].out_features, m[2].out_features), (16, 16))
 
 
 # 3. expand / repeat: pinned when they copy channels (a grey -> RGB adapter), channels pass when they copy elsewhere
