@@ -9,8 +9,8 @@ from pathlib import Path
 from fastcore.basics import patch
 import torch
 from torch import nn, Tensor
-from fasterprune.core import check_context, check_fraction, evaluating, flat_tensors, model_device, round_half_up, \
-    to_device
+from .core import check_context, check_fraction, evaluating, few, flat_tensors, model_device, \
+    round_half_up, to_device
 from .criteria import get_criterion
 from .graph import ChannelGraph, CountedLayerNorm, CountedRMSNorm, _WrittenHeads, _conv_types, \
     _ln_channel_dim, _plain
@@ -645,6 +645,17 @@ def _sync_optimizer(self:Pruner, tx:_Surgery):
             grp['params'].append(b)
 
 # %% ../nbs/08_pruner.ipynb #3d8d6b89
+def _warn_pinned_zeros(g:ChannelGraph):
+    "Warn about zeroed filters that stay because their channels are pinned (e.g. attention heads not named in heads=)"
+    left = {}
+    for (name, kind), s in g.slots.items():
+        if kind != 'out': continue
+        z = ~g.live_filters(name) & g.comp_pinned[s.comp]
+        if z.any(): left[name] = (int(z.sum()), g.comp_reason.get(int(s.comp[z][0]), 'pinned'))
+    if left:
+        logger.warning("Pruner.compact: zeroed filters stay where their channels are pinned: %s",
+                       few(f"{n!r} ({k}: {why})" for n, (k, why) in left.items()))
+
 @patch
 @_exact_float32
 def compact(self:Pruner) -> nn.Module:
@@ -652,6 +663,7 @@ def compact(self:Pruner) -> nn.Module:
     _check_reparametrized(self.model)
     g = ChannelGraph(self.model, self.example_inputs, self.strict, heads=self.heads)
     ok, consts = _removable(g, torch.ones(g.n_comps, dtype=torch.bool))
+    _warn_pinned_zeros(g)
     if not ok.any():
         logger.info("Pruner.compact: no zeroed channel component to remove")
         return self.model

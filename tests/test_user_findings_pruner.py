@@ -217,3 +217,30 @@ def test_transformer_encoder_prunes_heads_and_units(tmp_path):
     save_pruned(m, tmp_path / 'enc.pt')
     m2 = load_pruned(_Enc().eval(), tmp_path / 'enc.pt')
     with torch.no_grad(): fct.test_close(m2(x), y, eps=1e-6)
+
+
+def test_compact_warns_zeroed_pinned_heads(caplog):
+    "The SparsifyCallback was passed to fit(cbs=) (gone after the fit): compact cannot remove the heads, and says so"
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    from fastai.learner import Learner
+    from torch.utils.data import TensorDataset
+    from fasterprune.callback import SparsifyCallback
+    torch.manual_seed(0)
+    X, Y = torch.randint(0, 20, (64, 6)), torch.randint(0, 20, (64,))
+    dls = DataLoaders(DataLoader(TensorDataset(X[:32], Y[:32]), bs=16),
+                      DataLoader(TensorDataset(X[32:], Y[32:]), bs=16))
+    model = _LM()
+    spec = {'attn': AttentionHeads('n_heads', 'wq', 'wk', 'wv', 'wo')}
+    learn = Learner(dls, model, loss_func=nn.CrossEntropyLoss())
+    cb = SparsifyCallback(0.5, 'filter', 'local', schedule='one_shot', heads=spec)
+    with learn.no_logging(), learn.no_bar(): learn.fit(1, 1e-3, cbs=cb)
+    zero_rows = int((model.attn.wq.weight.abs().sum(1) == 0).sum())
+    assert zero_rows > 0
+    pr = Pruner(learn)
+    with caplog.at_level(logging.WARNING, logger='fasterprune'): pr.compact()
+    if pr.heads is not None:  # the callback left its heads on the Learner (`learn._sparsify_heads`): they go
+        fct.test_eq(model.attn.wq.weight.shape[0], 16 - zero_rows)
+    else:
+        log = caplog.text
+        assert "zeroed filters stay" in log and 'attn.wq' in log and 'heads=' in log, log
