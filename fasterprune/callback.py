@@ -223,6 +223,7 @@ class SparsifyCallback(Callback):
 
     def after_fit(self):
         self._drop_metric()
+        if self.heads: self.learn._sparsify_heads = self.heads  # Pruner(learn) finds them after fit(cbs=) removed us
         mode, self._mode = self._mode, None
         self._pairs = ([], [])
         if mode is None or self._lr_find: return  # a validation-only pass, or lr_find: nothing of the callback changed

@@ -1,10 +1,11 @@
 "A new user's findings in the Pruner and the channel graph: each test fails on the code before the fix"
-import logging
+import copy, logging
 import pytest, torch
 import fastcore.test as fct
 import torch.nn as nn, torch.nn.functional as F
 from fasterprune.graph import AttentionHeads, UnknownOpError, channel_groups
 from fasterprune.pruner import Pruner
+from fasterprune.core import model_device
 
 
 def _net(): return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
@@ -237,10 +238,13 @@ def test_compact_warns_zeroed_pinned_heads(caplog):
     with learn.no_logging(), learn.no_bar(): learn.fit(1, 1e-3, cbs=cb)
     zero_rows = int((model.attn.wq.weight.abs().sum(1) == 0).sum())
     assert zero_rows > 0
-    pr = Pruner(learn)
-    with caplog.at_level(logging.WARNING, logger='fasterprune'): pr.compact()
-    if pr.heads is not None:  # the callback left its heads on the Learner (`learn._sparsify_heads`): they go
-        fct.test_eq(model.attn.wq.weight.shape[0], 16 - zero_rows)
-    else:
-        log = caplog.text
-        assert "zeroed filters stay" in log and 'attn.wq' in log and 'heads=' in log, log
+    unnamed = copy.deepcopy(model)
+    pr = Pruner(learn)  # the callback left its heads on the Learner (`learn._sparsify_heads`): they go
+    fct.test_eq(pr.heads, spec)
+    pr.compact()
+    fct.test_eq(model.attn.wq.weight.shape[0], 16 - zero_rows)
+    x = X[:2].to(model_device(unnamed))
+    with caplog.at_level(logging.WARNING, logger='fasterprune'): Pruner(unnamed, x).compact()
+    log = caplog.text  # without heads=, the zeroed q/k/v rows must stay: compact says so
+    assert "zeroed filters stay" in log and 'attn.wq' in log and 'heads=' in log, log
+    fct.test_eq(unnamed.attn.wq.weight.shape[0], 16)
