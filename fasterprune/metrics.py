@@ -10,7 +10,7 @@ import torch
 from torch import nn, Tensor
 import pandas as pd
 from .core import evaluating, few, model_device, to_device
-from .sparsifier import prunable_layers, _nnz_each as _nonzero_each
+from .sparsifier import prunable_layers, AttentionProjection, _nnz_each as _nonzero_each
 
 logger = logging.getLogger('fasterprune')
 
@@ -22,7 +22,7 @@ __all__ = ['logger', 'report_columns', 'check_original', 'count_params', 'compre
 def _layers(model:nn.Module) -> dict[str, nn.Module]:
     "The Conv/ConvTranspose/Linear layers of `model`, or a `ValueError` when it has none"
     if not isinstance(model, nn.Module): raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    layers = prunable_layers(model)
+    layers = prunable_layers(model, attention=True)  # a MultiheadAttention's input projections are layers here too
     if not layers:
         raise ValueError(f"{type(model).__name__} has no Conv/ConvTranspose/Linear layer: "
                          "there is nothing to prune or measure")
@@ -110,20 +110,49 @@ def layer_flops(
     layers = _layers(model)
     args, kwargs = _prepare(model, example_input)
     uses = {n: 0 for n in layers}
+    blocks = {}  # attention projections: {layer: {(row start, row end): tokens}} (q, k and v may differ in length)
     def hook(name):
         def f(m, a, kw, out):
             x = a[0] if a else next(iter(kw.values()))
             uses[name] += _uses(m, x, out)
         return f
-    hs = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m in layers.items()]
+    hs = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m in layers.items()
+          if not isinstance(m, AttentionProjection)]
+    mods = dict(model.named_modules())
+    for n, m in mods.items():
+        if isinstance(m, nn.MultiheadAttention): hs.append(m.register_forward_hook(_attention_hook(n, m, layers, uses,
+                                                                                                   blocks), with_kwargs=True))
     try:
         with evaluating(model): _call(model, args, kwargs, example_input)
     finally:
         for h in hs: h.remove()
-    idle = [n for n, u in uses.items() if u == 0]
+    idle = [n for n, u in uses.items() if u == 0 and n not in blocks]
     if idle: logger.info("layers that did not run as modules in the forward pass count 0 FLOPs: %s", few(idle, 5))
-    nz = dict(zip(layers, _nonzero_each(m.weight for m in layers.values())))
-    return {n: (uses[n] * m.weight.numel(), uses[n] * nz[n]) for n, m in layers.items()}
+    parts = [(n, m.weight, None) for n, m in layers.items() if n not in blocks]
+    parts += [(n, layers[n].weight[a:b], t) for n, bl in blocks.items() for (a, b), t in bl.items()]
+    out = {n: [0, 0] for n in layers}
+    for (n, w, t), z in zip(parts, _nonzero_each(w for _, w, _ in parts)):
+        k = uses[n] if t is None else t
+        out[n][0] += k * w.numel()
+        out[n][1] += k * z
+    return {n: tuple(v) for n, v in out.items()}
+
+def _attention_hook(name:str, m:nn.MultiheadAttention, layers:dict, uses:dict, blocks:dict):
+    "A forward hook counting the tokens a MultiheadAttention's projections run on (it calls them functionally)"
+    def f(mod, a, kw, out):
+        q, k, v = [a[i] if len(a) > i else kw.get(key) for i, key in enumerate(('query', 'key', 'value'))]
+        tq, tk, tv = (t.numel() // t.shape[-1] for t in (q, k, v))
+        E, pre = m.embed_dim, f'{name}.' if name else ''
+        if pre + 'in_proj_weight' in layers:
+            bl = blocks.setdefault(pre + 'in_proj_weight', {})
+            for i, t in enumerate((tq, tk, tv)): bl[i * E, (i + 1) * E] = bl.get((i * E, (i + 1) * E), 0) + t
+        for attr, t in (('q_proj_weight', tq), ('k_proj_weight', tk), ('v_proj_weight', tv)):
+            if pre + attr in layers:
+                rows = layers[pre + attr].weight.shape[0]
+                bl = blocks.setdefault(pre + attr, {})
+                bl[0, rows] = bl.get((0, rows), 0) + t
+        if pre + 'out_proj' in layers: uses[pre + 'out_proj'] += tq  # its weight is used functionally
+    return f
 
 def count_flops(
     model:nn.Module, # a model with Conv/ConvTranspose/Linear layers

@@ -228,3 +228,21 @@ def test_latency_restores_state():
 def test_physically_smaller_is_faster():
     big, small, x = _net(128), _net(16), torch.randn(1, 3, 32, 32)
     assert measured_speedup(big, small, x, n_warmup=2, n_runs=7) > 1.5
+
+
+def test_attention_projections_count_their_macs():
+    "MultiheadAttention calls its projections functionally: their MACs come from the tokens q, k and v bring"
+    from fasterprune.metrics import layer_flops
+    E = 16
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(E, 4, batch_first=True)
+        def forward(self, q, kv): return self.mha(q, kv, kv)[0]
+    m = Cross()
+    q, kv = torch.randn(2, 5, E), torch.randn(2, 7, E)  # 10 query tokens, 14 key/value tokens
+    fl = layer_flops(m, (q, kv))
+    fct.test_eq(fl['mha.in_proj_weight'], (E * E * (10 + 14 + 14),) * 2)
+    fct.test_eq(fl['mha.out_proj'], (E * E * 10,) * 2)
+    with torch.no_grad(): m.mha.in_proj_weight[2 * E:2 * E + 4] = 0  # 4 value rows
+    fct.test_eq(layer_flops(m, (q, kv))['mha.in_proj_weight'], (E * E * 38, E * E * 38 - 4 * E * 14))
