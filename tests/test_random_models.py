@@ -1,5 +1,6 @@
 """Property tests on drawn architectures (issue 13): residual adds, concatenations, tuple and dict outputs, LayerNorm,
-PReLU, Embedding and a parametrized layer (weight_norm, spectral_norm), each checked against the library's promises —
+PReLU, Embedding, grouped convs, channel LayerNorm and RMSNorm, self-attention and a parametrized layer (weight_norm,
+spectral_norm), each checked against the library's promises —
 exact sparsity at weight granularity, masked weights zero after SGD steps with SparsifyCallback, and
 state_dict → fresh model → load_state_dict keeping the masks' zeros and the output."""
 import math
@@ -16,7 +17,7 @@ from fasterprune.callback import SparsifyCallback
 from fasterprune.data import TensorPairs
 from fasterprune.sparsifier import Sparsifier
 
-BLOCKS = ['plain', 'res', 'cat', 'ln', 'prelu']
+BLOCKS = ['plain', 'res', 'cat', 'ln', 'prelu', 'group', 'lnc', 'rms', 'attn']
 SETTINGS = dict(max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -36,7 +37,14 @@ class Drawn(nn.Module):
             elif b == 'res': m = nn.ModuleDict(dict(a=lin(c, c), b=lin(c, c)))
             elif b == 'cat': m = nn.ModuleDict(dict(a=lin(c, c // 2), b=lin(c, c - c // 2)))
             elif b == 'ln': m = nn.LayerNorm([c, 8, 8] if conv else c)
+            elif b == 'group': m = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=2) if conv else nn.Linear(c, c),
+                                                 nn.ReLU())
+            elif b == 'lnc': m = nn.LayerNorm(c)  # over the channels: channels-last on a conv stream (ConvNeXt)
+            elif b == 'rms': m = nn.RMSNorm(c)
+            elif b == 'attn': m = nn.MultiheadAttention(c, 2, batch_first=True)
             else: m = nn.PReLU(c)
+            with torch.no_grad():  # norms with non-trivial affine parameters: a pruned channel must be cut with them
+                for p in m.parameters() if b in ('lnc', 'rms') else (): p.uniform_(0.5, 1.5)
             self.blocks.append(m)
         self.head, self.aux = nn.Linear(c, 10), nn.Linear(c, 3)
         if spec['param']:
@@ -49,6 +57,15 @@ class Drawn(nn.Module):
         for b, m in zip(self.spec['blocks'], self.blocks):
             if b == 'res': x = F.relu(x + m['b'](F.relu(m['a'](x))))
             elif b == 'cat': x = torch.cat([m['a'](x), m['b'](x)], 1)
+            elif b in ('lnc', 'rms') and self.spec['kind'] == 'conv': x = m(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            elif b == 'attn':
+                if self.spec['kind'] == 'conv':
+                    B, C, H, W = x.shape
+                    t = x.flatten(2).transpose(1, 2)
+                    x = x + m(t, t, t, need_weights=False)[0].transpose(1, 2).reshape(B, C, H, W)
+                else:
+                    t = x.unsqueeze(1)
+                    x = x + m(t, t, t, need_weights=False)[0].squeeze(1)
             else: x = m(x)
         if self.spec['kind'] == 'conv': x = x.mean((2, 3))
         out = self.head(x)
@@ -150,7 +167,7 @@ def test_filter_prune_compact_save_load(spec, context):
     model = Drawn(spec).eval()
     x = _inputs(spec)
     with torch.no_grad(): ref = _flat(model(x))
-    try: sp = Sparsifier(model, 'filter', context, example_input=x[:1]).sparsify(0.5)
+    try: sp = Sparsifier(model, 'filter', context, example_input=x[:1], attention=True).sparsify(0.5)
     except ValueError as e:  # every channel feeds an output or a channel-mixing op (LayerNorm over C×H×W): said so
         assert 'Nothing to prune' in str(e)
         with torch.no_grad(): fct.test_eq(_flat(model(x)), ref)
