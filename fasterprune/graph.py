@@ -511,7 +511,8 @@ def _record(model:nn.Module, inputs:tuple) -> fx.Graph:
     rec.graph.output(rec.arg(out))
     return rec.graph
 
-_traced_inside = (nn.TransformerEncoder, nn.TransformerEncoderLayer)  # torch.nn modules whose parts are known
+_traced_inside = (nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.TransformerDecoder, nn.TransformerDecoderLayer,
+                  nn.Transformer)  # torch.nn modules whose parts (MultiheadAttention, Linear, LayerNorm) are known
 
 class _Tracer(fx.Tracer):
     "torch.fx's tracer, with every MultiheadAttention (also the Pruner's pruned one) kept as one call"

@@ -248,3 +248,35 @@ def test_compact_warns_zeroed_pinned_heads(caplog):
     log = caplog.text  # without heads=, the zeroed q/k/v rows must stay: compact says so
     assert "zeroed filters stay" in log and 'attn.wq' in log and 'heads=' in log, log
     fct.test_eq(unnamed.attn.wq.weight.shape[0], 16)
+
+
+class _Seq2Seq(nn.Module):
+    "PyTorch's own nn.Transformer between two Linear embeddings and a head"
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(8, 32)
+        self.tr = nn.Transformer(32, 4, 1, 1, 64, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(32, 5)
+    def forward(self, src, tgt): return self.head(self.tr(self.emb(src), self.emb(tgt)))
+
+
+def test_nn_transformer_decoder_heads_and_units_prune():
+    "nn.Transformer (encoder, decoder; self- and cross-attention): heads and units prune, and masks + compact agree"
+    torch.manual_seed(0)
+    src, tgt = torch.randn(2, 6, 8), torch.randn(2, 4, 8)
+    m = _Seq2Seq().eval()
+    twin = copy.deepcopy(m)
+    n0 = sum(p.numel() for p in m.parameters())
+    pr = Pruner(m, (src, tgt))
+    pr.prune(0.5)
+    h = pr.history[-1]
+    assert h['rel_error'] <= h['rtol']
+    dec = m.tr.decoder.layers[0]
+    fct.test_eq((dec.self_attn.num_heads, dec.multihead_attn.num_heads, dec.linear1.out_features), (2, 2, 32))
+    from fasterprune.sparsifier import Sparsifier
+    Sparsifier(twin, 'filter', 'local', attention=True).couple((src, tgt)).sparsify(0.5)
+    with torch.no_grad(): ref = twin(src, tgt)
+    Pruner(twin, (src, tgt)).compact()
+    with torch.no_grad(): fct.test_close(twin(src, tgt), ref, eps=1e-5)
+    fct.test_eq(sum(p.numel() for p in twin.parameters()), sum(p.numel() for p in m.parameters()))
+    assert sum(p.numel() for p in m.parameters()) < 0.6 * n0
