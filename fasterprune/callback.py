@@ -14,7 +14,7 @@ from .schedules import get_schedule
 from .granularity import get_granularity
 from .criteria import get_criterion
 from .core import check_fraction, check_context
-from .sparsifier import Sparsifier, AttentionProjection, prunable_layers, NMRoundingWarning
+from .sparsifier import Sparsifier, AttentionProjection, prunable_layers, NMRoundingWarning, _nnz_each
 from .metrics import sparsity_report
 from .core import to_device, model_device, evaluating
 from .graph import UnknownOpError
@@ -246,7 +246,7 @@ class SparsifyCallback(Callback):
         try: ls = prunable_layers(model, self.layers, self.exclude, self.attention)
         except ValueError: return float('nan')  # a bad `layers=`: the training fit says so
         n = sum(m.weight.numel() for m in ls.values())
-        return 1 - sum(int(torch.count_nonzero(m.weight)) for m in ls.values()) / n if n else float('nan')
+        return 1 - sum(_nnz_each(m.weight for m in ls.values())) / n if n else float('nan')  # one host read
 
     def _matches(self, model) -> bool:
         "Is the Sparsifier still about `model`: the same object, the same layers, the same weight shapes?"
