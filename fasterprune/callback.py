@@ -18,6 +18,7 @@ from .sparsifier import Sparsifier, AttentionProjection, prunable_layers, NMRoun
 from .metrics import sparsity_report
 from .core import to_device, model_device, evaluating
 from .graph import UnknownOpError
+from .pruner import _one_batch
 
 def _output_layers(sp:Sparsifier, x) -> list[str]:
     "The pruned layers whose output (or a view of it) is one of the model's outputs, found on input `x`"
@@ -285,8 +286,7 @@ class SparsifyCallback(Callback):
     def _first_input(self, model):
         "One training input (a batch of one) on `model`'s device, from fastai or plain PyTorch data loaders"
         dl = self.dls.train
-        dl = getattr(dl, 'dl', dl)  # a DistributedDL wraps the real one
-        b = dl.one_batch() if hasattr(dl, 'one_batch') else next(iter(dl))  # a torch DataLoader has no one_batch
+        b = _one_batch(getattr(dl, 'dl', dl))  # a DistributedDL wraps the real one; a torch DataLoader is fine too
         try: n_inp = self.dls.n_inp
         except AttributeError: n_inp = 1  # datasets that don't say: the last item is the target
         x = to_device(tuple(t[:1] for t in b[:n_inp]), model_device(model))
