@@ -66,19 +66,22 @@ class _LM(nn.Module):
         x = self.emb(t)
         return self.out(x + self.attn(x)).mean(1)
 
-def test_pruner_learner_takes_callback_heads(caplog):
+def _lm_setup():
+    "A tiny language model on random tokens, its fastai DataLoaders, its heads= and a filter SparsifyCallback"
     from fastai.data.core import DataLoaders
     from fastai.data.load import DataLoader
-    from fastai.learner import Learner
     from torch.utils.data import TensorDataset
     from fasterprune.callback import SparsifyCallback
     torch.manual_seed(0)
     X, Y = torch.randint(0, 20, (64, 6)), torch.randint(0, 20, (64,))
     dls = DataLoaders(DataLoader(TensorDataset(X[:32], Y[:32]), bs=16),
                       DataLoader(TensorDataset(X[32:], Y[32:]), bs=16))
-    model = _LM()
     spec = {'attn': AttentionHeads('n_heads', 'wq', 'wk', 'wv', 'wo')}
-    cb = SparsifyCallback(0.5, 'filter', 'local', schedule='one_shot', heads=spec)
+    return X, dls, _LM(), spec, SparsifyCallback(0.5, 'filter', 'local', schedule='one_shot', heads=spec)
+
+def test_pruner_learner_takes_callback_heads(caplog):
+    from fastai.learner import Learner
+    X, dls, model, spec, cb = _lm_setup()
     learn = Learner(dls, model, loss_func=nn.CrossEntropyLoss(), cbs=cb)
     with learn.no_logging(), learn.no_bar(): learn.fit(1, 1e-3)
     zero_rows = int((model.attn.wq.weight.abs().sum(1) == 0).sum())
@@ -222,19 +225,9 @@ def test_transformer_encoder_prunes_heads_and_units(tmp_path):
 
 def test_compact_warns_zeroed_pinned_heads(caplog):
     "The SparsifyCallback was passed to fit(cbs=) (gone after the fit): compact cannot remove the heads, and says so"
-    from fastai.data.core import DataLoaders
-    from fastai.data.load import DataLoader
     from fastai.learner import Learner
-    from torch.utils.data import TensorDataset
-    from fasterprune.callback import SparsifyCallback
-    torch.manual_seed(0)
-    X, Y = torch.randint(0, 20, (64, 6)), torch.randint(0, 20, (64,))
-    dls = DataLoaders(DataLoader(TensorDataset(X[:32], Y[:32]), bs=16),
-                      DataLoader(TensorDataset(X[32:], Y[32:]), bs=16))
-    model = _LM()
-    spec = {'attn': AttentionHeads('n_heads', 'wq', 'wk', 'wv', 'wo')}
+    X, dls, model, spec, cb = _lm_setup()
     learn = Learner(dls, model, loss_func=nn.CrossEntropyLoss())
-    cb = SparsifyCallback(0.5, 'filter', 'local', schedule='one_shot', heads=spec)
     with learn.no_logging(), learn.no_bar(): learn.fit(1, 1e-3, cbs=cb)
     zero_rows = int((model.attn.wq.weight.abs().sum(1) == 0).sum())
     assert zero_rows > 0
