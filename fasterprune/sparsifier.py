@@ -660,7 +660,9 @@ class Sparsifier:
                     b = min(a + chunk, G)
                     f = lambda out=None, n=n, w=w, a=a, b=b: _pointwise_chunk(crit, n, w[a:b], out, host)
                     fns.append(f if host else _Scores(f, w.dtype))  # on a device, magnitudes in the weights' dtype
-                    sfns.append(lambda idx, n=n, w=w, a=a: crit.score(n, w[a + idx.to(w.device)]).float())
+                    # the host path samples scores at a few positions; the device path reads strided views of `srcs`
+                    sfns.append((lambda idx, n=n, w=w, a=a: crit.score(n, w[a + idx.to(w.device)]).float()) if host
+                                else None)
                     ng.append(b - a)
                     sz.append(1)
                     prev.append(None if pk is None else pk[a:b])
