@@ -280,6 +280,7 @@ class ChannelGraph:
                 continue
             sp = AttentionHeads(*spec) if isinstance(spec, (tuple, list)) else spec
             parts = [getattr(sp, a, None) for a in ('num_heads', 'q', 'k', 'v', 'o')]
+            if getattr(sp, 'num_kv_heads', None) is not None: parts.append(sp.num_kv_heads)
             hits = [n for n, m in self.modules.items()  # a pattern: every module it names that has those parts
                     if fnmatch.fnmatchcase(n, key) and all(isinstance(a, str) and hasattr(m, a) for a in parts)]
             if not hits:
@@ -623,9 +624,7 @@ def _elementwise_labels(self:ChannelGraph, n:fx.Node, name:str, x, xl, out:Tenso
     if _is(n, _reshape_fns, _reshape_methods): return self._reshape(name, x, xl, out)
     if _is(n, _cat_fns): return self._cat(n, out, it)
     if _is(n, _expand_fns, _expand_methods): return self._expand(name, x, xl, out)
-    if name == 'repeat_interleave':  # GQA's `k.repeat_interleave(n_rep, dim=1)` shares k/v heads between query heads
-        name = ('repeat_interleave (grouped-query attention repeats k/v heads this way: it is not supported; pass '
-                'strict=False to keep those projections whole)')
+    if name == 'repeat_interleave': return self._repeat_interleave(n, x, xl, out, it)
     self._fail(n, name, ins_lab)
     return self._fresh(out, x, xl, f'unknown op {name}')
 
@@ -724,6 +723,17 @@ def _expand(self:ChannelGraph, name, x, xl, out):
         cd = _cd(xl, x)
         if out.shape[cd + new] == x.shape[cd]: return _at(xl, cd + new, out.dim())
     why = f'{name} copies channels'
+    self._pin(xl, why)
+    return self._new(out.shape[1], why) if out.dim() >= 2 else None
+
+@patch
+def _repeat_interleave(self:ChannelGraph, n:fx.Node, x, xl, out, it:_Labeler):
+    "Labels of `x.repeat_interleave(r, dim)`: the channels pass when `dim` is another dimension (GQA's k/v heads)"
+    dim = n.kwargs.get('dim', next((it.arg_val(a) for a in n.args[2:3]), None))
+    if isinstance(xl, Tensor) and isinstance(x, Tensor) and isinstance(dim, int) and out.dim() == x.dim():
+        cd = _cd(xl, x)
+        if _normdim(dim, x.dim()) != cd and out.shape[cd] == x.shape[cd]: return _at(xl, cd, out.dim())
+    why = 'repeat_interleave copies channels'
     self._pin(xl, why)
     return self._new(out.shape[1], why) if out.dim() >= 2 else None
 
@@ -981,6 +991,7 @@ class AttentionHeads:
     k:str='k_proj'
     v:str='v_proj'
     o:str='o_proj'
+    num_kv_heads:str|None=None  # grouped-query attention: the int attribute holding the k/v head count (None: MHA)
 
 @dataclass
 class _WrittenHeads:
@@ -990,8 +1001,25 @@ class _WrittenHeads:
     qkv:tuple       # the q, k, v projections
     o:nn.Linear     # the output projection
     names:tuple     # ([q, k, v names], o name) in the model
+    kv_attr:str|None = None  # the k/v head count's attribute (grouped-query attention), None when k/v have every head
     @property
     def num_heads(self) -> int: return getattr(self.owner, self.attr)
+    @property
+    def num_kv_heads(self) -> int:
+        "k/v heads: the units that prune whole (a unit is one k/v head with its `n_rep` query heads)"
+        return self.num_heads if self.kv_attr is None else getattr(self.owner, self.kv_attr)
+    @property
+    def n_rep(self) -> int: return self.num_heads // self.num_kv_heads
+    @property
+    def head_dim(self) -> int: return self.o.in_features // self.num_heads
+    @property
+    def attrs(self) -> tuple: return (self.attr,) if self.kv_attr is None else (self.attr, self.kv_attr)
+    def unit_rows(self, units:Tensor) -> dict[str, Tensor]:
+        "{q, k, v layer name: (len(units), rows of one unit)}: the rows the k/v groups `units` own (q's: o's columns)"
+        hd, r = self.head_dim, self.n_rep
+        u = units.reshape(-1, 1).cpu()
+        q, kv = u * (r * hd) + torch.arange(r * hd), u * hd + torch.arange(hd)
+        return dict(zip(self.names[0], (q, kv, kv)))
 
 @patch
 def _written_heads(self:ChannelGraph, owner:str, spec):
@@ -1013,19 +1041,36 @@ def _written_heads(self:ChannelGraph, owner:str, spec):
             raise ValueError(f"heads[{owner!r}]: {full(n)!r} is not an nn.Linear of the model")
         lins.append(self.modules[full(n)])
     q, k, v, o = lins
-    if not q.out_features == k.out_features == v.out_features == o.in_features or q.out_features % H:
-        raise ValueError(f"heads[{owner!r}]: q, k, v widths {q.out_features}, {k.out_features}, {v.out_features} and "
-                         f"o's input {o.in_features} must be equal and a multiple of {spec.num_heads}={H} (grouped-"
-                         "query attention is not supported)")
-    w = _WrittenHeads(m, spec.num_heads, (q, k, v), o, ([full(n) for n in (spec.q, spec.k, spec.v)], full(spec.o)))
+    widths = f"q, k, v widths {q.out_features}, {k.out_features}, {v.out_features} and o's input {o.in_features}"
+    kv_attr = getattr(spec, 'num_kv_heads', None)
+    if kv_attr is None:
+        if not q.out_features == k.out_features == v.out_features == o.in_features or q.out_features % H:
+            gqa = k.out_features == v.out_features < q.out_features == o.in_features
+            raise ValueError(f"heads[{owner!r}]: {widths} must be equal and a multiple of {spec.num_heads}={H}" +
+                             (" (k and v are narrower: grouped-query attention? name the k/v head count too, e.g. "
+                              "AttentionHeads(..., num_kv_heads='num_key_value_heads'))" if gqa else ""))
+        Hkv = H
+    else:
+        Hkv = getattr(m, kv_attr, None) if isinstance(kv_attr, str) else None
+        if not isinstance(Hkv, int) or isinstance(Hkv, bool) or Hkv < 1:
+            raise ValueError(f"heads[{owner!r}]: num_kv_heads={kv_attr!r} names {type(m).__name__}.{kv_attr} = "
+                             f"{Hkv!r}, not a head count; name the int attribute the forward splits k and v with")
+        if H % Hkv or q.out_features != o.in_features or q.out_features % H or \
+                not k.out_features == v.out_features == q.out_features // H * Hkv:
+            raise ValueError(f"heads[{owner!r}]: {widths} do not fit {spec.num_heads}={H} query heads and "
+                             f"{kv_attr}={Hkv} k/v heads (q and o: a multiple of {H}; k and v: {Hkv} heads of q's head "
+                             f"width; {Hkv} dividing {H})")
+    w = _WrittenHeads(m, spec.num_heads, (q, k, v), o, ([full(n) for n in (spec.q, spec.k, spec.v)], full(spec.o)),
+                      kv_attr)
     self.heads[owner] = w
-    if H > 1: self._slot(owner, 'head', self._new(H))
+    if Hkv > 1: self._slot(owner, 'head', self._new(Hkv))  # one unit per k/v head (with its query heads)
+    elif H > 1: logger.info("graph: %r has one k/v head for %d query heads: no whole group to prune", owner, H)
 
 @patch
 def _check_written(self:ChannelGraph, owner:str, w:_WrittenHeads):
     "The projections' channels must be split into heads (pinned by the view): else they would also prune one by one"
     qkv, o = w.names
-    if w.num_heads == 1: return  # no head slot: nothing to prune there
+    if w.num_kv_heads == 1: return  # no head slot: nothing to prune there
     slots = [self.slots[(n, 'out')] for n in qkv] + [self.slots[(o, 'in')]]
     free = [s.module for s in slots if not self.comp_pinned[s.comp].all()]
     if free:

@@ -3,7 +3,7 @@ import copy, logging
 import pytest, torch
 import fastcore.test as fct
 import torch.nn as nn, torch.nn.functional as F
-from fasterprune.graph import AttentionHeads, UnknownOpError, channel_groups
+from fasterprune.graph import AttentionHeads, channel_groups
 from fasterprune.pruner import Pruner
 from fasterprune.core import model_device
 
@@ -193,8 +193,17 @@ class _GQA(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v)
         return self.wo(o.transpose(1, 2).reshape(B, T, -1))
 
-def test_gqa_repeat_interleave_error_names_gqa():
-    with pytest.raises(UnknownOpError, match='grouped-query attention'): channel_groups(_GQA(), torch.randn(2, 3, 16))
+def test_gqa_repeat_interleave_prunes_kv_groups():
+    "GQA's repeat_interleave traces (it was an UnknownOpError); named with num_kv_heads, whole k/v groups prune"
+    x = torch.randn(2, 3, 16)
+    wq = next(g for g in channel_groups(_GQA(), x) if 'wq' in g.producers)
+    assert wq.pinned and 'heads=' in wq.reason  # without heads=: the projections stay, the reason says what to do
+    torch.manual_seed(0)
+    m = _GQA()
+    pr = Pruner(m, x, heads={'': AttentionHeads('h', 'wq', 'wk', 'wv', 'wo', num_kv_heads='kv')})
+    pr.prune(0.5)
+    fct.test_eq((m.h, m.kv, m.wq.out_features, m.wk.out_features, m.wo.in_features), (2, 1, 8, 4, 8))
+    assert pr.history[-1]['rel_error'] <= 1e-5
 
 
 # 4. nn.TransformerEncoder: traced inside, MHA heads and feed-forward units prune; the fused fast path stays off
