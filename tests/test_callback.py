@@ -508,3 +508,16 @@ def test_attention_in_projections_pruned_when_asked():
     dense.fit(1, 1e-2, cbs=cb2)
     assert 'attn.in_proj_weight' not in cb2.sparsifier.layers
     fct.test_eq(int((dense.model.attn.in_proj_weight == 0).sum()), 0)
+
+
+def test_subclass_events_still_called_and_unhandled_events_skipped():
+    "SparsifyCallback answers events it has no method for at once; a subclass's own event methods still run"
+    class Counting(SparsifyCallback):
+        n_batches = 0
+        def after_batch(self): self.n_batches += 1
+    learn = _learn()
+    cb = Counting(0.5, 'weight', 'global', 'magnitude', 'agp')
+    learn.fit(1, 1e-3, cbs=[cb])
+    fct.test_eq(cb.n_batches, len(learn.dls.train))  # run_valid=False: training batches only
+    fct.test_eq(_n_zero(cb.sparsifier), round(0.5 * _n_w(cb.sparsifier)))
+    assert cb('after_pred') is None and cb.run  # an event without a method: nothing runs, nothing changes
