@@ -65,10 +65,10 @@ class SwiGLU(nn.Module):
     def forward(self, x): return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 class Block(nn.Module):
-    def __init__(self, d, n_heads, n_kv_heads, hidden, form, norm):
+    def __init__(self, d, n_heads, n_kv_heads, hidden, form, norm, max_T):
         super().__init__()
         self.input_layernorm, self.post_attention_layernorm = norm(d), norm(d)
-        self.self_attn, self.mlp = GQAttention(d, n_heads, n_kv_heads, form), SwiGLU(d, hidden)
+        self.self_attn, self.mlp = GQAttention(d, n_heads, n_kv_heads, form, max_T), SwiGLU(d, hidden)
     def forward(self, x):
         x = x + self.self_attn(self.input_layernorm(x))
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -76,11 +76,11 @@ class Block(nn.Module):
 class Llama(nn.Module):
     "A small Llama: embedding, blocks of (RMSNorm, rotary GQA, RMSNorm, SwiGLU) with residuals, final norm, lm head"
     def __init__(self, vocab=100, d=64, n_layers=2, n_heads=8, n_kv_heads=2, hidden=128, form='repeat_kv', tied=True,
-                 norm='torch'):
+                 norm='torch', max_T=32):
         super().__init__()
         norm = nn.RMSNorm if norm == 'torch' else RMSNorm
         self.embed_tokens = nn.Embedding(vocab, d)
-        self.layers = nn.ModuleList(Block(d, n_heads, n_kv_heads, hidden, form, norm) for _ in range(n_layers))
+        self.layers = nn.ModuleList(Block(d, n_heads, n_kv_heads, hidden, form, norm, max_T) for _ in range(n_layers))
         self.norm, self.lm_head = norm(d), nn.Linear(d, vocab, bias=False)
         if tied: self.lm_head.weight = self.embed_tokens.weight
     def forward(self, tok):
