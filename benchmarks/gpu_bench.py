@@ -31,7 +31,7 @@ def _sync(dev):
     if dev == 'cuda': torch.cuda.synchronize()
 
 
-def callback_overhead(dev='cuda', small=False, pairs=5):
+def callback_overhead(dev='cuda', small=False, pairs=7):
     "Wall time of the same fit with and without SparsifyCallback(0.9, 'weight', 'global', 'magnitude', 'agp')"
     import torchvision
     from fastai.data.core import DataLoaders
@@ -40,6 +40,21 @@ def callback_overhead(dev='cuda', small=False, pairs=5):
     import fastai.callback.fp16  # noqa: F401  (Learner.to_bf16)
     import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
     from fasterprune.callback import SparsifyCallback
+
+    class Timed(SparsifyCallback):
+        "Adds up the host time of its events, and of its mask updates apart (syncs included: a conservative figure)"
+        self_s = upd_s = 0.
+
+        def __call__(self, event_name):
+            t = time.perf_counter()
+            try: return super().__call__(event_name)
+            finally: self.self_s += time.perf_counter() - t
+
+        def _update(self, pos, frac):
+            t = time.perf_counter()
+            try: return super()._update(pos, frac)
+            finally: self.upd_s += time.perf_counter() - t
+
     n_batches, bs, epochs = (4, 32, 2) if small else (96, 64, 2)  # 192 steps on the GPU
     g = torch.Generator(dev).manual_seed(0)
     # batches made once on the device (bs=None: each item is a batch), so the steps time the GPU, not a collate loop
@@ -53,7 +68,7 @@ def callback_overhead(dev='cuda', small=False, pairs=5):
         model = torchvision.models.resnet18(num_classes=10).to(dev)
         learn = Learner(dls, model, loss_func=nn.CrossEntropyLoss())
         if dev == 'cuda': learn = learn.to_bf16()
-        cbs = [SparsifyCallback(0.9, 'weight', 'global', 'magnitude', 'agp')] if sparse else []
+        cbs = [Timed(0.9, 'weight', 'global', 'magnitude', 'agp')] if sparse else []
         with learn.no_bar(), learn.no_logging():
             _sync(dev)
             t = time.perf_counter()
@@ -64,24 +79,30 @@ def callback_overhead(dev='cuda', small=False, pairs=5):
             sp = cbs[0].sparsifier
             n = sum(m.weight.numel() for m in sp.layers.values())
             zeros = sum(int((m.weight == 0).sum()) for m in sp.layers.values())
-            return dt, dict(updates=len(cbs[0].history), exact=zeros == round(0.9 * n))
+            return dt, dict(updates=len(cbs[0].history), exact=zeros == round(0.9 * n), callback_s=cbs[0].self_s,
+                            updates_s=cbs[0].upd_s)
         return dt, {}
 
     fit(False)  # warm-up: cuDNN autotuning, allocator
     fit(True)
-    ratios, times, info = [], {False: [], True: []}, {}
+    ratios, times, info, own, upd = [], {False: [], True: []}, {}, [], []
     for i in range(pairs):
         order = [False, True] if i % 2 == 0 else [True, False]
         res = {s: fit(s) for s in order}
         ratios.append(res[True][0] / res[False][0])
         for s in res: times[s].append(res[s][0])
-        info = res[True][1]
-        print(f"callback  pair {i}: dense {res[False][0]:.3f} s, sparse {res[True][0]:.3f} s, ratio {ratios[-1]:.3f}")
+        info = dict(res[True][1])
+        own.append(info.pop('callback_s') / res[False][0])
+        upd.append(info.pop('updates_s'))
+        print(f"callback  pair {i}: dense {res[False][0]:.3f} s, sparse {res[True][0]:.3f} s, ratio {ratios[-1]:.3f}, "
+              f"callback's own time {own[-1]:.3f} of the dense fit ({upd[-1]:.3f} s in mask updates)")
     steps = epochs * n_batches
     out = dict(model='resnet18', precision='bf16' if dev == 'cuda' else 'fp32', steps=steps, ratios=ratios,
                median_ratio=statistics.median(ratios), min_ratio=min(times[True]) / min(times[False]),
-               dense_s=times[False], sparse_s=times[True], **info)
-    print(f"callback  median ratio {out['median_ratio']:.3f} over {pairs} pairs (best-of ratio {out['min_ratio']:.3f}), "
+               dense_s=times[False], sparse_s=times[True], callback_own=own, median_callback_own=statistics.median(own),
+               updates_s=upd, **info)
+    print(f"callback  median ratio {out['median_ratio']:.3f} over {pairs} pairs (best-of ratio {out['min_ratio']:.3f}, "
+          f"callback's own time {out['median_callback_own']:.3f} of the dense fit), "
           f"{steps} steps, {info}")
     return out
 
