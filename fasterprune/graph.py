@@ -1026,7 +1026,8 @@ def _written_heads(self:ChannelGraph, owner:str, spec):
     "Register the heads of the hand-written attention `owner` (a 'head' slot) after checking `spec` fits it"
     if isinstance(spec, (tuple, list)): spec = AttentionHeads(*spec)
     if not isinstance(spec, AttentionHeads):
-        raise TypeError(f"heads[{owner!r}] must be an AttentionHeads(num_heads, q, k, v, o), got {type(spec).__name__}")
+        raise TypeError(f"heads[{owner!r}] must be an AttentionHeads(num_heads, q, k, v, o[, num_kv_heads]), "
+                        f"got {type(spec).__name__}")
     if owner not in self.modules:
         raise ValueError(f"heads: the model has no module {owner!r} (use '' for the model itself)")
     m = self.modules[owner]
