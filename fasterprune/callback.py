@@ -87,7 +87,7 @@ class SparsifyCallback(Callback):
         self.sparsifier, self.history, self.report, self.last_target = None, [], None, None
         self.completed = False  # the schedule reached its end: later fits keep the masks
         self.fixed = False      # masks adopted from a surgered model's zeros: kept as they are
-        self._metric, self._mode, self._pairs = None, None, ([], [])
+        self._metric, self._mode, self._masker = None, None, None
         self._name = 'sparsify'
 
     def _check_sparsity(self, sparsity):
@@ -152,7 +152,7 @@ class SparsifyCallback(Callback):
     def before_fit(self):
         self._check_alone()
         self._drop_metric()  # a failed fit's column
-        self._mode, self._pairs = None, ([], [])
+        self._mode, self._masker = None, None
         self._lr_find = any(isinstance(c, LRFinder) for c in self.learn.cbs)
         if self.show_sparsity and not self._lr_find:
             self._metric = ValueMetric(self._measure, 'sparsity')
@@ -233,7 +233,7 @@ class SparsifyCallback(Callback):
         self._drop_metric()
         if self.heads: self.learn._sparsify_heads = self.heads  # Pruner(learn) finds them after fit(cbs=) removed us
         mode, self._mode = self._mode, None
-        self._pairs = ([], [])
+        self._masker = None
         if mode is None or self._lr_find: return  # a validation-only pass, or lr_find: nothing of the callback changed
         sp, xb = self.sparsifier, getattr(self.learn, 'xb', None)
         if xb and xb[0] is not None: self.report = sparsity_report(sp.model, tuple(x[:1] for x in xb))  # FLOPs too
@@ -335,10 +335,10 @@ class SparsifyCallback(Callback):
         return t > self.last_target
 
     def _refresh_cache(self):
-        "The Sparsifier's (tensor, mask) pairs for the one fused multiply after each step; call after a mask change"
+        "The Sparsifier's `masker()` that zeroes the pruned weights after each step; call after a mask change"
         sp = self.sparsifier
         off = sp is None or self._mode == 'off' or not sp.masks
-        self._pairs = ([], []) if off else sp.mask_pairs()  # weights, or what a parametrization computes them from
+        self._masker = None if off else sp.masker()  # weights, or what a parametrization computes them from
 
     def _update(self, pos:float, frac:float):
         "Recompute and apply the masks for schedule fraction `frac`; True when they changed"
@@ -354,7 +354,5 @@ class SparsifyCallback(Callback):
         return True
 
     def _apply(self):
-        "Zero the pruned weights: one fused multiply of the Sparsifier's `mask_pairs()`"
-        ts, ms = self._pairs
-        if ts:
-            with torch.no_grad(): torch._foreach_mul_(ts, ms)
+        "Zero the pruned weights (one fused multiply up to 2^26 weights; above, a `where` per layer with the bool masks)"
+        if self._masker is not None: self._masker()

@@ -583,6 +583,26 @@ def _mask_dense(w:Tensor, mk:Tensor, zero:Tensor|None=None):
         np.multiply(wn, mk.numpy(), out=wn)
     else: torch.where(mk, w, w.new_zeros(()) if zero is None else zero, out=w)
 
+_FUSED_MASKS_MAX = 2**26  # masked weights up to which the per-step masks are kept in the weights' dtype (fused)
+
+class _Masker:
+    "Zero masked entries after an optimizer step: (tensor, bool mask) `pairs`, plus (tensor, float mask) `aux` pairs"
+    def __init__(self, pairs:list, aux:list):
+        self.fused = sum(t.numel() for t, _ in pairs) <= _FUSED_MASKS_MAX
+        if self.fused:  # one multiply over every tensor, masks in their dtype
+            self.ts, self.ms = [t for t, _ in pairs + aux], [k.to(t.dtype) for t, k in pairs + aux]
+        else:  # the bool masks themselves, a `where` per tensor; the small aux masks fused
+            self.pairs, self.aux = pairs, ([t for t, _ in aux], [k for _, k in aux])
+            self.zeros = {(t.dtype, t.device): t.new_zeros(()) for t, _ in pairs}
+
+    def __call__(self):
+        with torch.no_grad():
+            if self.fused:
+                if self.ts: torch._foreach_mul_(self.ts, self.ms)
+                return
+            for t, k in self.pairs: _mask_dense(t, k, self.zeros[t.dtype, t.device])
+            if self.aux[0]: torch._foreach_mul_(*self.aux)
+
 # %% ../nbs/03_sparsifier.ipynb #463106fc
 class Sparsifier:
     "Computes, applies and measures pruning masks on `model`'s Conv and Linear weights"
@@ -772,14 +792,22 @@ class Sparsifier:
                 else: _mask_reparam(self.layers[n], self._rp[n], mk)
             for p, mk in self.aux: p.mul_(mk)
 
-    def mask_pairs(self) -> tuple[list[Tensor], list[Tensor]]:
-        "Tensors to multiply in place after each optimizer step, and their masks in their dtype (`torch._foreach_mul_`)"
+    def _bool_pairs(self) -> list:
+        "(tensor, bool mask): the weights, or the tensors a parametrization computes them from"
         pairs = []
         for n, mk in self.masks.items():
             m, rp = self.layers[n], self._rp[n]
             pairs += [(m.weight, mk)] if rp is None else _reparam_pairs(m, rp, mk)
-        pairs += self.aux
+        return pairs
+
+    def mask_pairs(self) -> tuple[list[Tensor], list[Tensor]]:
+        "Tensors to multiply in place after each optimizer step, and their masks in their dtype (`torch._foreach_mul_`)"
+        pairs = self._bool_pairs() + self.aux
         return [t for t, _ in pairs], [k.to(t.dtype) for t, k in pairs]
+
+    def masker(self) -> _Masker:
+        "A function that zeroes every masked weight (for after each optimizer step): fused up to `_FUSED_MASKS_MAX`"
+        return _Masker(self._bool_pairs(), list(self.aux))
 
     def reset(self) -> Sparsifier:
         "Forget the masks (the weights keep their zeros)"

@@ -521,3 +521,30 @@ def test_subclass_events_still_called_and_unhandled_events_skipped():
     fct.test_eq(cb.n_batches, len(learn.dls.train))  # run_valid=False: training batches only
     fct.test_eq(_n_zero(cb.sparsifier), round(0.5 * _n_w(cb.sparsifier)))
     assert cb('after_pred') is None and cb.run  # an event without a method: nothing runs, nothing changes
+
+
+@pytest.mark.parametrize('model', ['mlp', 'weight_norm', 'filter'])
+def test_layer_by_layer_masker_above_the_fused_limit(monkeypatch, model):
+    "Above `_FUSED_MASKS_MAX` the per-step masking keeps only the bool masks (no dtype copies) and still holds"
+    from fasterprune import sparsifier as S
+    monkeypatch.setattr(S, '_FUSED_MASKS_MAX', 100)  # every model here is above it
+    net = mlp(64, 64, 32, 10)
+    if model == 'weight_norm':
+        from torch.nn.utils import parametrizations
+        parametrizations.weight_norm(net[2])
+    learn = _learn(model=net, opt_func=Adam, wd=0.1)
+    gran = 'filter' if model == 'filter' else 'weight'
+    cb = SparsifyCallback(0.5 if gran == 'filter' else 0.8, gran, 'global', 'magnitude', 'agp', update_every=2)
+    chk = CheckZeros(cb)
+    learn.fit(2, 1e-2, cbs=[cb, chk])
+    assert chk.checked >= 10
+    sp = cb.sparsifier
+    m = sp.masker()
+    assert not m.fused and all(k.dtype == torch.bool for _, k in m.pairs)
+    fct.test_eq(sum(int((sp.weight(n) == 0).sum()) for n in sp.layers),
+                sum(int((~mk).sum()) for mk in sp.masks.values()))
+    if model == 'mlp': fct.test_eq(_n_zero(sp), round(0.8 * _n_w(sp)))
+    if gran == 'filter':  # the biases of pruned filters: the small float masks, multiplied too
+        dead = {n: ~mk.reshape(mk.shape[0], -1).any(1) for n, mk in sp.masks.items()}
+        assert sum(int(d.sum()) for d in dead.values()) > 0
+        for n, d in dead.items(): assert (sp.layers[n].bias[d] == 0).all(), n
