@@ -28,8 +28,11 @@ def callback_checks():
     import fastai.callback.fp16, fastai.callback.schedule  # noqa: F401
     from fasterprune.callback import SparsifyCallback
     from fasterprune.data import digits_dls, lenet_300_100, small_cnn
-    ok = True
-    for prec in ('to_bf16', 'to_fp16'):
+    from fasterprune import sparsifier as S
+    ok, limit = True, S._FUSED_MASKS_MAX
+    for prec, fused in (('to_bf16', True), ('to_fp16', True), ('to_bf16', False)):
+        # fused=False: the per-step masking of large models (a `where` per layer with the bool masks)
+        S._FUSED_MASKS_MAX = limit if fused else 100
         for gran, flat, make in (('weight', True, lenet_300_100), ('filter', False, small_cnn)):
             torch.manual_seed(0)
             dls = digits_dls(flat=flat, device=torch.device('cuda'))
@@ -38,10 +41,13 @@ def callback_checks():
             learn.fit_one_cycle(3, 1e-2, cbs=cb)
             sp = cb.sparsifier
             zero = all(bool((sp.layers[n].weight[~mk] == 0).all()) for n, mk in sp.masks.items())
-            ok &= check(f"{prec} {gran}: masked weights exactly zero on cuda", zero, f"sparsity {sp.sparsity():.4f}, {len(cb.history)} updates")
+            how = '' if fused else ' (layer by layer)'
+            ok &= check(f"{prec} {gran}{how}: masked weights exactly zero on cuda", zero and sp.masker().fused == fused,
+                        f"sparsity {sp.sparsity():.4f}, {len(cb.history)} updates")
             if gran == 'weight':
                 n = sum(m.weight.numel() for m in sp.layers.values())
-                ok &= check(f"{prec} weight: exact count", sum(int((m.weight == 0).sum()) for m in sp.layers.values()) == round(0.9 * n))
+                ok &= check(f"{prec} weight{how}: exact count", sum(int((m.weight == 0).sum()) for m in sp.layers.values()) == round(0.9 * n))
+    S._FUSED_MASKS_MAX = limit
     return ok
 
 
