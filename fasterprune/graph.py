@@ -279,8 +279,9 @@ class ChannelGraph:
                 self._written_heads(key, spec)
                 continue
             sp = AttentionHeads(*spec) if isinstance(spec, (tuple, list)) else spec
-            parts = [getattr(sp, a, None) for a in ('num_heads', 'q', 'k', 'v', 'o')]
-            if getattr(sp, 'num_kv_heads', None) is not None: parts.append(sp.num_kv_heads)
+            parts = [getattr(sp, a, None) for a in ('q', 'k', 'v', 'o')]  # and the count attributes it names
+            counts = (getattr(sp, c, None) for c in ('num_heads', 'num_kv_heads', 'head_dim'))
+            parts += [a for a in counts if a is not None]
             hits = [n for n, m in self.modules.items()  # a pattern: every module it names that has those parts
                     if fnmatch.fnmatchcase(n, key) and all(isinstance(a, str) and hasattr(m, a) for a in parts)]
             if not hits:
@@ -986,12 +987,14 @@ def _layer(self:ChannelGraph, name:str, m:nn.Module, x:Tensor, xl, out:Tensor, i
 @dataclass
 class AttentionHeads:
     "A hand-written attention block: the attribute its forward splits heads with, and its projections (`nn.Linear`)"
-    num_heads:str='num_heads'  # the int attribute of the block read by `.view(B, T, self.num_heads, head_dim)`
+    num_heads:str|None='num_heads'  # the int attribute of the block read by `.view(B, T, self.num_heads, head_dim)`
     q:str='q_proj'             # the query, key, value projections and the output projection, named inside the block
     k:str='k_proj'
     v:str='v_proj'
     o:str='o_proj'
     num_kv_heads:str|None=None  # grouped-query attention: the int attribute holding the k/v head count (None: MHA)
+    head_dim:str|None=None      # the head width attribute, for a forward that infers the counts from the widths
+                                # (`view(B, T, -1, self.head_dim)`: pass num_heads=None; Hugging Face's Llama)
 
 @dataclass
 class _WrittenHeads:
@@ -1002,18 +1005,24 @@ class _WrittenHeads:
     o:nn.Linear     # the output projection
     names:tuple     # ([q, k, v names], o name) in the model
     kv_attr:str|None = None  # the k/v head count's attribute (grouped-query attention), None when k/v have every head
+    hd_attr:str|None = None  # the head width's attribute; with `attr` None the counts follow the projections' widths
     @property
-    def num_heads(self) -> int: return getattr(self.owner, self.attr)
+    def num_heads(self) -> int:
+        return getattr(self.owner, self.attr) if self.attr is not None else self.qkv[0].out_features // self.head_dim
     @property
     def num_kv_heads(self) -> int:
         "k/v heads: the units that prune whole (a unit is one k/v head with its `n_rep` query heads)"
-        return self.num_heads if self.kv_attr is None else getattr(self.owner, self.kv_attr)
+        if self.kv_attr is not None: return getattr(self.owner, self.kv_attr)
+        return self.num_heads if self.attr is not None else self.qkv[1].out_features // self.head_dim
     @property
     def n_rep(self) -> int: return self.num_heads // self.num_kv_heads
     @property
-    def head_dim(self) -> int: return self.o.in_features // self.num_heads
+    def head_dim(self) -> int:
+        return getattr(self.owner, self.hd_attr) if self.hd_attr is not None else self.o.in_features // self.num_heads
     @property
-    def attrs(self) -> tuple: return (self.attr,) if self.kv_attr is None else (self.attr, self.kv_attr)
+    def attrs(self) -> tuple:
+        "The count attributes the Pruner sets after a cut"
+        return tuple(a for a in (self.attr, self.kv_attr) if a is not None)
     def unit_rows(self, units:Tensor) -> dict[str, Tensor]:
         "{q, k, v layer name: (len(units), rows of one unit)}: the rows the k/v groups `units` own (q's: o's columns)"
         hd, r = self.head_dim, self.n_rep
@@ -1021,20 +1030,30 @@ class _WrittenHeads:
         q, kv = u * (r * hd) + torch.arange(r * hd), u * hd + torch.arange(hd)
         return dict(zip(self.names[0], (q, kv, kv)))
 
+def _count(m:nn.Module, attr, owner:str, field:str, what:str) -> int:
+    "The positive int `m.<attr>` named by the `AttentionHeads` field `field`, or a ValueError that says what to name"
+    v = getattr(m, attr, None) if isinstance(attr, str) else None
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"heads[{owner!r}]: {field}={attr!r} names {type(m).__name__}.{attr} = {v!r}, not {what}; "
+                         f"name the int attribute the forward reads")
+    return v
+
 @patch
 def _written_heads(self:ChannelGraph, owner:str, spec):
     "Register the heads of the hand-written attention `owner` (a 'head' slot) after checking `spec` fits it"
     if isinstance(spec, (tuple, list)): spec = AttentionHeads(*spec)
     if not isinstance(spec, AttentionHeads):
-        raise TypeError(f"heads[{owner!r}] must be an AttentionHeads(num_heads, q, k, v, o[, num_kv_heads]), "
+        raise TypeError(f"heads[{owner!r}] must be an AttentionHeads(num_heads, q, k, v, o[, num_kv_heads, head_dim]), "
                         f"got {type(spec).__name__}")
     if owner not in self.modules:
         raise ValueError(f"heads: the model has no module {owner!r} (use '' for the model itself)")
     m = self.modules[owner]
-    H = getattr(m, spec.num_heads, None)
-    if not isinstance(H, int) or isinstance(H, bool) or H < 1:
-        raise ValueError(f"heads[{owner!r}]: {type(m).__name__}.{spec.num_heads} is {H!r}, not a head count; name "
-                         "the int attribute the forward splits heads with")
+    if spec.num_heads is None and spec.head_dim is None:
+        raise ValueError(f"heads[{owner!r}]: num_heads=None (a forward that infers the head count from the width, "
+                         "`view(B, T, -1, self.head_dim)`) needs head_dim= naming the head width attribute")
+    H = None if spec.num_heads is None else _count(m, spec.num_heads, owner, 'num_heads', 'a head count')
+    hd = None if spec.head_dim is None else _count(m, spec.head_dim, owner, 'head_dim', 'a head width')
+    Hkv = None if spec.num_kv_heads is None else _count(m, spec.num_kv_heads, owner, 'num_kv_heads', 'a head count')
     full = lambda n: f'{owner}.{n}' if owner else n
     lins = []
     for n in (spec.q, spec.k, spec.v, spec.o):
@@ -1042,27 +1061,26 @@ def _written_heads(self:ChannelGraph, owner:str, spec):
             raise ValueError(f"heads[{owner!r}]: {full(n)!r} is not an nn.Linear of the model")
         lins.append(self.modules[full(n)])
     q, k, v, o = lins
-    widths = f"q, k, v widths {q.out_features}, {k.out_features}, {v.out_features} and o's input {o.in_features}"
-    kv_attr = getattr(spec, 'num_kv_heads', None)
-    if kv_attr is None:
-        if not q.out_features == k.out_features == v.out_features == o.in_features or q.out_features % H:
-            gqa = k.out_features == v.out_features < q.out_features == o.in_features
-            raise ValueError(f"heads[{owner!r}]: {widths} must be equal and a multiple of {spec.num_heads}={H}" +
-                             (" (k and v are narrower: grouped-query attention? name the k/v head count too, e.g. "
-                              "AttentionHeads(..., num_kv_heads='num_key_value_heads'))" if gqa else ""))
-        Hkv = H
-    else:
-        Hkv = getattr(m, kv_attr, None) if isinstance(kv_attr, str) else None
-        if not isinstance(Hkv, int) or isinstance(Hkv, bool) or Hkv < 1:
-            raise ValueError(f"heads[{owner!r}]: num_kv_heads={kv_attr!r} names {type(m).__name__}.{kv_attr} = "
-                             f"{Hkv!r}, not a head count; name the int attribute the forward splits k and v with")
-        if H % Hkv or q.out_features != o.in_features or q.out_features % H or \
-                not k.out_features == v.out_features == q.out_features // H * Hkv:
-            raise ValueError(f"heads[{owner!r}]: {widths} do not fit {spec.num_heads}={H} query heads and "
-                             f"{kv_attr}={Hkv} k/v heads (q and o: a multiple of {H}; k and v: {Hkv} heads of q's head "
-                             f"width; {Hkv} dividing {H})")
+    Q, K = q.out_features, k.out_features
+    widths = f"q, k, v widths {Q}, {K}, {v.out_features} and o's input {o.in_features}"
+    if H is None: H = Q // hd if Q % hd == 0 else 0  # the forward infers the counts from the widths
+    if hd is None: hd = Q // H if Q % H == 0 else 0
+    if Hkv is None:
+        gqa = K == v.out_features < Q == o.in_features
+        if spec.num_heads is not None and gqa:
+            raise ValueError(f"heads[{owner!r}]: {widths} must be equal and a multiple of {spec.num_heads}={H} "
+                             "(k and v are narrower: grouped-query attention? name the k/v head count too, e.g. "
+                             "AttentionHeads(..., num_kv_heads='num_key_value_heads'))")
+        Hkv = H if spec.num_heads is not None else (K // hd if hd and K % hd == 0 else 0)
+    if not (H and hd and Hkv) or H % Hkv or not Q == o.in_features == H * hd or not K == v.out_features == Hkv * hd:
+        named = (('num_heads', spec.num_heads), ('num_kv_heads', spec.num_kv_heads), ('head_dim', spec.head_dim))
+        counts = ', '.join(f"{f}={a!r}" for f, a in named if a is not None)
+        if spec.num_kv_heads is None and spec.head_dim is None:
+            raise ValueError(f"heads[{owner!r}]: {widths} must be equal and a multiple of {spec.num_heads}={H}")
+        raise ValueError(f"heads[{owner!r}]: {widths} do not fit {counts}: q and o hold num_heads heads of head_dim, "
+                         "k and v num_kv_heads heads, and num_kv_heads divides num_heads")
     w = _WrittenHeads(m, spec.num_heads, (q, k, v), o, ([full(n) for n in (spec.q, spec.k, spec.v)], full(spec.o)),
-                      kv_attr)
+                      spec.num_kv_heads, spec.head_dim)
     self.heads[owner] = w
     if Hkv > 1: self._slot(owner, 'head', self._new(Hkv))  # one unit per k/v head (with its query heads)
     elif H > 1: logger.info("graph: %r has one k/v head for %d query heads: no whole group to prune", owner, H)

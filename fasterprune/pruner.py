@@ -403,7 +403,7 @@ class _Surgery:
         if not hasattr(w.owner, '_pruned_head_attrs'): w.owner._pruned_head_attrs = ()
         self.set(w.owner, '_pruned_head_attrs', tuple(sorted({*w.owner._pruned_head_attrs, *w.attrs})))  # for recipes
         if w.kv_attr is not None: self.set(w.owner, w.kv_attr, len(idx))
-        self.set(w.owner, w.attr, len(idx) * n_rep)  # a k/v group keeps its n_rep query heads
+        if w.attr is not None: self.set(w.owner, w.attr, len(idx) * n_rep)  # a k/v group keeps its n_rep query heads
 
 # %% ../nbs/08_pruner.ipynb #7551cd9b
 import torch.nn.functional as F

@@ -261,6 +261,69 @@ def test_bad_gqa_specs_clear_errors_model_untouched():
                heads={'layers.*.self_attn': AttentionHeads(num_kv_heads='n_kv')}).prune(0.5)
 
 
+class HFStyleAttention(nn.Module):
+    "Like Hugging Face's LlamaAttention: no head-count attribute; `view(..., -1, head_dim)`, `repeat_kv` by n_rep"
+    def __init__(self, d=64, n_heads=8, n_kv_heads=4):
+        super().__init__()
+        self.head_dim, self.num_key_value_groups = d // n_heads, n_heads // n_kv_heads
+        self.q_proj, self.o_proj = nn.Linear(d, d, bias=True), nn.Linear(d, d, bias=False)
+        self.k_proj, self.v_proj = (nn.Linear(d, n_kv_heads * self.head_dim, bias=True) for _ in range(2))
+    def forward(self, x):
+        shape = (*x.shape[:-1], -1, self.head_dim)
+        q, k, v = (p(x).view(shape).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        k, v = repeat_kv(k, self.num_key_value_groups), repeat_kv(v, self.num_key_value_groups)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(o.transpose(1, 2).reshape(*x.shape[:-1], -1).contiguous())
+
+
+def test_counts_from_widths_hf_style(tmp_path):
+    "num_heads=None, head_dim=: the counts follow the projections' widths (nothing to set), k/v groups prune, verified"
+    class HFNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.fc = HFStyleAttention(), nn.Linear(64, 5)
+        def forward(self, x): return self.fc(x + self.attn(x))
+    torch.manual_seed(0)
+    m, x = HFNet().eval(), torch.randn(2, 16, 64)
+    spec = {'attn': AttentionHeads(num_heads=None, head_dim='head_dim')}
+    g = ChannelGraph(m, x, heads=spec)
+    fct.test_eq((g.heads['attn'].num_heads, g.heads['attn'].num_kv_heads, g.heads['attn'].n_rep), (8, 4, 2))
+    pr = Pruner(m, x, heads=spec)
+    pr.prune(0.5)
+    a = m.attn
+    fct.test_eq((a.q_proj.out_features, a.q_proj.bias.shape[0], a.k_proj.out_features, a.o_proj.in_features),
+                (32, 32, 16, 32))
+    fct.test_eq((a.head_dim, a.num_key_value_groups), (8, 2))
+    assert pr.history[-1]['rel_error'] <= 1e-5
+    save_pruned(m, tmp_path / 'hf.pt')
+    fresh = load_pruned(HFNet().eval(), tmp_path / 'hf.pt')
+    with torch.no_grad(): assert torch.equal(fresh(x), m(x))
+    with pytest.raises(ValueError, match="needs head_dim="):
+        Pruner(HFNet(), x, heads={'attn': AttentionHeads(num_heads=None)}).prune(0.5)
+
+
+def test_transformers_llama_prunes_kv_groups():
+    "Hugging Face's LlamaForCausalLM (random weights, GQA 8/2): k/v groups and SwiGLU units go, verified"
+    transformers = pytest.importorskip('transformers')
+    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    lm = transformers.LlamaForCausalLM(cfg).eval()
+    class Logits(nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+        def forward(self, tok): return self.lm(tok, use_cache=False).logits
+    m, tok = Logits(lm), torch.randint(0, 100, (2, 16))
+    pr = Pruner(m, tok, strict=False,  # the causal mask's position arithmetic (diff, cumsum) is pinned
+                heads={'lm.model.layers.*.self_attn': AttentionHeads(num_heads=None, head_dim='head_dim')})
+    pr.prune(0.5)
+    for l in lm.model.layers:
+        fct.test_eq((l.self_attn.q_proj.out_features, l.self_attn.k_proj.out_features, l.mlp.gate_proj.out_features),
+                    (32, 8, 64))
+    assert pr.history[-1]['rel_error'] <= 1e-5
+
+
 def test_mqa_has_no_group_to_prune():
     "One k/v head for all query heads (multi-query attention): no unit; the attention stays, nothing breaks"
     torch.manual_seed(0)
