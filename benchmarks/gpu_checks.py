@@ -24,12 +24,18 @@ def check(name, ok, detail=''):
 
 
 def callback_checks():
+    from fasterprune import sparsifier as S
+    limit = S._FUSED_MASKS_MAX
+    try: return _callback_checks(S, limit)
+    finally: S._FUSED_MASKS_MAX = limit
+
+
+def _callback_checks(S, limit):
     from fastai.learner import Learner
     import fastai.callback.fp16, fastai.callback.schedule  # noqa: F401
     from fasterprune.callback import SparsifyCallback
     from fasterprune.data import digits_dls, lenet_300_100, small_cnn
-    from fasterprune import sparsifier as S
-    ok, limit = True, S._FUSED_MASKS_MAX
+    ok = True
     for prec, fused in (('to_bf16', True), ('to_fp16', True), ('to_bf16', False)):
         # fused=False: the per-step masking of large models (a `where` per layer with the bool masks)
         S._FUSED_MASKS_MAX = limit if fused else 100
@@ -46,8 +52,8 @@ def callback_checks():
                         f"sparsity {sp.sparsity():.4f}, {len(cb.history)} updates")
             if gran == 'weight':
                 n = sum(m.weight.numel() for m in sp.layers.values())
-                ok &= check(f"{prec} weight{how}: exact count", sum(int((m.weight == 0).sum()) for m in sp.layers.values()) == round(0.9 * n))
-    S._FUSED_MASKS_MAX = limit
+                ok &= check(f"{prec} weight{how}: exact count",
+                            sum(int((m.weight == 0).sum()) for m in sp.layers.values()) == round(0.9 * n))
     return ok
 
 
