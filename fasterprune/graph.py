@@ -280,7 +280,7 @@ class ChannelGraph:
                 continue
             sp = AttentionHeads(*spec) if isinstance(spec, (tuple, list)) else spec
             parts = [getattr(sp, a, None) for a in ('q', 'k', 'v', 'o')]  # and the count attributes it names
-            counts = (getattr(sp, c, None) for c in ('num_heads', 'num_kv_heads', 'head_dim'))
+            counts = (getattr(sp, c, None) for c in ('num_heads', 'num_kv_heads', 'head_dim', 'n_rep'))
             parts += [a for a in counts if a is not None]
             hits = [n for n, m in self.modules.items()  # a pattern: every module it names that has those parts
                     if fnmatch.fnmatchcase(n, key) and all(isinstance(a, str) and hasattr(m, a) for a in parts)]
@@ -995,6 +995,8 @@ class AttentionHeads:
     num_kv_heads:str|None=None  # grouped-query attention: the int attribute holding the k/v head count (None: MHA)
     head_dim:str|None=None      # the head width attribute, for a forward that infers the counts from the widths
                                 # (`view(B, T, -1, self.head_dim)`: pass num_heads=None; Hugging Face's Llama)
+    n_rep:str|None=None         # the attribute holding num_heads // num_kv_heads when the forward reads it (Hugging
+                                # Face: 'num_key_value_groups'); it changes when query heads of one k/v head go (MQA)
 
 @dataclass
 class _WrittenHeads:
@@ -1006,6 +1008,7 @@ class _WrittenHeads:
     names:tuple     # ([q, k, v names], o name) in the model
     kv_attr:str|None = None  # the k/v head count's attribute (grouped-query attention), None when k/v have every head
     hd_attr:str|None = None  # the head width's attribute; with `attr` None the counts follow the projections' widths
+    rep_attr:str|None = None  # the attribute holding `n_rep`, set after a cut
     @property
     def num_heads(self) -> int:
         return getattr(self.owner, self.attr) if self.attr is not None else self.qkv[0].out_features // self.head_dim
@@ -1022,12 +1025,19 @@ class _WrittenHeads:
     @property
     def attrs(self) -> tuple:
         "The count attributes the Pruner sets after a cut"
-        return tuple(a for a in (self.attr, self.kv_attr) if a is not None)
+        return tuple(a for a in (self.attr, self.kv_attr, self.rep_attr) if a is not None)
+    @property
+    def mqa(self) -> bool:
+        "One k/v head for several query heads (multi-query attention): the units are the query heads, k and v stay"
+        return self.num_kv_heads == 1 and self.num_heads > 1
+    @property
+    def n_units(self) -> int: return self.num_heads if self.mqa else self.num_kv_heads
     def unit_rows(self, units:Tensor) -> dict[str, Tensor]:
-        "{q, k, v layer name: (len(units), rows of one unit)}: the rows the k/v groups `units` own (q's: o's columns)"
+        "{q, k, v layer name: (len(units), rows of one unit)}: the rows the units own (q's rows: o's columns too)"
         hd, r = self.head_dim, self.n_rep
         u = units.reshape(-1, 1).cpu()
-        q, kv = u * (r * hd) + torch.arange(r * hd), u * hd + torch.arange(hd)
+        if self.mqa: return {self.names[0][0]: u * hd + torch.arange(hd)}  # a query head; the one k/v head stays
+        q, kv = u * (r * hd) + torch.arange(r * hd), u * hd + torch.arange(hd)  # a k/v group: n_rep query heads
         return dict(zip(self.names[0], (q, kv, kv)))
 
 def _count(m:nn.Module, attr, owner:str, field:str, what:str) -> int:
@@ -1054,6 +1064,7 @@ def _written_heads(self:ChannelGraph, owner:str, spec):
     H = None if spec.num_heads is None else _count(m, spec.num_heads, owner, 'num_heads', 'a head count')
     hd = None if spec.head_dim is None else _count(m, spec.head_dim, owner, 'head_dim', 'a head width')
     Hkv = None if spec.num_kv_heads is None else _count(m, spec.num_kv_heads, owner, 'num_kv_heads', 'a head count')
+    rep = None if spec.n_rep is None else _count(m, spec.n_rep, owner, 'n_rep', 'a number of query heads per k/v head')
     full = lambda n: f'{owner}.{n}' if owner else n
     lins = []
     for n in (spec.q, spec.k, spec.v, spec.o):
@@ -1079,17 +1090,18 @@ def _written_heads(self:ChannelGraph, owner:str, spec):
             raise ValueError(f"heads[{owner!r}]: {widths} must be equal and a multiple of {spec.num_heads}={H}")
         raise ValueError(f"heads[{owner!r}]: {widths} do not fit {counts}: q and o hold num_heads heads of head_dim, "
                          "k and v num_kv_heads heads, and num_kv_heads divides num_heads")
+    if rep is not None and rep != H // Hkv:
+        raise ValueError(f"heads[{owner!r}]: n_rep={spec.n_rep!r} is {rep}, not {H} query heads // {Hkv} k/v heads")
     w = _WrittenHeads(m, spec.num_heads, (q, k, v), o, ([full(n) for n in (spec.q, spec.k, spec.v)], full(spec.o)),
-                      spec.num_kv_heads, spec.head_dim)
+                      spec.num_kv_heads, spec.head_dim, spec.n_rep)
     self.heads[owner] = w
-    if Hkv > 1: self._slot(owner, 'head', self._new(Hkv))  # one unit per k/v head (with its query heads)
-    elif H > 1: logger.info("graph: %r has one k/v head for %d query heads: no whole group to prune", owner, H)
+    if w.n_units > 1: self._slot(owner, 'head', self._new(w.n_units))  # a k/v group, or a query head (MQA): a unit
 
 @patch
 def _check_written(self:ChannelGraph, owner:str, w:_WrittenHeads):
     "The projections' channels must be split into heads (pinned by the view): else they would also prune one by one"
     qkv, o = w.names
-    if w.num_kv_heads == 1: return  # no head slot: nothing to prune there
+    if w.n_units == 1: return  # no head slot: nothing to prune there
     slots = [self.slots[(n, 'out')] for n in qkv] + [self.slots[(o, 'in')]]
     free = [s.module for s in slots if not self.comp_pinned[s.comp].all()]
     if free:

@@ -237,8 +237,8 @@ def _zero_targets(m:nn.Module, s, rm:Tensor) -> list:
     "(parameter, dim, indices) holding the channels `rm` of slot `s` of module `m` at their source"
     idx = rm.nonzero().squeeze(1)
     if s.kind == 'head' and isinstance(m, _WrittenHeads):  # hand-written: rows of q, k, v; columns of o
-        rows = {n: r.reshape(-1) for n, r in m.unit_rows(idx).items()}
-        res = [(p, 0, rows[n]) for n, lin in zip(m.names[0], m.qkv) for p in (lin.weight, lin.bias)]
+        rows, lins = {n: r.reshape(-1) for n, r in m.unit_rows(idx).items()}, dict(zip(m.names[0], m.qkv))
+        res = [(p, 0, r) for n, r in rows.items() for p in (lins[n].weight, lins[n].bias)]
         res.append((m.o.weight, 1, rows[m.names[0][0]]))  # o's columns: those of the query heads
     elif s.kind == 'head':  # a head's query, key and value rows and its output-projection columns
         hr, hc = _head_index(m, idx)
@@ -391,19 +391,20 @@ class _Surgery:
 
     def _cut_written(self, w:_WrittenHeads, idx:Tensor):
         "Hand-written attention: the q, k, v rows and o columns of the units `idx` stay; the head counts follow"
-        rows = {n: r.reshape(-1) for n, r in w.unit_rows(idx).items()}
-        n_rep = w.n_rep
-        for n, lin in zip(w.names[0], w.qkv):
-            self.cut_param(lin.weight, 0, rows[n])
-            self.cut_param(lin.bias, 0, rows[n])
-            self.set(lin, 'out_features', len(rows[n]))
+        rows, lins = {n: r.reshape(-1) for n, r in w.unit_rows(idx).items()}, dict(zip(w.names[0], w.qkv))
+        kv = 1 if w.mqa else len(idx)  # MQA: query heads go, the k/v head stays; else whole k/v groups
+        H = len(idx) if w.mqa else len(idx) * w.n_rep
+        for n, r in rows.items():
+            self.cut_param(lins[n].weight, 0, r)
+            self.cut_param(lins[n].bias, 0, r)
+            self.set(lins[n], 'out_features', len(r))
         cols = rows[w.names[0][0]]
         self.cut_param(w.o.weight, 1, cols)
         self.set(w.o, 'in_features', len(cols))
         if not hasattr(w.owner, '_pruned_head_attrs'): w.owner._pruned_head_attrs = ()
         self.set(w.owner, '_pruned_head_attrs', tuple(sorted({*w.owner._pruned_head_attrs, *w.attrs})))  # for recipes
-        if w.kv_attr is not None: self.set(w.owner, w.kv_attr, len(idx))
-        if w.attr is not None: self.set(w.owner, w.attr, len(idx) * n_rep)  # a k/v group keeps its n_rep query heads
+        for a, val in ((w.kv_attr, kv), (w.attr, H), (w.rep_attr, H // kv)):
+            if a is not None: self.set(w.owner, a, val)
 
 # %% ../nbs/08_pruner.ipynb #7551cd9b
 import torch.nn.functional as F
@@ -427,11 +428,11 @@ def _head_index(m, heads:Tensor) -> tuple[Tensor, Tensor]:
 
 def _silent_heads(m) -> Tensor:
     "Heads whose output is zero for every input: value rows and bias zero, or output-projection columns zero"
-    if isinstance(m, _WrittenHeads):  # a unit (a k/v group): its value rows, or the o columns of all its query heads
-        U, v, o = m.num_kv_heads, m.qkv[2], m.o
-        vz = (v.weight.detach().reshape(U, -1) == 0).all(1)
-        if v.bias is not None: vz &= (v.bias.detach().reshape(U, -1) == 0).all(1)
-        return vz | (o.weight.detach().reshape(o.out_features, U, -1) == 0).all(2).all(0)
+    if isinstance(m, _WrittenHeads):  # a unit (a k/v group, an MQA query head): its value rows, or all its o columns
+        U, Hkv, v, o = m.n_units, m.num_kv_heads, m.qkv[2], m.o
+        vz = (v.weight.detach().reshape(Hkv, -1) == 0).all(1)
+        if v.bias is not None: vz &= (v.bias.detach().reshape(Hkv, -1) == 0).all(1)
+        return vz.expand(U) | (o.weight.detach().reshape(o.out_features, U, -1) == 0).all(2).all(0)
     w_in, b_in, proj = _attn_parts(m)
     H, E = m.num_heads, w_in.shape[0] // 3
     hd = E // H
@@ -446,12 +447,12 @@ def _sum32(t:Tensor, dim) -> Tensor:
 
 def _head_scores(m, crit, name:str) -> tuple[Tensor, Tensor]:
     "(sum of the criterion's scores over each head's weights, their number)"
-    if isinstance(m, _WrittenHeads):  # a unit (a k/v group): its rows of q, k, v (contiguous) and its o columns
-        U, (qkv, on), o = m.num_kv_heads, m.names, m.o
-        si = sum(_sum32(crit.score(n, lin.weight).reshape(U, -1), 1) for n, lin in zip(qkv, m.qkv))
+    if isinstance(m, _WrittenHeads):  # a unit: its rows of q (and of k, v: a k/v group; contiguous), its o columns
+        U, (qkv, on), o = m.n_units, m.names, m.o
+        lins = [(n, lin) for n, lin in zip(qkv, m.qkv) if n in m.unit_rows(torch.zeros(1, dtype=torch.long))]
+        si = sum(_sum32(crit.score(n, lin.weight).reshape(U, -1), 1) for n, lin in lins)
         so = _sum32(crit.score(on, o.weight).reshape(o.out_features, U, -1), (0, 2))
-        q, k, v = m.qkv
-        n = m.head_dim * (m.n_rep * (q.in_features + o.out_features) + k.in_features + v.in_features)
+        n = o.in_features // U * o.out_features + sum(lin.out_features // U * lin.in_features for _, lin in lins)
         return si + so, torch.full((U,), float(n), dtype=torch.float64)
     w_in, _, proj = _attn_parts(m)
     H = m.num_heads

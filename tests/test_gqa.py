@@ -324,12 +324,52 @@ def test_transformers_llama_prunes_kv_groups():
     assert pr.history[-1]['rel_error'] <= 1e-5
 
 
-def test_mqa_has_no_group_to_prune():
-    "One k/v head for all query heads (multi-query attention): no unit; the attention stays, nothing breaks"
+def test_mqa_prunes_query_heads():
+    "One k/v head for all query heads (multi-query attention): the query heads are the units, k and v stay"
     torch.manual_seed(0)
     m, x = Net('interleave', n_kv_heads=1).eval(), torch.randn(2, 16, 64)
-    Pruner(m, x, heads={'attn': GQA_HEADS}).prune(0.5)
-    fct.test_eq((m.attn.num_heads, m.attn.num_kv_heads, m.attn.q_proj.out_features), (8, 1, 64))
+    a = m.attn
+    with torch.no_grad():
+        for h, s in ((2, 0.1), (5, 0.2), (6, 0.3), (7, 0.15)):  # the 4 weakest query heads
+            a.q_proj.weight[h * 8:(h + 1) * 8] *= s
+            a.o_proj.weight[:, h * 8:(h + 1) * 8] *= s
+    q0, k0 = a.q_proj.weight.detach().clone(), a.k_proj.weight.detach().clone()
+    pr = Pruner(m, x, heads={'attn': AttentionHeads(num_kv_heads='num_kv_heads', n_rep='n_rep')})  # forward reads n_rep
+    pr.prune(0.5)
+    fct.test_eq((a.num_heads, a.num_kv_heads, a.n_rep, a.q_proj.out_features, a.k_proj.out_features,
+                 a.o_proj.in_features), (4, 1, 4, 32, 8, 32))
+    assert torch.equal(a.q_proj.weight, _rows(q0, [0, 1, 3, 4], 8)) and torch.equal(a.k_proj.weight, k0)
+    assert pr.history[-1]['rel_error'] <= 1e-5
+    with torch.no_grad(): a.o_proj.weight[:, 8:16] = 0  # the second kept query head is silent
+    pr.compact()
+    fct.test_eq((a.num_heads, a.n_rep, a.q_proj.out_features), (3, 3, 24))
+
+
+def test_mqa_hf_style_n_rep_follows(tmp_path):
+    "An HF-style MQA block whose forward reads its stored n_rep: named with n_rep=, it follows; unnamed: refused"
+    class HFNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.fc = HFStyleAttention(n_kv_heads=1), nn.Linear(64, 5)
+        def forward(self, x): return self.fc(x + self.attn(x))
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 64)
+    m = HFNet().eval()
+    sd = _state(m)
+    with pytest.raises(SurgeryError):  # repeat_kv still makes 8 k/v heads for 4 query heads
+        Pruner(m, x, heads={'attn': AttentionHeads(num_heads=None, head_dim='head_dim')}).prune(0.5)
+    assert _same_state(m, sd) and m.attn.num_key_value_groups == 8
+    spec = {'attn': AttentionHeads(num_heads=None, head_dim='head_dim', n_rep='num_key_value_groups')}
+    pr = Pruner(m, x, heads=spec)
+    pr.prune(0.5)
+    fct.test_eq((m.attn.num_key_value_groups, m.attn.q_proj.out_features, m.attn.k_proj.out_features), (4, 32, 8))
+    assert pr.history[-1]['rel_error'] <= 1e-5
+    save_pruned(m, tmp_path / 'mqa.pt')
+    fresh = load_pruned(HFNet().eval(), tmp_path / 'mqa.pt')
+    fct.test_eq(fresh.attn.num_key_value_groups, 4)
+    with torch.no_grad(): assert torch.equal(fresh(x), m(x))
+    with pytest.raises(ValueError, match="n_rep='head_dim' is 8, not 4"):
+        Pruner(m, x, heads={'attn': AttentionHeads(num_heads=None, head_dim='head_dim', n_rep='head_dim')}).prune(0.5)
 
 
 def test_repeat_interleave_passes_other_dims_pins_channels():
