@@ -866,7 +866,7 @@ class Sparsifier:
             raise ValueError(f"coupled channels need granularity='filter', not {self.granularity!r}")
         mods = dict(self.model.named_modules())
         g = ChannelGraph(self.model, example_input, strict, values=False, heads=heads)
-        written = {n: (w.names[0], w.num_heads) for n, w in g.heads.items()}  # q, k, v layer names; head count
+        written = g.heads  # hand-written attention -> its `_WrittenHeads` (which q, k, v rows a unit owns)
         groups, rows, units = [], [], []
         for gr in g.groups():
             if gr.pinned or gr.width == 0: continue
@@ -894,11 +894,15 @@ class Sparsifier:
             if n in self.layers:
                 out[n] = ix.reshape(-1, 1)
                 continue
-            if n in written:  # a hand-written attention: a head is its rows of the q, k and v projections
-                qkv, H = written[n]
-                if any(q not in self.layers for q in qkv): return None
-                hd = self.layers[qkv[0]].weight.shape[0] // H
-                for q in qkv: out[q] = ix.reshape(-1, 1) * hd + torch.arange(hd)
+            if n in written:  # a hand-written attention: a unit (a head; with GQA a k/v group) is its rows of q, k, v
+                if written[n].mqa:  # one shared k/v head: zeroed q rows do not silence a query head (softmax of 0)
+                    logger.warning("Sparsifier.couple: %r is multi-query attention (one k/v head): its query heads stay "
+                                   "during training, since zeroed q rows would not silence them; Pruner.prune removes "
+                                   "them", n)
+                    return None
+                rows = written[n].unit_rows(ix)  # {q, k, v layer: (width, rows of one unit)}: q's are n_rep heads wide
+                if any(q not in self.layers for q in rows): return None
+                out.update(rows)
                 continue
             m = mods.get(n)
             if isinstance(m, nn.MultiheadAttention): lay = f'{n}.in_proj_weight' if n else 'in_proj_weight'

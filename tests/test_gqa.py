@@ -392,8 +392,6 @@ def test_repeat_interleave_passes_other_dims_pins_channels():
     assert pr.history[-1]['rel_error'] <= 1e-5
 
 
-@pytest.mark.xfail(strict=True, reason="needs Sparsifier._group_rows to take a hand-written attention's rows from "
-                   "`_WrittenHeads.unit_rows` (a k/v group's q rows are n_rep heads wide); remove this mark with it")
 def test_sparsifier_filter_masks_follow_kv_groups():
     "Sparsifier.couple(heads=) zeroes whole k/v groups; compact then keeps exactly what Pruner.prune keeps"
     from fasterprune.sparsifier import Sparsifier
@@ -417,8 +415,6 @@ def test_sparsifier_filter_masks_follow_kv_groups():
             assert torch.equal(getattr(l.self_attn, n).weight, getattr(t.self_attn, n).weight), n
 
 
-@pytest.mark.xfail(strict=True, reason="needs Sparsifier._group_rows to take a hand-written attention's rows from "
-                   "`_WrittenHeads.unit_rows`; remove this mark with it")
 def test_callback_heads_on_gqa_llama_then_compact():
     "SparsifyCallback(0.5, 'filter', heads=) during a fit zeroes whole k/v groups; Pruner(learn).compact() removes them"
     from fastai.data.core import DataLoaders
@@ -445,3 +441,24 @@ def test_callback_heads_on_gqa_llama_then_compact():
     Pruner(learn).compact()  # heads= from the callback
     fct.test_eq([(l.self_attn.num_heads, l.self_attn.num_kv_heads) for l in m.layers], [(4, 2), (4, 2)])
     with torch.no_grad(): assert relative_error(ref, m(tok)) <= 1e-5
+
+
+def test_sparsifier_on_mqa_keeps_query_heads_and_says_so(caplog):
+    "Multi-query attention in the Sparsifier: zeroed q rows would not silence a head, so its heads stay, with a warning"
+    from fasterprune.sparsifier import Sparsifier
+    torch.manual_seed(0)
+    class WithMLP(nn.Module):  # something else to prune: the MLP's hidden units
+        def __init__(self):
+            super().__init__()
+            self.net, self.up, self.down = Net('interleave', n_kv_heads=1), nn.Linear(64, 32), nn.Linear(32, 64)
+        def forward(self, x): return self.net(x + self.down(F.relu(self.up(x))))
+    w = WithMLP().eval()
+    m, x = w.net, torch.randn(2, 16, 64)
+    q0 = m.attn.q_proj.weight.detach().clone()
+    with caplog.at_level('WARNING', logger='fasterprune.sparsifier'):
+        sp = Sparsifier(w, 'filter', 'local').couple(x, heads={'net.attn': AttentionHeads(num_kv_heads='num_kv_heads',
+                                                                                             n_rep='n_rep')})
+        sp.sparsify(0.5)
+    assert 'multi-query attention' in caplog.text and 'Pruner.prune' in caplog.text
+    assert torch.equal(m.attn.q_proj.weight, q0)  # no q row zeroed
+    fct.test_eq(int((w.up.weight == 0).all(1).sum()), 16)  # the MLP's units still prune

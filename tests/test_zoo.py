@@ -300,7 +300,7 @@ class LlamaBlock(nn.Module):
         return self.head(self.norm(x))
 
 def test_llama_like_block(tmp_path):
-    "SwiGLU hidden units go (w1, w3 rows with w2 columns); the attention projections stay (head pruning: not yet)"
+    "Without heads=: SwiGLU hidden units go (w1, w3 rows with w2 columns); the attention projections stay (pinned)"
     torch.manual_seed(0)
     m = LlamaBlock()
     tok = torch.randint(0, 50, (2, 8))
