@@ -138,7 +138,7 @@ def _mask_reparam(m:nn.Module, rp, mk:Tensor):
 # %% ../nbs/03_sparsifier.ipynb #d826f202
 def _takes_out(f) -> bool:
     "Does the score function `f` take an `out=` buffer? (read from its code: `inspect.signature` costs ~40 us a call)"
-    if isinstance(f, _Scores): return True
+    if getattr(f, 'takes_out', False): return True  # the device path's `_Scores`
     code = getattr(f, '__code__', None)
     if code is None: return 'out' in inspect.signature(f).parameters
     return 'out' in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
@@ -264,7 +264,7 @@ def select_prune(
                                    seed=seed, sources=sources)
     flat = out if out is not None else torch.empty(sum(n_groups), dtype=torch.bool, device=device)
     keeps = list(flat.split(list(n_groups)))  # all keep-masks are views of one buffer
-    live = [g if p is None else _nnz(p) for g, p in zip(n_groups, prev_keeps)]
+    live = [g if p is None else int(torch.count_nonzero(p)) for g, p in zip(n_groups, prev_keeps)]
     k = k - sum((g - l) * s for g, l, s in zip(n_groups, live, sizes))
     if k <= 0: return _fill_keeps(keeps, prev_keeps)  # masks never shrink
     below_w, cands = _host_pass(score_fns, n_groups, sizes, k, prev_keeps, keeps, live, sample_size, seed,
@@ -510,6 +510,7 @@ def _pointwise_chunk(crit, name, w, out, check=True):
 
 class _Scores:
     "Scores of one part of a layer for the selection; `dtype`: the dtype a reused `out` buffer should have"
+    takes_out = True  # its call takes an `out=` buffer
     def __init__(self, f, dtype=torch.float32): self.f, self.dtype = f, dtype
     def __call__(self, out=None): return self.f(out)
 
