@@ -52,7 +52,7 @@ class SparsifyCallback(Callback):
         context:str='global',     # 'local' (each layer at the target) or 'global' (one ranking over all layers)
         criteria='magnitude',     # 'magnitude', 'gradient_magnitude', 'movement', 'random', a Criterion or f(w)->scores
         schedule='agp',           # 'one_shot', 'iterative', 'agp', 'linear', 'cos', a Schedule or f(pos)->fraction
-        update_every:int|None=None, # steps between updates of smooth schedules (default 100, or fewer: >= 8 updates)
+        update_every:int|None=None, # batches between updates of smooth schedules (default 100, or fewer: >= 8 updates)
         layers=None,              # what to prune (names, patterns, modules, types); default every Conv/Linear
         exclude=None,             # what to leave dense (names, patterns, modules, types)
         seed:int=0,               # seeds the random criterion
@@ -212,6 +212,7 @@ class SparsifyCallback(Callback):
         self.n_steps = max(1, self.n_epoch * len(self.dls.train))
         window = max(1, round((sched.end_pct - sched.start_pct) * self.n_steps))
         self._every = 1 if sched.stepwise else (self.update_every or max(1, min(100, window // 8)))
+        self._next = self._every  # the batch count of the next update (with GradientAccumulation, at the first step after)
         self._needs_grad = sp.criterion.needs_grad
         self._done = False
         if self._needs_grad: sp.criterion.reset()  # gradients accumulate over this fit's steps only
@@ -223,11 +224,21 @@ class SparsifyCallback(Callback):
             if self._needs_grad and not getattr(getattr(self.learn, 'mixed_precision', None), 'skipped', False):
                 self.sparsifier.criterion.accumulate(self.sparsifier.params)
             pos = min(1., self.learn.pct_train + 1 / self.n_steps)
-            frac = self.schedule(pos)
-            if frac >= 1 or round(pos * self.n_steps) % self._every == 0:
+            frac, b = self.schedule(pos), round(pos * self.n_steps)  # b: training batches done, this one included
+            if frac >= 1 or b >= self._next:
+                self._next = (b // self._every + 1) * self._every
                 if frac > 0: updated = self._update(pos, frac)
                 if frac >= 1: self._done = self.completed = True
         if not updated: self._apply()  # an update has just applied its new masks
+
+    def after_train(self):
+        "After the fit's last training batch, a schedule that ends there is finished even if no optimizer step followed"
+        # With GradientAccumulation the last batches of a fit may take no step: `after_step` never sees pos = 1.
+        if self._mode != 'prune' or self._done or self.epoch < self.n_epoch - 1: return
+        if self.learn.pct_train < 1 - 0.5 / self.n_steps: return  # a cancelled epoch: the schedule did not get there
+        frac = self.schedule(1.)
+        if frac > 0: self._update(1., frac)
+        if frac >= 1: self._done = self.completed = True
 
     def after_fit(self):
         self._drop_metric()

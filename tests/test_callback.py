@@ -548,3 +548,26 @@ def test_layer_by_layer_masker_above_the_fused_limit(monkeypatch, model):
         dead = {n: ~mk.reshape(mk.shape[0], -1).any(1) for n, mk in sp.masks.items()}
         assert sum(int(d.sum()) for d in dead.values()) > 0
         for n, d in dead.items(): assert (sp.layers[n].bias[d] == 0).all(), n
+
+
+@pytest.mark.parametrize('sched', ['agp_to_end', 'linear_to_end', 'callable'])
+def test_gradient_accumulation_schedule_ending_at_the_last_batch_is_exact(sched):
+    "The last batches take no optimizer step (GradientAccumulation): a schedule ending at pos 1 still meets its target"
+    from fasterprune.schedules import linear
+    s = {'agp_to_end': agp(0, 1.), 'linear_to_end': linear(0, 1.), 'callable': lambda pos: pos}[sched]
+    learn = _learn()  # 8 batches of 64; a step every 3 batches: none after the 6th
+    cb = SparsifyCallback(0.9, 'weight', 'global', 'magnitude', s)
+    chk = CheckZeros(cb)
+    learn.fit(1, 1e-2, cbs=[GradientAccumulation(n_acc=64 * 3), cb, chk])
+    assert cb.completed and cb.history[-1]['pos'] == 1.
+    fct.test_eq(_n_zero(cb.sparsifier), round(0.9 * _n_w(cb.sparsifier)))
+
+
+def test_gradient_accumulation_updates_at_the_first_step_after_each_interval():
+    "update_every counts batches: with a step every 3 batches, an update every 2 batches comes at each step"
+    from fasterprune.schedules import linear
+    learn = _learn()
+    cb = SparsifyCallback(0.8, 'weight', 'global', 'magnitude', linear(0, 1.), update_every=2)
+    learn.fit(2, 1e-2, cbs=[GradientAccumulation(n_acc=64 * 3), cb])
+    fct.test_eq([round(h['pos'] * 16) for h in cb.history], [3, 6, 9, 12, 15, 16])  # 16 batches, steps at 3, 6, ...
+    fct.test_eq(_n_zero(cb.sparsifier), round(0.8 * _n_w(cb.sparsifier)))
