@@ -212,7 +212,8 @@ class SparsifyCallback(Callback):
         self.n_steps = max(1, self.n_epoch * len(self.dls.train))
         window = max(1, round((sched.end_pct - sched.start_pct) * self.n_steps))
         self._every = 1 if sched.stepwise else (self.update_every or max(1, min(100, window // 8)))
-        self._next = self._every  # the batch count of the next update (with GradientAccumulation, at the first step after)
+        b0 = round(self.learn.pct_train * self.n_steps)  # batches done before this fit's first (`start_epoch=`)
+        self._next = (b0 // self._every + 1) * self._every  # next update: the first step at or after this batch count
         self._needs_grad = sp.criterion.needs_grad
         self._done = False
         if self._needs_grad: sp.criterion.reset()  # gradients accumulate over this fit's steps only
@@ -264,8 +265,9 @@ class SparsifyCallback(Callback):
         if self._matches(model): return self.sparsifier.sparsity()
         try: ls = prunable_layers(model, self.layers, self.exclude, self.attention)
         except ValueError: return float('nan')  # a bad `layers=`: the training fit says so
-        n = sum(m.weight.numel() for m in ls.values())
-        return 1 - sum(_nnz_each(m.weight for m in ls.values())) / n if n else float('nan')  # one host read
+        ws = list({id(m.weight): m.weight for m in ls.values()}.values())  # a weight shared by two layers counts once
+        n = sum(w.numel() for w in ws)
+        return 1 - sum(_nnz_each(ws)) / n if n else float('nan')  # one host read
 
     def _matches(self, model) -> bool:
         "Is the Sparsifier still about `model`: the same object, the same layers, the same weight shapes?"

@@ -195,8 +195,11 @@ def sparsity_report(
         return dict(layer=layer, type=typ, shape=shape, params=p, nonzero=nz, sparsity=1 - nz / p if p else 0.,
                     flops=f, nonzero_flops=nf, params_share=p / P if P else 0., flops_share=f / F if F else 0.)
     nz = dict(zip(layers, _nonzero_each(m.weight for m in layers.values())))
-    rows = [row(n, type(m).__name__, tuple(m.weight.shape), m.weight.numel(), nz[n], *fl[n])
-            for n, m in layers.items()]
+    ws = {n: m.weight for n, m in layers.items()}  # held: a computed (parametrized) weight is a new tensor each time
+    owner = {}  # a weight shared by several layers: its row says so, the total counts it once
+    for n, w in ws.items(): owner.setdefault(id(w), n)
+    def typ(n, m): return type(m).__name__ + ('' if owner[id(ws[n])] == n else f' (weight of {owner[id(ws[n])]})')
+    rows = [row(n, typ(n, m), tuple(m.weight.shape), m.weight.numel(), nz[n], *fl[n]) for n, m in layers.items()]
     seen = {id(m.weight) for m in layers.values()}
     other = [p for p in model.parameters() if id(p) not in seen]
     rows.append(row('(other parameters)', '', (), sum(p.numel() for p in other), _nonzero(other), 0, 0))

@@ -605,6 +605,24 @@ class _Masker:
             if self.aux[0]: torch._foreach_mul_(*self.aux)
 
 # %% ../nbs/03_sparsifier.ipynb #463106fc
+def _untied(layers:dict, granularity) -> dict:
+    "`layers` with one entry per weight tensor: a layer that shares another's weight is pruned through that one"
+    first, tied = {}, {}
+    for n, m in layers.items():
+        w = m.weight
+        if isinstance(w, nn.Parameter) and id(w) in first: tied.setdefault(first[id(w)], []).append(n)
+        else: first.setdefault(id(w), n)
+    if not tied: return layers
+    if granularity.name == 'filter':  # one tensor's rows are two layers' channels: neither can lose them alone
+        drop = {n for a, bs in tied.items() for n in [a] + bs}
+        logger.warning("Sparsifier: %s share one weight tensor: left dense (a filter of a shared weight is a channel of "
+                       "every layer using it)", '; '.join(f"{a} = {', '.join(bs)}" for a, bs in tied.items()))
+    else:
+        drop = {n for bs in tied.values() for n in bs}
+        logger.info("Sparsifier: %s share the weight of %s: masked through it, counted once",
+                    ', '.join(sorted(drop)), ', '.join(tied))
+    return {n: m for n, m in layers.items() if n not in drop}
+
 class Sparsifier:
     "Computes, applies and measures pruning masks on `model`'s Conv and Linear weights"
     def __init__(self,
@@ -622,7 +640,7 @@ class Sparsifier:
         self.context = check_context(context)
         self.criterion = get_criterion(criteria, seed=seed)
         self.model, self.seed = model, seed
-        self.layers = prunable_layers(model, layers, exclude, attention)
+        self.layers = _untied(prunable_layers(model, layers, exclude, attention), self.granularity)
         if not self.layers:
             raise ValueError(f"Nothing to prune: {type(model).__name__} has no Conv/ConvTranspose/Linear layer left "
                              "after `layers`/`exclude`")

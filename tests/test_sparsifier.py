@@ -402,3 +402,39 @@ def test_report_is_the_metrics_report():
     fct.test_eq(bool(plain[flops].isna().all().all()), True)
     fct.test_eq(plain['sparsity'].tolist()[:3], [0.5, 0.5, 0.])
     fct.test_close(plain.attrs['compression_ratio'], ref.attrs['compression_ratio'])
+
+
+class _Tied(nn.Module):
+    "Two Linear layers sharing one weight tensor"
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+        self.b.weight = self.a.weight
+    def forward(self, x): return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize('context', ['global', 'local'])
+def test_shared_weight_counted_once_and_exact(context):
+    "A weight shared by two layers is one tensor: pruned through the first layer, counted once, the count exact"
+    from fasterprune.metrics import sparsity_report, compression_ratio
+    torch.manual_seed(0)
+    m = _Tied()
+    sp = Sparsifier(m, 'weight', context).sparsify(0.5)
+    fct.test_eq(list(sp.layers), ['a', 'c'])
+    fct.test_eq(int((m.a.weight == 0).sum()) + int((m.c.weight == 0).sum()), 160 if context == 'global' else 128 + 32)
+    fct.test_eq(sp.sparsity(), 0.5)
+    r = sparsity_report(m, torch.randn(1, 16))
+    fct.test_eq(r.set_index('layer').loc['b', 'type'], 'Linear (weight of a)')
+    fct.test_eq(int(r.set_index('layer').loc['total', 'params']), 256 + 16 + 16 + 64 + 4)  # the shared weight once
+
+
+def test_shared_weight_left_dense_by_filter_pruning(caplog):
+    torch.manual_seed(0)
+    m = _Tied()
+    w0 = m.a.weight.detach().clone()
+    with caplog.at_level('WARNING', logger='fasterprune.sparsifier'):
+        sp = Sparsifier(m, 'filter', 'local')
+    assert 'share one weight tensor' in caplog.text
+    fct.test_eq(list(sp.layers), ['c'])
+    sp.sparsify(0.5)
+    assert torch.equal(m.a.weight, w0)
