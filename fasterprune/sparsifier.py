@@ -920,7 +920,11 @@ class Sparsifier:
                                    "them", n)
                     return None
                 rows = written[n].unit_rows(ix)  # {q, k, v layer: (width, rows of one unit)}: q's are n_rep heads wide
-                if any(q not in self.layers for q in rows): return None
+                out_ = [q for q in rows if q not in self.layers]
+                if out_:  # named in heads=, but a projection is left dense: its heads cannot go
+                    logger.warning("Sparsifier.couple: the heads of %r stay: %s %s not pruned (`layers`/`exclude`)",
+                                   n, ', '.join(out_), 'is' if len(out_) == 1 else 'are')
+                    return None
                 out.update(rows)
                 continue
             m = mods.get(n)

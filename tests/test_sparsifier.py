@@ -438,3 +438,16 @@ def test_shared_weight_left_dense_by_filter_pruning(caplog):
     fct.test_eq(list(sp.layers), ['c'])
     sp.sparsify(0.5)
     assert torch.equal(m.a.weight, w0)
+
+
+def test_named_heads_with_an_excluded_projection_warn(caplog):
+    "heads= names an attention whose q projection is excluded: its heads cannot go, and the Sparsifier says so"
+    from test_zoo import LlamaBlock, _llama_heads
+    torch.manual_seed(0)
+    m, tok = LlamaBlock(), torch.randint(0, 50, (2, 8))
+    with caplog.at_level('WARNING', logger='fasterprune.sparsifier'):
+        sp = Sparsifier(m, 'filter', 'local', exclude='wq').couple(tok, heads=_llama_heads())
+    assert "the heads of '' stay: wq is not pruned" in caplog.text
+    sp.sparsify(0.5)
+    fct.test_eq(int((m.wk.weight == 0).all(1).sum()), 0)  # no head went
+    assert int((m.w1.weight == 0).all(1).sum()) == 32  # the SwiGLU units did
