@@ -1048,6 +1048,22 @@ def _count(m:nn.Module, attr, owner:str, field:str, what:str) -> int:
                          f"name the int attribute the forward reads")
     return v
 
+def _kv_like(name:str) -> bool:
+    "Does the attribute name say it counts k/v heads? (`n_kv_heads`, `num_key_value_heads`, `kv_heads`, ...)"
+    n = name.lower()
+    return 'kv' in n or 'key_value' in n or 'keyvalue' in n
+
+def _check_kv_attr(m:nn.Module, owner:str, spec, H:int):
+    "A block named without `num_kv_heads` must hold no k/v head count equal to `H` (its forward may split k, v by it)"
+    named = {spec.num_heads, spec.head_dim, spec.n_rep}
+    kv = [a for a, val in vars(m).items() if a not in named and not a.startswith('_') and _kv_like(a)
+          and isinstance(val, int) and not isinstance(val, bool) and val == H]
+    if kv:
+        raise ValueError(f"heads[{owner!r}]: {type(m).__name__}.{kv[0]} = {H} looks like a k/v head count next to "
+                         f"num_heads={spec.num_heads!r} = {H}; a forward that splits k and v with it would still "
+                         f"expect {H} k/v heads after a cut. Name it with AttentionHeads(..., num_kv_heads={kv[0]!r}) "
+                         "(equal counts: each head is its own k/v group and both counts follow)")
+
 @patch
 def _written_heads(self:ChannelGraph, owner:str, spec):
     "Register the heads of the hand-written attention `owner` (a 'head' slot) after checking `spec` fits it"
@@ -1083,6 +1099,7 @@ def _written_heads(self:ChannelGraph, owner:str, spec):
                              "(k and v are narrower: grouped-query attention? name the k/v head count too, e.g. "
                              "AttentionHeads(..., num_kv_heads='num_key_value_heads'))")
         Hkv = H if spec.num_heads is not None else (K // hd if hd and K % hd == 0 else 0)
+        if spec.num_heads is not None and H > 1: _check_kv_attr(m, owner, spec, H)
     if not (H and hd and Hkv) or H % Hkv or not Q == o.in_features == H * hd or not K == v.out_features == Hkv * hd:
         named = (('num_heads', spec.num_heads), ('num_kv_heads', spec.num_kv_heads), ('head_dim', spec.head_dim))
         counts = ', '.join(f"{f}={a!r}" for f, a in named if a is not None)

@@ -257,6 +257,7 @@ class _Surgery:
         self.new_params = []  # (module, bias) for each bias created by a fold
         self.folded = False   # was a constant folded into a bias?
         self.norm_consts = {} # LayerNorm over the channels -> the constants of its removed channels (see `fold`)
+        self.written = []     # (`_WrittenHeads`, its head counts before the cut) of each hand-written attention cut
 
     def set(self, obj, attr:str, val):
         "`setattr(obj, attr, val)`, recorded"
@@ -394,6 +395,7 @@ class _Surgery:
         rows, lins = {n: r.reshape(-1) for n, r in w.unit_rows(idx).items()}, dict(zip(w.names[0], w.qkv))
         kv = 1 if w.mqa else len(idx)  # MQA: query heads go, the k/v head stays; else whole k/v groups
         H = len(idx) if w.mqa else len(idx) * w.n_rep
+        self.written.append((w, (w.num_heads, w.num_kv_heads)))
         for n, r in rows.items():
             self.cut_param(lins[n].weight, 0, r)
             self.cut_param(lins[n].bias, 0, r)
@@ -578,23 +580,55 @@ def _tolerance(self:Pruner, folded:bool) -> float:
     if self.dtype in _low_precision and folded: return max(1e-5, 4 * torch.finfo(self.dtype).eps)
     return 1e-5
 
+def _stale_counts(tx:_Surgery|None) -> str:
+    "A hint for a pruned forward that fails: int attributes of a cut attention block still holding an old head count"
+    hints = []
+    for w, old in (tx.written if tx is not None else []):
+        own = set(w.attrs) | {w.hd_attr}
+        stale = [f"{a} = {v}" for a, v in vars(w.owner).items() if a not in own and not a.startswith('_')
+                 and isinstance(v, int) and not isinstance(v, bool) and v in old]
+        if stale:
+            hints.append(f"{type(w.owner).__name__}.{', '.join(stale)} kept the count it had before the cut; if the "
+                         "forward splits k and v with it, name it with AttentionHeads(..., num_kv_heads='<attr>') "
+                         "(n_rep='<attr>' for num_heads // num_kv_heads)")
+    return ' (' + '; '.join(dict.fromkeys(hints)) + ')' if hints else ''
+
 @patch
-def _check(self:Pruner, refs:list, what:str, folded:bool) -> tuple[float, float]:
+def _check(self:Pruner, refs:list, what:str, folded:bool, tx:_Surgery|None=None) -> tuple[float, float]:
     "(relative error, tolerance) of the model's outputs against `refs`; `SurgeryError` when above the tolerance"
     if not any(bool(t.any()) for r in refs for t in flat_tensors(r)):
         logger.warning("Pruner.%s: the model's output is zero on the example inputs: the check cannot tell a wrong "
                        "surgery from a right one (a zero-initialised head?)", what)
     try: outs = self._outputs()
     except Exception as e:  # e.g. a forward that still views the old head count
-        raise SurgeryError(f"{what}: the pruned model no longer runs on the example inputs ({type(e).__name__}: {e}); "
-                           "the model was restored") from e
+        raise SurgeryError(f"{what}: the pruned model no longer runs on the example inputs ({type(e).__name__}: {e})"
+                           f"{_stale_counts(tx)}; the model was restored") from e
     err = max(relative_error(r, o) for r, o in zip(refs, outs))
     tol = self._tolerance(folded)
     if not err <= tol:
         raise SurgeryError(f"{what}: the pruned model's output differs from the masked model's by {err:.3g} "
-                           f"(relative, on the example and a perturbed copy), above rtol={tol:g}; "
+                           f"(relative, on the example and a perturbed copy), above rtol={tol:g}{_stale_counts(tx)}; "
                            "the model was restored")
     return err, tol
+
+def _removed_counts(g:ChannelGraph, remove:Tensor) -> tuple[int, int, int]:
+    "(filters, attention heads, k/v groups) the components `remove` take out; a head's q/k/v rows are not filters"
+    filters = heads = groups = 0
+    for (name, kind), s in g.slots.items():
+        if kind == 'out': filters += int(remove[s.comp].sum())
+        if kind != 'head': continue
+        u, m = int(remove[s.comp].sum()), _owner(g, name, kind)
+        per = m.n_rep if isinstance(m, _WrittenHeads) and not m.mqa else 1  # a k/v group: its n_rep query heads
+        heads += u * per
+        if per > 1: groups += u
+    return filters, heads, groups
+
+def _removed_text(filters:int, heads:int, groups:int) -> str:
+    "'3 filters removed', '0 filters and 4 attention heads (2 k/v groups) removed'"
+    s = f"{filters} filter{'s' * (filters != 1)}"
+    if heads: s += f" and {heads} attention head{'s' * (heads != 1)}"
+    if groups: s += f" ({groups} k/v group{'s' * (groups != 1)})"
+    return s + ' removed'
 
 @patch
 def _surgery(self:Pruner, tx:_Surgery, g:ChannelGraph, remove:Tensor, consts:dict, refs, what:str) -> nn.Module:
@@ -602,22 +636,22 @@ def _surgery(self:Pruner, tx:_Surgery, g:ChannelGraph, remove:Tensor, consts:dic
     t0 = time.perf_counter()
     before = _n_params(self.model)
     err = tol = None
+    counts = _removed_counts(g, remove)  # before the cut: the head counts change
     try:
         tx.fold(g, remove, consts)
         tx.cut(g, remove)
-        if self.verify: err, tol = self._check(refs, what, tx.folded)
+        if self.verify: err, tol = self._check(refs, what, tx.folded, tx)
     except Exception:
         tx.rollback()
         raise
     self._sync_optimizer(tx)
     if self._rewinder is not None: self._rewinder.follow_cuts(tx.cuts)  # the rewind point and masks follow the cut
     after = _n_params(self.model)
-    removed = sum(int(remove[s.comp].sum()) for (n, k), s in g.slots.items() if k == 'out')
     checked_in = 'float64' if self.dtype in _low_precision else str(self.dtype).replace('torch.', '')
-    rec = dict(op=what, channels_removed=removed, params_before=before, params_after=after, rel_error=err, rtol=tol,
-               checked_in=checked_in, seconds=time.perf_counter() - t0)
+    rec = dict(op=what, channels_removed=counts[0], heads_removed=counts[1], params_before=before, params_after=after,
+               rel_error=err, rtol=tol, checked_in=checked_in, seconds=time.perf_counter() - t0)
     self.history.append(rec)
-    logger.info("Pruner.%s: %d filters removed, params %d -> %d, relative error %s", what, removed, before, after, err)
+    logger.info("Pruner.%s: %s, params %d -> %d, relative error %s", what, _removed_text(*counts), before, after, err)
     return self.model
 
 # %% ../nbs/08_pruner.ipynb #79b5b962
@@ -647,13 +681,29 @@ def _sync_optimizer(self:Pruner, tx:_Surgery):
             grp['params'].append(b)
 
 # %% ../nbs/08_pruner.ipynb #3d8d6b89
-def _warn_pinned_zeros(g:ChannelGraph):
-    "Warn about zeroed filters that stay because their channels are pinned (e.g. attention heads not named in heads=)"
+def _head_rows(g:ChannelGraph, remove:Tensor) -> dict[str, Tensor]:
+    "{q, k, v layer name: its rows that go with the heads (k/v groups) in `remove`} of each hand-written attention"
+    rows = {}
+    for (name, kind), s in g.slots.items():
+        if kind != 'head' or name not in g.heads: continue
+        idx = remove[s.comp].nonzero().squeeze(1)
+        if len(idx): rows.update({n: r.reshape(-1) for n, r in g.heads[name].unit_rows(idx).items()})
+    return rows
+
+def _warn_pinned_zeros(g:ChannelGraph, remove:Tensor):
+    "Warn about zeroed filters that stay because their channels are pinned (not the rows of heads that go in `remove`)"
+    gone, blocks = _head_rows(g, remove), {n: o for o, w in g.heads.items() for n in w.names[0]}
     left = {}
     for (name, kind), s in g.slots.items():
         if kind != 'out': continue
         z = ~g.live_filters(name) & g.comp_pinned[s.comp]
-        if z.any(): left[name] = (int(z.sum()), g.comp_reason.get(int(s.comp[z][0]), 'pinned'))
+        if name in gone: z[gone[name]] = False  # removed with their head
+        if not z.any(): continue
+        if name in blocks:  # rows of a named attention whose head stays
+            why = (f"rows of heads of {blocks[name]!r} that stay: a head (a k/v group) goes whole, when its value rows "
+                   "or all its output columns are zero")
+        else: why = g.comp_reason.get(int(s.comp[z][0]), 'pinned')
+        left[name] = (int(z.sum()), why)
     if left:
         logger.warning("Pruner.compact: zeroed filters stay where their channels are pinned: %s",
                        few(f"{n!r} ({k}: {why})" for n, (k, why) in left.items()))
@@ -665,7 +715,7 @@ def compact(self:Pruner) -> nn.Module:
     _check_reparametrized(self.model)
     g = ChannelGraph(self.model, self.example_inputs, self.strict, heads=self.heads)
     ok, consts = _removable(g, torch.ones(g.n_comps, dtype=torch.bool))
-    _warn_pinned_zeros(g)
+    _warn_pinned_zeros(g, ok)
     if not ok.any():
         logger.info("Pruner.compact: no zeroed channel component to remove")
         return self.model
