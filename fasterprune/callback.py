@@ -16,7 +16,7 @@ from .criteria import get_criterion
 from .core import check_fraction, check_context
 from .sparsifier import Sparsifier, AttentionProjection, prunable_layers, NMRoundingWarning, _nnz_each
 from .metrics import sparsity_report
-from .core import to_device, model_device, evaluating
+from .core import to_device, model_device, evaluating, few
 from .graph import UnknownOpError
 from .pruner import _one_batch
 
@@ -250,9 +250,24 @@ class SparsifyCallback(Callback):
         sp, xb = self.sparsifier, getattr(self.learn, 'xb', None)
         if xb and xb[0] is not None: self.report = sparsity_report(sp.model, tuple(x[:1] for x in xb))  # FLOPs too
         else: self.report = sp.report()
-        if rank_distrib() == 0 and logger.isEnabledFor(logging.INFO):  # (formatting the table costs a few ms)
+        if rank_distrib() != 0: return
+        if mode == 'prune' and self.completed: self._note_filters(sp)
+        if logger.isEnabledFor(logging.INFO):  # (formatting the table costs a few ms)
             logger.info("SparsifyCallback: %.4f sparsity over %d pruned layers\n%s", sp.sparsity(), len(sp.layers),
                         self.report.to_string())
+
+    def _note_filters(self, sp):
+        "Coupled filters: when the measured sparsity sits well under the target, say why (once, as the schedule ends)"
+        if sp.groups is None or isinstance(self.sparsity, dict): return
+        s = sp.sparsity()
+        if s >= self.sparsity - 0.02: return
+        rows = {n for r in sp._rows for n in r}
+        stay = [n for n in sp.layers if n not in rows]
+        logger.warning("SparsifyCallback: filter target %g met on the filters that can go; over all %d pruned layers "
+                       "the measured sparsity is %.3f. The filters of %d layers stay (%s: their channels are the model's "
+                       "output, a residual stream or pinned), and the input columns that read removed channels are "
+                       "not zeroed: Pruner(learn).compact() removes them", self.sparsity, len(sp.layers), s, len(stay),
+                       few(stay, 4))
 
     # --- helpers -------------------------------------------------------------------------------------------------
     def _drop_metric(self):

@@ -571,3 +571,24 @@ def test_gradient_accumulation_updates_at_the_first_step_after_each_interval():
     learn.fit(2, 1e-2, cbs=[GradientAccumulation(n_acc=64 * 3), cb])
     fct.test_eq([round(h['pos'] * 16) for h in cb.history], [3, 6, 9, 12, 15, 16])  # 16 batches, steps at 3, 6, ...
     fct.test_eq(_n_zero(cb.sparsifier), round(0.8 * _n_w(cb.sparsifier)))
+
+
+def test_filter_target_short_of_measured_sparsity_is_explained(caplog):
+    "Coupled filters on a transformer: the measured sparsity sits under the target, and the end of the schedule says why"
+    from test_zoo import LlamaBlock, _llama_heads
+    torch.manual_seed(0)
+    tok = torch.randint(0, 50, (64, 8))
+    dls = DataLoaders(DataLoader(TensorPairs(tok, tok), bs=16, shuffle=True, drop_last=True),
+                      DataLoader(TensorPairs(tok[:16], tok[:16]), bs=16), device=torch.device('cpu'))
+    def lm_loss(out, y): return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+    learn = Learner(dls, LlamaBlock(), loss_func=lm_loss)
+    cb = SparsifyCallback(0.5, 'filter', 'global', schedule='one_shot', heads=_llama_heads())
+    with caplog.at_level('WARNING', logger='fasterprune.callback'):
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=cb)
+    s = cb.sparsifier.sparsity()
+    assert s < 0.48
+    assert f'measured sparsity is {s:.3f}' in caplog.text and 'wo, w2' in caplog.text and 'compact()' in caplog.text
+    caplog.clear()
+    with caplog.at_level('WARNING', logger='fasterprune.callback'):
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=cb)  # schedule done: said once
+    assert 'measured sparsity' not in caplog.text
