@@ -184,6 +184,7 @@ class SparsifyCallback(Callback):
             self._apply()
             return
         self._plan()
+        self._warn_frozen_by_hand()
         # Pruning at pos 0 (one-shot, iterative) happens before the first batch; gradient criteria have no gradients
         # yet, so for them it happens after the first optimizer step, on that step's gradients.
         self._refresh_cache()  # masks adopted from the weights' zeros, if any
@@ -200,6 +201,16 @@ class SparsifyCallback(Callback):
             logger.info("SparsifyCallback: the model's layers changed since the last fit (surgery): its %d zero "
                         "weights are kept as fixed masks and nothing more is pruned; call restart() to prune it again",
                         sum(int((~mk).sum()) for mk in self.sparsifier.masks.values()))
+
+    def _warn_frozen_by_hand(self):
+        "Layers frozen with `requires_grad_(False)` (not by `Learner.freeze`) are pruned all the same: say so"
+        sp = self.sparsifier
+        by_hand = [n for n, m in sp.layers.items() if isinstance(m.weight, torch.nn.Parameter)
+                   and not m.weight.requires_grad]
+        if by_hand:
+            logger.warning("SparsifyCallback: %s %s frozen (requires_grad=False) but pruned: pruning changes frozen "
+                           "weights; leave them out with exclude= to keep them whole", few(by_hand, 4),
+                           'is' if len(by_hand) == 1 else 'are')
 
     def _plan(self):
         "This fit's steps and update interval; gradient criteria need every pruned layer trainable"

@@ -592,3 +592,19 @@ def test_filter_target_short_of_measured_sparsity_is_explained(caplog):
     with caplog.at_level('WARNING', logger='fasterprune.callback'):
         with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=cb)  # schedule done: said once
     assert 'measured sparsity' not in caplog.text
+
+
+def test_layers_frozen_by_hand_are_pruned_with_a_warning(caplog):
+    learn = _learn()
+    learn.model[0].weight.requires_grad_(False)
+    cb = SparsifyCallback(0.5, 'weight', 'local', schedule='one_shot')
+    with caplog.at_level('WARNING', logger='fasterprune.callback'):
+        learn.fit(1, 1e-3, cbs=cb)
+    assert "0 is frozen (requires_grad=False) but pruned" in caplog.text
+    fct.test_eq(int((learn.model[0].weight == 0).sum()), round(0.5 * learn.model[0].weight.numel()))
+    caplog.clear()
+    learn2 = _learn()
+    learn2.model[0].weight.requires_grad_(False)
+    with caplog.at_level('WARNING', logger='fasterprune.callback'):
+        learn2.fit(1, 1e-3, cbs=SparsifyCallback(0.5, 'weight', 'local', schedule='one_shot', exclude='0'))
+    assert 'frozen' not in caplog.text and int((learn2.model[0].weight == 0).sum()) == 0
