@@ -80,6 +80,8 @@ class SparsifyCallback(Callback):
             if coupled is False:
                 raise ValueError("heads= prunes whole attention heads, which needs coupled channels: "
                                  "drop coupled=False (or heads=)")
+        if isinstance(layers, (list, tuple)) and not layers:
+            raise ValueError("layers=[] selects no layer to prune; leave layers=None to prune every Conv/Linear")
         self.context, self.criteria, self.update_every = context, criteria, update_every
         self.layers, self.exclude = layers, exclude
         self.seed, self.show_sparsity, self.coupled, self.attention = seed, show_sparsity, coupled, attention

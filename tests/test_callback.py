@@ -217,6 +217,7 @@ def test_bad_input_errors_and_untouched():
     fct.test_fail(lambda: SparsifyCallback(0.5, update_every=0), contains='update_every')
     fct.test_fail(lambda: SparsifyCallback(0.5, context='world'), contains='valid names')
     fct.test_fail(lambda: SparsifyCallback(None), contains='N:M')
+    fct.test_fail(lambda: SparsifyCallback(0.5, layers=[]), contains='layers=[] selects no layer')
     learn = _learn()
     with torch.no_grad(): learn.model[2].weight[1, 1] = float('nan')
     ref = copy.deepcopy(learn.model.state_dict())
