@@ -277,10 +277,10 @@ class SparsifyCallback(Callback):
         rows = {n for r in sp._rows for n in r}
         stay = [n for n in sp.layers if n not in rows]
         logger.warning("SparsifyCallback: filter target %g met on the filters that can go; over all %d pruned layers "
-                       "the measured sparsity is %.3f. The filters of %d layers stay (%s: their channels are the model's "
-                       "output, a residual stream or pinned), and the input columns that read removed channels are "
-                       "not zeroed: Pruner(learn).compact() removes them", self.sparsity, len(sp.layers), s, len(stay),
-                       few(stay, 4))
+                       "the measured sparsity is %.3f. The filters of %s stay (their channels are the model's output, "
+                       "a residual stream or pinned), and the input columns that read removed channels are not zeroed: "
+                       "Pruner(learn).compact() removes them", self.sparsity, len(sp.layers), s,
+                       f"{len(stay)} layer{'s' if len(stay) > 1 else ''} ({few(stay, 4)})")
 
     # --- helpers -------------------------------------------------------------------------------------------------
     def _drop_metric(self):
