@@ -1050,8 +1050,8 @@ def _count(m:nn.Module, attr, owner:str, field:str, what:str) -> int:
 
 def _kv_like(name:str) -> bool:
     "Does the attribute name say it counts k/v heads? (`n_kv_heads`, `num_key_value_heads`, `kv_heads`, ...)"
-    n = name.lower()
-    return 'kv' in n or 'key_value' in n or 'keyvalue' in n
+    n = name.lower()  # a head count: Megatron's `kv_channels` is a head width, and may equal the head count
+    return 'head' in n and ('kv' in n or 'key_value' in n or 'keyvalue' in n)
 
 def _check_kv_attr(m:nn.Module, owner:str, spec, H:int):
     "A block named without `num_kv_heads` must hold no k/v head count equal to `H` (its forward may split k, v by it)"

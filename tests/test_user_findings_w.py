@@ -205,3 +205,23 @@ def test_surgery_error_names_a_stale_count():
     for k, v in m.state_dict().items(): fct.test_eq(v, sd[k])
     Pruner(m, x, heads={'': AttentionHeads('n_heads', num_kv_heads='groups_k')}).prune(0.5)
     fct.test_eq((m.n_heads, m.groups_k, m.k_proj.out_features), (2, 2, 16))
+
+
+def test_head_width_attribute_named_kv_is_not_taken_for_a_kv_count():
+    "Megatron's `kv_channels` is a head width: equal to the head count here, it is not a k/v head count to refuse"
+    class Attn(nn.Module):
+        def __init__(self, d=64, h=8):
+            super().__init__()
+            self.num_heads, self.kv_channels = h, d // h  # 8 heads of 8 channels
+            self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d) for _ in range(4))
+        def forward(self, x):
+            B, T, _ = x.shape
+            q, k, v = (p(x).view(B, T, self.num_heads, self.kv_channels).transpose(1, 2)
+                       for p in (self.q_proj, self.k_proj, self.v_proj))
+            return self.o_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, -1))
+    torch.manual_seed(0)
+    m, x = Attn(), torch.randn(2, 5, 64)
+    pr = Pruner(m, x, heads={'': AttentionHeads()})
+    pr.prune(0.5)
+    fct.test_eq((m.num_heads, m.q_proj.out_features), (4, 32))
+    assert pr.history[-1]['rel_error'] <= 1e-5
