@@ -275,12 +275,18 @@ class SparsifyCallback(Callback):
         s = sp.sparsity()
         if s >= self.sparsity - 0.02: return
         rows = {n for r in sp._rows for n in r}
+        grouped = [n for n in sp.layers if n in rows]
+        n_g = sum(sp.layers[n].weight.numel() for n in grouped)
+        s_g = 1 - sum(_nnz_each(sp.weight(n) for n in grouped)) / n_g if n_g else 0.
         stay = [n for n in sp.layers if n not in rows]
-        logger.warning("SparsifyCallback: filter target %g met on the filters that can go; over all %d pruned layers "
-                       "the measured sparsity is %.3f. The filters of %s stay (their channels are the model's output, "
-                       "a residual stream or pinned), and the input columns that read removed channels are not zeroed: "
-                       "Pruner(learn).compact() removes them", self.sparsity, len(sp.layers), s,
-                       f"{len(stay)} layer{'s' if len(stay) > 1 else ''} ({few(stay, 4)})")
+        why = (f" The filters of {len(stay)} layer{'s' if len(stay) > 1 else ''} ({few(stay, 4)}) stay: their channels "
+               "are the model's output, a residual stream or pinned. The input columns that read removed channels are "
+               "not zeroed: Pruner(learn).compact() removes them." if stay else '')
+        short = (" (every channel group keeps its best unit, and whole units and heads round)"
+                 if s_g < self.sparsity - 0.005 else '')
+        logger.warning("SparsifyCallback: filter target %g; the layers with removable filters reach %.3f%s, and over "
+                       "all %d pruned layers the measured sparsity is %.3f.%s", self.sparsity, s_g, short,
+                       len(sp.layers), s, why)
 
     # --- helpers -------------------------------------------------------------------------------------------------
     def _drop_metric(self):

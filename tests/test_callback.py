@@ -521,7 +521,15 @@ def test_subclass_events_still_called_and_unhandled_events_skipped():
     learn.fit(1, 1e-3, cbs=[cb])
     fct.test_eq(cb.n_batches, len(learn.dls.train))  # run_valid=False: training batches only
     fct.test_eq(_n_zero(cb.sparsifier), round(0.5 * _n_w(cb.sparsifier)))
-    assert cb('after_pred') is None and cb.run  # an event without a method: nothing runs, nothing changes
+    from fastcore.basics import GetAttr
+    looked_up, orig = [], GetAttr.__getattr__
+    def spy(self, k):
+        looked_up.append(k)
+        return orig(self, k)
+    GetAttr.__getattr__ = spy
+    try: res = cb('after_pred')  # an event without a method: answered without fastai's Learner look-ups
+    finally: GetAttr.__getattr__ = orig
+    assert res is None and cb.run and looked_up == [], looked_up
 
 
 @pytest.mark.parametrize('model', ['mlp', 'weight_norm', 'filter'])
@@ -609,3 +617,13 @@ def test_layers_frozen_by_hand_are_pruned_with_a_warning(caplog):
     with caplog.at_level('WARNING', logger='fasterprune.callback'):
         learn2.fit(1, 1e-3, cbs=SparsifyCallback(0.5, 'weight', 'local', schedule='one_shot', exclude='0'))
     assert 'frozen' not in caplog.text and int((learn2.model[0].weight == 0).sum()) == 0
+
+
+def test_filter_note_when_the_best_unit_keeps_the_target_out_of_reach(caplog):
+    "The note does not claim the target was met, and names no kept layer when there is none"
+    learn = _learn(model=mlp(64, 8, 10))
+    cb = SparsifyCallback(0.99, 'filter', 'local', schedule='one_shot', layers=['0'])
+    with caplog.at_level('WARNING', logger='fasterprune.callback'):
+        learn.fit(1, 1e-3, cbs=cb)
+    assert 'layers with removable filters reach 0.875' in caplog.text and 'keeps its best unit' in caplog.text
+    assert 'met' not in caplog.text and 'stay' not in caplog.text
