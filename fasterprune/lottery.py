@@ -15,7 +15,7 @@ from fastai.torch_core import set_seed, get_model
 import fastai.callback.progress  # Learner.no_bar
 from fastprogress.fastprogress import master_bar, progress_bar
 from .core import check_context
-from .sparsifier import prunable_layers
+from .sparsifier import prunable_layers, one_per_weight
 from .rewind import (Rewinder, check_rate, check_iteration, model_state, imp_masks,
                                 random_masks, weights_remaining, check_ticket, _layer_rates)
 from .distributed import save_on_rank0, read_checkpoint
@@ -187,7 +187,7 @@ def _stats(xs):
 
 def _row(r, masks_per_seed, n_params, model, accs, arms):
     "One table row: % of the prunable weights remaining, compression (all parameters / nonzero), accuracy per arm"
-    n_w = sum(m.weight.numel() for m in prunable_layers(model).values())
+    n_w = sum(m.weight.numel() for m in one_per_weight(prunable_layers(model)).values())
     rems = [weights_remaining(mk, model) for mk in masks_per_seed]
     comp = statistics.fmean(n_params / (n_params - round(n_w * (1 - x))) for x in rems)
     row = dict(round=r, pct_remaining=100 * statistics.fmean(rems), compression=comp)

@@ -8,7 +8,7 @@ import logging
 import torch
 from torch import nn, Tensor
 from .core import check_fraction, check_context, round_half_up, state_problems
-from .sparsifier import Sparsifier, prunable_layers, _matches
+from .sparsifier import Sparsifier, prunable_layers, one_per_weight, _matches
 
 logger = logging.getLogger('fasterprune')
 
@@ -91,7 +91,7 @@ def imp_masks(model:nn.Module,            # the trained model whose weight magni
     "New masks that prune `rate` of the weights that remain, by magnitude; the model is not changed"
     rate = check_rate(rate)
     check_context(context)
-    lyr = prunable_layers(model, layers, exclude)
+    lyr = one_per_weight(prunable_layers(model, layers, exclude))  # a weight shared by two layers: ranked once
     if not lyr:
         raise ValueError(f"Nothing to prune: {type(model).__name__} has no Conv/Linear layer left after layers/exclude")
     masks = dict(masks or {})
@@ -123,8 +123,14 @@ def random_masks(masks:dict[str, Tensor], seed:int=0) -> dict[str, Tensor]:
 def weights_remaining(masks:dict[str, Tensor], model:nn.Module, layers=None, exclude=None) -> float:
     "Fraction of the prunable weights of `model` that `masks` keep"
     lyr = prunable_layers(model, layers, exclude)
-    n = sum(m.weight.numel() for m in lyr.values())
-    return sum(int(masks[k].sum()) if k in masks else m.weight.numel() for k, m in lyr.items()) / n
+    by_w = {}  # a weight shared by several layers counts once, with the mask of whichever of them has one
+    for k, m in lyr.items(): by_w.setdefault(id(m.weight) if isinstance(m.weight, nn.Parameter) else k, []).append(k)
+    n = kept = 0
+    for names in by_w.values():
+        w, mk = lyr[names[0]].weight, next((masks[k] for k in names if k in masks), None)
+        n += w.numel()
+        kept += w.numel() if mk is None else int(mk.sum())
+    return kept / n
 
 # %% ../nbs/08b_rewind.ipynb #b381b0b4
 class Rewinder:

@@ -23,7 +23,7 @@ class NMRoundingWarning(UserWarning):
 
 # %% auto #0
 __all__ = ['logger', 'prunable_types', 'NMRoundingWarning', 'AttentionProjection', 'prunable_layers', 'select_prune',
-           'force_device_path', 'NaNScores', 'device_select_prune', 'Sparsifier']
+           'force_device_path', 'NaNScores', 'device_select_prune', 'one_per_weight', 'Sparsifier']
 
 # %% ../nbs/03_sparsifier.ipynb #c7c62eb6
 prunable_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
@@ -605,6 +605,26 @@ class _Masker:
             if self.aux[0]: torch._foreach_mul_(*self.aux)
 
 # %% ../nbs/03_sparsifier.ipynb #463106fc
+def one_per_weight(layers:dict) -> dict:
+    "`layers` less those whose weight (a parameter) an earlier one of them shares: each weight tensor counted once"
+    seen = set()
+    out = {}
+    for n, m in layers.items():
+        w = m.weight
+        if isinstance(w, nn.Parameter):
+            if id(w) in seen: continue
+            seen.add(id(w))
+        out[n] = m
+    return out
+
+def _warn_shared_left_out(model:nn.Module, sel:dict, attention:bool):
+    "A layer left out by `layers`/`exclude` whose weight a pruned layer shares is pruned all the same: say so"
+    ids = {id(m.weight): n for n, m in sel.items() if isinstance(m.weight, nn.Parameter)}
+    hit = [f"{n} (the weight of {ids[id(m.weight)]})" for n, m in prunable_layers(model, attention=attention).items()
+           if n not in sel and isinstance(m.weight, nn.Parameter) and id(m.weight) in ids]
+    if hit: logger.warning("Sparsifier: %s left out by `layers`/`exclude`, but %s pruned with the layer that shares it; "
+                           "leave both out to keep it whole", ', '.join(hit), 'it is' if len(hit) == 1 else 'they are')
+
 def _untied(layers:dict, granularity) -> dict:
     "`layers` with one entry per weight tensor: a layer that shares another's weight is pruned through that one"
     first, tied = {}, {}
@@ -640,10 +660,13 @@ class Sparsifier:
         self.context = check_context(context)
         self.criterion = get_criterion(criteria, seed=seed)
         self.model, self.seed = model, seed
-        self.layers = _untied(prunable_layers(model, layers, exclude, attention), self.granularity)
+        sel = prunable_layers(model, layers, exclude, attention)
+        self.layers = _untied(sel, self.granularity)
+        _warn_shared_left_out(model, sel, attention)
         if not self.layers:
-            raise ValueError(f"Nothing to prune: {type(model).__name__} has no Conv/ConvTranspose/Linear layer left "
-                             "after `layers`/`exclude`")
+            why = (f" (filter granularity leaves {', '.join(sel)} dense: they share weight tensors)" if sel else
+                   " after `layers`/`exclude`")
+            raise ValueError(f"Nothing to prune: {type(model).__name__} has no Conv/ConvTranspose/Linear layer left{why}")
         for n, m in self.layers.items(): self.granularity.group_size(m.weight, m, n)  # fail now on undefined ones
         self._rp = {n: _reparam(m, n) for n, m in self.layers.items()}  # reparametrized weights: what to mask instead
         self.masks: dict[str, Tensor] = {}

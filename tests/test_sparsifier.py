@@ -451,3 +451,18 @@ def test_named_heads_with_an_excluded_projection_warn(caplog):
     sp.sparsify(0.5)
     fct.test_eq(int((m.wk.weight == 0).all(1).sum()), 0)  # no head went
     assert int((m.w1.weight == 0).all(1).sum()) == 32  # the SwiGLU units did
+
+
+def test_shared_weight_of_a_left_out_layer_warns_and_counts_once(caplog):
+    "exclude= the first of two layers sharing a weight: the other still prunes it, and says so"
+    from fasterprune.rewind import weights_remaining
+    torch.manual_seed(0)
+    m = _Tied()
+    with caplog.at_level('WARNING', logger='fasterprune.sparsifier'):
+        sp = Sparsifier(m, 'weight', 'global', exclude='a').sparsify(0.5)
+    assert 'a (the weight of b) left out' in caplog.text
+    fct.test_eq(list(sp.layers), ['b', 'c'])
+    w = weights_remaining(sp.masks, m)  # the shared weight counted once: 320 weights, 160 kept
+    fct.test_eq(w, 0.5)
+    only = _Tied()
+    fct.test_fail(lambda: Sparsifier(only, 'filter', layers=['a', 'b']), contains='share weight tensors')
