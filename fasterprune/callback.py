@@ -14,7 +14,8 @@ from .schedules import get_schedule
 from .granularity import get_granularity
 from .criteria import get_criterion
 from .core import check_fraction, check_context
-from .sparsifier import Sparsifier, AttentionProjection, prunable_layers, NMRoundingWarning, _nnz_each
+from .sparsifier import Sparsifier, AttentionProjection, prunable_layers, one_per_weight, NMRoundingWarning
+from .sparsifier import _nnz_each
 from .metrics import sparsity_report
 from .core import to_device, model_device, evaluating, few
 from .graph import UnknownOpError
@@ -241,18 +242,21 @@ class SparsifyCallback(Callback):
             frac, b = self.schedule(pos), round(pos * self.n_steps)  # b: training batches done, this one included
             if frac >= 1 or b >= self._next:
                 self._next = (b // self._every + 1) * self._every
-                if frac > 0: updated = self._update(pos, frac)
-                if frac >= 1: self._done = self.completed = True
+                updated = self._advance(pos, frac)
         if not updated: self._apply()  # an update has just applied its new masks
+
+    def _advance(self, pos:float, frac:float) -> bool:
+        "Update the masks to schedule fraction `frac` (True when they changed); at the schedule's end it is done"
+        updated = frac > 0 and self._update(pos, frac)
+        if frac >= 1: self._done = self.completed = True
+        return updated
 
     def after_train(self):
         "After the fit's last training batch, a schedule that ends there is finished even if no optimizer step followed"
         # With GradientAccumulation the last batches of a fit may take no step: `after_step` never sees pos = 1.
         if self._mode != 'prune' or self._done or self.epoch < self.n_epoch - 1: return
         if self.learn.pct_train < 1 - 0.5 / self.n_steps: return  # a cancelled epoch: the schedule did not get there
-        frac = self.schedule(1.)
-        if frac > 0: self._update(1., frac)
-        if frac >= 1: self._done = self.completed = True
+        self._advance(1., self.schedule(1.))
 
     def after_fit(self):
         self._drop_metric()
@@ -299,7 +303,7 @@ class SparsifyCallback(Callback):
         if self._matches(model): return self.sparsifier.sparsity()
         try: ls = prunable_layers(model, self.layers, self.exclude, self.attention)
         except ValueError: return float('nan')  # a bad `layers=`: the training fit says so
-        ws = list({id(m.weight): m.weight for m in ls.values()}.values())  # a weight shared by two layers counts once
+        ws = [m.weight for m in one_per_weight(ls).values()]  # a weight shared by two layers counts once
         n = sum(w.numel() for w in ws)
         return 1 - sum(_nnz_each(ws)) / n if n else float('nan')  # one host read
 
@@ -401,5 +405,5 @@ class SparsifyCallback(Callback):
         return True
 
     def _apply(self):
-        "Zero the pruned weights (one fused multiply up to 2^26 weights; above, a `where` per layer with the bool masks)"
+        "Zero the pruned weights: one fused multiply up to 2^26 weights; above, a `where` per layer with bool masks"
         if self._masker is not None: self._masker()

@@ -151,7 +151,7 @@ def _fill_keeps(keeps:list, prev_keeps:list) -> list:
     return keeps
 
 def _sample_bracket(score_fns, sample_fns, n_groups, sizes, prev_keeps, live, k, m, seed, device=None):
-    "Sorted sampled scores of live groups (`live` of each part), the sample position of the k-th weight, the live weights"
+    "Sorted sampled scores of live groups (`live`: per part), the sample position of the k-th weight, the live weights"
     gen = torch.Generator().manual_seed(seed)
     live_w = [n * s for n, s in zip(live, sizes)]
     n_live = sum(live_w)
@@ -605,38 +605,37 @@ class _Masker:
             if self.aux[0]: torch._foreach_mul_(*self.aux)
 
 # %% ../nbs/03_sparsifier.ipynb #463106fc
-def one_per_weight(layers:dict) -> dict:
-    "`layers` less those whose weight (a parameter) an earlier one of them shares: each weight tensor counted once"
-    seen = set()
-    out = {}
+def _ties(layers:dict) -> dict[str, list[str]]:
+    "{first layer: the later layers of `layers` whose weight is the same parameter}"
+    first, tied = {}, {}
     for n, m in layers.items():
         w = m.weight
-        if isinstance(w, nn.Parameter):
-            if id(w) in seen: continue
-            seen.add(id(w))
-        out[n] = m
-    return out
+        if isinstance(w, nn.Parameter) and id(w) in first: tied.setdefault(first[id(w)], []).append(n)
+        else: first.setdefault(id(w), n)
+    return tied
+
+def one_per_weight(layers:dict) -> dict:
+    "`layers` less those whose weight (a parameter) an earlier one of them shares: each weight tensor counted once"
+    later = {n for bs in _ties(layers).values() for n in bs}
+    return {n: m for n, m in layers.items() if n not in later}
 
 def _warn_shared_left_out(model:nn.Module, sel:dict, attention:bool):
     "A layer left out by `layers`/`exclude` whose weight a pruned layer shares is pruned all the same: say so"
     ids = {id(m.weight): n for n, m in sel.items() if isinstance(m.weight, nn.Parameter)}
     hit = [f"{n} (the weight of {ids[id(m.weight)]})" for n, m in prunable_layers(model, attention=attention).items()
            if n not in sel and isinstance(m.weight, nn.Parameter) and id(m.weight) in ids]
-    if hit: logger.warning("Sparsifier: %s left out by `layers`/`exclude`, but %s pruned with the layer that shares it; "
-                           "leave both out to keep it whole", ', '.join(hit), 'it is' if len(hit) == 1 else 'they are')
+    if hit:
+        logger.warning("Sparsifier: %s left out by `layers`/`exclude`, but %s pruned with the layer that shares it; "
+                       "leave both out to keep it whole", ', '.join(hit), 'it is' if len(hit) == 1 else 'they are')
 
 def _untied(layers:dict, granularity) -> dict:
     "`layers` with one entry per weight tensor: a layer that shares another's weight is pruned through that one"
-    first, tied = {}, {}
-    for n, m in layers.items():
-        w = m.weight
-        if isinstance(w, nn.Parameter) and id(w) in first: tied.setdefault(first[id(w)], []).append(n)
-        else: first.setdefault(id(w), n)
+    tied = _ties(layers)
     if not tied: return layers
     if granularity.name == 'filter':  # one tensor's rows are two layers' channels: neither can lose them alone
         drop = {n for a, bs in tied.items() for n in [a] + bs}
-        logger.warning("Sparsifier: %s share one weight tensor: left dense (a filter of a shared weight is a channel of "
-                       "every layer using it)", '; '.join(f"{a} = {', '.join(bs)}" for a, bs in tied.items()))
+        logger.warning("Sparsifier: %s share one weight tensor: left dense (a filter of a shared weight is a channel "
+                       "of every layer using it)", '; '.join(f"{a} = {', '.join(bs)}" for a, bs in tied.items()))
     else:
         drop = {n for bs in tied.values() for n in bs}
         logger.info("Sparsifier: %s share the weight of %s: masked through it, counted once",
@@ -666,7 +665,8 @@ class Sparsifier:
         if not self.layers:
             why = (f" (filter granularity leaves {', '.join(sel)} dense: they share weight tensors)" if sel else
                    " after `layers`/`exclude`")
-            raise ValueError(f"Nothing to prune: {type(model).__name__} has no Conv/ConvTranspose/Linear layer left{why}")
+            raise ValueError(f"Nothing to prune: {type(model).__name__} has no Conv/ConvTranspose/Linear layer "
+                             f"left{why}")
         for n, m in self.layers.items(): self.granularity.group_size(m.weight, m, n)  # fail now on undefined ones
         self._rp = {n: _reparam(m, n) for n, m in self.layers.items()}  # reparametrized weights: what to mask instead
         self.masks: dict[str, Tensor] = {}
@@ -938,9 +938,9 @@ class Sparsifier:
                 continue
             if n in written:  # a hand-written attention: a unit (a head; with GQA a k/v group) is its rows of q, k, v
                 if written[n].mqa:  # one shared k/v head: zeroed q rows do not silence a query head (softmax of 0)
-                    logger.warning("Sparsifier.couple: %r is multi-query attention (one k/v head): its query heads stay "
-                                   "during training, since zeroed q rows would not silence them; Pruner.prune removes "
-                                   "them", n)
+                    logger.warning("Sparsifier.couple: %r is multi-query attention (one k/v head): its query heads "
+                                   "stay during training, since zeroed q rows would not silence them; Pruner.prune "
+                                   "removes them", n)
                     return None
                 rows = written[n].unit_rows(ix)  # {q, k, v layer: (width, rows of one unit)}: q's are n_rep heads wide
                 out_ = [q for q in rows if q not in self.layers]
