@@ -519,9 +519,12 @@ def _choose(name, w, b, x, forced, min_speedup, max_density, n_runs, conv=None) 
     return mod, {**row, 'kernel': mod.kernel, 'reason': f'{why} ({tried})'}
 
 # %% ../nbs/14_inference.ipynb #d5f44d96
-def _set(model, name, new):
+def _set(model, name, new) -> nn.Module:
+    "Put module `new` at `name` in `model`; the model with it (`new` itself when `name` is '': the model is that layer)"
+    if not name: return new
     parent, _, child = name.rpartition('.')
     setattr(model.get_submodule(parent) if parent else model, child, new)
+    return model
 
 def _weight_bias(m:nn.Module) -> tuple[Tensor, Tensor|None]:
     return m.weight.detach(), None if m.bias is None else m.bias.detach()
@@ -578,13 +581,13 @@ def _exported(model:nn.Module, mats:dict, chosen:dict, mhas:dict, skipped:dict) 
     "A copy of `model` in eval mode with the `chosen` kernels in place of their Linear, Conv2d and attention modules"
     new = copy.deepcopy(model).eval().requires_grad_(False)
     for n, (w, b, owner, kind) in mats.items():
-        if kind in ('linear', 'conv') and n in chosen: _set(new, n, chosen[n])
+        if kind in ('linear', 'conv') and n in chosen: new = _set(new, n, chosen[n])
     # an nn.TransformerEncoderLayer's fused fast path would read its sparse layers' weights: turn it off
     fused = {f'{n}.self_attn' for n, m in model.named_modules() if isinstance(m, nn.TransformerEncoderLayer)
              and any(c.startswith(n + '.') for c in chosen)}
     for n in mhas:
         ks = {k: chosen[f'{n}.{k}'] for k in (*_qkv, 'out_proj') if f'{n}.{k}' in chosen}
-        if ks or (n in fused and n not in skipped): _set(new, n, SparseMultiheadAttention(mhas[n], ks).eval())
+        if ks or (n in fused and n not in skipped): new = _set(new, n, SparseMultiheadAttention(mhas[n], ks).eval())
     return new
 
 def _check_output(ref, out, rtol:float|None) -> tuple[float, float]:

@@ -299,3 +299,17 @@ def test_metrics_report_the_sparse_export(monkeypatch):
     fct.test_eq(0 < measured_speedup(model, e, x, n_runs=3, sparse=True) < math.inf, True)  # an export is timed as is
     fct.test_eq(list(speedup_summary(model, x, exported=False, n_runs=3).index),
                 ['compression ratio', 'theoretical speedup'])
+
+
+@pytest.mark.parametrize('kind', ['linear', 'conv'])
+def test_a_model_that_is_one_layer_exports_that_layer(kind):
+    "The model itself a Linear or Conv2d: the export is the sparse layer (it was a dense copy with an idle child)"
+    torch.manual_seed(0)
+    m = nn.Linear(256, 128) if kind == 'linear' else nn.Conv2d(32, 64, 3)
+    with torch.no_grad(): m.weight.mul_(torch.rand_like(m.weight) > 0.95)
+    x = torch.randn(4, 256) if kind == 'linear' else torch.randn(2, 32, 12, 12)
+    fast = to_sparse_inference(m, x, kernels='csr', n_runs=1)
+    assert isinstance(fast, CSRLinear if kind == 'linear' else CSRConv2d), type(fast)
+    fct.test_eq(list(dict(fast.named_children())), [])
+    with torch.no_grad(): fct.test_close(fast(x), m(x), eps=1e-4)
+    fct.test_eq(export_report(fast).kernel.tolist(), ['csr'])
