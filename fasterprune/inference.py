@@ -588,6 +588,9 @@ def _exported(model:nn.Module, mats:dict, chosen:dict, mhas:dict, skipped:dict) 
     for n in mhas:
         ks = {k: chosen[f'{n}.{k}'] for k in (*_qkv, 'out_proj') if f'{n}.{k}' in chosen}
         if ks or (n in fused and n not in skipped): new = _set(new, n, SparseMultiheadAttention(mhas[n], ks).eval())
+    for n, m in new.named_modules():  # an encoder would pack padded inputs as nested tensors, which sparse kernels refuse
+        if isinstance(m, nn.TransformerEncoder) and any(c.startswith(f'{n}.' if n else '') for c in chosen):
+            m.use_nested_tensor = False
     return new
 
 def _check_output(ref, out, rtol:float|None) -> tuple[float, float]:

@@ -313,3 +313,17 @@ def test_a_model_that_is_one_layer_exports_that_layer(kind):
     fct.test_eq(list(dict(fast.named_children())), [])
     with torch.no_grad(): fct.test_close(fast(x), m(x), eps=1e-4)
     fct.test_eq(export_report(fast).kernel.tolist(), ['csr'])
+
+
+def test_transformer_encoder_export_takes_a_key_padding_mask():
+    "nn.TransformerEncoder's nested-tensor fast path would hand the sparse attention a nested tensor: it is turned off"
+    from fasterprune.sparsifier import Sparsifier
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 128, batch_first=True), 2).eval()
+    Sparsifier(enc, 'weight', 'local').sparsify(0.9)
+    x = torch.randn(3, 10, 64)
+    pad = torch.zeros(3, 10, dtype=torch.bool)
+    pad[:, 7:] = True
+    fast = to_sparse_inference(enc, x, kernels='csr', n_runs=1)
+    with torch.no_grad(): ref, out = enc(x, src_key_padding_mask=pad), fast(x, src_key_padding_mask=pad)
+    fct.test_close(out[:, :7], ref[:, :7], eps=1e-4)  # padded positions: zeros from the nested path, computed here
