@@ -61,16 +61,13 @@ def _fit(learn, world, n_epoch, cbs, start_epoch=0):
             with learn.distrib_ctx(cpu=True): learn.fit_one_cycle(n_epoch, LR, cbs=cbs, start_epoch=start_epoch)
 
 
-def _strip(name): return name[len('module.'):] if name.startswith('module.') else name
-
-
 def run(name:str, world:int) -> dict:
-    "Train configuration `name` on `world` processes; masks (layer names without DDP's `module.`), weights, history"
+    "Train configuration `name` on `world` processes; masks (by the plain model's layer names), weights, history"
     learn = make_learner(world)
     cb = SparsifyCallback(**CONFIGS[name], show_sparsity=False)
     _fit(learn, world, EPOCHS, [cb])
     if world > 1: check_masks_in_sync(cb)
-    return dict(masks={_strip(n): m.clone() for n, m in cb.sparsifier.masks.items()},
+    return dict(masks={n: m.clone() for n, m in cb.sparsifier.masks.items()},  # no `module.` prefix under DDP
                 state={k: v.clone() for k, v in learn.model.state_dict().items()},
                 history=cb.history, sparsity=cb.sparsifier.sparsity())
 
