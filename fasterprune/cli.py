@@ -37,8 +37,16 @@ def _train(make_model, flat, epochs, lr, seed, cbs=None):
     return dict(accuracy=acc, sparsity=Sparsifier(learn.model).sparsity(), params=params, nonzero=nzp,
                 compression=compression_ratio(learn.model), speedup=theoretical_speedup(learn.model, x))
 
+def _check_demo(epochs, sparsity, seed, lr):
+    check_fraction(sparsity, 'sparsity')
+    for v, what, lo in ((epochs, 'epochs', 1), (seed, 'seed', 0)):
+        if isinstance(v, bool) or int(v) != v or v < lo:
+            raise ValueError(f"{what} must be a whole number >= {lo}, got {v!r}")
+    if not lr > 0: raise ValueError(f"lr must be > 0, got {lr!r}")
+
 def demo(epochs:int=20, sparsity:float=0.9, seed:int=0, lr:float=1e-2):
     "Dense vs AGP-pruned LeNet-300-100 and small CNN on digits; returns the rows it prints"
+    _check_demo(epochs, sparsity, seed, lr)
     rows = []
     for name, make, flat in (('lenet_300_100', lenet_300_100, True), ('small_cnn', small_cnn, False)):
         for kind in ('dense', f'agp {sparsity:.0%} global'):
@@ -101,12 +109,15 @@ def _print_lth(res):
 
 # %% ../nbs/11_cli.ipynb #fb9be430
 def _parser() -> argparse.ArgumentParser:
+    from fasterprune import __version__
     p = argparse.ArgumentParser(prog='fasterprune', description='Neural network pruning for fastai')
+    p.add_argument('--version', action='version', version=f'fasterprune {__version__}')
     sub = p.add_subparsers(dest='cmd', required=True)
     d = sub.add_parser('demo', help='dense vs AGP-pruned models on the bundled digits data')
-    d.add_argument('--epochs', type=int, default=20)
-    d.add_argument('--sparsity', type=float, default=0.9)
-    d.add_argument('--seed', type=int, default=0)
+    d.add_argument('--epochs', type=int, default=20, help='epochs of every fit (fit_one_cycle)')
+    d.add_argument('--sparsity', type=float, default=0.9, help='target fraction of zero weights, in [0, 1)')
+    d.add_argument('--seed', type=int, default=0, help='weights, batch order and train/valid split')
+    d.add_argument('--lr', type=float, default=1e-2, help='maximum learning rate of fit_one_cycle')
     l = sub.add_parser('lth', help='lottery tickets: iterative magnitude pruning with rewinding, and its controls, '
                                    'on digits')
     l.add_argument('--rounds', type=int, default=5, help='pruning rounds after the dense round 0')
@@ -155,6 +166,10 @@ def main(argv=None):
     a = _parser().parse_args(argv)
     warnings.filterwarnings('ignore', category=FutureWarning)
     if a.cmd == 'lth': return _run_lth(a)
+    try: _check_demo(a.epochs, a.sparsity, a.seed, a.lr)
+    except ValueError as e:
+        print(f"fasterprune demo: error: {e}", file=sys.stderr)
+        return 2
     print(f"fasterprune demo: scikit-learn digits (1,437 train / 360 valid), {a.epochs} epochs each, fit_one_cycle")
-    _print_rows(demo(a.epochs, a.sparsity, a.seed))
+    _print_rows(demo(a.epochs, a.sparsity, a.seed, a.lr))
     return 0
