@@ -92,8 +92,10 @@ def _call(model, args, kwargs, example_input):
     try: return model(*args, **kwargs)
     except Exception as e:
         msg = (str(e).strip().splitlines() or [''])[0]
+        hint = (" (a dict is passed as keyword arguments: for a forward that takes the dict itself, pass `(batch,)`)"
+                if isinstance(example_input, dict) and isinstance(e, TypeError) else '')
         raise ValueError(f"{type(model).__name__} could not run on the example input of shape "
-                         f"{_shape_of(example_input)}: {type(e).__name__}: {msg}") from e
+                         f"{_shape_of(example_input)}: {type(e).__name__}: {msg}{hint}") from e
 
 def _uses(m:nn.Module, x:Tensor, out:Tensor) -> int:
     "How many times each weight of `m` is used in this call (see the table above)"

@@ -246,3 +246,14 @@ def test_attention_projections_count_their_macs():
     fct.test_eq(fl['mha.out_proj'], (E * E * 10,) * 2)
     with torch.no_grad(): m.mha.in_proj_weight[2 * E:2 * E + 4] = 0  # 4 value rows
     fct.test_eq(layer_flops(m, (q, kv))['mha.in_proj_weight'], (E * E * 38, E * E * 38 - 4 * E * 14))
+
+
+def test_dict_input_to_a_forward_taking_one_dict_hints_the_tuple():
+    class DictIn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+        def forward(self, batch): return self.fc(batch['x'])
+    m, batch = DictIn(), {'x': torch.randn(1, 4)}
+    fct.test_fail(lambda: count_flops(m, batch), contains='pass `(batch,)`')
+    fct.test_eq(count_flops(m, (batch,)), (8, 8))
