@@ -10,7 +10,7 @@ from fastcore.basics import patch
 import torch
 from torch import nn, Tensor, fx
 import torch.nn.functional as F
-from .core import evaluating, flat_tensors
+from .core import evaluating, flat_tensors, few
 
 logger = logging.getLogger('fasterprune')
 
@@ -258,7 +258,7 @@ class ChannelGraph:
         model:nn.Module,       # the model (not changed; run once in eval mode)
         example_inputs,        # a tensor or a tuple of positional inputs
         strict:bool=True,      # unknown ops that touch channels: error (True) or pin their channels (False)
-        traced:tuple|None=None,  # `(module, graph)` of an earlier `ChannelGraph` of this model (`.traced`): no tracing
+        traced:tuple|None=None,  # `.traced` of an earlier `ChannelGraph` of this model: no tracing
         heads:dict|None=None,    # {module name or pattern: `AttentionHeads`}: hand-written attention, heads prune whole
         values:bool=True,        # False: the structure only (no value ranges, `output` None), run on meta tensors
     ):
@@ -270,9 +270,12 @@ class ChannelGraph:
         self.values = values
         # eval mode before tracing: `self.training` is read at trace time (dropout, stochastic depth)
         with evaluating(model, no_grad=False):
-            self.traced = traced if traced is not None else _trace(model, self.example_inputs)
+            tr = tuple(traced) if traced is not None else _trace(model, self.example_inputs)
+            self.traced = tr if len(tr) > 2 else tr + (None,)  # (module, eval-mode graph, train-mode graph or None)
             self.gm = self.traced[0]
-            with torch.no_grad(): self.output = self._run()
+            with torch.no_grad():
+                self.output = self._run()
+                if traced is None: self._train_branches()
         self.heads = {}  # module name -> `_WrittenHeads` of each hand-written attention named in `heads`
         for key, spec in (heads or {}).items():
             if not any(c in key for c in '*?['):
@@ -313,12 +316,14 @@ class ChannelGraph:
         self.norm_dyn: dict[str, Tensor] = {}  # LayerNorm over channels -> may this input channel vary with the input?
 
     def _run(self):
-        "Label every node of the traced graph (shapes only, on meta tensors, when `values` is False); the output"
+        "Label every node of the traced graphs (shapes only, on meta tensors, when `values` is False); the output"
         self._reset()
+        gm, graphs = self.traced[0], [gr for gr in self.traced[1:] if gr is not None]
         if not self.values:
             try:
-                with _on_meta(self.traced[0]):
-                    _Labeler(self, *self.traced).run(*_to_meta(self.example_inputs))
+                with _on_meta(gm):
+                    ins = _to_meta(self.example_inputs)
+                    for gr in graphs: _Labeler(self, gm, gr).run(*ins)
                 return None
             except UnknownOpError: raise
             except Exception as e:  # e.g. a tensor made on the CPU inside the forward: run it for real
@@ -326,7 +331,41 @@ class ChannelGraph:
                             type(e).__name__, str(e).splitlines()[0][:200] if str(e) else '')
                 self.values = True
                 self._reset()
-        return _Labeler(self, *self.traced).run(*self.example_inputs)
+        # a train-mode graph runs in eval mode too: the same modules as verification, its branches' channels united
+        return [_Labeler(self, gm, gr).run(*self.example_inputs) for gr in graphs][0]
+
+    def _not_run(self, *graphs) -> list[str]:
+        "Layers with parameters (convolutions, linear layers, norms, ...) that none of `graphs` calls"
+        ran = set().union(*(_ran(gr) for gr in graphs))
+        inside = tuple(r + '.' for r in ran if r)  # the parts of a module that runs as one call
+        return [n for n, m in self.modules.items() if n and isinstance(m, _run_checked) and n not in ran
+                and not n.startswith(inside) and any(p is not None for p in m._parameters.values())]
+
+    def _train_branches(self):
+        "When layers did not run on the example, trace the model in train mode too: a branch that runs only there"
+        missing = self._not_run(self.traced[1])
+        if not missing: return
+        try: tg = _trace_train(self.model, self.example_inputs)
+        except Exception as e:
+            logger.warning("graph: %s did not run on the example in eval mode, and tracing the model in train mode "
+                           "failed (%s: %s): if they run in training (an auxiliary head?), cutting the channels that "
+                           "reach them breaks the training forward; set them aside before pruning",
+                           few(repr(n) for n in missing), type(e).__name__, (str(e).splitlines() or [''])[0][:200])
+            return
+        left = set(self._not_run(self.traced[1], tg))
+        if left: logger.info("graph: %s never run (eval or train mode): left as they are", few(repr(n) for n in left))
+        train_only = [n for n in missing if n not in left]
+        if not train_only: return
+        self.traced = self.traced[:2] + (tg,)
+        try: self.output = self._run()
+        except Exception as e:
+            raise ValueError(f"{few(repr(n) for n in train_only)} run only in train mode (a training-only branch, e.g. "
+                             f"an auxiliary head), and the model's train-mode graph could not be labelled "
+                             f"({type(e).__name__}: {e}); set the branch aside before pruning, e.g. "
+                             "`model.aux_logits = False; model.AuxLogits = None` for torchvision's inception_v3") from e
+        logger.info("graph: %s run only in train mode: the train-mode graph is labelled too (the channels that reach "
+                    "them are cut with their producers; verification runs in eval mode)",
+                    few(repr(n) for n in train_only))
 
     def _new(self, n:int, pin:str|None=None) -> Tensor:
         "`n` fresh labels (pinned with the reason `pin`, if given)"
@@ -543,6 +582,31 @@ def _trace(model:nn.Module, inputs:tuple) -> tuple:
                 type(model).__name__, type(err).__name__, str(err).splitlines()[0][:200])
     return model, graph
 
+def _trace_train(model:nn.Module, inputs:tuple) -> fx.Graph:
+    "The graph of `model` in train mode (branches that run only in training); training flags, buffers and RNG restored"
+    flags = [(m, m.training) for m in model.modules()]
+    bufs = [(b, b.detach().clone()) for b in model.buffers()]  # a recorded forward updates BatchNorm statistics
+    cuda = sorted({t.device.index or 0 for t in model.parameters() if t.is_cuda})
+    try:
+        model.train()
+        with torch.random.fork_rng(devices=cuda), torch.no_grad(): return _trace(model, inputs)[1]
+    finally:
+        with torch.no_grad():
+            for b, v in bufs: b.copy_(v)
+        for m, t in flags: m.training = t
+
+_run_checked = _conv_types + _norm_types + (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear,
+    nn.Bilinear, nn.Embedding, nn.EmbeddingBag, nn.GroupNorm, nn.LayerNorm, nn.MultiheadAttention, nn.PReLU) \
+    + ((nn.RMSNorm,) if hasattr(nn, 'RMSNorm') else ())  # layers whose channels a cut can change
+
+def _ran(graph:fx.Graph) -> set:
+    "Names of the modules `graph` calls, or reads a parameter or buffer of"
+    ran = set()
+    for n in graph.nodes:
+        if n.op == 'call_module': ran.add(n.target)
+        elif n.op == 'get_attr': ran.add(n.target.rpartition('.')[0])
+    return ran
+
 # %% ../nbs/07_graph.ipynb #2d82c705
 def _cd(lab, t) -> int:
     "The dimension of tensor `t` that the labels `lab` describe (dimension 1 unless a permute or a Linear moved them)"
@@ -591,6 +655,10 @@ def _labels(self:ChannelGraph, n:fx.Node, out, it:_Labeler):
         self._pin(it.arg_lab(n.args[0]), 'model output')
         return None
     if n.op == 'call_module': return self._module_labels(n, self.modules[n.target], out, it)
+    if n.op == 'call_function' and isinstance(n.target, type) and issubclass(n.target, tuple) \
+            and hasattr(n.target, '_fields'):  # a namedtuple of outputs (inception_v3's in train mode): its members
+        rest = [n.kwargs[f] for f in n.target._fields[len(n.args):] if f in n.kwargs]
+        return tuple(it.arg_lab(a) for a in list(n.args) + rest)
     ins_lab = [l for l in (it.arg_lab(a) for a in list(n.args) + list(n.kwargs.values())) if _anylab(l)]
     name = n.target if n.op == 'call_method' else getattr(n.target, '__name__', str(n.target))
     if not ins_lab:  # nothing labelled goes in: shapes, sizes, constants, new tensors

@@ -13,7 +13,7 @@ from .core import check_context, check_fraction, evaluating, few, flat_tensors, 
     round_half_up, to_device
 from .criteria import get_criterion
 from .graph import ChannelGraph, CountedLayerNorm, CountedRMSNorm, _WrittenHeads, _conv_types, \
-    _ln_channel_dim, _plain
+    _ln_channel_dim, _plain, _Tracer, _act_modules
 
 logger = logging.getLogger('fasterprune')
 
@@ -170,6 +170,7 @@ class Pruner:
         self.example_inputs = tuple(to(x) for x in example_inputs) if multi else to(example_inputs)
         self.original = copy.deepcopy(model) if keep_original else None
         self.history = []      # one record per accepted surgery (appended by `_surgery`)
+        self._warned_opt = False  # the warning about an optimizer the Pruner cannot see: once
         self._rewinder = None  # the `Rewinder` of the rewinding methods, made by `_rw` on first use
         self.second_inputs = _perturbed(self.example_inputs, torch.Generator().manual_seed(0))
 
@@ -258,6 +259,8 @@ class _Surgery:
         self.folded = False   # was a constant folded into a bias?
         self.norm_consts = {} # LayerNorm over the channels -> the constants of its removed channels (see `fold`)
         self.written = []     # (`_WrittenHeads`, its head counts before the cut) of each hand-written attention cut
+        self.had_grad = False # did a cut parameter carry a gradient (a model trained in this session)?
+        self.grads_expected = False  # ... because a gradient criterion asked for it
 
     def set(self, obj, attr:str, val):
         "`setattr(obj, attr, val)`, recorded"
@@ -275,6 +278,7 @@ class _Surgery:
         shape0, ops = self.cuts.get(p, (tuple(p.shape), []))
         self.cuts[p] = (shape0, ops + [(dim, idx)])
         self.set(p, 'data', p.data.index_select(dim, idx))
+        self.had_grad |= p.grad is not None
         p.grad = None
 
     def add_to_bias(self, m:nn.Module, add:Tensor):
@@ -659,7 +663,15 @@ def _surgery(self:Pruner, tx:_Surgery, g:ChannelGraph, remove:Tensor, consts:dic
 def _sync_optimizer(self:Pruner, tx:_Surgery):
     "Cut the optimizer state like the parameters of `tx`; give the optimizer the biases the fold created"
     opt = self.learn.opt if self.learn is not None else self.opt
-    if opt is None: return
+    if opt is None:
+        if tx.had_grad and not self._warned_opt:  # trained in this session: an optimizer may hold the old shapes
+            self._warned_opt = True
+            logger.log(logging.INFO if tx.grads_expected else logging.WARNING,
+                       "Pruner: the model's parameters held gradients (trained in this session?) and the Pruner was "
+                       "given no optimizer: one made before pruning keeps state of the old shapes, and its next step "
+                       "fails with a size mismatch. Use Pruner(learn) or Pruner(model, x, opt=opt), or create the "
+                       "optimizer after pruning (learn.create_opt())")
+        return
     st = opt.state
     for p, (shape0, ops) in tx.cuts.items():
         if p not in st: continue
@@ -835,6 +847,7 @@ def prune(self:Pruner,
         logger.info("Pruner.prune: nothing to remove")
         return self.model
     tx = _Surgery()
+    tx.grads_expected = getattr(crit, 'needs_grad', False)
     try:
         tx.zero(g, remove)
         # the same structure, new values
@@ -990,11 +1003,61 @@ def _read(path, map_location=None):
             why, Err = f"it is not a complete file written by torch.save ({p.stat().st_size:,} bytes)", ValueError
         raise Err(f"cannot read pruned model {p}: {why} [{type(e).__name__}]; nothing was loaded") from e
 
+_out_attrs = ('out_features', 'out_channels', 'num_features', 'embedding_dim', 'normalized_shape', 'num_parameters')
+_in_attrs = ('in_features', 'in_channels', 'num_features', 'num_embeddings', 'normalized_shape')
+_end_fns = {'flatten', 'squeeze', 'unsqueeze', 'softmax', 'log_softmax', 'sigmoid', 'relu', 'contiguous', 'float',
+            'getitem', 'dropout'}  # between a layer and the model's output or input, the channels stay as they are
+
+def _ends(model:nn.Module) -> tuple[set, set]:
+    "(layers whose output is the model's output, layers that take the model's input) by torch.fx; empty if untraceable"
+    try: graph = _Tracer().trace(model)
+    except Exception: return set(), set()
+    mods = dict(model.named_modules())
+    def _passes(n):  # an op that hands the channels on unchanged (activations, flatten, a namedtuple of outputs)
+        if n.op == 'call_module': return isinstance(mods.get(n.target), _act_modules + (nn.Flatten, nn.Softmax))
+        t = n.target
+        return n.op in ('call_function', 'call_method') and (isinstance(t, type) and issubclass(t, tuple)
+                                                              or getattr(t, '__name__', t) in _end_fns)
+    outs, todo, seen = set(), [n for n in graph.nodes if n.op == 'output'], set()
+    while todo:
+        n = todo.pop()
+        if n in seen: continue
+        seen.add(n)
+        if n.op == 'call_module' and not _passes(n): outs.add(n.target)
+        elif n.op == 'output' or _passes(n): todo += n.all_input_nodes
+    ins, todo, seen = set(), [n for n in graph.nodes if n.op == 'placeholder'], set()
+    while todo:
+        n = todo.pop()
+        if n in seen: continue
+        seen.add(n)
+        for u in n.users:
+            if u.op == 'call_module' and not _passes(u): ins.add(u.target)
+            elif _passes(u): todo.append(u)
+    return outs, ins
+
+def _check_ends(model:nn.Module, recipe:dict, path):
+    "A misfit in a size pruning never changes (the model's output width, its input channels): a ValueError"
+    outs, ins = _ends(model)
+    mods, bad = dict(model.named_modules()), []
+    for names, attrs, what in ((outs, _out_attrs, 'output'), (ins, _in_attrs, 'input')):
+        for n in sorted(names):
+            r, m = recipe.get(n, {}), mods[n]
+            for a in attrs:
+                if a not in r or not hasattr(m, a): continue
+                v, cur = r[a], getattr(m, a)
+                v, cur = (tuple(v), tuple(cur)) if isinstance(cur, (tuple, list)) else (v, cur)
+                if v != cur: bad.append(f"{n}.{a} is {v} in the file, {cur} in this model (the model's {what})")
+    if bad:
+        raise ValueError(f"{path} does not fit this model: {'; '.join(bad)}. Pruning never changes the model's output "
+                         "width or its input channels: build the architecture as it was before pruning (e.g. the same "
+                         "num_classes); nothing was loaded")
+
 def load_pruned(model:nn.Module, path, map_location=None) -> nn.Module:
     "Resize the fresh `model` (the original architecture) to the recipe, load its whole state; untouched on any misfit"
     d = _read(path, map_location)
     if not isinstance(d, dict) or not {'recipe', 'state_dict'} <= set(d):
         raise ValueError(f"{path} is not a file written by save_pruned (it needs 'recipe' and 'state_dict')")
+    _check_ends(model, d['recipe'], path)
     trial = copy.deepcopy(model)  # resize and load a copy first: a misfit recipe or state_dict changes nothing
     apply_recipe(trial, d['recipe'])
     trial.load_state_dict(d['state_dict'], strict=True)
