@@ -13,7 +13,7 @@ from .core import check_context, check_fraction, evaluating, few, flat_tensors, 
     round_half_up, to_device
 from .criteria import get_criterion
 from .graph import ChannelGraph, CountedLayerNorm, CountedRMSNorm, _WrittenHeads, _conv_types, \
-    _ln_channel_dim, _plain, _Tracer, _act_modules
+    _ln_channel_dim, _plain, _Tracer, _pass_modules, _reshape_modules
 
 logger = logging.getLogger('fasterprune')
 
@@ -1005,8 +1005,10 @@ def _read(path, map_location=None):
 
 _out_attrs = ('out_features', 'out_channels', 'num_features', 'embedding_dim', 'normalized_shape', 'num_parameters')
 _in_attrs = ('in_features', 'in_channels', 'num_features', 'num_embeddings', 'normalized_shape')
-_end_fns = {'flatten', 'squeeze', 'unsqueeze', 'softmax', 'log_softmax', 'sigmoid', 'relu', 'contiguous', 'float',
-            'getitem', 'dropout'}  # between a layer and the model's output or input, the channels stay as they are
+_end_fns = {'flatten', 'squeeze', 'unsqueeze', 'view', 'reshape', 'mean', 'softmax', 'log_softmax', 'sigmoid', 'relu',
+            'contiguous', 'float', 'getitem', 'dropout', 'adaptive_avg_pool2d', 'avg_pool2d', 'max_pool2d',
+            'adaptive_avg_pool1d', 'adaptive_max_pool2d'}  # between a layer and the model's output or input
+_end_modules = _pass_modules + _reshape_modules + (nn.Softmax,)  # activations, dropout, pooling, padding, flatten
 
 def _ends(model:nn.Module) -> tuple[set, set]:
     "(layers whose output is the model's output, layers that take the model's input) by torch.fx; empty if untraceable"
@@ -1014,7 +1016,7 @@ def _ends(model:nn.Module) -> tuple[set, set]:
     except Exception: return set(), set()
     mods = dict(model.named_modules())
     def _passes(n):  # an op that hands the channels on unchanged (activations, flatten, a namedtuple of outputs)
-        if n.op == 'call_module': return isinstance(mods.get(n.target), _act_modules + (nn.Flatten, nn.Softmax))
+        if n.op == 'call_module': return isinstance(mods.get(n.target), _end_modules)
         t = n.target
         return n.op in ('call_function', 'call_method') and (isinstance(t, type) and issubclass(t, tuple)
                                                               or getattr(t, '__name__', t) in _end_fns)
