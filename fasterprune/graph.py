@@ -361,8 +361,9 @@ class ChannelGraph:
         except Exception as e:
             raise ValueError(f"{few(repr(n) for n in train_only)} run only in train mode (a training-only branch, e.g. "
                              f"an auxiliary head), and the model's train-mode graph could not be labelled "
-                             f"({type(e).__name__}: {e}); set the branch aside before pruning, e.g. "
-                             "`model.aux_logits = False; model.AuxLogits = None` for torchvision's inception_v3") from e
+                             f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}); set the branch aside "
+                             "before pruning, e.g. `model.aux_logits = False; model.AuxLogits = None` for torchvision's "
+                             "inception_v3 (an unknown op: strict=False keeps the channels around it)") from e
         logger.info("graph: %s run only in train mode: the train-mode graph is labelled too (the channels that reach "
                     "them are cut with their producers; verification runs in eval mode)",
                     few(repr(n) for n in train_only))

@@ -55,6 +55,32 @@ def test_train_only_branch_is_cut_with_its_producers(caplog, fx):
     assert any("'aux.0'" in i and 'only in train mode' in i for i in _msgs(caplog, logging.INFO))
     fct.test_eq(_msgs(caplog, logging.WARNING), [])
 
+class OddAux(nn.Module):
+    "A training-only branch the Pruner cannot follow: a forward that fails in train mode, or an unknown op"
+    def __init__(self, mode):
+        super().__init__()
+        self.mode = mode
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU())
+        self.aux, self.head = (nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)) for _ in '12')
+    def forward(self, x):
+        f = self.body(x)
+        if not self.training: return self.head(f)
+        if self.mode == 'fails': raise RuntimeError('no train-mode forward on this input')
+        return self.head(f), self.aux(torch.cumsum(f, 1))
+
+def test_train_only_branch_not_followed_is_named(caplog):
+    torch.manual_seed(0)
+    m, x = OddAux('unknown').eval(), torch.randn(2, 3, 8, 8)
+    sd = copy.deepcopy(m.state_dict())
+    with pytest.raises(ValueError, match=r"'aux.2' run only in train mode.*aux_logits = False"): Pruner(m, x).prune(0.5)
+    for k, v in m.state_dict().items(): fct.test_eq(v, sd[k])  # untouched
+    Pruner(m, x, strict=False).prune(0.5)  # the unknown op pins the channels it reads: the aux head keeps its input
+    fct.test_eq(m.aux[2].in_features, m.body[2].out_channels)
+    m.train()(x)
+    m = OddAux('fails').eval()  # no train-mode trace at all: dead or training-only cannot be told apart, a WARNING
+    with caplog.at_level(logging.INFO, logger='fasterprune'): Pruner(m, x).prune(0.5)
+    assert any("'aux.2' did not run" in w and 'set them aside' in w for w in _msgs(caplog, logging.WARNING))
+
 @pytest.mark.parametrize('fx', [True, False])
 def test_train_only_branch_compact_is_exact(fx):
     "Zeroed filters feeding the auxiliary head: compact removes them and folds their constant into the aux layer"
