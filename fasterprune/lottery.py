@@ -358,10 +358,11 @@ def plot_lottery(res:dict, path=None, ax=None, title:str|None=None):
     ax.set_xscale('log')
     ax.invert_xaxis()
     ticks = [t for t in (100, 50, 20, 10, 5, 2, 1, 0.5, 0.2, 0.1) if min(x) / 1.1 <= t <= max(x) * 1.1]
+    if len(ticks) < 3: ticks = sorted({float(f'{v:.3g}') for v in x}, reverse=True)  # few rounds: each round's point
     ax.set_xticks(ticks, [f'{t:g}' for t in ticks])
     ax.minorticks_off()
     ax.set_xlabel('% of weights remaining (log)')
-    ax.set_ylabel('test accuracy')
+    ax.set_ylabel('validation accuracy')
     rate, n = cfg['rate'], len(cfg['seeds'])
     ax.set_title(title or f"{cfg['name']}: {rate:.0%} of the remaining weights pruned per round, {n} seed(s)")
     ax.grid(True, which='both', alpha=.3)
