@@ -433,8 +433,21 @@ class ChannelGraph:
         mn, mx = x.amin(dims).float(), x.amax(dims).float()
         stats[name] = [mn, mx] if st is None else [torch.minimum(st[0], mn), torch.maximum(st[1], mx)]
 
+    def _pin_shared_weights(self):
+        "Conv/Linear layers sharing one weight: its rows and columns are channels of each of them, which stay"
+        by_w = {}
+        for n, m in self.modules.items():
+            w = getattr(m, 'weight', None)
+            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and isinstance(w, nn.Parameter):
+                by_w.setdefault(id(w), []).append(n)
+        for names in (ns for ns in by_w.values() if len(ns) > 1):
+            for n in names:
+                for kind in ('out', 'in', 'dw'):
+                    if (n, kind) in self.slots: self._pin(self.slots[n, kind].ids, f"weight shared by {', '.join(names)}")
+
     def _finish(self):
         "Components of the labels: each slot position's `comp`, pinned components and their reasons, tied units"
+        self._pin_shared_weights()
         P = _components(self.n_labels, self.unions)
         slots = list(self.slots.values())
         roots = torch.unique(torch.cat([P[s.ids] for s in slots])) if slots else torch.zeros(0, dtype=torch.long)

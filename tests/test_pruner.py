@@ -608,3 +608,19 @@ def test_second_input_keeps_categorical_ids_valid():
     pr.prune(0.5)
     fct.test_eq(m.fc1.out_features, 8)
     assert pr.history[-1]['rel_error'] <= 1e-5
+
+
+def test_layers_sharing_a_weight_keep_their_channels_the_rest_prunes():
+    "Two Linear layers with one weight Parameter: its rows and columns stay (they are channels of both); others go"
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                      nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3))
+    m[4].weight = m[2].weight
+    x = torch.randn(4, 8)
+    pr = Pruner(m, x)
+    pr.prune(0.5)  # was an IndexError or a SurgeryError, the model restored
+    assert m[4].weight is m[2].weight and tuple(m[2].weight.shape) == (16, 16)
+    fct.test_eq((m[6].out_features, m[8].in_features), (16, 16))  # the free 32-wide layer lost half its units
+    assert pr.history[-1]['rel_error'] <= 1e-5
+    g = next(g for g in channel_groups(m, x) if '2' in g.producers)
+    assert g.pinned and 'weight shared by 2, 4' in g.reason
