@@ -844,7 +844,12 @@ def prune(self:Pruner,
     n_rm = _global_counts(groups, targets, mean) if is_global else _local_counts(groups, targets)
     remove = _choose(groups, targets, n_rm, mean, round_to)
     if not remove.any():
-        logger.info("Pruner.prune: nothing to remove")
+        asked = any(v > 0 for v in ratio.values()) if isinstance(ratio, dict) else ratio > 0
+        free = sum(not gr.pinned for gr in groups)
+        (logger.warning if asked and free else logger.info)(
+            "Pruner.prune: nothing to remove at ratio %s (%d groups free to prune: each group's share rounds to no "
+            "whole unit; grouped convolutions and attention remove whole units, so small groups need a larger ratio)",
+            ratio, free)
         return self.model
     tx = _Surgery()
     tx.grads_expected = getattr(crit, 'needs_grad', False)

@@ -624,3 +624,13 @@ def test_layers_sharing_a_weight_keep_their_channels_the_rest_prunes():
     assert pr.history[-1]['rel_error'] <= 1e-5
     g = next(g for g in channel_groups(m, x) if '2' in g.producers)
     assert g.pinned and 'weight shared by 2, 4' in g.reason
+
+
+def test_prune_that_rounds_to_nothing_warns(caplog):
+    "A ratio too small for a group's whole units removes nothing, and says so (it was an INFO line)"
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    with caplog.at_level('WARNING', logger='fasterprune.pruner'):
+        Pruner(m, torch.randn(2, 3, 8, 8)).prune(0.25)
+    assert 'nothing to remove at ratio 0.25' in caplog.text and m[2].out_channels == 4
