@@ -319,6 +319,21 @@ class SparsifyCallback(Callback):
 
     def _new(self, model, keep_history=False):
         "A Sparsifier on `model` that takes its zeros as pruned (the callback's state changes once every check passed)"
+        try: sp = self._build(model)
+        except ValueError as e:
+            if not keep_history: raise
+            # after a surgery nothing more is ranked: the zeros stay fixed, whatever the granularity can still group
+            logger.info("SparsifyCallback: the compacted model does not fit granularity %r (%s); its zeros are kept "
+                        "as weight masks", self.granularity, e)
+            sp = Sparsifier(model, 'weight', self.context, self.criteria, self.layers, self.exclude, self.seed,
+                            attention=self.attention)
+        if isinstance(self.sparsity, dict): sp._check_targets(self.sparsity)
+        sp.adopt_zeros()
+        self.sparsifier, self._shapes, self.report = sp, [tuple(m.weight.shape) for m in sp.layers.values()], None
+        if not keep_history: self.last_target, self.history, self.completed, self.fixed = None, [], False, False
+
+    def _build(self, model) -> Sparsifier:
+        "The Sparsifier for this callback's settings on `model` (with filter granularity, its coupled channels)"
         sp = Sparsifier(model, self.granularity, self.context, self.criteria, self.layers, self.exclude, self.seed,
                         attention=self.attention)
         if self.granularity.name == 'filter' and self.coupled is not False:
@@ -328,10 +343,7 @@ class SparsifyCallback(Callback):
                      else [self.exclude]
                 sp = Sparsifier(model, self.granularity, self.context, self.criteria, self.layers, ex + outs,
                                 self.seed, attention=self.attention)
-        if isinstance(self.sparsity, dict): sp._check_targets(self.sparsity)
-        sp.adopt_zeros()
-        self.sparsifier, self._shapes, self.report = sp, [tuple(m.weight.shape) for m in sp.layers.values()], None
-        if not keep_history: self.last_target, self.history, self.completed, self.fixed = None, [], False, False
+        return sp
 
     def _frozen_layers(self, sp) -> list[str]:
         "Pruned layers in the parameter groups that `Learner.freeze` froze for this fit"

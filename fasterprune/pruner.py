@@ -720,6 +720,17 @@ def _warn_pinned_zeros(g:ChannelGraph, remove:Tensor):
         logger.warning("Pruner.compact: zeroed filters stay where their channels are pinned: %s",
                        few(f"{n!r} ({k}: {why})" for n, (k, why) in left.items()))
 
+def _keep_one_each(g:ChannelGraph, ok:Tensor):
+    "A group whose channels are all zero keeps one unit, as `prune` does: a layer with no channel is not a model"
+    full = []
+    for gr in g.groups():
+        if gr.width == 0 or not bool(ok[gr.comps].all()): continue
+        keep = gr.comps[:1] if gr.units is None else gr.comps[gr.units == gr.units[0]]
+        ok[keep] = False
+        full.append(', '.join(sorted(gr.producers)))
+    if full: logger.warning("Pruner.compact: every channel of %s is zero (the layer was emptied, e.g. by a global "
+                            "ranking): one channel stays, since a layer with no channel is not a model", few(full, 4))
+
 @patch
 @_exact_float32
 def compact(self:Pruner) -> nn.Module:
@@ -727,6 +738,7 @@ def compact(self:Pruner) -> nn.Module:
     _check_reparametrized(self.model)
     g = ChannelGraph(self.model, self.example_inputs, self.strict, heads=self.heads)
     ok, consts = _removable(g, torch.ones(g.n_comps, dtype=torch.bool))
+    _keep_one_each(g, ok)
     _warn_pinned_zeros(g, ok)
     if not ok.any():
         logger.info("Pruner.compact: no zeroed channel component to remove")

@@ -8,7 +8,7 @@ import math, fnmatch, inspect, logging, random, warnings
 import numpy as np
 import torch
 from torch import nn, Tensor
-from .core import check_fraction, check_context, round_half_up
+from .core import check_fraction, check_context, round_half_up, few
 from .criteria import get_criterion, Magnitude
 from .granularity import get_granularity, _conv_t
 from torch.nn.utils import parametrize, parametrizations
@@ -670,6 +670,7 @@ class Sparsifier:
         for n, m in self.layers.items(): self.granularity.group_size(m.weight, m, n)  # fail now on undefined ones
         self._rp = {n: _reparam(m, n) for n, m in self.layers.items()}  # reparametrized weights: what to mask instead
         self.masks: dict[str, Tensor] = {}
+        self._collapsed = set()  # layers whose masks keep nothing, already warned about
         self.groups, self.aux = None, []  # coupled channel groups (filter granularity), and their bias/norm masks
         self._rows, self._units = [], []  # per group: {layer: filter rows of each channel}, its units
         if example_input is not None:
@@ -821,6 +822,17 @@ class Sparsifier:
         "Keep `masks` (they replace the masks of the same layers; with coupled channels, bias and norm masks follow)"
         self.masks.update(masks)
         if self.groups is not None: self.aux = self._coupled_aux()
+        self._warn_collapsed(list(masks))
+
+    def _warn_collapsed(self, names):
+        "A layer whose mask keeps no weight cuts the network there (layer collapse): say so, once a layer"
+        names = [n for n in names if n not in self._collapsed]
+        dead = [n for n, k in zip(names, _nnz_each(self.masks[n] for n in names)) if k == 0]  # one host read
+        if not dead: return
+        self._collapsed.update(dead)
+        logger.warning("Sparsifier: %s entirely pruned: nothing passes through %s any more (a global ranking can "
+                       "empty a layer whose weights or gradients are all small); use context='local', a lower "
+                       "target, or exclude= for it", few(dead, 4), 'it' if len(dead) == 1 else 'them')
 
     def apply_masks(self):
         "Zero every masked weight (in place, no autograd)"

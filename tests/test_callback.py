@@ -627,3 +627,18 @@ def test_filter_note_when_the_best_unit_keeps_the_target_out_of_reach(caplog):
         learn.fit(1, 1e-3, cbs=cb)
     assert 'layers with removable filters reach 0.875' in caplog.text and 'keeps its best unit' in caplog.text
     assert 'met' not in caplog.text and 'stay' not in caplog.text
+
+
+def test_nm_fit_then_surgery_that_breaks_the_groups_then_fit_keeps_the_zeros():
+    "2:4 training, then Pruner(learn).prune cuts a width to 6: the next fit keeps the zeros as weight masks"
+    from fasterprune.pruner import Pruner
+    learn = _learn(model=mlp(64, 8, 8, 10))
+    cb = SparsifyCallback(None, '2:4', schedule='one_shot')
+    learn.fit(1, 1e-3, cbs=cb)
+    Pruner(learn).prune(0.25)
+    assert learn.model[2].out_features == 6  # 6 weights a row: no longer groups of 4
+    zeros = {n: (p == 0) for n, p in learn.model.named_parameters() if n.endswith('weight')}
+    learn.fit(1, 1e-3, cbs=cb)  # was: "rows of 6 weights cannot be split in groups of 4" at the fit's start
+    assert cb.fixed and cb.sparsifier.granularity.name == 'weight'
+    for n, p in learn.model.named_parameters():
+        if n in zeros: assert (p[zeros[n]] == 0).all(), n  # the surgered model's zeros held through the fit

@@ -634,3 +634,22 @@ def test_prune_that_rounds_to_nothing_warns(caplog):
     with caplog.at_level('WARNING', logger='fasterprune.pruner'):
         Pruner(m, torch.randn(2, 3, 8, 8)).prune(0.25)
     assert 'nothing to remove at ratio 0.25' in caplog.text and m[2].out_channels == 4
+
+
+@pytest.mark.parametrize('kind', ['linear', 'conv'])
+def test_compact_of_an_emptied_layer_keeps_one_channel(kind, caplog):
+    "Every filter of a layer zero (a global ranking emptied it): compact keeps one, and the model still runs"
+    torch.manual_seed(0)
+    if kind == 'linear':
+        m, x = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)), torch.randn(4, 8)
+    else:
+        m = nn.Sequential(nn.Conv2d(3, 6, 3), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+        x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad(): m[0].weight.zero_(); m[0].bias.zero_()
+    ref = m(x)
+    with caplog.at_level('WARNING', logger='fasterprune'):
+        Pruner(m, x).compact()  # was a zero-width layer (Linear) or a refused surgery (Conv2d)
+    assert 'every channel of 0 is zero' in caplog.text
+    fct.test_eq(m[0].weight.shape[0], 1)
+    fct.test_close(m(x), ref, eps=1e-5)
+    Pruner(m, x).prune(0.5)  # and it prunes on (a zero-width layer broke this)

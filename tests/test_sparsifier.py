@@ -466,3 +466,16 @@ def test_shared_weight_of_a_left_out_layer_warns_and_counts_once(caplog):
     fct.test_eq(w, 0.5)
     only = _Tied()
     fct.test_fail(lambda: Sparsifier(only, 'filter', layers=['a', 'b']), contains='share weight tensors')
+
+
+def test_a_layer_emptied_by_the_global_ranking_is_warned_about(caplog):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    with torch.no_grad(): m[2].weight.mul_(1e-3)  # all its weights smaller than any other layer's
+    with caplog.at_level('WARNING', logger='fasterprune.sparsifier'):
+        sp = Sparsifier(m, 'weight', 'global').sparsify(0.6)
+    assert "2 entirely pruned" in caplog.text
+    fct.test_eq(int((m[2].weight != 0).sum()), 0)
+    caplog.clear()
+    with caplog.at_level('WARNING', logger='fasterprune.sparsifier'): sp.sparsify(0.7)
+    assert 'entirely pruned' not in caplog.text  # once a layer
