@@ -827,7 +827,10 @@ class Sparsifier:
     def _warn_collapsed(self, names):
         "A layer whose mask keeps no weight cuts the network there (layer collapse): say so, once a layer"
         names = [n for n in names if n not in self._collapsed]
-        dead = [n for n, k in zip(names, _nnz_each(self.masks[n] for n in names)) if k == 0]  # one host read
+        if not names: return
+        # `any` reduces the bool masks as they are (a count would copy them to int64 on a GPU); one host read
+        alive = torch.stack([self.masks[n].any().to(self.masks[names[0]].device) for n in names]).tolist()
+        dead = [n for n, a in zip(names, alive) if not a]
         if not dead: return
         self._collapsed.update(dead)
         logger.warning("Sparsifier: %s entirely pruned: nothing passes through %s any more (a global ranking can "
