@@ -621,9 +621,10 @@ def one_per_weight(layers:dict) -> dict:
 
 def _warn_shared_left_out(model:nn.Module, sel:dict, attention:bool):
     "A layer left out by `layers`/`exclude` whose weight a pruned layer shares is pruned all the same: say so"
-    ids = {id(m.weight): n for n, m in sel.items() if isinstance(m.weight, nn.Parameter)}
-    hit = [f"{n} (the weight of {ids[id(m.weight)]})" for n, m in prunable_layers(model, attention=attention).items()
-           if n not in sel and isinstance(m.weight, nn.Parameter) and id(m.weight) in ids]
+    hit = []
+    for a, bs in _ties(prunable_layers(model, attention=attention)).items():
+        kept = [n for n in [a, *bs] if n in sel]
+        if kept: hit += [f"{n} (the weight of {kept[0]})" for n in [a, *bs] if n not in sel]
     if hit:
         logger.warning("Sparsifier: %s left out by `layers`/`exclude`, but %s pruned with the layer that shares it; "
                        "leave both out to keep it whole", ', '.join(hit), 'it is' if len(hit) == 1 else 'they are')
@@ -849,22 +850,13 @@ class Sparsifier:
                 else: _mask_reparam(self.layers[n], self._rp[n], mk)
             for p, mk in self.aux: p.mul_(mk)
 
-    def _bool_pairs(self) -> list:
-        "(tensor, bool mask): the weights, or the tensors a parametrization computes them from"
-        pairs = []
+    def masker(self) -> _Masker:
+        "A function that zeroes every masked weight (for after each optimizer step): fused up to `_FUSED_MASKS_MAX`"
+        pairs = []  # (tensor, bool mask): the weights, or the tensors a parametrization computes them from
         for n, mk in self.masks.items():
             m, rp = self.layers[n], self._rp[n]
             pairs += [(m.weight, mk)] if rp is None else _reparam_pairs(m, rp, mk)
-        return pairs
-
-    def mask_pairs(self) -> tuple[list[Tensor], list[Tensor]]:
-        "Tensors to multiply in place after each optimizer step, and their masks in their dtype (`torch._foreach_mul_`)"
-        pairs = self._bool_pairs() + self.aux
-        return [t for t, _ in pairs], [k.to(t.dtype) for t, k in pairs]
-
-    def masker(self) -> _Masker:
-        "A function that zeroes every masked weight (for after each optimizer step): fused up to `_FUSED_MASKS_MAX`"
-        return _Masker(self._bool_pairs(), list(self.aux))
+        return _Masker(pairs, list(self.aux))
 
     def reset(self) -> Sparsifier:
         "Forget the masks (the weights keep their zeros)"

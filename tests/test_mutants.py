@@ -73,6 +73,7 @@ def test_sched_agp_values():
 
 # ---- sparsifier --------------------------------------------------------------------------------------------------
 from fasterprune.sparsifier import Sparsifier, prunable_layers
+from fasterprune import sparsifier as S
 
 
 def test_attention_projection_name_hints_at_attention_flag():
@@ -107,22 +108,22 @@ def _dead_channels_zero(model, sp):
     assert n_dead > 0
 
 
-@pytest.mark.parametrize('reapply', ['apply_masks', 'mask_pairs'])
-def test_coupled_filters_zero_bias_and_norm_of_dead_channels(reapply):
+@pytest.mark.parametrize('reapply', ['apply_masks', 'masker', 'masker_by_layer'])
+def test_coupled_filters_zero_bias_and_norm_of_dead_channels(reapply, monkeypatch):
     "Coupled filter pruning removes whole channels: their bias and BatchNorm affine stay zero through training steps"
     model = _cnn()
     x = torch.randn(4, 3, 8, 8)
     sp = Sparsifier(model, 'filter', 'global', example_input=x).sparsify(0.4)
     _dead_channels_zero(model, sp)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    ts, ms = sp.mask_pairs()
+    if reapply == 'masker_by_layer': monkeypatch.setattr(S, '_FUSED_MASKS_MAX', 0)  # the large-model path
+    masker = sp.masker()  # what SparsifyCallback calls after each step
     for _ in range(2):
         opt.zero_grad()
         model(x).pow(2).sum().backward()
         opt.step()
         if reapply == 'apply_masks': sp.apply_masks()
-        else:
-            with torch.no_grad(): torch._foreach_mul_(ts, ms)
+        else: masker()
     _dead_channels_zero(model, sp)
 
 

@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
 import fastcore.test as fct
 from fasterprune.sparsifier import Sparsifier, select_prune, prunable_layers
+from fasterprune import sparsifier as S
 from fasterprune.granularity import get_granularity
 
 
@@ -300,8 +301,8 @@ _REPARAMS = {
 
 @pytest.mark.parametrize('kind', list(_REPARAMS))
 @pytest.mark.parametrize('gran', ['weight', 'filter'])
-@pytest.mark.parametrize('reapply', ['apply_masks', 'mask_pairs'])
-def test_reparametrized_layers_stay_masked(kind, gran, reapply):
+@pytest.mark.parametrize('reapply', ['apply_masks', 'masker', 'masker_by_layer'])
+def test_reparametrized_layers_stay_masked(kind, gran, reapply, monkeypatch):
     "item 12: weight_norm / spectral_norm / torch prune layers stay masked through optimizer steps, sparsity exact"
     torch.manual_seed(0)
     rp = _REPARAMS[kind]
@@ -321,12 +322,12 @@ def test_reparametrized_layers_stay_masked(kind, gran, reapply):
         fct.test_close(sp.sparsity(), masked / n_w, eps=dense_zeros / n_w + 1e-9)
     check()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    ts, ms = sp.mask_pairs()  # what a training loop multiplies after each step (SparsifyCallback's fused multiply)
+    if reapply == 'masker_by_layer': monkeypatch.setattr(S, '_FUSED_MASKS_MAX', 0)  # the large-model path
+    masker = sp.masker()  # what SparsifyCallback calls after each step
     for _ in range(3):
         opt.zero_grad(); model(x).pow(2).sum().backward(); opt.step()
         if reapply == 'apply_masks': sp.apply_masks()
-        else:
-            with torch.no_grad(): torch._foreach_mul_(ts, ms)
+        else: masker()
         check()
 
 
