@@ -10,7 +10,7 @@ import torch
 from torch import nn, Tensor
 import pandas as pd
 from .core import evaluating, few, model_device, to_device
-from .sparsifier import prunable_layers, AttentionProjection, _nnz_each as _nonzero_each
+from .sparsifier import prunable_layers, AttentionProjection, _ties, _nnz_each as _nonzero_each
 
 logger = logging.getLogger('fasterprune')
 
@@ -197,10 +197,8 @@ def sparsity_report(
         return dict(layer=layer, type=typ, shape=shape, params=p, nonzero=nz, sparsity=1 - nz / p if p else 0.,
                     flops=f, nonzero_flops=nf, params_share=p / P if P else 0., flops_share=f / F if F else 0.)
     nz = dict(zip(layers, _nonzero_each(m.weight for m in layers.values())))
-    ws = {n: m.weight for n, m in layers.items()}  # held: a computed (parametrized) weight is a new tensor each time
-    owner = {}  # a weight shared by several layers: its row says so, the total counts it once
-    for n, w in ws.items(): owner.setdefault(id(w), n)
-    def typ(n, m): return type(m).__name__ + ('' if owner[id(ws[n])] == n else f' (weight of {owner[id(ws[n])]})')
+    owner = {b: a for a, bs in _ties(layers).items() for b in bs}  # a shared weight: its row says so, counted once
+    def typ(n, m): return type(m).__name__ + (f' (weight of {owner[n]})' if n in owner else '')
     rows = [row(n, typ(n, m), tuple(m.weight.shape), m.weight.numel(), nz[n], *fl[n]) for n, m in layers.items()]
     seen = {id(m.weight) for m in layers.values()}
     other = [p for p in model.parameters() if id(p) not in seen]

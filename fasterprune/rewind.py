@@ -8,7 +8,7 @@ import logging
 import torch
 from torch import nn, Tensor
 from .core import check_fraction, check_context, round_half_up, state_problems
-from .sparsifier import Sparsifier, prunable_layers, one_per_weight, _matches
+from .sparsifier import Sparsifier, prunable_layers, one_per_weight, _ties, _matches
 
 logger = logging.getLogger('fasterprune')
 
@@ -123,10 +123,10 @@ def random_masks(masks:dict[str, Tensor], seed:int=0) -> dict[str, Tensor]:
 def weights_remaining(masks:dict[str, Tensor], model:nn.Module, layers=None, exclude=None) -> float:
     "Fraction of the prunable weights of `model` that `masks` keep"
     lyr = prunable_layers(model, layers, exclude)
-    by_w = {}  # a weight shared by several layers counts once, with the mask of whichever of them has one
-    for k, m in lyr.items(): by_w.setdefault(id(m.weight) if isinstance(m.weight, nn.Parameter) else k, []).append(k)
+    tied = _ties(lyr)  # a weight shared by several layers counts once, with the mask of whichever of them has one
+    later = {b for bs in tied.values() for b in bs}
     n = kept = 0
-    for names in by_w.values():
+    for names in ([k, *tied.get(k, [])] for k in lyr if k not in later):
         w, mk = lyr[names[0]].weight, next((masks[k] for k in names if k in masks), None)
         n += w.numel()
         kept += w.numel() if mk is None else int(mk.sum())
