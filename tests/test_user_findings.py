@@ -45,13 +45,19 @@ class Untraceable(nn.Module):
         return self.head(y.mean((2, 3)))
 
 
-def test_filter_fallback_keeps_the_output_layer_dense(caplog):
-    "When the channels cannot be traced, filters are pruned layer by layer but the classifier keeps its classes"
+def _filter_fit(make_model, caplog):
+    "One epoch of one-shot local filter pruning at 0.5 on the digits images, warnings captured: (learner, callback)"
     torch.manual_seed(0)
-    learn = Learner(digits_dls(flat=False), Untraceable(), loss_func=nn.CrossEntropyLoss())
+    learn = Learner(digits_dls(flat=False), make_model(), loss_func=nn.CrossEntropyLoss())
     cb = SparsifyCallback(0.5, 'filter', 'local', schedule='one_shot')
     with caplog.at_level(logging.WARNING, logger='fasterprune'), learn.no_bar(), learn.no_logging():
         learn.fit(1, 1e-3, cbs=cb)
+    return learn, cb
+
+
+def test_filter_fallback_keeps_the_output_layer_dense(caplog):
+    "When the channels cannot be traced, filters are pruned layer by layer but the classifier keeps its classes"
+    learn, cb = _filter_fit(Untraceable, caplog)
     fct.test_eq(list(cb.sparsifier.layers), ['conv'])
     fct.test_eq(int((learn.model.head.weight == 0).all(1).sum()), 0)  # no class row zeroed
     fct.test_eq(int((learn.model.conv.weight == 0).reshape(16, -1).all(1).sum()), 8)
@@ -105,11 +111,7 @@ class Flipped(nn.Module):
 
 def test_unknown_op_keeps_its_channels_and_the_rest_couples(caplog):
     "An unknown op pins the channels around it (as strict=False would), the other groups prune coupled, the head stays"
-    torch.manual_seed(0)
-    learn = Learner(digits_dls(flat=False), Flipped(), loss_func=nn.CrossEntropyLoss())
-    cb = SparsifyCallback(0.5, 'filter', 'local', schedule='one_shot')
-    with caplog.at_level(logging.WARNING, logger='fasterprune'), learn.no_bar(), learn.no_logging():
-        learn.fit(1, 1e-3, cbs=cb)
+    learn, cb = _filter_fit(Flipped, caplog)
     assert 'channels around it are kept' in caplog.text
     sp = cb.sparsifier
     dead = {n: int((m.weight == 0).reshape(m.weight.shape[0], -1).all(1).sum()) for n, m in sp.layers.items()}
