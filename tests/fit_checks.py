@@ -1,5 +1,8 @@
-"Callbacks the callback and workflow tests share: check the masks after every step, stop a fit early"
+"What the callback, engine and workflow tests share: check the masks after every step, stop a fit early, count host reads"
+import contextlib
+import torch
 from fastai.callback.core import Callback, CancelFitException
+from fasterprune.sparsifier import force_device_path
 
 
 class CheckZeros(Callback):
@@ -20,3 +23,33 @@ class CancelAt(Callback):
     def __init__(self, n): self.n = n
     def after_batch(self):
         if self.training and self.train_iter >= self.n: raise CancelFitException()
+
+
+@contextlib.contextmanager
+def device_path():
+    force_device_path(True)
+    try: yield
+    finally: force_device_path(False)
+
+
+_SYNCS = ('item', '__int__', '__bool__', '__float__', '__index__', 'tolist', 'cpu', 'numpy', 'nonzero')
+
+
+@contextlib.contextmanager
+def count_syncs():
+    "Count the calls that would make a CUDA device wait for the host (reading values, copies to the host, data sizes)"
+    counts = {}
+    orig = {n: getattr(torch.Tensor, n) for n in _SYNCS}
+    def wrap(n, f):
+        def g(*a, **kw):
+            counts[n] = counts.get(n, 0) + 1
+            return f(*a, **kw)
+        return g
+    orig_nz = torch.nonzero
+    try:
+        for n, f in orig.items(): setattr(torch.Tensor, n, wrap(n, f))
+        torch.nonzero = wrap('torch.nonzero', orig_nz)
+        yield counts
+    finally:
+        for n, f in orig.items(): setattr(torch.Tensor, n, f)
+        torch.nonzero = orig_nz

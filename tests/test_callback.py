@@ -10,7 +10,7 @@ from fastai.data.load import DataLoader
 from fastai.optimizer import SGD, Adam
 import fastai.callback.schedule, fastai.callback.fp16  # noqa: F401  (fit_one_cycle, fine_tune, to_fp16, to_bf16)
 from fasterprune.callback import SparsifyCallback
-from fit_checks import CheckZeros, CancelAt
+from fit_checks import CheckZeros, CancelAt, device_path, count_syncs
 from fasterprune.sparsifier import NMRoundingWarning
 from fasterprune.schedules import agp, iterative, one_shot
 from fasterprune.data import digits_arrays, digits_dls, TensorPairs, lenet_300_100, small_cnn, mlp
@@ -642,3 +642,29 @@ def test_nm_fit_then_surgery_that_breaks_the_groups_then_fit_keeps_the_zeros():
     assert cb.fixed and cb.sparsifier.granularity.name == 'weight'
     for n, p in learn.model.named_parameters():
         if n in zeros: assert (p[zeros[n]] == 0).all(), n  # the surgered model's zeros held through the fit
+
+
+@pytest.mark.parametrize('crit,gran', [('magnitude', 'weight'), ('gradient_magnitude', 'weight'),
+                                       ('magnitude', 'filter')])
+def test_steps_between_updates_read_nothing_back(crit, gran):
+    "On a GPU a host read stalls the queue: between mask updates the callback reads nothing, in no event"
+    class Counted(SparsifyCallback):
+        def __call__(self, ev):
+            with count_syncs() as c: r = super().__call__(ev)
+            self.reads.append((ev, len(self.history), sum(c.values())))
+            return r
+    learn = _learn(model=small_cnn() if gran == 'filter' else None, flat=gran != 'filter')
+    cb = Counted(0.8, gran, 'global', crit, 'agp', update_every=4)
+    cb.reads = []
+    with device_path(): learn.fit(2, 1e-2, cbs=cb)
+    per_batch = ('before_batch', 'after_pred', 'after_loss', 'before_backward', 'after_backward', 'before_step',
+                 'after_step', 'after_cancel_batch', 'after_batch')
+    prev, quiet, updates = 0, 0, 0
+    for ev, n_hist, n in cb.reads:
+        if ev in per_batch and n_hist == prev: quiet += 1; fct.test_eq((ev, n), (ev, 0))
+        elif ev == 'after_step':  # an update: reads bounded by the layers, whatever their size
+            updates += 1
+            assert n <= 12 * len(cb.sparsifier.layers) + 8, (ev, n)
+        prev = n_hist
+    assert quiet > 100 and updates >= 2, (quiet, updates)
+    fct.test_eq(len(cb.history), updates)

@@ -6,36 +6,7 @@ from hypothesis import given, settings, strategies as st, HealthCheck
 import fastcore.test as fct
 from fasterprune import sparsifier as S
 from fasterprune.sparsifier import Sparsifier, select_prune, device_select_prune, force_device_path
-
-
-@contextlib.contextmanager
-def device_path():
-    force_device_path(True)
-    try: yield
-    finally: force_device_path(False)
-
-
-_SYNCS = ('item', '__int__', '__bool__', '__float__', '__index__', 'tolist', 'cpu', 'numpy', 'nonzero')
-
-
-@contextlib.contextmanager
-def count_syncs():
-    "Count the calls that would make a CUDA device wait for the host (reading values, copies to the host, data sizes)"
-    counts = {}
-    orig = {n: getattr(torch.Tensor, n) for n in _SYNCS}
-    def wrap(n, f):
-        def g(*a, **kw):
-            counts[n] = counts.get(n, 0) + 1
-            return f(*a, **kw)
-        return g
-    orig_nz, orig_cnz = torch.nonzero, torch.count_nonzero
-    try:
-        for n, f in orig.items(): setattr(torch.Tensor, n, wrap(n, f))
-        torch.nonzero = wrap('torch.nonzero', orig_nz)
-        yield counts
-    finally:
-        for n, f in orig.items(): setattr(torch.Tensor, n, f)
-        torch.nonzero = orig_nz
+from fit_checks import device_path, count_syncs
 
 
 def _big(scale):
