@@ -282,8 +282,8 @@ class ChannelGraph:
                 self._written_heads(key, spec)
                 continue
             sp = AttentionHeads(*spec) if isinstance(spec, (tuple, list)) else spec
-            parts = [getattr(sp, a, None) for a in ('q', 'k', 'v', 'o')]  # and the count attributes it names
-            counts = (getattr(sp, c, None) for c in ('num_heads', 'num_kv_heads', 'head_dim', 'n_rep'))
+            parts = list(getattr(sp, 'parts', ()))  # the projections, and the count attributes it names
+            counts = (getattr(sp, c, None) for c in ('num_heads', 'num_kv_heads', 'head_dim', 'n_rep', 'width'))
             parts += [a for a in counts if a is not None]
             hits = [n for n, m in self.modules.items()  # a pattern: every module it names that has those parts
                     if fnmatch.fnmatchcase(n, key) and all(isinstance(a, str) and hasattr(m, a) for a in parts)]
@@ -1070,35 +1070,58 @@ def _layer(self:ChannelGraph, name:str, m:nn.Module, x:Tensor, xl, out:Tensor, i
 class AttentionHeads:
     "A hand-written attention block: the attribute its forward splits heads with, and its projections (`nn.Linear`)"
     num_heads:str|None='num_heads'  # the int attribute of the block read by `.view(B, T, self.num_heads, head_dim)`
-    q:str='q_proj'             # the query, key, value projections and the output projection, named inside the block
-    k:str='k_proj'
-    v:str='v_proj'
+    q:str|None=None            # the query, key, value projections and the output projection, named inside the block
+    k:str|None=None            # (q, k, v default to 'q_proj', 'k_proj', 'v_proj' when `qkv` is not given)
+    v:str|None=None
     o:str='o_proj'
     num_kv_heads:str|None=None  # grouped-query attention: the int attribute holding the k/v head count (None: MHA)
     head_dim:str|None=None      # the head width attribute, for a forward that infers the counts from the widths
                                 # (`view(B, T, -1, self.head_dim)`: pass num_heads=None; Hugging Face's Llama)
     n_rep:str|None=None         # the attribute holding num_heads // num_kv_heads when the forward reads it (Hugging
                                 # Face: 'num_key_value_groups'); it changes when query heads of one k/v head go (MQA)
+    qkv:str|None=None           # ONE fused projection whose rows are q | k | v (timm's 'qkv', nanoGPT's 'c_attn',
+                                # Phi-3's 'qkv_proj'), instead of q, k, v
+    width:str|None=None         # the attribute holding num_heads · head_dim when the forward reads it (timm's
+                                # 'attn_dim', nanoGPT's 'n_embd' in `split(self.n_embd, dim=2)`): set after a cut
+    def __post_init__(self):
+        given = [f for f in ('q', 'k', 'v') if getattr(self, f) is not None]
+        if self.qkv is not None and given:
+            raise ValueError(f"AttentionHeads: qkv={self.qkv!r} names one fused q|k|v projection; do not also name "
+                             f"{', '.join(f'{f}={getattr(self, f)!r}' for f in given)} (separate projections: "
+                             "q=, k=, v= without qkv=)")
+        if self.qkv is None:
+            for f, d in (('q', 'q_proj'), ('k', 'k_proj'), ('v', 'v_proj')):
+                if getattr(self, f) is None: setattr(self, f, d)
+    @property
+    def parts(self) -> tuple:
+        "The projections named inside the block: (qkv, o) or (q, k, v, o)"
+        return (self.qkv, self.o) if self.qkv is not None else (self.q, self.k, self.v, self.o)
 
 @dataclass
 class _WrittenHeads:
     "The modules of a hand-written attention named by an `AttentionHeads`: what the Pruner cuts"
     owner:nn.Module
     attr:str
-    qkv:tuple       # the q, k, v projections
+    qkv:tuple       # the q, k, v projections (fused: the same Linear three times)
     o:nn.Linear     # the output projection
-    names:tuple     # ([q, k, v names], o name) in the model
+    names:tuple     # ([q, k, v names], o name) in the model (fused: the one name three times)
     kv_attr:str|None = None  # the k/v head count's attribute (grouped-query attention), None when k/v have every head
     hd_attr:str|None = None  # the head width's attribute; with `attr` None the counts follow the projections' widths
     rep_attr:str|None = None  # the attribute holding `n_rep`, set after a cut
+    fused:bool = False        # one projection, rows q | k | v (q: num_heads·head_dim rows, k and v num_kv_heads·head_dim)
+    width_attr:str|None = None  # the attribute holding num_heads · head_dim, set after a cut
     @property
     def num_heads(self) -> int:
-        return getattr(self.owner, self.attr) if self.attr is not None else self.qkv[0].out_features // self.head_dim
+        if self.attr is not None: return getattr(self.owner, self.attr)
+        if not self.fused: return self.qkv[0].out_features // self.head_dim
+        n = self.qkv[0].out_features // self.head_dim  # fused: (num_heads + 2 num_kv_heads) heads of rows
+        return n - 2 * getattr(self.owner, self.kv_attr) if self.kv_attr is not None else n // 3
     @property
     def num_kv_heads(self) -> int:
         "k/v heads: the units that prune whole (a unit is one k/v head with its `n_rep` query heads)"
         if self.kv_attr is not None: return getattr(self.owner, self.kv_attr)
-        return self.num_heads if self.attr is not None else self.qkv[1].out_features // self.head_dim
+        if self.attr is not None or self.fused: return self.num_heads
+        return self.qkv[1].out_features // self.head_dim
     @property
     def n_rep(self) -> int: return self.num_heads // self.num_kv_heads
     @property
@@ -1107,20 +1130,35 @@ class _WrittenHeads:
     @property
     def attrs(self) -> tuple:
         "The count attributes the Pruner sets after a cut"
-        return tuple(a for a in (self.attr, self.kv_attr, self.rep_attr) if a is not None)
+        return tuple(a for a in (self.attr, self.kv_attr, self.rep_attr, self.width_attr) if a is not None)
     @property
     def mqa(self) -> bool:
         "One k/v head for several query heads (multi-query attention): the units are the query heads, k and v stay"
         return self.num_kv_heads == 1 and self.num_heads > 1
     @property
     def n_units(self) -> int: return self.num_heads if self.mqa else self.num_kv_heads
+    def offsets(self) -> tuple[int, int, int]:
+        "First row of q, k and v in their projections (fused: q | k | v, one after the other)"
+        if not self.fused: return 0, 0, 0
+        q = self.num_heads * self.head_dim
+        return 0, q, q + self.num_kv_heads * self.head_dim
+    def o_cols(self, units:Tensor) -> Tensor:
+        "The input columns of o (the query heads' outputs) of `units`, flat"
+        hd, r = self.head_dim, 1 if self.mqa else self.n_rep
+        return (units.reshape(-1, 1).cpu() * (r * hd) + torch.arange(r * hd)).reshape(-1)
     def unit_rows(self, units:Tensor) -> dict[str, Tensor]:
-        "{q, k, v layer name: (len(units), rows of one unit)}: the rows the units own (q's rows: o's columns too)"
+        "{q, k, v layer name: (len(units), rows of one unit)}: the rows the units own (fused: q's, k's, v's side by side)"
         hd, r = self.head_dim, self.n_rep
         u = units.reshape(-1, 1).cpu()
         if self.mqa: return {self.names[0][0]: u * hd + torch.arange(hd)}  # a query head; the one k/v head stays
         q, kv = u * (r * hd) + torch.arange(r * hd), u * hd + torch.arange(hd)  # a k/v group: n_rep query heads
-        return dict(zip(self.names[0], (q, kv, kv)))
+        if not self.fused: return dict(zip(self.names[0], (q, kv, kv)))
+        _, ok, ov = self.offsets()
+        return {self.names[0][0]: torch.cat([q, kv + ok, kv + ov], 1)}
+    def v_rows(self) -> tuple[nn.Linear, Tensor]:
+        "(the value projection, (num_kv_heads, head_dim) its rows of each k/v head)"
+        Hkv, hd = self.num_kv_heads, self.head_dim
+        return self.qkv[2], self.offsets()[2] + torch.arange(Hkv * hd).reshape(Hkv, hd)
 
 def _count(m:nn.Module, attr, owner:str, field:str, what:str) -> int:
     "The positive int `m.<attr>` named by the `AttentionHeads` field `field`, or a ValueError that says what to name"
@@ -1137,7 +1175,7 @@ def _kv_like(name:str) -> bool:
 
 def _check_kv_attr(m:nn.Module, owner:str, spec, H:int):
     "A block named without `num_kv_heads` must hold no k/v head count equal to `H` (its forward may split k, v by it)"
-    named = {spec.num_heads, spec.head_dim, spec.n_rep}
+    named = {spec.num_heads, spec.head_dim, spec.n_rep, spec.width}
     kv = [a for a, val in vars(m).items() if a not in named and not a.startswith('_') and _kv_like(a)
           and isinstance(val, int) and not isinstance(val, bool) and val == H]
     if kv:
@@ -1146,13 +1184,31 @@ def _check_kv_attr(m:nn.Module, owner:str, spec, H:int):
                          f"expect {H} k/v heads after a cut. Name it with AttentionHeads(..., num_kv_heads={kv[0]!r}) "
                          "(equal counts: each head is its own k/v group and both counts follow)")
 
+def _fused_counts(spec, owner:str, F_:int, O:int, H, hd, Hkv) -> tuple[int, int, int]:
+    "(num_heads, head_dim, num_kv_heads) of a fused q|k|v projection of `F_` rows and an o of `O` inputs, or ValueError"
+    widths = f"the fused {spec.qkv!r} width {F_} and o's input {O}"
+    if H is None: H = O // hd if O % hd == 0 else 0
+    if hd is None: hd = O // H if O % H == 0 else 0
+    if Hkv is None:
+        if hd and H and H * hd < F_ < 3 * H * hd and (F_ - H * hd) % (2 * hd) == 0:
+            raise ValueError(f"heads[{owner!r}]: {widths} are not 3 × {H} heads of {hd} (q | k | v): k and v are "
+                             "narrower (grouped-query attention? name the k/v head count too, e.g. "
+                             "AttentionHeads(..., qkv=..., num_kv_heads='num_key_value_heads'))")
+        Hkv = H
+    if not (H and hd) or O != H * hd or F_ != (H + 2 * Hkv) * hd or H % Hkv:
+        k = 'num_heads' if Hkv == H else 'num_heads + 2 num_kv_heads'
+        raise ValueError(f"heads[{owner!r}]: {widths} do not fit q | k | v rows of {H} query heads and {Hkv} k/v "
+                         f"heads of {hd} (the fused width must be ({k}) · head_dim = {(H + 2 * Hkv) * hd}, o's input "
+                         f"num_heads · head_dim = {H * hd}); check num_heads=, head_dim=, num_kv_heads=")
+    return H, hd, Hkv
+
 @patch
 def _written_heads(self:ChannelGraph, owner:str, spec):
     "Register the heads of the hand-written attention `owner` (a 'head' slot) after checking `spec` fits it"
     if isinstance(spec, (tuple, list)): spec = AttentionHeads(*spec)
     if not isinstance(spec, AttentionHeads):
-        raise TypeError(f"heads[{owner!r}] must be an AttentionHeads(num_heads, q, k, v, o[, num_kv_heads, head_dim]), "
-                        f"got {type(spec).__name__}")
+        raise TypeError(f"heads[{owner!r}] must be an AttentionHeads(num_heads, q, k, v, o[, num_kv_heads, head_dim]) "
+                        f"or AttentionHeads(num_heads, qkv=..., o=...), got {type(spec).__name__}")
     if owner not in self.modules:
         raise ValueError(f"heads: the model has no module {owner!r} (use '' for the model itself)")
     m = self.modules[owner]
@@ -1163,36 +1219,47 @@ def _written_heads(self:ChannelGraph, owner:str, spec):
     hd = None if spec.head_dim is None else _count(m, spec.head_dim, owner, 'head_dim', 'a head width')
     Hkv = None if spec.num_kv_heads is None else _count(m, spec.num_kv_heads, owner, 'num_kv_heads', 'a head count')
     rep = None if spec.n_rep is None else _count(m, spec.n_rep, owner, 'n_rep', 'a number of query heads per k/v head')
+    wd = None if spec.width is None else _count(m, spec.width, owner, 'width', 'a width (num_heads · head_dim)')
     full = lambda n: f'{owner}.{n}' if owner else n
     lins = []
-    for n in (spec.q, spec.k, spec.v, spec.o):
-        if not isinstance(self.modules.get(full(n)), nn.Linear):
-            raise ValueError(f"heads[{owner!r}]: {full(n)!r} is not an nn.Linear of the model")
+    for f, n in zip(('qkv', 'o') if spec.qkv is not None else ('q', 'k', 'v', 'o'), spec.parts):
+        if not isinstance(n, str) or not isinstance(self.modules.get(full(n)), nn.Linear):
+            raise ValueError(f"heads[{owner!r}]: {f}={n!r}: {full(n)!r} is not an nn.Linear of the model")
         lins.append(self.modules[full(n)])
-    q, k, v, o = lins
-    Q, K = q.out_features, k.out_features
-    widths = f"q, k, v widths {Q}, {K}, {v.out_features} and o's input {o.in_features}"
-    if H is None: H = Q // hd if Q % hd == 0 else 0  # the forward infers the counts from the widths
-    if hd is None: hd = Q // H if Q % H == 0 else 0
-    if Hkv is None:
-        gqa = K == v.out_features < Q == o.in_features
-        if spec.num_heads is not None and gqa:
-            raise ValueError(f"heads[{owner!r}]: {widths} must be equal and a multiple of {spec.num_heads}={H} "
-                             "(k and v are narrower: grouped-query attention? name the k/v head count too, e.g. "
-                             "AttentionHeads(..., num_kv_heads='num_key_value_heads'))")
-        Hkv = H if spec.num_heads is not None else (K // hd if hd and K % hd == 0 else 0)
-        if spec.num_heads is not None and H > 1: _check_kv_attr(m, owner, spec, H)
-    if not (H and hd and Hkv) or H % Hkv or not Q == o.in_features == H * hd or not K == v.out_features == Hkv * hd:
-        named = (('num_heads', spec.num_heads), ('num_kv_heads', spec.num_kv_heads), ('head_dim', spec.head_dim))
-        counts = ', '.join(f"{f}={a!r}" for f, a in named if a is not None)
-        if spec.num_kv_heads is None and spec.head_dim is None:
-            raise ValueError(f"heads[{owner!r}]: {widths} must be equal and a multiple of {spec.num_heads}={H}")
-        raise ValueError(f"heads[{owner!r}]: {widths} do not fit {counts}: q and o hold num_heads heads of head_dim, "
-                         "k and v num_kv_heads heads, and num_kv_heads divides num_heads")
+    if spec.qkv is not None:
+        qkv, o = lins
+        H, hd, Hkv = _fused_counts(spec, owner, qkv.out_features, o.in_features, H, hd, Hkv)
+        if spec.num_heads is not None and spec.num_kv_heads is None and H > 1: _check_kv_attr(m, owner, spec, H)
+        q = k = v = qkv
+    else:
+        q, k, v, o = lins
+        Q, K = q.out_features, k.out_features
+        widths = f"q, k, v widths {Q}, {K}, {v.out_features} and o's input {o.in_features}"
+        if H is None: H = Q // hd if Q % hd == 0 else 0  # the forward infers the counts from the widths
+        if hd is None: hd = Q // H if Q % H == 0 else 0
+        if Hkv is None:
+            gqa = K == v.out_features < Q == o.in_features
+            if spec.num_heads is not None and gqa:
+                raise ValueError(f"heads[{owner!r}]: {widths} must be equal and a multiple of {spec.num_heads}={H} "
+                                 "(k and v are narrower: grouped-query attention? name the k/v head count too, e.g. "
+                                 "AttentionHeads(..., num_kv_heads='num_key_value_heads'))")
+            Hkv = H if spec.num_heads is not None else (K // hd if hd and K % hd == 0 else 0)
+            if spec.num_heads is not None and H > 1: _check_kv_attr(m, owner, spec, H)
+        if not (H and hd and Hkv) or H % Hkv or not Q == o.in_features == H * hd or not K == v.out_features == Hkv * hd:
+            named = (('num_heads', spec.num_heads), ('num_kv_heads', spec.num_kv_heads), ('head_dim', spec.head_dim))
+            counts = ', '.join(f"{f}={a!r}" for f, a in named if a is not None)
+            if spec.num_kv_heads is None and spec.head_dim is None:
+                raise ValueError(f"heads[{owner!r}]: {widths} must be equal and a multiple of {spec.num_heads}={H}")
+            raise ValueError(f"heads[{owner!r}]: {widths} do not fit {counts}: q and o hold num_heads heads of "
+                             "head_dim, k and v num_kv_heads heads, and num_kv_heads divides num_heads")
     if rep is not None and rep != H // Hkv:
         raise ValueError(f"heads[{owner!r}]: n_rep={spec.n_rep!r} is {rep}, not {H} query heads // {Hkv} k/v heads")
-    w = _WrittenHeads(m, spec.num_heads, (q, k, v), o, ([full(n) for n in (spec.q, spec.k, spec.v)], full(spec.o)),
-                      spec.num_kv_heads, spec.head_dim, spec.n_rep)
+    if wd is not None and wd != H * hd:
+        raise ValueError(f"heads[{owner!r}]: width={spec.width!r} is {wd}, not num_heads · head_dim = {H} · {hd}; name "
+                         "the attribute holding the attention width (the q part of the projections, o's input)")
+    names = [full(n) for n in ((spec.qkv,) * 3 if spec.qkv is not None else (spec.q, spec.k, spec.v))]
+    w = _WrittenHeads(m, spec.num_heads, (q, k, v), o, (names, full(spec.o)), spec.num_kv_heads, spec.head_dim,
+                      spec.n_rep, spec.qkv is not None, spec.width)
     self.heads[owner] = w
     if w.n_units > 1: self._slot(owner, 'head', self._new(w.n_units))  # a k/v group, or a query head (MQA): a unit
 
@@ -1201,7 +1268,7 @@ def _check_written(self:ChannelGraph, owner:str, w:_WrittenHeads):
     "The projections' channels must be split into heads (pinned by the view): else they would also prune one by one"
     qkv, o = w.names
     if w.n_units == 1: return  # no head slot: nothing to prune there
-    slots = [self.slots[(n, 'out')] for n in qkv] + [self.slots[(o, 'in')]]
+    slots = [self.slots[(n, 'out')] for n in dict.fromkeys(qkv)] + [self.slots[(o, 'in')]]
     free = [s.module for s in slots if not self.comp_pinned[s.comp].all()]
     if free:
         raise ValueError(f"heads[{owner!r}]: the channels of {free} are not split into heads in the traced forward "

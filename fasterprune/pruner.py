@@ -240,7 +240,7 @@ def _zero_targets(m:nn.Module, s, rm:Tensor) -> list:
     if s.kind == 'head' and isinstance(m, _WrittenHeads):  # hand-written: rows of q, k, v; columns of o
         rows, lins = {n: r.reshape(-1) for n, r in m.unit_rows(idx).items()}, dict(zip(m.names[0], m.qkv))
         res = [(p, 0, r) for n, r in rows.items() for p in (lins[n].weight, lins[n].bias)]
-        res.append((m.o.weight, 1, rows[m.names[0][0]]))  # o's columns: those of the query heads
+        res.append((m.o.weight, 1, m.o_cols(idx)))  # o's columns: those of the query heads
     elif s.kind == 'head':  # a head's query, key and value rows and its output-projection columns
         hr, hc = _head_index(m, idx)
         w_in, b_in, proj = _attn_parts(m)
@@ -396,20 +396,21 @@ class _Surgery:
 
     def _cut_written(self, w:_WrittenHeads, idx:Tensor):
         "Hand-written attention: the q, k, v rows and o columns of the units `idx` stay; the head counts follow"
-        rows, lins = {n: r.reshape(-1) for n, r in w.unit_rows(idx).items()}, dict(zip(w.names[0], w.qkv))
+        rows = {n: r.reshape(-1).sort().values for n, r in w.unit_rows(idx).items()}  # in the layer's order: a fused
+        lins = dict(zip(w.names[0], w.qkv))  # projection keeps q | k | v (units are interleaved in `unit_rows`)
         kv = 1 if w.mqa else len(idx)  # MQA: query heads go, the k/v head stays; else whole k/v groups
         H = len(idx) if w.mqa else len(idx) * w.n_rep
-        self.written.append((w, (w.num_heads, w.num_kv_heads)))
+        hd, cols = w.head_dim, w.o_cols(idx)  # before the cut: the counts change
+        self.written.append((w, (w.num_heads, w.num_kv_heads, w.num_heads * hd)))
         for n, r in rows.items():
             self.cut_param(lins[n].weight, 0, r)
             self.cut_param(lins[n].bias, 0, r)
             self.set(lins[n], 'out_features', len(r))
-        cols = rows[w.names[0][0]]
         self.cut_param(w.o.weight, 1, cols)
         self.set(w.o, 'in_features', len(cols))
         if not hasattr(w.owner, '_pruned_head_attrs'): w.owner._pruned_head_attrs = ()
         self.set(w.owner, '_pruned_head_attrs', tuple(sorted({*w.owner._pruned_head_attrs, *w.attrs})))  # for recipes
-        for a, val in ((w.kv_attr, kv), (w.attr, H), (w.rep_attr, H // kv)):
+        for a, val in ((w.kv_attr, kv), (w.attr, H), (w.rep_attr, H // kv), (w.width_attr, H * hd)):
             if a is not None: self.set(w.owner, a, val)
 
 # %% ../nbs/08_pruner.ipynb #7551cd9b
@@ -435,9 +436,10 @@ def _head_index(m, heads:Tensor) -> tuple[Tensor, Tensor]:
 def _silent_heads(m) -> Tensor:
     "Heads whose output is zero for every input: value rows and bias zero, or output-projection columns zero"
     if isinstance(m, _WrittenHeads):  # a unit (a k/v group, an MQA query head): its value rows, or all its o columns
-        U, Hkv, v, o = m.n_units, m.num_kv_heads, m.qkv[2], m.o
-        vz = (v.weight.detach().reshape(Hkv, -1) == 0).all(1)
-        if v.bias is not None: vz &= (v.bias.detach().reshape(Hkv, -1) == 0).all(1)
+        U, (v, vr), o = m.n_units, m.v_rows(), m.o
+        vr = vr.to(v.weight.device)
+        vz = (v.weight.detach()[vr] == 0).flatten(1).all(1)
+        if v.bias is not None: vz &= (v.bias.detach()[vr] == 0).all(1)
         return vz.expand(U) | (o.weight.detach().reshape(o.out_features, U, -1) == 0).all(2).all(0)
     w_in, b_in, proj = _attn_parts(m)
     H, E = m.num_heads, w_in.shape[0] // 3
@@ -453,12 +455,13 @@ def _sum32(t:Tensor, dim) -> Tensor:
 
 def _head_scores(m, crit, name:str) -> tuple[Tensor, Tensor]:
     "(sum of the criterion's scores over each head's weights, their number)"
-    if isinstance(m, _WrittenHeads):  # a unit: its rows of q (and of k, v: a k/v group; contiguous), its o columns
+    if isinstance(m, _WrittenHeads):  # a unit: its rows of q (and of k, v: a k/v group), its o columns
         U, (qkv, on), o = m.n_units, m.names, m.o
-        lins = [(n, lin) for n, lin in zip(qkv, m.qkv) if n in m.unit_rows(torch.zeros(1, dtype=torch.long))]
-        si = sum(_sum32(crit.score(n, lin.weight).reshape(U, -1), 1) for n, lin in lins)
+        lins, rows = dict(zip(qkv, m.qkv)), m.unit_rows(torch.arange(U))  # {layer: (U, rows of one unit)}
+        si = sum(_sum32(crit.score(n, lins[n].weight)[r.to(lins[n].weight.device)].reshape(U, -1), 1)
+                 for n, r in rows.items())
         so = _sum32(crit.score(on, o.weight).reshape(o.out_features, U, -1), (0, 2))
-        n = o.in_features // U * o.out_features + sum(lin.out_features // U * lin.in_features for _, lin in lins)
+        n = o.in_features // U * o.out_features + sum(r.shape[1] * lins[n].in_features for n, r in rows.items())
         return si + so, torch.full((U,), float(n), dtype=torch.float64)
     w_in, _, proj = _attn_parts(m)
     H = m.num_heads
@@ -587,14 +590,25 @@ def _tolerance(self:Pruner, folded:bool) -> float:
 def _stale_counts(tx:_Surgery|None) -> str:
     "A hint for a pruned forward that fails: int attributes of a cut attention block still holding an old head count"
     hints = []
-    for w, old in (tx.written if tx is not None else []):
+    for w, (*counts, width) in (tx.written if tx is not None else []):
         own = set(w.attrs) | {w.hd_attr}
-        stale = [f"{a} = {v}" for a, v in vars(w.owner).items() if a not in own and not a.startswith('_')
-                 and isinstance(v, int) and not isinstance(v, bool) and v in old]
+        ints = {a: v for a, v in vars(w.owner).items() if a not in own and not a.startswith('_')
+                and isinstance(v, int) and not isinstance(v, bool)}
+        stale = [f"{a} = {v}" for a, v in ints.items() if v in counts]
         if stale:
             hints.append(f"{type(w.owner).__name__}.{', '.join(stale)} kept the count it had before the cut; if the "
                          "forward splits k and v with it, name it with AttentionHeads(..., num_kv_heads='<attr>') "
                          "(n_rep='<attr>' for num_heads // num_kv_heads)")
+        wide = [f"{a} = {v}" for a, v in ints.items() if v == width and v not in counts]
+        if wide:
+            hints.append(f"{type(w.owner).__name__}.{', '.join(wide)} kept the attention width num_heads · head_dim "
+                         "it had before the cut; if the forward splits or reshapes with it (`split(self.n_embd, "
+                         "dim=2)`, `reshape(B, N, self.attn_dim)`), name it with AttentionHeads(..., width='<attr>')")
+        elif w.fused:
+            hints.append("a forward that takes the head width or the attention width from its input's width "
+                         "(nanoGPT's `C // self.n_head`, `view(B, T, C)` with `B, T, C = x.size()`) keeps the old one: "
+                         "read it from attributes the Pruner updates (`self.n_embd // self.n_head` with "
+                         "AttentionHeads(..., width='n_embd'), or `-1`)")
     return ' (' + '; '.join(dict.fromkeys(hints)) + ')' if hints else ''
 
 @patch
