@@ -97,11 +97,26 @@ def _call(model, args, kwargs, example_input):
         raise ValueError(f"{type(model).__name__} could not run on the example input of shape "
                          f"{_shape_of(example_input)}: {type(e).__name__}: {msg}{hint}") from e
 
+_WEIGHT_SOURCES = ('parametrizations.weight.original', 'parametrizations.weight.original1', 'weight_v', 'weight_orig')
+
+def _weight_params(m) -> list[Tensor]:
+    "The layer's weight, and the parameter of its shape a parametrization computes it from (counted in its row)"
+    ps = dict(m.named_parameters()) if isinstance(m, nn.Module) else {}
+    return [m.weight] + [ps[k] for k in _WEIGHT_SOURCES if k in ps]
+
+def _numel(t:Tensor) -> int:
+    "Entries of `t`; a nested tensor (a padded batch without the padding) counts its pieces"
+    return sum(x.numel() for x in t.unbind()) if t.is_nested else t.numel()
+
+def _tokens(t:Tensor) -> int:
+    "Vectors along the last dimension of `t` (of a nested tensor: of its pieces)"
+    return sum(x.numel() // x.shape[-1] for x in t.unbind()) if t.is_nested else t.numel() // t.shape[-1]
+
 def _uses(m:nn.Module, x:Tensor, out:Tensor) -> int:
     "How many times each weight of `m` is used in this call (see the table above)"
-    if isinstance(m, nn.Linear): return x.numel() // m.in_features
-    if isinstance(m, _transposed): return x.numel() // m.in_channels
-    return out.numel() // m.out_channels
+    if isinstance(m, nn.Linear): return _numel(x) // m.in_features
+    if isinstance(m, _transposed): return _numel(x) // m.in_channels
+    return _numel(out) // m.out_channels
 
 # %% ../nbs/05_metrics.ipynb #9b3f94ff
 def layer_flops(
@@ -122,8 +137,7 @@ def layer_flops(
           if not isinstance(m, AttentionProjection)]
     mods = dict(model.named_modules())
     for n, m in mods.items():
-        if isinstance(m, nn.MultiheadAttention): hs.append(m.register_forward_hook(_attention_hook(n, m, layers, uses,
-                                                                                                   blocks), with_kwargs=True))
+        if isinstance(m, nn.MultiheadAttention): hs += _attention_hooks(n, m, layers, uses, blocks)
     try:
         with evaluating(model): _call(model, args, kwargs, example_input)
     finally:
@@ -139,13 +153,16 @@ def layer_flops(
         out[n][1] += k * z
     return {n: tuple(v) for n, v in out.items()}
 
-def _attention_hook(name:str, m:nn.MultiheadAttention, layers:dict, uses:dict, blocks:dict):
-    "A forward hook counting the tokens a MultiheadAttention's projections run on (it calls them functionally)"
+def _attention_hooks(name:str, m:nn.MultiheadAttention, layers:dict, uses:dict, blocks:dict) -> list:
+    "Hooks counting the tokens a MultiheadAttention's projections run on (PyTorch's calls them functionally)"
+    pre, before = f'{name}.' if name else '', {}
+    out_proj = pre + 'out_proj'
+    def start(mod, a, kw): before[0] = uses.get(out_proj)
     def f(mod, a, kw, out):
         q, k, v = [a[i] if len(a) > i else kw.get(key) for i, key in enumerate(('query', 'key', 'value'))]
-        tq, tk, tv = (t.numel() // t.shape[-1] for t in (q, k, v))
-        E, pre = m.embed_dim, f'{name}.' if name else ''
-        if pre + 'in_proj_weight' in layers:
+        tq, tk, tv = (_tokens(t) for t in (q, k, v))
+        if pre + 'in_proj_weight' in layers:  # q | k | v rows: embed_dim each, or what a head surgery left
+            E = layers[pre + 'in_proj_weight'].weight.shape[0] // 3
             bl = blocks.setdefault(pre + 'in_proj_weight', {})
             for i, t in enumerate((tq, tk, tv)): bl[i * E, (i + 1) * E] = bl.get((i * E, (i + 1) * E), 0) + t
         for attr, t in (('q_proj_weight', tq), ('k_proj_weight', tk), ('v_proj_weight', tv)):
@@ -153,8 +170,9 @@ def _attention_hook(name:str, m:nn.MultiheadAttention, layers:dict, uses:dict, b
                 rows = layers[pre + attr].weight.shape[0]
                 bl = blocks.setdefault(pre + attr, {})
                 bl[0, rows] = bl.get((0, rows), 0) + t
-        if pre + 'out_proj' in layers: uses[pre + 'out_proj'] += tq  # its weight is used functionally
-    return f
+        # PyTorch's forward uses out_proj's weight functionally; a forward that calls it as a module was counted
+        if out_proj in layers and uses[out_proj] == before.get(0): uses[out_proj] += tq
+    return [m.register_forward_pre_hook(start, with_kwargs=True), m.register_forward_hook(f, with_kwargs=True)]
 
 def count_flops(
     model:nn.Module, # a model with Conv/ConvTranspose/Linear layers
@@ -193,14 +211,17 @@ def sparsity_report(
     fl = layer_flops(model, example_input)
     P, NZ = count_params(model)
     F, NF = sum(f for f, _ in fl.values()), sum(nf for _, nf in fl.values())
-    def row(layer, typ, shape, p, nz, f, nf):
-        return dict(layer=layer, type=typ, shape=shape, params=p, nonzero=nz, sparsity=1 - nz / p if p else 0.,
-                    flops=f, nonzero_flops=nf, params_share=p / P if P else 0., flops_share=f / F if F else 0.)
+    def row(layer, typ, shape, p, nz, f, nf, s=None):
+        return dict(layer=layer, type=typ, shape=shape, params=p, nonzero=nz,
+                    sparsity=(1 - nz / p if p else 0.) if s is None else s, flops=f, nonzero_flops=nf,
+                    params_share=p / P if P else 0., flops_share=f / F if F else 0.)
     nz = dict(zip(layers, _nonzero_each(m.weight for m in layers.values())))
-    owner = {b: a for a, bs in _ties(layers).items() for b in bs}  # a shared weight: its row says so, counted once
+    owner = {b: a for a, bs in _ties(layers).items() for b in bs}  # a shared weight: counted once, in its first row
     def typ(n, m): return type(m).__name__ + (f' (weight of {owner[n]})' if n in owner else '')
-    rows = [row(n, typ(n, m), tuple(m.weight.shape), m.weight.numel(), nz[n], *fl[n]) for n, m in layers.items()]
-    seen = {id(m.weight) for m in layers.values()}
+    def own(n, m):  # params and nonzero of the row (none for a shared weight's later rows: they are the first's)
+        return (0, 0, 1 - nz[n] / m.weight.numel()) if n in owner else (m.weight.numel(), nz[n], None)
+    rows = [row(n, typ(n, m), tuple(m.weight.shape), *own(n, m)[:2], *fl[n], own(n, m)[2]) for n, m in layers.items()]
+    seen = {id(p) for m in layers.values() for p in _weight_params(m)}
     other = [p for p in model.parameters() if id(p) not in seen]
     rows.append(row('(other parameters)', '', (), sum(p.numel() for p in other), _nonzero(other), 0, 0))
     rows.append(row('total', '', (), P, NZ, F, NF))

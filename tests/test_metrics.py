@@ -257,3 +257,66 @@ def test_dict_input_to_a_forward_taking_one_dict_hints_the_tuple():
     m, batch = DictIn(), {'x': torch.randn(1, 4)}
     fct.test_fail(lambda: count_flops(m, batch), contains='pass `(batch,)`')
     fct.test_eq(count_flops(m, (batch,)), (8, 8))
+
+
+def test_head_pruned_attention_counts_each_projection_once():
+    "After Pruner removes heads, out_proj runs as a module: counted once; q/k/v rows follow the heads left"
+    from fasterprune.pruner import Pruner
+    torch.manual_seed(0)
+    E = 32
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.attn, self.fc = nn.Linear(8, E), nn.MultiheadAttention(E, 4, batch_first=True), nn.Linear(E, 10)
+        def forward(self, x, kv):
+            h = self.inp(x)
+            return self.fc(h + self.attn(h, self.inp(kv), self.inp(kv))[0])
+    m = Block()
+    x, kv = torch.randn(1, 5, 8), torch.randn(1, 7, 8)  # cross-attention: 5 query tokens, 7 key/value tokens
+    Pruner(m, (x, kv)).prune({'attn*': 0.5})
+    Ep = m.attn.num_heads * m.attn.head_dim
+    fct.test_eq(Ep, 16)
+    fl = layer_flops(m, (x, kv))
+    fct.test_eq(fl['attn.in_proj_weight'][0], Ep * E * (5 + 7 + 7))
+    fct.test_eq(fl['attn.out_proj'][0], Ep * E * 5)
+    fct.test_eq(fl['inp'][0], 8 * E * (5 + 7 + 7))
+    fct.test_eq(theoretical_speedup(m, (x, kv), original=m), 1.)
+
+
+def test_report_rows_count_each_parameter_once():
+    "A shared weight is counted in its first row only; a weight_norm layer's v in its row: the rows add up to the total"
+    from torch.nn.utils.parametrizations import weight_norm
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.a = nn.Embedding(10, 4), weight_norm(nn.Linear(4, 4))
+            self.dec, self.dec2 = nn.Linear(4, 10, bias=False), nn.Linear(4, 10, bias=False)
+            self.dec2.weight = self.dec.weight
+        def forward(self, i): h = self.a(self.emb(i)); return self.dec(h) + self.dec2(h)
+    torch.manual_seed(0)
+    m = LM()
+    with torch.no_grad(): m.dec.weight[:5] = 0
+    df = sparsity_report(m, torch.tensor([[1, 2, 3]]))
+    rows, tot = df.iloc[:-1], df.iloc[-1]
+    fct.test_eq(rows.params.sum(), tot.params)
+    fct.test_eq(rows.nonzero.sum(), tot.nonzero)
+    fct.test_close(rows.params_share.sum(), 1.)
+    d2 = df.set_index('layer').loc['dec2']
+    fct.test_eq((d2.params, d2.nonzero, d2.sparsity, d2.flops), (0, 0, 0.5, 120))
+    fct.test_eq(df.set_index('layer').loc['a'].params, 16)  # v; g (4) and the biases are other parameters
+    fct.test_eq(df.set_index('layer').loc['(other parameters)'].params, 40 + 4 + 4)
+
+
+def test_padded_transformer_counts_tokens_without_padding():
+    "A batch-first TransformerEncoder with a padding mask runs on nested tensors: its layers count the real tokens"
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.), 1)
+    class M(nn.Module):
+        def __init__(self): super().__init__(); self.enc, self.head = enc, nn.Linear(8, 3)
+        def forward(self, x, pad): return self.head(self.enc(x, src_key_padding_mask=pad))
+    x, pad = torch.randn(2, 6, 8), torch.zeros(2, 6, dtype=torch.bool)
+    pad[0, 4:] = True  # 6 + 4 real tokens
+    fl = layer_flops(M(), (x, pad))
+    fct.test_eq(fl['head'][0], 8 * 3 * 12)  # the encoder's output is padded again
+    fct.test_eq(fl['enc.layers.0.linear1'][0], 8 * 16 * 10)
+    fct.test_eq(fl['enc.layers.0.self_attn.in_proj_weight'][0], 3 * 8 * 8 * 10)
