@@ -1155,6 +1155,13 @@ class _WrittenHeads:
         if not self.fused: return dict(zip(self.names[0], (q, kv, kv)))
         _, ok, ov = self.offsets()
         return {self.names[0][0]: torch.cat([q, kv + ok, kv + ov], 1)}
+    def kept_rows(self, units:Tensor) -> dict[str, Tensor]:
+        "{q, k, v layer name: its rows that stay when only `units` stay}, flat and in the layer's order"
+        rows = {n: r.reshape(-1) for n, r in self.unit_rows(units).items()}
+        if self.fused and self.mqa:  # the one k/v head is shared: its rows of the fused projection stay
+            n, q = self.names[0][0], self.offsets()[1]
+            rows[n] = torch.cat([rows[n], torch.arange(q, q + 2 * self.head_dim)])
+        return {n: r.sort().values for n, r in rows.items()}  # fused: q | k | v (`unit_rows` is unit by unit)
     def v_rows(self) -> tuple[nn.Linear, Tensor]:
         "(the value projection, (num_kv_heads, head_dim) its rows of each k/v head)"
         Hkv, hd = self.num_kv_heads, self.head_dim

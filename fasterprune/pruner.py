@@ -396,8 +396,7 @@ class _Surgery:
 
     def _cut_written(self, w:_WrittenHeads, idx:Tensor):
         "Hand-written attention: the q, k, v rows and o columns of the units `idx` stay; the head counts follow"
-        rows = {n: r.reshape(-1).sort().values for n, r in w.unit_rows(idx).items()}  # in the layer's order: a fused
-        lins = dict(zip(w.names[0], w.qkv))  # projection keeps q | k | v (units are interleaved in `unit_rows`)
+        rows, lins = w.kept_rows(idx), dict(zip(w.names[0], w.qkv))
         kv = 1 if w.mqa else len(idx)  # MQA: query heads go, the k/v head stays; else whole k/v groups
         H = len(idx) if w.mqa else len(idx) * w.n_rep
         hd, cols = w.head_dim, w.o_cols(idx)  # before the cut: the counts change

@@ -349,3 +349,20 @@ def test_callback_fused_heads_then_compact():
     Pruner(learn).compact()  # heads= from the callback
     fct.test_eq([(b.attn.num_heads, b.attn.attn_dim, b.attn.qkv.out_features) for b in m.blocks], [(2, 16, 48)] * 2)
     with torch.no_grad(): assert relative_error(ref, m(x)) <= 1e-5
+
+
+def test_fused_mqa_prunes_query_heads_keeps_the_shared_kv_rows():
+    "One k/v head (Falcon-style fused multi-query): query heads go; the shared k and v rows of the projection stay"
+    torch.manual_seed(0)
+    class MQANet(Net):
+        def __init__(self):
+            super().__init__('phi3')
+            for b in self.blocks: b.attn = Phi3Attention(h=8, h_kv=1)
+    m, x = MQANet().eval(), torch.randn(2, 8, 5)
+    a = m.blocks[0].attn
+    w0 = a.qkv_proj.weight.detach().clone()
+    pr = Pruner(m, x, heads=HEADS('phi3'))
+    pr.prune({'blocks.*.attn': 0.5})
+    fct.test_eq((a.num_heads, a.num_key_value_heads, a.qkv_proj.out_features, a.o_proj.in_features), (4, 1, 24, 16))
+    assert torch.equal(a.qkv_proj.weight[16:], w0[32:])  # k and v of the one k/v head, whole
+    assert pr.history[-1]['rel_error'] <= 1e-5
