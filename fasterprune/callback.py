@@ -17,7 +17,7 @@ from .core import check_fraction, check_context
 from .sparsifier import Sparsifier, AttentionProjection, prunable_layers, one_per_weight, NMRoundingWarning
 from .sparsifier import _nnz_each
 from .metrics import sparsity_report
-from .core import to_device, model_device, evaluating, few
+from .core import to_device, first_items, model_device, evaluating, few
 from .graph import UnknownOpError
 from .pruner import _one_batch
 
@@ -191,7 +191,8 @@ class SparsifyCallback(Callback):
         # Pruning at pos 0 (one-shot, iterative) happens before the first batch; gradient criteria have no gradients
         # yet, so for them it happens after the first optimizer step, on that step's gradients.
         self._refresh_cache()  # masks adopted from the weights' zeros, if any
-        if self.schedule(0.) > 0 and not self._needs_grad: self._update(0., self.schedule(0.))
+        p0 = self._b0 / self.n_steps  # 0, or where a resumed fit (`start_epoch=`) starts
+        if self.schedule(p0) > 0 and not self._needs_grad: self._update(p0, self.schedule(p0))
         self._apply()
         self._mode = 'prune'
 
@@ -226,8 +227,8 @@ class SparsifyCallback(Callback):
         self.n_steps = max(1, self.n_epoch * len(self.dls.train))
         window = max(1, round((sched.end_pct - sched.start_pct) * self.n_steps))
         self._every = 1 if sched.stepwise else (self.update_every or max(1, min(100, window // 8)))
-        b0 = round(self.learn.pct_train * self.n_steps)  # batches done before this fit's first (`start_epoch=`)
-        self._next = (b0 // self._every + 1) * self._every  # next update: the first step at or after this batch count
+        self._b0 = round(self.learn.pct_train * self.n_steps)  # batches done before this fit's first (`start_epoch=`)
+        self._next = (self._b0 // self._every + 1) * self._every  # next update: the first step at or after that count
         self._needs_grad = sp.criterion.needs_grad
         self._done = False
         if self._needs_grad: sp.criterion.reset()  # gradients accumulate over this fit's steps only
@@ -238,8 +239,10 @@ class SparsifyCallback(Callback):
         if self._mode == 'prune' and not self._done:
             if self._needs_grad and not getattr(getattr(self.learn, 'mixed_precision', None), 'skipped', False):
                 self.sparsifier.criterion.accumulate(self.sparsifier.params)
-            pos = min(1., self.learn.pct_train + 1 / self.n_steps)
-            frac, b = self.schedule(pos), round(pos * self.n_steps)  # b: training batches done, this one included
+            # b: training batches done, this one included (pct_train is a running float sum: round it to the batch)
+            b = round(self.learn.pct_train * self.n_steps) + 1
+            pos = min(1., b / self.n_steps)
+            frac = self.schedule(pos)
             if frac >= 1 or b >= self._next:
                 self._next = (b // self._every + 1) * self._every
                 updated = self._advance(pos, frac)
@@ -248,7 +251,10 @@ class SparsifyCallback(Callback):
     def _advance(self, pos:float, frac:float) -> bool:
         "Update the masks to schedule fraction `frac` (True when they changed); at the schedule's end it is done"
         updated = frac > 0 and self._update(pos, frac)
-        if frac >= 1: self._done = self.completed = True
+        # done at the schedule's end, or earlier where the final target is reached (N:M moves in reachable levels)
+        if frac >= 1 or self.last_target == self._target(1.):
+            self._done = self.completed = True
+            if self._needs_grad: self.sparsifier.criterion.reset()  # the accumulated gradients are not needed any more
         return updated
 
     def after_train(self):
@@ -265,8 +271,7 @@ class SparsifyCallback(Callback):
         self._masker = None
         if mode is None or self._lr_find: return  # a validation-only pass, or lr_find: nothing of the callback changed
         sp, xb = self.sparsifier, getattr(self.learn, 'xb', None)
-        if xb and xb[0] is not None: self.report = sparsity_report(sp.model, tuple(x[:1] for x in xb))  # FLOPs too
-        else: self.report = sp.report()
+        self.report = self._final_report(sp, xb)
         if rank_distrib() != 0: return
         if mode == 'prune' and self.completed: self._note_filters(sp)
         if logger.isEnabledFor(logging.INFO):  # (formatting the table costs a few ms)
@@ -293,6 +298,15 @@ class SparsifyCallback(Callback):
                        len(sp.layers), s, why)
 
     # --- helpers -------------------------------------------------------------------------------------------------
+    def _final_report(self, sp, xb):
+        "The end-of-fit report: with FLOPs on one item of the last batch; without them if they cannot be counted"
+        if not xb or xb[0] is None: return sp.report()
+        try: return sparsity_report(sp.model, first_items(tuple(xb)))
+        except Exception as e:  # a report must not fail a finished fit (nor the callbacks after this one)
+            logger.warning("SparsifyCallback: the report counts no FLOPs: the model could not run on one item of the "
+                           "last batch (%s: %s)", type(e).__name__, str(e).split('\n')[0])
+            return sp.report()
+
     def _drop_metric(self):
         if self._metric is not None: self.learn.metrics = [m for m in self.learn.metrics if m is not self._metric]
         self._metric = None
@@ -359,7 +373,7 @@ class SparsifyCallback(Callback):
         b = _one_batch(getattr(dl, 'dl', dl))  # a DistributedDL wraps the real one; a torch DataLoader is fine too
         try: n_inp = self.dls.n_inp
         except AttributeError: n_inp = 1  # datasets that don't say: the last item is the target
-        x = to_device(tuple(t[:1] for t in b[:n_inp]), model_device(model))
+        x = to_device(first_items(tuple(b[:n_inp])), model_device(model))
         return x[0] if len(x) == 1 else x
 
     def _couple(self, sp) -> list|None:

@@ -10,8 +10,8 @@ import torch
 from torch import nn, Tensor
 
 # %% auto #0
-__all__ = ['context_names', 'check_fraction', 'check_context', 'evaluating', 'round_half_up', 'flat_tensors', 'to_device',
-           'model_device', 'few', 'state_problems']
+__all__ = ['context_names', 'check_fraction', 'check_context', 'evaluating', 'round_half_up', 'flat_tensors', 'map_tensors',
+           'to_device', 'first_items', 'model_device', 'few', 'state_problems']
 
 # %% ../nbs/00a_core.ipynb #883279e8
 def check_fraction(
@@ -72,13 +72,21 @@ def flat_tensors(x) -> list[Tensor]:
     if isinstance(x, (tuple, list)): return [t for v in x for t in flat_tensors(v)]
     return []
 
+def map_tensors(f, x):
+    "`x` with `f` applied to every tensor in it (any nesting of tuples, named tuples, lists and dicts)"
+    if isinstance(x, Tensor): return f(x)
+    if isinstance(x, dict): return {k: map_tensors(f, v) for k, v in x.items()}
+    if isinstance(x, tuple) and hasattr(x, '_fields'): return type(x)(*(map_tensors(f, v) for v in x))
+    if isinstance(x, (tuple, list)): return type(x)(map_tensors(f, v) for v in x)
+    return x
+
 def to_device(x, device):
     "`x` with every tensor in it (any nesting of tuples, lists and dicts) moved to `device`; `x` itself if None"
-    if device is None: return x
-    if isinstance(x, Tensor): return x.to(device)
-    if isinstance(x, dict): return {k: to_device(v, device) for k, v in x.items()}
-    if isinstance(x, (tuple, list)): return type(x)(to_device(v, device) for v in x)
-    return x
+    return x if device is None else map_tensors(lambda t: t.to(device), x)
+
+def first_items(x, n:int=1):
+    "The first `n` items of every tensor in `x` (any nesting; 0-dim tensors as they are): an example input from a batch"
+    return map_tensors(lambda t: t[:n] if t.dim() else t, x)
 
 def model_device(model:nn.Module) -> torch.device|None:
     "The device of `model`'s first parameter, or None for a model without parameters"

@@ -60,7 +60,8 @@ def agp(start_pct:float=0., end_pct:float=0.5) -> Schedule:
 @dataclass(frozen=True)
 class _Steps:
     n:int
-    def __call__(self, t): return min(math.floor(t * self.n) + 1, self.n) / self.n
+    # a jump lands on its batch: t = 0.6 / 0.8 is 0.7499999999999999 in floats, which must count as step 3 of 4
+    def __call__(self, t): return min(math.floor(t * self.n + 1e-9) + 1, self.n) / self.n
 
 def iterative(n:int=3, start_pct:float=0., end_pct:float=0.5) -> Schedule:
     "Prune in `n` equal steps, at the start of `n` equal segments of [`start_pct`, `end_pct`); each step is followed by fine-tuning"

@@ -24,7 +24,7 @@ def _dls(flat=True, shuffle=True, bs=64, n=512):
 
 def _learn(model=None, flat=True, **kw):
     torch.manual_seed(0)
-    learn = Learner(_dls(flat, **{k: kw.pop(k) for k in ('shuffle',) if k in kw}), model or mlp(64, 64, 32, 10),
+    learn = Learner(_dls(flat, **{k: kw.pop(k) for k in ('shuffle', 'n') if k in kw}), model or mlp(64, 64, 32, 10),
                     loss_func=nn.CrossEntropyLoss(), **kw)
     learn.remove_cb(learn.progress) if hasattr(learn, 'progress') else None
     return learn
@@ -668,3 +668,69 @@ def test_steps_between_updates_read_nothing_back(crit, gran):
         prev = n_hist
     assert quiet > 100 and updates >= 2, (quiet, updates)
     fct.test_eq(len(cb.history), updates)
+
+
+@pytest.mark.parametrize('sched,at', [(one_shot(0.5), [7]), (iterative(4, 0., 0.8), [0, 14, 28, 42])])
+def test_jumps_land_on_their_batch_with_seven_batches_an_epoch(sched, at):
+    "fastai's pct_train is a running float sum: with 7 batches an epoch a jump must not slip one batch late"
+    learn = _learn(n=448)  # 7 batches of 64
+    n_epoch = 2 if at == [7] else 10
+    cb = SparsifyCallback(0.8, 'weight', 'global', schedule=sched)
+    learn.fit(n_epoch, 1e-2, cbs=cb)
+    n_steps = 7 * n_epoch
+    fct.test_eq([round(h['pos'] * n_steps, 9) for h in cb.history], at)
+    fct.test_close(cb.history[-1]['sparsity'], 0.8, eps=1e-4)
+
+
+def test_a_new_callback_resuming_a_fit_starts_where_the_fit_starts():
+    "fit(start_epoch=4) with a new callback: its first masks are the schedule's at batch 28, not at batch 0"
+    learn = _learn(n=448)
+    cb = SparsifyCallback(0.8, 'weight', 'global', schedule=iterative(4, 0., 0.8))
+    learn.fit(10, 1e-2, cbs=cb, start_epoch=4)
+    fct.test_eq([round(h['pos'] * 70, 9) for h in cb.history], [28, 42])
+    fct.test_close([h['target'] for h in cb.history], [0.6, 0.8], eps=1e-9)
+
+
+def test_nm_with_gradients_stops_accumulating_at_its_last_level():
+    "2:4 reaches its last level before the schedule's end: the callback is done there and frees the gradients it kept"
+    learn = _learn()
+    cb = SparsifyCallback(None, '2:4', criteria='gradient_magnitude', schedule='agp', update_every=2)
+    learn.fit(2, 1e-3, cbs=cb)
+    assert cb.completed and cb.history[-1]['pos'] < 0.5, cb.history[-1]
+    fct.test_eq((cb.sparsifier.criterion.acc, cb.sparsifier.criterion.n_steps), ({}, 0))
+    fct.test_eq(cb.history[-1]['sparsity'], 0.5)
+
+
+class _DictModel(nn.Module):
+    "A forward that takes one dict of tensors, as Hugging Face-style models do"
+    def __init__(self): super().__init__(); self.fc1, self.fc2 = nn.Linear(64, 32), nn.Linear(32, 10)
+    def forward(self, batch): return self.fc2(torch.relu(self.fc1(batch['x'])))
+
+
+@pytest.mark.parametrize('gran', ['weight', 'filter'])
+def test_dict_batches_get_a_report_with_flops(gran):
+    "Batches of (dict, target): the callback traces and reports on one item of a dict (it used to fail the fit's end)"
+    xt, yt, _, _ = digits_arrays(True)
+    ds = [({'x': xt[i]}, yt[i]) for i in range(256)]
+    dls = DataLoaders(DataLoader(ds, bs=32, shuffle=True, drop_last=True), DataLoader(ds[:64], bs=64),
+                      device=torch.device('cpu'))
+    learn = Learner(dls, _DictModel(), loss_func=nn.CrossEntropyLoss())
+    cb = SparsifyCallback(0.5, gran, 'local', schedule=one_shot())
+    with learn.no_logging(), learn.no_bar(): learn.fit(1, 1e-3, cbs=cb)
+    tot = cb.report.set_index('layer').loc['total']
+    fct.test_eq(tot.flops, 64 * 32 + 32 * 10)
+    assert tot.nonzero_flops < tot.flops
+
+
+def test_report_without_flops_when_one_item_cannot_run(caplog):
+    "A model that cannot run on one item: the fit ends normally, the report has its parameters and says why no FLOPs"
+    class Pairs(nn.Module):  # needs an even batch
+        def __init__(self): super().__init__(); self.fc = nn.Linear(128, 10)
+        def forward(self, x): return self.fc(x.reshape(-1, 128)).repeat_interleave(2, 0)
+    learn = _learn(model=Pairs())
+    cb = SparsifyCallback(0.5, schedule=one_shot())
+    with caplog.at_level('WARNING', logger='fasterprune.callback'): learn.fit(1, 1e-3, cbs=cb)
+    assert 'counts no FLOPs' in caplog.text, caplog.text
+    tot = cb.report.set_index('layer').loc['total']
+    assert math.isnan(tot.flops)
+    fct.test_eq(tot.params - tot.nonzero, 640)
