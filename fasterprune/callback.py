@@ -191,8 +191,8 @@ class SparsifyCallback(Callback):
         # Pruning at pos 0 (one-shot, iterative) happens before the first batch; gradient criteria have no gradients
         # yet, so for them it happens after the first optimizer step, on that step's gradients.
         self._refresh_cache()  # masks adopted from the weights' zeros, if any
-        p0 = self._b0 / self.n_steps  # 0, or where a resumed fit (`start_epoch=`) starts
-        if self.schedule(p0) > 0 and not self._needs_grad: self._update(p0, self.schedule(p0))
+        # A fit resumed with `start_epoch=` starts from the masks it adopted: the next update follows the cadence
+        if self._b0 == 0 and self.schedule(0.) > 0 and not self._needs_grad: self._update(0., self.schedule(0.))
         self._apply()
         self._mode = 'prune'
 
