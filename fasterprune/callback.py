@@ -9,6 +9,8 @@ import torch
 from fastai.callback.core import Callback
 from fastai.learner import ValueMetric
 from fastai.callback.schedule import LRFinder
+from fastai.callback.tracker import TrackerCallback
+import numpy as np
 from fastai.torch_core import get_model, rank_distrib
 from .schedules import get_schedule
 from .granularity import get_granularity
@@ -18,6 +20,7 @@ from .sparsifier import Sparsifier, AttentionProjection, prunable_layers, one_pe
 from .sparsifier import _nnz_each
 from .metrics import sparsity_report
 from .core import to_device, first_items, model_device, evaluating, few
+from torch.nn.parameter import is_lazy
 from .graph import UnknownOpError
 from .pruner import _one_batch
 
@@ -61,6 +64,8 @@ class SparsifyCallback(Callback):
         show_sparsity:bool=True,  # add a measured 'sparsity' column to the progress table
         attention:bool=False,     # prune MultiheadAttention's in-projections too ('filter': whole heads, coupled)
         heads:dict|None=None,     # {module or pattern: AttentionHeads}: hand-written attention, whole heads ('filter')
+        keep_zeros:bool=True,     # weights already exactly zero at the first fit stay pruned (a pruned checkpoint);
+                                  # False: they are ranked like the others (an init with zeros: eye_, dirac_, sparse_)
     ):
         self.granularity = get_granularity(granularity)
         self.sparsity = self._check_sparsity(sparsity)
@@ -86,12 +91,12 @@ class SparsifyCallback(Callback):
         self.context, self.criteria, self.update_every = context, criteria, update_every
         self.layers, self.exclude = layers, exclude
         self.seed, self.show_sparsity, self.coupled, self.attention = seed, show_sparsity, coupled, attention
-        self.heads = heads
+        self.heads, self.keep_zeros = heads, keep_zeros
         self.sparsifier, self.history, self.report, self.last_target = None, [], None, None
         self.completed = False  # the schedule reached its end: later fits keep the masks
         self.fixed = False      # masks adopted from a surgered model's zeros: kept as they are
         self._metric, self._mode, self._masker = None, None, None
-        self._name = 'sparsify'
+        self._name, self._prunes_this_epoch = 'sparsify', False
 
     def _check_sparsity(self, sparsity):
         g = self.granularity
@@ -162,15 +167,29 @@ class SparsifyCallback(Callback):
             self.learn.metrics = list(self.learn.metrics) + [self._metric]
 
     def before_train(self):
-        if self._mode is not None: return  # set up at the first training epoch of this fit
-        try: self._start()
-        except Exception:
-            self._mode = None
-            self._drop_metric()
-            raise
+        if self._mode is None:  # set up at the first training epoch of this fit
+            try: self._start()
+            except Exception:
+                self._mode = None
+                self._drop_metric()
+                raise
+        self._prunes_this_epoch = self._mode == 'prune' and not self._done
+
+    def after_epoch(self):
+        "While the schedule prunes, fastai's trackers (SaveModelCallback, EarlyStoppingCallback...) start afresh"
+        # The best epoch of a fit that prunes would be an early, less pruned one: SaveModelCallback would load it at
+        # the end, EarlyStoppingCallback would stop before the target. They compare the pruned epochs only.
+        if not self._prunes_this_epoch: return
+        for cb in self.learn.cbs:
+            if isinstance(cb, TrackerCallback) and getattr(cb, 'best', None) is not None:
+                cb.best = float('inf') if cb.comp == np.less else -float('inf')
 
     def _start(self):
         model = get_model(self.learn.model)  # under DDP, the wrapped module: layer names match a single-process run
+        model = getattr(model, '_orig_mod', model)  # under torch.compile, the module it compiled (same parameters)
+        if any(is_lazy(p) for p in model.parameters()):  # LazyLinear and co.: one forward gives them their shapes
+            x = self._first_input(model)
+            with torch.no_grad(), evaluating(model): model(*(x if isinstance(x, tuple) else (x,)))
         if self._lr_find:  # LRFinder restores the weights afterwards: keep the masks on, change no state of ours
             self._mode = 'keep' if self._matches(model) else 'off'
             self._refresh_cache()
@@ -274,6 +293,10 @@ class SparsifyCallback(Callback):
         self.report = self._final_report(sp, xb)
         if rank_distrib() != 0: return
         if mode == 'prune' and self.completed: self._note_filters(sp)
+        if mode == 'prune' and not self.completed:
+            logger.warning("SparsifyCallback: the fit stopped at %.0f%% of its steps, before the schedule reached its "
+                           "target: sparsity %.4f; fit again with this callback to finish it",
+                           100 * self.learn.pct_train, sp.sparsity())
         if logger.isEnabledFor(logging.INFO):  # (formatting the table costs a few ms)
             logger.info("SparsifyCallback: %.4f sparsity over %d pruned layers\n%s", sp.sparsity(), len(sp.layers),
                         self.report.to_string())
@@ -342,9 +365,36 @@ class SparsifyCallback(Callback):
             sp = Sparsifier(model, 'weight', self.context, self.criteria, self.layers, self.exclude, self.seed,
                             attention=self.attention)
         if isinstance(self.sparsity, dict): sp._check_targets(self.sparsity)
-        sp.adopt_zeros()
+        if self.keep_zeros or keep_history: sp.adopt_zeros()
+        if not keep_history and self.sparsifier is None and not self.history:
+            self._warn_zeros_kept(sp)
+            self._warn_small_share(sp, model)
         self.sparsifier, self._shapes, self.report = sp, [tuple(m.weight.shape) for m in sp.layers.values()], None
         if not keep_history: self.last_target, self.history, self.completed, self.fixed = None, [], False, False
+
+    def _warn_zeros_kept(self, sp):
+        "A first fit that keeps many zeros of the weights as pruned: right for a pruned checkpoint, not for an init"
+        if not sp.masks: return
+        counts = dict(zip(sp.masks, _nnz_each(~mk for mk in sp.masks.values())))  # one host read
+        many = {n: c / sp.masks[n].numel() for n, c in counts.items() if c > 0.01 * sp.masks[n].numel()}
+        if many:
+            logger.warning("SparsifyCallback: the weights' zeros stay pruned and never train (%s): right for a pruned "
+                           "checkpoint; for an initialization with zeros (eye_, dirac_, sparse_) pass keep_zeros=False",
+                           few(f'{n} {v:.1%}' for n, v in many.items()))
+
+    def _warn_small_share(self, sp, model):
+        "The pruned layers hold under half the parameters (an LSTM, embeddings): the sparsity column is theirs only"
+        P = sum(p.numel() for p in model.parameters())
+        W = sum(m.weight.numel() for m in one_per_weight(sp.layers).values())
+        if not P or W >= 0.5 * P: return
+        pruned = {id(m.weight) for m in sp.layers.values()}
+        layers = {id(m) for m in sp.layers.values()}
+        rest = [(sum(p.numel() for p in m.parameters(recurse=False) if id(p) not in pruned), n or type(m).__name__)
+                for n, m in model.named_modules() if id(m) not in layers]
+        rest = sorted((c, n) for c, n in rest if c)[::-1]
+        logger.warning("SparsifyCallback: the layers it prunes hold %.1f%% of the model's parameters (not pruned: %s): "
+                       "the sparsity column is theirs; the model's own is the report's `total` row",
+                       100 * W / P, few(f'{n} ({c:,})' for c, n in rest))
 
     def _build(self, model) -> Sparsifier:
         "The Sparsifier for this callback's settings on `model` (with filter granularity, its coupled channels)"

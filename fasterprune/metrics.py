@@ -142,6 +142,9 @@ def layer_flops(
         with evaluating(model): _call(model, args, kwargs, example_input)
     finally:
         for h in hs: h.remove()
+    rnn = [n for n, m in model.named_modules() if isinstance(m, (nn.RNNBase, nn.RNNCellBase))]
+    if rnn: logger.warning("FLOPs count Conv/ConvTranspose/Linear layers and attention projections only: the "
+                           "recurrent %s %s not counted", few(rnn, 3), 'is' if len(rnn) == 1 else 'are')
     idle = [n for n, u in uses.items() if u == 0 and n not in blocks]
     if idle: logger.info("layers that did not run as modules in the forward pass count 0 FLOPs: %s", few(idle, 5))
     parts = [(n, m.weight, None) for n, m in layers.items() if n not in blocks]

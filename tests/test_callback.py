@@ -1,5 +1,6 @@
 "SparsifyCallback invariants: exact targets, zeros after every optimizer step, resume, bad input"
 import copy, math, warnings
+import numpy as np
 import pytest, torch, torch.nn as nn
 import fastcore.test as fct
 from fastai.learner import Learner
@@ -734,3 +735,83 @@ def test_report_without_flops_when_one_item_cannot_run(caplog):
     tot = cb.report.set_index('layer').loc['total']
     assert math.isnan(tot.flops)
     fct.test_eq(tot.params - tot.nonzero, 640)
+
+
+@pytest.mark.parametrize('tracker', ['save', 'early'])
+def test_trackers_keep_a_pruned_epoch(tmp_path, tracker):
+    "SaveModelCallback/EarlyStoppingCallback compare only pruned epochs: the fit ends at the target, not an early epoch"
+    from fastai.callback.tracker import SaveModelCallback, EarlyStoppingCallback
+    learn = _learn(path=tmp_path)
+    # monitoring the sparsity column with np.less, the least pruned epoch is the best: the worst case for a tracker
+    trk = (SaveModelCallback(monitor='sparsity', comp=np.less, fname='best') if tracker == 'save'
+           else EarlyStoppingCallback(monitor='sparsity', comp=np.less, patience=1))
+    cb = SparsifyCallback(0.7, 'weight', 'global', schedule=agp(0., 0.75))
+    learn.fit(4, 1e-2, cbs=[cb, trk])
+    assert cb.completed
+    fct.test_eq(_n_zero(cb.sparsifier), round(0.7 * _n_w(cb.sparsifier)))  # the weights the fit ends with
+    fct.test_close(cb.report.set_index('layer').loc['total'].sparsity,
+                   _n_zero(cb.sparsifier) / sum(p.numel() for p in learn.model.parameters()), eps=1e-12)
+    fct.test_eq(len(learn.recorder.values), 4)  # no early stop while pruning
+
+
+def test_a_stopped_schedule_says_so(caplog):
+    "A fit cancelled before its schedule's end: a warning with where it stopped"
+    learn = _learn()
+    cb = SparsifyCallback(0.8, schedule='agp')
+    with caplog.at_level('WARNING', logger='fasterprune.callback'): learn.fit(2, 1e-2, cbs=[cb, CancelAt(5)])
+    assert not cb.completed and 'before the schedule reached its target' in caplog.text, caplog.text
+
+
+def test_zeros_of_an_init_warn_and_keep_zeros_false_trains_them(caplog):
+    "An identity init is 98 % zeros: kept as pruned by default (with a warning), ranked like any weight with keep_zeros=False"
+    def model():
+        torch.manual_seed(0)
+        m = mlp(64, 64, 64, 10)
+        nn.init.eye_(m[2].weight)
+        return m
+    learn = _learn(model=model())
+    with caplog.at_level('WARNING', logger='fasterprune.callback'):
+        learn.fit(1, 1e-2, cbs=SparsifyCallback(0.5, 'weight', 'local', schedule=one_shot()))
+    assert 'keep_zeros=False' in caplog.text and '2 98.4%' in caplog.text, caplog.text
+    fct.test_close(float((learn.model[2].weight == 0).float().mean()), 63 / 64, eps=1e-9)
+    learn = _learn(model=model())
+    cb = SparsifyCallback(0.5, 'weight', 'local', schedule=one_shot(), keep_zeros=False)
+    learn.fit(1, 1e-2, cbs=cb)
+    fct.test_eq(int((~cb.sparsifier.masks['2']).sum()), 64 * 64 // 2)  # half of the layer, no more
+    assert int((learn.model[2].weight == 0).sum()) < 64 * 64 * 0.6  # the other zeros of the init trained
+
+
+def test_rnn_model_says_the_column_is_the_pruned_layers(caplog):
+    "An LSTM holds most parameters and is not pruned: the callback and the FLOP count say so"
+    class TextLSTM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.rnn, self.fc = nn.Embedding(50, 16), nn.LSTM(16, 64, batch_first=True), nn.Linear(64, 10)
+        def forward(self, x): return self.fc(self.rnn(self.emb(x))[0][:, -1])
+    x, y = torch.randint(0, 50, (256, 8)), torch.randint(0, 10, (256,))
+    dls = DataLoaders(DataLoader(TensorPairs(x, y), bs=64, drop_last=True), DataLoader(TensorPairs(x, y), bs=64),
+                      device=torch.device('cpu'))
+    learn = Learner(dls, TextLSTM(), loss_func=nn.CrossEntropyLoss())
+    with caplog.at_level('WARNING', logger='fasterprune'), learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-3, cbs=SparsifyCallback(0.9, schedule=one_shot()))
+    assert 'hold 2.9% of the model' in caplog.text and 'rnn (20,992)' in caplog.text, caplog.text
+    assert "the recurrent rnn is not counted" in caplog.text
+
+
+def test_torch_compiled_model_prunes_by_its_layer_names():
+    "torch.compile wraps the model: the callback prunes the module it compiled, with the same layer names"
+    learn = _learn()
+    learn.model = torch.compile(learn.model, backend='eager')
+    cb = SparsifyCallback(0.5, schedule=one_shot())
+    learn.fit(1, 1e-2, cbs=cb)
+    fct.test_eq(list(cb.sparsifier.layers), ['0', '2', '4'])
+    fct.test_eq(_n_zero(cb.sparsifier), round(0.5 * _n_w(cb.sparsifier)))
+
+
+def test_lazy_layers_get_their_shapes_before_pruning():
+    "LazyLinear has no shape until its first forward: the callback runs one on a training item first"
+    learn = _learn(model=nn.Sequential(nn.LazyLinear(32), nn.ReLU(), nn.Linear(32, 10)))
+    cb = SparsifyCallback(0.5, schedule=one_shot())
+    learn.fit(1, 1e-2, cbs=cb)
+    fct.test_eq(tuple(learn.model[0].weight.shape), (32, 64))
+    fct.test_eq(_n_zero(cb.sparsifier), round(0.5 * _n_w(cb.sparsifier)))
