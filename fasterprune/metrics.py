@@ -207,13 +207,15 @@ report_columns = ('layer', 'type', 'shape', 'params', 'nonzero', 'sparsity', 'fl
 
 def sparsity_report(
     model:nn.Module, # a model with Conv/ConvTranspose/Linear layers
-    example_input,   # what the model runs on, e.g. `xb[:1]`; FLOPs count its whole batch
+    example_input=None, # what the model runs on, e.g. `xb[:1]`; FLOPs count its whole batch (None: NaN FLOPs)
 ) -> pd.DataFrame:
     "One row per Conv/ConvTranspose/Linear weight, an `(other parameters)` row and a `total` row; FLOPs are MACs"
     layers = _layers(model)
-    fl = layer_flops(model, example_input)
+    if example_input is None: fl, F, NF = {n: (math.nan, math.nan) for n in layers}, math.nan, math.nan
+    else:
+        fl = layer_flops(model, example_input)
+        F, NF = sum(f for f, _ in fl.values()), sum(nf for _, nf in fl.values())
     P, NZ = count_params(model)
-    F, NF = sum(f for f, _ in fl.values()), sum(nf for _, nf in fl.values())
     def row(layer, typ, shape, p, nz, f, nf, s=None):
         return dict(layer=layer, type=typ, shape=shape, params=p, nonzero=nz,
                     sparsity=(1 - nz / p if p else 0.) if s is None else s, flops=f, nonzero_flops=nf,
@@ -226,10 +228,11 @@ def sparsity_report(
     rows = [row(n, typ(n, m), tuple(m.weight.shape), *own(n, m)[:2], *fl[n], own(n, m)[2]) for n, m in layers.items()]
     seen = {id(p) for m in layers.values() for p in _weight_params(m)}
     other = [p for p in model.parameters() if id(p) not in seen]
-    rows.append(row('(other parameters)', '', (), sum(p.numel() for p in other), _nonzero(other), 0, 0))
+    f0 = 0 if example_input is not None else math.nan  # they run no MACs; without an input nothing is counted
+    rows.append(row('(other parameters)', '', (), sum(p.numel() for p in other), _nonzero(other), f0, f0))
     rows.append(row('total', '', (), P, NZ, F, NF))
     df = pd.DataFrame(rows, columns=list(report_columns))
-    speedup = (F / NF if NF else math.inf) if F else math.nan
+    speedup = (F / NF if NF else math.inf) if F and not math.isnan(F) else math.nan
     df.attrs.update(compression_ratio=P / NZ if NZ else math.inf, theoretical_speedup=speedup)
     return df
 

@@ -552,24 +552,6 @@ def _bias_of(m) -> Tensor|None:
     if isinstance(m, AttentionProjection): return m.module.in_proj_bias if m.attr == 'in_proj_weight' else None
     return getattr(m, 'bias', None)
 
-def _report_without_flops(model:nn.Module):
-    "`metrics.sparsity_report`'s rows and columns when there is no input to count FLOPs on: those columns are NaN"
-    import pandas as pd
-    from fasterprune.metrics import report_columns, count_params
-    P, NZ = count_params(model)
-    layers = prunable_layers(model)
-    rows = [(n, type(m).__name__, tuple(m.weight.shape), m.weight.numel(), _nnz(m.weight)) for n, m in layers.items()]
-    seen = {id(m.weight) for m in layers.values()}
-    other = [p for p in model.parameters() if id(p) not in seen]
-    rows.append(('(other parameters)', '', (), sum(p.numel() for p in other), sum(_nnz(p) for p in other)))
-    rows.append(('total', '', (), P, NZ))
-    nan = float('nan')
-    df = pd.DataFrame([dict(layer=n, type=t, shape=sh, params=p, nonzero=nz, sparsity=1 - nz / p if p else 0.,
-                            flops=nan, nonzero_flops=nan, params_share=p / P if P else 0., flops_share=nan)
-                       for n, t, sh, p, nz in rows], columns=list(report_columns))
-    df.attrs.update(compression_ratio=P / NZ if NZ else math.inf, theoretical_speedup=math.nan)
-    return df
-
 def _count_true(t:Tensor) -> Tensor:
     "True entries of the bool tensor `t`, exactly, as a float64 scalar (sums of float16 rows of 2^16 into float32)"
     h = t.reshape(-1).to(torch.float16)
@@ -1087,8 +1069,7 @@ class Sparsifier:
     def report(self, example_input=None):
         "`metrics.sparsity_report` of the model (a DataFrame); without `example_input` its FLOP columns are NaN"
         from fasterprune.metrics import sparsity_report
-        if example_input is not None: return sparsity_report(self.model, example_input)
-        return _report_without_flops(self.model)
+        return sparsity_report(self.model, example_input)
 
     # --- saving ------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:

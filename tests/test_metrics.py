@@ -305,6 +305,10 @@ def test_report_rows_count_each_parameter_once():
     fct.test_eq((d2.params, d2.nonzero, d2.sparsity, d2.flops), (0, 0, 0.5, 120))
     fct.test_eq(df.set_index('layer').loc['a'].params, 16)  # v; g (4) and the biases are other parameters
     fct.test_eq(df.set_index('layer').loc['(other parameters)'].params, 40 + 4 + 4)
+    plain = sparsity_report(m)  # no input (Sparsifier.report()): the same rows, FLOPs NaN
+    fct.test_eq(plain.drop(columns=['flops', 'nonzero_flops', 'flops_share']).equals(
+        df.drop(columns=['flops', 'nonzero_flops', 'flops_share'])), True)
+    assert plain[['flops', 'nonzero_flops', 'flops_share']].isna().all().all()
 
 
 def test_padded_transformer_counts_tokens_without_padding():
