@@ -62,7 +62,14 @@ _cat_fns = {torch.cat, torch.concat, torch.concatenate}
 _expand_fns, _expand_methods = {torch.tile, torch.broadcast_to}, {'expand', 'expand_as', 'repeat', 'tile'}
 _pin_fns = {torch.permute, torch.transpose, torch.stack, torch.softmax, F.softmax, F.log_softmax, F.group_norm,
             F.layer_norm, torch.chunk, torch.split, F.scaled_dot_product_attention, torch.matmul, operator.matmul,
-            torch.bmm, torch.einsum} | ({F.rms_norm} if hasattr(F, 'rms_norm') else set())
+            torch.bmm, torch.einsum, F.pixel_shuffle, F.pixel_unshuffle, torch.pixel_shuffle, torch.pixel_unshuffle,
+            torch.channel_shuffle, F.local_response_norm} | ({F.rms_norm} if hasattr(F, 'rms_norm') else set())
+# per-channel norms called as functions (timm's `BatchNormAct2d`, a BatchNorm subclass whose forward calls
+# `F.batch_norm`): the channels pass; the weight, bias and running statistics they name are cut with them
+_fnorm_fns = {F.batch_norm, F.instance_norm}
+_fnorm_args = ('running_mean', 'running_var', 'weight', 'bias')  # positions 1 to 4 of both
+# a Linear or Conv subclass whose forward calls the function on its own weight and bias (timm's `Linear`): the layer
+_layer_fns = {F.linear: nn.Linear, F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d}
 # torchvision's Swin: fx-wrapped functions that mix channels
 _pin_fn_names = {'shifted_window_attention', 'shifted_window_attention_3d', '_patch_merging_pad',
                  '_patch_merging_pad_3d'}
@@ -160,6 +167,14 @@ class Slot:
 # %% ../nbs/07_graph.ipynb #7dac96a7
 def _is_depthwise(m): return m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
+def _where(n:fx.Node) -> str:
+    "' in module 'a.b' (Block)' for a node traced inside a module (torch.fx records the module stack), else ''"
+    if n.op == 'call_module': return ''  # the op is the module: `what` names it
+    stack = n.meta.get('nn_module_stack')
+    if not stack: return f" (fx node {n.name!r})"
+    path, cls = list(stack.values())[-1]
+    return f" in module {path!r} ({getattr(cls, '__name__', cls)}, fx node {n.name!r})"
+
 def _normdim(d, nd): return d + nd if d < 0 else d
 
 def _plain(x):
@@ -212,6 +227,7 @@ class _Labeler(fx.Interpreter):
     def __init__(self, g:ChannelGraph, gm:nn.Module, graph:fx.Graph|None=None):
         super().__init__(gm, graph=graph)
         self.g, self.lab, self.dyn = g, {}, {}
+        self.extra_traceback = False  # errors name their node themselves: no "While executing ... Use tlparse" text
     def run_node(self, n):
         self.cur_args = n.args
         out = super().run_node(n)
@@ -304,6 +320,7 @@ class ChannelGraph:
     def _reset(self):
         "Empty labels, pins, slots and value records"
         self._live = {}        # layer name -> `live_filters`
+        self.fn_layers = {}    # fx node of `F.linear`/`F.conv*d` on a layer's own weight and bias -> the layer's name
         self.n_labels = 0      # labels made so far (0 .. n_labels - 1)
         self.unions = []       # (labels, labels) pairs united position by position (components: `_finish`)
         self.pinned = set()    # labels whose channels must stay
@@ -412,13 +429,12 @@ class ChannelGraph:
         return res
 
     def _fail(self, n:fx.Node, what:str, ins):
-        "An unknown op: an error when strict, else its channels `ins` are pinned"
+        "An unknown op: an error when strict, else its channels `ins` (every tensor that goes in) are pinned"
         if self.strict:
-            raise UnknownOpError(f"fx node {n.name!r} ({n.format_node()}) applies {what}, which fasterprune does not "
-                                 f"know how to handle on channels; pass strict=False to keep the channels around it "
-                                 f"(no pruning there)")
+            raise UnknownOpError(f"{what}{_where(n)} is an op fasterprune does not know how to handle on channels; "
+                                 "pass strict=False to keep the channels around it (no pruning there)")
         self._pin(ins, f'unknown op {what}')
-        logger.info("graph: %s is unknown; its channels are pinned", what)
+        logger.info("graph: %s%s is unknown; its channels are pinned", what, _where(n))
 
     def _consumer(self, name:str, x:Tensor, cd:int, it:_Labeler, kind:str='in'):
         "Record what reaches the input positions (dimension `cd` of `x`) of consumer `name`: range and input dependence"
@@ -686,6 +702,9 @@ def _labels(self:ChannelGraph, n:fx.Node, out, it:_Labeler):
             and _is(n, (torch.permute, torch.transpose), ('permute', 'transpose', 't')):
         p = _perm_of(n, x.dim())
         if p is not None and out.dim() == x.dim(): return _at(xl, p.index(_cd(xl, x)), out.dim())  # channels move
+    if _is(n, _fnorm_fns): return self._functional_norm(n, name, x, xl, out, it)
+    if _is(n, _layer_fns) and self._functional_layer(n, it) is not None:  # timm's `Linear`: F.linear on its weight
+        return self._module_labels(n, self.modules[self.fn_layers[n]], out, it, name=self.fn_layers[n])
     if _is(n, _pin_fns, _pin_methods, _pin_fn_names):
         self._pin(ins_lab, name)
         if isinstance(out, (list, tuple)): return type(out)(_new_for(self, o, name) for o in out)
@@ -721,6 +740,49 @@ def _getitem(self:ChannelGraph, n:fx.Node, x, xl, out, ins_lab:list):
         if nc is not None and out.dim() > nc and out.shape[nc] == x.shape[cd]: return _at(xl, nc, out.dim())
     self._pin(ins_lab, 'indexing')
     return _new_for(self, out, 'indexing')
+
+@patch
+def _functional_norm(self:ChannelGraph, n:fx.Node, name:str, x, xl, out, it:_Labeler):
+    "`F.batch_norm`, `F.instance_norm`: per channel; the weight, bias and running statistics they read are cut with them"
+    args = {k: n.args[i] if len(n.args) > i else n.kwargs.get(k) for i, k in enumerate(_fnorm_args, 1)}
+    args = {k: a for k, a in args.items() if a is not None}
+    ok = isinstance(xl, Tensor) and isinstance(x, Tensor) and isinstance(out, Tensor) and x.dim() >= 2 \
+        and out.shape == x.shape and _cd(xl, x) == 1
+    if not ok:
+        why = f'{name} on channels moved out of dimension 1'
+        self._pin([xl], why)
+        return self._fresh(out, x, xl, why)
+    C = x.shape[1]
+    srcs = {k: _param_source(a, it, self.gm) for k, a in args.items()}
+    bad = [k for k, a in args.items() if srcs[k] is None or not srcs[k][2] or tuple(it.arg_val(a).shape) != (C,)]
+    if bad:  # a computed statistic or weight: which tensor to cut is unknown
+        self._fail(n, f"{name} with {', '.join(bad)} not a parameter or buffer of {C} channels", [xl])
+        return self._fresh(out, x, xl, f'unknown op {name}')
+    mods = {src[0] for src in srcs.values()}
+    if len(mods) == 1:
+        mod = next(iter(mods))
+        m = self.modules[mod]
+        std = isinstance(m, nn.modules.batchnorm._NormBase) and m.num_features == C \
+            and all(srcs[k][1] == k for k in srcs)
+        if std: return self._slot(mod, 'norm', xl)  # the module's own tensors: cut like a BatchNorm (num_features too)
+    for k, (mod, attr, _) in srcs.items(): self._slot(mod, 'param', xl, attr, 0)  # each tensor cut with the channels
+    return xl
+
+@patch
+def _functional_layer(self:ChannelGraph, n:fx.Node, it:_Labeler) -> str|None:
+    "The layer whose own weight and bias `F.linear`/`F.conv*d` node `n` applies (recorded in `fn_layers`), else None"
+    w = n.args[1] if len(n.args) > 1 else n.kwargs.get('weight')
+    b = n.args[2] if len(n.args) > 2 else n.kwargs.get('bias')
+    sw = _param_source(w, it, self.gm)
+    if sw is None or not sw[2] or sw[1] != 'weight': return None  # a computed weight (weight standardization, ...)
+    m = self.modules[sw[0]]
+    if not isinstance(m, _layer_fns[n.target]) or isinstance(m, nn.modules.conv._ConvTransposeNd): return None
+    if (b is None) != (m.bias is None): return None  # a bias made by a fold must be the one the call adds
+    if b is not None and _param_source(b, it, self.gm) != (sw[0], 'bias', True): return None
+    if n.target is not F.linear and (n.args[6] if len(n.args) > 6 else n.kwargs.get('groups', 1)) != m.groups:
+        return None
+    self.fn_layers[n] = sw[0]
+    return sw[0]
 
 @patch
 def _reduce(self:ChannelGraph, n:fx.Node, name:str, x, xl, out:Tensor, ins_lab:list):
@@ -915,6 +977,11 @@ def _dyn(self:ChannelGraph, n:fx.Node, out, it:_Labeler):
     C = out.shape[cd]
     x = it.arg_val(n.args[0]) if n.args else None
     dx = ds[0] if n.args else True
+    if n in self.fn_layers:  # `F.linear(x, self.weight, self.bias)`: the layer's call
+        lay = self.fn_layers[n]
+        if (lay, 'out') in self.slots and isinstance(lab, Tensor) \
+                and lab.data_ptr() == self.slots[(lay, 'out')].ids.data_ptr():
+            return self.live_filters(lay)
     if n.op == 'call_module':
         m = self.modules[n.target]
         if isinstance(m, _conv_types + (nn.Linear,)) and (n.target, 'out') in self.slots and isinstance(lab, Tensor) \
@@ -962,9 +1029,9 @@ _softmax_modules = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
 _last_dim_norms = (nn.LayerNorm, nn.RMSNorm) if hasattr(nn, 'RMSNorm') else (nn.LayerNorm,)
 
 @patch
-def _module_labels(self:ChannelGraph, n:fx.Node, m:nn.Module, out, it:_Labeler):
-    "The labels of the value `out` that module `m` (called by node `n`) computed"
-    name, tname = n.target, type(m).__name__
+def _module_labels(self:ChannelGraph, n:fx.Node, m:nn.Module, out, it:_Labeler, name:str|None=None):
+    "The labels of the value `out` that module `m` (called by node `n`, or named `name` for a functional call) computed"
+    name, tname = name or n.target, type(m).__name__
     x = it.arg_val(n.args[0]) if n.args else None
     xl = it.arg_lab(n.args[0]) if n.args else None
     cd = _cd(xl, x) if isinstance(xl, Tensor) else 1
@@ -1007,8 +1074,15 @@ def _module_labels(self:ChannelGraph, n:fx.Node, m:nn.Module, out, it:_Labeler):
     if isinstance(m, _pin_modules + _softmax_modules):
         self._pin(xl, tname)
         return self._fresh(out, x, xl, tname)
-    self._fail(n, f'module {name!r} ({tname})', [xl])
-    return _new_for(self, out, f'unknown module {tname}')
+    self._fail(n, f'module {name!r} ({tname})', [it.arg_lab(a) for a in list(n.args) + list(n.kwargs.values())])
+    return _pinned_like(self, out, f'unknown module {tname}')
+
+def _pinned_like(g:ChannelGraph, out, reason:str):
+    "Fresh pinned labels for every tensor with channels in `out` (a tensor, or a tuple, list or dict of them)"
+    if isinstance(out, Tensor): return _new_for(g, out, reason)
+    if isinstance(out, (list, tuple)) and _seq(out): return type(out)(_pinned_like(g, o, reason) for o in out)
+    if isinstance(out, dict): return {k: _pinned_like(g, o, reason) for k, o in out.items()}
+    return None
 
 @patch
 def _channel_norm(self:ChannelGraph, name:str, m:nn.LayerNorm, x:Tensor, xl:Tensor, cd:int, it:_Labeler):

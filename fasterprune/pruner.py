@@ -12,8 +12,8 @@ from torch import nn, Tensor
 from .core import check_context, check_fraction, evaluating, few, flat_tensors, model_device, \
     round_half_up, to_device
 from .criteria import get_criterion
-from .graph import ChannelGraph, CountedLayerNorm, CountedRMSNorm, _WrittenHeads, _conv_types, \
-    _ln_channel_dim, _plain, _Tracer, _pass_modules, _reshape_modules
+from .graph import ChannelGraph, CountedLayerNorm, CountedRMSNorm, UnknownOpError, _WrittenHeads, \
+    _conv_types, _ln_channel_dim, _plain, _Tracer, _pass_modules, _reshape_modules
 
 logger = logging.getLogger('fasterprune')
 
@@ -49,6 +49,11 @@ def _learner_heads(learn) -> dict|None:
         if isinstance(h, dict) and h: return h
     h = getattr(learn, '_sparsify_heads', None)  # left by a SparsifyCallback that was passed to `fit(cbs=)`
     return h if isinstance(h, dict) and h else None
+
+def _learner_strict(learn) -> bool|None:
+    "The `strict` the Learner's SparsifyCallback coupled channels with (False: it kept the unknown ops' channels)"
+    s = getattr(learn, '_sparsify_strict', None)  # left on the Learner by the callback (also one passed to `fit(cbs=)`)
+    return s if isinstance(s, bool) else None
 
 def _exact_fold(m) -> bool:
     "Is a constant input channel of `m` the same as a bias (no zero padding that sees the border)?"
@@ -141,7 +146,8 @@ class Pruner:
         example_inputs=None,      # a tensor or tuple the model runs on (default for a Learner: 16 validation items)
         verify:bool=True,         # check after every surgery that the output is unchanged
         rtol:float|None=None,     # largest accepted max|masked - pruned| / max|masked| (default: 1e-5, see "Precision")
-        strict:bool=True,         # unknown ops that touch channels: error (True) or keep their channels (False)
+        strict:bool|None=None,    # unknown ops that touch channels: error (True) or keep their channels (False);
+                                  # None: True, or for a Learner what its SparsifyCallback did (False if it kept them)
         opt=None,                 # a torch optimizer whose state follows the cut (a Learner's `opt` is handled for you)
         keep_original:bool=True,  # keep a copy of the starting model for `report()`
         heads:dict|None=None,     # {block name: `AttentionHeads`}: hand-written attention whose heads prune whole
@@ -154,13 +160,18 @@ class Pruner:
                 heads = _learner_heads(self.learn)
                 if heads is not None:
                     logger.info("Pruner: heads= taken from the Learner's SparsifyCallback: %s", sorted(heads))
+            if strict is None and _learner_strict(self.learn) is False:
+                strict = False
+                logger.info("Pruner: strict=False, as the Learner's SparsifyCallback: the channels around the ops the "
+                            "graph does not know stay")
         if not isinstance(model, nn.Module):
             raise TypeError(f"Pruner needs an nn.Module or a fastai Learner, got {type(model).__name__}")
         if example_inputs is None:
             raise ValueError("Pruner needs example_inputs (a tensor or tuple the model runs on), e.g. xb[:8]")
         _check_reparametrized(model)
         example_inputs = _plain(example_inputs)  # fastai's TensorImage & co. must not leak into folded biases
-        self.model, self.verify, self.rtol, self.strict, self.opt = model, verify, rtol, strict, opt
+        self._strict_given = strict is not None
+        self.model, self.verify, self.rtol, self.strict, self.opt = model, verify, rtol, strict is not False, opt
         if heads is not None and not isinstance(heads, dict):
             raise TypeError(f"heads must be a dict {{block name: AttentionHeads(...)}}, got {type(heads).__name__}")
         self.heads = heads
@@ -580,6 +591,15 @@ def _outputs(self:Pruner, g:ChannelGraph|None=None) -> list:
         return [first, _call(model, ins[1])]
 
 @patch
+def _graph(self:Pruner, **kwargs) -> ChannelGraph:
+    "The model's `ChannelGraph`; an op it does not know, for a Learner, says how to do what its SparsifyCallback did"
+    try: return ChannelGraph(self.model, self.example_inputs, self.strict, heads=self.heads, **kwargs)
+    except UnknownOpError as e:
+        if self.learn is None or self._strict_given: raise
+        raise UnknownOpError(f"{e} (a SparsifyCallback that meets it keeps the channels around it and prunes the rest: "
+                             "Pruner(learn, strict=False) does the same)") from None
+
+@patch
 def _tolerance(self:Pruner, folded:bool) -> float:
     "The `rtol` of a surgery: the user's, else 1e-5, or 4 eps of a half-precision dtype when a bias was `folded` in it"
     if self.rtol is not None: return self.rtol
@@ -693,17 +713,14 @@ def _sync_optimizer(self:Pruner, tx:_Surgery):
             if isinstance(v, Tensor) and tuple(v.shape) == shape0:
                 for dim, idx in ops: v = v.index_select(dim, idx.to(v.device))
                 s[k] = v
-    if not tx.new_params: return
-    if self.learn is not None:
-        old, frozen = dict(opt.state), getattr(opt, 'frozen_idx', 0)
-        self.learn.create_opt()
-        for p, s in old.items():
-            if s: self.learn.opt.state[p].update(s)
-        if frozen: self.learn.opt.freeze_to(frozen)
-    else:
-        for m, b in tx.new_params:
-            grp = next((gr for gr in opt.param_groups if any(q is m.weight for q in gr['params'])), opt.param_groups[0])
-            grp['params'].append(b)
+    # a bias created by a fold joins its weight's group: the optimizer, its groups' hyper-parameters (discriminative
+    # lrs, wd, ...) and the other parameters' state stay as they are
+    lists = opt.param_lists if hasattr(opt, 'param_lists') else [gr['params'] for gr in opt.param_groups]
+    for m, b in tx.new_params:
+        grp = next((pl for pl in lists if any(q is m.weight for q in pl)), None)
+        if grp is None: continue  # the layer is not optimized (left out of the optimizer): neither is its bias
+        b.requires_grad_(m.weight.requires_grad)  # a frozen layer's new bias is frozen too
+        grp.append(b)
 
 # %% ../nbs/08_pruner.ipynb #3d8d6b89
 def _head_rows(g:ChannelGraph, remove:Tensor) -> dict[str, Tensor]:
@@ -749,7 +766,7 @@ def _keep_one_each(g:ChannelGraph, ok:Tensor):
 def compact(self:Pruner) -> nn.Module:
     "Remove every component whose producer filters are all zero (and whose constant folds exactly); returns the model"
     _check_reparametrized(self.model)
-    g = ChannelGraph(self.model, self.example_inputs, self.strict, heads=self.heads)
+    g = self._graph()
     ok, consts = _removable(g, torch.ones(g.n_comps, dtype=torch.bool))
     _keep_one_each(g, ok)
     _warn_pinned_zeros(g, ok)
@@ -847,6 +864,24 @@ def _choose(groups:list, targets:list, n_rm:list, mean:Tensor, round_to) -> Tens
         if r > 0: remove[gr.comps[order[:r]]] = True
     return remove
 
+def _nothing_removed(groups:list, ratio):
+    "Say why `prune` removes nothing: a zero ratio (INFO); no groups, every group pinned, or shares that round to 0"
+    asked = any(v > 0 for v in ratio.values()) if isinstance(ratio, dict) else ratio > 0
+    if not asked: return logger.info("Pruner.prune: nothing to remove at ratio %s", ratio)
+    free = sum(not gr.pinned for gr in groups)
+    if not groups:
+        why = "the model has no layer whose output channels can be cut (Conv/Linear filters, attention heads)"
+    elif not free:
+        by = {}
+        for gr in groups: by.setdefault(gr.reason or 'pinned', []).extend(sorted(gr.producers))
+        why = (f"every one of its {len(groups)} channel groups is pinned, so its channels must stay: "
+               + '; '.join(f"{few(repr(n) for n in ns)} by {r}" for r, ns in by.items()))
+    else:
+        why = (f"{free} channel group{'s' * (free != 1)} free to prune, but each group's share rounds to no whole unit "
+               "(a group keeps one unit at least; grouped convolutions and attention remove whole units, so small "
+               "groups need a larger ratio)")
+    logger.warning("Pruner.prune: nothing to remove at ratio %s: %s; the model is unchanged", ratio, why)
+
 @patch
 @_exact_float32
 def prune(self:Pruner,
@@ -861,7 +896,7 @@ def prune(self:Pruner,
         raise ValueError(f"round_to must be a whole number >= 1, got {round_to!r}")
     crit = get_criterion(criteria)
     _check_reparametrized(self.model)
-    g = ChannelGraph(self.model, self.example_inputs, self.strict, heads=self.heads, values=False)  # the structure
+    g = self._graph(values=False)  # the structure
     groups = g.groups()
     targets = _targets(groups, ratio)
     mean = _component_scores(g, crit)
@@ -869,19 +904,20 @@ def prune(self:Pruner,
     n_rm = _global_counts(groups, targets, mean) if is_global else _local_counts(groups, targets)
     remove = _choose(groups, targets, n_rm, mean, round_to)
     if not remove.any():
-        asked = any(v > 0 for v in ratio.values()) if isinstance(ratio, dict) else ratio > 0
-        free = sum(not gr.pinned for gr in groups)
-        (logger.warning if asked and free else logger.info)(
-            "Pruner.prune: nothing to remove at ratio %s (%d groups free to prune: each group's share rounds to no "
-            "whole unit; grouped convolutions and attention remove whole units, so small groups need a larger ratio)",
-            ratio, free)
+        _nothing_removed(groups, ratio)
         return self.model
+    frozen = [n for (n, kind), s in g.slots.items()
+              if kind == 'out' and not g.modules[n].weight.requires_grad and bool(remove[s.comp].any())]
+    if frozen:
+        logger.warning("Pruner.prune: frozen layers (requires_grad=False, e.g. a pretrained body under Learner.freeze) "
+                       "lose channels: %s; to leave them whole, name the layers to prune in a dict ratio",
+                       few(repr(n) for n in frozen))
     tx = _Surgery()
     tx.grads_expected = getattr(crit, 'needs_grad', False)
     try:
         tx.zero(g, remove)
         # the same structure, new values
-        g2 = ChannelGraph(self.model, self.example_inputs, self.strict, traced=g.traced, heads=self.heads)
+        g2 = self._graph(traced=g.traced)
         assert g2.n_comps == g.n_comps
         ok, consts = _removable(g2, remove)
         if (remove & ~ok).any():
