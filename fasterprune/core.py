@@ -13,6 +13,15 @@ from torch import nn, Tensor
 __all__ = ['context_names', 'check_fraction', 'check_context', 'evaluating', 'round_half_up', 'flat_tensors', 'map_tensors',
            'to_device', 'first_items', 'model_device', 'few', 'state_problems']
 
+# %% ../nbs/00a_core.ipynb #bb179ab5
+import logging, os
+
+def _rank_zero(record:logging.LogRecord) -> bool:
+    "Only the first process of a distributed run logs (errors always do)"
+    return record.levelno >= logging.ERROR or os.environ.get('RANK', '0') in ('', '0')
+
+logging.getLogger('fasterprune').addFilter(_rank_zero)
+
 # %% ../nbs/00a_core.ipynb #883279e8
 def check_fraction(
     x,                   # the value to check: an int, a float or a one-element tensor

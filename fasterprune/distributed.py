@@ -81,8 +81,11 @@ patch_distributed_dl()
 
 # %% ../nbs/13_distributed.ipynb #56b31cae
 def _masks_of(masks) -> dict[str, Tensor]:
-    if hasattr(masks, 'sparsifier'): masks = masks.sparsifier  # a SparsifyCallback
+    if hasattr(masks, 'sparsifier'):  # a SparsifyCallback; before its first fit it has no masks yet
+        masks = masks.sparsifier if masks.sparsifier is not None else {}
     if hasattr(masks, 'masks'): masks = masks.masks            # a Sparsifier
+    if not isinstance(masks, dict):
+        raise TypeError(f"expected masks as a dict, a Sparsifier or a SparsifyCallback, got {type(masks).__name__}")
     return masks
 
 def check_masks_in_sync(masks):
