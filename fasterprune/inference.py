@@ -41,9 +41,14 @@ def _inference_only(m:nn.Module, x:Tensor):
         raise RuntimeError(f"{type(m).__name__} is an inference-only sparse kernel and cannot backpropagate: call it "
                            "under `torch.no_grad()` or `torch.inference_mode()`, with an input that needs no grad")
 
+def _contiguous(y:Tensor) -> Tensor:
+    "`y` in row-major order with the strides of a fresh tensor, size-1 dims too (a copy only when it is not already)"
+    return y.contiguous().view(y.shape)
+
 class SparseLinear(nn.Module):
     "Base of the exported Linear kernels: `x @ W.T + bias` over any leading dims; `state_dict` holds the dense `weight`"
     kernel = None
+    contiguous_out = True  # False: may return a transposed view (set where the export sees only a kernel read it)
     def __init__(self,
         weight:Tensor,         # the (masked) dense weight, `(out_features, in_features)`
         bias:Tensor|None=None, # the bias, `(out_features,)`, or None
@@ -60,13 +65,13 @@ class SparseLinear(nn.Module):
     def dense_weight(self) -> Tensor: raise NotImplementedError
     def _mm(self, x:Tensor) -> Tensor: raise NotImplementedError
 
-    def forward(self, x:Tensor) -> Tensor:
-        _inference_only(self, x)
-        if x.shape[-1] != self.in_features:
+    def forward(self, input:Tensor) -> Tensor:  # `input`, like nn.Linear: a call `layer(input=x)` works too
+        _inference_only(self, input)
+        if input.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__} expects inputs with {self.in_features} features in the last dim, "
-                             f"got shape {tuple(x.shape)}")
-        y = self._mm(x.reshape(-1, self.in_features))
-        return y if x.ndim == 2 else y.reshape(*x.shape[:-1], self.out_features)
+                             f"got shape {tuple(input.shape)}")
+        y = self._mm(input.reshape(-1, self.in_features))
+        return y if input.ndim == 2 else y.reshape(*input.shape[:-1], self.out_features)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + 'weight'] = self.dense_weight()
@@ -115,9 +120,10 @@ class CSRLinear(SparseLinear):
     def _ref(self): return self.values
 
     def _mm(self, x:Tensor) -> Tensor:
-        "`x @ W.T + b` as `(W @ x.T + b).T`: a transposed view, which a following CSR layer reads without a copy"
-        if self.bias is None: return torch.sparse.mm(self.weight, x.t()).t()
-        return torch.sparse.addmm(self.bias.unsqueeze(1), self.weight, x.t()).t()
+        "`x @ W.T + b` as `(W @ x.T + b).T`, copied row-major unless `contiguous_out` is off (then a transposed view)"
+        w = self.weight
+        y = torch.sparse.mm(w, x.t()) if self.bias is None else torch.sparse.addmm(self.bias.unsqueeze(1), w, x.t())
+        return _contiguous(y.t()) if self.contiguous_out else y.t()
 
     def extra_repr(self): return super().extra_repr() + f", nnz={self.values.numel()}"
 
@@ -149,7 +155,8 @@ class CSRConv2d(CSRLinear):
     def _weight_shape(self): return (self.out_channels, self.in_channels, *self.kernel_size)
     def dense_weight(self) -> Tensor: return super().dense_weight().reshape(self._weight_shape())
 
-    def forward(self, x:Tensor) -> Tensor:
+    def forward(self, input:Tensor) -> Tensor:  # `input`, like nn.Conv2d
+        x = input
         _inference_only(self, x)
         if x.ndim == 3: return self(x.unsqueeze(0)).squeeze(0)
         if x.ndim != 4 or x.shape[1] != self.in_channels:
@@ -162,7 +169,7 @@ class CSRConv2d(CSRLinear):
         cols = cols[0] if n == 1 else cols.transpose(0, 1).reshape(self.in_features, n * ho * wo)
         w_ = self.weight
         y = torch.sparse.mm(w_, cols) if self.bias is None else torch.sparse.addmm(self.bias.unsqueeze(1), w_, cols)
-        return y.reshape(self.out_channels, n, ho, wo).transpose(0, 1)  # a view: (n, out, ho, wo)
+        return _contiguous(y.reshape(self.out_channels, n, ho, wo).transpose(0, 1))  # (n, out, ho, wo), as Conv2d's
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -222,7 +229,8 @@ class SemiLinear(SparseLinear):
         y = torch._cslt_sparse_mm(self.packed, x.t(), bias=self.bias, transpose_result=self.transpose_result,
                                   alg_id=self.alg_id)
         y = y if self.transpose_result else y.t()
-        return y[:n] if pad else y
+        y = y[:n] if pad else y
+        return _contiguous(y) if self.contiguous_out else y
 
     def _apply(self, fn, recurse=True):
         "Moving or casting would scramble the packed 2:4 format: refuse, instead of computing garbage"
@@ -234,6 +242,7 @@ class SemiLinear(SparseLinear):
 
     def __deepcopy__(self, memo):
         new = type(self)(self.dense_weight(), self.bias, self.backend, self.alg_id, self.transpose_result)
+        new.contiguous_out = self.contiguous_out
         return new.train(self.training)
 
     def extra_repr(self):
@@ -541,23 +550,36 @@ def _export_matrices(lins:dict, mhas:dict, convs:dict) -> tuple[dict, dict, dict
     mats.update({n: (*_weight_bias(m), n, 'conv') for n, m in convs.items() if n not in conv_refused})
     return mats, skipped, conv_refused
 
+class _no_fastpath:
+    "Turn off PyTorch's fused attention/encoder fast path (`torch.backends.mha`) for a `with` block, restored after"
+    def __enter__(self):
+        self.old = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+    def __exit__(self, *exc): torch.backends.mha.set_fastpath_enabled(self.old)
+
 def _layer_inputs(model, args, kw, mods:dict, mhas:dict) -> tuple[object, dict]:
     "`(output, {matrix name: its input})` of one pass of `model` in eval mode: `mods`' and the attentions' inputs"
     seen = {}
-    def lin_hook(name):
-        def f(m, a): seen[name] = a[0]
+    def lin_hook(name):  # Linear and Conv2d take `input`, positional or keyword
+        def f(m, a, k):
+            x = a[0] if a else k.get('input')
+            if x is not None: seen[name] = x
         return f
     def mha_hook(name):
         def f(m, a, k):
             q, key, v = (list(a) + [k.get('query'), k.get('key'), k.get('value')][len(a):])[:3]
             seen.update({f'{name}.q_proj': q, f'{name}.k_proj': key, f'{name}.v_proj': v, f'{name}.out_proj': q})
         return f
-    hs = [m.register_forward_pre_hook(lin_hook(n)) for n, m in mods.items()]
+    hs = [m.register_forward_pre_hook(lin_hook(n), with_kwargs=True) for n, m in mods.items()]
     hs += [m.register_forward_pre_hook(mha_hook(n), with_kwargs=True) for n, m in mhas.items()]
     try:
-        with evaluating(model): ref = model(*args, **kw)
+        with evaluating(model), _no_fastpath(): ref = model(*args, **kw)  # the fused path skips the layers' hooks
     finally:
         for h in hs: h.remove()
+    nested = [n for n, x in seen.items() if isinstance(x, Tensor) and x.is_nested]
+    if nested:
+        raise ValueError(f"layer {nested[0]!r} receives a nested tensor on the example input: sparse kernels take "
+                         "padded tensors; pass padded inputs (with a padding mask) instead")
     return ref, seen
 
 def _choose_all(mats:dict, seen:dict, convs:dict, kernels, threads, **choice) -> tuple[list[dict], dict]:
@@ -588,10 +610,49 @@ def _exported(model:nn.Module, mats:dict, chosen:dict, mhas:dict, skipped:dict) 
     for n in mhas:
         ks = {k: chosen[f'{n}.{k}'] for k in (*_qkv, 'out_proj') if f'{n}.{k}' in chosen}
         if ks or (n in fused and n not in skipped): new = _set(new, n, SparseMultiheadAttention(mhas[n], ks).eval())
-    for n, m in new.named_modules():  # an encoder would pack padded inputs as nested tensors, which sparse kernels refuse
+    for n, m in new.named_modules():  # an encoder would pack padded inputs as nested tensors, which kernels refuse
         if isinstance(m, nn.TransformerEncoder) and any(c.startswith(f'{n}.' if n else '') for c in chosen):
             m.use_nested_tensor = False
+    _chain_views(new)
     return new
+
+# elementwise modules between two Linear kernels in an nn.Sequential (in eval mode): any layout goes through them
+_elementwise = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Mish, nn.ELU, nn.Hardswish, nn.Tanh, nn.Sigmoid,
+                nn.Dropout, nn.Identity)
+
+def _linear_kernel(m) -> bool: return isinstance(m, SparseLinear) and not isinstance(m, CSRConv2d)
+
+def _chain_views(model:nn.Module):
+    "Let a sparse Linear kernel return a transposed view where its output only reaches another one (no copy, no use)"
+    uses = {}
+    for _, m in model.named_modules(remove_duplicate=False): uses[id(m)] = uses.get(id(m), 0) + 1
+    for seq in model.modules():
+        if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward: continue
+        kids = list(seq.children())
+        for i, a in enumerate(kids):
+            if not _linear_kernel(a) or uses[id(a)] > 1 or a._forward_hooks: continue
+            j = i + 1
+            while j < len(kids) and type(kids[j]) in _elementwise and not kids[j]._forward_hooks: j += 1
+            if j < len(kids) and _linear_kernel(kids[j]): a.contiguous_out = False
+
+def _fresh_strides(shape) -> tuple:
+    "The strides of `torch.empty(shape)`: row-major, size-1 dims included"
+    st, acc = [], 1
+    for d in reversed(shape):
+        st.append(acc)
+        acc *= max(d, 1)
+    return tuple(reversed(st))
+
+def _check_layouts(model:nn.Module) -> list:
+    "Forward hooks that raise if an exported kernel returns anything but a fresh row-major tensor (as nn.Linear does)"
+    def check(name):
+        def f(m, a, y):
+            if m.contiguous_out and y.stride() != _fresh_strides(y.shape):
+                raise RuntimeError(f"the exported layer {name!r} ({type(m).__name__}) returned an output with strides "
+                                   f"{y.stride()} for shape {tuple(y.shape)}, not row-major: a later `.view()` would "
+                                   "fail; this is a bug of the export, nothing was exported")
+        return f
+    return [m.register_forward_hook(check(n)) for n, m in model.named_modules() if isinstance(m, SparseLinear)]
 
 def _check_output(ref, out, rtol:float|None) -> tuple[float, float]:
     "`(error, tolerance)` of the exported model's output `out` against the masked model's `ref`, else a `ValueError`"
@@ -612,7 +673,7 @@ def to_sparse_inference(
     min_speedup:float=1.05,     # a sparse kernel replaces a dense one only when measured at least this much faster
     max_density:float=0.5,      # matrices with more nonzeros than this are not tried as CSR (never faster)
     rtol:float|None=None,       # accepted max|masked - exported| / max|masked|; None: 1e-4, 2e-2 for fp16/bf16 outputs
-    n_runs:int=15,              # interleaved timing rounds per layer (median of ratios)
+    n_runs:int=15,              # interleaved timing rounds per layer (speedup: best dense / best sparse time)
     threads:int|None=None,      # CPU threads while timing (restored), as deployed; None keeps the current count
 ) -> nn.Module:
     "A copy of `model` for inference whose Linear, attention and Conv2d weights run sparse where measured faster"
@@ -634,7 +695,11 @@ def to_sparse_inference(
     rows += [dict(layer=n, type=type(convs[n]).__name__, shape=tuple(convs[n].weight.shape), kernel='dense', reason=why)
              for n, why in conv_refused.items()]
     new = _exported(model, mats, chosen, mhas, skipped)
-    with torch.no_grad(): out = new(*args, **kw)
+    hs = _check_layouts(new)  # strides, not `is_contiguous()`: a transposed batch of 1 would pass that
+    try:
+        with torch.no_grad(), _no_fastpath(): out = new(*args, **kw)  # as the masked model ran (no nested tensors)
+    finally:
+        for h in hs: h.remove()
     err, tol = _check_output(ref, out, rtol)
     new.sparse_export = dict(rows=rows, rtol=tol, error=err, device=str(next(iter(model.parameters())).device),
                              threads=threads or torch.get_num_threads())

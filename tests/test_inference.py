@@ -327,3 +327,108 @@ def test_transformer_encoder_export_takes_a_key_padding_mask():
     fast = to_sparse_inference(enc, x, kernels='csr', n_runs=1)
     with torch.no_grad(): ref, out = enc(x, src_key_padding_mask=pad), fast(x, src_key_padding_mask=pad)
     fct.test_close(out[:, :7], ref[:, :7], eps=1e-4)  # padded positions: zeros from the nested path, computed here
+
+
+class _Tokens(nn.Module):
+    "A token MLP that flattens its hidden tokens with `.view`, as many models do"
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(64, 128), nn.Linear(8 * 128, 3)
+    def forward(self, x): return self.out(self.fc(x).view(x.shape[0], -1))
+
+
+class _Net(nn.Module):
+    "A classic small CNN that flattens with `x.view(x.size(0), -1)`"
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.Linear(16 * 8 * 8, 10)
+    def forward(self, x): return self.fc(torch.relu(self.conv(x)).view(x.size(0), -1))
+
+
+@pytest.mark.parametrize('bs', [1, 4])
+def test_exported_outputs_take_view_at_any_batch(bs):
+    "Sparse outputs are row-major like nn.Linear's/Conv2d's: `.view` works, also on another batch than the export's"
+    torch.manual_seed(0)
+    for model, x, kernels in ((_Tokens(), torch.randn(bs, 8, 64), {'fc': 'csr'}),
+                              (_Net(), torch.randn(bs, 3, 8, 8), {'conv': 'csr'})):
+        model = _prune_(model, 0.9).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim == 4: p.mul_(torch.rand_like(p) > 0.9)
+        e = to_sparse_inference(model, x, kernels=kernels, n_runs=1)  # failed at batch 4 (`.view` of a transposed view)
+        x4 = torch.cat([x] * (4 // bs))  # exported on batch 1, run on batch 4
+        with torch.no_grad(): torch.testing.assert_close(e(x4), model(x4), rtol=0, atol=1e-5)
+        layer = e.fc if isinstance(model, _Tokens) else e.conv
+        with torch.no_grad(): fct.test_eq(layer(x4).is_contiguous(), True)
+
+
+def test_export_refuses_a_kernel_returning_a_transposed_view(monkeypatch):
+    "Exporting on a batch of 1 hides a transposed output from `is_contiguous()`: the export checks the strides"
+    torch.manual_seed(0)
+    model = _prune_(nn.Sequential(nn.Linear(64, 128)), 0.9).eval()
+    def transposed(self, x): return torch.sparse.addmm(self.bias.unsqueeze(1), self.weight, x.t()).t()
+    monkeypatch.setattr(CSRLinear, '_mm', transposed)  # the old kernel: `(W @ x.T + b).T`, a view
+    with pytest.raises(RuntimeError, match='not row-major'):  # the export passed, then a batch of 4 failed `.view`
+        to_sparse_inference(model, torch.randn(1, 64), kernels='csr', n_runs=1)
+
+
+def test_only_a_chain_of_kernels_passes_transposed_views():
+    "Inside an nn.Sequential a kernel feeding another (through an activation) skips the copy; the last one does not"
+    torch.manual_seed(0)
+    model = _prune_(_mlp(32, 64, 64, 8), 0.9).eval()
+    x = torch.randn(5, 32)
+    e = to_sparse_inference(model, x, kernels='csr', n_runs=1)
+    fct.test_eq([m.contiguous_out for m in (e[0], e[2], e[4])], [False, False, True])
+    with torch.no_grad():
+        fct.test_eq(e[0](x).is_contiguous(), False)
+        out = e(x)
+    fct.test_eq(out.stride(), (8, 1))
+    torch.testing.assert_close(out, model(x), rtol=0, atol=1e-5)
+    fct.test_eq(copy.deepcopy(e)[0].contiguous_out, False)
+
+
+def test_layers_called_by_keyword_export():
+    "`self.fc(input=x)` works on nn.Linear/Conv2d: it works on the export, and its input is recorded for timing"
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.a, self.b = nn.Conv2d(2, 4, 3), nn.Linear(4 * 6 * 6, 64), nn.Linear(64, 2)
+        def forward(self, x): return self.b(input=self.a(input=self.c(input=x).flatten(1)))
+    torch.manual_seed(0)
+    model = _prune_(Two(), 0.8).eval()
+    x = torch.randn(3, 2, 8, 8)
+    e = to_sparse_inference(model, x, kernels='csr', n_runs=1)  # IndexError in the input-recording hook
+    fct.test_eq(_kinds(e), {'a': 'csr', 'b': 'csr', 'c': 'csr'})
+    with torch.no_grad(): torch.testing.assert_close(e(x), model(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize('kernels', ['csr', {'head': 'csr'}])
+def test_transformer_encoder_export_with_the_padding_mask_in_the_example_input(kernels):
+    "The mask in the example input: the masked model's nested-tensor path is off while the export records and checks"
+    from fasterprune.sparsifier import Sparsifier
+    class Enc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 128, dropout=0., batch_first=True), 1)
+            self.head = nn.Linear(64, 3)
+        def forward(self, x, pad): return self.head(self.enc(x, src_key_padding_mask=pad))
+    torch.manual_seed(0)
+    model = Enc().eval()
+    Sparsifier(model, 'weight', 'local').sparsify(0.9)
+    x, pad = torch.randn(4, 10, 64), torch.zeros(4, 10, dtype=torch.bool)
+    pad[1:, 6:] = True
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    e = to_sparse_inference(model, (x, pad), kernels=kernels, n_runs=1)  # failed: a nested tensor reached `reshape`
+    fct.test_eq(torch.backends.mha.get_fastpath_enabled(), True)  # restored
+    fct.test_eq(model.enc.use_nested_tensor, True)  # the model passed in is untouched
+    fct.test_eq(all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()), True)
+    fct.test_eq(type(e.head), CSRLinear)
+    fct.test_eq(type(e.enc.layers[0].linear1), CSRLinear if kernels == 'csr' else nn.Linear)
+    with torch.no_grad(): ref, out = model(x, pad), e(x, pad)
+    torch.testing.assert_close(out[~pad], ref[~pad], rtol=0, atol=1e-4)  # padded positions: zeros on the nested path
+
+
+def test_a_nested_tensor_input_is_refused():
+    model = nn.Sequential(nn.Linear(8, 8))
+    x = torch.nested.nested_tensor([torch.randn(3, 8), torch.randn(5, 8)])
+    with pytest.raises(ValueError, match='nested tensor'): to_sparse_inference(model, x, kernels='csr', n_runs=1)
