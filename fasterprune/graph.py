@@ -1422,6 +1422,13 @@ def groups(self:ChannelGraph) -> list[ChannelGroup]:
     first = {n: i for i, n in enumerate(self.modules)}
     return sorted(res, key=lambda g: min(first[n] for n in g.producers))
 
+def _pinned_text(groups:list) -> str:
+    "The pinned groups' producers by reason: \"'0', '3' by GroupNorm; '8' by model output\""
+    by = {}
+    for gr in groups:
+        if gr.pinned: by.setdefault(gr.reason or 'pinned', []).extend(sorted(gr.producers))
+    return '; '.join(f"{few(repr(n) for n in ns)} by {r}" for r, ns in by.items())
+
 def channel_groups(
     model:nn.Module,         # the model to analyse (not changed)
     example_inputs,          # a tensor or tuple of inputs it runs on (a batch of one is enough)

@@ -13,7 +13,7 @@ from .core import check_context, check_fraction, evaluating, few, flat_tensors, 
     round_half_up, to_device
 from .criteria import get_criterion
 from .graph import ChannelGraph, CountedLayerNorm, CountedRMSNorm, UnknownOpError, _WrittenHeads, \
-    _conv_types, _ln_channel_dim, _plain, _Tracer, _pass_modules, _reshape_modules
+    _conv_types, _ln_channel_dim, _pinned_text, _plain, _Tracer, _pass_modules, _reshape_modules
 
 logger = logging.getLogger('fasterprune')
 
@@ -872,10 +872,7 @@ def _nothing_removed(groups:list, ratio):
     if not groups:
         why = "the model has no layer whose output channels can be cut (Conv/Linear filters, attention heads)"
     elif not free:
-        by = {}
-        for gr in groups: by.setdefault(gr.reason or 'pinned', []).extend(sorted(gr.producers))
-        why = (f"every one of its {len(groups)} channel groups is pinned, so its channels must stay: "
-               + '; '.join(f"{few(repr(n) for n in ns)} by {r}" for r, ns in by.items()))
+        why = f"every one of its {len(groups)} channel groups is pinned, so its channels stay: {_pinned_text(groups)}"
     else:
         why = (f"{free} channel group{'s' * (free != 1)} free to prune, but each group's share rounds to no whole unit "
                "(a group keeps one unit at least; grouped convolutions and attention remove whole units, so small "
