@@ -24,6 +24,10 @@ from torch.nn.parameter import is_lazy
 from .graph import UnknownOpError
 from .pruner import _one_batch
 
+def _first_line(err) -> str:
+    "An error's message without what follows its first line (torch.fx and dynamo append pages of advice)"
+    return (str(err).strip().splitlines() or [''])[0]
+
 def _output_layers(sp:Sparsifier, x) -> list[str]:
     "The pruned layers whose output (or a view of it) is one of the model's outputs, found on input `x`"
     outs, hs = {}, []
@@ -436,7 +440,8 @@ class SparsifyCallback(Callback):
             if self.coupled is None and not self.heads:
                 try:
                     sp.couple(x, strict=False)
-                    logger.warning("SparsifyCallback: %s; the channels around it are kept, the rest prune coupled", e)
+                    logger.warning("SparsifyCallback: %s; the channels around it are kept, the rest prune coupled",
+                                   _first_line(e))
                     return None
                 except Exception: err = e
             else: raise
@@ -444,9 +449,16 @@ class SparsifyCallback(Callback):
             if self.coupled or self.heads: raise  # asked for: say why it cannot be done
             err = e
         outs = _output_layers(sp, x)
-        logger.warning("SparsifyCallback: could not trace coupled channels (%s: %s); pruning filters layer by layer, "
-                       "which Pruner.compact() may not be able to remove. The layers that produce the model's output "
-                       "stay dense: %s", type(err).__name__, err, ', '.join(outs) or 'none found')
+        if outs and len(outs) == len(sp.layers):
+            raise ValueError(f"filter granularity: the only layers it could prune ({few(outs, 4)}) produce the model's "
+                             f"output, whose width must stay, and coupled channels are not available "
+                             f"({type(err).__name__}: {_first_line(err)}); use granularity='weight' (or 'vector', "
+                             "'kernel')")
+        why = ("could not trace coupled channels" if isinstance(err, UnknownOpError) or 'trace' in str(err).lower()
+               else "found no coupled channels to prune")
+        logger.warning("SparsifyCallback: %s (%s: %s); pruning filters layer by layer, which Pruner.compact() may not "
+                       "be able to remove. The layers that produce the model's output stay dense: %s", why,
+                       type(err).__name__, _first_line(err), ', '.join(outs) or 'none found')
         return [sp.layers[n] for n in outs]
 
     def _target(self, frac:float):

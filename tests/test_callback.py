@@ -781,17 +781,24 @@ def test_zeros_of_an_init_warn_and_keep_zeros_false_trains_them(caplog):
     assert int((learn.model[2].weight == 0).sum()) < 64 * 64 * 0.6  # the other zeros of the init trained
 
 
-def test_rnn_model_says_the_column_is_the_pruned_layers(caplog):
-    "An LSTM holds most parameters and is not pruned: the callback and the FLOP count say so"
-    class TextLSTM(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb, self.rnn, self.fc = nn.Embedding(50, 16), nn.LSTM(16, 64, batch_first=True), nn.Linear(64, 10)
-        def forward(self, x): return self.fc(self.rnn(self.emb(x))[0][:, -1])
+class _TextLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.rnn, self.fc = nn.Embedding(50, 16), nn.LSTM(16, 64, batch_first=True), nn.Linear(64, 10)
+    def forward(self, x): return self.fc(self.rnn(self.emb(x))[0][:, -1])
+
+
+def _text_learner():
+    torch.manual_seed(0)
     x, y = torch.randint(0, 50, (256, 8)), torch.randint(0, 10, (256,))
     dls = DataLoaders(DataLoader(TensorPairs(x, y), bs=64, drop_last=True), DataLoader(TensorPairs(x, y), bs=64),
                       device=torch.device('cpu'))
-    learn = Learner(dls, TextLSTM(), loss_func=nn.CrossEntropyLoss())
+    return Learner(dls, _TextLSTM(), loss_func=nn.CrossEntropyLoss())
+
+
+def test_rnn_model_says_the_column_is_the_pruned_layers(caplog):
+    "An LSTM holds most parameters and is not pruned: the callback and the FLOP count say so"
+    learn = _text_learner()
     with caplog.at_level('WARNING', logger='fasterprune'), learn.no_bar(), learn.no_logging():
         learn.fit(1, 1e-3, cbs=SparsifyCallback(0.9, schedule=one_shot()))
     assert 'hold 2.9% of the model' in caplog.text and 'rnn (20,992)' in caplog.text, caplog.text
@@ -815,3 +822,13 @@ def test_lazy_layers_get_their_shapes_before_pruning():
     learn.fit(1, 1e-2, cbs=cb)
     fct.test_eq(tuple(learn.model[0].weight.shape), (32, 64))
     fct.test_eq(_n_zero(cb.sparsifier), round(0.5 * _n_w(cb.sparsifier)))
+
+
+def test_filters_of_a_model_whose_only_layer_is_its_output_are_refused_clearly():
+    "Embedding -> LSTM -> Linear: no coupled channels and the Linear makes the output: say so, suggest 'weight'"
+    learn = _text_learner()
+    w0 = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    with learn.no_bar(), learn.no_logging():
+        fct.test_fail(lambda: learn.fit(1, 1e-3, cbs=SparsifyCallback(0.5, 'filter')),
+                      contains="produce the model's output, whose width must stay")
+    for k, v in learn.model.state_dict().items(): fct.test_eq(v, w0[k])
