@@ -41,7 +41,8 @@ class Granularity:
             row = math.prod(shape[1:])
             if row % self.m:
                 raise ValueError(f"layer {name!r}: rows of {row} weights cannot be split in groups of {self.m} "
-                                 f"for {self!r}")
+                                 f"for {self!r}; leave it dense with exclude=[{name!r}] (a stem convolution on 3 "
+                                 "channels often is)")
             return self.m
         if self.name == 'weight': return 1
         if self.name == 'filter': return math.prod(shape[1:])
