@@ -10,6 +10,7 @@ import torch
 from torch import nn, Tensor
 from fastai.callback.core import Callback
 from fastai.callback.schedule import LRFinder
+from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner
 from fastai.torch_core import set_seed, get_model
 import fastai.callback.progress  # Learner.no_bar
@@ -29,6 +30,41 @@ __all__ = ['logger', 'arm_names', 'RewindCallback', 'MaskCallback', 'apply_masks
            'random_masks', 'weights_remaining', 'check_ticket']
 
 # %% ../nbs/09_lottery.ipynb #40a5b078
+def _epoch_sizes(dl) -> list[int]|None:
+    "The sizes of the batches of one epoch of `dl` (a fastai or torch DataLoader), or None when it does not say"
+    n_b, bs = len(dl), getattr(dl, 'bs', None) or getattr(dl, 'batch_size', None)
+    n = getattr(dl, 'n', None)
+    if n is None:
+        try: n = len(dl.dataset)
+        except (AttributeError, TypeError): n = None
+    if not bs or n is None or n_b < 1: return None
+    last = bs if getattr(dl, 'drop_last', False) else n - bs * (n_b - 1)
+    return [bs] * (n_b - 1) + [last] if 0 < last <= bs else None
+
+def _fit_steps(
+    learn:Learner, # its training DataLoader and callbacks (with `GradientAccumulation`, steps are fewer than batches)
+    epochs:int,    # training epochs
+) -> tuple[int, str]:
+    "`(optimizer steps, how they were counted)` of `epochs` training epochs of `learn`, fp16's skipped steps aside"
+    n_b = len(learn.dls.train)
+    how = f"{epochs} epochs x {n_b} batches"
+    ga = next((cb for cb in learn.cbs if isinstance(cb, GradientAccumulation)), None)
+    if ga is None: return epochs * n_b, how
+    sizes = _epoch_sizes(learn.dls.train)
+    if sizes is None:  # an upper bound: a fit that ends short of a rewind point still raises at its end
+        return epochs * n_b, how + ", GradientAccumulation not counted (batch sizes unknown)"
+    steps, count, per_start = 0, 0, {}  # the samples accumulated carry over epochs, as in GradientAccumulation
+    for _ in range(epochs):
+        if count not in per_start:
+            s, c = 0, count
+            for b in sizes:
+                c += b
+                if c >= ga.n_acc: s, c = s + 1, 0
+            per_start[count] = (s, c)
+        s, count = per_start[count]
+        steps += s
+    return steps, f"{how}, with GradientAccumulation a step per {ga.n_acc} samples"
+
 class RewindCallback(Callback):
     "Drive a `Rewinder` in `Learner.fit`: masks re-applied after every optimizer step, the rewind point kept"
     order, run_valid = 40, False  # like SparsifyCallback: after GradientAccumulation and MixedPrecision
@@ -51,15 +87,25 @@ class RewindCallback(Callback):
             raise ValueError(f"the Learner's model ({type(model).__name__}) is not the model this Rewinder prunes")
         self.rewinder.check_masks()  # a surgery since the masks were made: a clear error now, not in the first step
         if not self._asked: self.rewinder.keep_rewind_point(self.iteration)
-        self._asked, self._started, self._count = True, False, True
+        self._asked, self._started, self._count, self._cancelled = True, False, True, False
 
     def before_train(self):
         if self._started: return  # only the first training epoch of a fit starts the count
         self._started = True
         self._count = not any(isinstance(cb, LRFinder) for cb in self.learn.cbs)  # lr_find's steps are thrown away
-        if self._count: self.rewinder.start_fit(self.n_epoch * len(self.dls.train))
+        if not self._count: return
+        n, how = _fit_steps(self.learn, self.n_epoch - self.epoch)  # from the first epoch trained (`start_epoch=`)
+        k = self.rewinder._pending
+        if k is not None and k > n:
+            raise ValueError(f"rewind iteration {k} is beyond the fit's length of {n} optimizer steps ({how}); "
+                             "nothing was trained: fit longer or keep an earlier rewind point")
+        self.rewinder.start_fit(n)
 
-    def after_step(self): self.rewinder.after_step(self._count)
+    def after_cancel_step(self): self._cancelled = True  # e.g. fp16 MixedPrecision skipping an overflowed step
+
+    def after_step(self):
+        stepped, self._cancelled = not self._cancelled, False
+        self.rewinder.after_step(self._count and stepped)  # masks re-applied either way
 
     def after_fit(self):
         if self._started and self._count: self.rewinder.end_fit()
@@ -252,10 +298,10 @@ def _probe(make_learner, run:dict) -> nn.Module:
     lyr = prunable_layers(probe.model)
     if not lyr: raise ValueError(f"Nothing to prune: {type(probe.model).__name__} has no Conv/Linear layer")
     _layer_rates(lyr, run['layer_rates'])
-    n_iter = run['epochs'] * len(probe.dls.train)
+    n_iter, how = _fit_steps(probe, run['epochs'])
     if run['rewind_iter'] > n_iter:
-        raise ValueError(f"rewind iteration {run['rewind_iter']} is beyond the first fit's length: {run['epochs']} "
-                         f"epochs x {len(probe.dls.train)} batches = {n_iter} iterations")
+        raise ValueError(f"rewind iteration {run['rewind_iter']} is beyond the first fit's length: {n_iter} optimizer "
+                         f"steps ({how})")
     return probe.model
 
 def _resume(state_path, config:dict, model:nn.Module) -> dict:

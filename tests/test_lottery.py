@@ -4,7 +4,8 @@ from functools import partial
 import pytest, torch, torch.nn as nn
 import fastcore.test as fct
 from fastai.learner import Learner
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelStepException
+from fastai.callback.training import GradientAccumulation
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.metrics import accuracy
@@ -85,6 +86,66 @@ def test_rewind_iteration_beyond_first_fit():
     fct.test_eq(all(torch.equal(w0[n], v) for n, v in learn.model.state_dict().items()), True)
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match='whole number of optimizer steps'): RewindCallback(bad)
+
+
+class _Overflow(Callback):
+    "Cancels the optimizer step of the first `n` batches the way fp16 MixedPrecision skips an overflowed step"
+    order = 10  # MixedPrecision's
+    def __init__(self, n=2): self.n = n
+    def before_step(self):
+        if self.train_iter < self.n: raise CancelStepException()
+
+
+class _Steps(Callback):
+    "The model's state after every optimizer step that really happened"
+    order, run_valid = 50, False
+    def before_fit(self): self.states, self._cancelled = [], False
+    def after_cancel_step(self): self._cancelled = True
+    def after_step(self):
+        if not self._cancelled: self.states.append(model_state(self.learn.model))
+        self._cancelled = False
+
+
+def test_rewind_point_counts_steps_not_cancelled_ones():
+    "fp16 skips an overflowed step (CancelStepException); RewindCallback(3) is the state after 3 real steps"
+    set_seed(0)
+    learn, cb, spy = _learn(), RewindCallback(3), _Steps()
+    _quiet_fit(learn, 1, 1e-2, cbs=[_Overflow(2), cb, spy])
+    fct.test_eq(len(spy.states), 6 - 2)
+    fct.test_eq(all(torch.equal(v, spy.states[2][n]) for n, v in cb.state.items()), True)  # was after 1 real step
+
+
+def test_rewind_iteration_counts_gradient_accumulation_steps():
+    "With GradientAccumulation a fit has fewer steps than batches: a k it cannot reach is refused before training"
+    set_seed(0)
+    learn = _learn()
+    w0 = model_state(learn.model)
+    # 6 batches of 64 an epoch, a step per 256 samples carried over epochs: 1 step in epoch 1, 2 in epoch 2
+    with pytest.raises(ValueError, match="beyond the fit's length of 3 optimizer steps"):
+        _quiet_fit(learn, 2, 1e-2, cbs=[GradientAccumulation(256), RewindCallback(4)])  # (raised after both epochs)
+    fct.test_eq(all(torch.equal(w0[n], v) for n, v in learn.model.state_dict().items()), True)
+    cb, spy = RewindCallback(3), _Steps()
+    _quiet_fit(learn, 2, 1e-2, cbs=[GradientAccumulation(256), cb, spy])  # the last step is reachable
+    fct.test_eq(len(spy.states), 3)
+    fct.test_eq(all(torch.equal(v, spy.states[2][n]) for n, v in cb.state.items()), True)
+
+
+def test_rewind_iteration_counts_the_epochs_a_resumed_fit_trains():
+    set_seed(0)
+    learn = _learn()
+    w0 = model_state(learn.model)
+    with pytest.raises(ValueError, match="beyond the fit's length of 6"):  # 1 epoch of 6 batches, not 3
+        _quiet_fit(learn, 3, 1e-2, start_epoch=2, cbs=RewindCallback(7))
+    fct.test_eq(all(torch.equal(w0[n], v) for n, v in learn.model.state_dict().items()), True)
+
+
+def test_runner_counts_gradient_accumulation_steps(tmp_path):
+    "The runner's probe refuses a rewind iteration the first fit cannot reach before anything trains"
+    def make(): return Learner(_dls(), mlp(64, 8, 10), loss_func=nn.CrossEntropyLoss(), metrics=accuracy,
+                               cbs=GradientAccumulation(256))
+    with pytest.raises(ValueError, match=r'beyond the first fit.*1 optimizer steps'):  # 6 batches, 1 step
+        lottery_experiment(make, rounds=1, epochs=1, rewind_iter=2, json_path=tmp_path/'r.json', progress=False)
+    fct.test_eq(list(tmp_path.iterdir()), [])
 
 
 # ---------------------------------------------------------------- masks through every fit
