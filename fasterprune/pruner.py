@@ -864,7 +864,7 @@ def _choose(groups:list, targets:list, n_rm:list, mean:Tensor, round_to) -> Tens
         if r > 0: remove[gr.comps[order[:r]]] = True
     return remove
 
-def _nothing_removed(groups:list, ratio):
+def _nothing_removed(g:ChannelGraph, groups:list, ratio):
     "Say why `prune` removes nothing: a zero ratio (INFO); no groups, every group pinned, or shares that round to 0"
     asked = any(v > 0 for v in ratio.values()) if isinstance(ratio, dict) else ratio > 0
     if not asked: return logger.info("Pruner.prune: nothing to remove at ratio %s", ratio)
@@ -877,6 +877,9 @@ def _nothing_removed(groups:list, ratio):
         why = (f"{free} channel group{'s' * (free != 1)} free to prune, but each group's share rounds to no whole unit "
                "(a group keeps one unit at least; grouped convolutions and attention remove whole units, so small "
                "groups need a larger ratio)")
+    if g.unknown and not free:  # layers inside or behind an unknown op are no producer of any group
+        why += (f"; ops the graph does not know keep the channels around them (strict=False): "
+                f"{few(list(g.unknown))}")
     logger.warning("Pruner.prune: nothing to remove at ratio %s: %s; the model is unchanged", ratio, why)
 
 @patch
@@ -901,7 +904,7 @@ def prune(self:Pruner,
     n_rm = _global_counts(groups, targets, mean) if is_global else _local_counts(groups, targets)
     remove = _choose(groups, targets, n_rm, mean, round_to)
     if not remove.any():
-        _nothing_removed(groups, ratio)
+        _nothing_removed(g, groups, ratio)
         return self.model
     frozen = [n for (n, kind), s in g.slots.items()
               if kind == 'out' and not g.modules[n].weight.requires_grad and bool(remove[s.comp].any())]

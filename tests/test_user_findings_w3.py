@@ -167,6 +167,21 @@ def test_prune_that_can_remove_nothing_warns_with_the_reason(caplog):
     assert 'pinned' in w[0] and 'GroupNorm' in w[0] and "'0', '3'" in w[0] and 'model output' in w[0]
     assert 'rounds' not in w[0]
 
+class StdConv(nn.Conv2d):
+    "A weight-standardized conv (timm's StdConv2d, ScaledStdConv2d): F.conv2d on a weight computed in the forward"
+    def forward(self, x):
+        w = self.weight - self.weight.mean((1, 2, 3), keepdim=True)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+def test_prune_behind_unknown_ops_says_which(caplog):
+    torch.manual_seed(0)
+    m = nn.Sequential(StdConv(3, 8, 3), nn.ReLU(), StdConv(8, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                      nn.Linear(8, 3)).eval()
+    with caplog.at_level(logging.INFO, logger='fasterprune'): Pruner(m, torch.randn(2, 3, 8, 8), strict=False).prune(0.5)
+    w = _msgs(caplog, logging.WARNING)
+    fct.test_eq(len(w), 1)  # only the output Linear is a producer the graph sees: all it said was an INFO line
+    assert "'6' by model output" in w[0] and 'does not know' in w[0] and "conv2d in module '0' (StdConv" in w[0]
+
 class Roll(nn.Module):
     def forward(self, x): return torch.roll(x, 1, 1)  # a roll over the channels: an op the graph does not know
 
