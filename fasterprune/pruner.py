@@ -908,7 +908,7 @@ def prune(self:Pruner,
         return self.model
     frozen = [n for (n, kind), s in g.slots.items()
               if kind == 'out' and not g.modules[n].weight.requires_grad and bool(remove[s.comp].any())]
-    if frozen:
+    if frozen and not isinstance(ratio, dict):  # a dict names the layers to prune: the user chose them
         logger.warning("Pruner.prune: frozen layers (requires_grad=False, e.g. a pretrained body under Learner.freeze) "
                        "lose channels: %s; to leave them whole, name the layers to prune in a dict ratio",
                        few(repr(n) for n in frozen))
