@@ -78,6 +78,7 @@ _pin_methods = {'permute', 'transpose', 't', 'softmax', 'log_softmax', 'chunk', 
 
 class UnknownOpError(RuntimeError):
     "An operation touches channels in a way `fasterprune.graph` does not know"
+    op:str = ''  # the op and where it is, e.g. "roll in module 'blk.1' (Roll, fx node 'roll')"
 
 # %% ../nbs/07_graph.ipynb #01dae4f5
 class CountedLayerNorm(nn.LayerNorm):
@@ -432,8 +433,10 @@ class ChannelGraph:
     def _fail(self, n:fx.Node, what:str, ins):
         "An unknown op: an error when strict, else its channels `ins` (every tensor that goes in) are pinned"
         if self.strict:
-            raise UnknownOpError(f"{what}{_where(n)} is an op fasterprune does not know how to handle on channels; "
-                                 "pass strict=False to keep the channels around it (no pruning there)")
+            e = UnknownOpError(f"{what}{_where(n)} is an op fasterprune does not know how to handle on channels; "
+                               "pass strict=False to keep the channels around it (no pruning there)")
+            e.op = f'{what}{_where(n)}'
+            raise e
         self._pin(ins, f'unknown op {what}')
         self.unknown.setdefault(f'{what}{_where(n)}')
         logger.info("graph: %s%s is unknown; its channels are pinned", what, _where(n))

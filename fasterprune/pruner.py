@@ -596,8 +596,10 @@ def _graph(self:Pruner, **kwargs) -> ChannelGraph:
     try: return ChannelGraph(self.model, self.example_inputs, self.strict, heads=self.heads, **kwargs)
     except UnknownOpError as e:
         if self.learn is None or self._strict_given: raise
-        raise UnknownOpError(f"{e} (a SparsifyCallback that meets it keeps the channels around it and prunes the rest: "
-                             "Pruner(learn, strict=False) does the same)") from None
+        err = UnknownOpError(f"{e} (a SparsifyCallback that meets it keeps the channels around it and prunes the "
+                             "rest: Pruner(learn, strict=False) does the same)")
+        err.op = e.op
+        raise err from None
 
 @patch
 def _tolerance(self:Pruner, folded:bool) -> float:

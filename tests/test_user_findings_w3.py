@@ -190,6 +190,7 @@ def test_unknown_op_error_names_op_and_module_without_fx_text():
     with pytest.raises(UnknownOpError) as e: Pruner(m, torch.randn(1, 3, 6, 6)).prune(0.5)
     s = str(e.value)
     assert s.startswith('roll') and "in module '1.1' (Roll" in s and 'strict=False' in s
+    fct.test_eq(e.value.op, "roll in module '1.1' (Roll, fx node 'roll')")  # for callers that word their own message
     assert 'While executing' not in s and 'tlparse' not in s and 'Original traceback' not in s
 
 def test_pruner_of_a_learner_whose_callback_kept_unknown_ops():
