@@ -784,8 +784,12 @@ def _functional_layer(self:ChannelGraph, n:fx.Node, it:_Labeler) -> str|None:
     if not isinstance(m, _layer_fns[n.target]) or isinstance(m, nn.modules.conv._ConvTransposeNd): return None
     if (b is None) != (m.bias is None): return None  # a bias made by a fold must be the one the call adds
     if b is not None and _param_source(b, it, self.gm) != (sw[0], 'bias', True): return None
-    if n.target is not F.linear and (n.args[6] if len(n.args) > 6 else n.kwargs.get('groups', 1)) != m.groups:
-        return None
+    if n.target is not F.linear:
+        if (n.args[6] if len(n.args) > 6 else n.kwargs.get('groups', 1)) != m.groups: return None
+        pad = n.args[4] if len(n.args) > 4 else n.kwargs.get('padding', 0)
+        pad = pad if isinstance(pad, (str, tuple, list)) else (pad,) * len(m.kernel_size)
+        if tuple(pad) != tuple(m.padding) and (pad in ('valid', 'same') or any(pad)):
+            return None  # a border the layer's `padding` does not describe: a folded constant would be wrong there
     self.fn_layers[n] = sw[0]
     return sw[0]
 
