@@ -752,6 +752,21 @@ def _warn_pinned_zeros(g:ChannelGraph, remove:Tensor):
         logger.warning("Pruner.compact: zeroed filters stay where their channels are pinned: %s",
                        few(f"{n!r} ({k}: {why})" for n, (k, why) in left.items()))
 
+def _warn_unseen_zeros(g:ChannelGraph):
+    "Warn about zeroed filters of Conv/Linear layers that no channel group holds, behind ops the graph does not know"
+    if not g.unknown: return  # else such layers run inside a known module (MultiheadAttention) or never run
+    seen = {name for name, kind in g.slots if kind in ('out', 'dw')}
+    left = []
+    for n, m in g.modules.items():
+        w = getattr(m, 'weight', None)
+        if n in seen or not isinstance(m, _conv_types + (nn.Linear,)) or not isinstance(w, Tensor) or not w.numel():
+            continue
+        z = int((w.detach().reshape(w.shape[0], -1) == 0).all(1).sum())
+        if z: left.append(f"{n!r} ({z})")
+    if left:
+        logger.warning("Pruner.compact: zeroed filters stay in layers whose channels the graph cannot cut: %s (ops it "
+                       "does not know keep them, strict=False: %s)", few(left), few(list(g.unknown)))
+
 def _keep_one_each(g:ChannelGraph, ok:Tensor):
     "A group whose channels are all zero keeps one unit, as `prune` does: a layer with no channel is not a model"
     full = []
@@ -772,6 +787,7 @@ def compact(self:Pruner) -> nn.Module:
     ok, consts = _removable(g, torch.ones(g.n_comps, dtype=torch.bool))
     _keep_one_each(g, ok)
     _warn_pinned_zeros(g, ok)
+    _warn_unseen_zeros(g)
     if not ok.any():
         logger.info("Pruner.compact: no zeroed channel component to remove")
         return self.model

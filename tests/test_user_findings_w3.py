@@ -182,6 +182,17 @@ def test_prune_behind_unknown_ops_says_which(caplog):
     fct.test_eq(len(w), 1)  # only the output Linear is a producer the graph sees: all it said was an INFO line
     assert "'6' by model output" in w[0] and 'does not know' in w[0] and "conv2d in module '0' (StdConv" in w[0]
 
+def test_compact_says_which_zeroed_filters_stay_behind_unknown_ops(caplog):
+    "Filters zeroed layer by layer (the callback's fallback) in a layer the graph cannot cut: compact says so"
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), StdConv(8, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                      nn.Flatten(), nn.Linear(8, 3)).eval()
+    with torch.no_grad(): m[2].weight[:3] = 0
+    with caplog.at_level(logging.INFO, logger='fasterprune'): Pruner(m, torch.randn(2, 3, 8, 8), strict=False).compact()
+    w = [s for s in _msgs(caplog, logging.WARNING) if 'cannot cut' in s]
+    fct.test_eq(len(w), 1)  # an INFO "no zeroed channel component to remove" before
+    assert "'2' (3)" in w[0] and "conv2d in module '2' (StdConv" in w[0]
+
 class Roll(nn.Module):
     def forward(self, x): return torch.roll(x, 1, 1)  # a roll over the channels: an op the graph does not know
 
