@@ -322,7 +322,7 @@ class ChannelGraph:
         "Empty labels, pins, slots and value records"
         self._live = {}        # layer name -> `live_filters`
         self.fn_layers = {}    # fx node of `F.linear`/`F.conv*d` on a layer's own weight and bias -> the layer's name
-        self.unknown = {}      # the unknown ops whose channels strict=False pinned (a dict used as an ordered set)
+        self.unknown = {}      # the unknown ops whose channels strict=False pinned: op and where -> op (its pin reason)
         self.n_labels = 0      # labels made so far (0 .. n_labels - 1)
         self.unions = []       # (labels, labels) pairs united position by position (components: `_finish`)
         self.pinned = set()    # labels whose channels must stay
@@ -438,7 +438,7 @@ class ChannelGraph:
             e.op = f'{what}{_where(n)}'
             raise e
         self._pin(ins, f'unknown op {what}')
-        self.unknown.setdefault(f'{what}{_where(n)}')
+        self.unknown.setdefault(f'{what}{_where(n)}', what)
         logger.info("graph: %s%s is unknown; its channels are pinned", what, _where(n))
 
     def _consumer(self, name:str, x:Tensor, cd:int, it:_Labeler, kind:str='in'):

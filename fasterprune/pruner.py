@@ -895,9 +895,9 @@ def _nothing_removed(g:ChannelGraph, groups:list, ratio):
         why = (f"{free} channel group{'s' * (free != 1)} free to prune, but each group's share rounds to no whole unit "
                "(a group keeps one unit at least; grouped convolutions and attention remove whole units, so small "
                "groups need a larger ratio)")
-    if g.unknown and not free:  # layers inside or behind an unknown op are no producer of any group
-        why += (f"; ops the graph does not know keep the channels around them (strict=False): "
-                f"{few(list(g.unknown))}")
+    unseen = [k for k, what in g.unknown.items() if f'unknown op {what}' not in why]  # not named as a reason yet
+    if unseen and not free:  # layers inside or behind an unknown op are no producer of any group
+        why += f"; ops the graph does not know keep the channels around them (strict=False): {few(unseen)}"
     logger.warning("Pruner.prune: nothing to remove at ratio %s: %s; the model is unchanged", ratio, why)
 
 @patch
