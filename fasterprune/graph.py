@@ -748,7 +748,7 @@ def _getitem(self:ChannelGraph, n:fx.Node, x, xl, out, ins_lab:list):
 
 @patch
 def _functional_norm(self:ChannelGraph, n:fx.Node, name:str, x, xl, out, it:_Labeler):
-    "`F.batch_norm`, `F.instance_norm`: per channel; the weight, bias and running statistics they read are cut with them"
+    "`F.batch_norm`, `F.instance_norm`: per channel; the weight, bias and running statistics they read are cut too"
     args = {k: n.args[i] if len(n.args) > i else n.kwargs.get(k) for i, k in enumerate(_fnorm_args, 1)}
     args = {k: a for k, a in args.items() if a is not None}
     ok = isinstance(xl, Tensor) and isinstance(x, Tensor) and isinstance(out, Tensor) and x.dim() >= 2 \

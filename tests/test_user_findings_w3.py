@@ -1,4 +1,4 @@
-"""A fourth user's findings (W3) with the Pruner's graph on real-world models: each test fails on the code before the fix.
+"""A fourth user's findings (W3), the Pruner's graph on real-world models: each test fails on the code before the fix.
 1. A BatchNorm subclass whose forward calls `F.batch_norm` (timm's `BatchNormAct2d`) and a Linear subclass that calls
    `F.linear` on its own weight (timm's `Linear`) were unknown ops: timm's efficientnet_b0, mobilenetv3_small_100 and
    regnetx_002 raised UnknownOpError. `F.batch_norm`/`F.instance_norm` are per-channel ops whose weight, bias and
@@ -177,7 +177,8 @@ def test_prune_behind_unknown_ops_says_which(caplog):
     torch.manual_seed(0)
     m = nn.Sequential(StdConv(3, 8, 3), nn.ReLU(), StdConv(8, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                       nn.Linear(8, 3)).eval()
-    with caplog.at_level(logging.INFO, logger='fasterprune'): Pruner(m, torch.randn(2, 3, 8, 8), strict=False).prune(0.5)
+    with caplog.at_level(logging.INFO, logger='fasterprune'):
+        Pruner(m, torch.randn(2, 3, 8, 8), strict=False).prune(0.5)
     w = _msgs(caplog, logging.WARNING)
     fct.test_eq(len(w), 1)  # only the output Linear is a producer the graph sees: all it said was an INFO line
     assert "'6' by model output" in w[0] and 'does not know' in w[0] and "conv2d in module '0' (StdConv" in w[0]
