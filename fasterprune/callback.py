@@ -435,13 +435,16 @@ class SparsifyCallback(Callback):
         x = self._first_input(sp.model)
         try:
             sp.couple(x, heads=self.heads)
+            self.learn._sparsify_strict = True  # Pruner(learn) traces the same way
             return None
         except UnknownOpError as e:  # an op the graph does not know: keep the channels around it, couple the rest
             if self.coupled is None and not self.heads:
                 try:
                     sp.couple(x, strict=False)
-                    logger.warning("SparsifyCallback: %s; the channels around it are kept, the rest prune coupled",
-                                   _first_line(e))
+                    self.learn._sparsify_strict = False
+                    logger.warning("SparsifyCallback: %s is an op the channel graph does not know: the channels around "
+                                   "it stay dense, the rest prune coupled (Pruner(learn) does the same)",
+                                   e.op or _first_line(e))
                     return None
                 except Exception: err = e
             else: raise
@@ -454,8 +457,9 @@ class SparsifyCallback(Callback):
                              f"output, whose width must stay, and coupled channels are not available "
                              f"({type(err).__name__}: {_first_line(err)}); use granularity='weight' (or 'vector', "
                              "'kernel')")
-        why = ("could not trace coupled channels" if isinstance(err, UnknownOpError) or 'trace' in str(err).lower()
-               else "found no coupled channels to prune")
+        why = ("the coupled channels were traced, but no group can lose whole filters"
+               if isinstance(err, ValueError) and str(err).startswith('Nothing to prune')
+               else "could not trace coupled channels")
         logger.warning("SparsifyCallback: %s (%s: %s); pruning filters layer by layer, which Pruner.compact() may not "
                        "be able to remove. The layers that produce the model's output stay dense: %s", why,
                        type(err).__name__, _first_line(err), ', '.join(outs) or 'none found')

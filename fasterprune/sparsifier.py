@@ -911,8 +911,10 @@ class Sparsifier:
             rows.append(r)
             units.append(u)
         if not groups:
-            raise ValueError("Nothing to prune: every channel group is pinned (model outputs, channel-mixing ops) "
-                             "or touches an excluded layer")
+            from fasterprune.graph import _pinned_text
+            pinned = _pinned_text(g.groups())
+            raise ValueError("Nothing to prune: every channel group is pinned" + (f" ({pinned})" if pinned else '') +
+                             " or touches a layer left out by layers/exclude")
         self.groups, self._rows, self._units = groups, rows, units
         self._norms = {n: mods[n] for gr in self.groups for n in gr.norms}
         return self

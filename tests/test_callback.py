@@ -832,3 +832,24 @@ def test_filters_of_a_model_whose_only_layer_is_its_output_are_refused_clearly()
         fct.test_fail(lambda: learn.fit(1, 1e-3, cbs=SparsifyCallback(0.5, 'filter')),
                       contains="produce the model's output, whose width must stay")
     for k, v in learn.model.state_dict().items(): fct.test_eq(v, w0[k])
+
+
+def test_compact_follows_the_callbacks_strict_false():
+    "An op the graph does not know: the callback couples the rest (strict=False); Pruner(learn) then does the same"
+    from fasterprune.pruner import Pruner
+    class Rolled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.c3 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+            self.fc = nn.Linear(8, 10)
+        def forward(self, x):
+            h = torch.relu(self.c2(torch.relu(self.c1(x))))
+            h = torch.roll(h, 1, dims=1)  # channels moved round: unknown to the graph
+            return self.fc(torch.relu(self.c3(h)).mean((2, 3)))
+    learn = _learn(model=Rolled(), flat=False)
+    learn.fit(1, 1e-2, cbs=SparsifyCallback(0.5, 'filter', 'local', schedule=one_shot()))
+    assert learn._sparsify_strict is False
+    n0 = sum(p.numel() for p in learn.model.parameters())
+    Pruner(learn).compact()  # would raise UnknownOpError with the default strict=True
+    assert sum(p.numel() for p in learn.model.parameters()) < n0
+    learn.fit(1, 1e-3)
