@@ -331,7 +331,7 @@ class SparsifyCallback(Callback):
         try: return sparsity_report(sp.model, first_items(tuple(xb)))
         except Exception as e:  # a report must not fail a finished fit (nor the callbacks after this one)
             logger.warning("SparsifyCallback: the report counts no FLOPs: the model could not run on one item of the "
-                           "last batch (%s: %s)", type(e).__name__, str(e).split('\n')[0])
+                           "last batch (%s: %s)", type(e).__name__, _first_line(e))
             return sp.report()
 
     def _drop_metric(self):
