@@ -228,6 +228,7 @@ class _Labeler(fx.Interpreter):
     def __init__(self, g:ChannelGraph, gm:nn.Module, graph:fx.Graph|None=None):
         super().__init__(gm, graph=graph)
         self.g, self.lab, self.dyn = g, {}, {}
+        self.sizes = set()  # nodes whose value is read from a shape (`x.size(2)`, `x.shape[-1] * 2`): see `_dyn`
         self.extra_traceback = False  # errors name their node themselves: no "While executing ... Use tlparse" text
     def run_node(self, n):
         self.cur_args = n.args
@@ -966,8 +967,46 @@ def _binary(self:ChannelGraph, n, name, out, it):
 # %% ../nbs/07_graph.ipynb #1d3ebf29
 _size_methods = {'size', 'dim', 'numel'}
 
+_sum_fns, _sum_methods = {torch.sum, torch.nansum}, {'sum', 'nansum'}
+
 @patch
 def _dyn(self:ChannelGraph, n:fx.Node, out, it:_Labeler):
+    "Per-channel flags of `out`: may the channel vary with the model's input, its values or its size? (see above)"
+    d = self._dyn_flags(n, out, it)
+    if n.op in ('placeholder', 'get_attr', 'output'): return d
+    if not isinstance(out, Tensor) and any(isinstance(a, fx.Node) and a in it.sizes for a in n.args):
+        it.sizes.add(n)  # arithmetic on a size: a size too
+    if not (isinstance(d, Tensor) and isinstance(out, Tensor) and out.dim() >= 2) or bool(d.all()): return d
+    lab = it.lab.get(n)
+    cd = _cd(lab, out) if isinstance(lab, Tensor) else 1
+    if len(d) != out.shape[cd]: return d
+    return d | self._size_dependent(n, out, cd, d, it)
+
+@patch
+def _size_dependent(self:ChannelGraph, n:fx.Node, out:Tensor, cd:int, d:Tensor, it:_Labeler) -> Tensor:
+    "Channels of `out` that `d` calls constant but whose value depends on the input's size (not foldable)"
+    idx = (~d).nonzero().squeeze(1)
+    v = out.detach().index_select(cd, idx.to(out.device)).movedim(cd, 0).reshape(len(idx), -1)
+    res = torch.zeros_like(d)
+    if not v.shape[1]: return res
+    mn, mx = v.amin(1).double().cpu(), v.amax(1).double().cpu()
+    # a constant differs from position to position (zero padding, a zero-padded average pool): the positions, and
+    # so what a later mean or sum makes of them, depend on the input's size
+    bad = ~((mx - mn) <= 1e-6 * torch.maximum(mx.abs(), mn.abs()))
+    nonzero = (mx != 0) | (mn != 0)
+    if _is(n, _sum_fns, _sum_methods) and n.args:  # a sum of a constant over positions: c · their number
+        x = it.arg_val(n.args[0])
+        dims = n.kwargs.get('dim', n.args[1] if len(n.args) > 1 else None)
+        dims = range(x.dim()) if dims is None else [dims] if isinstance(dims, int) else dims
+        if isinstance(x, Tensor) and math.prod(x.shape[k] for k in dims if _normdim(k, x.dim()) != 0) > 1:
+            bad |= nonzero
+    if _is(n, _binary_fns, _binary_methods) and any(isinstance(a, fx.Node) and a in it.sizes for a in n.args):
+        bad |= nonzero  # a constant times (or plus) a size: `x * x.shape[-1]`
+    res[idx] = bad
+    return res
+
+@patch
+def _dyn_flags(self:ChannelGraph, n:fx.Node, out, it:_Labeler):
     "Per-channel flags of `out`: may the channel vary with the model's input? (conservative: True when unsure)"
     if n.op == 'output': return None
     if n.op == 'placeholder': return _full(out, True)
@@ -977,7 +1016,8 @@ def _dyn(self:ChannelGraph, n:fx.Node, out, it:_Labeler):
         return _full(out, True)  # made from nothing (a new random or constant tensor): assume it varies
     if (n.op == 'call_method' and n.target in _size_methods) or \
             (n.op == 'call_function' and n.target is getattr and n.args[1] == 'shape'):
-        return False  # shapes are the same for every input of this shape
+        it.sizes.add(n)
+        return False  # shapes are the same for every input of this shape (a value made with one: `_size_dependent`)
     ds = [it.arg_dyn(a) for a in vals]
     if not any(_anyd(d) for d in ds): return _full(out, False)
     if not (isinstance(out, Tensor) and out.dim() >= 2): return _full(out, True)
