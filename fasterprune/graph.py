@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_graph.ipynb #105ce07e
 from __future__ import annotations
-import fnmatch, math, operator, logging
+import fnmatch, inspect, math, operator, logging, re
 from dataclasses import dataclass
 from fastcore.basics import patch
 import torch
@@ -294,6 +294,12 @@ class ChannelGraph:
             with torch.no_grad():
                 self.output = self._run()
                 if traced is None: self._train_branches()
+        # a recorded forward (torch.fx could not trace the model): why, and the layers its forward names that did not
+        # run, in eval or train mode (on a branch the example did not take: data-dependent control flow)
+        self.untraced = getattr(self.traced[1], 'untraced', None)
+        self.control_flow = getattr(self.traced[1], 'control_flow', False)
+        graphs = [gr for gr in self.traced[1:] if gr is not None]
+        self.branch_layers = [n for n in self._not_run(*graphs) if _referenced(model, n)] if self.untraced else []
         self.heads = {}  # module name -> `_WrittenHeads` of each hand-written attention named in `heads`
         for key, spec in (heads or {}).items():
             if not any(c in key for c in '*?['):
@@ -614,9 +620,22 @@ def _trace(model:nn.Module, inputs:tuple) -> tuple:
     except Exception as e2:
         raise RuntimeError(f"torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}), and "
                            f"recording a forward pass failed too ({type(e2).__name__}: {e2})") from e2
-    logger.info("graph: torch.fx could not trace %s (%s: %s); recorded one forward pass instead",
-                type(model).__name__, type(err).__name__, str(err).splitlines()[0][:200])
+    why = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+    logger.info("graph: torch.fx could not trace %s (%s); recorded one forward pass instead", type(model).__name__, why)
+    graph.untraced = why  # the graph holds only the branches the example took (see `ChannelGraph.branch_layers`)
+    graph.control_flow = 'control flow' in str(err)  # torch.fx: "... cannot be used as inputs to control flow"
     return model, graph
+
+def _referenced(model:nn.Module, name:str) -> bool:
+    "Does the forward of every module above layer `name` name it (`self.b(...)`)? False: defined, never called"
+    parts = name.split('.')
+    for i, part in enumerate(parts):
+        parent = model.get_submodule('.'.join(parts[:i]))
+        if isinstance(parent, (nn.Sequential, nn.ModuleList, nn.ModuleDict)): continue  # runs or indexes its parts
+        try: src = inspect.getsource(type(parent).forward)
+        except (OSError, TypeError): return True  # no source: it may be called
+        if not re.search(rf"\b{re.escape(part)}\b", src): return False
+    return True
 
 def _trace_train(model:nn.Module, inputs:tuple) -> fx.Graph:
     "The graph of `model` in train mode (branches that run only in training); training flags, buffers and RNG restored"

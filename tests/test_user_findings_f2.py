@@ -66,3 +66,113 @@ def test_prune_with_sigmoid_and_sum_pooling_is_right_at_other_sizes():
     pr._surgery = lambda *a: (twins.append(copy.deepcopy(pr.model)), orig(*a))[1]
     pr.prune(0.5)
     _same_at_sizes(twins[-1].eval(), m)
+
+class EarlyExit(nn.Module):
+    "Data-dependent control flow: big inputs get one more layer, small ones another layer (or none: an early exit)"
+    def __init__(self, other_layer):
+        super().__init__()
+        self.c1, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.a, self.fc = nn.Conv2d(8, 8, 1), nn.Linear(8, 4)
+        self.b = nn.Conv2d(8, 8, 1) if other_layer else None
+        self.unused = nn.Linear(8, 2)  # defined, never called: not a branch
+    def forward(self, x):
+        f = F.relu(self.bn(self.c1(x)))
+        if x.shape[-1] >= 16: y = self.a(f)
+        else: y = self.b(f) if self.b is not None else f
+        return self.fc(y.mean((2, 3)))
+
+def _warnings(caplog): return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+def test_untraced_branch_with_a_layer_is_refused_under_strict(caplog):
+    "The layer on the branch the example did not take would stay uncut (a crash on small inputs): refused, untouched"
+    torch.manual_seed(0)
+    m = EarlyExit(True).eval()
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'b' did not run on the example.*strict=False"):
+        Pruner(m, torch.randn(4, 3, 16, 16)).prune(0.5)
+    for k, v in m.state_dict().items(): assert torch.equal(v, sd[k]), k
+    with caplog.at_level(logging.WARNING, logger='fasterprune'):
+        Pruner(m, torch.randn(4, 3, 16, 16), strict=False).prune(0.5)  # the user's choice: pruned, with a warning
+    fct.test_eq(m.c1.out_channels, 4)
+    ws = _warnings(caplog)
+    assert len(ws) == 1 and 'not verified' in ws[0] and "'b'" in ws[0] and "'unused'" not in ws[0], ws
+
+def test_untraced_early_exit_is_warned(caplog):
+    "An early exit hands on channels without a layer: nothing to refuse, but the untaken branch is named unverified"
+    torch.manual_seed(0)
+    m = EarlyExit(False).eval()
+    with caplog.at_level(logging.WARNING, logger='fasterprune'): Pruner(m, torch.randn(4, 3, 16, 16)).prune(0.5)
+    ws = _warnings(caplog)
+    assert len(ws) == 1 and 'could not trace EarlyExit' in ws[0] and 'early exit' in ws[0], ws
+
+class ShiftNet(nn.Module):
+    "A BatchNorm shift folded into a 1x1 conv, whose large sum a second BatchNorm takes away: float32 rounding ~1e-5"
+    def __init__(self, shift=100.):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.pw, self.bn2, self.fc = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.Linear(8, 4)
+        with torch.no_grad():
+            self.bn.bias.fill_(shift)
+            self.pw.weight.abs_()
+            self.bn2.running_mean.copy_(self.pw.weight.sum((1, 2, 3)) * shift)
+    def forward(self, x): return self.fc(F.relu(self.bn2(self.pw(F.relu(self.bn(self.conv(x)))))).mean((2, 3)))
+
+def _shift_net():
+    torch.manual_seed(0)
+    m = ShiftNet().eval()
+    with torch.no_grad():
+        m.conv.weight[:4] = 0
+        m.conv.bias[:4] = 0
+    return m, torch.randn(8, 3, 8, 8)
+
+def test_correct_float32_surgery_of_a_noisy_model_is_accepted():
+    "The model's own float32 rounding (vs float64) is above 1e-5: the bound follows it, the surgery is accepted"
+    m, x = _shift_net()
+    masked = copy.deepcopy(m).double()
+    pr = Pruner(m, x)
+    pr.compact()
+    h = pr.history[-1]
+    assert h['rel_error'] > 1e-5 and h['rtol'] > 1e-5 and 'noise' in h['checked_in'], h
+    fct.test_eq(m.conv.out_channels, 4)
+    # in float64 the two agree to the float32 rounding of the folded bias, far below a wrong channel's error
+    with torch.no_grad(): assert relative_error(masked(x.double()), copy.deepcopy(m).double()(x.double())) < 1e-5
+
+def test_off_by_one_channel_is_still_caught_in_a_noisy_model(monkeypatch):
+    "The raised bound is the model's rounding noise, far below what a wrong kept channel does"
+    from fasterprune.pruner import _Surgery
+    m, x = _shift_net()
+    orig = _Surgery.cut_param
+    def planted(self, p, dim, idx):
+        if dim == 1 and p is m.pw.weight: idx = (idx + 1) % p.shape[1]
+        return orig(self, p, dim, idx)
+    monkeypatch.setattr(_Surgery, 'cut_param', planted)
+    with pytest.raises(SurgeryError, match='restored'): Pruner(m, x).compact()
+    fct.test_eq(m.conv.out_channels, 8)
+
+def test_relative_error_is_per_output():
+    "A small output is measured on its own scale, not on the largest output's"
+    ref = (torch.tensor([1000., -1000.]), torch.tensor([1e-3, 2e-3]))
+    out = (ref[0].clone(), torch.tensor([2e-3, 2e-3]))
+    fct.test_close(relative_error(ref, out), 0.5)
+    fct.test_eq(relative_error((torch.zeros(2), torch.ones(2)), (torch.zeros(2), torch.ones(2))), 0.)
+    fct.test_close(relative_error((torch.zeros(2), torch.ones(2)), (torch.full((2,), 0.5), torch.ones(2))), 0.5)
+
+def test_pruner_of_a_compiled_model_in_a_learner():
+    "Learner(dls, torch.compile(m)): Pruner(learn).compact() cuts the compiled module; learn.model runs the smaller one"
+    from fastai.learner import Learner
+    from fastai.data.core import DataLoaders
+    from torch.utils.data import TensorDataset
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 3, (32,))
+    dls = DataLoaders.from_dsets(TensorDataset(x[:16], y[:16]), TensorDataset(x[16:], y[16:]), bs=8)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1),
+                      nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        m[0].weight[:8] = 0
+        m[0].bias[:8] = 0
+    masked = copy.deepcopy(m)
+    learn = Learner(dls, torch.compile(m, backend='eager'), loss_func=nn.CrossEntropyLoss())
+    Pruner(learn).compact()
+    fct.test_eq(m[0].out_channels, 8)
+    assert learn.model._orig_mod is m
+    with torch.no_grad(): fct.test_close(learn.model.eval()(x), masked(x), eps=1e-5)
