@@ -296,7 +296,11 @@ class SparsifyCallback(Callback):
         sp, xb = self.sparsifier, getattr(self.learn, 'xb', None)
         self.report = self._final_report(sp, xb)
         if rank_distrib() != 0: return
-        if mode == 'prune' and self.completed: self._note_filters(sp)
+        if mode == 'prune' and self.completed:
+            self._note_filters(sp)
+            over = self._over_target(sp)
+            if over: logger.warning("SparsifyCallback: the schedule ended above its target (%s): the zeros the weights "
+                                    "had at the first fit stayed pruned; keep_zeros=False ranks them", few(over))
         if mode == 'prune' and not self.completed:
             logger.warning("SparsifyCallback: the fit stopped at %.0f%% of its steps, before the schedule reached its "
                            "target: sparsity %.4f; fit again with this callback to finish it",
@@ -376,15 +380,25 @@ class SparsifyCallback(Callback):
         self.sparsifier, self._shapes, self.report = sp, [tuple(m.weight.shape) for m in sp.layers.values()], None
         if not keep_history: self.last_target, self.history, self.completed, self.fixed = None, [], False, False
 
+    def _over_target(self, sp) -> list[str]:
+        "Where the masks prune more than the final target allows (kept zeros: masks never shrink), as 'name 98.4%'"
+        over, t = [], sp._check_targets(self._target(1.))
+        if self.context == 'local' and sp.groups is None and not isinstance(t, dict): t = {n: t for n in sp.layers}
+        for names, budget in sp._budgets(t):  # per layer for local targets, over all the pruned layers for global
+            have = [n for n in names if n in sp.masks]
+            pruned = sp._n_pruned(have) if have else 0
+            if pruned > budget:
+                what = names[0] if len(names) == 1 else 'the pruned layers'
+                over.append(f"{what} {pruned / sum(sp.layers[n].weight.numel() for n in names):.1%}")
+        return over
+
     def _warn_zeros_kept(self, sp):
-        "A first fit that keeps many zeros of the weights as pruned: right for a pruned checkpoint, not for an init"
-        if not sp.masks: return
-        counts = dict(zip(sp.masks, _nnz_each(~mk for mk in sp.masks.values())))  # one host read
-        many = {n: c / sp.masks[n].numel() for n, c in counts.items() if c > 0.01 * sp.masks[n].numel()}
-        if many:
-            logger.warning("SparsifyCallback: the weights' zeros stay pruned and never train (%s): right for a pruned "
-                           "checkpoint; for an initialization with zeros (eye_, dirac_, sparse_) pass keep_zeros=False",
-                           few(f'{n} {v:.1%}' for n, v in many.items()))
+        "A first fit that keeps more zeros than the target as pruned: right for a pruned checkpoint, not for an init"
+        over = self._over_target(sp) if sp.masks else []
+        if over:
+            logger.warning("SparsifyCallback: the weights' zeros stay pruned and never train, more than the target "
+                           "asks (%s): for an initialization with zeros (eye_, dirac_, sparse_) pass keep_zeros=False",
+                           few(over))
 
     def _warn_small_share(self, sp, model):
         "The pruned layers hold under half the parameters (an LSTM, embeddings): the sparsity column is theirs only"

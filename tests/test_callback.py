@@ -773,6 +773,7 @@ def test_zeros_of_an_init_warn_and_keep_zeros_false_trains_them(caplog):
     with caplog.at_level('WARNING', logger='fasterprune.callback'):
         learn.fit(1, 1e-2, cbs=SparsifyCallback(0.5, 'weight', 'local', schedule=one_shot()))
     assert 'keep_zeros=False' in caplog.text and '2 98.4%' in caplog.text, caplog.text
+    assert 'the schedule ended above its target (2 98.4%)' in caplog.text, caplog.text
     fct.test_close(float((learn.model[2].weight == 0).float().mean()), 63 / 64, eps=1e-9)
     learn = _learn(model=model())
     cb = SparsifyCallback(0.5, 'weight', 'local', schedule=one_shot(), keep_zeros=False)
@@ -853,3 +854,14 @@ def test_compact_follows_the_callbacks_strict_false():
     Pruner(learn).compact()  # would raise UnknownOpError with the default strict=True
     assert sum(p.numel() for p in learn.model.parameters()) < n0
     learn.fit(1, 1e-3)
+
+
+def test_a_pruned_checkpoint_below_the_target_resumes_quietly(caplog):
+    "Zeros of a pruned checkpoint under the new target: kept, no warning about them, the target reached exactly"
+    from fasterprune.sparsifier import Sparsifier
+    learn = _learn()
+    Sparsifier(learn.model, 'weight', 'local').sparsify(0.5)
+    cb = SparsifyCallback(0.8, 'weight', 'local', schedule='agp')
+    with caplog.at_level('WARNING', logger='fasterprune'): learn.fit(1, 1e-2, cbs=cb)
+    assert 'keep_zeros' not in caplog.text and 'above its target' not in caplog.text, caplog.text
+    fct.test_eq(_n_zero(cb.sparsifier), sum(round(0.8 * m.weight.numel()) for m in cb.sparsifier.layers.values()))
