@@ -112,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     from fasterprune import __version__
     p = argparse.ArgumentParser(prog='fasterprune', description='Neural network pruning for fastai')
     p.add_argument('--version', action='version', version=f'fasterprune {__version__}')
-    sub = p.add_subparsers(dest='cmd', required=True)
+    sub = p.add_subparsers(dest='cmd')
     d = sub.add_parser('demo', help='dense vs AGP-pruned models on the bundled digits data')
     d.add_argument('--epochs', type=int, default=20, help='epochs of every fit (fit_one_cycle)')
     d.add_argument('--sparsity', type=float, default=0.9, help='target fraction of zero weights, in [0, 1)')
@@ -149,8 +149,8 @@ def _run_lth(a) -> int:
     try:
         out = _output_rate(a.rate, a.output_rate)
         print(f"fasterprune lth: digits, {a.model}, {a.rate:.0%} of the remaining weights per round ({a.context}; "
-              f"output layer {out:.0%}), rewind to iteration {a.rewind_iter}, {a.epochs} epochs a round, "
-              f"{a.seeds} seed(s)")
+              f"output layer {out:.0%}), rewind to iteration {a.rewind_iter}, {a.epochs} epoch{'s' if a.epochs != 1 else ''} a round, "
+              f"{a.seeds} seed{'s' if a.seeds != 1 else ''}")
         res = lth(a.rounds, a.rate, a.rewind_iter, a.controls, a.seeds, a.epochs, a.lr, a.model, a.output_rate,
                   a.context, json_path=a.json, plot_path=a.plot, tickets_dir=a.tickets)
     except (ValueError, TypeError) as e:
@@ -163,7 +163,11 @@ def _run_lth(a) -> int:
 
 def main(argv=None):
     "Entry point of the `fasterprune` command"
-    a = _parser().parse_args(argv)
+    p = _parser()
+    a = p.parse_args(argv)
+    if a.cmd is None:  # no subcommand: what there is to run
+        p.print_help(sys.stderr)
+        return 2
     warnings.filterwarnings('ignore', category=FutureWarning)
     if a.cmd == 'lth': return _run_lth(a)
     try: _check_demo(a.epochs, a.sparsity, a.seed, a.lr)

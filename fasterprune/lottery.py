@@ -47,7 +47,7 @@ def _fit_steps(
 ) -> tuple[int, str]:
     "`(optimizer steps, how they were counted)` of `epochs` training epochs of `learn`, fp16's skipped steps aside"
     n_b = len(learn.dls.train)
-    how = f"{epochs} epochs x {n_b} batches"
+    how = f"{epochs} epoch{'s' if epochs != 1 else ''} x {n_b} batch{'es' if n_b != 1 else ''}"
     ga = next((cb for cb in learn.cbs if isinstance(cb, GradientAccumulation)), None)
     if ga is None: return epochs * n_b, how
     sizes = _epoch_sizes(learn.dls.train)
