@@ -177,18 +177,24 @@ def test_fused_heads_and_mlp_prune_together(form):
     assert sum(p.numel() for p in m.parameters()) < sum(p.numel() for p in plain.parameters()) < n0
 
 
-def test_fit_after_surgery_and_prune_again():
-    "A fastai Learner trains the pruned timm-style model (optimizer state follows the cut); a second prune works"
+def _timm_learner():
+    "A fastai Learner on a timm-style ViT and four random batches"
     from fastai.data.core import DataLoaders
     from fastai.data.load import DataLoader
     from fastai.learner import Learner
-    import fastai.callback.progress  # Learner.no_bar
+    import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
     torch.manual_seed(0)
     m = Net('timm')
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(8, 8, 5, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(4)]
     dls = DataLoaders(DataLoader(batches, bs=None), DataLoader(batches[:1], bs=None))
     learn = Learner(dls, m, loss_func=F.cross_entropy)
+    return learn, m
+
+
+def test_fit_after_surgery_and_prune_again():
+    "A fastai Learner trains the pruned timm-style model (optimizer state follows the cut); a second prune works"
+    learn, m = _timm_learner()
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
     pr = Pruner(learn, heads=HEADS('timm'))
     pr.prune(0.5)
@@ -327,16 +333,8 @@ def test_sparsifier_filter_masks_follow_fused_units():
 
 def test_callback_fused_heads_then_compact():
     "SparsifyCallback(0.5, 'filter', heads=) on a timm-style ViT during a fit; Pruner(learn).compact() removes them"
-    from fastai.data.core import DataLoaders
-    from fastai.data.load import DataLoader
-    from fastai.learner import Learner
     from fasterprune.callback import SparsifyCallback
-    torch.manual_seed(0)
-    m = Net('timm')
-    g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(8, 8, 5, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(4)]
-    dls = DataLoaders(DataLoader(batches, bs=None), DataLoader(batches[:1], bs=None))
-    learn = Learner(dls, m, loss_func=F.cross_entropy)
+    learn, m = _timm_learner()
     with learn.no_bar(), learn.no_logging():
         learn.fit(2, 1e-2, cbs=SparsifyCallback(0.5, 'filter', 'local', heads=HEADS('timm')))
     for b in m.blocks:
