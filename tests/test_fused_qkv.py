@@ -342,7 +342,7 @@ def test_callback_fused_heads_then_compact():
         fct.test_eq(dead[0], dead[1])
         fct.test_eq(dead[0], dead[2])
         fct.test_eq(int(dead[0].sum()), 2)
-    x = batches[0][0]
+    x = learn.dls.train.one_batch()[0]
     with torch.no_grad(): ref = m.eval()(x)
     Pruner(learn).compact()  # heads= from the callback
     fct.test_eq([(b.attn.num_heads, b.attn.attn_dim, b.attn.qkv.out_features) for b in m.blocks], [(2, 16, 48)] * 2)
