@@ -721,6 +721,46 @@ def _removed_text(filters:int, heads:int, groups:int) -> str:
     return s + ' removed'
 
 @patch
+def _cut_rewind_point(self:Pruner, g:ChannelGraph, remove:Tensor) -> tuple[dict|None, str]:
+    "(the rewind point after this surgery: the masked model at the rewind point, folded and cut; else None and why)"
+    from fasterprune.rewind import model_state
+    cp = copy.deepcopy(self.model)
+    now = self.model.state_dict(keep_vars=True)
+    point = {k: v for k, v in self._rewinder.rewind_point.items() if k in now and v.shape == now[k].shape}
+    if set(point) != set(now): return None, f"it lacks {few(sorted(set(now) - set(point)))}"
+    cp.load_state_dict(point)
+    key, cps = {id(t): k for k, t in now.items()}, cp.state_dict(keep_vars=True)
+    with torch.no_grad():  # what the removed channels' sources hold zero now, they hold zero at the rewind point too
+        for (name, kind), s in g.slots.items():
+            rm = remove[s.comp]
+            if kind == 'in' or not rm.any(): continue
+            for p, dim, idx in _zero_targets(_owner(g, name, kind), s, rm):
+                t, idx = cps[key[id(p)]], idx.to(p.device)
+                zero = p.detach().index_select(dim, idx) == 0
+                t.data.index_copy_(dim, idx, t.data.index_select(dim, idx).masked_fill(zero, 0))
+    try:
+        g2 = ChannelGraph(cp, self.example_inputs, self.strict, traced=(cp,) + tuple(g.traced[1:]), heads=self.heads)
+        ok, consts = _removable(g2, remove)
+        if g2.n_comps != g.n_comps or bool((remove & ~ok).any()):
+            return None, 'there the removed channels do not all carry a constant that folds'
+        tx = _Surgery()
+        tx.fold(g2, remove, consts)
+        tx.cut(g2, remove)
+    except Exception as e: return None, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+    return model_state(cp), ''
+
+def _match_biases(model:nn.Module, tx:_Surgery, point:dict):
+    "Biases one fold made and the other did not (the model's or the rewind point's): zero on the other side"
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for k in [k for k in point if k not in model.state_dict()]:  # a constant folded at the rewind point only
+            m = mods.get(k.rpartition('.')[0])
+            if k.endswith('bias') and getattr(m, 'bias', False) is None:
+                tx.add_to_bias(m, torch.zeros_like(point[k], dtype=m.weight.dtype, device=m.weight.device))
+        for k, v in model.state_dict().items():  # folded in the trained model only: no fold at the rewind point
+            if k not in point: point[k] = torch.zeros_like(v, device='cpu')
+
+@patch
 def _surgery(self:Pruner, tx:_Surgery, g:ChannelGraph, remove:Tensor, consts:dict, refs, what:str) -> nn.Module:
     "Fold and cut `remove` within `tx`, check the outputs against `refs`; on any failure `tx` rolls everything back"
     t0 = time.perf_counter()
@@ -728,6 +768,8 @@ def _surgery(self:Pruner, tx:_Surgery, g:ChannelGraph, remove:Tensor, consts:dic
     err = tol = None
     checked_in = 'float64' if self.dtype in _low_precision else str(self.dtype).replace('torch.', '')
     counts = _removed_counts(g, remove)  # before the cut: the head counts change
+    rw = self._rewinder
+    point, why = self._cut_rewind_point(g, remove) if rw is not None and rw.rewind_point is not None else (None, '')
     try:
         tx.fold(g, remove, consts)
         tx.cut(g, remove)
@@ -735,8 +777,17 @@ def _surgery(self:Pruner, tx:_Surgery, g:ChannelGraph, remove:Tensor, consts:dic
     except Exception:
         tx.rollback()
         raise
+    if point is not None: _match_biases(self.model, tx, point)
     self._sync_optimizer(tx)
-    if self._rewinder is not None: self._rewinder.follow_cuts(tx.cuts)  # the rewind point and masks follow the cut
+    if rw is not None:
+        rw.follow_cuts(tx.cuts)  # the rewind point and the masks follow the cut
+        if point is not None: rw.rewind_point = point  # the same surgery on the rewind point: its own folds
+        elif rw.rewind_point is not None and tx.folded:
+            folded = sorted({m for m, _ in tx.new_params} | {n for (n, k), s in g.slots.items() if k in ('in', 'ln')
+                             and bool(remove[s.comp].any()) and bool((consts[n][remove[s.comp]] != 0).any())})
+            logger.warning("Pruner.%s: constants of removed channels were folded into %s, but not into the rewind "
+                           "point (%s): rewind() would load its values without the fold, and a rewound model is not "
+                           "the masked model at the rewind point there", what, few(repr(n) for n in folded), why)
     after = _n_params(self.model)
     rec = dict(op=what, channels_removed=counts[0], heads_removed=counts[1], params_before=before, params_after=after,
                rel_error=err, rtol=tol, checked_in=checked_in, seconds=time.perf_counter() - t0)

@@ -176,3 +176,59 @@ def test_pruner_of_a_compiled_model_in_a_learner():
     fct.test_eq(m[0].out_channels, 8)
     assert learn.model._orig_mod is m
     with torch.no_grad(): fct.test_close(learn.model.eval()(x), masked(x), eps=1e-5)
+
+def _rewind_net(bias):
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1, bias=bias),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+@pytest.mark.parametrize('bias,k', [(True, 3), (False, 0), (False, 3)])
+def test_rewind_after_a_folding_compact_is_the_masked_model_at_the_rewind_point(bias, k):
+    "compact() folds a trained BN shift; rewind() must give the masked model at the rewind point, with its own fold"
+    torch.manual_seed(0)
+    m = _rewind_net(bias)
+    opt = torch.optim.SGD(m.parameters(), 0.1, momentum=0.9)
+    x, y = torch.randn(16, 3, 6, 6), torch.randint(0, 3, (16,))
+    pr = Pruner(m, x[:4], opt=opt)
+    pr.keep_rewind_point(k)
+    for _ in range(6):
+        m.train()
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+    m.eval()
+    with torch.no_grad():
+        m[0].weight[:4] = 0  # filters zeroed, as a filter SparsifyCallback leaves them
+        m[0].bias[:4] = 0
+    at_point = _rewind_net(bias)
+    at_point.load_state_dict(pr._rw().rewind_point)
+    with torch.no_grad():
+        at_point[0].weight[:4] = 0
+        at_point[0].bias[:4] = 0
+    pr.compact()
+    fct.test_eq(m[0].out_channels, 4)
+    pr.rewind()
+    with torch.no_grad(): fct.test_close(m(x), at_point.eval()(x), eps=1e-6)
+    m.train()  # and it trains on: the optimizer holds the bias a fold made
+    opt.zero_grad()
+    F.cross_entropy(m(x), y).backward()
+    opt.step()
+
+class ScaledByWidth(nn.Module):
+    "A forward torch.fx cannot trace (a branch on a value): recorded, `x.shape[-1]` is a number in the graph"
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8, 4)
+        with torch.no_grad(): self.bn.bias.uniform_(0.5, 1.0)
+    def forward(self, x):
+        if x.abs().sum() < 0: return None
+        x = F.relu(self.bn(self.conv(x)))
+        return self.fc(x.mean((2, 3)) * x.shape[-1])
+
+def test_a_fold_wrong_at_another_size_is_refused_by_the_check_at_twice_the_size():
+    "The recorded graph cannot see the size in `x * x.shape[-1]`; the check at twice the size refuses the fold"
+    torch.manual_seed(0)
+    m = ScaledByWidth().eval()
+    _zero_filters(m)
+    masked = copy.deepcopy(m)
+    with pytest.raises(SurgeryError, match='twice the size'): Pruner(m, torch.randn(4, 3, 8, 8), strict=False).compact()
+    _same_at_sizes(masked, m)  # restored
