@@ -229,6 +229,7 @@ class _Labeler(fx.Interpreter):
         super().__init__(gm, graph=graph)
         self.g, self.lab, self.dyn = g, {}, {}
         self.sizes = set()  # nodes whose value is read from a shape (`x.size(2)`, `x.shape[-1] * 2`): see `_dyn`
+        self.pos = {}       # node -> its constant channels whose value differs from position to position: see `_dyn`
         self.extra_traceback = False  # errors name their node themselves: no "While executing ... Use tlparse" text
     def run_node(self, n):
         self.cur_args = n.args
@@ -1009,9 +1010,26 @@ def _size_dependent(self:ChannelGraph, n:fx.Node, out:Tensor, cd:int, d:Tensor, 
     res = torch.zeros_like(d)
     if not v.shape[1]: return res
     mn, mx = v.amin(1).double().cpu(), v.amax(1).double().cpu()
-    # a constant differs from position to position (zero padding, a zero-padded average pool): the positions, and
-    # so what a later mean or sum makes of them, depend on the input's size
-    bad = ~((mx - mn) <= 1e-6 * torch.maximum(mx.abs(), mn.abs()))
+    # a constant that differs from position to position (zero padding, a zero-padded average pool, a padded
+    # depthwise conv): each position's value is fixed, but how many positions of each kind there are depends on the
+    # size. Elementwise ops keep it so (and a ReLU that makes it 0 everywhere makes it a constant again); an op that
+    # mixes positions (a mean, a pool, a resize) makes of it a value that depends on the size
+    uneven = ~((mx - mn) <= 1e-6 * torch.maximum(mx.abs(), mn.abs()))
+    pos = torch.zeros_like(d)
+    pos[idx] = uneven
+    if bool(pos.any()): it.pos[n] = pos
+    src = [a for a in _nodes(n.args) if a in it.pos]
+    bad = torch.zeros(len(idx), dtype=torch.bool)
+    if src and not _is(n, _reshape_fns, _reshape_methods) and not (n.op == 'call_module'
+                                                                    and isinstance(self.modules[n.target], nn.Flatten)):
+        x = it.arg_val(src[0])
+        xl = it.lab.get(src[0])
+        same = isinstance(x, Tensor) and x.dim() == out.dim() and \
+            _drop(x.shape, _cd(xl, x) if isinstance(xl, Tensor) else 1) == _drop(out.shape, cd)
+        if not same:  # the positions were mixed: uneven constants came in
+            ps = [it.pos[a] for a in src]
+            came = ps[0] if len(ps) == 1 and len(ps[0]) == len(d) else torch.full_like(d, True)
+            bad |= came[idx]
     nonzero = (mx != 0) | (mn != 0)
     if _is(n, _sum_fns, _sum_methods) and n.args:  # a sum of a constant over positions: c · their number
         x = it.arg_val(n.args[0])
@@ -1023,6 +1041,17 @@ def _size_dependent(self:ChannelGraph, n:fx.Node, out:Tensor, cd:int, d:Tensor, 
         bad |= nonzero  # a constant times (or plus) a size: `x * x.shape[-1]`
     res[idx] = bad
     return res
+
+def _nodes(a) -> list:
+    "The fx nodes in `a` (nested lists, tuples and dicts)"
+    if isinstance(a, fx.Node): return [a]
+    if isinstance(a, (list, tuple)): return [n for o in a for n in _nodes(o)]
+    if isinstance(a, dict): return [n for o in a.values() for n in _nodes(o)]
+    return []
+
+def _drop(shape, d:int) -> tuple:
+    "`shape` without its batch dimension and dimension `d`"
+    return tuple(s for i, s in enumerate(shape) if i not in (0, d % len(shape)))
 
 @patch
 def _dyn_flags(self:ChannelGraph, n:fx.Node, out, it:_Labeler):

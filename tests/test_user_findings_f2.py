@@ -56,6 +56,27 @@ def test_compact_still_folds_a_constant_the_size_does_not_change(how):
     fct.test_eq(m.conv.out_channels, 4)
     _same_at_sizes(masked, m)
 
+class DwNet(nn.Module):
+    "A constant channel through a zero-padded depthwise conv (uneven at the border), then a ReLU that makes it 0"
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.dw, self.bn2, self.fc = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.Linear(8, 4)
+        with torch.no_grad():
+            self.bn.bias.uniform_(0.5, 1.0)
+            self.bn2.bias[:4] = -100.  # the removed channels come out of the ReLU as 0 at every position
+    def forward(self, x): return self.fc(F.relu(self.bn2(self.dw(F.relu(self.bn(self.conv(x)))))).mean((2, 3)))
+
+def test_an_uneven_constant_that_a_relu_makes_zero_is_still_removed():
+    "Uneven from position to position is not dynamic: elementwise ops keep each position's value, 0 folds everywhere"
+    torch.manual_seed(0)
+    m = DwNet().eval()
+    _zero_filters(m)
+    masked = copy.deepcopy(m)
+    Pruner(m, torch.randn(4, 3, 8, 8)).compact()
+    fct.test_eq((m.conv.out_channels, m.dw.out_channels, m.fc.in_features), (4, 4, 4))
+    _same_at_sizes(masked, m)
+
 def test_prune_with_sigmoid_and_sum_pooling_is_right_at_other_sizes():
     "prune(): Sigmoid(0) = 0.5 is a constant; summed over the positions it is not, so those channels stay zeroed"
     torch.manual_seed(0)
@@ -136,6 +157,17 @@ def test_correct_float32_surgery_of_a_noisy_model_is_accepted():
     fct.test_eq(m.conv.out_channels, 4)
     # in float64 the two agree to the float32 rounding of the folded bias, far below a wrong channel's error
     with torch.no_grad(): assert relative_error(masked(x.double()), copy.deepcopy(m).double()(x.double())) < 1e-5
+
+def test_noise_of_the_masked_model_is_measured_with_the_cut_undone_and_redone(monkeypatch):
+    "When the pruned model's own noise is not enough, the masked model's is measured (cut undone, then done again)"
+    m, x = _shift_net()
+    masked = copy.deepcopy(m)
+    monkeypatch.setattr(Pruner, '_rounding_noise', lambda self, outs: 0.)
+    pr = Pruner(m, x)
+    pr.compact()
+    assert 'noise' in pr.history[-1]['checked_in'], pr.history[-1]
+    fct.test_eq((m.conv.out_channels, m.bn.num_features, m.pw.in_channels), (4, 4, 4))
+    with torch.no_grad(): assert relative_error(masked(x), m(x)) <= pr.history[-1]['rtol']
 
 def test_off_by_one_channel_is_still_caught_in_a_noisy_model(monkeypatch):
     "The raised bound is the model's rounding noise, far below what a wrong kept channel does"
