@@ -997,10 +997,24 @@ def _dyn(self:ChannelGraph, n:fx.Node, out, it:_Labeler):
     if not isinstance(out, Tensor) and any(isinstance(a, fx.Node) and a in it.sizes for a in n.args):
         it.sizes.add(n)  # arithmetic on a size: a size too
     if not (isinstance(d, Tensor) and isinstance(out, Tensor) and out.dim() >= 2) or bool(d.all()): return d
+    if self._keeps_even(n) and not any(a in it.pos for a in _nodes(n.args)): return d
     lab = it.lab.get(n)
     cd = _cd(lab, out) if isinstance(lab, Tensor) else 1
     if len(d) != out.shape[cd]: return d
     return d | self._size_dependent(n, out, cd, d, it)
+
+# elementwise functions: a constant that is the same at every position stays so (no pool, pad or resize)
+_even_fns = {f for f in _pass_fns if not getattr(f, '__name__', '').startswith(('max_pool', 'avg_pool', 'adaptive_',
+                                                                                'interpolate', 'pad'))}
+
+@patch
+def _keeps_even(self:ChannelGraph, n:fx.Node) -> bool:
+    "Does `n` keep a constant channel the same at every position? (then `_size_dependent` need not look)"
+    if n.op == 'call_module':
+        m = self.modules[n.target]
+        if isinstance(m, _conv_types): return not _is_depthwise(m)  # a zero filter outputs its bias everywhere
+        return isinstance(m, nn.Linear) or (isinstance(m, _act_modules + _norm_types) and _keeps_shape(m))
+    return _is(n, _even_fns, _pass_methods)
 
 @patch
 def _size_dependent(self:ChannelGraph, n:fx.Node, out:Tensor, cd:int, d:Tensor, it:_Labeler) -> Tensor:
