@@ -601,7 +601,8 @@ def relative_error(ref, out) -> float:
     nums = [float((x.double() - y.double()).abs().max()) for x, y in pairs]
     dens = [float(x.double().abs().max()) for x, _ in pairs]
     top = max(dens, default=0.)  # an output that is zero in `ref`: measured on the largest one's scale
-    errs = [n / (d if d > 0 else top) if (d > 0 or top > 0) else (0. if n == 0 else math.inf) for n, d in zip(nums, dens)]
+    errs = [n / (d if d > 0 else top) if (d > 0 or top > 0) else (0. if n == 0 else math.inf)
+            for n, d in zip(nums, dens)]
     return max(errs, default=0.)
 
 def _n_params(model:nn.Module) -> int: return sum(p.numel() for p in model.parameters())
