@@ -53,7 +53,9 @@ def test_train_only_branch_is_cut_with_its_producers(caplog, fx):
     fct.test_eq(m.unused.in_features, 64)  # never run: left as it is, with an INFO line, no refusal
     assert any("'unused'" in i and 'never run' in i for i in _msgs(caplog, logging.INFO))
     assert any("'aux.0'" in i and 'only in train mode' in i for i in _msgs(caplog, logging.INFO))
-    fct.test_eq(_msgs(caplog, logging.WARNING), [])
+    ws = _msgs(caplog, logging.WARNING)  # untraceable: the early exit the example did not take is named, once
+    fct.test_eq(len(ws), 0 if fx else 1)
+    assert fx or 'could not trace AuxNet' in ws[0], ws
 
 class OddAux(nn.Module):
     "A training-only branch the Pruner cannot follow: a forward that fails in train mode, or an unknown op"
