@@ -10,7 +10,7 @@ from fastcore.basics import patch
 import torch
 from torch import nn, Tensor
 from .core import check_context, check_fraction, evaluating, few, flat_tensors, model_device, \
-    round_half_up, to_device
+    round_half_up, to_device, first_items
 from .criteria import get_criterion
 from .graph import ChannelGraph, CountedLayerNorm, CountedRMSNorm, UnknownOpError, _WrittenHeads, \
     _conv_types, _ln_channel_dim, _pinned_text, _plain, _Tracer, _pass_modules, _reshape_modules
@@ -39,7 +39,7 @@ def _first_batch(learn, n:int=16):
     dl = learn.dls.valid if len(learn.dls.valid) else learn.dls.train
     b = _one_batch(dl, model_device(learn.model))
     xb = (b,) if isinstance(b, Tensor) else tuple(b)[:getattr(learn.dls, 'n_inp', 1)]
-    xb = tuple(x[:n] for x in xb)
+    xb = first_items(xb, n)  # tensors, or dicts of them (a Hugging Face-style `model(batch)`)
     return xb[0] if len(xb) == 1 else xb
 
 def _learner_heads(learn) -> dict|None:
@@ -145,6 +145,7 @@ def _twice(x):
     if isinstance(x, Tensor): return tw(x)
     if isinstance(x, tuple) and hasattr(x, '_fields'): return type(x)(*(tw(o) for o in x))
     if isinstance(x, (list, tuple)): return type(x)(tw(o) for o in x)
+    if isinstance(x, dict): return {k: tw(v) for k, v in x.items()}
     return None
 
 def _to64(x):
@@ -192,10 +193,8 @@ class Pruner:
         if heads is not None and not isinstance(heads, dict):
             raise TypeError(f"heads must be a dict {{block name: AttentionHeads(...)}}, got {type(heads).__name__}")
         self.heads = heads
-        p = next(model.parameters(), None)
-        to = (lambda x: x.to(p.device)) if p is not None else (lambda x: x)
-        multi = isinstance(example_inputs, (tuple, list))
-        self.example_inputs = tuple(to(x) for x in example_inputs) if multi else to(example_inputs)
+        if isinstance(example_inputs, list): example_inputs = tuple(example_inputs)  # positional inputs
+        self.example_inputs = to_device(example_inputs, model_device(model))  # tensors in any nesting (a dict too)
         self.original = copy.deepcopy(model) if keep_original else None
         self.history = []      # one record per accepted surgery (appended by `_surgery`)
         self._warned_opt = False  # the warning about an optimizer the Pruner cannot see: once

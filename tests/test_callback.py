@@ -865,3 +865,28 @@ def test_a_pruned_checkpoint_below_the_target_resumes_quietly(caplog):
     with caplog.at_level('WARNING', logger='fasterprune'): learn.fit(1, 1e-2, cbs=cb)
     assert 'keep_zeros' not in caplog.text and 'above its target' not in caplog.text, caplog.text
     fct.test_eq(_n_zero(cb.sparsifier), sum(round(0.8 * m.weight.numel()) for m in cb.sparsifier.layers.values()))
+
+
+def test_dict_batches_compact_and_rewind_with_the_pruner():
+    "Batches of (dict, target): Pruner(learn) takes one item of a dict as its example; compact and rewinding work"
+    from fasterprune.pruner import Pruner
+    from fasterprune.rewind import model_state
+    xt, yt, _, _ = digits_arrays(True)
+    ds = [({'x': xt[i]}, yt[i]) for i in range(256)]
+    dls = DataLoaders(DataLoader(ds, bs=32, shuffle=True, drop_last=True), DataLoader(ds[:64], bs=64),
+                      device=torch.device('cpu'))
+    torch.manual_seed(0)
+    learn = Learner(dls, _DictModel(), loss_func=nn.CrossEntropyLoss())
+    with learn.no_logging(), learn.no_bar(): learn.fit(1, 1e-3, cbs=SparsifyCallback(0.5, 'filter', 'local',
+                                                                                       schedule=one_shot()))
+    x = {'x': xt[:8]}
+    with torch.no_grad(): ref = learn.model.eval()(x)
+    pr = Pruner(learn)
+    pr.compact()
+    fct.test_eq(learn.model.fc1.out_features, 16)
+    with torch.no_grad(): fct.test_close(learn.model.eval()(x), ref, eps=1e-5)
+    pr.keep_rewind_point()
+    w0 = model_state(learn.model)
+    with learn.no_logging(), learn.no_bar(): learn.fit(1, 1e-3)
+    pr.rewind()
+    for k, v in model_state(learn.model).items(): fct.test_eq(v, w0[k])
