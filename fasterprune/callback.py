@@ -11,7 +11,7 @@ from fastai.learner import ValueMetric
 from fastai.callback.schedule import LRFinder
 from fastai.callback.tracker import TrackerCallback
 import numpy as np
-from fastai.torch_core import get_model, rank_distrib
+from fastai.torch_core import rank_distrib
 from .schedules import get_schedule
 from .granularity import get_granularity
 from .criteria import get_criterion
@@ -19,7 +19,7 @@ from .core import check_fraction, check_context
 from .sparsifier import Sparsifier, AttentionProjection, prunable_layers, one_per_weight, NMRoundingWarning
 from .sparsifier import _nnz_each
 from .metrics import sparsity_report
-from .core import to_device, first_items, model_device, evaluating, few
+from .core import to_device, first_items, model_device, evaluating, few, bare_model
 from torch.nn.parameter import is_lazy
 from .graph import UnknownOpError
 from .pruner import _one_batch
@@ -189,8 +189,7 @@ class SparsifyCallback(Callback):
                 cb.best = float('inf') if cb.comp == np.less else -float('inf')
 
     def _start(self):
-        model = get_model(self.learn.model)  # under DDP, the wrapped module: layer names match a single-process run
-        model = getattr(model, '_orig_mod', model)  # under torch.compile, the module it compiled (same parameters)
+        model = bare_model(self.learn.model)  # inside DDP and torch.compile: the layer names of the plain model
         if any(is_lazy(p) for p in model.parameters()):  # LazyLinear and co.: one forward gives them their shapes
             x = self._first_input(model)
             with torch.no_grad(), evaluating(model): model(*(x if isinstance(x, tuple) else (x,)))
@@ -344,7 +343,7 @@ class SparsifyCallback(Callback):
 
     def _measure(self) -> float:
         "The sparsity column: measured over the pruned layers (those the callback would prune, before its first fit)"
-        model = get_model(self.learn.model)
+        model = bare_model(self.learn.model)
         if self._matches(model): return self.sparsifier.sparsity()
         try: ls = prunable_layers(model, self.layers, self.exclude, self.attention)
         except ValueError: return float('nan')  # a bad `layers=`: the training fit says so

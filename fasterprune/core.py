@@ -11,7 +11,7 @@ from torch import nn, Tensor
 
 # %% auto #0
 __all__ = ['context_names', 'check_fraction', 'check_context', 'evaluating', 'round_half_up', 'flat_tensors', 'map_tensors',
-           'to_device', 'first_items', 'model_device', 'few', 'state_problems']
+           'to_device', 'first_items', 'bare_model', 'model_device', 'few', 'state_problems']
 
 # %% ../nbs/00a_core.ipynb #bb179ab5
 import logging, os
@@ -96,6 +96,13 @@ def to_device(x, device):
 def first_items(x, n:int=1):
     "The first `n` items of every tensor in `x` (any nesting; 0-dim tensors as they are): an example input from a batch"
     return map_tensors(lambda t: t[:n] if t.dim() else t, x)
+
+def bare_model(model:nn.Module) -> nn.Module:
+    "The module that holds the layers: the one inside DDP or DataParallel (`.module`) and torch.compile (`._orig_mod`)"
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)): model = model.module
+        elif isinstance(getattr(model, '_orig_mod', None), nn.Module): model = model._orig_mod
+        else: return model
 
 def model_device(model:nn.Module) -> torch.device|None:
     "The device of `model`'s first parameter, or None for a model without parameters"

@@ -12,10 +12,10 @@ from fastai.callback.core import Callback
 from fastai.callback.schedule import LRFinder
 from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner
-from fastai.torch_core import set_seed, get_model
+from fastai.torch_core import set_seed
 import fastai.callback.progress  # Learner.no_bar
 from fastprogress.fastprogress import master_bar, progress_bar
-from .core import check_context
+from .core import check_context, bare_model
 from .sparsifier import prunable_layers, one_per_weight
 from .rewind import (Rewinder, check_rate, check_iteration, model_state, imp_masks,
                                 random_masks, weights_remaining, check_ticket, _layer_rates)
@@ -81,7 +81,7 @@ class RewindCallback(Callback):
         return None if self.rewinder is None else self.rewinder.rewind_point
 
     def before_fit(self):
-        model = get_model(self.learn.model)  # the module inside DDP: the same keys as one process
+        model = bare_model(self.learn.model)  # inside DDP and torch.compile: the same keys as one process
         if self.rewinder is None: self.rewinder = Rewinder(model)
         elif self.rewinder.model is not model:
             raise ValueError(f"the Learner's model ({type(model).__name__}) is not the model this Rewinder prunes")
@@ -117,7 +117,7 @@ class MaskCallback(RewindCallback):
         self.masks = masks if masks is not None else {}
 
     def before_fit(self):
-        model = get_model(self.learn.model)
+        model = bare_model(self.learn.model)
         if self.rewinder is None or self.rewinder.model is not model: self.rewinder = Rewinder(model)
         self.rewinder.set_masks(self.masks)  # checked against the layers, applied before the first batch
         super().before_fit()
@@ -145,7 +145,7 @@ class LotteryTicket:
         self.rate = check_rate(rate)
         check_context(context)
         check_iteration(rewind_iter)
-        rw = Rewinder(get_model(learn.model), layers, exclude)
+        rw = Rewinder(bare_model(learn.model), layers, exclude)
         _layer_rates(rw.layers, layer_rates)  # every pattern matches a pruned layer
         self.learn, self.context, self.layer_rates, self.fresh_opt = learn, context, layer_rates, fresh_opt
         self.rewinder = rw.attach(learn, iteration=rewind_iter)
