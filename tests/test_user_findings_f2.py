@@ -35,24 +35,24 @@ def _same_at_sizes(masked, m, sizes=(8, 16, 5)):
             xi = torch.randn(2, 3, hw, hw)
             fct.test_close(m(xi), masked(xi), eps=1e-4 * float(masked(xi).abs().max()))
 
-@pytest.mark.parametrize('how', ['sum', 'avgpad', 'zeropad', 'zeropad_module', 'times_width'])
-def test_compact_does_not_fold_a_constant_that_depends_on_the_input_size(how):
-    "compact() after filter masks: a BN shift through a sum / zero padding is c·H·W, not a constant: not folded"
+def _compacted(how):
+    "(masked, compacted) SizeNet(how) with half its filters zeroed"
     torch.manual_seed(0)
     m = SizeNet(how).eval()
     _zero_filters(m)
     masked = copy.deepcopy(m)
     Pruner(m, torch.randn(4, 3, 8, 8)).compact()
-    _same_at_sizes(masked, m)
+    return masked, m
+
+@pytest.mark.parametrize('how', ['sum', 'avgpad', 'zeropad', 'zeropad_module', 'times_width'])
+def test_compact_does_not_fold_a_constant_that_depends_on_the_input_size(how):
+    "compact() after filter masks: a BN shift through a sum / zero padding is c·H·W, not a constant: not folded"
+    _same_at_sizes(*_compacted(how))
 
 @pytest.mark.parametrize('how', ['mean', 'max_interp'])
 def test_compact_still_folds_a_constant_the_size_does_not_change(how):
     "mean, max, interpolate keep a constant the same constant: the channels go, the fold is right at every size"
-    torch.manual_seed(0)
-    m = SizeNet(how).eval()
-    _zero_filters(m)
-    masked = copy.deepcopy(m)
-    Pruner(m, torch.randn(4, 3, 8, 8)).compact()
+    masked, m = _compacted(how)
     fct.test_eq(m.conv.out_channels, 4)
     _same_at_sizes(masked, m)
 
