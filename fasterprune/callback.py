@@ -19,7 +19,7 @@ from .core import check_fraction, check_context
 from .sparsifier import Sparsifier, AttentionProjection, prunable_layers, one_per_weight, NMRoundingWarning
 from .sparsifier import _nnz_each
 from .metrics import sparsity_report
-from .core import to_device, first_items, model_device, evaluating, few, bare_model
+from .core import to_device, first_items, model_device, evaluating, few, bare_model, flat_tensors
 from torch.nn.parameter import is_lazy
 from .graph import UnknownOpError
 from .pruner import _one_batch
@@ -32,18 +32,18 @@ def _output_layers(sp:Sparsifier, x) -> list[str]:
     "The pruned layers whose output (or a view of it) is one of the model's outputs, found on input `x`"
     outs, hs = {}, []
     def hook(n):
-        def f(mod, args, out):  # records where the output lives; returns None, so the output is unchanged
-            if isinstance(out, torch.Tensor): outs.setdefault(n, out.untyped_storage().data_ptr())
+        # keeps the output alive until the comparison: a freed output's memory may hold the model's output by then
+        def f(mod, args, out):  # returns None, so the output is unchanged
+            if isinstance(out, torch.Tensor): outs.setdefault(n, out)
         return f
     for n, m in sp.layers.items():
         if not isinstance(m, AttentionProjection): hs.append(m.register_forward_hook(hook(n)))
     try:
-        with evaluating(sp.model): y = sp.model(*x) if isinstance(x, tuple) else sp.model(x)
+        with torch.no_grad(), evaluating(sp.model): y = sp.model(*x) if isinstance(x, tuple) else sp.model(x)
     finally:
         for h in hs: h.remove()
-    ys = y.values() if isinstance(y, dict) else y if isinstance(y, (tuple, list)) else [y]
-    ptrs = {t.untyped_storage().data_ptr() for t in ys if isinstance(t, torch.Tensor)}
-    return [n for n, p in outs.items() if p in ptrs]
+    ptrs = {t.untyped_storage().data_ptr() for t in flat_tensors(y)}
+    return [n for n, t in outs.items() if t.untyped_storage().data_ptr() in ptrs]
 
 logger = logging.getLogger('fasterprune')
 
