@@ -363,6 +363,7 @@ class SparsifyCallback(Callback):
 
     def _new(self, model, keep_history=False):
         "A Sparsifier on `model` that takes its zeros as pruned (the callback's state changes once every check passed)"
+        self.learn.__dict__.pop('_sparsify_strict', None)  # said again by this model's trace (filters), if any
         try: sp = self._build(model)
         except ValueError as e:
             if not keep_history: raise

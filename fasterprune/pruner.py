@@ -10,7 +10,7 @@ from fastcore.basics import patch
 import torch
 from torch import nn, Tensor
 from .core import check_context, check_fraction, evaluating, few, flat_tensors, model_device, \
-    round_half_up, to_device, first_items
+    round_half_up, to_device, first_items, map_tensors, bare_model
 from .criteria import get_criterion
 from .graph import ChannelGraph, CountedLayerNorm, CountedRMSNorm, UnknownOpError, _WrittenHeads, \
     _conv_types, _ln_channel_dim, _pinned_text, _plain, _Tracer, _pass_modules, _reshape_modules
@@ -149,10 +149,8 @@ def _twice(x):
     return None
 
 def _to64(x):
-    if isinstance(x, Tensor): return x.double() if x.is_floating_point() else x
-    if isinstance(x, (list, tuple)): return type(x)(_to64(o) for o in x)
-    if isinstance(x, dict): return {k: _to64(v) for k, v in x.items()}
-    return x
+    "`x` with its floating-point tensors in float64 (any nesting)"
+    return map_tensors(lambda t: t.double() if t.is_floating_point() else t, x)
 
 class Pruner:
     "Structured pruning by surgery: removes whole channels of `model` (or of a fastai `Learner`'s model), verified"
@@ -183,7 +181,7 @@ class Pruner:
             raise TypeError(f"Pruner needs an nn.Module or a fastai Learner, got {type(model).__name__}")
         # torch.compile's wrapper: the module it compiled (the same parameters); the wrapper keeps calling it, so it
         # runs the smaller module after a surgery (it recompiles for the new shapes)
-        if isinstance(getattr(model, '_orig_mod', None), nn.Module): model = model._orig_mod
+        model = bare_model(model)  # the module inside DataParallel too
         if example_inputs is None:
             raise ValueError("Pruner needs example_inputs (a tensor or tuple the model runs on), e.g. xb[:8]")
         _check_reparametrized(model)
@@ -288,6 +286,7 @@ class _Surgery:
         self.folded = False   # was a constant folded into a bias?
         self.norm_consts = {} # LayerNorm over the channels -> the constants of its removed channels (see `fold`)
         self.written = []     # (`_WrittenHeads`, its head counts before the cut) of each hand-written attention cut
+        self.exact = {}       # bias parameter -> its folded value in float64, before rounding to the bias's dtype
         self.had_grad = False # did a cut parameter carry a gradient (a model trained in this session)?
         self.grads_expected = False  # ... because a gradient criterion asked for it
 
@@ -329,6 +328,7 @@ class _Surgery:
             else: obj.data.index_copy_(attr, *old)  # rows zeroed in place: their old values back
         del self.undo[mark:]
         self.cuts, self.new_params, self.folded, self.norm_consts, self.written = {}, [], False, {}, []
+        self.exact = {}
 
     def zero(self, g:ChannelGraph, remove:Tensor):
         "Zero the components in `remove` at their sources: producer filters and biases, heads, norm scale and shift"
@@ -357,7 +357,20 @@ class _Surgery:
             W = m.weight.detach()
             Wr = W.index_select(1, rm.nonzero().squeeze(1).to(W.device)).double()
             add = Wr.reshape(Wr.shape[0], Wr.shape[1], -1).sum(2) @ c.to(W.device).double()
+            exact = add if m.bias is None else self.exact.get(m.bias, m.bias.detach().double()) + add
             self.add_to_bias(m, add.to(W.dtype).as_subclass(Tensor))
+            self.exact[m.bias] = exact
+
+    def exact_biases(self, model:nn.Module) -> dict[str, Tensor]:
+        "{module name: its folded bias in float64, cut as the bias was}: the fold without its rounding (see Precision)"
+        out = {}
+        for n, m in model.named_modules():
+            b = getattr(m, 'bias', None)
+            if not isinstance(b, Tensor) or b not in self.exact: continue
+            e = self.exact[b]
+            for dim, idx in self.cuts.get(b, (None, []))[1]: e = e.index_select(dim, idx.to(e.device))
+            if e.shape == b.shape: out[n] = e
+        return out
 
     def cut(self, g:ChannelGraph, remove:Tensor):
         "Keep only the channels not in `remove`, in every slot"
@@ -615,12 +628,17 @@ def _outputs(self:Pruner,
     g:ChannelGraph|None=None,  # the graph of this model: its run on the example is the first output
     sized:bool|None=None,      # the output at twice the size too: None when the model runs there (the masked model)
     f64:bool|None=None,        # in a float64 copy (default: for half precision, see "Precision")
+    exact:dict|None=None,      # {module name: bias} set in the float64 copy (folds without their rounding)
 ) -> list:
     "The model's outputs on the example, the second input and the first item at twice the size (else None)"
     ins = [self.example_inputs, self.second_inputs]
     if sized is not False and self.sized_inputs is not None: ins.append(self.sized_inputs)
     f64 = self.dtype in _low_precision if f64 is None else f64
     model = copy.deepcopy(self.model).double() if f64 else self.model
+    if f64 and exact:
+        mods = dict(model.named_modules())
+        with torch.no_grad():
+            for n, b in exact.items(): mods[n].bias.copy_(b)
     if f64: ins = [_to64(x) for x in ins]
     with evaluating(model):
         outs = [g.output if g is not None and not f64 else _call(model, ins[0])]  # the graph's run: the same output
@@ -698,8 +716,9 @@ def _check(self:Pruner, refs:list, what:str, folded:bool, tx:_Surgery|None=None,
     if not err <= tol and self.rtol is None and self.dtype == torch.float32 and err <= _noise_cap \
             and masked64 is not None:
         # the model's own float32 rounding is above rtol: compare the two models in float64, where it is not
-        err64 = _worst(relative_error(m, p) for m, p in zip(masked64(), self._outputs(sized=sized, f64=True))
-                       if m is not None)
+        exact = tx.exact_biases(self.model) if tx is not None else None  # the folds as computed, not rounded
+        err64 = _worst(relative_error(m, p) for m, p in
+                       zip(masked64(), self._outputs(sized=sized, f64=True, exact=exact)) if m is not None)
         if err64 <= tol: err, where = err64, 'float64 (the float32 model rounds above rtol)'
     if not err <= tol:
         on = 'the example and a perturbed copy' + (', and its first item at twice the size' if sized else '')

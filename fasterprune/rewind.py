@@ -305,7 +305,7 @@ class Rewinder:
         for p, ops in cuts.items():
             if isinstance(ops, tuple) and len(ops) == 2 and isinstance(ops[1], list): ops = ops[1]  # (shape0, ops)
             ks = [p] if isinstance(p, str) else keys.get(id(p))
-            if not ks: raise ValueError(f"follow_cuts: a tensor of shape {tuple(p.shape)} is not in the model")
+            if not ks: continue  # not in the state (a non-persistent buffer): the rewind point has no value of it
             for k in ks: todo[k] = ops
         for k, ops in list(todo.items()):  # BatchNorm running statistics follow their norm's cut parameters
             mod, _, attr = k.rpartition('.')

@@ -2,7 +2,9 @@
 1. fit -> compact -> fit with fastai's `OptimWrapper` (a torch optimizer): the state lives in the torch optimizer, and
    compact cut the wrapper's own empty one; the next step failed on the old shapes.
 2. `Pruner(learn)`'s rewinding on a `torch.compile`d Learner: the callbacks compared the compiled wrapper with the module.
-3. The sparsity column of a compiled model with `exclude=` by name was NaN (layer names of the wrapper)."""
+3. The sparsity column of a compiled model with `exclude=` by name was NaN (layer names of the wrapper).
+A last read of those fixes (R4): a large folded constant refused for its float32 rounding, a non-persistent buffer
+with a rewind point (half-cut model), named tuples in float64 checks, DataParallel in Pruner(learn), a stale strict."""
 import sys, tempfile, warnings
 from functools import partial
 import pytest, torch
@@ -64,3 +66,83 @@ def test_sparsity_column_of_a_compiled_model_with_exclude():
     learn.fit(1, 1e-2, cbs=cb)
     fct.test_eq(list(cb.sparsifier.layers), ['2', '4'])
     fct.test_close(learn.recorder.values[-1][-1], 0.5, eps=1e-3)
+
+
+# --- a last read of those fixes (R4) ---------------------------------------------------------------------------------
+@pytest.mark.parametrize('shift', [1e3, 3e3])
+def test_a_large_folded_constant_is_checked_without_its_float32_rounding(shift):
+    "A folded BatchNorm shift of 1e3: the float64 second look uses the fold as computed, not rounded to float32"
+    from test_user_findings_f2 import ShiftNet
+    torch.manual_seed(0)
+    m = ShiftNet(shift).eval()
+    with torch.no_grad():
+        m.conv.weight[:4] = 0
+        m.conv.bias[:4] = 0
+    pr = Pruner(m, torch.randn(8, 3, 8, 8))
+    pr.compact()  # refused before: the bias's float32 rounding counted as error against 1e-5
+    h = pr.history[-1]
+    assert h['checked_in'].startswith('float64') and h['rel_error'] <= 1e-12, h
+    fct.test_eq(m.conv.out_channels, 4)
+
+
+def test_compact_with_a_rewind_point_and_a_non_persistent_buffer():
+    "A per-channel buffer outside the state dict: the surgery, the rewind point and rewind() stay consistent"
+    import torch.nn.functional as F
+    class M(nn.Module):
+        def __init__(s):
+            super().__init__()
+            s.a, s.b = nn.Linear(4, 8), nn.Linear(8, 3)
+            s.register_buffer('shift', torch.randn(8), persistent=False)
+        def forward(s, x): return s.b(F.relu(s.a(x) + s.shift))
+    torch.manual_seed(0)
+    m, x = M(), torch.randn(5, 4)
+    with torch.no_grad():
+        m.a.weight[:3] = 0
+        m.a.bias[:3] = 0
+        m.shift[:3] = 0
+    pr = Pruner(m, x)
+    pr.keep_rewind_point()
+    pr.compact()
+    fct.test_eq((m.a.out_features, tuple(m.shift.shape), len(pr.history)), (5, (5,), 1))
+    fct.test_eq(tuple(pr._rewinder.rewind_point['a.weight'].shape), (5, 4))
+    pr.rewind()
+    fct.test_eq(tuple(m(x).shape), (5, 3))
+
+
+def test_a_half_precision_model_with_named_tuple_inputs():
+    "bf16 checks run in float64 copies: named-tuple example inputs are converted too"
+    from collections import namedtuple
+    P = namedtuple('P', 'a b')
+    class M(nn.Module):
+        def __init__(s): super().__init__(); s.c1, s.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        def forward(s, p): return s.c2(torch.relu(s.c1(p.a + p.b)))
+    torch.manual_seed(0)
+    m = M().to(torch.bfloat16)
+    with torch.no_grad():
+        m.c1.weight[:3] = 0
+        m.c1.bias[:3] = 0
+    x = torch.randn(2, 3, 6, 6, dtype=torch.bfloat16)
+    Pruner(m, (P(x, x),)).compact()
+    fct.test_eq(m.c1.out_channels, 5)
+
+
+def test_pruner_of_a_learner_with_a_data_parallel_model():
+    "learn.model = nn.DataParallel(model): Pruner(learn) prunes the module inside, and its rewinding fits run"
+    learn = _learn()
+    learn.model = nn.DataParallel(learn.model)
+    pr = Pruner(learn)
+    assert pr.model is learn.model.module
+    pr.keep_rewind_point(0)
+    learn.fit(1, 1e-2)
+    pr.prune_weights(0.5)
+    pr.rewind()
+    learn.fit(1, 1e-2)
+    fct.test_close(float((learn.model.module[0].weight == 0).float().mean()), 0.5, eps=0.01)
+
+
+def test_a_later_fit_does_not_inherit_an_earlier_models_strict():
+    "learn._sparsify_strict is said by the model the callback last traced: a new model's fit clears it"
+    learn = _learn()
+    learn._sparsify_strict = False  # left by a fit of an earlier model
+    learn.fit(1, 1e-2, cbs=SparsifyCallback(0.5, 'weight', schedule=one_shot()))
+    assert '_sparsify_strict' not in learn.__dict__
