@@ -146,3 +146,39 @@ def test_a_later_fit_does_not_inherit_an_earlier_models_strict():
     learn._sparsify_strict = False  # left by a fit of an earlier model
     learn.fit(1, 1e-2, cbs=SparsifyCallback(0.5, 'weight', schedule=one_shot()))
     assert '_sparsify_strict' not in learn.__dict__
+
+
+def test_a_forward_that_cannot_run_in_float64_gets_the_float32_refusal():
+    "The float64 second look cannot run (a plain float32 tensor attribute): a SurgeryError, the model restored"
+    from test_user_findings_f2 import ShiftNet
+    from fasterprune.pruner import SurgeryError
+    class Fixed(ShiftNet):
+        def __init__(s):
+            super().__init__()
+            s.scale = torch.ones(4)  # not a buffer: .double() leaves it float32
+        def forward(s, x): return super().forward(x) @ torch.diag(s.scale)
+    torch.manual_seed(0)
+    m = Fixed().eval()
+    with torch.no_grad():
+        m.conv.weight[:4] = 0
+        m.conv.bias[:4] = 0
+    ref = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(SurgeryError, match='restored'): Pruner(m, torch.randn(8, 3, 8, 8)).compact()
+    for k, v in m.state_dict().items(): fct.test_eq(v, ref[k])
+
+
+def test_a_perturbed_input_outside_the_models_domain_is_left_out():
+    "A model defined for positive inputs (sqrt): the perturbed copy gives NaN, so the check uses the example"
+    class M(nn.Module):
+        def __init__(s): super().__init__(); s.l1, s.l2 = nn.Linear(4, 8), nn.Linear(8, 2)
+        def forward(s, x): return s.l2(torch.relu(s.l1(x.sqrt())))
+    torch.manual_seed(0)
+    m = M()
+    with torch.no_grad():
+        m.l1.weight[:3] = 0
+        m.l1.bias[:3] = 0
+    x = torch.rand(8, 4) + 0.1
+    with torch.no_grad(): ref = m(x)
+    Pruner(m, x).compact()  # refused before: 'differs by inf'
+    fct.test_eq(m.l1.out_features, 5)
+    with torch.no_grad(): fct.test_close(m(x), ref, eps=1e-5)
