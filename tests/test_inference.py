@@ -402,7 +402,7 @@ def test_layers_called_by_keyword_export():
     with torch.no_grad(): torch.testing.assert_close(e(x), model(x), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize('kernels', ['csr', {'head': 'csr'}])
+@pytest.mark.parametrize('kernels', ['csr', {'head': 'csr', 'enc.*': 'dense'}])  # (timing would depend on the box)
 def test_transformer_encoder_export_with_the_padding_mask_in_the_example_input(kernels):
     "The mask in the example input: the masked model's nested-tensor path is off while the export records and checks"
     from fasterprune.sparsifier import Sparsifier
