@@ -34,7 +34,7 @@ def _output_layers(sp:Sparsifier, x) -> list[str]:
     def hook(n):
         # keeps the output alive until the comparison: a freed output's memory may hold the model's output by then
         def f(mod, args, out):  # returns None, so the output is unchanged
-            if isinstance(out, torch.Tensor): outs.setdefault(n, out)
+            if isinstance(out, torch.Tensor): outs.setdefault(n, []).append(out)  # every call of a shared layer
         return f
     for n, m in sp.layers.items():
         if not isinstance(m, AttentionProjection): hs.append(m.register_forward_hook(hook(n)))
@@ -43,7 +43,7 @@ def _output_layers(sp:Sparsifier, x) -> list[str]:
     finally:
         for h in hs: h.remove()
     ptrs = {t.untyped_storage().data_ptr() for t in flat_tensors(y)}
-    return [n for n, t in outs.items() if t.untyped_storage().data_ptr() in ptrs]
+    return [n for n, ts in outs.items() if any(t.untyped_storage().data_ptr() in ptrs for t in ts)]
 
 logger = logging.getLogger('fasterprune')
 

@@ -890,3 +890,13 @@ def test_dict_batches_compact_and_rewind_with_the_pruner():
     with learn.no_logging(), learn.no_bar(): learn.fit(1, 1e-3)
     pr.rewind()
     for k, v in model_state(learn.model).items(): fct.test_eq(v, w0[k])
+
+
+def test_a_layer_whose_second_call_makes_the_output_is_an_output_layer():
+    "A layer called twice (weight sharing in the forward): its second call's output is the model's output"
+    from fasterprune.callback import _output_layers
+    from fasterprune.sparsifier import Sparsifier
+    class Twice(nn.Module):
+        def __init__(s): super().__init__(); s.a, s.l = nn.Linear(4, 8), nn.Linear(8, 8)
+        def forward(s, x): return s.l(torch.relu(s.l(torch.relu(s.a(x)))))
+    fct.test_eq(_output_layers(Sparsifier(Twice(), 'filter'), torch.randn(3, 4)), ['l'])
