@@ -19,14 +19,10 @@ from .core import check_fraction, check_context
 from .sparsifier import Sparsifier, AttentionProjection, prunable_layers, one_per_weight, NMRoundingWarning
 from .sparsifier import _nnz_each
 from .metrics import sparsity_report
-from .core import to_device, first_items, model_device, evaluating, few, bare_model, flat_tensors
+from .core import to_device, first_items, model_device, evaluating, few, bare_model, flat_tensors, first_line
 from torch.nn.parameter import is_lazy
 from .graph import UnknownOpError
 from .pruner import _one_batch
-
-def _first_line(err) -> str:
-    "An error's message without what follows its first line (torch.fx and dynamo append pages of advice)"
-    return (str(err).strip().splitlines() or [''])[0]
 
 def _output_layers(sp:Sparsifier, x) -> list[str]:
     "The pruned layers whose output (or a view of it) is one of the model's outputs, found on input `x`"
@@ -334,7 +330,7 @@ class SparsifyCallback(Callback):
         try: return sparsity_report(sp.model, first_items(tuple(xb)))
         except Exception as e:  # a report must not fail a finished fit (nor the callbacks after this one)
             logger.warning("SparsifyCallback: the report counts no FLOPs: the model could not run on one item of the "
-                           "last batch (%s: %s)", type(e).__name__, _first_line(e))
+                           "last batch (%s: %s)", type(e).__name__, first_line(e))
             return sp.report()
 
     def _drop_metric(self):
@@ -458,7 +454,7 @@ class SparsifyCallback(Callback):
                     self.learn._sparsify_strict = False
                     logger.warning("SparsifyCallback: %s is an op the channel graph does not know: the channels around "
                                    "it stay dense, the rest prune coupled (Pruner(learn) does the same)",
-                                   e.op or _first_line(e))
+                                   e.op or first_line(e))
                     return None
                 except Exception: err = e
             else: raise
@@ -469,14 +465,14 @@ class SparsifyCallback(Callback):
         if outs and len(outs) == len(sp.layers):
             raise ValueError(f"filter granularity: the only layers it could prune ({few(outs, 4)}) produce the model's "
                              f"output, whose width must stay, and coupled channels are not available "
-                             f"({type(err).__name__}: {_first_line(err)}); use granularity='weight' (or 'vector', "
+                             f"({type(err).__name__}: {first_line(err)}); use granularity='weight' (or 'vector', "
                              "'kernel')")
         why = ("the coupled channels were traced, but no group can lose whole filters"
                if isinstance(err, ValueError) and str(err).startswith('Nothing to prune')
                else "could not trace coupled channels")
         logger.warning("SparsifyCallback: %s (%s: %s); pruning filters layer by layer, which Pruner.compact() may not "
                        "be able to remove. The layers that produce the model's output stay dense: %s", why,
-                       type(err).__name__, _first_line(err), ', '.join(outs) or 'none found')
+                       type(err).__name__, first_line(err), ', '.join(outs) or 'none found')
         return [sp.layers[n] for n in outs]
 
     def _target(self, frac:float):

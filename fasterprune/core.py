@@ -11,7 +11,7 @@ from torch import nn, Tensor
 
 # %% auto #0
 __all__ = ['context_names', 'check_fraction', 'check_context', 'evaluating', 'round_half_up', 'flat_tensors', 'map_tensors',
-           'to_device', 'first_items', 'bare_model', 'model_device', 'few', 'state_problems']
+           'to_device', 'first_items', 'bare_model', 'model_device', 'first_line', 'few', 'state_problems']
 
 # %% ../nbs/00a_core.ipynb #bb179ab5
 import logging, os
@@ -110,6 +110,10 @@ def model_device(model:nn.Module) -> torch.device|None:
     return None if p is None else p.device
 
 # %% ../nbs/00a_core.ipynb #dacc4b19
+def first_line(err, n:int=200) -> str:
+    "The first line of an error's message, at most `n` characters (torch.fx and dynamo append pages of advice)"
+    return (str(err).strip().splitlines() or [''])[0][:n]
+
 def few(xs, k:int=3) -> str:
     "The first `k` items of `xs` joined by commas, and how many more"
     xs = list(xs)

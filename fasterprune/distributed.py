@@ -15,7 +15,7 @@ from fastcore.foundation import L
 from fastai.callback.core import Callback
 from fastai.learner import Learner, CancelFitException
 from fastai.torch_core import get_model
-from .core import few, state_problems
+from .core import few, state_problems, first_line
 from .callback import SparsifyCallback
 
 logger = logging.getLogger('fasterprune')
@@ -118,8 +118,6 @@ def _safe_globals():
     dtypes = [getattr(np.dtypes, t) for t in np.dtypes.__all__]
     return torch.serialization.safe_globals([L, npc.multiarray.scalar, np.dtype, *dtypes])
 
-def _first_line(e): return (str(e).strip().splitlines() or [''])[0][:200]
-
 def _diagnose(p:Path) -> str:
     n = p.stat().st_size
     if n == 0: return "it is empty (a write that was interrupted?)"
@@ -135,7 +133,7 @@ def read_checkpoint(file, map_location='cpu', weights_only:bool=True) -> dict:
     try:
         with _safe_globals(): sd = torch.load(p, map_location=map_location, weights_only=weights_only)
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {p}: {_diagnose(p)} [{type(e).__name__}: {_first_line(e)}]; "
+        raise CheckpointError(f"cannot read checkpoint {p}: {_diagnose(p)} [{type(e).__name__}: {first_line(e)}]; "
                               "nothing was loaded") from e
     model = sd['model'] if isinstance(sd, dict) and set(sd) == {'model', 'opt'} else sd
     if not isinstance(model, dict) or not model or not all(isinstance(v, Tensor) for v in model.values()):
@@ -197,7 +195,7 @@ def load_checkpoint(learn:Learner,
     if with_opt and has_opt:
         try: learn.opt.load_state_dict(sd['opt'])  # before the model: a failure here leaves both untouched
         except Exception as e:
-            raise CheckpointError(f"checkpoint {p}: the optimizer state does not fit ({_first_line(e)}); "
+            raise CheckpointError(f"checkpoint {p}: the optimizer state does not fit ({first_line(e)}); "
                                   "nothing was loaded") from e
     elif with_opt: logger.warning("load_checkpoint: %s holds no optimizer state; the optimizer starts afresh", p)
     get_model(learn.model).load_state_dict(state)

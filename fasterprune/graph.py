@@ -10,7 +10,7 @@ from fastcore.basics import patch
 import torch
 from torch import nn, Tensor, fx
 import torch.nn.functional as F
-from .core import evaluating, flat_tensors, few
+from .core import evaluating, flat_tensors, few, first_line, map_tensors
 
 logger = logging.getLogger('fasterprune')
 
@@ -180,11 +180,7 @@ def _normdim(d, nd): return d + nd if d < 0 else d
 
 def _plain(x):
     "`x` with every tensor subclass (fastai's `TensorImage`, ...) turned into a plain `torch.Tensor`, in any nesting"
-    if isinstance(x, Tensor): return x if type(x) in (Tensor, nn.Parameter) else x.as_subclass(Tensor)
-    if isinstance(x, tuple) and hasattr(x, '_fields'): return type(x)(*(_plain(o) for o in x))
-    if isinstance(x, (list, tuple)): return type(x)(_plain(o) for o in x)
-    if isinstance(x, dict): return {k: _plain(v) for k, v in x.items()}
-    return x
+    return map_tensors(lambda t: t if type(t) in (Tensor, nn.Parameter) else t.as_subclass(Tensor), x)
 
 def _seq(a): return isinstance(a, (list, tuple)) and not (isinstance(a, tuple) and hasattr(a, '_fields'))
 
@@ -210,11 +206,7 @@ def _keeps_shape(m:nn.Module) -> bool:
 
 def _to_meta(x):
     "`x` with every tensor replaced by an empty one of its shape on the meta device, in any nesting"
-    if isinstance(x, Tensor): return torch.empty_like(x, device='meta')
-    if isinstance(x, tuple) and hasattr(x, '_fields'): return type(x)(*(_to_meta(o) for o in x))
-    if isinstance(x, (list, tuple)): return type(x)(_to_meta(o) for o in x)
-    if isinstance(x, dict): return {k: _to_meta(v) for k, v in x.items()}
-    return x
+    return map_tensors(lambda t: torch.empty_like(t, device='meta'), x)
 
 def _on_meta(m:nn.Module):
     "Context manager: every parameter and buffer of `m` is a meta tensor of its shape inside (tied ones stay tied)"
@@ -377,7 +369,7 @@ class ChannelGraph:
             logger.warning("graph: %s did not run on the example in eval mode, and tracing the model in train mode "
                            "failed (%s: %s): if they run in training (an auxiliary head?), cutting the channels that "
                            "reach them breaks the training forward; set them aside before pruning",
-                           few(repr(n) for n in missing), type(e).__name__, (str(e).splitlines() or [''])[0][:200])
+                           few(repr(n) for n in missing), type(e).__name__, first_line(e))
             return
         left = set(self._not_run(self.traced[1], tg))
         if left: logger.info("graph: %s never run (eval or train mode): left as they are", few(repr(n) for n in left))
@@ -388,7 +380,7 @@ class ChannelGraph:
         except Exception as e:
             raise ValueError(f"{few(repr(n) for n in train_only)} run only in train mode (a training-only branch, e.g. "
                              f"an auxiliary head), and the model's train-mode graph could not be labelled "
-                             f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}); set the branch aside "
+                             f"({type(e).__name__}: {first_line(e, 300)}); set the branch aside "
                              "before pruning, e.g. `model.aux_logits = False; model.AuxLogits = None` for torchvision's "
                              "inception_v3 (an unknown op: strict=False keeps the channels around it)") from e
         logger.info("graph: %s run only in train mode: the train-mode graph is labelled too (the channels that reach "
@@ -621,7 +613,7 @@ def _trace(model:nn.Module, inputs:tuple) -> tuple:
     except Exception as e2:
         raise RuntimeError(f"torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}), and "
                            f"recording a forward pass failed too ({type(e2).__name__}: {e2})") from e2
-    why = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+    why = f"{type(err).__name__}: {first_line(err)}"
     logger.info("graph: torch.fx could not trace %s (%s); recorded one forward pass instead", type(model).__name__, why)
     graph.untraced = why  # the graph holds only the branches the example took (see `ChannelGraph.branch_layers`)
     graph.control_flow = 'control flow' in str(err)  # torch.fx: "... cannot be used as inputs to control flow"

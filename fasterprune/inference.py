@@ -9,7 +9,7 @@ import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 import pandas as pd
-from .core import evaluating, flat_tensors
+from .core import evaluating, flat_tensors, first_line
 from .metrics import _prepare, _check_whole, _check_threads, _interleaved, _sync
 
 logger = logging.getLogger('fasterprune')
@@ -393,7 +393,7 @@ def _rel_err(a:Tensor, b:Tensor) -> float:
 
 def _first_line(e:Exception) -> str:
     "`Type: the first line of the message` (at most 80 characters of it), for a report's reason"
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:80]}"
+    return f"{type(e).__name__}: {first_line(e, 80)}"
 
 def _plain_linear(m): return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
 

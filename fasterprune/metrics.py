@@ -9,7 +9,7 @@ from contextlib import ExitStack
 import torch
 from torch import nn, Tensor
 import pandas as pd
-from .core import evaluating, few, model_device, to_device
+from .core import evaluating, few, model_device, to_device, first_line
 from .sparsifier import prunable_layers, AttentionProjection, _ties, _nnz_each as _nonzero_each
 
 logger = logging.getLogger('fasterprune')
@@ -91,7 +91,7 @@ def _prepare(model, example_input) -> tuple[tuple, dict]:
 def _call(model, args, kwargs, example_input):
     try: return model(*args, **kwargs)
     except Exception as e:
-        msg = (str(e).strip().splitlines() or [''])[0]
+        msg = first_line(e)
         hint = (" (a dict is passed as keyword arguments: for a forward that takes the dict itself, pass `(batch,)`)"
                 if isinstance(example_input, dict) and isinstance(e, TypeError) else '')
         raise ValueError(f"{type(model).__name__} could not run on the example input of shape "

@@ -10,7 +10,7 @@ from fastcore.basics import patch
 import torch
 from torch import nn, Tensor
 from .core import check_context, check_fraction, evaluating, few, flat_tensors, model_device, \
-    round_half_up, to_device, first_items, map_tensors, bare_model
+    round_half_up, to_device, first_items, map_tensors, bare_model, first_line
 from .criteria import get_criterion
 from .graph import ChannelGraph, CountedLayerNorm, CountedRMSNorm, UnknownOpError, _WrittenHeads, \
     _conv_types, _ln_channel_dim, _pinned_text, _plain, _Tracer, _pass_modules, _reshape_modules
@@ -119,34 +119,26 @@ def _exact_float32(f):
 
 def _perturbed(x, g:torch.Generator):
     "A second input like `x`: finite floats plus noise of their own scale, integers and booleans shifted by one sample"
-    if isinstance(x, Tensor):
-        if x.is_floating_point():
-            ok = x.detach().isfinite()
-            # the mean |x| summed in float64: a half-precision sum overflows to inf on a few thousand values
-            total = torch.where(ok, x.detach().abs(), torch.zeros_like(x)).sum(dtype=torch.float64)
-            scale = (total / ok.sum().clamp_min(1)).to(x.dtype)
-            noise = torch.randn(x.shape, generator=g).to(device=x.device, dtype=x.dtype)
-            return torch.where(ok, x + noise * scale.clamp_min(1e-3), x)
-        return x.roll(1, 0) if x.dim() else x
-    if isinstance(x, tuple) and hasattr(x, '_fields'): return type(x)(*(_perturbed(o, g) for o in x))
-    if isinstance(x, (list, tuple)): return type(x)(_perturbed(o, g) for o in x)
-    if isinstance(x, dict): return {k: _perturbed(v, g) for k, v in x.items()}
-    return x
+    def one(t):
+        if not t.is_floating_point(): return t.roll(1, 0) if t.dim() else t
+        ok = t.detach().isfinite()
+        # the mean |x| summed in float64: a half-precision sum overflows to inf on a few thousand values
+        total = torch.where(ok, t.detach().abs(), torch.zeros_like(t)).sum(dtype=torch.float64)
+        scale = (total / ok.sum().clamp_min(1)).to(t.dtype)
+        noise = torch.randn(t.shape, generator=g).to(device=t.device, dtype=t.dtype)
+        return torch.where(ok, t + noise * scale.clamp_min(1e-3), t)
+    return map_tensors(one, x)
 
 def _twice(x):
     "The first item of `x`, float tensors of 3+ dimensions at twice the size in each dimension after the channels"
     def tw(t):
-        if not isinstance(t, Tensor) or not t.dim(): return t
+        if not t.dim(): return t
         t = t[:1]
         if not (t.is_floating_point() and t.dim() >= 3): return t
         for d in range(2, t.dim()): t = torch.cat([t, t], d)
         return t
     if not any(t.is_floating_point() and t.dim() >= 3 for t in flat_tensors(x)): return None
-    if isinstance(x, Tensor): return tw(x)
-    if isinstance(x, tuple) and hasattr(x, '_fields'): return type(x)(*(tw(o) for o in x))
-    if isinstance(x, (list, tuple)): return type(x)(tw(o) for o in x)
-    if isinstance(x, dict): return {k: tw(v) for k, v in x.items()}
-    return None
+    return map_tensors(tw, x)
 
 def _to64(x):
     "`x` with its floating-point tensors in float64 (any nesting)"
@@ -652,7 +644,7 @@ def _outputs(self:Pruner,
         try: out = _call(model, ins[2])
         except Exception as e:  # a model of one input size: no check at another one
             logger.info("Pruner: the model does not run on its example at twice the size (%s: %s); verification "
-                        "uses the example's size only", type(e).__name__, (str(e).splitlines() or [''])[0][:200])
+                        "uses the example's size only", type(e).__name__, first_line(e))
             self.sized_inputs = None
             return outs + [None]
         return outs + [out if _finite(out) else None]
@@ -728,7 +720,7 @@ def _check(self:Pruner, refs:list, what:str, folded:bool, tx:_Surgery|None=None,
                             zip(masked64(), self._outputs(sized=sized, f64=True, exact=exact), refs) if r is not None)
         except Exception as e:  # a forward that cannot run in float64: the float32 refusal stands
             logger.info("Pruner.%s: the float64 second look could not run (%s: %s)", what, type(e).__name__,
-                        (str(e).splitlines() or [''])[0][:200])
+                        first_line(e))
             err64 = math.inf
         if err64 <= tol: err, where = err64, 'float64 (the float32 model rounds above rtol)'
     if not err <= tol:
@@ -785,7 +777,7 @@ def _cut_rewind_point(self:Pruner, g:ChannelGraph, remove:Tensor) -> tuple[dict|
         tx = _Surgery()
         tx.fold(g2, remove, consts)
         tx.cut(g2, remove)
-    except Exception as e: return None, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+    except Exception as e: return None, f"{type(e).__name__}: {first_line(e)}"
     return model_state(cp), ''
 
 def _match_biases(model:nn.Module, tx:_Surgery, point:dict):
