@@ -29,6 +29,13 @@ def _zero_filters(m):
         m.conv.weight[:4] = 0
         m.conv.bias[:4] = 0
 
+def _masked(cls, *args):
+    "(model, a copy of it): a `cls(*args)` in eval mode with its first 4 filters zeroed, seeded"
+    torch.manual_seed(0)
+    m = cls(*args).eval()
+    _zero_filters(m)
+    return m, copy.deepcopy(m)
+
 def _same_at_sizes(masked, m, sizes=(8, 16, 5)):
     with torch.no_grad():
         for hw in sizes:
@@ -37,10 +44,7 @@ def _same_at_sizes(masked, m, sizes=(8, 16, 5)):
 
 def _compacted(how):
     "(masked, compacted) SizeNet(how) with half its filters zeroed"
-    torch.manual_seed(0)
-    m = SizeNet(how).eval()
-    _zero_filters(m)
-    masked = copy.deepcopy(m)
+    m, masked = _masked(SizeNet, how)
     Pruner(m, torch.randn(4, 3, 8, 8)).compact()
     return masked, m
 
@@ -69,10 +73,7 @@ class DwNet(nn.Module):
 
 def test_an_uneven_constant_that_a_relu_makes_zero_is_still_removed():
     "Uneven from position to position is not dynamic: elementwise ops keep each position's value, 0 folds everywhere"
-    torch.manual_seed(0)
-    m = DwNet().eval()
-    _zero_filters(m)
-    masked = copy.deepcopy(m)
+    m, masked = _masked(DwNet)
     Pruner(m, torch.randn(4, 3, 8, 8)).compact()
     fct.test_eq((m.conv.out_channels, m.dw.out_channels, m.fc.in_features), (4, 4, 4))
     _same_at_sizes(masked, m)
@@ -282,9 +283,6 @@ class ScaledByWidth(nn.Module):
 
 def test_a_fold_wrong_at_another_size_is_refused_by_the_check_at_twice_the_size():
     "The recorded graph cannot see the size in `x * x.shape[-1]`; the check at twice the size refuses the fold"
-    torch.manual_seed(0)
-    m = ScaledByWidth().eval()
-    _zero_filters(m)
-    masked = copy.deepcopy(m)
+    m, masked = _masked(ScaledByWidth)
     with pytest.raises(SurgeryError, match='twice the size'): Pruner(m, torch.randn(4, 3, 8, 8), strict=False).compact()
     _same_at_sizes(masked, m)  # restored
