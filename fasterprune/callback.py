@@ -448,16 +448,19 @@ class SparsifyCallback(Callback):
             self.learn._sparsify_strict = True  # Pruner(learn) traces the same way
             return None
         except UnknownOpError as e:  # an op the graph does not know: keep the channels around it, couple the rest
-            if self.coupled is None and not self.heads:
-                try:
-                    sp.couple(x, strict=False)
-                    self.learn._sparsify_strict = False
-                    logger.warning("SparsifyCallback: %s is an op the channel graph does not know: the channels around "
-                                   "it stay dense, the rest prune coupled (Pruner(learn) does the same)",
-                                   e.op or first_line(e))
-                    return None
-                except Exception: err = e
-            else: raise
+            try:
+                sp.couple(x, heads=self.heads, strict=False)
+                self.learn._sparsify_strict = False
+                logger.warning("SparsifyCallback: %s is an op the channel graph does not know: the channels around "
+                               "it stay dense, the rest prune coupled (Pruner(learn) does the same)",
+                               e.op or first_line(e))
+                return None
+            except Exception as e2:  # the retry's own failure is the reason to give, not the op it pinned
+                err = RuntimeError(f"{e.op or first_line(e)} is an op the channel graph does not know, and coupling "
+                                   f"the channels around it failed too ({type(e2).__name__}: {first_line(e2)})")
+                if self.coupled or self.heads:  # asked for: say why it cannot be done
+                    what = 'heads=' if self.heads else 'coupled=True'
+                    raise ValueError(f"SparsifyCallback({what}) needs coupled channels: {err}") from e2
         except Exception as e:
             if self.coupled or self.heads: raise  # asked for: say why it cannot be done
             err = e
