@@ -4,10 +4,10 @@
 
 # %% ../nbs/04_callback.ipynb #21289464
 from __future__ import annotations
-import logging, math, warnings
+import logging, math, sys, warnings
 import torch
 from fastai.callback.core import Callback
-from fastai.learner import ValueMetric
+from fastai.learner import Learner, ValueMetric
 from fastai.callback.schedule import LRFinder
 from fastai.callback.tracker import TrackerCallback
 import numpy as np
@@ -43,6 +43,15 @@ def _output_layers(sp:Sparsifier, x) -> list[str]:
 
 logger = logging.getLogger('fasterprune')
 
+def _in_fine_tune() -> bool:
+    "Is this fit inside `Learner.fine_tune` (its frozen fit is followed by an unfrozen one)?"
+    code = getattr(getattr(Learner, 'fine_tune', None), '__code__', None)
+    f = sys._getframe()
+    while f is not None and code is not None:
+        if f.f_code is code: return True
+        f = f.f_back
+    return False
+
 # %% auto #0
 __all__ = ['logger', 'SparsifyCallback']
 
@@ -60,7 +69,8 @@ class SparsifyCallback(Callback):
         layers=None,              # what to prune (names, patterns, modules, types); default every Conv/Linear
         exclude=None,             # what to leave dense (names, patterns, modules, types)
         seed:int=0,               # seeds the random criterion
-        coupled:bool|None=None,   # filter granularity: prune coupled channels together (None: yes, unless untraceable)
+        coupled:bool|None=None,   # filter granularity: prune coupled channels together (None: yes, unless untraceable;
+                                  # False: layer by layer, the layers making the model's output left dense)
         show_sparsity:bool=True,  # add a measured 'sparsity' column to the progress table
         attention:bool=False,     # prune MultiheadAttention's in-projections too ('filter': whole heads, coupled)
         heads:dict|None=None,     # {module or pattern: AttentionHeads}: hand-written attention, whole heads ('filter')
@@ -196,10 +206,13 @@ class SparsifyCallback(Callback):
         self._follow(model)
         frozen = self._frozen_layers(self.sparsifier)
         if self.completed or self.fixed or frozen:
-            if frozen and not (self.completed or self.fixed):
+            if frozen and not (self.completed or self.fixed) and _in_fine_tune():
                 logger.info("SparsifyCallback: %s frozen by Learner.freeze in this fit: the masks are kept and the "
-                            "schedule waits for an unfrozen fit (fine_tune prunes in its unfrozen fit)",
-                            ', '.join(frozen))
+                            "schedule waits for fine_tune's unfrozen fit", few(frozen))
+            elif frozen and not (self.completed or self.fixed):
+                logger.warning("SparsifyCallback: %s frozen by Learner.freeze: this fit prunes nothing (the masks are "
+                               "kept and the schedule waits for an unfrozen fit); call learn.unfreeze() first, or use "
+                               "fine_tune, which prunes in its unfrozen fit", few(frozen))
             self._mode = 'keep'
             self._refresh_cache()
             self._apply()
@@ -414,14 +427,30 @@ class SparsifyCallback(Callback):
         "The Sparsifier for this callback's settings on `model` (with filter granularity, its coupled channels)"
         sp = Sparsifier(model, self.granularity, self.context, self.criteria, self.layers, self.exclude, self.seed,
                         attention=self.attention)
-        if self.granularity.name == 'filter' and self.coupled is not False:
-            outs = self._couple(sp)
-            if outs:  # untraceable: filters layer by layer, but the layers that make the model's output stay dense
-                ex = [] if self.exclude is None else list(self.exclude) if isinstance(self.exclude, (list, tuple)) \
-                     else [self.exclude]
-                sp = Sparsifier(model, self.granularity, self.context, self.criteria, self.layers, ex + outs,
-                                self.seed, attention=self.attention)
-        return sp
+        if self.granularity.name != 'filter': return sp
+        if self.coupled is not False: outs = self._couple(sp)
+        else: outs = self._uncoupled_outputs(sp)
+        if not outs: return sp
+        # filters layer by layer: the layers that make the model's output stay dense (their rows are its classes)
+        ex = [] if self.exclude is None else list(self.exclude) if isinstance(self.exclude, (list, tuple)) \
+             else [self.exclude]
+        level = logger.level
+        logger.setLevel(logging.ERROR)  # the same model again: its warnings were given by the first Sparsifier
+        try: return Sparsifier(model, self.granularity, self.context, self.criteria, self.layers, ex + outs,
+                               self.seed, attention=self.attention)
+        finally: logger.setLevel(level)
+
+    def _uncoupled_outputs(self, sp) -> list:
+        "coupled=False: the layers that produce the model's output, left dense unless `layers=` names what to prune"
+        if self.layers is not None: return []  # the user's own choice of layers stands
+        outs = _output_layers(sp, self._first_input(sp.model))
+        if outs and len(outs) == len(sp.layers):
+            raise ValueError(f"filter granularity: the only layers it could prune ({few(outs, 4)}) produce the model's "
+                             "output, whose width must stay; use granularity='weight' (or 'vector', 'kernel'), or name "
+                             "them in layers= to prune their rows all the same")
+        if outs: logger.info("SparsifyCallback: coupled=False prunes filters layer by layer; %s, which produce the "
+                             "model's output, stay dense (name them in layers= to prune them)", few(outs))
+        return outs
 
     def _frozen_layers(self, sp) -> list[str]:
         "Pruned layers in the parameter groups that `Learner.freeze` froze for this fit"

@@ -11,7 +11,8 @@ from torch import nn, Tensor
 
 # %% auto #0
 __all__ = ['context_names', 'check_fraction', 'check_context', 'evaluating', 'round_half_up', 'flat_tensors', 'map_tensors',
-           'to_device', 'first_items', 'bare_model', 'model_device', 'first_line', 'few', 'state_problems']
+           'to_device', 'first_items', 'bare_model', 'model_device', 'first_line', 'few', 'state_problems',
+           'conv1d_layers', 'conv1d_note']
 
 # %% ../nbs/00a_core.ipynb #bb179ab5
 import logging, os
@@ -132,3 +133,17 @@ def state_problems(
               if k in state and tuple(state[k].shape) != tuple(v.shape)]
     if shapes: probs.append(f"different shapes: {few(shapes)}")
     return probs
+
+# %% ../nbs/00a_core.ipynb #60efb4ad
+def conv1d_layers(model:nn.Module) -> list[str]:
+    "Names of transformers-style `Conv1D` layers (GPT-2's: weight `(nx, nf)`, `x @ W + b`), which are not pruned"
+    return [n for n, m in model.named_modules() if type(m).__name__ == 'Conv1D' and hasattr(m, 'nf')
+            and isinstance(getattr(m, 'weight', None), Tensor) and m.weight.dim() == 2]
+
+def conv1d_note(model:nn.Module) -> str:
+    "A sentence naming the model's `Conv1D` layers and what to do, or ''"
+    names = conv1d_layers(model)
+    if not names: return ''
+    return (f"{few(names)} {'is a' if len(names) == 1 else 'are'} transformers Conv1D layer{'s' * (len(names) > 1)} "
+            "(a Linear with its weight stored transposed), which fasterprune does not prune or count: convert them "
+            "with fasterprune.hf.conv1d_to_linear(model) first")

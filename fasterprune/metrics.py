@@ -9,7 +9,7 @@ from contextlib import ExitStack
 import torch
 from torch import nn, Tensor
 import pandas as pd
-from .core import evaluating, few, model_device, to_device, first_line
+from .core import evaluating, few, model_device, to_device, first_line, conv1d_note
 from .sparsifier import prunable_layers, AttentionProjection, _ties, _nnz_each as _nonzero_each
 
 logger = logging.getLogger('fasterprune')
@@ -145,6 +145,8 @@ def layer_flops(
     rnn = [n for n, m in model.named_modules() if isinstance(m, (nn.RNNBase, nn.RNNCellBase))]
     if rnn: logger.warning("FLOPs count Conv/ConvTranspose/Linear layers and attention projections only: the "
                            "recurrent %s %s not counted", few(rnn, 3), 'is' if len(rnn) == 1 else 'are')
+    note = conv1d_note(model)
+    if note: logger.warning("FLOPs: %s", note)
     idle = [n for n, u in uses.items() if u == 0 and n not in blocks]
     if idle: logger.info("layers that did not run as modules in the forward pass count 0 FLOPs: %s", few(idle, 5))
     parts = [(n, m.weight, None) for n, m in layers.items() if n not in blocks]

@@ -8,7 +8,7 @@ import math, fnmatch, inspect, logging, random, warnings
 import numpy as np
 import torch
 from torch import nn, Tensor
-from .core import check_fraction, check_context, round_half_up, few
+from .core import check_fraction, check_context, round_half_up, few, conv1d_note
 from .criteria import get_criterion, Magnitude
 from .granularity import get_granularity, _conv_t
 from torch.nn.utils import parametrize, parametrizations
@@ -99,8 +99,9 @@ def _reparam(m:nn.Module, name:str):
         h = _hook_of(m, kind)
         if h is not None: return ('old_orig', m, h)
     if not isinstance(m.weight, nn.Parameter) and m.weight.grad_fn is not None:
-        raise ValueError(f"layer {name!r}: its weight is computed by a forward hook the Sparsifier does not know; "
-                         f"leave it dense with exclude=[{name!r}], or remove the hook")
+        raise ValueError(f"layer {name!r}: its weight is not a parameter but computed from others (by a forward hook "
+                         "or a wrapper module such as fastai's WeightDropout), which masks cannot follow: the next "
+                         f"forward would recompute the pruned entries; leave it dense with exclude=[{name!r}]")
     return None
 
 def _effective_weight(m:nn.Module, rp) -> Tensor:
@@ -611,6 +612,21 @@ def _warn_shared_left_out(model:nn.Module, sel:dict, attention:bool):
         logger.warning("Sparsifier: %s left out by `layers`/`exclude`, but %s pruned with the layer that shares it; "
                        "leave both out to keep it whole", ', '.join(hit), 'it is' if len(hit) == 1 else 'they are')
 
+def _warn_tied_elsewhere(model:nn.Module, layers:dict):
+    "A pruned weight that is also another kind of module's parameter (a tied embedding): pruned there too, say so"
+    own = {id(m) for m in layers.values()}
+    by_weight = {id(l.weight): n for n, l in layers.items() if isinstance(l.weight, nn.Parameter)}
+    hit = []
+    for mn, m in model.named_modules(remove_duplicate=False):
+        if id(m) in own or isinstance(m, prunable_types): continue  # a pruned layer, or one `_warn_shared_left_out` names
+        for pn, p in m._parameters.items():
+            n = by_weight.get(id(p))
+            if n is not None: hit.append(f"{n} (also {mn + '.' if mn else ''}{pn}, {type(m).__name__})")
+    if hit:
+        logger.warning("Sparsifier: %s: the weights are tied, so the entries pruned in the layer are zero in the %s "
+                       "too; exclude the layer to keep both whole", few(dict.fromkeys(hit)),
+                       'other module' if len(hit) == 1 else 'other modules')
+
 def _untied(layers:dict, granularity) -> dict:
     "`layers` with one entry per weight tensor: a layer that shares another's weight is pruned through that one"
     tied = _ties(layers)
@@ -645,11 +661,14 @@ class Sparsifier:
         sel = prunable_layers(model, layers, exclude, attention)
         self.layers = _untied(sel, self.granularity)
         _warn_shared_left_out(model, sel, attention)
+        note = conv1d_note(model) if layers is None else ''
         if not self.layers:
             why = (f" (filter granularity leaves {', '.join(sel)} dense: they share weight tensors)" if sel else
                    " after `layers`/`exclude`")
             raise ValueError(f"Nothing to prune: {type(model).__name__} has no Conv/ConvTranspose/Linear layer "
-                             f"left{why}")
+                             f"left{why}" + (f"; {note}" if note else ''))
+        if note: logger.warning("Sparsifier: %s", note)
+        _warn_tied_elsewhere(model, self.layers)
         for n, m in self.layers.items(): self.granularity.group_size(m.weight, m, n)  # fail now on undefined ones
         self._rp = {n: _reparam(m, n) for n, m in self.layers.items()}  # reparametrized weights: what to mask instead
         self.masks: dict[str, Tensor] = {}

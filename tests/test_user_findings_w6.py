@@ -1,7 +1,14 @@
-"""What a Hugging Face user's trial (W6) found in the callback: filter granularity with heads= on a model with an op
-the channel graph does not know (HF Llama's rotary `cos`) was refused with "pass strict=False", an argument the
-callback does not take; coupled=True was refused the same way; and when the retry around the unknown op failed too, the
-warning blamed the op and hid the retry's own error."""
+"""What two user trials (fifth session: W5 with fastai's own learners, W6 with Hugging Face models) found in the
+callback, the Sparsifier and the metrics.
+
+- Filter granularity with heads= on a model with an op the channel graph does not know (HF Llama's rotary `cos`) was
+  refused with "pass strict=False", an argument the callback does not take; coupled=True the same way; and when the
+  retry around the unknown op failed too, the warning blamed the op and hid the retry's own error.
+- coupled=False pruned the rows of the output layer: whole classes, silently.
+- A fit frozen from start to end pruned nothing, said only at INFO level.
+- A pruned layer tied to an embedding (an LM's decoder, GPT-2's lm_head) pruned the embedding without a word;
+  transformers' Conv1D layers were neither pruned nor counted, without a word.
+- fastai's WeightDropout was refused with a message about a forward hook there is none of."""
 import logging
 import pytest, torch, torch.nn as nn, torch.nn.functional as F
 import fastcore.test as fct
@@ -12,7 +19,7 @@ from fasterprune.callback import SparsifyCallback
 from fasterprune.sparsifier import Sparsifier
 from fasterprune.graph import AttentionHeads
 from fasterprune.schedules import one_shot
-from fasterprune.data import TensorPairs
+from fasterprune.data import TensorPairs, digits_arrays, mlp
 
 
 class Rolled(nn.Module):
@@ -111,3 +118,93 @@ def test_heads_on_hf_llama_prune_whole_heads_around_its_rotary_op(caplog):
     attn = learn.model.m.model.layers[0].self_attn
     fct.test_eq((attn.q_proj.out_features, attn.k_proj.out_features), (16, 8))
     with torch.no_grad(): fct.test_close(learn.model(x), ref, eps=1e-4)
+
+
+def _digits_learner(model=None, **kw):
+    torch.manual_seed(0)
+    xt, yt, xv, yv = digits_arrays(True)
+    dls = DataLoaders(DataLoader(TensorPairs(xt[:256], yt[:256]), bs=64, shuffle=True, drop_last=True),
+                      DataLoader(TensorPairs(xv, yv), bs=256), device=torch.device('cpu'))
+    return Learner(dls, model or mlp(64, 64, 32, 10), loss_func=nn.CrossEntropyLoss(), **kw)
+
+
+def test_uncoupled_filters_leave_the_output_layer_s_classes_alone():
+    "coupled=False prunes filters layer by layer; the output layer's rows (its classes) stay, as in the coupled modes"
+    learn = _digits_learner()
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-2, cbs=SparsifyCallback(0.5, 'filter', 'local', schedule=one_shot(), coupled=False))
+    m = learn.model
+    fct.test_eq(int((m[4].weight == 0).all(1).sum()), 0)  # 10 classes: none pruned (was 5)
+    fct.test_eq([int((m[i].weight == 0).all(1).sum()) for i in (0, 2)], [32, 16])
+
+
+def test_uncoupled_filters_of_the_output_layer_when_named():
+    "Naming the output layer in layers= prunes its rows all the same: the user's choice"
+    learn = _digits_learner()
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-2, cbs=SparsifyCallback(0.5, 'filter', 'local', schedule=one_shot(), coupled=False,
+                                                layers=['0', '4']))
+    fct.test_eq([int((learn.model[i].weight == 0).all(1).sum()) for i in (0, 4)], [32, 5])
+
+
+def test_a_fit_frozen_from_start_to_end_warns_that_it_prunes_nothing(caplog):
+    "learn.freeze(); fit: nothing is pruned, and a warning says so and what to do (fine_tune's frozen fit stays quiet)"
+    from fastai.torch_core import params
+    import fastai.callback.schedule  # noqa: F401  (fine_tune)
+    learn = _digits_learner(splitter=lambda m: [params(m[0]), params(m[2:])])
+    learn.freeze()
+    cb = SparsifyCallback(0.8, schedule=one_shot())
+    with caplog.at_level(logging.INFO, logger='fasterprune'), learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-2, cbs=cb)
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and 'prunes nothing' in r.message]
+    assert warned and 'unfreeze' in warned[0].message, caplog.text
+    fct.test_eq(sum(int((p == 0).sum()) for p in learn.model.parameters()), 0)
+    caplog.clear()
+    learn2 = _digits_learner(splitter=lambda m: [params(m[0]), params(m[2:])])
+    cb2 = SparsifyCallback(0.8, schedule=one_shot())
+    with caplog.at_level(logging.INFO, logger='fasterprune'), learn2.no_bar(), learn2.no_logging():
+        learn2.fine_tune(1, 1e-2, freeze_epochs=1, cbs=cb2)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and 'frozen' in r.message], caplog.text
+    assert "fine_tune's unfrozen fit" in caplog.text
+    fct.test_close(cb2.sparsifier.sparsity(), 0.8, eps=1e-3)
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.body, self.head = nn.Embedding(50, 16), nn.Linear(16, 16), nn.Linear(16, 50, bias=False)
+        self.head.weight = self.emb.weight
+    def forward(self, x): return self.head(torch.relu(self.body(self.emb(x))))
+
+
+def test_a_layer_tied_to_an_embedding_is_said_to_prune_it(caplog):
+    "The decoder shares the embedding's weight: pruning it zeroes the embedding's entries, and a warning says so"
+    m = TiedLM()
+    with caplog.at_level(logging.WARNING, logger='fasterprune'): sp = Sparsifier(m, 'weight', 'local').sparsify(0.5)
+    assert 'head (also emb.weight, Embedding)' in caplog.text and 'tied' in caplog.text, caplog.text
+    fct.test_eq(int((m.emb.weight == 0).sum()), 400)  # the same tensor: half of its 800 entries
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger='fasterprune'): Sparsifier(m, 'weight', 'local', exclude=['head'])
+    assert 'tied' not in caplog.text
+
+
+def test_gpt2_conv1d_layers_are_named_by_the_sparsifier_and_the_flop_count(caplog):
+    "GPT-2's Conv1D layers are not pruned or counted: the Sparsifier and the FLOP count say so and what to do"
+    T = pytest.importorskip('transformers')
+    from fasterprune.metrics import layer_flops
+    g = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=8,
+                                       bos_token_id=0, eos_token_id=0))
+    with caplog.at_level(logging.WARNING, logger='fasterprune'): Sparsifier(g, 'weight', 'global')
+    assert 'transformer.h.0.attn.c_attn' in caplog.text and 'conv1d_to_linear' in caplog.text, caplog.text
+    assert 'lm_head (also transformer.wte.weight, Embedding)' in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger='fasterprune'): layer_flops(g, torch.randint(0, 64, (1, 8)))
+    assert 'Conv1D' in caplog.text and 'conv1d_to_linear' in caplog.text
+
+
+def test_weight_dropout_is_refused_for_what_it_is():
+    "fastai's WeightDropout computes the weight in its forward: refused, and the message says a wrapper can do that"
+    from fastai.text.models.awdlstm import WeightDropout
+    m = nn.Sequential(WeightDropout(nn.Linear(8, 8), 0.5, layer_names='weight'), nn.ReLU(), nn.Linear(8, 2))
+    m(torch.randn(2, 8))
+    fct.test_fail(lambda: Sparsifier(m, 'weight', 'global'), contains="WeightDropout")
