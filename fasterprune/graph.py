@@ -267,7 +267,8 @@ class ChannelGraph:
     "Channel dependencies of `model` found by tracing it with `torch.fx` on `example_inputs`"
     def __init__(self,
         model:nn.Module,       # the model (not changed; run once in eval mode)
-        example_inputs,        # a tensor or a tuple of positional inputs
+        example_inputs,        # a tensor, a tuple of positional inputs, or a dict of keyword arguments (Hugging Face's
+                               # `model(**batch)`; for a forward that takes the dict itself, pass `(batch,)`)
         strict:bool=True,      # unknown ops that touch channels: error (True) or pin their channels (False)
         traced:tuple|None=None,  # `.traced` of an earlier `ChannelGraph` of this model: no tracing
         heads:dict|None=None,    # {module name or pattern: `AttentionHeads`}: hand-written attention, heads prune whole
@@ -275,13 +276,13 @@ class ChannelGraph:
     ):
         self.model, self.strict = model, strict
         example_inputs = _plain(example_inputs)
-        multi = isinstance(example_inputs, (tuple, list))
-        self.example_inputs = tuple(example_inputs) if multi else (example_inputs,)
+        # positional inputs, and keyword arguments (a dict): the model runs as `model(*example_inputs, **example_kwargs)`
+        self.example_inputs, self.example_kwargs = _args_kwargs(example_inputs)
         self.modules = dict(model.named_modules())
         self.values = values
         # eval mode before tracing: `self.training` is read at trace time (dropout, stochastic depth)
         with evaluating(model, no_grad=False):
-            tr = tuple(traced) if traced is not None else _trace(model, self.example_inputs)
+            tr = tuple(traced) if traced is not None else _trace(model, self.example_inputs, self.example_kwargs)
             self.traced = tr if len(tr) > 2 else tr + (None,)  # (module, eval-mode graph, train-mode graph or None)
             self.gm = self.traced[0]
             with torch.no_grad():
@@ -303,10 +304,14 @@ class ChannelGraph:
             counts = (getattr(sp, c, None) for c in ('num_heads', 'num_kv_heads', 'head_dim', 'n_rep', 'width'))
             parts += [a for a in counts if a is not None]
             hits = [n for n, m in self.modules.items()  # a pattern: every module it names that has those parts
-                    if fnmatch.fnmatchcase(n, key) and all(isinstance(a, str) and hasattr(m, a) for a in parts)]
+                    if fnmatch.fnmatchcase(n, key) and all(isinstance(a, str) and _has_path(m, a) for a in parts)]
             if not hits:
+                named = [m for n, m in self.modules.items() if fnmatch.fnmatchcase(n, key)]
+                lack = [a for a in parts if isinstance(a, str) and named and not _has_path(named[0], a)]
+                counts = [f for f in ('num_heads', 'num_kv_heads') if getattr(sp, f, None) in lack]
+                why = f" ({type(named[0]).__name__} has no {lack}{_no_count_hint(counts)})" if lack else ''
                 raise ValueError(f"heads: the pattern {key!r} matches no module of the model with the attributes "
-                                 f"{parts}")
+                                 f"{parts}{why}")
             for n in hits: self._written_heads(n, spec)
         self._finish()
         for owner, w in self.heads.items(): self._check_written(owner, w)
@@ -341,8 +346,8 @@ class ChannelGraph:
         if not self.values:
             try:
                 with _on_meta(gm):
-                    ins = _to_meta(self.example_inputs)
-                    for gr in graphs: _Labeler(self, gm, gr).run(*ins)
+                    ins = _to_meta((self.example_inputs, self.example_kwargs))
+                    for gr in graphs: _Labeler(self, gm, gr).run(*_placeholders(gr, *ins))
                 return None
             except UnknownOpError: raise
             except Exception as e:  # e.g. a tensor made on the CPU inside the forward: run it for real
@@ -351,7 +356,8 @@ class ChannelGraph:
                 self.values = True
                 self._reset()
         # a train-mode graph runs in eval mode too: the same modules as verification, its branches' channels united
-        return [_Labeler(self, gm, gr).run(*self.example_inputs) for gr in graphs][0]
+        ins = self.example_inputs, self.example_kwargs
+        return [_Labeler(self, gm, gr).run(*_placeholders(gr, *ins)) for gr in graphs][0]
 
     def _not_run(self, *graphs) -> list[str]:
         "Layers with parameters (convolutions, linear layers, norms, ...) that none of `graphs` calls"
@@ -364,7 +370,7 @@ class ChannelGraph:
         "When layers did not run on the example, trace the model in train mode too: a branch that runs only there"
         missing = self._not_run(self.traced[1])
         if not missing: return
-        try: tg = _trace_train(self.model, self.example_inputs)
+        try: tg = _trace_train(self.model, self.example_inputs, self.example_kwargs)
         except Exception as e:
             logger.warning("graph: %s did not run on the example in eval mode, and tracing the model in train mode "
                            "failed (%s: %s): if they run in training (an auxiliary head?), cutting the channels that "
@@ -568,10 +574,11 @@ def _is_leaf(m:nn.Module) -> bool:
     if isinstance(m, nn.MultiheadAttention) or _ln_channel_dim(m) is not None: return True
     return getattr(type(m).forward, '__module__', '').startswith('torch.')
 
-def _record(model:nn.Module, inputs:tuple) -> fx.Graph:
-    "The fx graph of one real forward pass of `model` on `inputs` (see above)"
-    rec = _Recorder(model)
+def _record(model:nn.Module, inputs:tuple, kwargs:dict|None=None) -> fx.Graph:
+    "The fx graph of one real forward pass of `model` on `inputs` and keyword arguments `kwargs` (see above)"
+    rec, kwargs = _Recorder(model), kwargs or {}
     for i, x in enumerate(inputs): rec.bind(x, rec.graph.placeholder(f'input_{i}'))
+    for k, x in kwargs.items(): rec.bind(x, rec.graph.placeholder(k))  # found by name: see `_placeholders`
     hooks = []
     for m in model.modules():
         if _is_leaf(m) and m is not model:
@@ -580,7 +587,7 @@ def _record(model:nn.Module, inputs:tuple) -> fx.Graph:
     fast = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # TransformerEncoderLayer: its parts, not one fused kernel
     try:
-        with torch.no_grad(), rec: out = model(*inputs)
+        with torch.no_grad(), rec: out = model(*inputs, **kwargs)
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
         for h in hooks: h.remove()
@@ -602,17 +609,41 @@ def _is_window_attention(m) -> bool:
     swin = any(c.__name__ == 'ShiftedWindowAttention' for c in type(m).__mro__)
     return swin and hasattr(m, 'relative_position_bias_table')
 
-def _trace(model:nn.Module, inputs:tuple) -> tuple:
+def _args_kwargs(x) -> tuple[tuple, dict]:
+    "`(args, kwargs)` of an example input: a dict is keyword arguments, a tuple or list positional ones, else one input"
+    if isinstance(x, dict): return (), dict(x)
+    if isinstance(x, (tuple, list)): return tuple(x), {}
+    return (x,), {}
+
+_dict_hint = " (a dict is passed as keyword arguments: for a forward that takes the dict itself, pass `(batch,)`)"
+
+def _placeholders(graph:fx.Graph, args:tuple, kwargs:dict) -> tuple:
+    "The values of `graph`'s placeholders in order: `args` first, then `kwargs` by name, else their defaults"
+    vals = []
+    for n in (n for n in graph.nodes if n.op == 'placeholder'):
+        if len(vals) < len(args): vals.append(args[len(vals)])
+        elif n.target in kwargs: vals.append(kwargs[n.target])
+        elif n.args: vals.append(n.args[0])  # a default of the forward
+        else: raise TypeError(f"the traced forward needs its input {n.target!r}, which the example does not give")
+    return tuple(vals)
+
+def _trace(model:nn.Module, inputs:tuple, kwargs:dict|None=None) -> tuple:
     "`(module, graph)` to run the labelling on: torch.fx's symbolic trace, else a recorded forward pass"
+    kwargs = kwargs or {}
     try:
-        return model, _Tracer().trace(model)  # run by an Interpreter on the model itself: no GraphModule to build
+        graph = _Tracer().trace(model)  # run by an Interpreter on the model itself: no GraphModule to build
+        _placeholders(graph, inputs, kwargs)  # the inputs fit the traced signature
+        if set(kwargs) - {n.target for n in graph.nodes if n.op == 'placeholder'}:
+            raise TypeError(f"keyword arguments {sorted(kwargs)} that the traced forward does not take")
+        return model, graph
     except Exception as e:
         err = e
     try:
-        graph = _record(model, inputs)
+        graph = _record(model, inputs, kwargs)
     except Exception as e2:
+        hint = _dict_hint if kwargs and isinstance(e2, TypeError) else ''
         raise RuntimeError(f"torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}), and "
-                           f"recording a forward pass failed too ({type(e2).__name__}: {e2})") from e2
+                           f"recording a forward pass failed too ({type(e2).__name__}: {e2}){hint}") from e2
     why = f"{type(err).__name__}: {first_line(err)}"
     logger.info("graph: torch.fx could not trace %s (%s); recorded one forward pass instead", type(model).__name__, why)
     graph.untraced = why  # the graph holds only the branches the example took (see `ChannelGraph.branch_layers`)
@@ -630,14 +661,14 @@ def _referenced(model:nn.Module, name:str) -> bool:
         if not re.search(rf"\b{re.escape(part)}\b", src): return False
     return True
 
-def _trace_train(model:nn.Module, inputs:tuple) -> fx.Graph:
+def _trace_train(model:nn.Module, inputs:tuple, kwargs:dict|None=None) -> fx.Graph:
     "The graph of `model` in train mode (branches that run only in training); training flags, buffers and RNG restored"
     flags = [(m, m.training) for m in model.modules()]
     bufs = [(b, b.detach().clone()) for b in model.buffers()]  # a recorded forward updates BatchNorm statistics
     cuda = sorted({t.device.index or 0 for t in model.parameters() if t.is_cuda})
     try:
         model.train()
-        with torch.random.fork_rng(devices=cuda), torch.no_grad(): return _trace(model, inputs)[1]
+        with torch.random.fork_rng(devices=cuda), torch.no_grad(): return _trace(model, inputs, kwargs)[1]
     finally:
         with torch.no_grad():
             for b, v in bufs: b.copy_(v)
@@ -824,6 +855,10 @@ def _cat(self:ChannelGraph, n:fx.Node, out:Tensor, it:_Labeler):
     "Labels of a concatenation: along the channels, the inputs' labels in a row; along other dimensions, united"
     ts = n.args[0] if n.args else n.kwargs['tensors']
     d = _normdim(n.kwargs.get('dim', n.args[1] if len(n.args) > 1 else 0), out.dim())
+    # torch.cat skips an empty 1-d input next to tensors of more dimensions (Hugging Face's `DynamicCache` starts from
+    # `torch.tensor([])`): it holds no channel
+    ts = [t for t in ts if not (isinstance(v := it.arg_val(t), Tensor) and v.dim() == 1 and not v.numel()
+                                and out.dim() > 1)]
     vals = [it.arg_val(t) for t in ts]
     labs = [it.arg_lab(t) for t in ts]
     ref = next((l for l in labs if isinstance(l, Tensor) and not hasattr(l, '_created')), None)
@@ -1243,9 +1278,27 @@ def _layer(self:ChannelGraph, name:str, m:nn.Module, x:Tensor, xl, out:Tensor, i
     return ids
 
 # %% ../nbs/07_graph.ipynb #3177773b
+def _holder(m:nn.Module, path:str) -> tuple[nn.Module|None, str]:
+    "(the module holding the attribute `path` of `m` names, its own name): 'self.head_size' is `head_size` of `m.self`"
+    sub, _, a = path.rpartition('.')
+    if not sub: return m, a
+    try: return m.get_submodule(sub), a
+    except AttributeError: return None, a
+
+def _get_path(m:nn.Module, path:str):
+    "`m.<path>` for a dotted `path` relative to `m` (an attribute of a submodule), else None"
+    h, a = _holder(m, path)
+    return getattr(h, a, None) if h is not None else None
+
+def _has_path(m:nn.Module, path:str) -> bool:
+    h, a = _holder(m, path)
+    return h is not None and hasattr(h, a)
+
 @dataclass
 class AttentionHeads:
     "A hand-written attention block: the attribute its forward splits heads with, and its projections (`nn.Linear`)"
+    # every name is relative to the block and may be dotted: 'output.dense' (a projection in a submodule),
+    # 'self.attention_head_size' (a count held by a submodule, read and set there): Hugging Face's BERT and ViT
     num_heads:str|None='num_heads'  # the int attribute of the block read by `.view(B, T, self.num_heads, head_dim)`
     q:str|None=None            # the query, key, value projections and the output projection, named inside the block
     k:str|None=None            # (q, k, v default to 'q_proj', 'k_proj', 'v_proj' when `qkv` is not given)
@@ -1289,21 +1342,21 @@ class _WrittenHeads:
     width_attr:str|None = None  # the attribute holding num_heads · head_dim, set after a cut
     @property
     def num_heads(self) -> int:
-        if self.attr is not None: return getattr(self.owner, self.attr)
+        if self.attr is not None: return _get_path(self.owner, self.attr)
         if not self.fused: return self.qkv[0].out_features // self.head_dim
         n = self.qkv[0].out_features // self.head_dim  # fused: (num_heads + 2 num_kv_heads) heads of rows
-        return n - 2 * getattr(self.owner, self.kv_attr) if self.kv_attr is not None else n // 3
+        return n - 2 * _get_path(self.owner, self.kv_attr) if self.kv_attr is not None else n // 3
     @property
     def num_kv_heads(self) -> int:
         "k/v heads: the units that prune whole (a unit is one k/v head with its `n_rep` query heads)"
-        if self.kv_attr is not None: return getattr(self.owner, self.kv_attr)
+        if self.kv_attr is not None: return _get_path(self.owner, self.kv_attr)
         if self.attr is not None or self.fused: return self.num_heads
         return self.qkv[1].out_features // self.head_dim
     @property
     def n_rep(self) -> int: return self.num_heads // self.num_kv_heads
     @property
     def head_dim(self) -> int:
-        return getattr(self.owner, self.hd_attr) if self.hd_attr is not None else self.o.in_features // self.num_heads
+        return _get_path(self.owner, self.hd_attr) if self.hd_attr is not None else self.o.in_features // self.num_heads
     @property
     def attrs(self) -> tuple:
         "The count attributes the Pruner sets after a cut"
@@ -1344,12 +1397,19 @@ class _WrittenHeads:
         Hkv, hd = self.num_kv_heads, self.head_dim
         return self.qkv[2], self.offsets()[2] + torch.arange(Hkv * hd).reshape(Hkv, hd)
 
+def _no_count_hint(fields) -> str:
+    "The way out when the head counts named by the `AttentionHeads` `fields` are not attributes of the block"
+    if not set(fields) & {'num_heads', 'num_kv_heads'}: return ''
+    return ("; a block that holds no head counts (Hugging Face's Llama and Mistral in transformers 5) is named with "
+            "AttentionHeads(num_heads=None, head_dim='head_dim'): the counts follow the projections' widths")
+
 def _count(m:nn.Module, attr, owner:str, field:str, what:str) -> int:
     "The positive int `m.<attr>` named by the `AttentionHeads` field `field`, or a ValueError that says what to name"
-    v = getattr(m, attr, None) if isinstance(attr, str) else None
+    v = _get_path(m, attr) if isinstance(attr, str) else None
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        hint = _no_count_hint([field]) if isinstance(attr, str) and not _has_path(m, attr) else ''
         raise ValueError(f"heads[{owner!r}]: {field}={attr!r} names {type(m).__name__}.{attr} = {v!r}, not {what}; "
-                         f"name the int attribute the forward reads")
+                         f"name the int attribute the forward reads{hint}")
     return v
 
 def _kv_like(name:str) -> bool:
@@ -1367,6 +1427,48 @@ def _check_kv_attr(m:nn.Module, owner:str, spec, H:int):
                          f"num_heads={spec.num_heads!r} = {H}; a forward that splits k and v with it would still "
                          f"expect {H} k/v heads after a cut. Name it with AttentionHeads(..., num_kv_heads={kv[0]!r}) "
                          "(equal counts: each head is its own k/v group and both counts follow)")
+
+def _ints(m:nn.Module, skip) -> dict:
+    "The public int attributes of `m` (not bools) whose names are not in `skip`"
+    return {a: v for a, v in vars(m).items()
+            if a not in skip and not a.startswith('_') and isinstance(v, int) and not isinstance(v, bool)}
+
+def _rep_like(name:str) -> bool:
+    "Does the attribute name say it holds num_heads // num_kv_heads? (`num_key_value_groups`, `n_rep`, `kv_groups`)"
+    n = name.lower()
+    return 'rep' in n or 'group' in n or 'per_kv' in n or 'queries_per' in n
+
+def _heads_like(name:str) -> bool:
+    "Does the attribute name say it counts (query) heads? (`num_heads`, `num_attention_heads`, `n_head`)"
+    n = name.lower()
+    return 'head' in n and not _kv_like(name) and not any(w in n for w in ('dim', 'size', 'width', 'idx', 'index'))
+
+def _width_like(name:str) -> bool:
+    "Does the attribute name say it holds the attention width num_heads · head_dim? (`all_head_size`, `attn_dim`)"
+    n = name.lower()
+    return any(w in n for w in ('all_head', 'attn_dim', 'attention_dim', 'inner_dim'))
+
+def _check_stale_attrs(m:nn.Module, owner:str, spec, H:int, Hkv:int, hd:int):
+    """Counts the block holds but `spec` does not name, that a cut would leave stale while a forward may read them (the
+    SDPA path with `enable_gqa` never reads n_rep; the eager path and a padded batch do): refused before any change"""
+    named = {spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.n_rep, spec.width}
+    ints, block = _ints(m, named), type(m).__name__
+    rep = [a for a, v in ints.items() if _rep_like(a) and v == H // Hkv]
+    if spec.n_rep is None and Hkv == 1 < H and rep:  # MQA: the units are query heads, n_rep falls with them
+        raise ValueError(f"heads[{owner!r}]: {block}.{rep[0]} = {H} looks like n_rep (num_heads // num_kv_heads = "
+                         f"{H} // 1): the units are the query heads, and after a cut the forward (its eager path, a "
+                         f"padded batch) would still repeat the k/v head {H} times. Name it with "
+                         f"AttentionHeads(..., n_rep={rep[0]!r})")
+    heads = [a for a, v in ints.items() if _heads_like(a) and v == H]
+    if spec.num_heads is None and H > 1 and heads:  # the counts follow the widths, but the block holds one
+        raise ValueError(f"heads[{owner!r}]: {block}.{heads[0]} = {H} looks like the head count, and num_heads=None "
+                         "leaves it as it is after a cut; a forward that reads it would split the old count. Name it "
+                         f"with AttentionHeads(num_heads={heads[0]!r}, ...)")
+    wide = [a for a, v in ints.items() if _width_like(a) and v == H * hd]
+    if spec.width is None and H > 1 and wide:
+        raise ValueError(f"heads[{owner!r}]: {block}.{wide[0]} = {H * hd} looks like the attention width num_heads · "
+                         "head_dim, which a cut changes; a forward that reshapes with it would keep the old width. "
+                         f"Name it with AttentionHeads(..., width={wide[0]!r})")
 
 def _fused_counts(spec, owner:str, F_:int, O:int, H, hd, Hkv) -> tuple[int, int, int]:
     "(num_heads, head_dim, num_kv_heads) of a fused q|k|v projection of `F_` rows and an o of `O` inputs, or ValueError"
@@ -1441,6 +1543,7 @@ def _written_heads(self:ChannelGraph, owner:str, spec):
     if wd is not None and wd != H * hd:
         raise ValueError(f"heads[{owner!r}]: width={spec.width!r} is {wd}, not num_heads · head_dim = {H} · {hd}; name "
                          "the attribute holding the attention width (the q part of the projections, o's input)")
+    _check_stale_attrs(m, owner, spec, H, Hkv, hd)
     names = [full(n) for n in ((spec.qkv,) * 3 if spec.qkv is not None else (spec.q, spec.k, spec.v))]
     w = _WrittenHeads(m, spec.num_heads, (q, k, v), o, (names, full(spec.o)), spec.num_kv_heads, spec.head_dim,
                       spec.n_rep, spec.qkv is not None, spec.width)

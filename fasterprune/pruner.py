@@ -13,7 +13,8 @@ from .core import check_context, check_fraction, evaluating, few, flat_tensors, 
     round_half_up, to_device, first_items, map_tensors, bare_model, first_line
 from .criteria import get_criterion
 from .graph import ChannelGraph, CountedLayerNorm, CountedRMSNorm, UnknownOpError, _WrittenHeads, \
-    _conv_types, _ln_channel_dim, _pinned_text, _plain, _Tracer, _pass_modules, _reshape_modules
+    _conv_types, _ln_channel_dim, _pinned_text, _plain, _Tracer, _pass_modules, _reshape_modules, _holder, \
+    _dict_hint, _heads_like, _rep_like, _width_like
 
 logger = logging.getLogger('fasterprune')
 
@@ -40,7 +41,8 @@ def _first_batch(learn, n:int=16):
     b = _one_batch(dl, model_device(learn.model))
     xb = (b,) if isinstance(b, Tensor) else tuple(b)[:getattr(learn.dls, 'n_inp', 1)]
     xb = first_items(xb, n)  # tensors, or dicts of them (a Hugging Face-style `model(batch)`)
-    return xb[0] if len(xb) == 1 else xb
+    # fastai calls `model(*xb)`: one dict goes in whole, so it stays in its tuple (a top-level dict is keywords)
+    return xb[0] if len(xb) == 1 and not isinstance(xb[0], dict) else xb
 
 def _learner_heads(learn) -> dict|None:
     "The `heads=` of the Learner's SparsifyCallback (looked up by attribute: no fastai import), or None"
@@ -148,7 +150,9 @@ class Pruner:
     "Structured pruning by surgery: removes whole channels of `model` (or of a fastai `Learner`'s model), verified"
     def __init__(self,
         model,                    # an nn.Module, or a fastai Learner (its model, first validation batch, optimizer)
-        example_inputs=None,      # a tensor or tuple the model runs on (default for a Learner: 16 validation items)
+        example_inputs=None,      # a tensor, tuple (positional) or dict (keyword arguments, `model(**x)`; `(batch,)`
+                                  # for a forward that takes the dict) the model runs on (a Learner: 16 validation
+                                  # items, called as fastai does, `model(*xb)`)
         verify:bool=True,         # check after every surgery that the output is unchanged
         rtol:float|None=None,     # largest accepted max|masked - pruned| / max|masked| (default: 1e-5, see "Precision")
         strict:bool|None=None,    # unknown ops that touch channels: error (True) or keep their channels (False);
@@ -447,9 +451,13 @@ class _Surgery:
         self.cut_param(w.o.weight, 1, cols)
         self.set(w.o, 'in_features', len(cols))
         if not hasattr(w.owner, '_pruned_head_attrs'): w.owner._pruned_head_attrs = ()
-        self.set(w.owner, '_pruned_head_attrs', tuple(sorted({*w.owner._pruned_head_attrs, *w.attrs})))  # for recipes
+        self.set(w.owner, '_pruned_head_attrs', w.owner._pruned_head_attrs)  # the owner's attributes, at least none
         for a, val in ((w.kv_attr, kv), (w.attr, H), (w.rep_attr, H // kv), (w.width_attr, H * hd)):
-            if a is not None: self.set(w.owner, a, val)
+            if a is None: continue
+            h, name = _holder(w.owner, a)  # a dotted name ('self.num_attention_heads'): set on the submodule
+            self.set(h, name, val)
+            if not hasattr(h, '_pruned_head_attrs'): h._pruned_head_attrs = ()
+            self.set(h, '_pruned_head_attrs', tuple(sorted({*h._pruned_head_attrs, name})))  # for recipes
 
 # %% ../nbs/08_pruner.ipynb #7551cd9b
 import torch.nn.functional as F
@@ -593,8 +601,10 @@ def _pruned_window_attention(cls:type) -> type:
 
 # %% ../nbs/08_pruner.ipynb #ef0799bc
 def _call(model:nn.Module, inputs):
-    "`model` on `inputs`: a tensor, or a tuple of positional inputs"
-    return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+    "`model` on `inputs`: a tensor, a tuple of positional inputs, or a dict of keyword arguments (as the metrics do)"
+    if not isinstance(inputs, dict): return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+    try: return model(**inputs)
+    except TypeError as e: raise TypeError(f"{e}{_dict_hint}") from e
 
 def relative_error(ref, out) -> float:
     "The largest max |ref − out| / max |ref| of the tensors of two outputs of the same structure, each on its own scale"
@@ -658,9 +668,12 @@ def _graph(self:Pruner, **kwargs) -> ChannelGraph:
     "The model's `ChannelGraph`; an op it does not know, for a Learner, says how to do what its SparsifyCallback did"
     try: return ChannelGraph(self.model, self.example_inputs, self.strict, heads=self.heads, **kwargs)
     except UnknownOpError as e:
-        if self.learn is None or self._strict_given: raise
-        err = UnknownOpError(f"{e} (a SparsifyCallback that meets it keeps the channels around it and prunes the "
-                             "rest: Pruner(learn, strict=False) does the same)")
+        conv1d = _conv1d_hint(self.model)
+        if (self.learn is None or self._strict_given) and not conv1d: raise
+        learn = '' if self.learn is None or self._strict_given else \
+            (" (a SparsifyCallback that meets it keeps the channels around it and prunes the rest: Pruner(learn, "
+             "strict=False) does the same)")
+        err = UnknownOpError(f"{e}{learn}{conv1d}")
         err.op = e.op
         raise err from None
 
@@ -671,13 +684,29 @@ def _tolerance(self:Pruner, folded:bool) -> float:
     if self.dtype in _low_precision and folded: return max(1e-5, 4 * torch.finfo(self.dtype).eps)
     return 1e-5
 
+def _count_ints(w:_WrittenHeads) -> dict:
+    """{'name': value} of the int attributes of a cut attention block and the submodules its dotted names reach, but not
+    the ones it names (the Pruner sets them); a submodule's as 'self.num_attention_heads'"""
+    named = [a for a in (*w.attrs, w.hd_attr) if a is not None]
+    holders = {'': w.owner} | {a.rpartition('.')[0]: _holder(w.owner, a)[0] for a in named if '.' in a}
+    return {f"{p}.{a}" if p else a: v for p, h in holders.items() if h is not None for a, v in vars(h).items()
+            if (f"{p}.{a}" if p else a) not in named and not a.startswith('_') and isinstance(v, int)
+            and not isinstance(v, bool)}
+
+def _stale_after(tx:_Surgery) -> list[str]:
+    "'Block.attr = v' for each count-like int attribute of a cut block that kept an old count (heads, n_rep, width)"
+    res = []
+    for w, (H0, Hkv0, width0) in tx.written:
+        old = {H0, Hkv0, H0 // Hkv0, width0} - {w.num_heads, w.num_kv_heads, w.n_rep, w.num_heads * w.head_dim}
+        res += [f"{type(w.owner).__name__}.{a} = {v}" for a, v in _count_ints(w).items()
+                if v in old and (_heads_like(a) or _rep_like(a) or _width_like(a))]
+    return res
+
 def _stale_counts(tx:_Surgery|None) -> str:
     "A hint for a pruned forward that fails: int attributes of a cut attention block still holding an old head count"
     hints = []
     for w, (*counts, width) in (tx.written if tx is not None else []):
-        own = set(w.attrs) | {w.hd_attr}
-        ints = {a: v for a, v in vars(w.owner).items() if a not in own and not a.startswith('_')
-                and isinstance(v, int) and not isinstance(v, bool)}
+        ints = _count_ints(w)
         stale = [f"{a} = {v}" for a, v in ints.items() if v in counts]
         if stale:
             hints.append(f"{type(w.owner).__name__}.{', '.join(stale)} kept the count it had before the cut; if the "
@@ -832,6 +861,12 @@ def _surgery(self:Pruner, tx:_Surgery, g:ChannelGraph, remove:Tensor, consts:dic
                rel_error=err, rtol=tol, checked_in=checked_in, seconds=time.perf_counter() - t0)
     self.history.append(rec)
     logger.info("Pruner.%s: %s, params %d -> %d, relative error %s", what, _removed_text(*counts), before, after, err)
+    stale = _stale_after(tx)
+    if stale:  # verified: the forward did not read them on the example, but another path (eager attention) may
+        logger.warning("Pruner.%s: %s kept the value it had before the cut (the forward did not read it on the "
+                       "example, verification cannot see it); if any path reads it, name it in AttentionHeads "
+                       "(num_heads=, n_rep=, width=, dotted for a submodule: 'self.num_attention_heads') so that it "
+                       "follows", what, few(stale, 4))
     return self.model
 
 # %% ../nbs/08_pruner.ipynb #79b5b962
@@ -1055,6 +1090,18 @@ def _choose(groups:list, targets:list, n_rm:list, mean:Tensor, round_to) -> Tens
         if r > 0: remove[gr.comps[order[:r]]] = True
     return remove
 
+def _conv1d_layers(model:nn.Module) -> list[str]:
+    "Names of the GPT-2-style `Conv1D` layers of `model` (transformers.pytorch_utils: weight (nx, nf), `x @ W + b`)"
+    return [n for n, m in model.named_modules() if type(m).__name__ == 'Conv1D' and hasattr(m, 'nf') and hasattr(m, 'nx')]
+
+def _conv1d_hint(model:nn.Module) -> str:
+    "'' or why the Conv1D layers of `model` do not prune, and what to do"
+    layers = _conv1d_layers(model)
+    if not layers: return ''
+    return (f"; {few(repr(n) for n in layers)} are Hugging Face Conv1D layers (GPT-2's: a transposed weight (in, out), "
+            "computed as x @ W + b), which the Pruner does not cut: their channels stay. Make them nn.Linear first "
+            "with fasterprune.hf.conv1d_to_linear(model)")
+
 def _nothing_removed(g:ChannelGraph, groups:list, ratio):
     "Say why `prune` removes nothing: a zero ratio (INFO); no groups, every group pinned, or shares that round to 0"
     asked = any(v > 0 for v in ratio.values()) if isinstance(ratio, dict) else ratio > 0
@@ -1071,6 +1118,7 @@ def _nothing_removed(g:ChannelGraph, groups:list, ratio):
     unseen = [k for k, what in g.unknown.items() if f'unknown op {what}' not in why]  # not named as a reason yet
     if unseen and not free:  # layers inside or behind an unknown op are no producer of any group
         why += f"; ops the graph does not know keep the channels around them (strict=False): {few(unseen)}"
+    why += _conv1d_hint(g.model)
     logger.warning("Pruner.prune: nothing to remove at ratio %s: %s; the model is unchanged", ratio, why)
 
 @patch
@@ -1097,6 +1145,7 @@ def prune(self:Pruner,
     if not remove.any():
         _nothing_removed(g, groups, ratio)
         return self.model
+    if _conv1d_layers(self.model): logger.warning("Pruner.prune: %s", _conv1d_hint(self.model)[2:])
     self._check_branches(g, remove, 'prune')
     frozen = [n for (n, kind), s in g.slots.items()
               if kind == 'out' and not g.modules[n].weight.requires_grad and bool(remove[s.comp].any())]
@@ -1335,9 +1384,8 @@ def load_pruned(model:nn.Module, path, map_location=None) -> nn.Module:
 
 # %% ../nbs/08_pruner.ipynb #43d656e7
 def _batch_of(x1, b:int):
-    "The one-item input `x1` (a tensor or a tuple) repeated to a batch of `b`"
-    if isinstance(x1, Tensor): return x1.expand(b, *x1.shape[1:]).contiguous()
-    return tuple(t.expand(b, *t.shape[1:]).contiguous() for t in x1)
+    "The one-item input `x1` (a tensor, a tuple, a dict, any nesting) repeated to a batch of `b`"
+    return map_tensors(lambda t: t.expand(b, *t.shape[1:]).contiguous() if t.dim() else t, x1)
 
 @patch
 def report(self:Pruner,
@@ -1351,8 +1399,7 @@ def report(self:Pruner,
     from fasterprune.metrics import count_params, count_flops, compression_ratio, theoretical_speedup, measured_speedup
     orig = original if original is not None else self.original
     if orig is None: raise ValueError("no original model: pass original= or build the Pruner with keep_original=True")
-    x = self.example_inputs
-    x1 = x[:1] if isinstance(x, Tensor) else tuple(t[:1] for t in x)
+    x1 = first_items(self.example_inputs)  # one item of every tensor, in any nesting (a dict: keyword arguments)
     rows = []
     for name, m in (('original', orig), ('pruned', self.model)):
         row = dict(model=name, params=count_params(m)[0], flops=count_flops(m, x1)[0])
