@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy, fnmatch, logging
 import torch
 from torch import nn, Tensor
+from .core import conv1d_layers, few
 from .graph import AttentionHeads
 
 logger = logging.getLogger('fasterprune')
@@ -15,15 +16,10 @@ logger = logging.getLogger('fasterprune')
 __all__ = ['logger', 'conv1d_to_linear', 'hf_heads', 'hf_config_after_prune']
 
 # %% ../nbs/15_hf.ipynb #249f5895
-def _is_conv1d(m:nn.Module) -> bool:
-    "A transformers `Conv1D` (GPT-2, GPT-J-style), recognised by its class name and attributes: no transformers import"
-    return type(m).__name__ == 'Conv1D' and all(isinstance(getattr(m, a, None), int) for a in ('nf', 'nx')) \
-        and isinstance(getattr(m, 'weight', None), Tensor)
-
 def _linear_of(c:nn.Module) -> nn.Linear:
     "The `nn.Linear(nx, nf)` computing what the `Conv1D` `c` computes (`x @ W + b`), on its device, dtype and grad"
     w, b = c.weight, getattr(c, 'bias', None)
-    lin = nn.Linear(c.nx, c.nf, bias=b is not None, device='meta')
+    lin = nn.Linear(*w.shape, bias=b is not None, device='meta')
     lin.weight = nn.Parameter(w.detach().t().contiguous(), requires_grad=w.requires_grad)
     if b is not None: lin.bias = nn.Parameter(b.detach().clone(), requires_grad=b.requires_grad)
     lin.train(c.training)
@@ -33,15 +29,16 @@ def conv1d_to_linear(
     model:nn.Module,  # a Hugging Face model (or any module) holding transformers `Conv1D` layers: GPT-2, GPT-J-style
 ) -> nn.Module:
     "Replace every transformers `Conv1D` of `model` by the `nn.Linear(nx, nf)` that computes the same, in place"
-    convs = {n: m for n, m in model.named_modules() if _is_conv1d(m)}
+    mods = dict(model.named_modules())
+    convs = {n: mods[n] for n in conv1d_layers(model)}
     if not convs:
         raise ValueError(f"conv1d_to_linear: {type(model).__name__} has no transformers Conv1D layer (already "
                          "converted, or a model built from nn.Linear: nothing to do)")
-    bad = [f"{n}: weight {tuple(m.weight.shape)}, nx={m.nx}, nf={m.nf}" for n, m in convs.items()
-           if tuple(m.weight.shape) != (m.nx, m.nf)]
+    bad = [f"{n}: weight {tuple(m.weight.shape)}, nf={m.nf}" for n, m in convs.items() if m.weight.shape[1] != m.nf]
     if bad: raise ValueError(f"conv1d_to_linear: Conv1D weights must be (nx, nf): {'; '.join(bad)}")
+    ids = {id(m) for m in convs.values()}
     owned = {id(p) for m in convs.values() for p in m.parameters(recurse=False)}
-    elsewhere = [n for n, m in model.named_modules() if not _is_conv1d(m)
+    elsewhere = [n for n, m in mods.items() if id(m) not in ids
                  for p in m.parameters(recurse=False) if id(p) in owned]
     if elsewhere:  # a transposed copy would untie them
         raise ValueError(f"conv1d_to_linear: a Conv1D weight is shared with {elsewhere[:3]}; the Linear's weight is "
@@ -49,7 +46,7 @@ def conv1d_to_linear(
     new = {}  # id(Conv1D) -> its Linear: a Conv1D used twice stays one module
     for m in list(model.modules()):
         for cn, c in list(m._modules.items()):  # not named_children: it skips a module's second place
-            if not _is_conv1d(c): continue
+            if id(c) not in ids: continue
             if id(c) not in new: new[id(c)] = _linear_of(c)
             setattr(m, cn, new[id(c)])
     logger.info("conv1d_to_linear: %d Conv1D layers of %s are nn.Linear now", len(new), type(model).__name__)
@@ -66,28 +63,51 @@ def _ints(m:nn.Module, *paths) -> bool:
 
 def _linears(m:nn.Module, *paths) -> bool: return all(isinstance(_get(m, p), nn.Linear) for p in paths)
 
+def _named(m:nn.Module, names:tuple, value:int, prefix:str='') -> str|None:
+    "The first of the int attributes `names` of `m` that holds `value` (with `prefix` for a child's), or None"
+    return next((prefix + a for a in names if _ints(m, a) and getattr(m, a) == value), None)
+
 def _llama_heads(m:nn.Module) -> AttentionHeads|None:
-    "Llama, Mistral, Qwen2/3, Gemma 1-3: q_proj, k_proj, v_proj, o_proj; the forward views by `head_dim` (-1 heads)"
+    "Llama, Mistral, Qwen2/3, Gemma, ViT: q_proj, k_proj, v_proj, o_proj; the forward views by `head_dim` (-1 heads)"
     if not (_linears(m, 'q_proj', 'k_proj', 'v_proj', 'o_proj') and _ints(m, 'head_dim')): return None
-    return AttentionHeads(num_heads=None, head_dim='head_dim',
-                          n_rep='num_key_value_groups' if _ints(m, 'num_key_value_groups') else None)
+    hd = m.head_dim
+    H, Hkv = m.q_proj.out_features // hd, m.k_proj.out_features // hd
+    nh = _named(m, ('num_heads', 'num_attention_heads'), H)  # counts the block holds are named, so that they follow
+    return AttentionHeads(num_heads=nh, head_dim='head_dim',
+                          num_kv_heads=_named(m, ('num_key_value_heads', 'num_kv_heads'), Hkv) if nh else None,
+                          n_rep=_named(m, ('num_key_value_groups',), H // max(Hkv, 1)))
 
 def _gpt2_heads(m:nn.Module) -> AttentionHeads|None:
     "GPT-2 self-attention after `conv1d_to_linear`: one fused c_attn split by `split_size`, viewed by `head_dim`"
-    if not (hasattr(m, 'c_attn') and hasattr(m, 'c_proj') and _ints(m, 'num_heads', 'head_dim', 'split_size')): return None
+    if not (hasattr(m, 'c_attn') and hasattr(m, 'c_proj') and _ints(m, 'num_heads', 'head_dim', 'split_size')):
+        return None
     if getattr(m, 'is_cross_attention', False) or hasattr(m, 'q_attn'): return None  # k|v fused, q apart: not this
-    if _is_conv1d(m.c_attn) or _is_conv1d(m.c_proj):
-        raise ValueError(f"hf_heads: {type(m).__name__} holds transformers Conv1D layers, which the Pruner does not see: "
-                         "call conv1d_to_linear(model) first")
+    if conv1d_layers(m):
+        raise ValueError(f"hf_heads: {type(m).__name__} holds transformers Conv1D layers, which the Pruner does not "
+                         "see: call conv1d_to_linear(model) first")
     if not _linears(m, 'c_attn', 'c_proj'): return None
     return AttentionHeads(num_heads='num_heads', head_dim='head_dim', qkv='c_attn', o='c_proj', width='split_size')
 
 def _distilbert_heads(m:nn.Module) -> AttentionHeads|None:
     "DistilBERT: q_lin, k_lin, v_lin, out_lin; the forward views by `attention_head_size`"
-    if not (_linears(m, 'q_lin', 'k_lin', 'v_lin', 'out_lin') and _ints(m, 'n_heads', 'attention_head_size')): return None
-    return AttentionHeads(num_heads='n_heads', q='q_lin', k='k_lin', v='v_lin', o='out_lin', head_dim='attention_head_size')
+    if not (_linears(m, 'q_lin', 'k_lin', 'v_lin', 'out_lin') and _ints(m, 'n_heads', 'attention_head_size')):
+        return None
+    return AttentionHeads(num_heads='n_heads', q='q_lin', k='k_lin', v='v_lin', o='out_lin',
+                          head_dim='attention_head_size')
 
-_families = (('Llama-style', _llama_heads), ('GPT-2', _gpt2_heads), ('DistilBERT', _distilbert_heads))
+def _bert_heads(m:nn.Module) -> AttentionHeads|None:
+    "BERT, RoBERTa: `BertAttention` holds q, k, v in its `self` and the output projection in `output.dense`"
+    if getattr(m, 'is_cross_attention', False): return None
+    if not _linears(m, 'self.query', 'self.key', 'self.value', 'output.dense'): return None
+    if not _ints(m, 'self.attention_head_size'): return None
+    s, hd = m.self, m.self.attention_head_size
+    H = s.query.out_features // hd
+    return AttentionHeads(num_heads=_named(s, ('num_attention_heads',), H, 'self.'), q='self.query', k='self.key',
+                          v='self.value', o='output.dense', head_dim='self.attention_head_size',
+                          width=_named(s, ('all_head_size',), H * hd, 'self.'))
+
+_families = (('Llama-style', _llama_heads), ('GPT-2', _gpt2_heads), ('DistilBERT', _distilbert_heads),
+             ('BERT', _bert_heads))
 
 def _pattern(name:str) -> str:
     "'model.layers.3.self_attn' -> 'model.layers.*.self_attn': layer indices become wildcards"
@@ -96,7 +116,7 @@ def _pattern(name:str) -> str:
 def hf_heads(
     model:nn.Module,  # the model given to the Pruner or the Learner (a wrapper's names include its attribute)
 ) -> dict:
-    "The `heads=` of the Pruner and SparsifyCallback for the Hugging Face attention blocks of `model`: {pattern: AttentionHeads}"
+    "`heads=` for the Pruner and SparsifyCallback: {pattern: AttentionHeads} of the Hugging Face attention of `model`"
     mods = dict(model.named_modules())
     found, fams = {}, {}
     for n, m in mods.items():
@@ -110,13 +130,12 @@ def hf_heads(
              if 'attention' in type(m).__name__.lower() and not isinstance(m, nn.MultiheadAttention) and not covered(n)]
     other = [f"{n or '(the model)'} ({type(mods[n]).__name__})" for n in other  # the outermost ones
              if not any(n.startswith(f'{o}.') or (n and not o) for o in other if o != n)]
+    known = ', '.join(f for f, _ in _families)
     if other:
-        raise ValueError(f"hf_heads: attention blocks it does not recognise: {', '.join(other[:6])}"
-                         f"{f' (+{len(other) - 6})' if len(other) > 6 else ''}. It knows {', '.join(f for f, _ in _families)} "
-                         "attention; name the others yourself: heads={'<block>': AttentionHeads(...)} (nbs/08_pruner.ipynb)")
-    if not found:
-        raise ValueError(f"hf_heads: {type(model).__name__} has no attention block it recognises "
-                         f"({', '.join(f for f, _ in _families)})")
+        raise ValueError(f"hf_heads: attention blocks it does not recognise: {few(other, 6)}. It knows {known} "
+                         "attention; name the others yourself: heads={'<block>': AttentionHeads(...)} "
+                         "(nbs/08_pruner.ipynb)")
+    if not found: raise ValueError(f"hf_heads: {type(model).__name__} has no attention block it recognises ({known})")
     heads, named = {}, {}
     for n, spec in found.items():  # one pattern for the blocks of all layers, where it names exactly those
         p = _pattern(n)
