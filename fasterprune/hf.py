@@ -34,6 +34,7 @@ def conv1d_to_linear(
     if not convs:
         raise ValueError(f"conv1d_to_linear: {type(model).__name__} has no transformers Conv1D layer (already "
                          "converted, or a model built from nn.Linear: nothing to do)")
+    if '' in convs: raise ValueError("conv1d_to_linear: the model itself is a Conv1D; convert the module that holds it")
     bad = [f"{n}: weight {tuple(m.weight.shape)}, nf={m.nf}" for n, m in convs.items() if m.weight.shape[1] != m.nf]
     if bad: raise ValueError(f"conv1d_to_linear: Conv1D weights must be (nx, nf): {'; '.join(bad)}")
     ids = {id(m) for m in convs.values()}
@@ -59,6 +60,7 @@ def _get(m:nn.Module, path:str):
     return m
 
 def _ints(m:nn.Module, *paths) -> bool:
+    "Do the dotted `paths` of `m` all hold ints (not bools)?"
     return all(isinstance(v := _get(m, p), int) and not isinstance(v, bool) for p in paths)
 
 def _linears(m:nn.Module, *paths) -> bool: return all(isinstance(_get(m, p), nn.Linear) for p in paths)

@@ -96,6 +96,7 @@ def test_conv1d_to_linear_keeps_dtype_and_sharing():
     tied[1].weight = c2.weight
     with pytest.raises(ValueError, match='shared with'): conv1d_to_linear(tied)
     assert tied[0] is c2
+    with pytest.raises(ValueError, match='itself is a Conv1D'): conv1d_to_linear(c2)
 
 
 @pytest.mark.parametrize('kind,kv', [('llama', 2), ('mistral', 2), ('qwen2', 2), ('gemma', 2), ('llama', 1)])
@@ -128,6 +129,18 @@ def test_hf_heads_gpt2_needs_conv1d_to_linear_then_prunes_heads():
     a = m.transformer.h[0].attn
     fct.test_eq((a.num_heads, a.split_size, a.c_attn.out_features, a.c_proj.in_features), (2, 32, 96, 32))
     _still_works(m, x, mask)
+
+
+def test_gpt2_pruned_saves_and_loads_into_a_converted_fresh_model(tmp_path):
+    m, (x, mask) = _gpt2(), _tokens()
+    conv1d_to_linear(m)
+    Pruner(m, x, strict=False, heads=hf_heads(m)).prune(0.5, context='global')
+    save_pruned(m, tmp_path / 'g.pt')
+    fresh = load_pruned(conv1d_to_linear(_gpt2()), tmp_path / 'g.pt')
+    fct.test_eq([l.attn.num_heads for l in fresh.transformer.h], [l.attn.num_heads for l in m.transformer.h])
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=x, attention_mask=mask).logits, m(input_ids=x, attention_mask=mask).logits)
+    _still_works(fresh, x, mask)
 
 
 def test_hf_heads_distilbert():
