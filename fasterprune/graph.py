@@ -627,11 +627,21 @@ def _placeholders(graph:fx.Graph, args:tuple, kwargs:dict) -> tuple:
         else: raise TypeError(f"the traced forward needs its input {n.target!r}, which the example does not give")
     return tuple(vals)
 
+def _defaults(model:nn.Module, n_args:int, kwargs:dict) -> dict:
+    "The forward's parameters the example does not give, at their defaults (torch.fx then traces the branch they take)"
+    P = inspect.Parameter
+    try: ps = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError): return {}
+    return {p.name: p.default for i, p in enumerate(ps) if i >= n_args and p.name not in kwargs
+            and p.default is not P.empty and p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY)}
+
 def _trace(model:nn.Module, inputs:tuple, kwargs:dict|None=None) -> tuple:
     "`(module, graph)` to run the labelling on: torch.fx's symbolic trace, else a recorded forward pass"
     kwargs = kwargs or {}
     try:
-        graph = _Tracer().trace(model)  # run by an Interpreter on the model itself: no GraphModule to build
+        # run by an Interpreter on the model itself: no GraphModule to build; an input the example does not give is
+        # its default while tracing (`if mask is not None:` takes the branch the run takes)
+        graph = _Tracer().trace(model, concrete_args=_defaults(model, len(inputs), kwargs) or None)
         _placeholders(graph, inputs, kwargs)  # the inputs fit the traced signature
         if set(kwargs) - {n.target for n in graph.nodes if n.op == 'placeholder'}:
             raise TypeError(f"keyword arguments {sorted(kwargs)} that the traced forward does not take")

@@ -194,3 +194,21 @@ def test_gpt2_conv1d_says_why_and_what_to_do(caplog):
     with pytest.raises(UnknownOpError, match='conv1d_to_linear'): Pruner(m, x).prune(0.5)
     with caplog.at_level(logging.WARNING, logger='fasterprune'): Pruner(m, x, strict=False).prune(0.5)
     assert 'nothing to remove' in caplog.text and 'Conv1D' in caplog.text and 'conv1d_to_linear(model)' in caplog.text
+
+
+def test_inputs_the_example_does_not_give_trace_at_their_defaults():
+    "`forward(x, mask=None)`: torch.fx traced `mask` as a value (the `is not None` branch), then ran with None"
+    class Masked(nn.Module):
+        def __init__(self): super().__init__(); self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+        def forward(self, x, mask=None):
+            out = self.b(torch.relu(self.a(x)))
+            if mask is not None: out = out * mask
+            return out
+    torch.manual_seed(0)
+    x, mask = torch.randn(4, 6), torch.tensor([[1.], [0.], [1.], [1.]])
+    for example in (x, {'x': x}, {'x': x, 'mask': mask}, (x, mask)):
+        m = Masked().eval()
+        pr = Pruner(m, example)
+        pr.prune(0.5)
+        fct.test_eq(m.a.out_features, 4)
+        assert pr.history[-1]['rel_error'] <= 1e-5, example
