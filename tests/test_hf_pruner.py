@@ -184,6 +184,7 @@ def test_mistral_kv_count_that_names_nothing_says_what_to_name():
     pr = Pruner(m, x, strict=False, heads={LLAMA: AttentionHeads(num_heads=None, head_dim='head_dim')})
     pr.prune(0.5)
     assert pr.history[-1]['rel_error'] <= 1e-5 and m.model.layers[0].self_attn.k_proj.out_features == 8
+    with torch.no_grad(): fct.test_eq(m.generate(x[:1], max_new_tokens=2, do_sample=False).shape, (1, 10))
 
 
 def test_gpt2_conv1d_says_why_and_what_to_do(caplog):
