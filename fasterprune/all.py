@@ -23,10 +23,11 @@ from .rewind import *
 from .lottery import *
 from .distributed import *
 from .inference import *
+from .hf import *
 
 # %% ../nbs/12_all.ipynb #fc4ead7f
 import importlib as _il
 _names = ('core', 'schedules', 'criteria', 'granularity', 'sparsifier', 'callback', 'data', 'metrics', 'plots', 'graph',
-          'pruner', 'rewind', 'lottery', 'distributed', 'inference')
+          'pruner', 'rewind', 'lottery', 'distributed', 'inference', 'hf')
 _modules = [_il.import_module(f'fasterprune.{_n}') for _n in _names]
 __all__ = list(dict.fromkeys(n for _m in _modules for n in _m.__all__ if n != 'logger'))

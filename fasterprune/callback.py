@@ -467,7 +467,7 @@ class SparsifyCallback(Callback):
         try: n_inp = self.dls.n_inp
         except AttributeError: n_inp = 1  # datasets that don't say: the last item is the target
         x = to_device(first_items(tuple(b[:n_inp])), model_device(model))
-        return x[0] if len(x) == 1 else x
+        return x[0] if len(x) == 1 and not isinstance(x[0], dict) else x  # a lone dict: `(batch,)`, as fastai calls it
 
     def _couple(self, sp) -> list|None:
         "Filter granularity: coupled channels from one training input; untraceable: the output layers, to leave dense"

@@ -217,9 +217,6 @@ def test_hf_heads_pattern_only_where_every_layer_matches():
                 ('num_key_value_groups', None))
 
 
-@pytest.mark.xfail(strict=True, reason="since 99d7d7b a dict example is keyword arguments, and "
-                   "SparsifyCallback._couple passes fastai's one-dict batch as the dict itself (fastai calls "
-                   "model(*xb)): it must pass (batch,)")
 def test_learner_around_hf_model_callback_heads_then_compact():
     "A fastai Learner on dict batches: a wrapper returns logits; SparsifyCallback(heads=hf_heads) then compact()"
     from fastai.data.core import DataLoaders

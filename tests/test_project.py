@@ -37,7 +37,7 @@ def test_version_agrees():
 def test_all_gives_public_api():
     ns = {}
     exec('from fasterprune.all import *', ns)
-    for name in ('SparsifyCallback', 'Sparsifier', 'agp', 'one_shot', 'iterative', 'get_granularity', 'digits_dls', 'lenet_300_100'):
+    for name in ('SparsifyCallback', 'Sparsifier', 'agp', 'one_shot', 'iterative', 'get_granularity', 'digits_dls', 'lenet_300_100', 'conv1d_to_linear', 'hf_heads'):
         assert name in ns, name
 
 
