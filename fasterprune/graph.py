@@ -276,7 +276,7 @@ class ChannelGraph:
     ):
         self.model, self.strict = model, strict
         example_inputs = _plain(example_inputs)
-        # positional inputs, and keyword arguments (a dict): the model runs as `model(*example_inputs, **example_kwargs)`
+        # positional inputs and keyword arguments (a dict): the model runs as `model(*example_inputs, **example_kwargs)`
         self.example_inputs, self.example_kwargs = _args_kwargs(example_inputs)
         self.modules = dict(model.named_modules())
         self.values = values

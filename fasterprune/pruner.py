@@ -1092,7 +1092,8 @@ def _choose(groups:list, targets:list, n_rm:list, mean:Tensor, round_to) -> Tens
 
 def _conv1d_layers(model:nn.Module) -> list[str]:
     "Names of the GPT-2-style `Conv1D` layers of `model` (transformers.pytorch_utils: weight (nx, nf), `x @ W + b`)"
-    return [n for n, m in model.named_modules() if type(m).__name__ == 'Conv1D' and hasattr(m, 'nf') and hasattr(m, 'nx')]
+    return [n for n, m in model.named_modules()
+            if type(m).__name__ == 'Conv1D' and hasattr(m, 'nf') and hasattr(m, 'nx')]
 
 def _conv1d_hint(model:nn.Module) -> str:
     "'' or why the Conv1D layers of `model` do not prune, and what to do"
