@@ -1308,7 +1308,7 @@ def _has_path(m:nn.Module, path:str) -> bool:
 class AttentionHeads:
     "A hand-written attention block: the attribute its forward splits heads with, and its projections (`nn.Linear`)"
     # every name is relative to the block and may be dotted: 'output.dense' (a projection in a submodule),
-    # 'self.attention_head_size' (a count held by a submodule, read and set there): Hugging Face's BERT and ViT
+    # 'self.attention_head_size' (a count held by a submodule, read and set there): Hugging Face's BERT, RoBERTa
     num_heads:str|None='num_heads'  # the int attribute of the block read by `.view(B, T, self.num_heads, head_dim)`
     q:str|None=None            # the query, key, value projections and the output projection, named inside the block
     k:str|None=None            # (q, k, v default to 'q_proj', 'k_proj', 'v_proj' when `qkv` is not given)
@@ -1474,6 +1474,11 @@ def _check_stale_attrs(m:nn.Module, owner:str, spec, H:int, Hkv:int, hd:int):
         raise ValueError(f"heads[{owner!r}]: {block}.{heads[0]} = {H} looks like the head count, and num_heads=None "
                          "leaves it as it is after a cut; a forward that reads it would split the old count. Name it "
                          f"with AttentionHeads(num_heads={heads[0]!r}, ...)")
+    kv = [a for a, v in ints.items() if _kv_like(a) and v == Hkv]
+    if spec.num_heads is None and spec.num_kv_heads is None and Hkv > 1 and kv:  # whole k/v groups go
+        raise ValueError(f"heads[{owner!r}]: {block}.{kv[0]} = {Hkv} looks like the k/v head count, and num_heads=None "
+                         "leaves it as it is after a cut; a forward that splits k and v with it would expect the old "
+                         f"count. Name it with AttentionHeads(..., num_kv_heads={kv[0]!r})")
     wide = [a for a, v in ints.items() if _width_like(a) and v == H * hd]
     if spec.width is None and H > 1 and wide:
         raise ValueError(f"heads[{owner!r}]: {block}.{wide[0]} = {H * hd} looks like the attention width num_heads · "

@@ -75,6 +75,32 @@ def test_heads_none_refuses_a_head_count_it_would_leave_stale():
     fct.test_eq((m[0].num_heads, m[0].q_proj.out_features), (2, 16))
 
 
+def test_heads_none_refuses_a_kv_head_count_it_would_leave_stale():
+    "Grouped-query attention named by its widths: a `num_key_value_heads` the forward splits k, v with must be named"
+    class GQA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head_dim, self.num_key_value_heads = 8, 2
+            self.q_proj, self.o_proj = nn.Linear(32, 32), nn.Linear(32, 32)
+            self.k_proj, self.v_proj = nn.Linear(32, 16), nn.Linear(32, 16)
+        def forward(self, x):
+            B, T, _ = x.shape
+            q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+            k, v = (p(x).view(B, T, self.num_key_value_heads, -1).transpose(1, 2) for p in (self.k_proj, self.v_proj))
+            o = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+    m, x = nn.Sequential(GQA(), nn.Linear(32, 3)).eval(), torch.randn(2, 5, 32)
+    sd = _state(m)
+    with pytest.raises(ValueError, match="num_kv_heads='num_key_value_heads'"):
+        Pruner(m, x, heads={'0': AttentionHeads(num_heads=None, head_dim='head_dim')}).prune(0.5)
+    assert _same(m, sd)
+    spec = AttentionHeads(num_heads=None, head_dim='head_dim', num_kv_heads='num_key_value_heads')
+    pr = Pruner(m, x, heads={'0': spec})
+    pr.prune(0.5)
+    fct.test_eq((m[0].num_key_value_heads, m[0].q_proj.out_features, m[0].k_proj.out_features), (1, 16, 8))
+    assert pr.history[-1]['rel_error'] <= 1e-5
+
+
 @pytest.mark.parametrize('heads', [True, False])
 def test_llama_default_config_with_its_kv_cache_prunes_and_generates(heads):
     "use_cache=True (HF's default): DynamicCache's torch.cat of an empty (0,) tensor used to be a bare IndexError"
