@@ -450,8 +450,6 @@ class _Surgery:
             self.set(lins[n], 'out_features', len(r))
         self.cut_param(w.o.weight, 1, cols)
         self.set(w.o, 'in_features', len(cols))
-        if not hasattr(w.owner, '_pruned_head_attrs'): w.owner._pruned_head_attrs = ()
-        self.set(w.owner, '_pruned_head_attrs', w.owner._pruned_head_attrs)  # the owner's attributes, at least none
         for a, val in ((w.kv_attr, kv), (w.attr, H), (w.rep_attr, H // kv), (w.width_attr, H * hd)):
             if a is None: continue
             h, name = _holder(w.owner, a)  # a dotted name ('self.num_attention_heads'): set on the submodule
