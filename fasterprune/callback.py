@@ -261,20 +261,22 @@ class SparsifyCallback(Callback):
         self._b0 = round(self.learn.pct_train * self.n_steps)  # batches done before this fit's first (`start_epoch=`)
         self._next = (self._b0 // self._every + 1) * self._every  # next update: the first step at or after that count
         self._needs_grad = sp.criterion.needs_grad
-        self._done = False
+        self._done = self._starved = False
         if self._needs_grad: sp.criterion.reset()  # gradients accumulate over this fit's steps only
 
     def after_step(self):
         if self._mode is None or self._mode == 'off': return
         updated = False
         if self._mode == 'prune' and not self._done:
-            if self._needs_grad and not getattr(getattr(self.learn, 'mixed_precision', None), 'skipped', False):
-                self.sparsifier.criterion.accumulate(self.sparsifier.params)
+            skipped = getattr(getattr(self.learn, 'mixed_precision', None), 'skipped', False)  # an fp16 overflow
+            if self._needs_grad and not skipped: self.sparsifier.criterion.accumulate(self.sparsifier.params)
             # b: training batches done, this one included (pct_train is a running float sum: round it to the batch)
             b = round(self.learn.pct_train * self.n_steps) + 1
             pos = min(1., b / self.n_steps)
             frac = self.schedule(pos)
-            if frac >= 1 or b >= self._next:
+            due = frac >= 1 or b >= self._next
+            self._starved = due and skipped and self._no_gradients()  # waits for the next step that is not skipped
+            if due and not self._starved:
                 self._next = (b // self._every + 1) * self._every
                 updated = self._advance(pos, frac)
         if not updated: self._apply()  # an update has just applied its new masks
@@ -288,11 +290,18 @@ class SparsifyCallback(Callback):
             if self._needs_grad: self.sparsifier.criterion.reset()  # the accumulated gradients are not needed any more
         return updated
 
+    def _no_gradients(self) -> bool:
+        "A gradient criterion with no step accumulated since its last update (the last step's were skipped: inf/NaN)"
+        return self._needs_grad and not getattr(self.sparsifier.criterion, 'n_steps', 1)
+
     def after_train(self):
         "After the fit's last training batch, a schedule that ends there is finished even if no optimizer step followed"
         # With GradientAccumulation the last batches of a fit may take no step: `after_step` never sees pos = 1.
         if self._mode != 'prune' or self._done or self.epoch < self.n_epoch - 1: return
         if self.learn.pct_train < 1 - 0.5 / self.n_steps: return  # a cancelled epoch: the schedule did not get there
+        if self._no_gradients() and getattr(getattr(self.learn, 'mixed_precision', None), 'skipped', False):
+            self._starved = True  # the fit's last steps were skipped (fp16 overflow): no gradients to rank by
+            return
         self._advance(1., self.schedule(1.))
 
     def after_fit(self):
@@ -310,9 +319,11 @@ class SparsifyCallback(Callback):
             if over: logger.warning("SparsifyCallback: the schedule ended above its target (%s): the zeros the weights "
                                     "had at the first fit stayed pruned; keep_zeros=False ranks them", few(over))
         if mode == 'prune' and not self.completed:
+            starved = (" (the mixed-precision GradScaler skipped its last steps: a gradient criterion had nothing to "
+                       "rank by)" if self._starved else '')
             logger.warning("SparsifyCallback: the fit stopped at %.0f%% of its steps, before the schedule reached its "
-                           "target: sparsity %.4f; fit again with this callback to finish it",
-                           100 * self.learn.pct_train, sp.sparsity())
+                           "target%s: sparsity %.4f; fit again with this callback to finish it",
+                           100 * self.learn.pct_train, starved, sp.sparsity())
         if logger.isEnabledFor(logging.INFO):  # (formatting the table costs a few ms)
             logger.info("SparsifyCallback: %.4f sparsity over %d pruned layers\n%s", sp.sparsity(), len(sp.layers),
                         self.report.to_string())

@@ -53,7 +53,13 @@ class _Accumulating(Criterion):
     def reset(self): self.acc, self.n_steps = {}, 0
     def score(self, name, w, out=None):
         if name in self.acc: return self.acc[name]
-        if w.grad is not None: return self._term(w.detach(), w.grad.detach()).float()
+        if w.grad is not None:  # no step accumulated since the last update: the gradient of the last backward
+            t = self._term(w.detach(), w.grad.detach()).float()
+            if not bool(torch.isfinite(t).all()):  # one host read per layer, at a mask update only
+                raise RuntimeError(f"{self.name}: the gradient of layer {name!r} holds inf or NaN (an fp16 step the "
+                                   "GradScaler skipped?), so it cannot rank the weights; nothing was accumulated since "
+                                   "the last update")
+            return t
         raise RuntimeError(f"{self.name} needs gradients, but layer {name!r} has none: run a backward pass first, "
                            "or prune with SparsifyCallback after at least one training batch (start_pct > 0)")
 

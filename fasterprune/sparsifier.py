@@ -432,7 +432,7 @@ def _device_bracket(bs:_Batches, srcs, flat:Tensor, k:int, W:int, sample_size, s
         dead = dead[0] if dead else torch.zeros_like(up)
         need, below, cand = k - dead, 2 * up - sm - dead, sm - up
         b_w, c_w, nd, isnan, hinf = torch.stack([below, cand, need, nan.double(), hi.isinf().double()]).tolist()
-        if isnan: raise NaNScores("the criterion gave NaN scores; nothing was pruned")
+        if isnan: raise NaNScores("the criterion gave NaN scores; this update changed no mask")
         if nd <= 0: return None  # the earlier masks already prune k weights or more (masks never shrink)
         if b_w <= nd and (b_w + c_w >= nd or hinf): return below, need
         r *= 8  # the sampled bracket missed (rare): widen it and go again
@@ -671,6 +671,12 @@ class Sparsifier:
         _warn_tied_elsewhere(model, self.layers)
         for n, m in self.layers.items(): self.granularity.group_size(m.weight, m, n)  # fail now on undefined ones
         self._rp = {n: _reparam(m, n) for n, m in self.layers.items()}  # reparametrized weights: what to mask instead
+        computed = [n for n, rp in self._rp.items() if rp is not None]
+        if self.criterion.needs_grad and computed:
+            raise ValueError(f"criteria {self.criterion!r} scores weights by their gradients, but the weights of "
+                             f"{few(computed, 4)} are computed from other tensors in each forward (weight_norm, "
+                             "spectral_norm or torch.nn.utils.prune), so they never get one; use criteria='magnitude', "
+                             "or leave them out with exclude=")
         self.masks: dict[str, Tensor] = {}
         self._collapsed = set()  # layers whose masks keep nothing, already warned about
         self.groups, self.aux = None, []  # coupled channel groups (filter granularity), and their bias/norm masks
@@ -704,7 +710,7 @@ class Sparsifier:
         raw = crit.score(name, w, out.view(w.shape) if out is not None else None)
         sc = self.granularity.group_scores(raw, m, name)
         if check and torch.isnan(sc).any():
-            raise ValueError(f"criterion {crit!r} gave NaN scores for layer {name!r}; nothing was pruned")
+            raise ValueError(f"criterion {crit!r} gave NaN scores for layer {name!r}; this update changed no mask")
         return sc
 
     def _prev_keep(self, name:str):

@@ -208,3 +208,65 @@ def test_weight_dropout_is_refused_for_what_it_is():
     m = nn.Sequential(WeightDropout(nn.Linear(8, 8), 0.5, layer_names='weight'), nn.ReLU(), nn.Linear(8, 2))
     m(torch.randn(2, 8))
     fct.test_fail(lambda: Sparsifier(m, 'weight', 'global'), contains="WeightDropout")
+
+
+# --- F4 (a fuzzer of the callback over fastai's optimizers and training features) ---
+
+def _cpu_mixed_precision():
+    "fastai's MixedPrecision with CPU autocast and a live CPU GradScaler (fastai's own scaler is CUDA-only)"
+    import fastai.callback.fp16 as fp16
+    from torch.amp import GradScaler, autocast
+    class MixedPrecision(fp16.MixedPrecision):  # the name fastai looks it up by: learn.mixed_precision
+        def __init__(self): super().__init__('fp16')
+        def before_fit(self):
+            self.autocast = autocast('cpu', dtype=torch.float16)
+            self.learn.scaler, self.scales = GradScaler('cpu'), []
+    return MixedPrecision()
+
+
+class InfGradAt:
+    "An overflow in one step's gradients, as fp16 gives: the GradScaler skips that step"
+    def __new__(cls, its):
+        from fastai.callback.core import Callback
+        class InfGrad(Callback):
+            order = 5
+            def before_step(self):
+                if self.train_iter in its: next(self.learn.model.parameters()).grad.view(-1)[0] = float('inf')
+        return InfGrad()
+
+
+@pytest.mark.parametrize('crit', ['gradient_magnitude', 'movement'])
+def test_a_step_the_grad_scaler_skips_does_not_rank_the_weights(crit):
+    "An update due on a skipped step (inf gradients) waits for the next step: the fit ends at the exact target"
+    learn = _digits_learner()
+    cb = SparsifyCallback(0.5, 'weight', 'global', crit, 'agp', update_every=1)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(2, 1e-2, cbs=[cb, _cpu_mixed_precision(), InfGradAt({1, 3, 6})])
+    assert cb.completed
+    sp = cb.sparsifier
+    n = sum(m.weight.numel() for m in sp.layers.values())
+    fct.test_eq(sum(int((m.weight == 0).sum()) for m in sp.layers.values()), round(0.5 * n))
+    assert all(torch.isfinite(m.weight).all() for m in sp.layers.values())
+
+
+def test_gradient_scores_refuse_a_non_finite_gradient():
+    "The gradient of the last backward, read when nothing was accumulated, must be finite to rank weights"
+    from fasterprune.criteria import get_criterion
+    c = get_criterion('gradient_magnitude')
+    w = nn.Parameter(torch.ones(4))
+    w.grad = torch.tensor([1., float('inf'), 0., 1.])
+    fct.test_fail(lambda: c.score('w', w), contains='inf or NaN')
+
+
+@pytest.mark.parametrize('reparam', ['weight_norm', 'spectral_norm'])
+def test_gradient_criteria_on_computed_weights_are_refused_before_the_fit(reparam):
+    "weight_norm/spectral_norm compute the weight each forward: it never has a gradient; refused before training"
+    from torch.nn.utils import parametrizations as P
+    model = mlp(64, 64, 32, 10)
+    getattr(P, reparam)(model[2])
+    learn = _digits_learner(model=model)
+    w0 = {k: v.detach().clone() for k, v in model.named_parameters()}  # (spectral_norm's u, v move on any access)
+    with learn.no_bar(), learn.no_logging():
+        fct.test_fail(lambda: learn.fit(1, 1e-2, cbs=SparsifyCallback(0.5, criteria='gradient_magnitude')),
+                      contains="computed from other tensors")
+    for k, v in model.named_parameters(): fct.test_eq(v, w0[k])
