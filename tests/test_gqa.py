@@ -356,7 +356,7 @@ def test_mqa_hf_style_n_rep_follows(tmp_path):
     x = torch.randn(2, 16, 64)
     m = HFNet().eval()
     sd = _state(m)
-    with pytest.raises(SurgeryError):  # repeat_kv still makes 8 k/v heads for 4 query heads
+    with pytest.raises(ValueError, match="n_rep='num_key_value_groups'"):  # refused before any change
         Pruner(m, x, heads={'attn': AttentionHeads(num_heads=None, head_dim='head_dim')}).prune(0.5)
     assert _same_state(m, sd) and m.attn.num_key_value_groups == 8
     spec = {'attn': AttentionHeads(num_heads=None, head_dim='head_dim', n_rep='num_key_value_groups')}
