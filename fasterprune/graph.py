@@ -5,6 +5,7 @@
 # %% ../nbs/07_graph.ipynb #105ce07e
 from __future__ import annotations
 import fnmatch, inspect, math, operator, logging, re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fastcore.basics import patch
 import torch
@@ -208,13 +209,37 @@ def _to_meta(x):
     "`x` with every tensor replaced by an empty one of its shape on the meta device, in any nesting"
     return map_tensors(lambda t: torch.empty_like(t, device='meta'), x)
 
+@contextmanager
 def _on_meta(m:nn.Module):
-    "Context manager: every parameter and buffer of `m` is a meta tensor of its shape inside (tied ones stay tied)"
-    from torch.nn.utils.stateless import _reparametrize_module
-    named = list(m.named_parameters(remove_duplicate=False)) + list(m.named_buffers(remove_duplicate=False))
-    meta = {}
-    for _, t in named: meta.setdefault(id(t), torch.empty_like(t, device='meta', requires_grad=False))
-    return _reparametrize_module(m, {n: meta[id(t)] for n, t in named})
+    """Context manager: every parameter and buffer of `m` is a meta tensor of its shape inside (tied ones stay tied);
+    each module's own ones are swapped once, so a module registered under two names gets its real tensors back"""
+    meta, saved = {}, []
+    try:
+        for mod in m.modules():  # each module once (a module under two names too)
+            for d in (mod._parameters, mod._buffers):
+                for k, t in list(d.items()):
+                    if t is None: continue
+                    if id(t) not in meta: meta[id(t)] = torch.empty_like(t, device='meta', requires_grad=False)
+                    saved.append((d, k, t))
+                    d[k] = meta[id(t)]
+        yield m
+    finally:  # whatever happened inside: the real tensors back
+        for d, k, t in reversed(saved): d[k] = t
+
+_fx_attrs = ('_tensor_constant', '_torchbind_obj')  # what torch.fx's tracer adds to the root module (the graph reads it)
+
+@contextmanager
+def _untouched(model:nn.Module):
+    """Context manager: the attributes of each module of `model` that are not parameters, buffers or submodules (a
+    forward's state, `self.hidden = ...`) are as they were after it, whether the forward ran for real or was traced"""
+    saved = [(m, dict(m.__dict__)) for m in model.modules()]
+    try: yield model
+    finally:
+        for m, d in saved:
+            for k in [k for k in m.__dict__ if k not in d and not (m is model and k.startswith(_fx_attrs))]:
+                del m.__dict__[k]  # written by the forward (an fx Proxy while tracing)
+            for k, v in d.items():
+                if m.__dict__.get(k, d) is not v: m.__dict__[k] = v
 
 class _Labeler(fx.Interpreter):
     def __init__(self, g:ChannelGraph, gm:nn.Module, graph:fx.Graph|None=None):
@@ -281,7 +306,7 @@ class ChannelGraph:
         self.modules = dict(model.named_modules())
         self.values = values
         # eval mode before tracing: `self.training` is read at trace time (dropout, stochastic depth)
-        with evaluating(model, no_grad=False):
+        with _untouched(model), evaluating(model, no_grad=False):
             tr = tuple(traced) if traced is not None else _trace(model, self.example_inputs, self.example_kwargs)
             self.traced = tr if len(tr) > 2 else tr + (None,)  # (module, eval-mode graph, train-mode graph or None)
             self.gm = self.traced[0]
@@ -641,7 +666,8 @@ def _trace(model:nn.Module, inputs:tuple, kwargs:dict|None=None) -> tuple:
     try:
         # run by an Interpreter on the model itself: no GraphModule to build; an input the example does not give is
         # its default while tracing (`if mask is not None:` takes the branch the run takes)
-        graph = _Tracer().trace(model, concrete_args=_defaults(model, len(inputs), kwargs) or None)
+        with _untouched(model):  # the forward's own attributes as they were (not fx Proxies)
+            graph = _Tracer().trace(model, concrete_args=_defaults(model, len(inputs), kwargs) or None)
         _placeholders(graph, inputs, kwargs)  # the inputs fit the traced signature
         if set(kwargs) - {n.target for n in graph.nodes if n.op == 'placeholder'}:
             raise TypeError(f"keyword arguments {sorted(kwargs)} that the traced forward does not take")
@@ -649,7 +675,7 @@ def _trace(model:nn.Module, inputs:tuple, kwargs:dict|None=None) -> tuple:
     except Exception as e:
         err = e
     try:
-        graph = _record(model, inputs, kwargs)
+        with _untouched(model): graph = _record(model, inputs, kwargs)  # its state (`self.hidden`) as it was
     except Exception as e2:
         hint = _dict_hint if kwargs and isinstance(e2, TypeError) else ''
         raise RuntimeError(f"torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}), and "

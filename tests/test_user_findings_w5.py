@@ -1,0 +1,119 @@
+"A fastai user trial's findings (W5) in the channel graph and the Pruner: each test fails on the code before the fix"
+import pytest, torch
+import fastcore.test as fct
+import torch.nn as nn
+from fasterprune.graph import UnknownOpError, channel_groups
+from fasterprune.pruner import Pruner
+from fasterprune.sparsifier import Sparsifier
+
+
+class _Wrap(nn.Module):
+    def __init__(self, m): super().__init__(); self.m = m
+    def forward(self, x): return self.m(x)
+
+class _Shared(nn.Module):
+    "`c1` registered under two names (as fastai's AWD_LSTM registers its Embedding as `encoder` and `encoder_dp.emb`)"
+    def __init__(self, unknown=False):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.alias = _Wrap(self.c1)
+        self.c2 = nn.Conv2d(8, 4, 3, padding=1)
+        self.unknown = unknown
+    def forward(self, x):
+        h = torch.relu(self.alias(x))
+        if self.unknown: h = torch.cumsum(h, 1)  # an op across channels the graph does not know
+        return self.c2(h)
+
+def _state(m): return {k: (v.device, v.detach().clone()) for k, v in m.state_dict().items()}
+
+def _same_state(m, before):
+    now = m.state_dict()
+    fct.test_eq(set(now), set(before))
+    for k, (dev, v) in before.items():
+        fct.test_eq(now[k].device, dev)
+        assert torch.equal(now[k].detach(), v), k
+
+
+# 1. a module under two names kept its weights on the meta device after the graph (silent destruction)
+def test_shared_module_channel_groups_keeps_weights():
+    torch.manual_seed(0)
+    m, x = _Shared(), torch.randn(2, 3, 8, 8)
+    before, ref = _state(m), m(x)
+    channel_groups(m, x)
+    _same_state(m, before)
+    Sparsifier(m, 'filter', 'local').couple(x)
+    _same_state(m, before)
+    assert torch.equal(m(x), ref)
+
+def test_shared_module_pruner_prunes():
+    torch.manual_seed(0)
+    m, x = _Shared(), torch.randn(2, 3, 8, 8)
+    pr = Pruner(m, x)
+    pr.prune(0.5)
+    fct.test_eq(m.c1.out_channels, 4)
+    assert m.alias.m is m.c1
+    fct.test_eq({p.device.type for p in m.parameters()}, {'cpu'})
+    assert pr.history[-1]['rel_error'] < 1e-5
+
+def test_failed_graph_leaves_model_unchanged():
+    "an op the graph does not know (strict): the error, and the parameters and buffers as they were, values and devices"
+    torch.manual_seed(0)
+    m, x = _Shared(unknown=True), torch.randn(2, 3, 8, 8)
+    before = _state(m)
+    with pytest.raises(UnknownOpError): Sparsifier(m, 'filter', 'local').couple(x)
+    _same_state(m, before)
+    with pytest.raises(UnknownOpError): Pruner(m, x).prune(0.5)
+    _same_state(m, before)
+
+def test_on_meta_restores_on_error():
+    from fasterprune.graph import _on_meta
+    torch.manual_seed(0)
+    m = _Shared()
+    m.register_buffer('tied', m.c2.weight)  # a tensor held by two modules' dicts... and twice by one
+    before = _state(m)
+    with pytest.raises(RuntimeError, match='boom'):
+        with _on_meta(m):
+            fct.test_eq({p.device.type for p in m.parameters()}, {'meta'})
+            assert m.tied is m.c2.weight  # tied tensors stay tied inside
+            raise RuntimeError('boom')
+    _same_state(m, before)
+    assert m.tied is m.c2.weight
+
+
+# 2. a forward that keeps state it computed (AWD_LSTM's `self.hidden`): tracing left an fx Proxy there, the output
+# layer was cut and the check passed
+class _Stateful(nn.Module):
+    def __init__(self, c_in=3, n_out=4):
+        super().__init__()
+        self.c1 = nn.Conv2d(c_in, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, n_out, 3, padding=1)
+        self.h = torch.zeros(())
+    def forward(self, x):
+        out = self.c2(torch.relu(self.c1(x))) + self.h
+        self.h = out.detach().mean() * 0  # state from the output (zero here)
+        self.seen = True                   # an attribute the forward creates
+        return out
+
+def test_stateful_forward_pruner():
+    torch.manual_seed(0)
+    m, x = _Stateful(), torch.randn(2, 3, 8, 8)
+    Pruner(m, x).prune(0.5)
+    fct.test_eq(m.c1.out_channels, 4)
+    fct.test_eq(m.c2.out_channels, 4)  # the model's output stays
+    assert type(m.h) is torch.Tensor and type(m(x)) is torch.Tensor
+    m2 = _Stateful()
+    h2 = m2.h
+    channel_groups(m2, x)
+    assert m2.h is h2 and not hasattr(m2, 'seen')  # untouched by the graph
+
+def test_stateful_forward_couple():
+    "the callback's path (filter granularity): the output filters are not coupled, the state stays a tensor"
+    torch.manual_seed(0)
+    m, x = _Stateful(), torch.randn(2, 3, 8, 8)
+    h0 = m.h
+    sp = Sparsifier(m, 'filter', 'local').couple(x)
+    sp.sparsify(0.5)
+    assert m.h is h0 and not hasattr(m, 'seen')
+    fct.test_eq(int((m.c2.weight.flatten(1) == 0).all(1).sum()), 0)  # the output's filters stay
+    fct.test_eq(int((m.c1.weight.flatten(1) == 0).all(1).sum()), 4)
+    assert type(m(x)) is torch.Tensor
