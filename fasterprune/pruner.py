@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy, fnmatch, functools, logging, math, time, warnings
 from pathlib import Path
 from fastcore.basics import patch
+from fastcore.foundation import L
 import torch
 from torch import nn, Tensor
 from .core import check_context, check_fraction, evaluating, few, flat_tensors, model_device, \
@@ -146,6 +147,17 @@ def _to64(x):
     "`x` with its floating-point tensors in float64 (any nesting)"
     return map_tensors(lambda t: t.double() if t.is_floating_point() else t, x)
 
+def _copy_model(model:nn.Module) -> nn.Module:
+    """`copy.deepcopy(model)`, with a tensor that a forward computed and kept as an attribute (fastai's WeightDropout
+    sets its LSTM's `weight_hh_l0` to a copy of the raw weight: not a leaf of autograd, which deepcopy refuses) copied
+    detached; the model itself unchanged"""
+    memo = {}
+    for m in model.modules():
+        held = list(m._parameters.values()) + list(m._buffers.values()) + flat_tensors(list(m.__dict__.values()))
+        for t in held:
+            if isinstance(t, Tensor) and not t.is_leaf and id(t) not in memo: memo[id(t)] = t.detach().clone()
+    return copy.deepcopy(model, memo)
+
 class Pruner:
     "Structured pruning by surgery: removes whole channels of `model` (or of a fastai `Learner`'s model), verified"
     def __init__(self,
@@ -189,7 +201,11 @@ class Pruner:
         self.heads = heads
         if isinstance(example_inputs, list): example_inputs = tuple(example_inputs)  # positional inputs
         self.example_inputs = to_device(example_inputs, model_device(model))  # tensors in any nesting (a dict too)
-        self.original = copy.deepcopy(model) if keep_original else None
+        try: self.original = _copy_model(model) if keep_original else None
+        except Exception as e:
+            raise RuntimeError(f"Pruner: keep_original=True could not copy {type(model).__name__} ({type(e).__name__}: "
+                               f"{first_line(e)}); pass keep_original=False (report() then needs original=), the "
+                               "model was not changed") from e
         self.history = []      # one record per accepted surgery (appended by `_surgery`)
         self._warned_opt = False  # the warning about an optimizer the Pruner cannot see: once
         self._rewinder = None  # the `Rewinder` of the rewinding methods, made by `_rw` on first use
@@ -634,7 +650,7 @@ def _outputs(self:Pruner,
     ins = [self.example_inputs, self.second_inputs]
     if sized is not False and self.sized_inputs is not None: ins.append(self.sized_inputs)
     f64 = self.dtype in _low_precision if f64 is None else f64
-    model = copy.deepcopy(self.model).double() if f64 else self.model
+    model = _copy_model(self.model).double() if f64 else self.model
     if f64 and exact:
         mods = dict(model.named_modules())
         with torch.no_grad():
@@ -782,7 +798,7 @@ def _cut_rewind_point(self:Pruner, g:ChannelGraph, remove:Tensor) -> tuple[dict|
     "(the rewind point after this surgery: the masked model at the rewind point, folded and cut; else None and why)"
     from fasterprune.rewind import model_state
     try:  # any failure here leaves the model as it is: the surgery goes on, with a warning that says why
-        cp = copy.deepcopy(self.model)
+        cp = _copy_model(self.model)
         now = self.model.state_dict(keep_vars=True)
         point = {k: v for k, v in self._rewinder.rewind_point.items() if k in now and v.shape == now[k].shape}
         if set(point) != set(now): return None, f"it lacks {few(sorted(set(now) - set(point)))}"
@@ -889,14 +905,62 @@ def _sync_optimizer(self:Pruner, tx:_Surgery):
             if isinstance(v, Tensor) and tuple(v.shape) == shape0:
                 for dim, idx in ops: v = v.index_select(dim, idx.to(v.device))
                 s[k] = v
+    lists = opt.param_lists if hasattr(opt, 'param_lists') else [gr['params'] for gr in opt.param_groups]
+    copies = _aligned_copies(opt, lists)  # per-parameter copies outside the state (Lookahead's slow weights)
+    for v in copies:
+        for cg, pl in zip(v, lists):
+            for i, p in enumerate(pl):
+                if p not in tx.cuts or tuple(cg[i].shape) != tx.cuts[p][0]: continue
+                c = cg[i]
+                for dim, idx in tx.cuts[p][1]: c = c.index_select(dim, idx.to(c.device))
+                cg[i] = c
     # a bias created by a fold joins its weight's group: the optimizer, its groups' hyper-parameters (discriminative
     # lrs, wd, ...) and the other parameters' state stay as they are
-    lists = opt.param_lists if hasattr(opt, 'param_lists') else [gr['params'] for gr in opt.param_groups]
     for m, b in tx.new_params:
-        grp = next((pl for pl in lists if any(q is m.weight for q in pl)), None)
-        if grp is None: continue  # the layer is not optimized (left out of the optimizer): neither is its bias
+        j = next((j for j, pl in enumerate(lists) if any(q is m.weight for q in pl)), None)
+        if j is None: continue  # the layer is not optimized (left out of the optimizer): neither is its bias
         b.requires_grad_(m.weight.requires_grad)  # a frozen layer's new bias is frozen too
-        grp.append(b)
+        lists[j].append(b)
+        for v in copies: v[j].append(b.detach().clone())  # its slow weight: the bias as it is
+    _warn_old_copies(opt, tx, copies)
+
+def _opt_chain(opt) -> list:
+    "`opt` and the optimizers it wraps (fastai's Lookahead and OptimWrapper hold theirs as `.opt`)"
+    res = []
+    while opt is not None and not any(opt is o for o in res):
+        res.append(opt)
+        opt = vars(opt).get('opt')  # not getattr: fastai's GetAttr hands unknown names on to the wrapped one
+    return res
+
+_opt_own = ('state', 'param_groups', 'param_lists', 'hypers', 'defaults', 'opt')  # held or handled already
+
+def _seq_of(v) -> bool: return isinstance(v, (list, L))
+
+def _aligned_copies(opt, lists) -> list:
+    "Each optimizer attribute that holds one tensor per parameter, group by group (fastai's Lookahead `slow_weights`)"
+    res = []
+    for o in _opt_chain(opt):
+        for k, v in vars(o).items():
+            if k in _opt_own or not _seq_of(v) or len(v) != len(lists): continue
+            if all(_seq_of(g) and len(g) == len(pl) and all(isinstance(t, Tensor) for t in g)
+                   for g, pl in zip(v, lists)): res.append(v)
+    return res
+
+def _tensors_in(v) -> list:
+    if isinstance(v, Tensor): return [v]
+    if isinstance(v, dict): v = list(v.values())
+    return [t for o in v for t in _tensors_in(o)] if isinstance(v, (list, tuple, L)) else []
+
+def _warn_old_copies(opt, tx:_Surgery, copies:list):
+    "Warn about optimizer attributes the Pruner does not know that still hold tensors of a cut parameter's old shape"
+    old = {shape0 for p, (shape0, _) in tx.cuts.items() if tuple(p.shape) != shape0}
+    done = {id(t) for v in copies for t in _tensors_in(v)}
+    left = [f"{type(o).__name__}.{k}" for o in _opt_chain(opt) for k, v in vars(o).items() if k not in _opt_own
+            and any(tuple(t.shape) in old and id(t) not in done for t in _tensors_in(v))]
+    if left:
+        logger.warning("Pruner: %s of the optimizer hold tensors of the old shapes of the cut parameters, which the "
+                       "Pruner does not know how to cut: its next step may fail with a size mismatch. Create the "
+                       "optimizer again after pruning (learn.create_opt(), or a new torch optimizer)", few(left))
 
 # %% ../nbs/08_pruner.ipynb #3d8d6b89
 def _head_rows(g:ChannelGraph, remove:Tensor) -> dict[str, Tensor]:
@@ -1366,7 +1430,7 @@ def load_pruned(model:nn.Module, path, map_location=None) -> nn.Module:
     if not isinstance(d, dict) or not {'recipe', 'state_dict'} <= set(d):
         raise ValueError(f"{path} is not a file written by save_pruned (it needs 'recipe' and 'state_dict')")
     _check_ends(model, d['recipe'], path)
-    trial = copy.deepcopy(model)  # resize and load a copy first: a misfit recipe or state_dict changes nothing
+    trial = _copy_model(model)  # resize and load a copy first: a misfit recipe or state_dict changes nothing
     apply_recipe(trial, d['recipe'])
     trial.load_state_dict(d['state_dict'], strict=True)
     mods = dict(model.named_modules())

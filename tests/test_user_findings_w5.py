@@ -117,3 +117,49 @@ def test_stateful_forward_couple():
     fct.test_eq(int((m.c2.weight.flatten(1) == 0).all(1).sum()), 0)  # the output's filters stay
     fct.test_eq(int((m.c1.weight.flatten(1) == 0).all(1).sum()), 4)
     assert type(m(x)) is torch.Tensor
+
+
+# 3. ranger (Lookahead) then Pruner(learn).compact(): Lookahead's slow weights kept the old shapes, the next fit crashed
+def test_ranger_compact_then_fit():
+    from torch.utils.data import TensorDataset, DataLoader
+    from fastai.data.core import DataLoaders
+    from fastai.learner import Learner
+    from fastai.optimizer import ranger
+    from fasterprune.callback import SparsifyCallback
+    from fasterprune.data import small_cnn
+    torch.manual_seed(0)
+    X, Y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    dls = DataLoaders(DataLoader(TensorDataset(X, Y), batch_size=8), DataLoader(TensorDataset(X, Y), batch_size=32))
+    learn = Learner(dls, small_cnn(c=8), loss_func=nn.CrossEntropyLoss(), opt_func=ranger)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-2, cbs=SparsifyCallback(0.5, 'filter', 'local', schedule='one_shot'))
+    Pruner(learn).compact()
+    fct.test_eq(learn.model[0].out_channels, 4)
+    slow = [t for g in learn.opt.slow_weights for t in g]
+    fct.test_eq([t.shape for t in slow], [p.shape for g in learn.opt.param_lists for p in g])
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)  # 8 steps: Lookahead syncs at its 6th
+    assert torch.isfinite(torch.tensor(learn.recorder.values[-1])).all()
+
+
+# 4. Pruner(learn) on an AWD_LSTM failed in copy.deepcopy (WeightDropout holds a non-leaf copy of its weight)
+def _awd_classifier():
+    from fastai.text.models.core import get_text_classifier
+    from fastai.text.models.awdlstm import AWD_LSTM, awd_lstm_clas_config
+    cfg = awd_lstm_clas_config.copy()
+    cfg.update(emb_sz=16, n_hid=32, n_layers=2)
+    return get_text_classifier(AWD_LSTM, 40, 2, seq_len=8, config=cfg)
+
+def test_awd_lstm_pruner_keeps_original():
+    torch.manual_seed(0)
+    m, x = _awd_classifier(), torch.randint(2, 40, (4, 8))
+    before = _state(m)
+    pr = Pruner(m, x, strict=False)  # keep_original=True
+    _same_state(m, before)
+    _same_state(pr.original, before)
+    assert pr.original.state_dict()['0.module.encoder.weight'] is not m.state_dict()['0.module.encoder.weight']
+    assert pr.original[0].module.encoder_dp.emb is pr.original[0].module.encoder  # its sharing copied too
+    pr.prune(0.3)
+    fct.test_eq(m[1].layers[0][2].out_features, 35)  # the head's hidden Linear; the LSTMs and the output stay
+    fct.test_eq(m[1].layers[1][2].out_features, 2)
+    fct.test_eq(pr.original[1].layers[0][2].out_features, 50)
+    assert pr.history[-1]['rel_error'] < 1e-5
