@@ -129,15 +129,18 @@ def test_ranger_compact_then_fit():
     from fasterprune.data import small_cnn
     torch.manual_seed(0)
     X, Y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
-    dls = DataLoaders(DataLoader(TensorDataset(X, Y), batch_size=8), DataLoader(TensorDataset(X, Y), batch_size=32))
+    dls = DataLoaders(DataLoader(TensorDataset(X, Y), batch_size=16), DataLoader(TensorDataset(X, Y), batch_size=32))
     learn = Learner(dls, small_cnn(c=8), loss_func=nn.CrossEntropyLoss(), opt_func=ranger)
     with learn.no_bar(), learn.no_logging():
         learn.fit(1, 1e-2, cbs=SparsifyCallback(0.5, 'filter', 'local', schedule='one_shot'))
+    keep = (learn.model[0].weight.flatten(1) != 0).any(1)
+    slow0 = learn.opt.slow_weights[0][0].clone()
     Pruner(learn).compact()
     fct.test_eq(learn.model[0].out_channels, 4)
+    fct.test_eq(learn.opt.slow_weights[0][0], slow0[keep])  # the same rows as the weight's
     slow = [t for g in learn.opt.slow_weights for t in g]
     fct.test_eq([t.shape for t in slow], [p.shape for g in learn.opt.param_lists for p in g])
-    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)  # 8 steps: Lookahead syncs at its 6th
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)  # 4 steps after 4: Lookahead syncs at its 6th
     assert torch.isfinite(torch.tensor(learn.recorder.values[-1])).all()
 
 
