@@ -15,7 +15,7 @@ from .core import check_context, check_fraction, evaluating, few, flat_tensors, 
 from .criteria import get_criterion
 from .graph import ChannelGraph, CountedLayerNorm, CountedRMSNorm, UnknownOpError, _WrittenHeads, \
     _conv_types, _ln_channel_dim, _pinned_text, _plain, _Tracer, _pass_modules, _reshape_modules, _holder, \
-    _dict_hint, _heads_like, _rep_like, _width_like
+    _dict_hint, _heads_like, _rep_like, _width_like, _untouched
 
 logger = logging.getLogger('fasterprune')
 
@@ -615,10 +615,12 @@ def _pruned_window_attention(cls:type) -> type:
 
 # %% ../nbs/08_pruner.ipynb #ef0799bc
 def _call(model:nn.Module, inputs):
-    "`model` on `inputs`: a tensor, a tuple of positional inputs, or a dict of keyword arguments (as the metrics do)"
-    if not isinstance(inputs, dict): return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
-    try: return model(**inputs)
-    except TypeError as e: raise TypeError(f"{e}{_dict_hint}") from e
+    """`model` on `inputs`: a tensor, a tuple of positional inputs, or a dict of keyword arguments (as the metrics do);
+    state the forward keeps in its modules (`self.hidden`) as it was after it: each check starts from the same state"""
+    with _untouched(model):
+        if not isinstance(inputs, dict): return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+        try: return model(**inputs)
+        except TypeError as e: raise TypeError(f"{e}{_dict_hint}") from e
 
 def relative_error(ref, out) -> float:
     "The largest max |ref − out| / max |ref| of the tensors of two outputs of the same structure, each on its own scale"

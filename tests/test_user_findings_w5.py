@@ -106,6 +106,25 @@ def test_stateful_forward_pruner():
     channel_groups(m2, x)
     assert m2.h is h2 and not hasattr(m2, 'seen')  # untouched by the graph
 
+class _Carried(_Stateful):
+    "state that changes the next output (an LM's hidden state carried from call to call)"
+    def forward(self, x):
+        out = self.c2(torch.relu(self.c1(x))) + self.h
+        self.h = out.detach().mean()
+        return out
+
+def test_stateful_carried_state_verifies():
+    "each check starts from the model's state, and leaves it as it was: the verification compares like with like"
+    torch.manual_seed(0)
+    m, x = _Carried(), torch.randn(2, 3, 8, 8)
+    m(x)
+    h = m.h
+    pr = Pruner(m, x)
+    pr.prune(0.5)
+    fct.test_eq(m.c1.out_channels, 4)
+    assert pr.history[-1]['rel_error'] < 1e-5
+    assert m.h is h
+
 def test_stateful_forward_couple():
     "the callback's path (filter granularity): the output filters are not coupled, the state stays a tensor"
     torch.manual_seed(0)
