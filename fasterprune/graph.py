@@ -226,7 +226,7 @@ def _on_meta(m:nn.Module):
     finally:  # whatever happened inside: the real tensors back
         for d, k, t in reversed(saved): d[k] = t
 
-_fx_attrs = ('_tensor_constant', '_torchbind_obj')  # what torch.fx's tracer adds to the root module (the graph reads it)
+_fx_attrs = ('_tensor_constant', '_torchbind_obj')  # what torch.fx's tracer adds to the root (the graph reads it)
 
 @contextmanager
 def _untouched(model:nn.Module):
