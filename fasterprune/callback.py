@@ -456,7 +456,8 @@ class SparsifyCallback(Callback):
         if self.layers is not None: return []  # the user's own choice of layers stands
         outs = _output_layers(sp, self._first_input(sp.model))
         if outs and len(outs) == len(sp.layers):
-            raise ValueError(f"filter granularity: the only layers it could prune ({few(outs, 4)}) produce the model's "
+            names = few([n or 'the model itself' for n in outs], 4)
+            raise ValueError(f"filter granularity: the only layers it could prune ({names}) produce the model's "
                              "output, whose width must stay; use granularity='weight' (or 'vector', 'kernel'), or name "
                              "them in layers= to prune their rows all the same")
         if outs: logger.info("SparsifyCallback: coupled=False prunes filters layer by layer; %s, which produce the "
@@ -506,7 +507,8 @@ class SparsifyCallback(Callback):
             err = e
         outs = _output_layers(sp, x)
         if outs and len(outs) == len(sp.layers):
-            raise ValueError(f"filter granularity: the only layers it could prune ({few(outs, 4)}) produce the model's "
+            names = few([n or 'the model itself' for n in outs], 4)
+            raise ValueError(f"filter granularity: the only layers it could prune ({names}) produce the model's "
                              f"output, whose width must stay, and coupled channels are not available "
                              f"({type(err).__name__}: {first_line(err)}); use granularity='weight' (or 'vector', "
                              "'kernel')")

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import copy, fnmatch, logging
 import torch
-from torch import nn, Tensor
+from torch import nn
 from .core import conv1d_layers, few
 from .graph import AttentionHeads
 

@@ -614,7 +614,7 @@ def _warn_shared_left_out(model:nn.Module, sel:dict, attention:bool):
 
 def _warn_tied_elsewhere(model:nn.Module, layers:dict):
     "A pruned weight that is also another kind of module's parameter (a tied embedding): pruned there too, say so"
-    own = {id(m) for m in layers.values()}
+    own = {id(m.module if isinstance(m, AttentionProjection) else m) for m in layers.values()}
     by_weight = {id(l.weight): n for n, l in layers.items() if isinstance(l.weight, nn.Parameter)}
     hit = []
     for mn, m in model.named_modules(remove_duplicate=False):

@@ -270,3 +270,20 @@ def test_gradient_criteria_on_computed_weights_are_refused_before_the_fit(repara
         fct.test_fail(lambda: learn.fit(1, 1e-2, cbs=SparsifyCallback(0.5, criteria='gradient_magnitude')),
                       contains="computed from other tensors")
     for k, v in model.named_parameters(): fct.test_eq(v, w0[k])
+
+
+# --- R5 (a second read of this session's changes) ---
+
+def test_multihead_attention_projections_are_not_called_tied(caplog):
+    "attention=True prunes in_proj_weight through an AttentionProjection: its own module is not another owner"
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    with caplog.at_level(logging.WARNING, logger='fasterprune'): Sparsifier(layer, 'weight', 'local', attention=True)
+    assert 'tied' not in caplog.text, caplog.text
+
+
+def test_uncoupled_filters_of_a_one_layer_model_name_it():
+    "A model that is one Linear: the refusal names it (its name is '')"
+    learn = _digits_learner(model=nn.Linear(64, 10))
+    with learn.no_bar(), learn.no_logging():
+        fct.test_fail(lambda: learn.fit(1, 1e-2, cbs=SparsifyCallback(0.5, 'filter', coupled=False)),
+                      contains='(the model itself)')
