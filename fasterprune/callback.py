@@ -21,7 +21,7 @@ from .sparsifier import _nnz_each
 from .metrics import sparsity_report
 from .core import to_device, first_items, model_device, evaluating, few, bare_model, flat_tensors, first_line
 from torch.nn.parameter import is_lazy
-from .graph import UnknownOpError
+from .graph import UnknownOpError, _untouched
 from .pruner import _one_batch
 
 def _output_layers(sp:Sparsifier, x) -> list[str]:
@@ -35,7 +35,8 @@ def _output_layers(sp:Sparsifier, x) -> list[str]:
     for n, m in sp.layers.items():
         if not isinstance(m, AttentionProjection): hs.append(m.register_forward_hook(hook(n)))
     try:
-        with torch.no_grad(), evaluating(sp.model): y = sp.model(*x) if isinstance(x, tuple) else sp.model(x)
+        with torch.no_grad(), evaluating(sp.model), _untouched(sp.model):  # a forward's own state (`self.hidden`) stays
+            y = sp.model(*x) if isinstance(x, tuple) else sp.model(x)
     finally:
         for h in hs: h.remove()
     ptrs = {t.untyped_storage().data_ptr() for t in flat_tensors(y)}

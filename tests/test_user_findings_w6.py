@@ -287,3 +287,19 @@ def test_uncoupled_filters_of_a_one_layer_model_name_it():
     with learn.no_bar(), learn.no_logging():
         fct.test_fail(lambda: learn.fit(1, 1e-2, cbs=SparsifyCallback(0.5, 'filter', coupled=False)),
                       contains='(the model itself)')
+
+
+def test_finding_the_output_layers_leaves_a_forward_s_own_state():
+    "The callback runs one forward to find the layers that make the output: a forward's state (`self.hidden`) stays"
+    from fasterprune.callback import _output_layers
+    class Stateful(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.calls, self.h = nn.Linear(8, 8), nn.Linear(8, 2), 0, None
+        def forward(self, x):
+            self.calls += 1
+            self.h = self.a(x) if self.h is None else self.a(x) + self.h.mean()
+            return self.b(torch.relu(self.h))
+    m = Stateful()
+    fct.test_eq(_output_layers(Sparsifier(m, 'filter'), torch.randn(2, 8)), ['b'])
+    fct.test_eq((m.calls, m.h), (0, None))
