@@ -70,14 +70,31 @@ def _named(m:nn.Module, names:tuple, value:int, prefix:str='') -> str|None:
     return next((prefix + a for a in names if _ints(m, a) and getattr(m, a) == value), None)
 
 def _llama_heads(m:nn.Module) -> AttentionHeads|None:
-    "Llama, Mistral, Qwen2/3, Gemma, ViT: q_proj, k_proj, v_proj, o_proj; the forward views by `head_dim` (-1 heads)"
-    if not (_linears(m, 'q_proj', 'k_proj', 'v_proj', 'o_proj') and _ints(m, 'head_dim')): return None
+    "Llama, Mistral, Qwen2/3, Gemma, ViT (`o_proj`); OPT, GPT-J, CLIP (`out_proj`): views by `head_dim`"
+    o = next((o for o in ('o_proj', 'out_proj') if _linears(m, o)), None)
+    if o is None or not (_linears(m, 'q_proj', 'k_proj', 'v_proj') and _ints(m, 'head_dim')): return None
+    if getattr(m, 'is_cross_attention', False): return None  # k and v read another sequence: not this pattern
     hd = m.head_dim
     H, Hkv = m.q_proj.out_features // hd, m.k_proj.out_features // hd
     nh = _named(m, ('num_heads', 'num_attention_heads'), H)  # counts the block holds are named, so that they follow
-    return AttentionHeads(num_heads=nh, head_dim='head_dim',
+    return AttentionHeads(num_heads=nh, head_dim='head_dim', o=o,
                           num_kv_heads=_named(m, ('num_key_value_heads', 'num_kv_heads'), Hkv) if nh else None,
-                          n_rep=_named(m, ('num_key_value_groups',), H // max(Hkv, 1)))
+                          n_rep=_named(m, ('num_key_value_groups',), H // max(Hkv, 1)),
+                          width=_named(m, ('embed_dim',), H * hd))
+
+def _unprunable(m:nn.Module, spec:AttentionHeads) -> str|None:
+    "Why the heads of block `m` cannot go one by one: a tensor of its own held per head or over the attention width"
+    hd = _get(m, spec.head_dim) if spec.head_dim else None
+    if not isinstance(hd, int) or not hd: return None
+    after = spec.o.rpartition('.')[0]  # the module around o (BERT's `output`: o, then a norm of the residual stream)
+    skip = {id(p) for n in (*spec.parts, *([after] if after else [])) for p in _get(m, n).parameters()}
+    H = _get(m, spec.o).in_features // hd
+    widths = {H * hd} if spec.qkv is not None else {H * hd, _get(m, spec.k).out_features}
+    for n, t in m.named_parameters():  # learned tensors on the q/k side: q_norm, k_norm, per-head tables
+        if id(t) in skip: continue
+        if any(d in widths for d in t.shape) or (H > 1 and t.dim() >= 2 and H in t.shape):
+            return f"{n} {tuple(t.shape)}"
+    return None
 
 def _gpt2_heads(m:nn.Module) -> AttentionHeads|None:
     "GPT-2 self-attention after `conv1d_to_linear`: one fused c_attn split by `split_size`, viewed by `head_dim`"
@@ -108,7 +125,7 @@ def _bert_heads(m:nn.Module) -> AttentionHeads|None:
                           v='self.value', o='output.dense', head_dim='self.attention_head_size',
                           width=_named(s, ('all_head_size',), H * hd, 'self.'))
 
-_families = (('Llama-style', _llama_heads), ('GPT-2', _gpt2_heads), ('DistilBERT', _distilbert_heads),
+_families = (('Llama-style, OPT, GPT-J, CLIP', _llama_heads), ('GPT-2', _gpt2_heads), ('DistilBERT', _distilbert_heads),
              ('BERT', _bert_heads))
 
 def _pattern(name:str) -> str:
@@ -120,18 +137,26 @@ def hf_heads(
 ) -> dict:
     "`heads=` for the Pruner and SparsifyCallback: {pattern: AttentionHeads} of the Hugging Face attention of `model`"
     mods = dict(model.named_modules())
-    found, fams = {}, {}
+    found, fams, stuck = {}, {}, []
     for n, m in mods.items():
         for fam, f in _families:
             spec = f(m)
             if spec is not None:
+                why = _unprunable(m, spec)
+                if why: stuck.append(f"{n} ({type(m).__name__}: {why})")
                 found[n], fams[n] = spec, fam
                 break
+    if stuck:
+        raise ValueError(f"hf_heads: the heads of {few(stuck, 3)} cannot be removed one by one: that tensor holds "
+                         "values per head or over the whole attention width (a per-head norm, a q/k norm over all "
+                         "heads, a relative position table), which the Pruner does not cut. Prune without heads= "
+                         "(the MLP units still go)")
     def covered(n): return any(n == o or n.startswith(f'{o}.') or (o.startswith(f'{n}.') if n else True) for o in found)
     other = [n for n, m in mods.items()
              if 'attention' in type(m).__name__.lower() and not isinstance(m, nn.MultiheadAttention) and not covered(n)]
-    other = [f"{n or '(the model)'} ({type(mods[n]).__name__})" for n in other  # the outermost ones
-             if not any(n.startswith(f'{o}.') or (n and not o) for o in other if o != n)]
+    def cross(m): return getattr(m, 'is_cross_attention', False) or 'cross' in type(m).__name__.lower()
+    other = [f"{n or '(the model)'} ({type(mods[n]).__name__}{', cross-attention' if cross(mods[n]) else ''})"
+             for n in other if not any(n.startswith(f'{o}.') or (n and not o) for o in other if o != n)]
     known = ', '.join(f for f, _ in _families)
     if other:
         raise ValueError(f"hf_heads: attention blocks it does not recognise: {few(other, 6)}. It knows {known} "

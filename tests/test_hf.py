@@ -202,7 +202,7 @@ def test_hf_heads_refuses_unrecognised_attention():
         def forward(self, x): return x
     Odd.__name__ = 'MyCrossAttention'
     m.transformer.h[1].extra = Odd()
-    with pytest.raises(ValueError, match=r'transformer\.h\.1\.extra \(MyCrossAttention\)'): hf_heads(m)
+    with pytest.raises(ValueError, match=r'transformer\.h\.1\.extra \(MyCrossAttention, cross-attention\)'): hf_heads(m)
     with pytest.raises(ValueError, match='no attention block'): hf_heads(nn.Sequential(nn.Linear(4, 4)))
 
 
@@ -287,3 +287,38 @@ def test_hf_config_after_prune_refuses_uneven_layers_and_other_models():
     g = _gpt2()
     with pytest.raises(ValueError, match='save_pruned'): hf_config_after_prune(g)
     with pytest.raises(TypeError, match='no Hugging Face `config`'): hf_config_after_prune(nn.Linear(3, 3))
+
+
+@pytest.mark.parametrize('kind', ['opt', 'gptj'])
+def test_hf_heads_out_proj_families_prune_heads(kind):
+    "OPT and GPT-J (q/k/v_proj, out_proj, embed_dim): recognised, heads removed, verified, the HF calls still work"
+    torch.manual_seed(0)
+    if kind == 'opt':
+        m = T.OPTForCausalLM(T.OPTConfig(vocab_size=V, hidden_size=64, ffn_dim=128, num_hidden_layers=1,
+                                         num_attention_heads=4, word_embed_proj_dim=64, **IDS)).eval()
+        a = lambda: m.model.decoder.layers[0].self_attn
+    else:
+        m = T.GPTJForCausalLM(T.GPTJConfig(vocab_size=V, n_embd=64, n_layer=1, n_head=4, rotary_dim=8, n_positions=64,
+                                           **IDS)).eval()
+        a = lambda: m.transformer.h[0].attn
+    x, mask = _tokens()
+    heads = hf_heads(m)
+    fct.test_eq(list(heads.values())[0].o, 'out_proj')
+    pr = Pruner(m, {'input_ids': x, 'attention_mask': mask}, heads=heads, strict=False)
+    pr.prune(0.5)
+    fct.test_eq((a().q_proj.out_features, a().out_proj.in_features, a().embed_dim), (32, 32, 32))
+    assert pr.history[-1]['rel_error'] <= 1e-5
+    _still_works(m, x, mask)
+
+
+def test_hf_heads_refuses_blocks_with_tensors_per_head_or_over_the_width():
+    "OLMo2's q_norm over all heads, Cohere's per-head norms: the Pruner would not cut them; refused by name"
+    torch.manual_seed(0)
+    base = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, **IDS)
+    olmo = T.Olmo2ForCausalLM(T.Olmo2Config(**base))
+    with pytest.raises(ValueError, match=r"Olmo2Attention: q_norm.weight \(64,\).*without heads="): hf_heads(olmo)
+    cohere = T.CohereForCausalLM(T.CohereConfig(**base, use_qk_norm=True))
+    with pytest.raises(ValueError, match=r"CohereAttention: q_norm.weight \(4, 16\)"): hf_heads(cohere)
+    qwen3 = T.Qwen3ForCausalLM(T.Qwen3Config(**base, head_dim=24))  # q_norm over one head's width: shared, fine
+    fct.test_eq(list(hf_heads(qwen3)), ['model.layers.*.self_attn'])
