@@ -5,6 +5,7 @@
 # %% ../nbs/04_callback.ipynb #21289464
 from __future__ import annotations
 import logging, math, sys, warnings
+from contextlib import contextmanager
 import torch
 from fastai.callback.core import Callback
 from fastai.learner import Learner, ValueMetric
@@ -43,6 +44,14 @@ def _output_layers(sp:Sparsifier, x) -> list[str]:
     return [n for n, ts in outs.items() if any(t.untyped_storage().data_ptr() in ptrs for t in ts)]
 
 logger = logging.getLogger('fasterprune')
+
+@contextmanager
+def _quiet(on:bool=True):
+    "The library's warnings off for a moment (`on`): for work whose warnings were given already, or do not apply"
+    level = logger.level
+    if on: logger.setLevel(logging.ERROR)
+    try: yield
+    finally: logger.setLevel(level)
 
 def _in_fine_tune() -> bool:
     "Is this fit inside `Learner.fine_tune` (its frozen fit is followed by an unfrozen one)?"
@@ -385,7 +394,9 @@ class SparsifyCallback(Callback):
     def _new(self, model, keep_history=False):
         "A Sparsifier on `model` that takes its zeros as pruned (the callback's state changes once every check passed)"
         self.learn.__dict__.pop('_sparsify_strict', None)  # said again by this model's trace (filters), if any
-        try: sp = self._build(model)
+        try:
+            with _quiet(keep_history):  # after a surgery nothing more is pruned: what coupling would warn is moot
+                sp = self._build(model)
         except ValueError as e:
             if not keep_history: raise
             # after a surgery nothing more is ranked: the zeros stay fixed, whatever the granularity can still group
@@ -446,11 +457,9 @@ class SparsifyCallback(Callback):
         # filters layer by layer: the layers that make the model's output stay dense (their rows are its classes)
         ex = [] if self.exclude is None else list(self.exclude) if isinstance(self.exclude, (list, tuple)) \
              else [self.exclude]
-        level = logger.level
-        logger.setLevel(logging.ERROR)  # the same model again: its warnings were given by the first Sparsifier
-        try: return Sparsifier(model, self.granularity, self.context, self.criteria, self.layers, ex + outs,
-                               self.seed, attention=self.attention)
-        finally: logger.setLevel(level)
+        with _quiet():  # the same model again: its warnings were given by the first Sparsifier
+            return Sparsifier(model, self.granularity, self.context, self.criteria, self.layers, ex + outs, self.seed,
+                              attention=self.attention)
 
     def _uncoupled_outputs(self, sp) -> list:
         "coupled=False: the layers that produce the model's output, left dense unless `layers=` names what to prune"

@@ -118,6 +118,10 @@ def test_heads_on_hf_llama_prune_whole_heads_around_its_rotary_op(caplog):
     attn = learn.model.m.model.layers[0].self_attn
     fct.test_eq((attn.q_proj.out_features, attn.k_proj.out_features), (16, 8))
     with torch.no_grad(): fct.test_close(learn.model(x), ref, eps=1e-4)
+    caplog.clear()  # a fit after compact(): nothing more is pruned, so coupling's warnings (now MQA) are not said
+    with caplog.at_level(logging.WARNING, logger='fasterprune'), learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-3, cbs=cb)
+    assert 'multi-query' not in caplog.text and 'cos' not in caplog.text, caplog.text
 
 
 def _digits_learner(model=None, **kw):
