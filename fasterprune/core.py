@@ -5,6 +5,7 @@
 # %% ../nbs/00a_core.ipynb #1ce076d5
 from __future__ import annotations
 import math
+from collections.abc import Mapping
 from contextlib import contextmanager
 import torch
 from torch import nn, Tensor
@@ -76,16 +77,17 @@ def round_half_up(x:float) -> int:
     return int(math.floor(x + 0.5))
 
 def flat_tensors(x) -> list[Tensor]:
-    "Every tensor in `x`, a tensor or any nesting of tuples, lists and dict values, in order"
+    "Every tensor in `x`, a tensor or any nesting of tuples, lists and dict (any `Mapping`) values, in order"
     if isinstance(x, Tensor): return [x]
-    if isinstance(x, dict): return [t for v in x.values() for t in flat_tensors(v)]
+    if isinstance(x, Mapping): return [t for v in x.values() for t in flat_tensors(v)]
     if isinstance(x, (tuple, list)): return [t for v in x for t in flat_tensors(v)]
     return []
 
 def map_tensors(f, x):
-    "`x` with `f` applied to every tensor in it (any nesting of tuples, named tuples, lists and dicts)"
+    """`x` with `f` applied to every tensor in it (any nesting of tuples, named tuples, lists and dicts); a `Mapping`
+    that is not a dict (a tokenizer's `BatchEncoding`) comes back as a plain dict of the same keys"""
     if isinstance(x, Tensor): return f(x)
-    if isinstance(x, dict): return {k: map_tensors(f, v) for k, v in x.items()}
+    if isinstance(x, Mapping): return {k: map_tensors(f, v) for k, v in x.items()}
     if isinstance(x, tuple) and hasattr(x, '_fields'): return type(x)(*(map_tensors(f, v) for v in x))
     if isinstance(x, (tuple, list)): return type(x)(map_tensors(f, v) for v in x)
     return x

@@ -5,6 +5,7 @@
 # %% ../nbs/07_graph.ipynb #105ce07e
 from __future__ import annotations
 import fnmatch, inspect, math, operator, logging, re
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fastcore.basics import patch
@@ -317,8 +318,12 @@ class ChannelGraph:
         # run, in eval or train mode (on a branch the example did not take: data-dependent control flow)
         self.untraced = getattr(self.traced[1], 'untraced', None)
         self.control_flow = getattr(self.traced[1], 'control_flow', False)
+        # a graph traced with inputs at one value (those the example leaves out or gives as None: {name: value}) is a
+        # specialisation too: a layer only another value runs (`if features: return self.proj(h)`) is not in it
+        self.specialized = dict(getattr(self.traced[1], 'specialized', None) or {})
         graphs = [gr for gr in self.traced[1:] if gr is not None]
-        self.branch_layers = [n for n in self._not_run(*graphs) if _referenced(model, n)] if self.untraced else []
+        partial = self.untraced or self.specialized
+        self.branch_layers = [n for n in self._not_run(*graphs) if _referenced(model, n)] if partial else []
         self.heads = {}  # module name -> `_WrittenHeads` of each hand-written attention named in `heads`
         for key, spec in (heads or {}).items():
             if not any(c in key for c in '*?['):
@@ -635,41 +640,76 @@ def _is_window_attention(m) -> bool:
     return swin and hasattr(m, 'relative_position_bias_table')
 
 def _args_kwargs(x) -> tuple[tuple, dict]:
-    "`(args, kwargs)` of an example input: a dict is keyword arguments, a tuple or list positional ones, else one input"
-    if isinstance(x, dict): return (), dict(x)
+    "`(args, kwargs)` of an example input: a dict (any `Mapping`) is keyword arguments, a tuple or list positional ones"
+    if isinstance(x, Mapping): return (), dict(x)
     if isinstance(x, (tuple, list)): return tuple(x), {}
     return (x,), {}
 
 _dict_hint = " (a dict is passed as keyword arguments: for a forward that takes the dict itself, pass `(batch,)`)"
 
 def _placeholders(graph:fx.Graph, args:tuple, kwargs:dict) -> tuple:
-    "The values of `graph`'s placeholders in order: `args` first, then `kwargs` by name, else their defaults"
+    "The values of `graph`'s placeholders in order: `args` first, then `kwargs` by name, the traced values, defaults"
+    # torch.fx names the placeholder of an input traced at one value (None or a scalar: see `_concrete`) `name_1`
+    fixed = {f'{k}_1': v for k, v in (getattr(graph, 'specialized', None) or {}).items()}
+    defaults = getattr(graph, 'defaults', None) or {}  # the forward's tensor defaults (see `_own_defaults`)
     vals = []
     for n in (n for n in graph.nodes if n.op == 'placeholder'):
         if len(vals) < len(args): vals.append(args[len(vals)])
         elif n.target in kwargs: vals.append(kwargs[n.target])
+        elif n.target in fixed: vals.append(fixed[n.target])
+        elif n.target in defaults: vals.append(defaults[n.target])
         elif n.args: vals.append(n.args[0])  # a default of the forward
         else: raise TypeError(f"the traced forward needs its input {n.target!r}, which the example does not give")
     return tuple(vals)
 
-def _defaults(model:nn.Module, n_args:int, kwargs:dict) -> dict:
-    "The forward's parameters the example does not give, at their defaults (torch.fx then traces the branch they take)"
+_scalars = (bool, int, float, str, torch.dtype)  # values torch.fx specialises to one placeholder and a check
+
+def _concrete(model:nn.Module, args:tuple, kwargs:dict) -> dict:
+    """The forward's inputs to trace at one value (torch.fx then traces the branch they take, `if mask is not None:`):
+    those the example gives as None, and those it leaves out whose default is None or a plain scalar. A default tensor,
+    tuple, list or dict stays an input: torch.fx would store a tensor on the model (and a cut would cut the class's
+    default) and flatten a container into several placeholders"""
     P = inspect.Parameter
     try: ps = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError): return {}
-    return {p.name: p.default for i, p in enumerate(ps) if i >= n_args and p.name not in kwargs
-            and p.default is not P.empty and p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY)}
+    out = {}
+    for i, p in enumerate(ps):
+        if p.kind not in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY): continue
+        if i < len(args) and p.kind is P.POSITIONAL_OR_KEYWORD: given, v = True, args[i]
+        elif p.name in kwargs: given, v = True, kwargs[p.name]
+        else: given, v = False, p.default
+        if v is None or (not given and type(v) in _scalars): out[p.name] = v
+    return out
+
+def _own_defaults(model:nn.Module, graph:fx.Graph) -> dict:
+    """{placeholder: default} of the forward's inputs whose default torch.fx stored on the model (a tensor: it adds
+    `_tensor_constant0`, the class's own tensor, which a cut would cut in every instance): the attribute and its node
+    are removed, `_placeholders` passes the default itself"""
+    out = {}
+    for n in [n for n in graph.nodes if n.op == 'placeholder']:
+        c = n.args[0] if n.args else None
+        if not (isinstance(c, fx.Node) and c.op == 'get_attr' and isinstance(getattr(model, c.target, None), Tensor)):
+            continue
+        out[n.target] = getattr(model, c.target)
+        n.args = ()
+        if not c.users:
+            graph.erase_node(c)
+            if c.target in model.__dict__: delattr(model, c.target)
+    return out
 
 def _trace(model:nn.Module, inputs:tuple, kwargs:dict|None=None) -> tuple:
     "`(module, graph)` to run the labelling on: torch.fx's symbolic trace, else a recorded forward pass"
     kwargs = kwargs or {}
     try:
-        # run by an Interpreter on the model itself: no GraphModule to build; an input the example does not give is
-        # its default while tracing (`if mask is not None:` takes the branch the run takes)
+        # run by an Interpreter on the model itself: no GraphModule to build; an input the example leaves out is its
+        # default while tracing, one it gives as None is None (`if mask is not None:` takes the branch the run takes)
+        fixed = _concrete(model, inputs, kwargs)
         with _untouched(model):  # the forward's own attributes as they were (not fx Proxies)
-            graph = _Tracer().trace(model, concrete_args=_defaults(model, len(inputs), kwargs) or None)
+            graph = _Tracer().trace(model, concrete_args=fixed or None)
+        graph.specialized = fixed  # what the graph holds the branches of (see `ChannelGraph.branch_layers`)
+        graph.defaults = _own_defaults(model, graph)
         _placeholders(graph, inputs, kwargs)  # the inputs fit the traced signature
-        if set(kwargs) - {n.target for n in graph.nodes if n.op == 'placeholder'}:
+        if set(kwargs) - set(fixed) - {n.target for n in graph.nodes if n.op == 'placeholder'}:
             raise TypeError(f"keyword arguments {sorted(kwargs)} that the traced forward does not take")
         return model, graph
     except Exception as e:

@@ -5,6 +5,7 @@
 # %% ../nbs/05_metrics.ipynb #fb613526
 from __future__ import annotations
 import gc, math, time, statistics, logging
+from collections.abc import Mapping
 from contextlib import ExitStack
 import torch
 from torch import nn, Tensor
@@ -76,7 +77,7 @@ _transposed = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 def _shape_of(x):
     if isinstance(x, Tensor): return tuple(x.shape)
-    if isinstance(x, dict): return {k: _shape_of(v) for k, v in x.items()}
+    if isinstance(x, Mapping): return {k: _shape_of(v) for k, v in x.items()}
     if isinstance(x, (tuple, list)): return tuple(_shape_of(v) for v in x)
     return type(x).__name__
 
@@ -84,7 +85,7 @@ def _prepare(model, example_input) -> tuple[tuple, dict]:
     "`(args, kwargs)` to call `model` with, on its device: a tensor, a tuple/list (positional) or a dict (keywords)"
     if example_input is None: raise TypeError("example_input is required: a batch the model can run on, e.g. `xb[:1]`")
     x = to_device(example_input, model_device(model))
-    if isinstance(x, dict): return (), x
+    if isinstance(x, Mapping): return (), dict(x)  # a tokenizer's `BatchEncoding` too
     if isinstance(x, (tuple, list)): return tuple(x), {}
     return (x,), {}
 
@@ -93,7 +94,7 @@ def _call(model, args, kwargs, example_input):
     except Exception as e:
         msg = first_line(e)
         hint = (" (a dict is passed as keyword arguments: for a forward that takes the dict itself, pass `(batch,)`)"
-                if isinstance(example_input, dict) and isinstance(e, TypeError) else '')
+                if isinstance(example_input, Mapping) and isinstance(e, TypeError) else '')
         raise ValueError(f"{type(model).__name__} could not run on the example input of shape "
                          f"{_shape_of(example_input)}: {type(e).__name__}: {msg}{hint}") from e
 

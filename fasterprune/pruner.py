@@ -5,13 +5,14 @@
 # %% ../nbs/08_pruner.ipynb #8a092d7a
 from __future__ import annotations
 import copy, fnmatch, functools, logging, math, time, warnings
+from collections.abc import Mapping
 from pathlib import Path
 from fastcore.basics import patch
 from fastcore.foundation import L
 import torch
 from torch import nn, Tensor
 from .core import check_context, check_fraction, evaluating, few, flat_tensors, model_device, \
-    round_half_up, to_device, first_items, map_tensors, bare_model, first_line
+    round_half_up, to_device, first_items, map_tensors, bare_model, first_line, conv1d_layers
 from .criteria import get_criterion
 from .graph import ChannelGraph, CountedLayerNorm, CountedRMSNorm, UnknownOpError, _WrittenHeads, \
     _conv_types, _ln_channel_dim, _pinned_text, _plain, _Tracer, _pass_modules, _reshape_modules, _holder, \
@@ -43,7 +44,7 @@ def _first_batch(learn, n:int=16):
     xb = (b,) if isinstance(b, Tensor) else tuple(b)[:getattr(learn.dls, 'n_inp', 1)]
     xb = first_items(xb, n)  # tensors, or dicts of them (a Hugging Face-style `model(batch)`)
     # fastai calls `model(*xb)`: one dict goes in whole, so it stays in its tuple (a top-level dict is keywords)
-    return xb[0] if len(xb) == 1 and not isinstance(xb[0], dict) else xb
+    return xb[0] if len(xb) == 1 and not isinstance(xb[0], Mapping) else xb
 
 def _learner_heads(learn) -> dict|None:
     "The `heads=` of the Learner's SparsifyCallback (looked up by attribute: no fastai import), or None"
@@ -618,7 +619,7 @@ def _call(model:nn.Module, inputs):
     """`model` on `inputs`: a tensor, a tuple of positional inputs, or a dict of keyword arguments (as the metrics do);
     state the forward keeps in its modules (`self.hidden`) as it was after it: each check starts from the same state"""
     with _untouched(model):
-        if not isinstance(inputs, dict): return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+        if not isinstance(inputs, Mapping): return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
         try: return model(**inputs)
         except TypeError as e: raise TypeError(f"{e}{_dict_hint}") from e
 
@@ -1018,32 +1019,42 @@ def _keep_one_each(g:ChannelGraph, ok:Tensor):
     if full: logger.warning("Pruner.compact: every channel of %s is zero (the layer was emptied, e.g. by a global "
                             "ranking): one channel stays, since a layer with no channel is not a model", few(full, 4))
 
-def _in_width(m:nn.Module) -> int|None:
-    "The channels layer `m` takes in (None for layers without such a width)"
-    if isinstance(m, (nn.LayerNorm, getattr(nn, 'RMSNorm', nn.LayerNorm))): return m.normalized_shape[-1]
-    for a in ('in_channels', 'in_features', 'num_features', 'num_channels', 'embed_dim', 'num_parameters'):
+def _widths(m:nn.Module) -> set[int]:
+    "The channels layer `m` takes in and gives out (`forward(x, y=None)`: a layer on `y` whose output joins `x`'s)"
+    if isinstance(m, (nn.LayerNorm, getattr(nn, 'RMSNorm', nn.LayerNorm))): return {m.normalized_shape[-1]}
+    out = set()
+    for a in ('in_channels', 'in_features', 'num_features', 'num_channels', 'embed_dim', 'num_parameters',
+              'out_channels', 'out_features', 'embedding_dim'):
         v = getattr(m, a, None)
-        if isinstance(v, int) and not isinstance(v, bool): return v
-    return None
+        if isinstance(v, int) and not isinstance(v, bool): out.add(v)
+    return out
 
 @patch
 def _check_branches(self:Pruner, g:ChannelGraph, remove:Tensor, what:str):
-    "A model torch.fx could not trace: refuse (strict) when removed channels may reach a layer that did not run; warn"
-    if not g.untraced or not (g.control_flow or g.branch_layers) or not bool(remove.any()): return
+    """A graph of one branch (torch.fx could not trace the model, or traced it with inputs at one value): refuse
+    (strict) when removed channels may reach a layer that did not run; warn"""
+    if not (g.control_flow or g.branch_layers) or not bool(remove.any()): return
     name = type(self.model).__name__
+    # a recorded forward, or a trace with the inputs the example leaves out (or gives as None) at one value
+    at = few(f"{k}={v!r}" for k, v in g.specialized.items())
+    how = f"torch.fx could not trace {name}: {g.untraced}" if g.untraced else f"torch.fx traced {name} with {at}"
     if g.branch_layers:
         widths = {gr.width for gr in g.groups() if bool(remove[gr.comps].any())}
-        reached = [n for n in g.branch_layers if _in_width(g.modules[n]) in widths]
+        reached = [n for n in g.branch_layers if _widths(g.modules[n]) & widths]
         if reached and self.strict:
             raise ValueError(f"Pruner.{what}: {few(repr(n) for n in reached)} did not run on the example, and take "
-                             f"inputs as wide as channels this surgery removes (torch.fx could not trace {name}: "
-                             f"{g.untraced}; a branch the example did not take?): they would stay uncut, and that "
-                             "branch would fail or compute another function. Give an example that takes the branch, "
-                             "set the layers aside, or pass strict=False to prune anyway (the branch stays "
-                             "unverified); the model was not changed")
+                             f"or give channels as wide as those this surgery removes ({how}; a branch the example "
+                             "did not take?): they would stay uncut, and that branch would fail or compute another "
+                             "function. Give an example that takes the branch, set the layers aside, or pass "
+                             "strict=False to prune anyway (the branch stays unverified); the model was not changed")
     if self._warned_branches: return
     self._warned_branches = True
     layers = f"; its layers that did not run: {few(repr(n) for n in g.branch_layers)}" if g.branch_layers else ''
+    if not g.untraced:
+        logger.warning("Pruner.%s: %s did not run on the example (%s): they are not verified, and channels cut "
+                       "where they take their inputs may make them fail or compute another function: check the pruned "
+                       "model on inputs that run them", what, few(repr(n) for n in g.branch_layers), how)
+        return
     logger.warning("Pruner.%s: torch.fx could not trace %s (%s), so the graph is the one forward pass of the example: "
                    "a branch it did not take is not verified%s. An input that takes another branch may compute "
                    "another function (an early exit hands on channels that were cut) or fail: check the pruned model "
@@ -1154,14 +1165,9 @@ def _choose(groups:list, targets:list, n_rm:list, mean:Tensor, round_to) -> Tens
         if r > 0: remove[gr.comps[order[:r]]] = True
     return remove
 
-def _conv1d_layers(model:nn.Module) -> list[str]:
-    "Names of the GPT-2-style `Conv1D` layers of `model` (transformers.pytorch_utils: weight (nx, nf), `x @ W + b`)"
-    return [n for n, m in model.named_modules()
-            if type(m).__name__ == 'Conv1D' and hasattr(m, 'nf') and hasattr(m, 'nx')]
-
 def _conv1d_hint(model:nn.Module) -> str:
     "'' or why the Conv1D layers of `model` do not prune, and what to do"
-    layers = _conv1d_layers(model)
+    layers = conv1d_layers(model)
     if not layers: return ''
     return (f"; {few(repr(n) for n in layers)} are Hugging Face Conv1D layers (GPT-2's: a transposed weight (in, out), "
             "computed as x @ W + b), which the Pruner does not cut: their channels stay. Make them nn.Linear first "
@@ -1210,7 +1216,7 @@ def prune(self:Pruner,
     if not remove.any():
         _nothing_removed(g, groups, ratio)
         return self.model
-    if _conv1d_layers(self.model): logger.warning("Pruner.prune: %s", _conv1d_hint(self.model)[2:])
+    if conv1d_layers(self.model): logger.warning("Pruner.prune: %s", _conv1d_hint(self.model)[2:])
     self._check_branches(g, remove, 'prune')
     frozen = [n for (n, kind), s in g.slots.items()
               if kind == 'out' and not g.modules[n].weight.requires_grad and bool(remove[s.comp].any())]
