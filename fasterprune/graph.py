@@ -491,16 +491,22 @@ class ChannelGraph:
         stats[name] = [mn, mx] if st is None else [torch.minimum(st[0], mn), torch.maximum(st[1], mx)]
 
     def _pin_shared_weights(self):
-        "Conv/Linear layers sharing one weight: its rows and columns are channels of each of them, which stay"
-        by_w = {}
+        """Conv/Linear layers whose weight or bias another module holds too (two layers, or a decoder tied to an
+        Embedding's weight: the masked-LM head): its rows and columns are channels of each of them, which stay"""
+        holders = {}  # id of a parameter -> the modules that hold it, each once (a module under two names too)
         for n, m in self.modules.items():
-            w = getattr(m, 'weight', None)
-            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and isinstance(w, nn.Parameter):
-                by_w.setdefault(id(w), []).append(n)
-        for names in (ns for ns in by_w.values() if len(ns) > 1):
-            for n in names:
-                for kind in ('out', 'in', 'dw'):
-                    if (n, kind) in self.slots: self._pin(self.slots[n, kind].ids, f"weight shared by {', '.join(names)}")
+            for t in {id(t): t for t in m._parameters.values() if t is not None}.values():
+                holders.setdefault(id(t), []).append((n, m))
+        layer = (nn.Linear, nn.modules.conv._ConvNd)
+        for n, m in self.modules.items():
+            if not isinstance(m, layer): continue
+            hs = [h for k in ('weight', 'bias') if isinstance(getattr(m, k, None), nn.Parameter)
+                  for h in holders.get(id(getattr(m, k)), [])]
+            if all(o is m for _, o in hs): continue
+            names = ', '.join(dict.fromkeys(o if isinstance(om, layer) else f'{o} ({type(om).__name__})'
+                                            for o, om in hs))
+            for kind in ('out', 'in', 'dw'):
+                if (n, kind) in self.slots: self._pin(self.slots[n, kind].ids, f"weight shared by {names}")
 
     def _finish(self):
         "Components of the labels: each slot position's `comp`, pinned components and their reasons, tied units"
