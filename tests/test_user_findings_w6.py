@@ -52,13 +52,18 @@ def test_coupled_true_with_an_unknown_op_couples_the_rest(caplog):
     assert cb.sparsifier.sparsity() > 0
 
 
-def test_the_retry_s_own_failure_is_said(monkeypatch, caplog):
-    "The strict=False retry fails too: the warning gives its error, not only the op it would have pinned"
+@pytest.fixture
+def retry_fails(monkeypatch):
+    "Sparsifier.couple with strict=False fails (as HF Llama's DynamicCache once made it)"
     real = Sparsifier.couple
     def couple(self, x, *a, strict=True, **kw):
         if not strict: raise IndexError('tuple index out of range')
         return real(self, x, *a, strict=strict, **kw)
     monkeypatch.setattr(Sparsifier, 'couple', couple)
+
+
+def test_the_retry_s_own_failure_is_said(retry_fails, caplog):
+    "The strict=False retry fails too: the warning gives its error, not only the op it would have pinned"
     learn = _img_learner(Rolled())
     with caplog.at_level(logging.WARNING, logger='fasterprune'), learn.no_bar(), learn.no_logging():
         learn.fit(1, 1e-2, cbs=SparsifyCallback(0.5, 'filter', 'local', schedule=one_shot()))
@@ -66,13 +71,8 @@ def test_the_retry_s_own_failure_is_said(monkeypatch, caplog):
     assert 'layer by layer' in caplog.text
 
 
-def test_heads_with_an_unknown_op_whose_retry_fails_says_why_without_strict(monkeypatch):
+def test_heads_with_an_unknown_op_whose_retry_fails_says_why_without_strict(retry_fails):
     "heads= needs coupled channels: a clear ValueError naming both failures, and no advice to pass strict=False"
-    real = Sparsifier.couple
-    def couple(self, x, *a, strict=True, **kw):
-        if not strict: raise IndexError('tuple index out of range')
-        return real(self, x, *a, strict=strict, **kw)
-    monkeypatch.setattr(Sparsifier, 'couple', couple)
     learn = _img_learner(Rolled())
     w0 = {k: v.clone() for k, v in learn.model.state_dict().items()}
     with learn.no_bar(), learn.no_logging(), pytest.raises(ValueError) as e:
