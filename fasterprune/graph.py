@@ -564,6 +564,7 @@ class _Recorder(TorchFunctionMode):
         named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers())
         self.names = {id(t): n for n, t in named}
         self.mod_names = {m: n for n, m in model.named_modules()}
+        self.stack = []  # (name, class) of the modules whose forward runs now, outermost first (errors name the module)
     def arg(self, a):
         if isinstance(a, Tensor):
             if id(a) in self.node: return self.node[id(a)]
@@ -587,28 +588,58 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self.depth or not flat_tensors(out): return out
         name = getattr(func, '__name__', '')
-        if name == '__get__': return out  # a property (`.shape`, `.T`, ...): read at record time
+        if self.depth: return out
+        if name == '__setitem__':  # `t[idx] = v` returns nothing but writes `t`: replayed in place (MoE routing)
+            self._stamp(self.graph.call_function(operator.setitem, self.arg(args), self.arg(kwargs)))
+            return out
+        if not flat_tensors(out) or name == '__get__': return out  # a property (`.shape`, `.T`): read at record time
         a, k = self.arg(args), self.arg(kwargs)
         if name in _dunder:
             if name in _swapped: a = (a[1], a[0]) + tuple(a[2:])
             node = self.graph.call_function(_dunder[name], a, k)
         elif name and getattr(Tensor, name, None) is func: node = self.graph.call_method(name, a, k)
         else: node = self.graph.call_function(func, a, k)
-        self.bind(out, node)
+        self.bind(out, self._stamp(node))
         return out
+    def _stamp(self, node:fx.Node) -> fx.Node:
+        "`node` records the module it runs in, as torch.fx does (`nn_module_stack`: errors name the module)"
+        if self.stack: node.meta['nn_module_stack'] = {n: (n, c) for n, c in self.stack}
+        return node
+    def enter(self, m, args):
+        if m in self.mod_names and self.mod_names[m]: self.stack.append((self.mod_names[m], type(m)))
+    def leave(self, m, args, out):
+        if m in self.mod_names and self.mod_names[m] and self.stack: self.stack.pop()
     def pre_hook(self, m, args): self.depth += 1
     def post_hook(self, m, args, kwargs, out):
         self.depth -= 1
         if self.depth == 0:
             self.bind(out, self.graph.call_module(self.mod_names[m], self.arg(args), self.arg(kwargs)))
 
+def _linear_subclass(m:nn.Module) -> bool:
+    """Is `m` an `nn.Linear` subclass with its own forward that computes `F.linear(x, weight, bias)` (Falcon's
+    `FalconLinear`: `input @ self.weight.T + self.bias`)? Only a weight and a bias, no buffers or submodules, and the
+    forward matches `F.linear` on a random input; the Pruner's verification checks the cut model anyway"""
+    if not isinstance(m, nn.Linear) or getattr(type(m).forward, '__module__', '').startswith('torch.'): return False
+    if set(m._parameters) - {'weight', 'bias'} or m._buffers or m._modules: return False
+    w, b = m.weight, m.bias
+    if not isinstance(w, Tensor) or w.dim() != 2 or w.is_meta or not w.is_floating_point(): return False
+    try:
+        with torch.no_grad():
+            g = torch.Generator(device=w.device).manual_seed(0)
+            x = torch.randn(3, w.shape[1], generator=g, device=w.device).to(w.dtype)
+            y, ref = type(m).forward(m, x), F.linear(x, w, b)
+            low = w.dtype in (torch.float16, torch.bfloat16)
+            return isinstance(y, Tensor) and y.shape == ref.shape and \
+                bool(torch.allclose(y.float(), ref.float(), rtol=1e-2 if low else 1e-4, atol=1e-2 if low else 1e-5))
+    except Exception: return False  # another signature, or a forward that cannot run on its own
+
 def _is_leaf(m:nn.Module) -> bool:
-    "Is `m` recorded as one call? Known torch.nn layers; subclasses that rewrite `forward` are recorded inside"
+    """Is `m` recorded as one call? Known torch.nn layers, and Linear subclasses whose forward is `F.linear`
+    (`_linear_subclass`); other subclasses that rewrite `forward` are recorded inside"""
     if not isinstance(m, _leaf_types): return False
     if isinstance(m, nn.MultiheadAttention) or _ln_channel_dim(m) is not None: return True
-    return getattr(type(m).forward, '__module__', '').startswith('torch.')
+    return getattr(type(m).forward, '__module__', '').startswith('torch.') or _linear_subclass(m)
 
 def _record(model:nn.Module, inputs:tuple, kwargs:dict|None=None) -> fx.Graph:
     "The fx graph of one real forward pass of `model` on `inputs` and keyword arguments `kwargs` (see above)"
@@ -620,6 +651,9 @@ def _record(model:nn.Module, inputs:tuple, kwargs:dict|None=None) -> fx.Graph:
         if _is_leaf(m) and m is not model:
             hooks.append(m.register_forward_pre_hook(rec.pre_hook))
             hooks.append(m.register_forward_hook(rec.post_hook, with_kwargs=True))
+        elif m is not model:  # the modules traced inside: which one a node runs in
+            hooks.append(m.register_forward_pre_hook(rec.enter))
+            hooks.append(m.register_forward_hook(rec.leave))
     fast = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # TransformerEncoderLayer: its parts, not one fused kernel
     try:
@@ -634,11 +668,17 @@ _traced_inside = (nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.Transfor
                   nn.Transformer)  # torch.nn modules whose parts (MultiheadAttention, Linear, LayerNorm) are known
 
 class _Tracer(fx.Tracer):
-    "torch.fx's tracer, with every MultiheadAttention (also the Pruner's pruned one) kept as one call"
+    """torch.fx's tracer, with every MultiheadAttention (also the Pruner's pruned one) and every Linear subclass whose
+    forward is `F.linear` (`_linear_subclass`) kept as one call"""
+    def trace(self, root, *args, **kwargs):
+        # probed before tracing: while it traces, torch.fx turns a module's parameters into proxies
+        mods = root.modules() if isinstance(root, nn.Module) else ()
+        self.linear = {id(m) for m in mods if _linear_subclass(m)}
+        return super().trace(root, *args, **kwargs)
     def is_leaf_module(self, m, qualname):
         if isinstance(m, _traced_inside): return False
         return isinstance(m, nn.MultiheadAttention) or _is_window_attention(m) or _ln_channel_dim(m) is not None \
-            or super().is_leaf_module(m, qualname)
+            or super().is_leaf_module(m, qualname) or id(m) in getattr(self, 'linear', ())
 
 def _is_window_attention(m) -> bool:
     "torchvision's Swin (v1) window attention, or the Pruner's pruned one"
@@ -821,6 +861,7 @@ def _labels(self:ChannelGraph, n:fx.Node, out, it:_Labeler):
         rest = [n.kwargs[f] for f in n.target._fields[len(n.args):] if f in n.kwargs]
         return tuple(it.arg_lab(a) for a in list(n.args) + rest)
     ins_lab = [l for l in (it.arg_lab(a) for a in list(n.args) + list(n.kwargs.values())) if _anylab(l)]
+    if n.op == 'call_function' and n.target is operator.setitem: return self._setitem(n, ins_lab, it)
     name = n.target if n.op == 'call_method' else getattr(n.target, '__name__', str(n.target))
     if not ins_lab:  # nothing labelled goes in: shapes, sizes, constants, new tensors
         if _param_source(n, it, self.gm) is not None: return None  # a parameter viewed or reshaped: see `_binary`
@@ -860,6 +901,17 @@ def _elementwise_labels(self:ChannelGraph, n:fx.Node, name:str, x, xl, out:Tenso
     if name == 'repeat_interleave': return self._repeat_interleave(n, x, xl, out, it)
     self._fail(n, name, ins_lab)
     return self._fresh(out, x, xl, f'unknown op {name}')
+
+@patch
+def _setitem(self:ChannelGraph, n:fx.Node, ins_lab:list, it:_Labeler):
+    """`t[idx] = v` wrote `t` in place (the run did it too): the channels of `t` and `v` are pinned, and every value of
+    `t` may now vary with the model's input"""
+    self._pin(ins_lab, 'setitem')
+    t = n.args[0] if n.args else None
+    if isinstance(t, fx.Node) and t in it.env:
+        it.dyn[t] = _full(it.env[t], True)
+        it.pos.pop(t, None)
+    return None
 
 @patch
 def _getitem(self:ChannelGraph, n:fx.Node, x, xl, out, ins_lab:list):

@@ -16,7 +16,7 @@ from .core import check_context, check_fraction, evaluating, few, flat_tensors, 
 from .criteria import get_criterion
 from .graph import ChannelGraph, CountedLayerNorm, CountedRMSNorm, UnknownOpError, _WrittenHeads, \
     _conv_types, _ln_channel_dim, _pinned_text, _plain, _Tracer, _pass_modules, _reshape_modules, _holder, \
-    _dict_hint, _heads_like, _rep_like, _width_like, _untouched
+    _dict_hint, _heads_like, _kv_like, _rep_like, _width_like, _untouched
 
 logger = logging.getLogger('fasterprune')
 
@@ -196,6 +196,7 @@ class Pruner:
         _check_reparametrized(model)
         example_inputs = _plain(example_inputs)  # fastai's TensorImage & co. must not leak into folded biases
         self._strict_given = strict is not None
+        self._unknown_kept = False  # an op the Learner's SparsifyCallback did not meet keeps its channels: see `_graph`
         self.model, self.verify, self.rtol, self.strict, self.opt = model, verify, rtol, strict is not False, opt
         if heads is not None and not isinstance(heads, dict):
             raise TypeError(f"heads must be a dict {{block name: AttentionHeads(...)}}, got {type(heads).__name__}")
@@ -682,9 +683,18 @@ def _finite(out) -> bool:
 
 @patch
 def _graph(self:Pruner, **kwargs) -> ChannelGraph:
-    "The model's `ChannelGraph`; an op it does not know, for a Learner, says how to do what its SparsifyCallback did"
-    try: return ChannelGraph(self.model, self.example_inputs, self.strict, heads=self.heads, **kwargs)
+    """The model's `ChannelGraph`; an op it does not know, for a Learner, says how to do what its SparsifyCallback did.
+    A Learner whose SparsifyCallback coupled the channels (`strict` not given): an op the callback's trace did not
+    meet (the validation batch takes another path, padding) keeps the channels around it, as the callback does"""
+    strict = self.strict and not self._unknown_kept
+    try: return ChannelGraph(self.model, self.example_inputs, strict, heads=self.heads, **kwargs)
     except UnknownOpError as e:
+        if self.learn is not None and not self._strict_given and _learner_strict(self.learn) is not None:
+            logger.warning("Pruner: %s, which the Learner's SparsifyCallback did not meet (it coupled the channels on "
+                           "another batch), is unknown to the graph: its channels stay, as the callback keeps them "
+                           "(strict=False; the surgery is verified); pass strict=True to refuse it", e.op)
+            self._unknown_kept = True
+            return ChannelGraph(self.model, self.example_inputs, False, heads=self.heads, **kwargs)
         conv1d = _conv1d_hint(self.model)
         if (self.learn is None or self._strict_given) and not conv1d: raise
         learn = '' if self.learn is None or self._strict_given else \
@@ -719,22 +729,44 @@ def _stale_after(tx:_Surgery) -> list[str]:
                 if v in old and (_heads_like(a) or _rep_like(a) or _width_like(a))]
     return res
 
-def _stale_counts(tx:_Surgery|None) -> str:
-    "A hint for a pruned forward that fails: int attributes of a cut attention block still holding an old head count"
+def _count_like(a:str) -> bool:
+    "Does the (dotted) attribute name say it holds a head count, a k/v head count or n_rep?"
+    a = a.rpartition('.')[2]
+    return _heads_like(a) or _kv_like(a) or _rep_like(a)
+
+def _stale_counts(tx:_Surgery|None, ran:bool=False) -> str:
+    """A hint for a pruned forward that fails (`ran`: it ran, and its output differs): int attributes of a cut attention
+    block still holding an old head count or width; a fused q|k|v projection whose rows may be in another layout"""
     hints = []
     for w, (*counts, width) in (tx.written if tx is not None else []):
-        ints = _count_ints(w)
-        stale = [f"{a} = {v}" for a, v in ints.items() if v in counts]
+        ints, block = _count_ints(w), type(w.owner).__name__
+        stale = [f"{a} = {v}" for a, v in ints.items() if v in counts and _count_like(a)]
         if stale:
-            hints.append(f"{type(w.owner).__name__}.{', '.join(stale)} kept the count it had before the cut; if the "
-                         "forward splits k and v with it, name it with AttentionHeads(..., num_kv_heads='<attr>') "
-                         "(n_rep='<attr>' for num_heads // num_kv_heads)")
-        wide = [f"{a} = {v}" for a, v in ints.items() if v == width and v not in counts]
+            hints.append(f"{block}.{', '.join(stale)} kept the count it had before the cut; if the forward splits k "
+                         "and v with it, name it with AttentionHeads(..., num_kv_heads='<attr>') (n_rep='<attr>' for "
+                         "num_heads // num_kv_heads)")
+        same = [f"{a} = {v}" for a, v in ints.items() if v in counts and not _count_like(a)]
+        if same and not ran:  # a failure to run: a count read under another name may be why; a value only equal
+            hints.append(f"{block}.{', '.join(same)} equals a head count before the cut (by chance, unless the "
+                         "forward reads it as one: then name it with AttentionHeads(..., num_kv_heads='<attr>'))")
+        wide = [f"{a} = {v}" for a, v in ints.items() if v == width and v not in counts
+                and (not ran or _width_like(a.rpartition('.')[2]))]
         if wide:
-            hints.append(f"{type(w.owner).__name__}.{', '.join(wide)} kept the attention width num_heads · head_dim "
+            hints.append(f"{block}.{', '.join(wide)} kept the attention width num_heads · head_dim "
                          "it had before the cut; if the forward splits or reshapes with it (`split(self.n_embd, "
                          "dim=2)`, `reshape(B, N, self.attn_dim)`), name it with AttentionHeads(..., width='<attr>')")
-        elif w.fused:
+        per = [f"{a} {tuple(t.shape)}" for a, t in [*w.owner.named_parameters(recurse=False),
+               *w.owner.named_buffers(recurse=False)] if t is not None and t.dim() and t.shape[0] in counts]
+        if per:
+            hints.append(f"{block}.{', '.join(per)} is as long as a head count before the cut: a tensor per head "
+                         "(attention sinks, a per-head scale), which a cut of heads does not cut; leave the block out "
+                         "of heads=")
+        if w.fused and ran:
+            hints.append(f"{block}'s fused projection is cut as q | k | v (all queries, then all keys, then all "
+                         "values): rows interleaved per head ([q k v] of each head, GPT-NeoX's query_key_value) or "
+                         "per k/v group (Falcon's) are another layout, whose heads a cut takes the wrong rows of; "
+                         "leave the block out of heads=")
+        elif w.fused and not wide:
             hints.append("a forward that takes the head width or the attention width from its input's width "
                          "(nanoGPT's `C // self.n_head`, `view(B, T, C)` with `B, T, C = x.size()`) keeps the old one: "
                          "read it from attributes the Pruner updates (`self.n_embd // self.n_head` with "
@@ -772,7 +804,8 @@ def _check(self:Pruner, refs:list, what:str, folded:bool, tx:_Surgery|None=None,
     if not err <= tol:
         on = 'the example and a perturbed copy' + (', and its first item at twice the size' if sized else '')
         raise SurgeryError(f"{what}: the pruned model's output differs from the masked model's by {err:.3g} "
-                           f"(relative, on {on}), above rtol={tol:g}{_stale_counts(tx)}; the model was restored")
+                           f"(relative, on {on}), above rtol={tol:g}{_stale_counts(tx, ran=True)}; the model was "
+                           "restored")
     return err, tol, where
 
 _noise_cap = 1e-3  # a float32 error above this is never rounding: no second look in float64
@@ -816,7 +849,7 @@ def _cut_rewind_point(self:Pruner, g:ChannelGraph, remove:Tensor) -> tuple[dict|
                     t, idx = cps[key[id(p)]], idx.to(p.device)
                     zero = p.detach().index_select(dim, idx) == 0
                     t.data.index_copy_(dim, idx, t.data.index_select(dim, idx).masked_fill(zero, 0))
-        g2 = ChannelGraph(cp, self.example_inputs, self.strict, traced=(cp,) + tuple(g.traced[1:]), heads=self.heads)
+        g2 = ChannelGraph(cp, self.example_inputs, g.strict, traced=(cp,) + tuple(g.traced[1:]), heads=self.heads)
         ok, consts = _removable(g2, remove)
         if g2.n_comps != g.n_comps or bool((remove & ~ok).any()):
             return None, 'there the removed channels do not all carry a constant that folds'
