@@ -85,9 +85,13 @@ def flat_tensors(x) -> list[Tensor]:
 
 def map_tensors(f, x):
     """`x` with `f` applied to every tensor in it (any nesting of tuples, named tuples, lists and dicts); a `Mapping`
-    that is not a dict (a tokenizer's `BatchEncoding`) comes back as a plain dict of the same keys"""
+    comes back as its own type when that type can be built from a dict (a tokenizer's `BatchEncoding`), else a dict"""
     if isinstance(x, Tensor): return f(x)
-    if isinstance(x, Mapping): return {k: map_tensors(f, v) for k, v in x.items()}
+    if isinstance(x, Mapping):
+        d = {k: map_tensors(f, v) for k, v in x.items()}
+        if type(x) is dict: return d
+        try: return type(x)(d)  # a forward that takes the batch itself may read it as `batch.input_ids`
+        except Exception: return d
     if isinstance(x, tuple) and hasattr(x, '_fields'): return type(x)(*(map_tensors(f, v) for v in x))
     if isinstance(x, (tuple, list)): return type(x)(map_tensors(f, v) for v in x)
     return x

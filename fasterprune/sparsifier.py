@@ -8,7 +8,7 @@ import math, fnmatch, inspect, logging, random, warnings
 import numpy as np
 import torch
 from torch import nn, Tensor
-from .core import check_fraction, check_context, round_half_up, few, conv1d_note
+from .core import check_fraction, check_context, round_half_up, few, conv1d_note, evaluating
 from .criteria import get_criterion, Magnitude
 from .granularity import get_granularity, _conv_t
 from torch.nn.utils import parametrize, parametrizations
@@ -658,25 +658,26 @@ class Sparsifier:
         self.context = check_context(context)
         self.criterion = get_criterion(criteria, seed=seed)
         self.model, self.seed = model, seed
-        sel = prunable_layers(model, layers, exclude, attention)
-        self.layers = _untied(sel, self.granularity)
-        _warn_shared_left_out(model, sel, attention)
-        note = conv1d_note(model) if layers is None else ''
-        if not self.layers:
-            why = (f" (filter granularity leaves {', '.join(sel)} dense: they share weight tensors)" if sel else
-                   " after `layers`/`exclude`")
-            raise ValueError(f"Nothing to prune: {type(model).__name__} has no Conv/ConvTranspose/Linear layer "
-                             f"left{why}" + (f"; {note}" if note else ''))
-        if note: logger.warning("Sparsifier: %s", note)
-        _warn_tied_elsewhere(model, self.layers)
-        for n, m in self.layers.items(): self.granularity.group_size(m.weight, m, n)  # fail now on undefined ones
-        self._rp = {n: _reparam(m, n) for n, m in self.layers.items()}  # reparametrized weights: what to mask instead
-        computed = [n for n, rp in self._rp.items() if rp is not None]
-        if self.criterion.needs_grad and computed:
-            raise ValueError(f"criteria {self.criterion!r} scores weights by their gradients, but the weights of "
-                             f"{few(computed, 4)} are computed from other tensors in each forward (weight_norm, "
-                             "spectral_norm or torch.nn.utils.prune), so they never get one; use criteria='magnitude', "
-                             "or leave them out with exclude=")
+        with evaluating(model):  # reading a weight in train mode moves spectral_norm's power iteration: not here
+            sel = prunable_layers(model, layers, exclude, attention)
+            self.layers = _untied(sel, self.granularity)
+            _warn_shared_left_out(model, sel, attention)
+            note = conv1d_note(model) if layers is None else ''
+            if not self.layers:
+                why = (f" (filter granularity leaves {', '.join(sel)} dense: they share weight tensors)" if sel else
+                       " after `layers`/`exclude`")
+                raise ValueError(f"Nothing to prune: {type(model).__name__} has no Conv/ConvTranspose/Linear layer "
+                                 f"left{why}" + (f"; {note}" if note else ''))
+            if note: logger.warning("Sparsifier: %s", note)
+            _warn_tied_elsewhere(model, self.layers)
+            self._rp = {n: _reparam(m, n) for n, m in self.layers.items()}  # reparametrized weights: mask these instead
+            computed = [n for n, rp in self._rp.items() if rp is not None]
+            if self.criterion.needs_grad and computed:  # before the weights are read
+                raise ValueError(f"criteria {self.criterion!r} scores weights by their gradients, but the weights of "
+                                 f"{few(computed, 4)} are computed from other tensors in each forward (weight_norm, "
+                                 "spectral_norm or torch.nn.utils.prune), so they never get one; use "
+                                 "criteria='magnitude', or leave them out with exclude=")
+            for n, m in self.layers.items(): self.granularity.group_size(m.weight, m, n)  # fail now on undefined ones
         self.masks: dict[str, Tensor] = {}
         self._collapsed = set()  # layers whose masks keep nothing, already warned about
         self.groups, self.aux = None, []  # coupled channel groups (filter granularity), and their bias/norm masks

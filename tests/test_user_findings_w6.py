@@ -307,3 +307,34 @@ def test_finding_the_output_layers_leaves_a_forward_s_own_state():
     m = Stateful()
     fct.test_eq(_output_layers(Sparsifier(m, 'filter'), torch.randn(2, 8)), ['b'])
     fct.test_eq((m.calls, m.h), (0, None))
+
+
+# --- R6 / F5 (second reads and fuzzers of the tracing changes) ---
+
+def test_a_batch_encoding_passed_whole_stays_a_batch_encoding():
+    "A forward that takes a tokenizer's BatchEncoding itself, `(batch,)`, reads it by attribute: copies keep its type"
+    T = pytest.importorskip('transformers')
+    from fasterprune.pruner import Pruner
+    from fasterprune.core import map_tensors
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc1, self.fc2 = nn.Embedding(50, 16), nn.Linear(16, 32), nn.Linear(32, 4)
+        def forward(self, batch):
+            return self.fc2(torch.relu(self.fc1(self.emb(batch.input_ids) * batch.attention_mask[..., None]))).mean(1)
+    enc = T.BatchEncoding({'input_ids': torch.randint(0, 50, (2, 6)), 'attention_mask': torch.ones(2, 6)})
+    assert type(map_tensors(lambda t: t + 0, enc)) is T.BatchEncoding
+    torch.manual_seed(0)
+    m = M()
+    Pruner(m, (enc,)).prune(0.5)
+    fct.test_eq(m.fc1.out_features, 16)
+
+
+def test_a_refused_gradient_criterion_leaves_spectral_norm_state_alone():
+    "The refusal comes before any weight is read: spectral_norm's power-iteration buffers do not move"
+    from torch.nn.utils import parametrizations as P
+    model = mlp(64, 64, 32, 10)
+    P.spectral_norm(model[2])
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    fct.test_fail(lambda: Sparsifier(model, 'weight', 'global', 'gradient_magnitude'), contains='computed from other')
+    for k, v in model.state_dict().items(): fct.test_eq(v, sd[k])
