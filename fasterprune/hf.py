@@ -92,8 +92,8 @@ def _unprunable(m:nn.Module, spec:AttentionHeads) -> str|None:
     widths = {H * hd} if spec.qkv is not None else {H * hd, _get(m, spec.k).out_features}
     for n, t in m.named_parameters():  # learned tensors on the q/k side: q_norm, k_norm, per-head tables
         if id(t) in skip: continue
-        if any(d in widths for d in t.shape) or (H > 1 and t.dim() >= 2 and H in t.shape):
-            return f"{n} {tuple(t.shape)}"
+        per_head = H > 1 and (H in t.shape if t.dim() >= 2 else t.shape == (H,) and H != hd)  # GPT-OSS's sinks (H,)
+        if any(d in widths for d in t.shape) or per_head: return f"{n} {tuple(t.shape)}"
     return None
 
 def _gpt2_heads(m:nn.Module) -> AttentionHeads|None:
@@ -106,6 +106,13 @@ def _gpt2_heads(m:nn.Module) -> AttentionHeads|None:
                          "see: call conv1d_to_linear(model) first")
     if not _linears(m, 'c_attn', 'c_proj'): return None
     return AttentionHeads(num_heads='num_heads', head_dim='head_dim', qkv='c_attn', o='c_proj', width='split_size')
+
+def _falcon_heads(m:nn.Module) -> AttentionHeads|None:
+    "Falcon with multi-query attention: one fused `query_key_value` of num_heads + 2 heads of rows, viewed by head"
+    if not (_linears(m, 'query_key_value', 'dense') and _ints(m, 'num_heads', 'head_dim', 'num_kv_heads')): return None
+    if not getattr(m, 'multi_query', False) or getattr(m, 'new_decoder_architecture', True): return None  # interleaved
+    return AttentionHeads(num_heads='num_heads', qkv='query_key_value', o='dense', head_dim='head_dim',
+                          num_kv_heads='num_kv_heads')
 
 def _distilbert_heads(m:nn.Module) -> AttentionHeads|None:
     "DistilBERT: q_lin, k_lin, v_lin, out_lin; the forward views by `attention_head_size`"
@@ -126,6 +133,7 @@ def _bert_heads(m:nn.Module) -> AttentionHeads|None:
                           width=_named(s, ('all_head_size',), H * hd, 'self.'))
 
 _families = (('Llama-style, OPT, GPT-J, CLIP', _llama_heads), ('GPT-2', _gpt2_heads), ('DistilBERT', _distilbert_heads),
+             ('Falcon (multi-query)', _falcon_heads),
              ('BERT', _bert_heads))
 
 def _pattern(name:str) -> str:

@@ -612,20 +612,25 @@ def _warn_shared_left_out(model:nn.Module, sel:dict, attention:bool):
         logger.warning("Sparsifier: %s left out by `layers`/`exclude`, but %s pruned with the layer that shares it; "
                        "leave both out to keep it whole", ', '.join(hit), 'it is' if len(hit) == 1 else 'they are')
 
-def _warn_tied_elsewhere(model:nn.Module, layers:dict):
-    "A pruned weight that is also another kind of module's parameter (a tied embedding): pruned there too, say so"
+def _tied_elsewhere(model:nn.Module, layers:dict, granularity) -> dict:
+    "`layers` less, for filters, those whose weight another kind of module holds too (a tied embedding); warns of ties"
     own = {id(m.module if isinstance(m, AttentionProjection) else m) for m in layers.values()}
     by_weight = {id(l.weight): n for n, l in layers.items() if isinstance(l.weight, nn.Parameter)}
-    hit = []
+    hit = {}
     for mn, m in model.named_modules(remove_duplicate=False):
         if id(m) in own or isinstance(m, prunable_types): continue  # a pruned layer, or one `_warn_shared_left_out` names
         for pn, p in m._parameters.items():
             n = by_weight.get(id(p))
-            if n is not None: hit.append(f"{n} (also {mn + '.' if mn else ''}{pn}, {type(m).__name__})")
-    if hit:
-        logger.warning("Sparsifier: %s: the weights are tied, so the entries pruned in the layer are zero in the %s "
-                       "too; exclude the layer to keep both whole", few(dict.fromkeys(hit)),
-                       'other module' if len(hit) == 1 else 'other modules')
+            if n is not None: hit.setdefault(n, f"{n} (also {mn + '.' if mn else ''}{pn}, {type(m).__name__})")
+    if not hit: return layers
+    if granularity.name == 'filter':  # a filter of the tied weight is a row of the other module: a token's embedding
+        logger.warning("Sparsifier: %s: the weights are tied, so the layer's filters are rows of the other module "
+                       "too; left dense", few(hit.values()))
+        return {n: m for n, m in layers.items() if n not in hit}
+    logger.warning("Sparsifier: %s: the weights are tied, so the entries pruned in the layer are zero in the %s "
+                   "too; exclude the layer to keep both whole", few(hit.values()),
+                   'other module' if len(hit) == 1 else 'other modules')
+    return layers
 
 def _untied(layers:dict, granularity) -> dict:
     "`layers` with one entry per weight tensor: a layer that shares another's weight is pruned through that one"
@@ -660,7 +665,7 @@ class Sparsifier:
         self.model, self.seed = model, seed
         with evaluating(model):  # reading a weight in train mode moves spectral_norm's power iteration: not here
             sel = prunable_layers(model, layers, exclude, attention)
-            self.layers = _untied(sel, self.granularity)
+            self.layers = _tied_elsewhere(model, _untied(sel, self.granularity), self.granularity)
             _warn_shared_left_out(model, sel, attention)
             note = conv1d_note(model) if layers is None else ''
             if not self.layers:
@@ -669,7 +674,6 @@ class Sparsifier:
                 raise ValueError(f"Nothing to prune: {type(model).__name__} has no Conv/ConvTranspose/Linear layer "
                                  f"left{why}" + (f"; {note}" if note else ''))
             if note: logger.warning("Sparsifier: %s", note)
-            _warn_tied_elsewhere(model, self.layers)
             self._rp = {n: _reparam(m, n) for n, m in self.layers.items()}  # reparametrized weights: mask these instead
             computed = [n for n, rp in self._rp.items() if rp is not None]
             if self.criterion.needs_grad and computed:  # before the weights are read

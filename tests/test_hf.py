@@ -322,3 +322,26 @@ def test_hf_heads_refuses_blocks_with_tensors_per_head_or_over_the_width():
     with pytest.raises(ValueError, match=r"CohereAttention: q_norm.weight \(4, 16\)"): hf_heads(cohere)
     qwen3 = T.Qwen3ForCausalLM(T.Qwen3Config(**base, head_dim=24))  # q_norm over one head's width: shared, fine
     fct.test_eq(list(hf_heads(qwen3)), ['model.layers.*.self_attn'])
+
+
+def test_hf_heads_falcon_multi_query_prunes_query_heads():
+    "Falcon with multi-query attention (fused query_key_value, one k/v head): its query heads go, verified"
+    torch.manual_seed(0)
+    m = T.FalconForCausalLM(T.FalconConfig(vocab_size=V, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                           multi_query=True, new_decoder_architecture=False, **IDS)).eval()
+    x, mask = _tokens()
+    pr = Pruner(m, {'input_ids': x, 'attention_mask': mask}, heads=hf_heads(m), strict=False)
+    pr.prune(0.5)
+    a = m.transformer.h[0].self_attention
+    fct.test_eq((a.num_heads, a.query_key_value.out_features, a.dense.in_features), (2, 64, 32))
+    assert pr.history[-1]['rel_error'] <= 1e-5
+    _still_works(m, x, mask)
+
+
+def test_hf_heads_refuses_attention_sinks():
+    "GPT-OSS keeps one learned sink per head, which the Pruner does not cut: refused by name"
+    torch.manual_seed(0)
+    m = T.GptOssForCausalLM(T.GptOssConfig(vocab_size=V, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                           num_local_experts=2, num_experts_per_tok=1, **IDS))
+    with pytest.raises(ValueError, match=r"sinks \(4,\)"): hf_heads(m)

@@ -338,3 +338,13 @@ def test_a_refused_gradient_criterion_leaves_spectral_norm_state_alone():
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     fct.test_fail(lambda: Sparsifier(model, 'weight', 'global', 'gradient_magnitude'), contains='computed from other')
     for k, v in model.state_dict().items(): fct.test_eq(v, sd[k])
+
+
+def test_filters_of_a_layer_tied_to_an_embedding_are_left_dense(caplog):
+    "A filter of the tied decoder is a token's embedding row: with filter granularity the layer stays dense, said so"
+    m = TiedLM()
+    with caplog.at_level(logging.WARNING, logger='fasterprune'):
+        sp = Sparsifier(m, 'filter', 'local')
+    assert 'head' not in sp.layers and 'left dense' in caplog.text, caplog.text
+    sp.sparsify(0.5)
+    fct.test_eq(int((m.emb.weight == 0).all(1).sum()), 0)
