@@ -231,16 +231,27 @@ _fx_attrs = ('_tensor_constant', '_torchbind_obj')  # what torch.fx's tracer add
 
 @contextmanager
 def _untouched(model:nn.Module):
-    """Context manager: the attributes of each module of `model` that are not parameters, buffers or submodules (a
-    forward's state, `self.hidden = ...`) are as they were after it, whether the forward ran for real or was traced"""
-    saved = [(m, dict(m.__dict__)) for m in model.modules()]
+    """Context manager: the state a forward keeps in `model` is as it was after it, whether the forward ran for real or
+    was traced: each module's attributes that are not parameters, buffers or submodules (`self.hidden = ...`), its
+    buffers (one reassigned, `self.ema = ...`, or changed in place, `self.calls += 1`: their values back). A module
+    whose class changed inside (a lazy module materialised by its first forward: `LazyLinear` -> `Linear`) is left as
+    it now is"""
+    saved = [(m, type(m), dict(m.__dict__), dict(m._buffers)) for m in model.modules()]
+    vals = {id(b): (b, b._version, b.detach().clone()) for _, _, _, bs in saved for b in bs.values()
+            if isinstance(b, Tensor) and not b.is_meta}
     try: yield model
     finally:
-        for m, d in saved:
+        for m, cls, d, bufs in saved:
+            if type(m) is not cls: continue  # materialised (a lazy module): its new attributes stay
             for k in [k for k in m.__dict__ if k not in d and not (m is model and k.startswith(_fx_attrs))]:
                 del m.__dict__[k]  # written by the forward (an fx Proxy while tracing)
             for k, v in d.items():
                 if m.__dict__.get(k, d) is not v: m.__dict__[k] = v
+            for k, b in bufs.items():
+                if m._buffers.get(k, bufs) is not b: m._buffers[k] = b  # a buffer the forward reassigned
+        with torch.no_grad():
+            for b, ver, v in vals.values():
+                if b._version != ver: b.copy_(v)  # changed in place (a call counter, an EMA)
 
 class _Labeler(fx.Interpreter):
     def __init__(self, g:ChannelGraph, gm:nn.Module, graph:fx.Graph|None=None):
@@ -562,7 +573,8 @@ class _Recorder(TorchFunctionMode):
         super().__init__()
         self.graph, self.node, self.keep, self.depth, self.alias = fx.Graph(), {}, [], 0, {}
         named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers())
-        self.names = {id(t): n for n, t in named}
+        self.names = {}  # each tensor under its first name, the one `named_modules` gives its module (a module under two)
+        for n, t in named: self.names.setdefault(id(t), n)
         self.mod_names = {m: n for n, m in model.named_modules()}
         self.stack = []  # (name, class) of the modules whose forward runs now, outermost first (errors name the module)
     def arg(self, a):

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_pruner.ipynb #8a092d7a
 from __future__ import annotations
-import copy, fnmatch, functools, logging, math, time, warnings
+import copy, fnmatch, functools, inspect, logging, math, time, warnings
 from collections.abc import Mapping
 from pathlib import Path
 from fastcore.basics import patch
@@ -214,6 +214,9 @@ class Pruner:
         self.second_inputs = _perturbed(self.example_inputs, torch.Generator().manual_seed(0))
         self.sized_inputs = _twice(self.example_inputs)  # the first item at twice the size: None when not an image
         self._warned_branches = False  # the warning about a model torch.fx could not trace: once
+        # the example with a plain scalar it gives at another value (`forward(x, flag=False)` given `(x, True)`): each
+        # surgery is verified there too, a path of the forward the graph may not hold (see `_flag_variants`)
+        self.flag_inputs = _flag_variants(model, self.example_inputs)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -624,6 +627,32 @@ def _call(model:nn.Module, inputs):
         try: return model(**inputs)
         except TypeError as e: raise TypeError(f"{e}{_dict_hint}") from e
 
+_flag_types = (bool, int, float, str)  # a plain scalar input: control flow (`if flag:`), not data
+
+def _flag_variants(model:nn.Module, inputs, most:int=4) -> list[tuple[str, object]]:
+    """[(what, inputs)]: `inputs` with each plain scalar it gives (a flag) at the forward's default, and a given bool
+    flipped. torch.fx cannot trace `if flag:` with the flag given (the Pruner records the example's one forward pass),
+    so a path the flag's other value takes is not in the graph: the Pruner verifies each surgery on these inputs too"""
+    args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else ((), dict(inputs)) if isinstance(inputs, Mapping) \
+        else ((inputs,), {})
+    try: ps = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError): return []
+    P, res = inspect.Parameter, []
+    for i, p in enumerate(ps):
+        if i < len(args) and p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD): v, at = args[i], i
+        elif p.name in kwargs and p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY): v, at = kwargs[p.name], p.name
+        else: continue
+        if type(v) not in _flag_types: continue
+        others = []
+        if p.default is not P.empty and (p.default is None or type(p.default) in _flag_types) and p.default != v:
+            others.append((p.default, 'its default'))
+        if type(v) is bool and not any(o is (not v) for o, _ in others): others.append((not v, f'{v} flipped'))
+        for o, why in others:
+            if isinstance(at, int): alt = args[:at] + (o,) + args[at + 1:]
+            else: alt = type(inputs)({**kwargs, at: o}) if isinstance(inputs, dict) else {**kwargs, at: o}
+            res.append((f"{p.name}={o!r} ({why})", alt))
+    return res[:most]
+
 def relative_error(ref, out) -> float:
     "The largest max |ref − out| / max |ref| of the tensors of two outputs of the same structure, each on its own scale"
     a, b = flat_tensors(ref), flat_tensors(out)
@@ -810,6 +839,42 @@ def _check(self:Pruner, refs:list, what:str, folded:bool, tx:_Surgery|None=None,
 
 _noise_cap = 1e-3  # a float32 error above this is never rounding: no second look in float64
 
+@patch
+def _flag_refs(self:Pruner) -> list:
+    "[(what, inputs, output)] of the masked model on each of `flag_inputs` where it runs (another path of the forward)"
+    res = []
+    for what, ins in self.flag_inputs:
+        try:
+            with evaluating(self.model): out = _call(self.model, ins)
+        except Exception as e:  # not a valid input of this model: nothing to verify there
+            logger.info("Pruner: the model does not run with %s (%s: %s): not verified there", what, type(e).__name__,
+                        first_line(e))
+            continue
+        if _finite(out): res.append((what, ins, out))
+    return res
+
+@patch
+def _check_flags(self:Pruner, refs:list, what:str, tol:float, where:str) -> list[str]:
+    """The pruned model against the masked one on the example with its flags at their other values (`_flag_refs`):
+    `SurgeryError` (strict) or the warnings to give (strict=False) where it fails or differs"""
+    if self.dtype in _low_precision: tol = max(tol, 8 * torch.finfo(self.dtype).eps)
+    elif where.startswith('float64'): tol = max(tol, _noise_cap)  # the model's own float32 rounding is above rtol
+    bad = []
+    for flag, ins, ref in refs:
+        try:
+            with evaluating(self.model): err = relative_error(ref, _call(self.model, ins))
+            msg = f"differs from the masked model's by {err:.3g} (relative), above rtol={tol:g}"
+        except Exception as e:
+            err, msg = math.inf, f"no longer runs ({type(e).__name__}: {first_line(e)})"
+        if err <= tol: continue
+        text = (f"with {flag}, a path of the forward the example does not take (torch.fx cannot trace control flow on "
+                f"a given flag; the graph is the example's path), the pruned model {msg}")
+        if self.strict:
+            raise SurgeryError(f"{what}: {text}. Give an example at the flag's default (leave it out), or pass "
+                               "strict=False to prune anyway (a warning names the path); the model was restored")
+        bad.append(text)
+    return bad
+
 def _removed_counts(g:ChannelGraph, remove:Tensor) -> tuple[int, int, int]:
     "(filters, attention heads, k/v groups) the components `remove` take out; a head's q/k/v rows are not filters"
     filters = heads = groups = 0
@@ -881,6 +946,7 @@ def _surgery(self:Pruner, tx:_Surgery, g:ChannelGraph, remove:Tensor, consts:dic
     rw = self._rewinder
     point, why = self._cut_rewind_point(g, remove) if rw is not None and rw.rewind_point is not None else (None, '')
     mark = len(tx.undo)  # `prune` zeroed the channels before: the masked model
+    flag_refs = self._flag_refs() if self.verify and self.flag_inputs else []  # its other paths (given flags)
     def masked64() -> list:
         "The masked model's outputs in float64: the fold and cut undone for a float64 run, then done again"
         tx.rollback_to(mark)
@@ -892,6 +958,7 @@ def _surgery(self:Pruner, tx:_Surgery, g:ChannelGraph, remove:Tensor, consts:dic
         tx.fold(g, remove, consts)
         tx.cut(g, remove)
         if self.verify: err, tol, checked_in = self._check(refs, what, tx.folded, tx, masked64)
+        flags_bad = self._check_flags(flag_refs, what, tol, checked_in) if flag_refs else []
     except Exception:
         tx.rollback()
         raise
@@ -911,6 +978,8 @@ def _surgery(self:Pruner, tx:_Surgery, g:ChannelGraph, remove:Tensor, consts:dic
                rel_error=err, rtol=tol, checked_in=checked_in, seconds=time.perf_counter() - t0)
     self.history.append(rec)
     logger.info("Pruner.%s: %s, params %d -> %d, relative error %s", what, _removed_text(*counts), before, after, err)
+    for text in flags_bad:
+        logger.warning("Pruner.%s: %s (strict=False: kept; check the model on that path)", what, text)
     stale = _stale_after(tx)
     if stale:  # verified: the forward did not read them on the example, but another path (eager attention) may
         logger.warning("Pruner.%s: %s kept the value it had before the cut (the forward did not read it on the "
@@ -933,14 +1002,14 @@ def _sync_optimizer(self:Pruner, tx:_Surgery):
                        "fails with a size mismatch. Use Pruner(learn) or Pruner(model, x, opt=opt), or create the "
                        "optimizer after pruning (learn.create_opt())")
         return
-    st = getattr(opt, 'opt', opt).state  # fastai's OptimWrapper: the state is the torch optimizer's
-    for p, (shape0, ops) in tx.cuts.items():
-        if p not in st: continue
-        s = st[p]
-        for k, v in list(s.items()):
-            if isinstance(v, Tensor) and tuple(v.shape) == shape0:
-                for dim, idx in ops: v = v.index_select(dim, idx.to(v.device))
-                s[k] = v
+    for st in _opt_states(opt):  # fastai's OptimWrapper, Lookahead(OptimWrapper(...)): each wrapped one's state too
+        for p, (shape0, ops) in tx.cuts.items():
+            if p not in st: continue
+            s = st[p]
+            for k, v in list(s.items()):
+                if isinstance(v, Tensor) and tuple(v.shape) == shape0:
+                    for dim, idx in ops: v = v.index_select(dim, idx.to(v.device))
+                    s[k] = v
     lists = opt.param_lists if hasattr(opt, 'param_lists') else [gr['params'] for gr in opt.param_groups]
     copies = _aligned_copies(opt, lists)  # per-parameter copies outside the state (Lookahead's slow weights)
     for v in copies:
@@ -966,6 +1035,15 @@ def _opt_chain(opt) -> list:
     while opt is not None and not any(opt is o for o in res):
         res.append(opt)
         opt = vars(opt).get('opt')  # not getattr: fastai's GetAttr hands unknown names on to the wrapped one
+    return res
+
+def _opt_states(opt) -> list:
+    "The per-parameter `state` dicts of `opt` and of every optimizer it wraps, each once"
+    res = []
+    for o in _opt_chain(opt):
+        st = vars(o).get('state')
+        if st is None and isinstance(o, torch.optim.Optimizer): st = o.state
+        if isinstance(st, Mapping) and not any(st is r for r in res): res.append(st)
     return res
 
 _opt_own = ('state', 'param_groups', 'param_lists', 'hypers', 'defaults', 'opt')  # held or handled already
