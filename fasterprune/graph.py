@@ -263,7 +263,10 @@ class _Labeler(fx.Interpreter):
     def run_node(self, n):
         self.cur_args = n.args
         out = super().run_node(n)
-        self.lab[n] = self.g._labels(n, out, self)
+        lab = self.lab[n] = self.g._labels(n, out, self)
+        if self.g._tensor_labels is not None and isinstance(lab, Tensor) and isinstance(out, Tensor) and out.dim():
+            cd = _cd(lab, out)  # kept for `cut_widths`: its channel count, and the sizes after it (a flatten)
+            self.g._tensor_labels[id(lab), math.prod(out.shape[cd + 1:])] = lab
         self.dyn[n] = self.g._dyn(n, out, self) if self.g.values else True
         return out
     def call_module(self, target, args, kwargs):
@@ -322,6 +325,10 @@ class ChannelGraph:
             tr = tuple(traced) if traced is not None else _trace(model, self.example_inputs, self.example_kwargs)
             self.traced = tr if len(tr) > 2 else tr + (None,)  # (module, eval-mode graph, train-mode graph or None)
             self.gm = self.traced[0]
+            # a graph of one branch (recorded, or traced with inputs at one value): the labels of each tensor are kept
+            # (`cut_widths`: which widths a layer on another branch may meet)
+            self._keep_labels = bool(getattr(self.traced[1], 'untraced', None) or
+                                     getattr(self.traced[1], 'specialized', None))
             with torch.no_grad():
                 self.output = self._run()
                 if traced is None: self._train_branches()
@@ -335,6 +342,16 @@ class ChannelGraph:
         graphs = [gr for gr in self.traced[1:] if gr is not None]
         partial = self.untraced or self.specialized
         self.branch_layers = [n for n in self._not_run(*graphs) if _referenced(model, n)] if partial else []
+        if self.branch_layers and self.specialized and not self.untraced:
+            # only the layers another value of those inputs runs: one no value runs (`if self.use_extra:`, a setting)
+            # is left as it is, as in a graph of every branch
+            gr = self.traced[1]
+            if not hasattr(gr, 'other_ran'):
+                with evaluating(model, no_grad=False): gr.other_ran = _other_values_ran(model, self.specialized)
+            if gr.other_ran is not None:
+                inside = tuple(r + '.' for r in gr.other_ran if r)
+                self.branch_layers = [n for n in self.branch_layers if n in gr.other_ran or n.startswith(inside)]
+        if not self.branch_layers: self._tensor_labels = None
         self.heads = {}  # module name -> `_WrittenHeads` of each hand-written attention named in `heads`
         for key, spec in (heads or {}).items():
             if not any(c in key for c in '*?['):
@@ -364,6 +381,19 @@ class ChannelGraph:
             self._live[name] = (w.reshape(w.shape[0], -1) != 0).any(1).cpu()
         return self._live[name]
 
+    def cut_widths(self, remove:Tensor) -> tuple[set[int], set[int]]:
+        """(channel counts, and those times the sizes after the channels: a flatten) of the tensors of the traced
+        forward that carry channels of the components `remove` takes out (a group, a concat of groups, a residual sum);
+        a layer on a branch the graph does not hold that takes or gives a tensor of such a width may read them"""
+        chans = {gr.width for gr in self.groups() if bool(remove[gr.comps].any())}
+        flat = set(chans)
+        for (_, after), lab in (self._tensor_labels or {}).items():
+            c = self._label_comp[lab]
+            if bool(remove[c[c >= 0]].any()):
+                chans.add(len(lab))
+                flat.add(len(lab) * after)
+        return chans, flat
+
     def _reset(self):
         "Empty labels, pins, slots and value records"
         self._live = {}        # layer name -> `live_filters`
@@ -379,6 +409,8 @@ class ChannelGraph:
         self.consumer_dyn: dict[str, Tensor] = {}  # module name -> may this input position vary with the model's input?
         self.norm_stats: dict[str, list] = {}  # LayerNorm over channels ('ln' slot) -> [min, max] of each input channel
         self.norm_dyn: dict[str, Tensor] = {}  # LayerNorm over channels -> may this input channel vary with the input?
+        # (id of a label tensor, size after its channels) -> the labels of a tensor of the run (a graph of one branch)
+        self._tensor_labels = {} if getattr(self, '_keep_labels', False) else None
 
     def _run(self):
         "Label every node of the traced graphs (shapes only, on meta tensors, when `values` is False); the output"
@@ -528,6 +560,9 @@ class ChannelGraph:
         self.n_comps = len(roots)
         for s in slots: s.comp = torch.searchsorted(roots, P[s.ids])
         self._pin_comps(P, roots)
+        if self._tensor_labels:  # each label's component (-1: none of the slots'), for `cut_widths`
+            k = torch.searchsorted(roots, P).clamp(max=max(len(roots) - 1, 0))
+            self._label_comp = torch.where(roots[k] == P, k, -1) if len(roots) else torch.full_like(P, -1)
         self.comp_unit = torch.arange(self.n_comps)  # components that must go together (ties): the smallest member
         pairs = [(torch.searchsorted(roots, P[a]), torch.searchsorted(roots, P[b])) for a, b in self.ties if len(a)]
         while pairs:
@@ -783,6 +818,23 @@ def _trace(model:nn.Module, inputs:tuple, kwargs:dict|None=None) -> tuple:
     graph.untraced = why  # the graph holds only the branches the example took (see `ChannelGraph.branch_layers`)
     graph.control_flow = 'control flow' in str(err)  # torch.fx: "... cannot be used as inputs to control flow"
     return model, graph
+
+def _other_values_ran(model:nn.Module, fixed:dict, most:int=8) -> set|None:
+    """The modules the traces with each input of `fixed` at another value run (a bool flipped; None or another scalar:
+    a traced input, so `if mask is not None:` takes the other branch); None when one of them cannot be traced (`if n >
+    2:` on a scalar) or there are more than `most` inputs: which layers another value runs is not known then"""
+    if len(fixed) > most: return None
+    ran, before = set(), set(model.__dict__)
+    try:
+        for k, v in fixed.items():
+            alt = {a: b for a, b in fixed.items() if a != k}
+            if type(v) is bool: alt[k] = not v
+            try:
+                with _untouched(model): ran |= _ran(_Tracer().trace(model, concrete_args=alt or None))
+            except Exception: return None
+    finally:  # what torch.fx stored on the model for these traces (a tensor default): not read by any graph kept
+        for a in [a for a in model.__dict__ if a not in before and a.startswith(_fx_attrs)]: delattr(model, a)
+    return ran
 
 def _referenced(model:nn.Module, name:str) -> bool:
     "Does the forward of every module above layer `name` name it (`self.b(...)`)? False: defined, never called"

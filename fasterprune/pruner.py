@@ -1140,6 +1140,14 @@ def _widths(m:nn.Module) -> set[int]:
         if isinstance(v, int) and not isinstance(v, bool): out.add(v)
     return out
 
+def _in_width(m:nn.Module) -> int:
+    "The channels layer `m` takes in (0: not known)"
+    if isinstance(m, (nn.LayerNorm, getattr(nn, 'RMSNorm', nn.LayerNorm))): return m.normalized_shape[-1]
+    for a in ('in_channels', 'in_features', 'num_features', 'num_channels', 'embed_dim', 'num_parameters'):
+        v = getattr(m, a, None)
+        if isinstance(v, int) and not isinstance(v, bool): return v
+    return 0
+
 @patch
 def _check_branches(self:Pruner, g:ChannelGraph, remove:Tensor, what:str):
     """A graph of one branch (torch.fx could not trace the model, or traced it with inputs at one value): refuse
@@ -1150,11 +1158,16 @@ def _check_branches(self:Pruner, g:ChannelGraph, remove:Tensor, what:str):
     at = few(f"{k}={v!r}" for k, v in g.specialized.items())
     how = f"torch.fx could not trace {name}: {g.untraced}" if g.untraced else f"torch.fx traced {name} with {at}"
     if g.branch_layers:
-        widths = {gr.width for gr in g.groups() if bool(remove[gr.comps].any())}
-        reached = [n for n in g.branch_layers if _widths(g.modules[n]) & widths]
+        # the widths of every tensor that carries cut channels (a concat of groups, a flatten's channels x sizes),
+        # and narrower ones: a slice of it (`h[:, :6]`) on the branch the graph does not hold
+        chans, flat = g.cut_widths(remove)
+        top = max(chans, default=0)
+        reached = [n for n in g.branch_layers
+                   if _widths(g.modules[n]) & (chans | flat) or 0 < _in_width(g.modules[n]) < top]
         if reached and self.strict:
             raise ValueError(f"Pruner.{what}: {few(repr(n) for n in reached)} did not run on the example, and take "
-                             f"or give channels as wide as those this surgery removes ({how}; a branch the example "
+                             f"or give a tensor as wide as one that carries channels this surgery removes, or narrower "
+                             f"(a slice of it) ({how}; a branch the example "
                              "did not take?): they would stay uncut, and that branch would fail or compute another "
                              "function. Give an example that takes the branch, set the layers aside, or pass "
                              "strict=False to prune anyway (the branch stays unverified); the model was not changed")

@@ -153,3 +153,72 @@ def test_example_with_a_harmless_flag_prunes():
     m = _FlagScale().eval()
     Pruner(m, (torch.randn(5, 6), True)).prune(0.5)
     fct.test_eq(m.a.out_features, 8)
+
+
+class _Concat(nn.Module):
+    "12 channels from three groups (3 + 4 + 5); `br` reads them on the branch the example does not take (flag=True)"
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.a, self.b, self.d = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 5, 3, padding=1)
+        self.head = nn.Linear(12, 7)
+        self.br = {'slice_linear': nn.Linear(6, 7), 'slice_conv': nn.Conv2d(6, 12, 1), 'full_conv': nn.Conv2d(12, 12, 1),
+                   'flatten': nn.Linear(12 * 16, 7)}[how]
+    def forward(self, x, flag=False):
+        h = torch.relu(torch.cat([self.a(x), self.b(x), self.d(x)], 1))
+        if flag and self.how == 'slice_conv': h = h + self.br(h[:, :6])
+        if flag and self.how == 'full_conv': h = h + self.br(h)
+        out = self.head(h.mean((2, 3)))
+        if flag and self.how == 'slice_linear': out = out + self.br(h[:, :6].mean((2, 3)))
+        if flag and self.how == 'flatten': out = out + self.br(h.flatten(1))
+        return out
+
+@pytest.mark.parametrize('how', ['slice_linear', 'slice_conv', 'full_conv', 'flatten'])
+def test_branch_layer_on_a_concat_slice_or_flatten_is_refused(how):
+    "A layer that did not run and reads a concat of groups, a slice or a flatten of it: refused, the model untouched"
+    torch.manual_seed(0)
+    m, x = _Concat(how).eval(), torch.randn(4, 3, 4, 4)
+    sd0 = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'br' did not run on the example"): Pruner(m, x).prune(0.25)
+    for k, v in m.state_dict().items(): fct.test_eq(v, sd0[k])
+
+class _Side(nn.Module):
+    "`side` runs only when `extra` is given: its output joins the 12-channel concat (widths 6 and 12, no group's)"
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.d = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 5, 3, padding=1)
+        self.side, self.head = nn.Conv2d(6, 12, 1), nn.Linear(12, 7)
+    def forward(self, x, extra=None):
+        h = torch.relu(torch.cat([self.a(x), self.b(x), self.d(x)], 1))
+        if extra is not None: h = h + self.side(extra)
+        return self.head(h.mean((2, 3)))
+
+def test_branch_layer_whose_output_joins_a_concat_is_refused():
+    torch.manual_seed(0)
+    m = _Side().eval()
+    with pytest.raises(ValueError, match=r"'side' did not run"): Pruner(m, torch.randn(4, 3, 4, 4)).prune(0.5)
+    fct.test_eq(m.a.out_channels + m.b.out_channels + m.d.out_channels, 12)
+
+
+class _Gated(nn.Module):
+    "An optional input the forward does not branch layers on, and a layer a setting turns off (never runs)"
+    def __init__(self):
+        super().__init__()
+        self.use_extra = False
+        self.fc1, self.extra, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+    def forward(self, x, scale=None):
+        h = torch.relu(self.fc1(x))
+        if self.use_extra: h = torch.relu(self.extra(h))
+        out = self.fc2(h)
+        return out if scale is None else out * scale
+
+def test_specialised_graph_does_not_blame_an_unrelated_layer():
+    "`scale=None` runs no other layer: `extra`, off by a setting, is no branch layer; the model prunes as without it"
+    from fasterprune.graph import ChannelGraph
+    torch.manual_seed(0)
+    m, x = _Gated().eval(), torch.randn(4, 8)
+    fct.test_eq(ChannelGraph(m, x).branch_layers, [])
+    Pruner(m, x).prune(0.5)  # was: refused, blamed on scale=None
+    fct.test_eq(m.fc1.out_features, 16)
+    fct.test_eq(m.extra.in_features, 32)  # never runs: left as it is
+    fct.test_eq([k for k in vars(m) if k.startswith('_tensor_constant')], [])
