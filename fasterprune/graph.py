@@ -1170,6 +1170,14 @@ def _param_source(n, it, gm):
     mod, _, attr = n.target.rpartition('.')
     return mod, attr, not chain
 
+def _state_constant(a, depth:int=8) -> bool:
+    """Is operand `a` a tensor that depends on no input and no parameter: one a recorded forward read from its state
+    (`0.5 * self.h`, kept in the graph as the tensor itself), or computed from such tensors only?"""
+    if isinstance(a, Tensor): return True
+    if not isinstance(a, fx.Node) or a.op not in ('call_function', 'call_method') or depth == 0: return False
+    vals = [o for o in (list(a.args) + list(a.kwargs.values()))]
+    return any(isinstance(o, Tensor) for o in vals) and all(_state_constant(o, depth - 1) for o in _nodes(vals))
+
 @patch
 def _binary(self:ChannelGraph, n, name, out, it):
     D = out.dim()
@@ -1196,6 +1204,9 @@ def _binary(self:ChannelGraph, n, name, out, it):
             l = self._new(v.shape[k], why)
         if l is None:
             src = _param_source(a, it, self.gm)
+            if src is None and _state_constant(a):  # read from the forward's state (a recorded `self.h`): it stays
+                self._pin([b for _, _, b in ops], f'{name} with a constant the forward reads from its state')
+                continue
             if src is None or (not src[2] and sum(s > 1 for s in v.shape) != 1):
                 what = f'{name} with a channel-wide tensor of unknown origin {getattr(a, "name", a)!r}'
                 self._fail(n, what, [b for _, _, b in ops])

@@ -12,7 +12,7 @@ from fastcore.foundation import L
 import torch
 from torch import nn, Tensor
 from .core import check_context, check_fraction, evaluating, few, flat_tensors, model_device, \
-    round_half_up, to_device, first_items, map_tensors, bare_model, first_line, conv1d_layers
+    round_half_up, to_device, first_items, map_tensors, bare_model, first_line, conv1d_layers, conv1d_note
 from .criteria import get_criterion
 from .graph import ChannelGraph, CountedLayerNorm, CountedRMSNorm, UnknownOpError, _WrittenHeads, \
     _conv_types, _ln_channel_dim, _pinned_text, _plain, _Tracer, _pass_modules, _reshape_modules, _holder, \
@@ -1291,11 +1291,8 @@ def _choose(groups:list, targets:list, n_rm:list, mean:Tensor, round_to) -> Tens
 
 def _conv1d_hint(model:nn.Module) -> str:
     "'' or why the Conv1D layers of `model` do not prune, and what to do"
-    layers = conv1d_layers(model)
-    if not layers: return ''
-    return (f"; {few(repr(n) for n in layers)} are Hugging Face Conv1D layers (GPT-2's: a transposed weight (in, out), "
-            "computed as x @ W + b), which the Pruner does not cut: their channels stay. Make them nn.Linear first "
-            "with fasterprune.hf.conv1d_to_linear(model)")
+    note = conv1d_note(model)  # the sentence the metrics give too
+    return f"; {note}" if note else ''
 
 def _nothing_removed(g:ChannelGraph, groups:list, ratio):
     "Say why `prune` removes nothing: a zero ratio (INFO); no groups, every group pinned, or shares that round to 0"

@@ -222,3 +222,28 @@ def test_specialised_graph_does_not_blame_an_unrelated_layer():
     fct.test_eq(m.fc1.out_features, 16)
     fct.test_eq(m.extra.in_features, 32)  # never runs: left as it is
     fct.test_eq([k for k in vars(m) if k.startswith('_tensor_constant')], [])
+
+
+class _Stateful(nn.Module):
+    "Adds the previous call's output (`self.h`) to its logits; a shape test makes torch.fx fail: the forward is recorded"
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 5)
+        self.h = None
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        if h.shape[1] % 2: h = h * 2
+        s = self.fc(F.relu(self.c2(h)).mean((2, 3)))
+        if self.h is not None: s = s + 0.5 * self.h
+        self.h = s.detach().mean(0)
+        return s
+
+def test_recorded_forward_with_state_prunes_under_strict():
+    "A recorded forward that adds a tensor of its state: a constant (its channels stay), not an unknown op"
+    torch.manual_seed(0)
+    m, x = _Stateful().eval(), torch.randn(4, 3, 8, 8)
+    with torch.no_grad(): m(x)
+    h0 = m.h.clone()
+    Pruner(m, x).prune(0.5)  # was UnknownOpError: a channel-wide tensor of unknown origin
+    fct.test_eq(m.c1.out_channels, 4)
+    fct.test_eq(m.h, h0)
