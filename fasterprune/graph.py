@@ -608,7 +608,7 @@ class _Recorder(TorchFunctionMode):
         super().__init__()
         self.graph, self.node, self.keep, self.depth, self.alias = fx.Graph(), {}, [], 0, {}
         named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers())
-        self.names = {}  # each tensor under its first name, the one `named_modules` gives its module (a module under two)
+        self.names = {}  # each tensor under its first name, as `named_modules` names its module (a module under two)
         for n, t in named: self.names.setdefault(id(t), n)
         self.mod_names = {m: n for n, m in model.named_modules()}
         self.stack = []  # (name, class) of the modules whose forward runs now, outermost first (errors name the module)

@@ -160,10 +160,10 @@ class _Concat(nn.Module):
     def __init__(self, how):
         super().__init__()
         self.how = how
-        self.a, self.b, self.d = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 5, 3, padding=1)
+        self.a, self.b, self.d = (nn.Conv2d(3, c, 3, padding=1) for c in (3, 4, 5))
         self.head = nn.Linear(12, 7)
-        self.br = {'slice_linear': nn.Linear(6, 7), 'slice_conv': nn.Conv2d(6, 12, 1), 'full_conv': nn.Conv2d(12, 12, 1),
-                   'flatten': nn.Linear(12 * 16, 7)}[how]
+        self.br = {'slice_linear': nn.Linear(6, 7), 'slice_conv': nn.Conv2d(6, 12, 1),
+                   'full_conv': nn.Conv2d(12, 12, 1), 'flatten': nn.Linear(12 * 16, 7)}[how]
     def forward(self, x, flag=False):
         h = torch.relu(torch.cat([self.a(x), self.b(x), self.d(x)], 1))
         if flag and self.how == 'slice_conv': h = h + self.br(h[:, :6])
@@ -186,7 +186,7 @@ class _Side(nn.Module):
     "`side` runs only when `extra` is given: its output joins the 12-channel concat (widths 6 and 12, no group's)"
     def __init__(self):
         super().__init__()
-        self.a, self.b, self.d = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 5, 3, padding=1)
+        self.a, self.b, self.d = (nn.Conv2d(3, c, 3, padding=1) for c in (3, 4, 5))
         self.side, self.head = nn.Conv2d(6, 12, 1), nn.Linear(12, 7)
     def forward(self, x, extra=None):
         h = torch.relu(torch.cat([self.a(x), self.b(x), self.d(x)], 1))
@@ -225,7 +225,7 @@ def test_specialised_graph_does_not_blame_an_unrelated_layer():
 
 
 class _Stateful(nn.Module):
-    "Adds the previous call's output (`self.h`) to its logits; a shape test makes torch.fx fail: the forward is recorded"
+    "Adds the previous call's output (`self.h`) to its logits; a shape test makes torch.fx fail: recorded"
     def __init__(self):
         super().__init__()
         self.c1, self.c2, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 5)
