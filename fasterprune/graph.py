@@ -229,16 +229,18 @@ def _on_meta(m:nn.Module):
 
 _fx_attrs = ('_tensor_constant', '_torchbind_obj')  # what torch.fx's tracer adds to the root (the graph reads it)
 
+_big_buffer = 64 * 2**20  # bytes: `_untouched` copies buffers up to this size (a running count, an EMA, statistics)
+
 @contextmanager
 def _untouched(model:nn.Module):
     """Context manager: the state a forward keeps in `model` is as it was after it, whether the forward ran for real or
     was traced: each module's attributes that are not parameters, buffers or submodules (`self.hidden = ...`), its
     buffers (one reassigned, `self.ema = ...`, or changed in place, `self.calls += 1`: their values back). A module
     whose class changed inside (a lazy module materialised by its first forward: `LazyLinear` -> `Linear`) is left as
-    it now is"""
+    it now is. A buffer over `_big_buffer` bytes (a preallocated KV cache) is not copied: changed in place, it stays"""
     saved = [(m, type(m), dict(m.__dict__), dict(m._buffers)) for m in model.modules()]
     vals = {id(b): (b, b._version, b.detach().clone()) for _, _, _, bs in saved for b in bs.values()
-            if isinstance(b, Tensor) and not b.is_meta}
+            if isinstance(b, Tensor) and not b.is_meta and b.numel() * b.element_size() <= _big_buffer}
     try: yield model
     finally:
         for m, cls, d, bufs in saved:
