@@ -229,7 +229,7 @@ def _on_meta(m:nn.Module):
 
 _fx_attrs = ('_tensor_constant', '_torchbind_obj')  # what torch.fx's tracer adds to the root (the graph reads it)
 
-_big_buffer = 64 * 2**20  # bytes: `_untouched` copies buffers up to this size (a running count, an EMA, statistics)
+_big_buffer = 64 * 2**20  # bytes: `_untouched` copies buffers up to this much in all (counts, EMAs, statistics)
 
 @contextmanager
 def _untouched(model:nn.Module):
@@ -237,10 +237,18 @@ def _untouched(model:nn.Module):
     was traced: each module's attributes that are not parameters, buffers or submodules (`self.hidden = ...`), its
     buffers (one reassigned, `self.ema = ...`, or changed in place, `self.calls += 1`: their values back). A module
     whose class changed inside (a lazy module materialised by its first forward: `LazyLinear` -> `Linear`) is left as
-    it now is. A buffer over `_big_buffer` bytes (a preallocated KV cache) is not copied: changed in place, it stays"""
+    it now is. Buffers are copied up to `_big_buffer` bytes in all (preallocated KV caches are not): a buffer changed
+    in place beyond that, or an inference tensor (no version counter), stays as the forward left it"""
     saved = [(m, type(m), dict(m.__dict__), dict(m._buffers)) for m in model.modules()]
-    vals = {id(b): (b, b._version, b.detach().clone()) for _, _, _, bs in saved for b in bs.values()
-            if isinstance(b, Tensor) and not b.is_meta and b.numel() * b.element_size() <= _big_buffer}
+    vals, budget = {}, _big_buffer
+    for b in (b for _, _, _, bs in saved for b in bs.values()):
+        if not isinstance(b, Tensor) or b.is_meta or id(b) in vals: continue
+        size = b.numel() * b.element_size()
+        if size > budget: continue
+        try: ver = b._version
+        except RuntimeError: continue  # made in inference mode (or from such a tensor): no version counter
+        budget -= size
+        vals[id(b)] = (b, ver, b.detach().clone())
     try: yield model
     finally:
         for m, cls, d, bufs in saved:
@@ -667,20 +675,24 @@ class _Recorder(TorchFunctionMode):
 
 def _linear_subclass(m:nn.Module) -> bool:
     """Is `m` an `nn.Linear` subclass with its own forward that computes `F.linear(x, weight, bias)` (Falcon's
-    `FalconLinear`: `input @ self.weight.T + self.bias`)? Only a weight and a bias, no buffers or submodules, and the
-    forward matches `F.linear` on a random input; the Pruner's verification checks the cut model anyway"""
+    `FalconLinear`: `input @ self.weight.T + self.bias`)? Only a weight and a bias, no buffers, submodules or tensors
+    held as plain attributes (a LoRA adapter's), and the forward matches `F.linear` on random inputs of one, three and
+    2 × 3 rows; the Pruner's verification checks the cut model anyway"""
     if not isinstance(m, nn.Linear) or getattr(type(m).forward, '__module__', '').startswith('torch.'): return False
     if set(m._parameters) - {'weight', 'bias'} or m._buffers or m._modules: return False
+    if any(isinstance(v, Tensor) for v in m.__dict__.values()): return False  # weights the module does not register
     w, b = m.weight, m.bias
     if not isinstance(w, Tensor) or w.dim() != 2 or w.is_meta or not w.is_floating_point(): return False
+    low = w.dtype in (torch.float16, torch.bfloat16)
     try:
         with torch.no_grad():
             g = torch.Generator(device=w.device).manual_seed(0)
-            x = torch.randn(3, w.shape[1], generator=g, device=w.device).to(w.dtype)
-            y, ref = type(m).forward(m, x), F.linear(x, w, b)
-            low = w.dtype in (torch.float16, torch.bfloat16)
-            return isinstance(y, Tensor) and y.shape == ref.shape and \
-                bool(torch.allclose(y.float(), ref.float(), rtol=1e-2 if low else 1e-4, atol=1e-2 if low else 1e-5))
+            for shape in ((3,), (1,), (2, 3)):  # a batch of rows, one row, and a sequence
+                x = torch.randn(*shape, w.shape[1], generator=g, device=w.device).to(w.dtype)
+                y, ref = type(m).forward(m, x), F.linear(x, w, b)
+                if not (isinstance(y, Tensor) and y.shape == ref.shape and bool(torch.allclose(
+                        y.float(), ref.float(), rtol=1e-2 if low else 1e-4, atol=1e-2 if low else 1e-5))): return False
+            return True
     except Exception: return False  # another signature, or a forward that cannot run on its own
 
 def _is_leaf(m:nn.Module) -> bool:

@@ -845,13 +845,20 @@ def _flag_refs(self:Pruner) -> list:
     res = []
     for what, ins in self.flag_inputs:
         try:
-            with evaluating(self.model): out = _call(self.model, ins)
+            with evaluating(self.model): out = _seeded(_call, self.model, ins)
         except Exception as e:  # not a valid input of this model: nothing to verify there
             logger.info("Pruner: the model does not run with %s (%s: %s): not verified there", what, type(e).__name__,
                         first_line(e))
             continue
         if _finite(out): res.append((what, ins, out))
     return res
+
+def _seeded(f, model:nn.Module, *args):
+    "`f(model, *args)` with the random generators seeded alike each time (a flag may turn on sampling), then restored"
+    dev = model_device(model)
+    with torch.random.fork_rng(devices=[dev] if dev is not None and dev.type == 'cuda' else []):
+        torch.manual_seed(0)
+        return f(model, *args)
 
 @patch
 def _check_flags(self:Pruner, refs:list, what:str, tol:float, where:str) -> list[str]:
@@ -862,7 +869,7 @@ def _check_flags(self:Pruner, refs:list, what:str, tol:float, where:str) -> list
     bad = []
     for flag, ins, ref in refs:
         try:
-            with evaluating(self.model): err = relative_error(ref, _call(self.model, ins))
+            with evaluating(self.model): err = relative_error(ref, _seeded(_call, self.model, ins))
             msg = f"differs from the masked model's by {err:.3g} (relative), above rtol={tol:g}"
         except Exception as e:
             err, msg = math.inf, f"no longer runs ({type(e).__name__}: {first_line(e)})"
