@@ -11,7 +11,7 @@ from fastai.data.load import DataLoader
 from fastai.optimizer import SGD, Adam
 import fastai.callback.schedule, fastai.callback.fp16  # noqa: F401  (fit_one_cycle, fine_tune, to_fp16, to_bf16)
 from fasterprune.callback import SparsifyCallback
-from fit_checks import CheckZeros, CancelAt, device_path, count_syncs
+from fit_checks import CheckZeros, CancelAt, device_path, count_syncs, Rolled
 from fasterprune.sparsifier import NMRoundingWarning
 from fasterprune.schedules import agp, iterative, one_shot
 from fasterprune.data import digits_arrays, digits_dls, TensorPairs, lenet_300_100, small_cnn, mlp
@@ -838,15 +838,6 @@ def test_filters_of_a_model_whose_only_layer_is_its_output_are_refused_clearly()
 def test_compact_follows_the_callbacks_strict_false():
     "An op the graph does not know: the callback couples the rest (strict=False); Pruner(learn) then does the same"
     from fasterprune.pruner import Pruner
-    class Rolled(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.c1, self.c2, self.c3 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
-            self.fc = nn.Linear(8, 10)
-        def forward(self, x):
-            h = torch.relu(self.c2(torch.relu(self.c1(x))))
-            h = torch.roll(h, 1, dims=1)  # channels moved round: unknown to the graph
-            return self.fc(torch.relu(self.c3(h)).mean((2, 3)))
     learn = _learn(model=Rolled(), flat=False)
     learn.fit(1, 1e-2, cbs=SparsifyCallback(0.5, 'filter', 'local', schedule=one_shot()))
     assert learn._sparsify_strict is False

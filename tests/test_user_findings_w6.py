@@ -20,17 +20,7 @@ from fasterprune.sparsifier import Sparsifier
 from fasterprune.graph import AttentionHeads
 from fasterprune.schedules import one_shot
 from fasterprune.data import TensorPairs, digits_arrays, mlp
-
-
-class Rolled(nn.Module):
-    "Channels moved round by torch.roll: an op the channel graph does not know"
-    def __init__(self):
-        super().__init__()
-        self.c1, self.c2, self.c3 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
-        self.fc = nn.Linear(8, 10)
-    def forward(self, x):
-        h = torch.relu(self.c2(torch.relu(self.c1(x))))
-        return self.fc(torch.relu(self.c3(torch.roll(h, 1, dims=1))).mean((2, 3)))
+from fit_checks import Rolled
 
 
 def _img_learner(model):
