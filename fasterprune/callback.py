@@ -461,15 +461,21 @@ class SparsifyCallback(Callback):
             return Sparsifier(model, self.granularity, self.context, self.criteria, self.layers, ex + outs, self.seed,
                               attention=self.attention)
 
-    def _uncoupled_outputs(self, sp) -> list:
-        "coupled=False: the layers that produce the model's output, left dense unless `layers=` names what to prune"
-        if self.layers is not None: return []  # the user's own choice of layers stands
-        outs = _output_layers(sp, self._first_input(sp.model))
+    def _outputs_left_dense(self, sp, x, why:str, hint:str='') -> list[str]:
+        "The layers that make the model's output (filters layer by layer leave them dense); all of them: ValueError"
+        outs = _output_layers(sp, x)
         if outs and len(outs) == len(sp.layers):
             names = few([n or 'the model itself' for n in outs], 4)
             raise ValueError(f"filter granularity: the only layers it could prune ({names}) produce the model's "
-                             "output, whose width must stay; use granularity='weight' (or 'vector', 'kernel'), or name "
-                             "them in layers= to prune their rows all the same")
+                             f"output, whose width must stay{why}; use granularity='weight' (or 'vector', 'kernel')"
+                             f"{hint}")
+        return outs
+
+    def _uncoupled_outputs(self, sp) -> list:
+        "coupled=False: the layers that produce the model's output, left dense unless `layers=` names what to prune"
+        if self.layers is not None: return []  # the user's own choice of layers stands
+        outs = self._outputs_left_dense(sp, self._first_input(sp.model), '', ", or name them in layers= to prune "
+                                        "their rows all the same")
         if outs: logger.info("SparsifyCallback: coupled=False prunes filters layer by layer; %s, which produce the "
                              "model's output, stay dense (name them in layers= to prune them)", few(outs))
         return outs
@@ -515,13 +521,8 @@ class SparsifyCallback(Callback):
         except Exception as e:
             if self.coupled or self.heads: raise  # asked for: say why it cannot be done
             err = e
-        outs = _output_layers(sp, x)
-        if outs and len(outs) == len(sp.layers):
-            names = few([n or 'the model itself' for n in outs], 4)
-            raise ValueError(f"filter granularity: the only layers it could prune ({names}) produce the model's "
-                             f"output, whose width must stay, and coupled channels are not available "
-                             f"({type(err).__name__}: {first_line(err)}); use granularity='weight' (or 'vector', "
-                             "'kernel')")
+        outs = self._outputs_left_dense(sp, x, f", and coupled channels are not available ({type(err).__name__}: "
+                                              f"{first_line(err)})")
         why = ("the coupled channels were traced, but no group can lose whole filters"
                if isinstance(err, ValueError) and str(err).startswith('Nothing to prune')
                else "could not trace coupled channels")
