@@ -352,15 +352,18 @@ class ChannelGraph:
         graphs = [gr for gr in self.traced[1:] if gr is not None]
         partial = self.untraced or self.specialized
         self.branch_layers = [n for n in self._not_run(*graphs) if _referenced(model, n)] if partial else []
+        self.fed_by_other = set()  # branch layers whose inputs come from those other inputs alone (`self.side(extra)`)
         if self.branch_layers and self.specialized and not self.untraced:
             # only the layers another value of those inputs runs: one no value runs (`if self.use_extra:`, a setting)
             # is left as it is, as in a graph of every branch
             gr = self.traced[1]
             if not hasattr(gr, 'other_ran'):
-                with evaluating(model, no_grad=False): gr.other_ran = _other_values_ran(model, self.specialized)
+                with evaluating(model, no_grad=False): gr.other_ran, gr.fed_by_other = _other_values_ran(
+                    model, self.specialized)
             if gr.other_ran is not None:
                 inside = tuple(r + '.' for r in gr.other_ran if r)
                 self.branch_layers = [n for n in self.branch_layers if n in gr.other_ran or n.startswith(inside)]
+                self.fed_by_other = set(gr.fed_by_other) & set(self.branch_layers)
         if not self.branch_layers: self._tensor_labels = None
         self.heads = {}  # module name -> `_WrittenHeads` of each hand-written attention named in `heads`
         for key, spec in (heads or {}).items():
@@ -833,22 +836,39 @@ def _trace(model:nn.Module, inputs:tuple, kwargs:dict|None=None) -> tuple:
     graph.control_flow = 'control flow' in str(err)  # torch.fx: "... cannot be used as inputs to control flow"
     return model, graph
 
-def _other_values_ran(model:nn.Module, fixed:dict, most:int=8) -> set|None:
-    """The modules the traces with each input of `fixed` at another value run (a bool flipped; None or another scalar:
-    a traced input, so `if mask is not None:` takes the other branch); None when one of them cannot be traced (`if n >
-    2:` on a scalar) or there are more than `most` inputs: which layers another value runs is not known then"""
-    if len(fixed) > most: return None
-    ran, before = set(), set(model.__dict__)
+def _other_values_ran(model:nn.Module, fixed:dict, most:int=8) -> tuple[set|None, set]:
+    """(the modules the traces with each input of `fixed` at another value run (a bool flipped; None or another scalar:
+    a traced input, so `if mask is not None:` takes the other branch), those of them whose inputs come from the inputs
+    of `fixed` alone in every such trace); (None, ∅) when one of them cannot be traced (`if n > 2:` on a scalar) or
+    there are more than `most` inputs: which layers another value runs is not known then"""
+    if len(fixed) > most: return None, set()
+    ran, fed, before = set(), {}, set(model.__dict__)
     try:
         for k, v in fixed.items():
             alt = {a: b for a, b in fixed.items() if a != k}
             if type(v) is bool: alt[k] = not v
             try:
-                with _untouched(model): ran |= _ran(_Tracer().trace(model, concrete_args=alt or None))
-            except Exception: return None
+                with _untouched(model): graph = _Tracer().trace(model, concrete_args=alt or None)
+            except Exception: return None, set()
+            ran |= _ran(graph)
+            for n, only in _fed_only_by(graph, set(fixed)).items(): fed[n] = fed.get(n, True) and only
     finally:  # what torch.fx stored on the model for these traces (a tensor default): not read by any graph kept
         for a in [a for a in model.__dict__ if a not in before and a.startswith(_fx_attrs)]: delattr(model, a)
-    return ran
+    return ran, {n for n, only in fed.items() if only}
+
+def _fed_only_by(graph:fx.Graph, inputs:set) -> dict[str, bool]:
+    """{module called in `graph`: are its inputs computed from the forward's inputs named in `inputs` alone, by
+    functions (no other input, no tensor of the model's own, no module's output: a layer may cut its channels)?} —
+    such a layer cannot read channels of the example's path"""
+    roots, out = {}, {}
+    for n in graph.nodes:
+        if n.op == 'placeholder': roots[n] = {n.target}
+        elif n.op in ('get_attr', 'call_module'): roots[n] = {None}  # the model's own tensors, a layer's output
+        else: roots[n] = set().union(*(roots.get(a, {None}) for a in n.all_input_nodes))
+        if n.op == 'call_module':
+            r = set().union(*(roots.get(a, {None}) for a in n.all_input_nodes))
+            out[n.target] = out.get(n.target, True) and bool(r) and r <= inputs
+    return out
 
 def _referenced(model:nn.Module, name:str) -> bool:
     "Does the forward of every module above layer `name` name it (`self.b(...)`)? False: defined, never called"

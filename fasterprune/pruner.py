@@ -1147,6 +1147,12 @@ def _widths(m:nn.Module) -> set[int]:
         if isinstance(v, int) and not isinstance(v, bool): out.add(v)
     return out
 
+def _out_widths(m:nn.Module) -> set[int]:
+    "The channels layer `m` gives out (a norm: its width)"
+    if isinstance(m, (nn.LayerNorm, getattr(nn, 'RMSNorm', nn.LayerNorm))): return {m.normalized_shape[-1]}
+    return {v for a in ('out_channels', 'out_features', 'num_features', 'num_channels', 'embedding_dim', 'embed_dim')
+            if isinstance(v := getattr(m, a, None), int) and not isinstance(v, bool)}
+
 def _in_width(m:nn.Module) -> int:
     "The channels layer `m` takes in (0: not known)"
     if isinstance(m, (nn.LayerNorm, getattr(nn, 'RMSNorm', nn.LayerNorm))): return m.normalized_shape[-1]
@@ -1169,8 +1175,12 @@ def _check_branches(self:Pruner, g:ChannelGraph, remove:Tensor, what:str):
         # and narrower ones: a slice of it (`h[:, :6]`) on the branch the graph does not hold
         chans, flat = g.cut_widths(remove)
         top = max(chans, default=0)
-        reached = [n for n in g.branch_layers
-                   if _widths(g.modules[n]) & (chans | flat) or 0 < _in_width(g.modules[n]) < top]
+        def reaches(n:str) -> bool:
+            m = g.modules[n]
+            if n in getattr(g, 'fed_by_other', ()):  # it reads the other inputs alone: only its output may join
+                return bool(_out_widths(m) & (chans | flat))
+            return bool(_widths(m) & (chans | flat)) or 0 < _in_width(m) < top
+        reached = [n for n in g.branch_layers if reaches(n)]
         if reached and self.strict:
             raise ValueError(f"Pruner.{what}: {few(repr(n) for n in reached)} did not run on the example, and take "
                              f"or give a tensor as wide as one that carries channels this surgery removes, or narrower "

@@ -95,3 +95,49 @@ def test_a_linear_subclass_whose_forward_differs_for_one_row_is_not_a_plain_line
     class Plain(nn.Linear):
         def forward(self, x): return x @ self.weight.T + self.bias
     assert graph._linear_subclass(Plain(8, 8))
+
+
+# --- F6 (the widened graph fuzzer on this session's final code): strict refused correct cuts ---
+
+class Extra(nn.Module):
+    "A layer on an optional input: `side(extra)` only when `extra` is given"
+    def __init__(self, join:bool=False, through:bool=False):
+        super().__init__()
+        self.stem, self.body, self.head = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 4)
+        self.side = nn.Conv2d(16 if through else 3, 16 if join or through else 5, 1)
+        self.join, self.through = join, through
+    def forward(self, x, extra=None):
+        h = F.relu(self.stem(x))
+        g = F.relu(self.body(h))
+        if extra is not None:
+            s = self.side(self.stem(extra) if self.through else extra)
+            if self.join: g = g + s  # its output joins channels the cut removes
+            else: return self.head(g.mean((2, 3))), s.mean()
+        return self.head(g.mean((2, 3)))
+
+
+def test_a_layer_fed_only_by_an_optional_input_does_not_block_a_strict_cut():
+    "side(extra) reads the optional input alone: a narrower width is not a slice of cut channels; pruned, verified"
+    torch.manual_seed(0)
+    m = Extra().eval()
+    x, extra = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    pr = Pruner(m, x)  # strict
+    pr.prune(0.5)
+    fct.test_eq(m.body.out_channels, 8)
+    with torch.no_grad(): fct.test_eq(m(x, extra)[1].shape, ())  # the optional path still runs
+
+
+def test_a_layer_on_an_optional_input_whose_output_joins_cut_channels_is_refused():
+    "side(extra) + body(h): the cut removes channels side's output must lose too; strict refuses, model untouched"
+    torch.manual_seed(0)
+    m = Extra(join=True).eval()
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match="'side' did not run"): Pruner(m, torch.randn(2, 3, 8, 8)).prune(0.5)
+    for k, v in m.state_dict().items(): fct.test_eq(v, sd[k])
+
+
+def test_a_layer_fed_through_a_cut_layer_on_an_optional_input_is_refused():
+    "side(stem(extra)): stem is cut on the example's path, so side reads cut channels; strict refuses"
+    torch.manual_seed(0)
+    m = Extra(through=True).eval()
+    with pytest.raises(ValueError, match="'side' did not run"): Pruner(m, torch.randn(2, 3, 8, 8)).prune(0.5)
