@@ -12,8 +12,8 @@ from torch import nn, Tensor
 
 # %% auto #0
 __all__ = ['context_names', 'check_fraction', 'check_context', 'evaluating', 'round_half_up', 'flat_tensors', 'map_tensors',
-           'to_device', 'first_items', 'bare_model', 'model_device', 'first_line', 'few', 'state_problems',
-           'conv1d_layers', 'conv1d_note']
+           'to_device', 'first_items', 'args_kwargs', 'bare_model', 'model_device', 'first_line', 'few',
+           'state_problems', 'conv1d_layers', 'conv1d_note']
 
 # %% ../nbs/00a_core.ipynb #bb179ab5
 import logging, os
@@ -103,6 +103,14 @@ def to_device(x, device):
 def first_items(x, n:int=1):
     "The first `n` items of every tensor in `x` (any nesting; 0-dim tensors as they are): an example input from a batch"
     return map_tensors(lambda t: t[:n] if t.dim() else t, x)
+
+def args_kwargs(x) -> tuple[tuple, dict]:
+    "`(args, kwargs)` of an example input: a dict (any `Mapping`) is keyword arguments, a tuple or list positional ones"
+    if isinstance(x, Mapping): return (), dict(x)  # a tokenizer's `BatchEncoding` too
+    if isinstance(x, (tuple, list)): return tuple(x), {}
+    return (x,), {}
+
+_dict_hint = " (a dict is passed as keyword arguments: for a forward that takes the dict itself, pass `(batch,)`)"
 
 def bare_model(model:nn.Module) -> nn.Module:
     "The module that holds the layers: the one inside DDP or DataParallel (`.module`) and torch.compile (`._orig_mod`)"

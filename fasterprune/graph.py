@@ -5,14 +5,13 @@
 # %% ../nbs/07_graph.ipynb #105ce07e
 from __future__ import annotations
 import fnmatch, inspect, math, operator, logging, re
-from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fastcore.basics import patch
 import torch
 from torch import nn, Tensor, fx
 import torch.nn.functional as F
-from .core import evaluating, flat_tensors, few, first_line, map_tensors
+from .core import evaluating, flat_tensors, few, first_line, map_tensors, args_kwargs, _dict_hint
 
 logger = logging.getLogger('fasterprune')
 
@@ -327,7 +326,7 @@ class ChannelGraph:
         self.model, self.strict = model, strict
         example_inputs = _plain(example_inputs)
         # positional inputs and keyword arguments (a dict): the model runs as `model(*example_inputs, **example_kwargs)`
-        self.example_inputs, self.example_kwargs = _args_kwargs(example_inputs)
+        self.example_inputs, self.example_kwargs = args_kwargs(example_inputs)
         self.modules = dict(model.named_modules())
         self.values = values
         # eval mode before tracing: `self.training` is read at trace time (dropout, stochastic depth)
@@ -748,14 +747,6 @@ def _is_window_attention(m) -> bool:
     "torchvision's Swin (v1) window attention, or the Pruner's pruned one"
     swin = any(c.__name__ == 'ShiftedWindowAttention' for c in type(m).__mro__)
     return swin and hasattr(m, 'relative_position_bias_table')
-
-def _args_kwargs(x) -> tuple[tuple, dict]:
-    "`(args, kwargs)` of an example input: a dict (any `Mapping`) is keyword arguments, a tuple or list positional ones"
-    if isinstance(x, Mapping): return (), dict(x)
-    if isinstance(x, (tuple, list)): return tuple(x), {}
-    return (x,), {}
-
-_dict_hint = " (a dict is passed as keyword arguments: for a forward that takes the dict itself, pass `(batch,)`)"
 
 def _placeholders(graph:fx.Graph, args:tuple, kwargs:dict) -> tuple:
     "The values of `graph`'s placeholders in order: `args` first, then `kwargs` by name, the traced values, defaults"

@@ -10,7 +10,7 @@ from contextlib import ExitStack
 import torch
 from torch import nn, Tensor
 import pandas as pd
-from .core import evaluating, few, model_device, to_device, first_line, conv1d_note
+from .core import evaluating, few, model_device, to_device, first_line, conv1d_note, args_kwargs, _dict_hint
 from .sparsifier import prunable_layers, AttentionProjection, _ties, _nnz_each as _nonzero_each
 
 logger = logging.getLogger('fasterprune')
@@ -84,17 +84,13 @@ def _shape_of(x):
 def _prepare(model, example_input) -> tuple[tuple, dict]:
     "`(args, kwargs)` to call `model` with, on its device: a tensor, a tuple/list (positional) or a dict (keywords)"
     if example_input is None: raise TypeError("example_input is required: a batch the model can run on, e.g. `xb[:1]`")
-    x = to_device(example_input, model_device(model))
-    if isinstance(x, Mapping): return (), dict(x)  # a tokenizer's `BatchEncoding` too
-    if isinstance(x, (tuple, list)): return tuple(x), {}
-    return (x,), {}
+    return args_kwargs(to_device(example_input, model_device(model)))
 
 def _call(model, args, kwargs, example_input):
     try: return model(*args, **kwargs)
     except Exception as e:
         msg = first_line(e)
-        hint = (" (a dict is passed as keyword arguments: for a forward that takes the dict itself, pass `(batch,)`)"
-                if isinstance(example_input, Mapping) and isinstance(e, TypeError) else '')
+        hint = _dict_hint if isinstance(example_input, Mapping) and isinstance(e, TypeError) else ''
         raise ValueError(f"{type(model).__name__} could not run on the example input of shape "
                          f"{_shape_of(example_input)}: {type(e).__name__}: {msg}{hint}") from e
 

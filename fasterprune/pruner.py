@@ -13,10 +13,11 @@ import torch
 from torch import nn, Tensor
 from .core import check_context, check_fraction, evaluating, few, flat_tensors, model_device, \
     round_half_up, to_device, first_items, map_tensors, bare_model, first_line, conv1d_layers, conv1d_note
+from .core import args_kwargs, _dict_hint
 from .criteria import get_criterion
 from .graph import ChannelGraph, CountedLayerNorm, CountedRMSNorm, UnknownOpError, _WrittenHeads, \
     _conv_types, _ln_channel_dim, _pinned_text, _plain, _Tracer, _pass_modules, _reshape_modules, _holder, \
-    _dict_hint, _heads_like, _kv_like, _rep_like, _width_like, _untouched
+    _heads_like, _kv_like, _rep_like, _width_like, _untouched
 
 logger = logging.getLogger('fasterprune')
 
@@ -633,8 +634,7 @@ def _flag_variants(model:nn.Module, inputs, most:int=4) -> list[tuple[str, objec
     """[(what, inputs)]: `inputs` with each plain scalar it gives (a flag) at the forward's default, and a given bool
     flipped. torch.fx cannot trace `if flag:` with the flag given (the Pruner records the example's one forward pass),
     so a path the flag's other value takes is not in the graph: the Pruner verifies each surgery on these inputs too"""
-    args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else ((), dict(inputs)) if isinstance(inputs, Mapping) \
-        else ((inputs,), {})
+    args, kwargs = args_kwargs(inputs)
     try: ps = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError): return []
     P, res = inspect.Parameter, []
