@@ -8,7 +8,7 @@ import copy, fnmatch, logging
 import torch
 from torch import nn
 from .core import conv1d_layers, few
-from .graph import AttentionHeads
+from .graph import AttentionHeads, _get_path as _get
 
 logger = logging.getLogger('fasterprune')
 
@@ -54,11 +54,6 @@ def conv1d_to_linear(
     return model
 
 # %% ../nbs/15_hf.ipynb #4a305135
-def _get(m:nn.Module, path:str):
-    "`m.a.b` for the dotted `path` 'a.b', or None"
-    for a in path.split('.'): m = getattr(m, a, None)
-    return m
-
 def _ints(m:nn.Module, *paths) -> bool:
     "Do the dotted `paths` of `m` all hold ints (not bools)?"
     return all(isinstance(v := _get(m, p), int) and not isinstance(v, bool) for p in paths)
