@@ -278,7 +278,8 @@ class SparsifyCallback(Callback):
         if self._mode is None or self._mode == 'off': return
         updated = False
         if self._mode == 'prune' and not self._done:
-            skipped = getattr(getattr(self.learn, 'mixed_precision', None), 'skipped', False)  # an fp16 overflow
+            # an fp16 step the GradScaler skipped (only gradient criteria care: read it for them alone, per step)
+            skipped = self._needs_grad and getattr(getattr(self.learn, 'mixed_precision', None), 'skipped', False)
             if self._needs_grad and not skipped: self.sparsifier.criterion.accumulate(self.sparsifier.params)
             # b: training batches done, this one included (pct_train is a running float sum: round it to the batch)
             b = round(self.learn.pct_train * self.n_steps) + 1
