@@ -20,10 +20,10 @@ from .core import check_fraction, check_context
 from .sparsifier import Sparsifier, AttentionProjection, prunable_layers, one_per_weight, NMRoundingWarning
 from .sparsifier import _nnz_each
 from .metrics import sparsity_report
-from .core import to_device, first_items, model_device, evaluating, few, bare_model, flat_tensors, first_line
+from .core import first_items, model_device, evaluating, few, bare_model, flat_tensors, first_line
 from torch.nn.parameter import is_lazy
 from .graph import UnknownOpError, _untouched
-from .pruner import _one_batch
+from .pruner import _one_batch, _batch_inputs
 
 def _output_layers(sp:Sparsifier, x) -> list[str]:
     "The pruned layers whose output (or a view of it) is one of the model's outputs, found on input `x`"
@@ -495,8 +495,7 @@ class SparsifyCallback(Callback):
         b = _one_batch(getattr(dl, 'dl', dl))  # a DistributedDL wraps the real one; a torch DataLoader is fine too
         try: n_inp = self.dls.n_inp
         except AttributeError: n_inp = 1  # datasets that don't say: the last item is the target
-        x = to_device(first_items(tuple(b[:n_inp])), model_device(model))
-        return x[0] if len(x) == 1 and not isinstance(x[0], dict) else x  # a lone dict: `(batch,)`, as fastai calls it
+        return _batch_inputs(b, n_inp, 1, model_device(model))
 
     def _couple(self, sp) -> list|None:
         "Filter granularity: coupled channels from one training input; untraceable: the output layers, to leave dense"

@@ -38,14 +38,17 @@ def _one_batch(dl, device=None):
     b = dl.one_batch() if hasattr(dl, 'one_batch') else next(iter(dl))
     return to_device(b, device)
 
+def _batch_inputs(b, n_inp:int, n:int, device=None):
+    """The inputs of batch `b` as fastai gives them to the model, `model(*xb)`, cut to their first `n` items, on
+    `device`: one tensor alone; one dict stays in its tuple (a top-level dict is keyword arguments)"""
+    xb = (b,) if isinstance(b, Tensor) else tuple(b)[:n_inp]
+    xb = to_device(first_items(xb, n), device)  # tensors, or dicts of them (a Hugging Face-style `model(batch)`)
+    return xb[0] if len(xb) == 1 and not isinstance(xb[0], Mapping) else xb
+
 def _first_batch(learn, n:int=16):
     "The first `n` inputs of the validation set (the training set when it is empty), on the model's device"
     dl = learn.dls.valid if len(learn.dls.valid) else learn.dls.train
-    b = _one_batch(dl, model_device(learn.model))
-    xb = (b,) if isinstance(b, Tensor) else tuple(b)[:getattr(learn.dls, 'n_inp', 1)]
-    xb = first_items(xb, n)  # tensors, or dicts of them (a Hugging Face-style `model(batch)`)
-    # fastai calls `model(*xb)`: one dict goes in whole, so it stays in its tuple (a top-level dict is keywords)
-    return xb[0] if len(xb) == 1 and not isinstance(xb[0], Mapping) else xb
+    return _batch_inputs(_one_batch(dl), getattr(learn.dls, 'n_inp', 1), n, model_device(learn.model))
 
 def _learner_heads(learn) -> dict|None:
     "The `heads=` of the Learner's SparsifyCallback (looked up by attribute: no fastai import), or None"
