@@ -1528,6 +1528,8 @@ def _has_path(m:nn.Module, path:str) -> bool:
     h, a = _holder(m, path)
     return h is not None and hasattr(h, a)
 
+_layouts = ('qkv', 'per_head')  # the row orders of a fused q/k/v projection `AttentionHeads(layout=)` knows
+
 @dataclass
 class AttentionHeads:
     "A hand-written attention block: the attribute its forward splits heads with, and its projections (`nn.Linear`)"
@@ -1547,12 +1549,22 @@ class AttentionHeads:
                                 # Phi-3's 'qkv_proj'), instead of q, k, v
     width:str|None=None         # the attribute holding num_heads · head_dim when the forward reads it (timm's
                                 # 'attn_dim', nanoGPT's 'n_embd' in `split(self.n_embd, dim=2)`): set after a cut
+    layout:str='qkv'            # the rows of the fused `qkv`: 'qkv' (all q | all k | all v) or 'per_head' (k/v group by
+                                # group, each its n_rep q heads, then its k, then its v: GPT-NeoX's and Bloom's
+                                # `query_key_value`, [q k v] of each head; Falcon-40B's [q.. k v] of each k/v group)
     def __post_init__(self):
         given = [f for f in ('q', 'k', 'v') if getattr(self, f) is not None]
         if self.qkv is not None and given:
             raise ValueError(f"AttentionHeads: qkv={self.qkv!r} names one fused q|k|v projection; do not also name "
                              f"{', '.join(f'{f}={getattr(self, f)!r}' for f in given)} (separate projections: "
                              "q=, k=, v= without qkv=)")
+        if self.layout not in _layouts:
+            raise ValueError(f"AttentionHeads: layout={self.layout!r} is not a layout of a fused projection's rows; "
+                             f"pass one of {', '.join(map(repr, _layouts))} ('qkv': all q rows, then all k, then all v; "
+                             "'per_head': [q k v] of each head, or [q.. k v] of each k/v group)")
+        if self.layout != 'qkv' and self.qkv is None:
+            raise ValueError(f"AttentionHeads: layout={self.layout!r} is the row order of ONE fused projection; name it "
+                             "with qkv= (separate q, k, v projections have no layout to choose)")
         if self.qkv is None:
             for f, d in (('q', 'q_proj'), ('k', 'k_proj'), ('v', 'v_proj')):
                 if getattr(self, f) is None: setattr(self, f, d)
@@ -1574,6 +1586,7 @@ class _WrittenHeads:
     rep_attr:str|None = None  # the attribute holding `n_rep`, set after a cut
     fused:bool = False        # one projection, rows q | k | v (q: num_heads·head_dim rows, k and v num_kv_heads·head_dim)
     width_attr:str|None = None  # the attribute holding num_heads · head_dim, set after a cut
+    layout:str = 'qkv'          # fused rows: 'qkv' (q | k | v) or 'per_head' (each k/v group: its q heads, k, v)
     @property
     def num_heads(self) -> int:
         if self.attr is not None: return _get_path(self.owner, self.attr)
@@ -1601,11 +1614,20 @@ class _WrittenHeads:
         return self.num_kv_heads == 1 and self.num_heads > 1
     @property
     def n_units(self) -> int: return self.num_heads if self.mqa else self.num_kv_heads
+    @property
+    def per_head(self) -> bool:
+        "Fused rows k/v group by group ([q k v] of each head with as many k/v heads as heads)"
+        return self.fused and self.layout == 'per_head'
     def offsets(self) -> tuple[int, int, int]:
-        "First row of q, k and v in their projections (fused: q | k | v, one after the other)"
+        "First row of q, k and v in their projections (fused: q | k | v, one after the other; per head: of group 0)"
         if not self.fused: return 0, 0, 0
+        if self.per_head: return 0, self.n_rep * self.head_dim, (self.n_rep + 1) * self.head_dim
         q = self.num_heads * self.head_dim
         return 0, q, q + self.num_kv_heads * self.head_dim
+    def _group_rows(self, units:Tensor) -> Tensor:
+        "Per-head layout: the rows of the k/v groups `units` (len(units), (n_rep + 2) · head_dim): q's, k's, v's"
+        n = (self.n_rep + 2) * self.head_dim
+        return units.reshape(-1, 1).cpu() * n + torch.arange(n)
     def o_cols(self, units:Tensor) -> Tensor:
         "The input columns of o (the query heads' outputs) of `units`, flat"
         hd, r = self.head_dim, 1 if self.mqa else self.n_rep
@@ -1615,6 +1637,7 @@ class _WrittenHeads:
         hd, r = self.head_dim, self.n_rep
         u = units.reshape(-1, 1).cpu()
         if self.mqa: return {self.names[0][0]: u * hd + torch.arange(hd)}  # a query head; the one k/v head stays
+        if self.per_head: return {self.names[0][0]: self._group_rows(u)}  # one block of rows: q's, k, v
         q, kv = u * (r * hd) + torch.arange(r * hd), u * hd + torch.arange(hd)  # a k/v group: n_rep query heads
         if not self.fused: return dict(zip(self.names[0], (q, kv, kv)))
         _, ok, ov = self.offsets()
@@ -1629,6 +1652,7 @@ class _WrittenHeads:
     def v_rows(self) -> tuple[nn.Linear, Tensor]:
         "(the value projection, (num_kv_heads, head_dim) its rows of each k/v head)"
         Hkv, hd = self.num_kv_heads, self.head_dim
+        if self.per_head: return self.qkv[2], self._group_rows(torch.arange(Hkv))[:, -hd:]  # the last hd of a group
         return self.qkv[2], self.offsets()[2] + torch.arange(Hkv * hd).reshape(Hkv, hd)
 
 def _no_count_hint(fields) -> str:
@@ -1785,7 +1809,7 @@ def _written_heads(self:ChannelGraph, owner:str, spec):
     _check_stale_attrs(m, owner, spec, H, Hkv, hd)
     names = [full(n) for n in ((spec.qkv,) * 3 if spec.qkv is not None else (spec.q, spec.k, spec.v))]
     w = _WrittenHeads(m, spec.num_heads, (q, k, v), o, (names, full(spec.o)), spec.num_kv_heads, spec.head_dim,
-                      spec.n_rep, spec.qkv is not None, spec.width)
+                      spec.n_rep, spec.qkv is not None, spec.width, spec.layout)
     self.heads[owner] = w
     if w.n_units > 1: self._slot(owner, 'head', self._new(w.n_units))  # a k/v group, or a query head (MQA): a unit
 

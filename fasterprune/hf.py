@@ -4,7 +4,7 @@
 
 # %% ../nbs/15_hf.ipynb #f2ca10a1
 from __future__ import annotations
-import copy, fnmatch, logging
+import copy, fnmatch, inspect, logging
 import torch
 from torch import nn
 from .core import conv1d_layers, few
@@ -103,11 +103,29 @@ def _gpt2_heads(m:nn.Module) -> AttentionHeads|None:
     return AttentionHeads(num_heads='num_heads', head_dim='head_dim', qkv='c_attn', o='c_proj', width='split_size')
 
 def _falcon_heads(m:nn.Module) -> AttentionHeads|None:
-    "Falcon with multi-query attention: one fused `query_key_value` of num_heads + 2 heads of rows, viewed by head"
+    "Falcon: one fused `query_key_value`; multi-query: q | k | v (num_heads + 2 heads of rows), else k/v group by group"
     if not (_linears(m, 'query_key_value', 'dense') and _ints(m, 'num_heads', 'head_dim', 'num_kv_heads')): return None
-    if not getattr(m, 'multi_query', False) or getattr(m, 'new_decoder_architecture', True): return None  # interleaved
+    if not (hasattr(m, 'multi_query') and hasattr(m, 'new_decoder_architecture')): return None
+    # Falcon-7B: q | k | v; Falcon-40B (new_decoder_architecture): [its q heads, k, v] of each k/v group; the first
+    # Falcon without multi-query: [q k v] of each head (one k/v head per head)
+    layout = 'qkv' if m.multi_query and not m.new_decoder_architecture else 'per_head'
     return AttentionHeads(num_heads='num_heads', qkv='query_key_value', o='dense', head_dim='head_dim',
-                          num_kv_heads='num_kv_heads')
+                          num_kv_heads='num_kv_heads', layout=layout)
+
+def _neox_heads(m:nn.Module) -> AttentionHeads|None:
+    "GPT-NeoX (Pythia): one fused `query_key_value` whose rows are [q k v] of each head, viewed by `head_size`"
+    if not (_linears(m, 'query_key_value', 'dense') and _ints(m, 'head_size')): return None
+    hd, F_, O = m.head_size, m.query_key_value.out_features, m.dense.in_features
+    if not hd or O % hd or F_ != 3 * O: return None
+    return AttentionHeads(num_heads=_named(m, ('num_attention_heads', 'num_heads'), O // hd), head_dim='head_size',
+                          qkv='query_key_value', o='dense', layout='per_head')
+
+def _alibi(m:nn.Module) -> bool:
+    "Does block `m` add ALiBi biases the model builds for all layers from its config's head count? (Bloom, Falcon)"
+    if not _linears(m, 'query_key_value', 'dense'): return False
+    try: takes = 'alibi' in inspect.signature(m.forward).parameters
+    except (TypeError, ValueError): return False
+    return takes and getattr(getattr(m, 'config', None), 'alibi', True) is not False  # Falcon's alibi=False: rotary
 
 def _distilbert_heads(m:nn.Module) -> AttentionHeads|None:
     "DistilBERT: q_lin, k_lin, v_lin, out_lin; the forward views by `attention_head_size`"
@@ -128,7 +146,7 @@ def _bert_heads(m:nn.Module) -> AttentionHeads|None:
                           width=_named(s, ('all_head_size',), H * hd, 'self.'))
 
 _families = (('Llama-style, OPT, GPT-J, CLIP', _llama_heads), ('GPT-2', _gpt2_heads), ('DistilBERT', _distilbert_heads),
-             ('Falcon (multi-query)', _falcon_heads),
+             ('Falcon', _falcon_heads), ('GPT-NeoX (Pythia)', _neox_heads),
              ('BERT', _bert_heads))
 
 def _pattern(name:str) -> str:
@@ -140,8 +158,11 @@ def hf_heads(
 ) -> dict:
     "`heads=` for the Pruner and SparsifyCallback: {pattern: AttentionHeads} of the Hugging Face attention of `model`"
     mods = dict(model.named_modules())
-    found, fams, stuck = {}, {}, []
+    found, fams, stuck, alibi = {}, {}, [], []
     for n, m in mods.items():
+        if _alibi(m):
+            alibi.append(f"{n} ({type(m).__name__})")
+            continue
         for fam, f in _families:
             spec = f(m)
             if spec is not None:
@@ -149,6 +170,11 @@ def hf_heads(
                 if why: stuck.append(f"{n} ({type(m).__name__}: {why})")
                 found[n], fams[n] = spec, fam
                 break
+    if alibi:  # Bloom, Falcon with alibi=True: `build_alibi_tensor(mask, num_heads)` in the model's forward
+        raise ValueError(f"hf_heads: the heads of {few(alibi, 3)} cannot be removed: the model builds one ALiBi "
+                         "bias for all layers from its config's head count, (batch · num_heads, 1, T), slope i for "
+                         "head i. A layer that lost heads would get the old number of biases, and its kept heads "
+                         "not their own slopes. Prune without heads= (the MLP units still go)")
     if stuck:
         raise ValueError(f"hf_heads: the heads of {few(stuck, 3)} cannot be removed one by one: that tensor holds "
                          "values per head or over the whole attention width (a per-head norm, a q/k norm over all "
