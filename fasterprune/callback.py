@@ -232,8 +232,12 @@ class SparsifyCallback(Callback):
         # Pruning at pos 0 (one-shot, iterative) happens before the first batch; gradient criteria have no gradients
         # yet, so for them it happens after the first optimizer step, on that step's gradients.
         self._refresh_cache()  # masks adopted from the weights' zeros, if any
-        # A fit resumed with `start_epoch=` starts from the masks it adopted: the next update follows the cadence
-        if self._b0 == 0 and self.schedule(0.) > 0 and not self._needs_grad: self._update(0., self.schedule(0.))
+        # A fit resumed with `start_epoch=` starts from the masks it adopted, and the next update follows the cadence;
+        # one that adopted none (keep_zeros=False, a checkpoint saved before pruning) prunes at once to the schedule's
+        # level at its first batch, as the fit it resumes had: its pruned weights must not train until that update
+        p0 = self._b0 / self.n_steps
+        if self.schedule(p0) > 0 and not self._needs_grad and (self._b0 == 0 or not self.sparsifier.masks):
+            self._update(p0, self.schedule(p0))
         self._apply()
         self._mode = 'prune'
 

@@ -684,11 +684,12 @@ def test_jumps_land_on_their_batch_with_seven_batches_an_epoch(sched, at):
 
 
 def test_a_new_callback_resuming_a_fit_does_not_prune_as_at_its_start():
-    "fit(start_epoch=4) with a new callback: no update at position 0 (iterative's first level); it follows from batch 28"
+    "fit(start_epoch=4) with a new callback on a dense model: no update at position 0 (iterative's first level); it "
+    "prunes at once to the level of batch 28, where it resumes, and follows from there"
     learn = _learn(n=448)
     cb = SparsifyCallback(0.8, 'weight', 'global', schedule=iterative(4, 0., 0.8))
     learn.fit(10, 1e-2, cbs=cb, start_epoch=4)
-    fct.test_eq([round(h['pos'] * 70, 9) for h in cb.history], [29, 42])  # the first step of the resumed fit, the jump
+    fct.test_eq([round(h['pos'] * 70, 9) for h in cb.history], [28, 42])  # the resumed fit's start, the jump
     fct.test_close([h['target'] for h in cb.history], [0.6, 0.8], eps=1e-9)
 
 
