@@ -13,6 +13,7 @@ from fasterprune.pruner import Pruner, SurgeryError, save_pruned, load_pruned
 
 T.logging.set_verbosity_error()
 T.utils.logging.disable_progress_bar()
+_classes = T.GPTNeoXForCausalLM, T.FalconForCausalLM, T.BloomForCausalLM  # first imports at collection, not in a test
 V, H, HD = 100, 4, 16
 IDS = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)
 NEOX = 'gpt_neox.layers.*.attention'
@@ -205,3 +206,23 @@ def test_pruned_neox_saves_and_loads(tmp_path):
     fresh = load_pruned(_neox(), tmp_path / 'p.pt')
     with torch.no_grad():
         fct.test_eq(fresh(input_ids=x, attention_mask=mask).logits, m(input_ids=x, attention_mask=mask).logits)
+
+
+def test_neox_heads_masked_during_training_are_whole_blocks_then_compacted():
+    "SparsifyCallback's path (Sparsifier.couple with heads=): its masks zero [q k v] blocks of whole heads"
+    from fasterprune.sparsifier import Sparsifier
+    m, (x, mask) = _neox(), _tokens()
+    batch = {'input_ids': x, 'attention_mask': mask}
+    sp = Sparsifier(m, 'filter', 'local', exclude='lm_head')
+    sp.couple(batch, heads=hf_heads(m), strict=False)
+    sp.sparsify(0.5)
+    for l in m.gpt_neox.layers:
+        a = l.attention
+        blocks = a.query_key_value.weight.detach().reshape(H, 3 * HD, -1)
+        zero = (blocks == 0).all(2)  # (heads, rows of a head): a zeroed head has all its q, k, v rows at zero
+        fct.test_eq(zero.all(1).sum().item(), H // 2)
+        fct.test_eq((zero.any(1) == zero.all(1)).all().item(), True)  # no head partly zeroed
+    with torch.no_grad(): want = m(**batch).logits
+    Pruner(m, batch, strict=False, heads=hf_heads(m)).compact()
+    fct.test_eq(m.gpt_neox.layers[0].attention.dense.in_features, HD * H // 2)
+    with torch.no_grad(): fct.test_close(m(**batch).logits, want, eps=1e-5)
