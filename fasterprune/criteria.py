@@ -42,13 +42,17 @@ class _Accumulating(Criterion):
     needs_grad = True
     def __init__(self): self.acc, self.n_steps = {}, 0
     def _term(self, w, g): raise NotImplementedError
+    def _terms(self, ws:list, gs:list) -> list:
+        "This step's terms of every layer (subclasses fuse them: a few kernels per step on a GPU, not a few per layer)"
+        return [self._term(w, g) for w, g in zip(ws, gs)]
     def accumulate(self, params):
         with torch.no_grad():
-            for name, p in params.items():
-                if p.grad is None: continue
-                t = self._term(p.detach(), p.grad.detach())
-                if name in self.acc: self.acc[name].add_(t)
-                else: self.acc[name] = t.float()
+            have = [(n, p) for n, p in params.items() if p.grad is not None]
+            ts = self._terms([p.detach() for _, p in have], [p.grad.detach() for _, p in have]) if have else []
+            old = [(self.acc[n], t) for (n, _), t in zip(have, ts) if n in self.acc]
+            if old: torch._foreach_add_([a for a, _ in old], [t for _, t in old])  # float32 sums, one fused add
+            for (n, _), t in zip(have, ts):
+                if n not in self.acc: self.acc[n] = t.float()
         self.n_steps += 1
     def reset(self): self.acc, self.n_steps = {}, 0
     def score(self, name, w, out=None):
@@ -67,11 +71,19 @@ class GradientMagnitude(_Accumulating):
     "Gradient magnitude |w * dL/dw|, summed over the batches since the last mask update"
     name = 'gradient_magnitude'
     def _term(self, w, g): return (w * g).abs_()
+    def _terms(self, ws, gs):
+        ts = torch._foreach_mul(ws, gs)
+        torch._foreach_abs_(ts)
+        return ts
 
 class Movement(_Accumulating):
     "Movement (Sanh et al. 2020): -sum of w * dL/dw since the last update; weights moving away from zero score high"
     name = 'movement'
     def _term(self, w, g): return (w * g).neg_()
+    def _terms(self, ws, gs):
+        ts = torch._foreach_mul(ws, gs)
+        torch._foreach_neg_(ts)
+        return ts
 
 # %% ../nbs/01_criteria.ipynb #bffa0674
 import zlib
