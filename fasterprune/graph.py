@@ -1560,11 +1560,11 @@ class AttentionHeads:
                              "q=, k=, v= without qkv=)")
         if self.layout not in _layouts:
             raise ValueError(f"AttentionHeads: layout={self.layout!r} is not a layout of a fused projection's rows; "
-                             f"pass one of {', '.join(map(repr, _layouts))} ('qkv': all q rows, then all k, then all v; "
-                             "'per_head': [q k v] of each head, or [q.. k v] of each k/v group)")
+                             f"pass one of {', '.join(map(repr, _layouts))} ('qkv': all q rows, then all k, then "
+                             "all v; 'per_head': [q k v] of each head, or [q.. k v] of each k/v group)")
         if self.layout != 'qkv' and self.qkv is None:
-            raise ValueError(f"AttentionHeads: layout={self.layout!r} is the row order of ONE fused projection; name it "
-                             "with qkv= (separate q, k, v projections have no layout to choose)")
+            raise ValueError(f"AttentionHeads: layout={self.layout!r} is the row order of ONE fused projection; name "
+                             "it with qkv= (separate q, k, v projections have no layout to choose)")
         if self.qkv is None:
             for f, d in (('q', 'q_proj'), ('k', 'k_proj'), ('v', 'v_proj')):
                 if getattr(self, f) is None: setattr(self, f, d)
