@@ -1,11 +1,15 @@
 "Gradient criteria accumulate every layer's step in a few fused kernels: the sums must be the per-layer reference's"
 import pytest, torch
 import fastcore.test as fct
+from fasterprune import criteria
 from fasterprune.criteria import get_criterion
 
 
+@pytest.mark.parametrize('fused', [False, True])
 @pytest.mark.parametrize('name', ['gradient_magnitude', 'movement'])
-def test_fused_accumulation_equals_the_per_layer_sums(name):
+def test_fused_accumulation_equals_the_per_layer_sums(name, fused, monkeypatch):
+    "Both paths (the CPU's loop, an accelerator's fused kernels, forced here) give the reference sums"
+    monkeypatch.setattr(criteria, '_fuse_steps', lambda p: fused)
     g = torch.Generator().manual_seed(0)
     ws = {'a': torch.randn(5, 3, generator=g), 'b': torch.randn(4, 4, generator=g).t(),  # a transposed view
           'c': torch.randn(6, generator=g).to(torch.bfloat16), 'd': torch.randn(2, 2, generator=g)}
