@@ -57,6 +57,30 @@ def _callback_checks(S, limit):
     return ok
 
 
+def grad_accumulation_check(dev='cuda'):
+    "Gradient criteria accumulate a step in fused kernels on a device: the sums equal a per-layer float64 reference"
+    from fasterprune.criteria import get_criterion
+    g = torch.Generator(dev).manual_seed(0)
+    shapes = [(64, 3, 3, 3), (128, 64, 3, 3), (1000, 512), (37,)]
+    ok = True
+    for name in ('gradient_magnitude', 'movement'):
+        for dt in (torch.float32, torch.bfloat16):
+            ps = {f'l{i}': nn.Parameter(torch.randn(s, generator=g, device=dev).to(dt)) for i, s in enumerate(shapes)}
+            crit, ref, scale = get_criterion(name), {}, {}
+            for _ in range(3):
+                for k, p in ps.items():
+                    p.grad = torch.randn(p.shape, generator=g, device=dev).to(dt)
+                    t = p.detach().double() * p.grad.double()
+                    ref[k] = ref.get(k, 0) + (t.abs() if name == 'gradient_magnitude' else -t)
+                    scale[k] = scale.get(k, 0) + t.abs()  # movement's signed sums cancel: errors relative to |terms|
+                crit.accumulate(ps)
+            tol = 1e-5 if dt == torch.float32 else 2e-2
+            err = max(float(((crit.acc[k].double() - ref[k]).abs() / (scale[k] + 1e-12)).max()) for k in ps)
+            ok &= check(f"{name} {str(dt)[6:]}: fused accumulation on {dev} equals the reference", err <= tol,
+                        f"max relative error {err:.1e} (tolerance {tol:g})")
+    return ok
+
+
 def lottery_check():
     from fastai.learner import Learner
     from fastai.metrics import accuracy
@@ -156,6 +180,7 @@ def main():
         print("no CUDA device: these checks need a GPU"); return 2
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
     ok = callback_checks()
+    ok &= grad_accumulation_check()
     ok &= lottery_check()
     ok &= nm_speed()
     return 0 if ok else 1
