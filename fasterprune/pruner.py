@@ -793,11 +793,14 @@ def _stale_counts(tx:_Surgery|None, ran:bool=False) -> str:
             hints.append(f"{block}.{', '.join(per)} is as long as a head count before the cut: a tensor per head "
                          "(attention sinks, a per-head scale), which a cut of heads does not cut; leave the block out "
                          "of heads=")
-        if w.fused and ran:
+        if w.fused and ran and w.layout == 'qkv':
             hints.append(f"{block}'s fused projection is cut as q | k | v (all queries, then all keys, then all "
-                         "values): rows interleaved per head ([q k v] of each head, GPT-NeoX's query_key_value) or "
-                         "per k/v group (Falcon's) are another layout, whose heads a cut takes the wrong rows of; "
-                         "leave the block out of heads=")
+                         "values): rows interleaved per head ([q k v] of each head: GPT-NeoX's and Bloom's "
+                         "query_key_value) or per k/v group (Falcon-40B's) are AttentionHeads(..., layout='per_head')")
+        elif w.fused and ran:
+            hints.append(f"{block}'s fused projection is cut per head / k/v group (layout='per_head': each group's "
+                         "query rows, then its key, then its value); rows in q | k | v order (all queries, then all "
+                         "keys, then all values) are AttentionHeads(..., layout='qkv')")
         elif w.fused and not wide:
             hints.append("a forward that takes the head width or the attention width from its input's width "
                          "(nanoGPT's `C // self.n_head`, `view(B, T, C)` with `B, T, C = x.size()`) keeps the old one: "

@@ -93,8 +93,9 @@ def test_neox_wrong_layout_is_caught_by_verification_and_the_model_restored():
     m, (x, mask) = _neox(layers=1), _tokens()
     wrong = {NEOX: dataclasses.replace(hf_heads(m)[NEOX], layout='qkv')}
     sd = _state(m)
-    with pytest.raises(SurgeryError, match='differs'):
+    with pytest.raises(SurgeryError, match='differs') as e:
         Pruner(m, {'input_ids': x, 'attention_mask': mask}, strict=False, heads=wrong).prune({NEOX: 0.5})
+    assert "layout='per_head'" in str(e.value)  # the hint names the fix
     assert _same(m, sd)
     fct.test_eq(m.gpt_neox.layers[0].attention.query_key_value.out_features, 3 * H * HD)
 
@@ -109,9 +110,10 @@ def test_per_head_layout_on_a_q_k_v_model_is_caught():
     fct.test_eq(list(spec.values())[0].layout, 'qkv')
     wrong = {k: dataclasses.replace(s, layout='per_head') for k, s in spec.items()}
     sd = _state(m)
-    with pytest.raises(SurgeryError, match='differs'):
+    with pytest.raises(SurgeryError, match='differs') as e:
         Pruner(m, {'input_ids': x, 'attention_mask': mask}, strict=False, heads=wrong).prune(
             {k: 0.5 for k in wrong})
+    assert "layout='qkv'" in str(e.value)  # the hint names the fix
     assert _same(m, sd)
 
 
