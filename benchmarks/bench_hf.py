@@ -1,11 +1,13 @@
 """Pruner.prune on Hugging Face `transformers` models, heads named by `fasterprune.hf.hf_heads`.
 
-    nice -n 10 .venv/bin/python benchmarks/bench_hf.py [--only llama,gpt2,bert] [--runs 15]
+    nice -n 10 .venv/bin/python benchmarks/bench_hf.py [--only llama,gpt2,bert,neox] [--runs 15]
 
 Models from configs with random weights (transformers 5.24, no download), CPU, 1 thread, batch 1, T=128 tokens:
   llama: LlamaForCausalLM, d=512, 8 layers, 8 heads / 2 k/v heads, SwiGLU 1408, vocab 1000, untied
   gpt2:  GPT2LMHeadModel, d=512, 8 layers, 8 heads, MLP 2048, vocab 1000 (Conv1D turned into Linear first)
   bert:  BertForSequenceClassification, d=512, 8 layers, 8 heads, MLP 2048, vocab 1000, 2 labels
+  neox:  GPTNeoXForCausalLM (Pythia-shaped: fused query_key_value interleaved per head, rotary_pct 0.25, parallel
+         residual), d=512, 8 layers, 8 heads, MLP 2048, vocab 1000
 Each model is pruned at ratio 0.3 and 0.5 (local: every channel group and every attention block at the ratio; a block
 with 2 k/v groups loses one at both ratios) with `Pruner(model, {'input_ids': ids}, heads=hf_heads(model),
 strict=False)` (the rotary embedding of decoders is an op the channel graph does not know: its channels stay).
@@ -38,6 +40,11 @@ def build(name):
         cfg = tf.GPT2Config(vocab_size=V, n_embd=512, n_layer=8, n_head=8, n_positions=T, bos_token_id=0,
                             eos_token_id=0)
         return conv1d_to_linear(tf.GPT2LMHeadModel(cfg))
+    if name == 'neox':
+        cfg = tf.GPTNeoXConfig(vocab_size=V, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+                               num_attention_heads=8, max_position_embeddings=T, rotary_pct=0.25,
+                               use_parallel_residual=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        return tf.GPTNeoXForCausalLM(cfg)
     cfg = tf.BertConfig(vocab_size=V, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
                         intermediate_size=2048, max_position_embeddings=T, num_labels=2)
     return tf.BertForSequenceClassification(cfg)
@@ -52,6 +59,9 @@ def widths(name, m):
     if name == 'gpt2':
         b = m.transformer.h[0]
         return f"{b.attn.c_proj.in_features // b.attn.head_dim}", b.mlp.c_fc.out_features
+    if name == 'neox':
+        b = m.gpt_neox.layers[0]
+        return f"{b.attention.dense.in_features // b.attention.head_size}", b.mlp.dense_h_to_4h.out_features
     lay = m.bert.encoder.layer[0]
     s = lay.attention.self
     return f"{s.query.out_features // s.attention_head_size}", lay.intermediate.dense.out_features
@@ -98,7 +108,7 @@ def run(name, ratio, runs):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument('--only', default='llama,gpt2,bert')
+    ap.add_argument('--only', default='llama,gpt2,bert,neox')
     ap.add_argument('--runs', type=int, default=15)
     args = ap.parse_args()
     torch.set_num_threads(1)
