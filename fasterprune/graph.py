@@ -228,6 +228,23 @@ def _on_meta(m:nn.Module):
 
 _fx_attrs = ('_tensor_constant', '_torchbind_obj')  # what torch.fx's tracer adds to the root (the graph reads it)
 
+def _take_fx_attrs(model:nn.Module, before) -> dict:
+    "{name: value} of what torch.fx's tracer stored on `model` since its attributes were `before`, taken off it"
+    return {a: model.__dict__.pop(a) for a in list(model.__dict__) if a not in before and a.startswith(_fx_attrs)}
+
+@contextmanager
+def _fx_constants(m:nn.Module, graph):
+    """Context manager: the tensors torch.fx took as constants when it traced `graph` (a state tensor the forward
+    reads, `self.h`) are on `m` while the graph runs, and off it afterwards: a traced model keeps no `_tensor_constant0`
+    of ours (one more per trace, holding old state)"""
+    consts = getattr(graph, 'constants', None) or {}
+    saved = {k: m.__dict__[k] for k in consts if k in m.__dict__}
+    m.__dict__.update(consts)
+    try: yield
+    finally:
+        for k in consts: m.__dict__.pop(k, None)
+        m.__dict__.update(saved)
+
 _big_buffer = 64 * 2**20  # bytes: `_untouched` copies buffers up to this much in all (counts, EMAs, statistics)
 
 @contextmanager
@@ -432,7 +449,8 @@ class ChannelGraph:
             try:
                 with _on_meta(gm):
                     ins = _to_meta((self.example_inputs, self.example_kwargs))
-                    for gr in graphs: _Labeler(self, gm, gr).run(*_placeholders(gr, *ins))
+                    for gr in graphs:
+                        with _fx_constants(gm, gr): _Labeler(self, gm, gr).run(*_placeholders(gr, *ins))
                 return None
             except UnknownOpError: raise
             except Exception as e:  # e.g. a tensor made on the CPU inside the forward: run it for real
@@ -442,7 +460,10 @@ class ChannelGraph:
                 self._reset()
         # a train-mode graph runs in eval mode too: the same modules as verification, its branches' channels united
         ins = self.example_inputs, self.example_kwargs
-        return [_Labeler(self, gm, gr).run(*_placeholders(gr, *ins)) for gr in graphs][0]
+        outs = []
+        for gr in graphs:
+            with _fx_constants(gm, gr): outs.append(_Labeler(self, gm, gr).run(*_placeholders(gr, *ins)))
+        return outs[0]
 
     def _not_run(self, *graphs) -> list[str]:
         "Layers with parameters (convolutions, linear layers, norms, ...) that none of `graphs` calls"
@@ -804,11 +825,12 @@ def _trace(model:nn.Module, inputs:tuple, kwargs:dict|None=None) -> tuple:
     try:
         # run by an Interpreter on the model itself: no GraphModule to build; an input the example leaves out is its
         # default while tracing, one it gives as None is None (`if mask is not None:` takes the branch the run takes)
-        fixed = _concrete(model, inputs, kwargs)
+        fixed, before = _concrete(model, inputs, kwargs), set(model.__dict__)
         with _untouched(model):  # the forward's own attributes as they were (not fx Proxies)
             graph = _Tracer().trace(model, concrete_args=fixed or None)
         graph.specialized = fixed  # what the graph holds the branches of (see `ChannelGraph.branch_layers`)
         graph.defaults = _own_defaults(model, graph)
+        graph.constants = _take_fx_attrs(model, before)  # on the model only while the graph runs: `_fx_constants`
         _placeholders(graph, inputs, kwargs)  # the inputs fit the traced signature
         if set(kwargs) - set(fixed) - {n.target for n in graph.nodes if n.op == 'placeholder'}:
             raise TypeError(f"keyword arguments {sorted(kwargs)} that the traced forward does not take")

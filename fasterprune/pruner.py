@@ -16,8 +16,8 @@ from .core import check_context, check_fraction, evaluating, few, flat_tensors, 
 from .core import args_kwargs, _dict_hint
 from .criteria import get_criterion
 from .graph import ChannelGraph, CountedLayerNorm, CountedRMSNorm, UnknownOpError, _WrittenHeads, \
-    _conv_types, _ln_channel_dim, _pinned_text, _plain, _Tracer, _pass_modules, _reshape_modules, _holder, \
-    _heads_like, _kv_like, _rep_like, _width_like, _untouched
+    _conv_types, _ln_channel_dim, _pinned_text, _plain, _Tracer, _take_fx_attrs, _pass_modules, _reshape_modules, \
+    _holder, _heads_like, _kv_like, _rep_like, _width_like, _untouched
 
 logger = logging.getLogger('fasterprune')
 
@@ -1534,8 +1534,10 @@ _end_modules = _pass_modules + _reshape_modules + (nn.Softmax,)  # activations, 
 
 def _ends(model:nn.Module) -> tuple[set, set]:
     "(layers whose output is the model's output, layers that take the model's input) by torch.fx; empty if untraceable"
+    before = set(model.__dict__)
     try: graph = _Tracer().trace(model)
     except Exception: return set(), set()
+    finally: _take_fx_attrs(model, before)  # what torch.fx stored on the model: the graph is only read here
     mods = dict(model.named_modules())
     def _passes(n):  # an op that hands the channels on unchanged (activations, flatten, a namedtuple of outputs)
         if n.op == 'call_module': return isinstance(mods.get(n.target), _end_modules)
