@@ -232,39 +232,35 @@ def _curves(scan) -> dict:
         out[n] = (G, z, np.array(x), np.array(d))
     return out
 
-def _reach(x, d, level:float, strict:bool=False) -> float:
-    "The largest fraction whose interpolated drop is <= `level` (`strict`: the supremum of those < `level`)"
-    s = 0.
-    for x0, x1, d0, d1 in zip(x[:-1], x[1:], d[:-1], d[1:]):
-        below1 = d1 < level if strict else d1 <= level
-        if below1:
-            s = x1
-            continue
-        below0 = d0 < level if strict else d0 <= level
-        if below0 and d1 > d0: s = x0 + (level - d0) / (d1 - d0) * (x1 - x0)
-        break
-    return s
+def _hull(x, d) -> list[tuple[float, float]]:
+    "The lower convex hull of the points (x, d), from (0, 0): its vertices, slopes strictly increasing"
+    h = []
+    for p in zip(x.tolist(), d.tolist()):
+        if h and p[0] == h[-1][0]: continue  # the same count twice (a small layer): the first, lower drop
+        while len(h) >= 2 and (h[-1][1] - h[-2][1]) * (p[0] - h[-2][0]) >= (p[1] - h[-2][1]) * (h[-1][0] - h[-2][0]):
+            h.pop()  # the last vertex lies on or above the chord: not on the lower hull
+        h.append(p)
+    return h
 
-def _equal_drop(curves:dict, k:int) -> dict[str, float]:
-    "Fractions per layer at the one drop level where they prune `k` weights in all (linear between scanned levels)"
-    P = {n: G * z for n, (G, z, x, d) in curves.items()}
-    levels = sorted({float(v) for (_, _, _, d) in curves.values() for v in d})
-    def total(lv, strict=False): return sum(P[n] * _reach(x, d, lv, strict) for n, (_, _, x, d) in curves.items())
-    prev = None
-    for lv in levels:
-        hi = total(lv)
-        if hi < k:
-            prev = lv
-            continue
-        lo = total(lv, strict=True)
-        if prev is not None and lo >= k:  # inside the open stretch between two levels every reach is linear
-            base = total(prev)
-            t = (k - base) / (lo - base) if lo > base else 1.
-            lvl = prev + t * (lv - prev)
-            return {n: _reach(x, d, lvl) for n, (_, _, x, d) in curves.items()}
-        f = (k - lo) / (hi - lo) if hi > lo else 1.  # curves flat at this level share the rest
-        return {n: (a := _reach(x, d, lv, True)) + f * (_reach(x, d, lv) - a) for n, (_, _, x, d) in curves.items()}
-    return {n: x[-1] for n, (_, _, x, _) in curves.items()}
+def _least_drop(curves:dict, k:int) -> dict[str, float]:
+    "Fractions per layer that prune `k` weights with the least sum of drops on the curves' hulls (fractional knapsack)"
+    segs = []  # (drop per weight, layer, weights, fraction at its start, fraction at its end)
+    for i, (n, (G, z, x, d)) in enumerate(curves.items()):
+        P = G * z
+        h = _hull(x, d)
+        for (x0, d0), (x1, d1) in zip(h[:-1], h[1:]): segs.append(((d1 - d0) / ((x1 - x0) * P), i, n, (x1 - x0) * P))
+    frac = {n: 0. for n in curves}
+    left = float(k)
+    segs.sort(key=lambda s: (s[0], s[1]))
+    j = 0
+    while j < len(segs) and left > 0:
+        tie = [s for s in segs[j:] if s[0] == segs[j][0]]  # equal rates share what is left, in proportion
+        j += len(tie)
+        tot = sum(s[3] for s in tie)
+        f = min(1., left / tot)
+        for _, _, n, w in tie: frac[n] += f * w / (curves[n][0] * curves[n][1])
+        left -= f * tot
+    return {n: min(v, curves[n][2][-1]) for n, v in frac.items()}
 
 def _whole_groups(curves:dict, frac:dict, k:int) -> dict[str, int]:
     "Groups pruned per layer: `frac` rounded down, then single groups by largest remainder while the total stays <= k"
@@ -318,7 +314,7 @@ def targets_from_sensitivity(
         raise ValueError(f"budget {budget:g} ({k:,} of {P:,} weights) is out of reach of the scanned ratios: pruning "
                          f"every layer to its largest one removes {most / P:.4f}; scan larger ratios (e.g. "
                          f"{', '.join(f'{r:g}' for r in (0.95, 0.98, 0.99) if r > budget)})")
-    g = _whole_groups(curves, _equal_drop(curves, k), k)
+    g = _whole_groups(curves, _least_drop(curves, k), k)
     got = sum(g[n] * curves[n][1] for n in g)
     if got != k: logger.info("targets_from_sensitivity: %d weights of the budget's %d (whole groups)", got, k)
     return {n: g[n] / curves[n][0] for n in curves}

@@ -96,7 +96,7 @@ class _Fragile(nn.Module):
     def __init__(self):
         super().__init__()
         g = torch.Generator().manual_seed(0)
-        self.fc1, self.fc2, self.fc3 = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 32)  # 512 weights each
         with torch.no_grad():
             for l in (self.fc1, self.fc2, self.fc3):
                 l.weight.copy_(torch.randn(l.weight.shape, generator=g) / math.sqrt(l.in_features))
@@ -107,7 +107,7 @@ class _Fragile(nn.Module):
 
 
 def test_fragile_layer_ranks_most_sensitive():
-    "The layer made fragile has the largest drops, and the budget gives it the smallest target"
+    "The layer made fragile has the largest drops, and the budget gives it the smallest target (layers of one size)"
     model = _Fragile()
     x = torch.randn(512, 16, generator=torch.Generator().manual_seed(1))
     x[:, 8:] = 0
@@ -151,6 +151,16 @@ def test_budget_follows_the_curves():
     fct.test_eq(t['flat'], 0.95)  # its whole curve stays under the steep layer's first drop
     fct.test_eq(t['steep'], 0.25)
     with pytest.raises(ValueError, match=r'out of reach.*0\.95'): targets_from_sensitivity(scan, budget=0.96)
+
+
+def test_budget_spares_a_small_fragile_layer():
+    "The least total drop: a big layer that falls slowly per weight takes the budget, a small fragile one stays dense"
+    rows = []
+    for layer, n, drops in (('big', 10_000, (0.1, 0.5, 0.7)), ('small', 100, (0.05, 0.3, 0.4))):
+        for r, d in zip((0.5, 0.9, 0.95), drops):
+            rows.append(dict(layer=layer, ratio=r, metric=0.9 - d, delta=-d, drop=d, params=n, group_size=1))
+    t = targets_from_sensitivity(pd.DataFrame(rows), budget=0.9)  # 9,090 of 10,100 weights
+    fct.test_eq(t, {'big': 0.909, 'small': 0.})  # an equal drop of ~0.5 would have taken 'small' to 0.9 too
 
 
 def test_max_drop_respects_the_scan():
