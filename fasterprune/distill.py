@@ -25,7 +25,7 @@ def kd_loss(
     T:float=4.,      # temperature of both softmaxes
     dim:int=1,       # the class dim
 ) -> Tensor:
-    "`T² · KL(softmax(teacher/T) ‖ softmax(student/T))` over `dim`, averaged over the batch and every other position"
+    "`T² · KL(softmax(teacher/T) ‖ softmax(student/T))` over `dim`, averaged over the batch and all other positions"
     if student.shape != teacher.shape:
         raise ValueError(f"the teacher's logits {tuple(teacher.shape)} and the student's {tuple(student.shape)} must "
                          "have the same shape: distillation compares them class by class")

@@ -31,7 +31,7 @@ def learner(model=None, cbs=None, flat=True, seed=0, dls=None, **kw):
 
 
 def trained_teacher(flat=True):
-    "A dense model trained for one epoch (outputs that are not uniform): `deepcopy(learn.model)`, in eval mode after fit"
+    "A dense model trained for one epoch (outputs that are not uniform): `deepcopy(learn.model)`, eval mode after fit"
     learn = learner(mlp(64, 32, 10) if flat else small_cnn(c=8), flat=flat, seed=1)
     learn.fit(1, 1e-2)
     return copy.deepcopy(learn.model)
