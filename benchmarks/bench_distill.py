@@ -8,6 +8,7 @@ training step of the pruning fit with distillation over the time without: one-ep
 
     nice -n 10 .venv/bin/python benchmarks/bench_distill.py                      # CPU, the defaults (~20 s)
     .venv/bin/python benchmarks/bench_distill.py --device cuda                   # DEV switch: the same on a GPU
+    .venv/bin/python benchmarks/bench_distill.py --device cuda --precision fp16  # teacher and student under autocast
     .venv/bin/python benchmarks/bench_distill.py --seeds 1 --epochs 2 --teacher-epochs 2   # a smoke run
 """
 import argparse, copy, statistics, sys, time
@@ -35,12 +36,16 @@ class StepTimer(Callback):
     def after_batch(self): self._sync(); self.times.append(time.perf_counter() - self.t0)
 
 
+PRECISION = 'fp32'
+
+
 def learner(seed, device, model=None):
     set_seed(seed)
     learn = Learner(digits_dls(bs=64, device=device), model or lenet_300_100(), loss_func=nn.CrossEntropyLoss(),
                     metrics=accuracy)
     learn.remove_cbs(ProgressCallback)
     learn.model.to(device)
+    if PRECISION != 'fp32': getattr(learn, f'to_{PRECISION}')()  # fastai's autocast (CUDA): the teacher's too
     return learn
 
 
@@ -83,9 +88,12 @@ def main():
     p.add_argument('--teacher-epochs', type=int, default=20)
     p.add_argument('--lr', type=float, default=1e-2)
     p.add_argument('--rounds', type=int, default=7, help='timing: one-epoch fits of each student, alternated')
+    p.add_argument('--precision', default='fp32', choices=['fp32', 'fp16', 'bf16'], help="fastai's to_fp16/to_bf16")
     p.add_argument('--kd', type=lambda s: tuple(map(float, s.split(','))), nargs='+', default=[(4., .5)],
                    help='T,alpha pairs, e.g. --kd 4,0.5 4,0.9')
     a = p.parse_args()
+    global PRECISION
+    PRECISION = a.precision
     torch.set_num_threads(1) if a.device == 'cpu' else None
     t0 = time.time()
     res, teachers = zip(*[run(s, a) for s in range(a.seeds)])
@@ -93,7 +101,7 @@ def main():
     names = [k for k in res[0] if k != 'teacher']
     ms = lambda xs: f"{100 * statistics.mean(xs):5.2f} ± {100 * (statistics.stdev(xs) if len(xs) > 1 else 0):4.2f}"
     print(f"\ndigits, LeNet-300-100, {a.sparsity:.0%} global magnitude AGP, {a.epochs} epochs pruning "
-          f"(teacher: {a.teacher_epochs} dense epochs), {a.seeds} seeds, device {a.device}")
+          f"(teacher: {a.teacher_epochs} dense epochs), {a.seeds} seeds, device {a.device}, {a.precision}")
     print(f"| {'student':<16} | {'valid acc % (mean ± std)':>24} | {'per seed':<22} | {'sparsity':>8} | "
           f"{'step ms':>7} | {'step / plain':>12} |")
     print(f"|{'-' * 18}|{'-' * 26}|{'-' * 24}|{'-' * 10}|{'-' * 9}|{'-' * 14}|")

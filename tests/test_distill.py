@@ -22,10 +22,10 @@ from fasterprune.pruner import Pruner
 from fit_checks import CheckZeros, count_syncs
 
 
-def learner(model=None, cbs=None, flat=True, seed=0, dls=None, **kw):
+def learner(model=None, cbs=None, flat=True, seed=0, dls=None, loss_func=None, **kw):
     set_seed(seed)  # torch, and Python's random: fastai's DataLoader draws its shuffling seed from it
-    learn = Learner(dls or digits_dls(flat=flat), model or mlp(64, 32, 10), loss_func=nn.CrossEntropyLoss(),
-                    metrics=accuracy, cbs=cbs, **kw)
+    learn = Learner(dls or digits_dls(flat=flat), model or mlp(64, 32, 10), cbs=cbs,
+                    loss_func=loss_func or nn.CrossEntropyLoss(), metrics=None if loss_func else accuracy, **kw)
     learn.remove_cbs(ProgressCallback)
     return learn
 
@@ -313,3 +313,34 @@ def test_export_leaves_the_teacher_out(tmp_path):
     loaded.fit(1, 1e-2)
     c = copy.deepcopy(learn.distill)  # a deep copy keeps a (copied) teacher
     assert c.teacher is not None and c.teacher is not teacher
+
+
+class Pair(nn.Module):
+    "Two outputs: logits and the hidden features"
+    def __init__(self): super().__init__(); self.a, self.b = nn.Linear(64, 16), nn.Linear(16, 10)
+    def forward(self, x):
+        h = self.a(x).relu()
+        return self.b(h), h
+
+
+def test_other_outputs_need_loss():
+    "Regression outputs (B,) or tuples: the KL term is refused with what to pass; loss= distils them"
+    reg = lambda: nn.Sequential(nn.Linear(64, 1), nn.Flatten(0))
+    mse = lambda p, y: F.mse_loss(p, y.float())
+    learn = learner(reg(), loss_func=mse)
+    with pytest.raises(ValueError, match='pass dim=, or loss='): learn.fit(1, 1e-3, cbs=DistillCallback(reg()))
+    learn.fit(1, 1e-3, cbs=DistillCallback(reg(), loss=F.mse_loss))
+    learn = learner(Pair(), loss_func=lambda out, y: F.cross_entropy(out[0], y))
+    with pytest.raises(TypeError, match='pass loss='): learn.fit(1, 1e-3, cbs=DistillCallback(Pair()))
+    teacher = Pair()
+    both = lambda s, t: F.mse_loss(s[0], t[0]) + F.mse_loss(s[1], t[1])
+    class CaptureTuple(Callback):
+        order, run_valid = 7, False
+        def __init__(self): self.got = []
+        def after_loss(self):
+            self.got.append((self.xb, self.yb, [o.detach() for o in self.pred], self.loss_grad.detach()))
+    c = CaptureTuple()
+    learn.fit(1, 1e-3, cbs=[DistillCallback(teacher, alpha=0.5, loss=both), c])
+    xb, yb, (zs, hs), got = c.got[0]
+    with torch.no_grad(): zt, ht = teacher(*xb)
+    fct.test_close(got, 0.5 * F.cross_entropy(zs, yb[0]) + 0.5 * (F.mse_loss(zs, zt) + F.mse_loss(hs, ht)), eps=1e-5)
