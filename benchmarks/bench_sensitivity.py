@@ -98,7 +98,8 @@ def main():
         base = _ms([r[4]['uniform local'][1] for r in res])[0]
         for arm in res[0][4]:
             shot, ft = _ms([r[4][arm][0] for r in res]), _ms([r[4][arm][1] for r in res])
-            print(f"  {arm:<22}{shot[0]:>10.4f} ± {shot[1]:.4f}{ft[0]:>10.4f} ± {ft[1]:.4f}{(ft[0] - base) * 100:>+18.2f}")
+            vs = (ft[0] - base) * 100
+            print(f"  {arm:<22}{shot[0]:>10.4f} ± {shot[1]:.4f}{ft[0]:>10.4f} ± {ft[1]:.4f}{vs:>+18.2f}")
     print(f"\ntotal {time.perf_counter() - t_all:.0f} s")
 
 

@@ -41,7 +41,8 @@ class SensitivityScan(pd.DataFrame):
         for layer, rows in self.groupby('layer', sort=False):
             rows = rows.sort_values('ratio')
             y0 = dense if y == 'metric' else 0.
-            ax.plot([0., *rows['ratio']], [y0, *rows[y]], 'o-', ms=3, label=f"{layer} ({int(rows['params'].iloc[0]):,})")
+            label = f"{layer} ({int(rows['params'].iloc[0]):,})"  # the layer and its weights
+            ax.plot([0., *rows['ratio']], [y0, *rows[y]], 'o-', ms=3, label=label)
         if y == 'metric': ax.axhline(dense, color='0.5', ls='--', lw=1, label=f'dense: {dense:.4g}')
         what = self.attrs.get('metric', 'metric')
         settings = ', '.join(str(self.attrs[k]) for k in ('granularity', 'criteria') if k in self.attrs)
@@ -123,7 +124,8 @@ class _Snapshot:
 def _check_ratios(ratios) -> list[float]:
     if isinstance(ratios, (int, float, Tensor)) and not isinstance(ratios, bool): ratios = [ratios]
     try: rs = [check_fraction(r, 'ratios', zero=False) for r in ratios]
-    except TypeError as e: raise TypeError(f"{e} (ratios is a list of fractions, e.g. (0.25, 0.5, 0.75, 0.9))") from None
+    except TypeError as e:
+        raise TypeError(f"{e} (ratios is a list of fractions, e.g. (0.25, 0.5, 0.75, 0.9))") from None
     if not rs: raise ValueError("ratios is empty: pass fractions to prune each layer to, e.g. (0.25, 0.5, 0.75, 0.9)")
     return sorted(set(rs))
 
@@ -168,8 +170,9 @@ def sensitivity(
     model = bare_model(learn_or_model.model if is_learn else learn_or_model)
     sp = Sparsifier(model, granularity, 'local', criteria, layers, exclude)
     if sp.granularity.is_nm:
-        raise ValueError(f"granularity {sp.granularity!r} prunes a fixed {sp.granularity.m - sp.granularity.n} of every "
-                         f"{sp.granularity.m} weights: there is no curve to scan; scan 'weight' instead")
+        g = sp.granularity
+        raise ValueError(f"granularity {g!r} prunes a fixed {g.m - g.n} of every {g.m} weights: there is no curve to "
+                         "scan; scan 'weight' instead")
     if sp.criterion.needs_grad:
         raise ValueError(f"criteria {sp.criterion!r} ranks weights by gradients gathered while training, and the scan "
                          "does not train; use 'magnitude' or 'random' (or your own f(w) -> scores)")
@@ -263,22 +266,16 @@ def _least_drop(curves:dict, k:int) -> dict[str, float]:
     return {n: min(v, curves[n][2][-1]) for n, v in frac.items()}
 
 def _whole_groups(curves:dict, frac:dict, k:int) -> dict[str, int]:
-    "Groups pruned per layer: `frac` rounded down, then single groups by largest remainder while the total stays <= k"
+    "Groups pruned per layer: `frac` rounded down, then a group more where the remainders are largest, up to `k`"
     want = {n: frac[n] * G for n, (G, *_) in curves.items()}
     cap = {n: round_half_up(x[-1] * G) for n, (G, _, x, _) in curves.items()}
     g = {n: min(int(math.floor(w + 1e-9)), cap[n]) for n, w in want.items()}
     left = k - sum(g[n] * curves[n][1] for n in g)
-    for n in sorted(g, key=lambda n: g[n] - want[n]):  # largest remainder first
+    for n in sorted(g, key=lambda n: g[n] - want[n]):  # largest remainder first; a layer left dense stays dense
         z = curves[n][1]
-        if z <= left and g[n] < cap[n]:
+        if want[n] - g[n] > 1e-9 and z <= left and g[n] < cap[n]:
             g[n] += 1
             left -= z
-    if left > 0:  # coarse groups: whatever still fits, least sensitive layers (most pruned) first
-        for n in sorted(g, key=lambda n: -frac[n]):
-            z = curves[n][1]
-            add = min(left // z, cap[n] - g[n])
-            g[n] += add
-            left -= add * z
     return g
 
 # %% ../nbs/16_sensitivity.ipynb #fa75afdb

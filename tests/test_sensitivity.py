@@ -195,7 +195,7 @@ def test_learner_and_plain_model_agree(digits):
 
 
 def test_attached_sparsify_callback_is_left_alone():
-    "A Learner that carries a SparsifyCallback: its masks, history and metrics survive a scan, and the next fit keeps them"
+    "A Learner with a SparsifyCallback: its masks, history and metrics survive a scan, and the next fit keeps them"
     torch.manual_seed(0)
     cb = SparsifyCallback(0.5, schedule='one_shot')
     learn = Learner(digits_dls(), mlp(64, 48, 24, 10), loss_func=nn.CrossEntropyLoss(), metrics=accuracy, cbs=cb)
