@@ -77,7 +77,9 @@ class _LearnerState:
         self.own = {k: getattr(learn, k) for k in _learner_attrs if hasattr(learn, k)}
         self.rec = {} if rec is None else {k: getattr(rec, k) for k in _recorder_attrs if hasattr(rec, k)}
     def restore(self):
-        for k, v in self.own.items(): setattr(self.learn, k, v)
+        for k in _learner_attrs:  # what the first validate of a new Learner creates goes again
+            if k in self.own: setattr(self.learn, k, self.own[k])
+            else: self.learn.__dict__.pop(k, None)
         rec = getattr(self.learn, 'recorder', None)
         for k, v in self.rec.items(): setattr(rec, k, v)
 
@@ -182,6 +184,8 @@ def sensitivity(
     try:
         if progress is not None: learn_or_model.remove_cb(progress)
         dense = evaluate()
+        if not math.isfinite(dense):
+            raise ValueError(f"the dense model's {name} is {dense}: there is nothing to compare the pruned layers with")
         for n, r in _progress([(n, r) for n in sp.layers for r in rs], show_progress):
             m = sp.layers[n]
             snap = _Snapshot(m)

@@ -41,6 +41,9 @@ def test_scan_leaves_learner_bit_identical():
     "After the scan: the same weights bit for bit, train mode, the Recorder's history, pct_train"
     learn = _learner()
     learn.model.train()
+    fresh = Learner(learn.dls, mlp(64, 48, 24, 10), loss_func=nn.CrossEntropyLoss(), metrics=accuracy)
+    sensitivity(fresh, ratios=(0.5,), show_progress=False)
+    assert 'final_record' not in fresh.__dict__  # a Learner that never ran: nothing of validate's stays behind
     before, values, pct, bar = _state(learn.model), list(learn.recorder.values), learn.pct_train, learn.progress
     scan = sensitivity(learn, ratios=(0.5, 0.9), show_progress=False)
     _same(learn.model, before)
@@ -253,6 +256,8 @@ def test_bad_input_is_refused_clearly(digits):
         sensitivity(learn.model, metric=_val_accuracy(xv, yv), dl=learn.dls.valid, show_progress=False)
     with pytest.raises(TypeError, match='must return a number'):
         sensitivity(learn.model, metric=lambda m: 'good', show_progress=False)
+    with pytest.raises(ValueError, match="dense model's <lambda> is nan"):
+        sensitivity(learn.model, metric=lambda m: float('nan'), show_progress=False)
     _same(learn.model, before)
     scan = sensitivity(learn, ratios=(0.5, 0.9), show_progress=False)
     with pytest.raises(ValueError, match='neither'): targets_from_sensitivity(scan)
