@@ -13,7 +13,8 @@ from torch import nn, Tensor
 # %% auto #0
 __all__ = ['context_names', 'check_fraction', 'check_context', 'evaluating', 'round_half_up', 'flat_tensors', 'map_tensors',
            'to_device', 'first_items', 'args_kwargs', 'bare_model', 'model_device', 'first_line', 'few',
-           'state_problems', 'conv1d_layers', 'conv1d_note']
+           'state_problems', 'conv1d_layers', 'conv1d_note', 'quantized_layers', 'quantized_note', 'mha_fastpath_off',
+           'eager_compiled']
 
 # %% ../nbs/00a_core.ipynb #bb179ab5
 import logging, os
@@ -161,3 +162,42 @@ def conv1d_note(model:nn.Module) -> str:
     return (f"{few(names)} {'is a' if len(names) == 1 else 'are'} transformers Conv1D layer{'s' * (len(names) > 1)} "
             "(a Linear with its weight stored transposed), which fasterprune does not prune or count: convert them "
             "with fasterprune.hf.conv1d_to_linear(model) first")
+
+# %% ../nbs/00a_core.ipynb #9237b000
+def quantized_layers(model:nn.Module) -> list[str]:
+    "Names of quantized modules (torch.ao.nn.quantized, dynamic or static): their packed weights cannot be pruned"
+    out = []
+    for n, m in model.named_modules():
+        inside = any(n.startswith(o + '.') for o in out)  # a quantized layer's own parts (its packed params)
+        if not inside and type(m).__module__.startswith(('torch.ao.nn.quantized', 'torch.nn.quantized',
+                                                         'torch.ao.nn.intrinsic.quantized')):
+            out.append(n)
+    return [n or type(model).__name__ for n in out]
+
+def quantized_note(model:nn.Module) -> str:
+    "A sentence naming the model's quantized layers and what to do, or ''"
+    names = quantized_layers(model)
+    if not names: return ''
+    return (f"{few(names)} {'is' if len(names) == 1 else 'are'} quantized (weights packed by torch.ao.quantization), "
+            "which fasterprune does not prune or count: prune the float model first, then quantize it "
+            "(quantize_dynamic keeps the zeros)")
+
+@contextmanager
+def mha_fastpath_off():
+    """Context manager: PyTorch's fused attention fast path off inside (restored after): `nn.TransformerEncoderLayer`
+    runs its parts (their hooks fire) and `nn.TransformerEncoder` does not pack padded batches into nested tensors, so
+    padded positions are computed as in training rather than filled with zeros"""
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try: yield
+    finally: torch.backends.mha.set_fastpath_enabled(fast)
+
+@contextmanager
+def eager_compiled():
+    """Context manager: modules compiled with `torch.compile` (or `module.compile()`) run their Python forward inside,
+    so the forward hooks added after compiling fire: the FLOP counts and the sparse export record through hooks"""
+    stance = getattr(torch.compiler, 'set_stance', None)  # torch >= 2.6
+    if stance is None:
+        yield
+        return
+    with stance('force_eager'): yield

@@ -11,7 +11,8 @@ from fastcore.basics import patch
 import torch
 from torch import nn, Tensor, fx
 import torch.nn.functional as F
-from .core import evaluating, flat_tensors, few, first_line, map_tensors, args_kwargs, _dict_hint
+from fasterprune.core import evaluating, flat_tensors, few, first_line, map_tensors, args_kwargs, _dict_hint, \
+    mha_fastpath_off
 
 logger = logging.getLogger('fasterprune')
 
@@ -738,12 +739,9 @@ def _record(model:nn.Module, inputs:tuple, kwargs:dict|None=None) -> fx.Graph:
         elif m is not model:  # the modules traced inside: which one a node runs in
             hooks.append(m.register_forward_pre_hook(rec.enter))
             hooks.append(m.register_forward_hook(rec.leave))
-    fast = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)  # TransformerEncoderLayer: its parts, not one fused kernel
-    try:
-        with torch.no_grad(), rec: out = model(*inputs, **kwargs)
+    try:  # the fast path off: TransformerEncoderLayer runs its parts, not one fused kernel
+        with torch.no_grad(), mha_fastpath_off(), rec: out = model(*inputs, **kwargs)
     finally:
-        torch.backends.mha.set_fastpath_enabled(fast)
         for h in hooks: h.remove()
     rec.graph.output(rec.arg(out))
     return rec.graph

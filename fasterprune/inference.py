@@ -9,7 +9,8 @@ import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 import pandas as pd
-from .core import evaluating, flat_tensors, first_line
+from fasterprune.core import evaluating, flat_tensors, first_line, bare_model, eager_compiled, quantized_note, \
+    mha_fastpath_off
 from .metrics import _prepare, _check_whole, _check_threads, _interleaved, _sync
 
 logger = logging.getLogger('fasterprune')
@@ -122,6 +123,14 @@ class CSRLinear(SparseLinear):
     def _mm(self, x:Tensor) -> Tensor:
         "`x @ W.T + b` as `(W @ x.T + b).T`, copied row-major unless `contiguous_out` is off (then a transposed view)"
         w = self.weight
+        if w.device.type == 'cpu':  # CPU CSR kernels: float32/float64 only, and none under autocast
+            if self.values.dtype not in (torch.float32, torch.float64):
+                raise TypeError(f"{type(self).__name__}: CPU CSR kernels compute in float32 or float64, and this layer "
+                                f"holds {self.values.dtype} weights (`.half()`/`.bfloat16()` of the export?): keep the "
+                                "export in float32 (`.float()`), or export the half-precision model on a GPU")
+            if torch.is_autocast_enabled('cpu'):
+                with torch.autocast('cpu', enabled=False):  # the layer's own dtype (autocast's output: float32)
+                    return self._mm(x.to(self.values.dtype))
         y = torch.sparse.mm(w, x.t()) if self.bias is None else torch.sparse.addmm(self.bias.unsqueeze(1), w, x.t())
         return _contiguous(y.t()) if self.contiguous_out else y.t()
 
@@ -166,7 +175,7 @@ class CSRConv2d(CSRLinear):
                   zip((h, w), self.padding, self.dilation, self.kernel_size, self.stride))
         cols = x.reshape(n, self.in_channels, h * w) if self.pointwise else \
             F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (n, in·kh·kw, ho·wo)
-        cols = cols[0] if n == 1 else cols.transpose(0, 1).reshape(self.in_features, n * ho * wo)
+        cols = cols.transpose(0, 1).reshape(self.in_features, n * ho * wo)  # no branch on n: `jit.trace` any batch
         w_ = self.weight
         y = torch.sparse.mm(w_, cols) if self.bias is None else torch.sparse.addmm(self.bias.unsqueeze(1), w_, cols)
         return _contiguous(y.reshape(self.out_channels, n, ho, wo).transpose(0, 1))  # (n, out, ho, wo), as Conv2d's
@@ -550,13 +559,6 @@ def _export_matrices(lins:dict, mhas:dict, convs:dict) -> tuple[dict, dict, dict
     mats.update({n: (*_weight_bias(m), n, 'conv') for n, m in convs.items() if n not in conv_refused})
     return mats, skipped, conv_refused
 
-class _no_fastpath:
-    "Turn off PyTorch's fused attention/encoder fast path (`torch.backends.mha`) for a `with` block, restored after"
-    def __enter__(self):
-        self.old = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
-    def __exit__(self, *exc): torch.backends.mha.set_fastpath_enabled(self.old)
-
 def _layer_inputs(model, args, kw, mods:dict, mhas:dict) -> tuple[object, dict]:
     "`(output, {matrix name: its input})` of one pass of `model` in eval mode: `mods`' and the attentions' inputs"
     seen = {}
@@ -573,7 +575,8 @@ def _layer_inputs(model, args, kw, mods:dict, mhas:dict) -> tuple[object, dict]:
     hs = [m.register_forward_pre_hook(lin_hook(n), with_kwargs=True) for n, m in mods.items()]
     hs += [m.register_forward_pre_hook(mha_hook(n), with_kwargs=True) for n, m in mhas.items()]
     try:
-        with evaluating(model), _no_fastpath(): ref = model(*args, **kw)  # the fused path skips the layers' hooks
+        with evaluating(model), mha_fastpath_off(), eager_compiled():  # fused paths and compiled calls skip the hooks
+            ref = model(*args, **kw)
     finally:
         for h in hs: h.remove()
     nested = [n for n, x in seen.items() if isinstance(x, Tensor) and x.is_nested]
@@ -681,10 +684,16 @@ def to_sparse_inference(
     _check_whole(n_runs, 'n_runs', 1)
     if not 0 < max_density <= 1: raise ValueError(f"max_density must be in (0, 1], got {max_density!r}")
     _check_threads(threads)
+    if bare_model(model) is not model:  # torch.compile's or DDP's wrapper: the export is of the module inside
+        logger.info("sparse export: exporting the module inside %s (compile the export again if you want)",
+                    type(model).__name__)
+        model = bare_model(model)
     lins, mhas, convs = _matrices(model)
     mats, skipped, conv_refused = _export_matrices(lins, mhas, convs)
     if not mats and not convs and not skipped:
-        raise ValueError(f"{type(model).__name__} has no Linear, MultiheadAttention or convolution: nothing to export")
+        q = quantized_note(model)
+        raise ValueError(f"{type(model).__name__} has no Linear, MultiheadAttention or convolution: nothing to export"
+                         + (f" ({q})" if q else ''))
     _check_kernels(kernels, list(mats), convs)
     args, kw = _prepare(model, example_input)
     mods = {n: {**lins, **convs}[n] for n, (_, _, _, k) in mats.items() if k in ('linear', 'conv')}
@@ -697,7 +706,7 @@ def to_sparse_inference(
     new = _exported(model, mats, chosen, mhas, skipped)
     hs = _check_layouts(new)  # strides, not `is_contiguous()`: a transposed batch of 1 would pass that
     try:
-        with torch.no_grad(), _no_fastpath(): out = new(*args, **kw)  # as the masked model ran (no nested tensors)
+        with torch.no_grad(), mha_fastpath_off(): out = new(*args, **kw)  # as the masked model ran (no nested tensors)
     finally:
         for h in hs: h.remove()
     err, tol = _check_output(ref, out, rtol)

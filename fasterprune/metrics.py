@@ -10,7 +10,8 @@ from contextlib import ExitStack
 import torch
 from torch import nn, Tensor
 import pandas as pd
-from .core import evaluating, few, model_device, to_device, first_line, conv1d_note, args_kwargs, _dict_hint
+from .core import evaluating, few, model_device, to_device, first_line, conv1d_note, args_kwargs, \
+    _dict_hint, bare_model, eager_compiled, quantized_note
 from .sparsifier import prunable_layers, AttentionProjection, _ties, _nnz_each as _nonzero_each
 
 logger = logging.getLogger('fasterprune')
@@ -23,10 +24,12 @@ __all__ = ['logger', 'report_columns', 'check_original', 'count_params', 'compre
 def _layers(model:nn.Module) -> dict[str, nn.Module]:
     "The Conv/ConvTranspose/Linear layers of `model`, or a `ValueError` when it has none"
     if not isinstance(model, nn.Module): raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    model = bare_model(model)  # inside torch.compile and DDP: the layers' own names
     layers = prunable_layers(model, attention=True)  # a MultiheadAttention's input projections are layers here too
     if not layers:
+        q = quantized_note(model)
         raise ValueError(f"{type(model).__name__} has no Conv/ConvTranspose/Linear layer: "
-                         "there is nothing to prune or measure")
+                         "there is nothing to prune or measure" + (f" ({q})" if q else ''))
     return layers
 
 def _nonzero(ts) -> int: return sum(_nonzero_each(ts))
@@ -87,7 +90,8 @@ def _prepare(model, example_input) -> tuple[tuple, dict]:
     return args_kwargs(to_device(example_input, model_device(model)))
 
 def _call(model, args, kwargs, example_input):
-    try: return model(*args, **kwargs)
+    try:
+        with eager_compiled(): return model(*args, **kwargs)  # a compiled module skips hooks added after compiling
     except Exception as e:
         msg = first_line(e)
         hint = _dict_hint if isinstance(example_input, Mapping) and isinstance(e, TypeError) else ''
@@ -122,6 +126,7 @@ def layer_flops(
 ) -> dict[str, tuple[int, int]]:
     "`{layer: (dense MACs, nonzero MACs)}` of every Conv/ConvTranspose/Linear layer in one pass of `example_input`"
     layers = _layers(model)
+    model = bare_model(model)  # inside torch.compile and DDP: the layers' own names
     args, kwargs = _prepare(model, example_input)
     uses = {n: 0 for n in layers}
     blocks = {}  # attention projections: {layer: {(row start, row end): tokens}} (q, k and v may differ in length)
@@ -210,6 +215,7 @@ def sparsity_report(
 ) -> pd.DataFrame:
     "One row per Conv/ConvTranspose/Linear weight, an `(other parameters)` row and a `total` row; FLOPs are MACs"
     layers = _layers(model)
+    model = bare_model(model)  # inside torch.compile and DDP: the layers' own names
     if example_input is None: fl, F, NF = {n: (math.nan, math.nan) for n in layers}, math.nan, math.nan
     else:
         fl = layer_flops(model, example_input)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_pruner.ipynb #8a092d7a
 from __future__ import annotations
-import copy, fnmatch, functools, inspect, logging, math, time, warnings
+import copy, fnmatch, functools, inspect, logging, math, pickle, time, warnings, zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from fastcore.basics import patch
@@ -12,7 +12,8 @@ from fastcore.foundation import L
 import torch
 from torch import nn, Tensor
 from .core import check_context, check_fraction, evaluating, few, flat_tensors, model_device, \
-    round_half_up, to_device, first_items, map_tensors, bare_model, first_line, conv1d_layers, conv1d_note
+    round_half_up, to_device, first_items, map_tensors, bare_model, first_line, conv1d_layers, conv1d_note, \
+    mha_fastpath_off, quantized_note
 from .core import args_kwargs, _dict_hint
 from .criteria import get_criterion
 from .graph import ChannelGraph, CountedLayerNorm, CountedRMSNorm, UnknownOpError, _WrittenHeads, \
@@ -326,7 +327,10 @@ class _Surgery:
         idx = idx.to(p.device)
         shape0, ops = self.cuts.get(p, (tuple(p.shape), []))
         self.cuts[p] = (shape0, ops + [(dim, idx)])
-        self.set(p, 'data', p.data.index_select(dim, idx))
+        new = p.data.index_select(dim, idx)
+        if p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last):
+            new = new.contiguous(memory_format=torch.channels_last)  # a channels_last model stays channels_last
+        self.set(p, 'data', new)
         self.had_grad |= p.grad is not None
         p.grad = None
 
@@ -402,6 +406,10 @@ class _Surgery:
             if isinstance(m, nn.TransformerEncoderLayer) and isinstance(m.self_attn, PrunedMultiheadAttention) \
                     and m.activation_relu_or_gelu:
                 self.set(m, 'activation_relu_or_gelu', False)  # its fast-path test: the layer runs its parts
+            # an encoder packs padded batches into nested tensors for that fast path: a pruned attention reads padded
+            if isinstance(m, nn.TransformerEncoder) and getattr(m, 'use_nested_tensor', False) and \
+                    any(isinstance(l.self_attn, PrunedMultiheadAttention) for l in m.layers):
+                self.set(m, 'use_nested_tensor', False)
 
     def _cut_slot(self, s, m:nn.Module, idx:Tensor):
         n = len(idx)
@@ -544,6 +552,11 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
     "A `MultiheadAttention` that lost heads: `num_heads · head_dim` may be less than `embed_dim` (width in and out)"
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
+        if query.dim() == 2:  # unbatched (L, E), as nn.MultiheadAttention takes it: a batch of one
+            kp = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
+            out, att = self(*(t.unsqueeze(0 if self.batch_first else 1) for t in (query, key, value)), kp, need_weights,
+                            attn_mask, average_attn_weights, is_causal)
+            return out.squeeze(0 if self.batch_first else 1), (None if att is None else att.squeeze(0))
         if self.batch_first: query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         T, B, _ = query.shape
         S, H, hd = key.shape[0], self.num_heads, self.head_dim
@@ -625,8 +638,9 @@ def _pruned_window_attention(cls:type) -> type:
 # %% ../nbs/08_pruner.ipynb #ef0799bc
 def _call(model:nn.Module, inputs):
     """`model` on `inputs`: a tensor, a tuple of positional inputs, or a dict of keyword arguments (as the metrics do);
-    state the forward keeps in its modules (`self.hidden`) as it was after it: each check starts from the same state"""
-    with _untouched(model):
+    state the forward keeps in its modules (`self.hidden`) as it was after it: each check starts from the same state;
+    PyTorch's attention fast path off, as a pruned attention runs (padded positions computed, not nested tensors)"""
+    with _untouched(model), mha_fastpath_off():
         if not isinstance(inputs, Mapping): return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
         try: return model(**inputs)
         except TypeError as e: raise TypeError(f"{e}{_dict_hint}") from e
@@ -1313,8 +1327,8 @@ def _choose(groups:list, targets:list, n_rm:list, mean:Tensor, round_to) -> Tens
     return remove
 
 def _conv1d_hint(model:nn.Module) -> str:
-    "'' or why the Conv1D layers of `model` do not prune, and what to do"
-    note = conv1d_note(model)  # the sentence the metrics give too
+    "'' or why the Conv1D (or quantized) layers of `model` do not prune, and what to do"
+    note = '; '.join(t for t in (conv1d_note(model), quantized_note(model)) if t)  # the sentences the metrics give
     return f"; {note}" if note else ''
 
 def _nothing_removed(g:ChannelGraph, groups:list, ratio):
@@ -1429,6 +1443,9 @@ def pruning_recipe(model:nn.Module) -> dict:
             attrs['pruned_heads'] = True  # load_pruned switches the class too
         if isinstance(m, nn.TransformerEncoderLayer) and isinstance(m.self_attn, PrunedMultiheadAttention):
             attrs['activation_relu_or_gelu'] = False  # no fused fast path with fewer heads (see `_Surgery.cut`)
+        if isinstance(m, nn.TransformerEncoder) and not getattr(m, 'use_nested_tensor', True) and \
+                any(isinstance(l.self_attn, PrunedMultiheadAttention) for l in m.layers):
+            attrs['use_nested_tensor'] = False  # no nested tensors for a pruned attention (see `_Surgery.cut`)
         if isinstance(m, CountedLayerNorm):  # load_pruned switches the class and sets the counts
             attrs.update(counted_norm=True, full_count=m.full_count, channel_dim=m.channel_dim,
                          removed_sum=float(m.removed_sum), removed_sq=float(m.removed_sq))
@@ -1509,6 +1526,13 @@ def apply_recipe(model:nn.Module, recipe:dict) -> nn.Module:
 
 def save_pruned(model:nn.Module, path):
     "Save `model` as {'recipe', 'state_dict'} (the whole state as plain tensors and numbers: loads with weights_only)"
+    export = [n or type(model).__name__ for n, m in model.named_modules()
+              if type(m).__module__ == 'fasterprune.inference']  # SparseLinear, CSRConv2d, SparseMultiheadAttention
+    if export:
+        raise ValueError(f"save_pruned: {few(export)} {'is a sparse kernel' if len(export) == 1 else 'are sparse kernels'}"
+                         " of `to_sparse_inference`, which a fresh architecture cannot be resized to: save the masked "
+                         "(or surgered) model with save_pruned and export it again after load_pruned, or save the "
+                         "export whole with torch.save(export, path); nothing was written")
     sd = {k: _plain(v) for k, v in model.state_dict().items()}
     torch.save(dict(recipe=pruning_recipe(model), state_dict=sd), path)
 
@@ -1518,6 +1542,11 @@ def _read(path, map_location=None):
     if not p.is_file(): raise FileNotFoundError(f"no pruned model at {p}")
     try: return torch.load(p, map_location=map_location, weights_only=True)
     except Exception as e:
+        if isinstance(e, pickle.UnpicklingError) and zipfile.is_zipfile(p):  # torch.save's format, other objects inside
+            raise ValueError(f"cannot read pruned model {p}: it is a torch.save file that holds more than tensors and "
+                             f"plain values ({first_line(e, 160)}): a fastai `learn.save` checkpoint (model and "
+                             "optimizer) or a pickled model? load_pruned reads what save_pruned(model, path) writes; "
+                             "nothing was loaded") from e
         try:
             from fasterprune.distributed import CheckpointError, _diagnose  # the fastai side explains files best
             why, Err = _diagnose(p), CheckpointError

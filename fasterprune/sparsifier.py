@@ -8,7 +8,8 @@ import math, fnmatch, inspect, logging, random, warnings
 import numpy as np
 import torch
 from torch import nn, Tensor
-from .core import check_fraction, check_context, round_half_up, few, conv1d_note, evaluating
+from fasterprune.core import check_fraction, check_context, round_half_up, few, conv1d_note, evaluating, \
+    quantized_note
 from .criteria import get_criterion, Magnitude
 from .granularity import get_granularity, _conv_t
 from torch.nn.utils import parametrize, parametrizations
@@ -671,8 +672,9 @@ class Sparsifier:
             if not self.layers:
                 why = (f" (filter granularity leaves {', '.join(sel)} dense: they share weight tensors)" if sel else
                        " after `layers`/`exclude`")
+                q = quantized_note(model)
                 raise ValueError(f"Nothing to prune: {type(model).__name__} has no Conv/ConvTranspose/Linear layer "
-                                 f"left{why}" + (f"; {note}" if note else ''))
+                                 f"left{why}" + ''.join(f"; {t}" for t in (note, q) if t))
             if note: logger.warning("Sparsifier: %s", note)
             self._rp = {n: _reparam(m, n) for n, m in self.layers.items()}  # reparametrized weights: mask these instead
             computed = [n for n, rp in self._rp.items() if rp is not None]
