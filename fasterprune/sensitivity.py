@@ -85,6 +85,8 @@ class _LearnerState:
 
 def _validator(learn, metric, dl, higher_is_better):
     "(evaluate() -> float, the metric's name, whether higher is better) for a fastai `Learner`"
+    for m in learn.metrics:  # one of the Learner's own metrics passed as a function (`accuracy`): it is its column
+        if metric is not None and (m is metric or getattr(m, 'func', None) is metric): metric = m.name
     if callable(metric) and not isinstance(metric, str):
         model = learn.model
         name = getattr(metric, '__name__', 'metric')

@@ -191,6 +191,8 @@ def test_learner_and_plain_model_agree(digits):
     b = sensitivity(learn.model, ratios=(0.5, 0.9), metric=_val_accuracy(xv, yv), show_progress=False)
     fct.test_close(a.attrs['dense'], b.attrs['dense'], eps=1e-6)
     fct.test_close(a['metric'].to_numpy(), b['metric'].to_numpy(), eps=1e-6)
+    same = sensitivity(learn, ratios=(0.5, 0.9), metric=accuracy, show_progress=False)  # fastai's own function
+    fct.test_eq(same['metric'].tolist(), a['metric'].tolist())
     # a loss: lower is better, so drop = delta
     c = sensitivity(learn, ratios=(0.9,), metric='valid_loss', show_progress=False)
     assert not c.attrs['higher_is_better']
