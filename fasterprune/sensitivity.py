@@ -152,6 +152,7 @@ def sensitivity(
     exclude=None,                    # layers to leave out (names, patterns, modules, types)
     higher_is_better:bool|None=None, # None: from the metric's name ('loss' or 'error' in it: lower is better)
     show_progress:bool=True,         # a fastprogress bar over the evaluations (when fastprogress is installed)
+    attention:bool=False,            # also scan nn.MultiheadAttention's in-projections (`SparsifyCallback(attention=)`)
 ) -> SensitivityScan:
     "Prune each layer alone to each of `ratios` (one-shot, the `Sparsifier`'s masks), evaluate, restore it exactly"
     is_learn = _is_learner(learn_or_model)
@@ -172,7 +173,7 @@ def sensitivity(
             with evaluating(model_): return _as_float(metric(model_), f"metric {name!r}")
     rs = _check_ratios(ratios)
     model = bare_model(learn_or_model.model if is_learn else learn_or_model)
-    sp = Sparsifier(model, granularity, 'local', criteria, layers, exclude)
+    sp = Sparsifier(model, granularity, 'local', criteria, layers, exclude, attention=attention)
     if sp.granularity.is_nm:
         g = sp.granularity
         raise ValueError(f"granularity {g!r} prunes a fixed {g.m - g.n} of every {g.m} weights: there is no curve to "

@@ -94,6 +94,29 @@ def test_reparametrized_weights_come_back(digits):
     assert torch.equal(model(xv), out)
 
 
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.att, self.fc = nn.MultiheadAttention(16, 2, batch_first=True), nn.Linear(16, 4)
+    def forward(self, x): return self.fc(self.att(x, x, x)[0].mean(1))
+
+
+def test_attention_projections_scanned_and_restored():
+    "attention=True scans MultiheadAttention's in_proj_weight under the Sparsifier's name, and puts it back"
+    torch.manual_seed(0)
+    model, x = _Attention(), torch.randn(4, 5, 16)
+    before, out = _state(model), model(x)
+    zeros = []
+    def metric(m):
+        zeros.append(float((m.att.in_proj_weight == 0).float().mean()))
+        return m(x).abs().mean()
+    scan = sensitivity(model, ratios=(0.5,), metric=metric, attention=True, show_progress=False)
+    fct.test_eq(scan['layer'].tolist(), ['att.in_proj_weight', 'att.out_proj', 'fc'])
+    fct.test_eq(zeros, [0., 0.5, 0., 0.])
+    _same(model, before)
+    assert torch.equal(model(x), out)
+
+
 class _Fragile(nn.Module):
     "fc1's small weights read the live inputs, its large ones inputs that are always 0: magnitude pruning hurts it most"
     def __init__(self):
