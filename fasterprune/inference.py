@@ -435,10 +435,17 @@ def _check_kernels(kernels, names:list[str], convs:dict):
         if not any(fnmatch.fnmatchcase(n, pat) for n in list(names) + list(convs)):
             raise ValueError(f"kernels: pattern {pat!r} matches no Linear layer, attention projection or Conv2d; "
                              f"they are: {', '.join(names) or 'none'}")
+    for n in (n for n in list(names) + list(convs) if n not in kernels):  # a layer's own name wins over patterns
+        pats = {pat: k for pat, k in kernels.items() if fnmatch.fnmatchcase(n, pat)}
+        if len(set(pats.values())) > 1:
+            raise ValueError(f"kernels: layer {n!r} matches {', '.join(f'{p!r}: {k!r}' for p, k in pats.items())}, "
+                             "which ask for different kernels; name the layer itself (its own name wins over patterns)")
 
 def _forced(kernels, name):
+    "The kernel `kernels=` asks for layer `name`: its own name's entry, else the patterns' (one kernel: `_check_kernels`)"
     if kernels is None: return None
     if isinstance(kernels, str): return kernels
+    if name in kernels: return kernels[name]  # the layer's own name wins over patterns
     return next((k for pat, k in kernels.items() if fnmatch.fnmatchcase(name, pat)), None)
 
 def _max_alg_id() -> int:
@@ -559,13 +566,18 @@ def _export_matrices(lins:dict, mhas:dict, convs:dict) -> tuple[dict, dict, dict
     mats.update({n: (*_weight_bias(m), n, 'conv') for n, m in convs.items() if n not in conv_refused})
     return mats, skipped, conv_refused
 
-def _layer_inputs(model, args, kw, mods:dict, mhas:dict) -> tuple[object, dict]:
-    "`(output, {matrix name: its input})` of one pass of `model` in eval mode: `mods`' and the attentions' inputs"
-    seen = {}
+def _layer_inputs(model, args, kw, mods:dict, mhas:dict) -> tuple[object, dict, dict]:
+    """`(output, {matrix name: its input}, {name: calls})` of one pass of `model` in eval mode: `mods`' and the
+    attentions' inputs; how many times each of `mods` and each `nn.Sequential` ran (see `_chain_views`)"""
+    seen, calls = {}, {}
     def lin_hook(name):  # Linear and Conv2d take `input`, positional or keyword
         def f(m, a, k):
             x = a[0] if a else k.get('input')
             if x is not None: seen[name] = x
+            calls[name] = calls.get(name, 0) + 1
+        return f
+    def count(name):
+        def f(m, a): calls[name] = calls.get(name, 0) + 1
         return f
     def mha_hook(name):
         def f(m, a, k):
@@ -574,6 +586,7 @@ def _layer_inputs(model, args, kw, mods:dict, mhas:dict) -> tuple[object, dict]:
         return f
     hs = [m.register_forward_pre_hook(lin_hook(n), with_kwargs=True) for n, m in mods.items()]
     hs += [m.register_forward_pre_hook(mha_hook(n), with_kwargs=True) for n, m in mhas.items()]
+    hs += [m.register_forward_pre_hook(count(n)) for n, m in model.named_modules() if isinstance(m, nn.Sequential)]
     try:
         with evaluating(model), mha_fastpath_off(), eager_compiled():  # fused paths and compiled calls skip the hooks
             ref = model(*args, **kw)
@@ -583,7 +596,7 @@ def _layer_inputs(model, args, kw, mods:dict, mhas:dict) -> tuple[object, dict]:
     if nested:
         raise ValueError(f"layer {nested[0]!r} receives a nested tensor on the example input: sparse kernels take "
                          "padded tensors; pass padded inputs (with a padding mask) instead")
-    return ref, seen
+    return ref, seen, calls
 
 def _choose_all(mats:dict, seen:dict, convs:dict, kernels, threads, **choice) -> tuple[list[dict], dict]:
     "`(report rows, {name: sparse module})` for `mats`, timed on `threads` CPU threads (restored afterwards)"
@@ -594,29 +607,43 @@ def _choose_all(mats:dict, seen:dict, convs:dict, kernels, threads, **choice) ->
         with torch.no_grad():
             for n, (w, b, owner, kind) in mats.items():
                 forced = _forced(kernels, n)
-                if kind == 'conv' and isinstance(kernels, str) and forced == 'semi': forced = None  # matrices only
+                semi_conv = kind == 'conv' and forced == 'semi'  # 'semi' for every layer: 2:4 is for matrices only
+                if semi_conv: forced = 'dense'  # (a pattern naming a convolution was refused by `_check_kernels`)
                 conv = convs.get(n) if kind == 'conv' else None
                 mod, row = _choose(n, w, b, seen.get(n), forced, conv=conv, **choice)
+                if semi_conv: row['reason'] = "kernels= asks for 'semi', which is for Linear layers: convolutions stay dense"
                 rows.append({**row, 'type': {'linear': 'Linear', 'conv': 'Conv2d'}.get(kind, 'MultiheadAttention')})
                 if mod is not None: chosen[n] = mod
     finally: torch.set_num_threads(old_threads)
     return rows, chosen
 
-def _exported(model:nn.Module, mats:dict, chosen:dict, mhas:dict, skipped:dict) -> nn.Module:
+_hook_dicts = ('_forward_hooks', '_forward_pre_hooks', '_forward_hooks_with_kwargs', '_forward_pre_hooks_with_kwargs',
+               '_forward_hooks_always_called')
+
+def _replace(model:nn.Module, name:str, new:nn.Module) -> nn.Module:
+    "`_set`, the forward hooks of the module replaced carried over to `new` (feature capture, logging)"
+    old = model.get_submodule(name)
+    for d in _hook_dicts:
+        if getattr(old, d, None): getattr(new, d).update(getattr(old, d))
+    return _set(model, name, new)
+
+def _exported(model:nn.Module, mats:dict, chosen:dict, mhas:dict, skipped:dict, calls:dict|None=None) -> nn.Module:
     "A copy of `model` in eval mode with the `chosen` kernels in place of their Linear, Conv2d and attention modules"
     new = copy.deepcopy(model).eval().requires_grad_(False)
     for n, (w, b, owner, kind) in mats.items():
-        if kind in ('linear', 'conv') and n in chosen: new = _set(new, n, chosen[n])
+        if kind in ('linear', 'conv') and n in chosen: new = _replace(new, n, chosen[n])
     # an nn.TransformerEncoderLayer's fused fast path would read its sparse layers' weights: turn it off
-    fused = {f'{n}.self_attn' for n, m in model.named_modules() if isinstance(m, nn.TransformerEncoderLayer)
-             and any(c.startswith(n + '.') for c in chosen)}
+    pre = lambda n: f'{n}.' if n else ''  # the prefix of module `n`'s parts ('' for the model itself)
+    fused = {pre(n) + 'self_attn' for n, m in model.named_modules() if isinstance(m, nn.TransformerEncoderLayer)
+             and any(c.startswith(pre(n)) for c in chosen)}
     for n in mhas:
         ks = {k: chosen[f'{n}.{k}'] for k in (*_qkv, 'out_proj') if f'{n}.{k}' in chosen}
-        if ks or (n in fused and n not in skipped): new = _set(new, n, SparseMultiheadAttention(mhas[n], ks).eval())
+        if ks or (n in fused and n not in skipped):
+            new = _replace(new, n, SparseMultiheadAttention(mhas[n], ks).eval())
     for n, m in new.named_modules():  # an encoder would pack padded inputs as nested tensors, which kernels refuse
-        if isinstance(m, nn.TransformerEncoder) and any(c.startswith(f'{n}.' if n else '') for c in chosen):
+        if isinstance(m, nn.TransformerEncoder) and any(c.startswith(pre(n)) for c in chosen):
             m.use_nested_tensor = False
-    _chain_views(new)
+    _chain_views(new, calls or {})
     return new
 
 # elementwise modules between two Linear kernels in an nn.Sequential (in eval mode): any layout goes through them
@@ -625,18 +652,24 @@ _elementwise = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Mish, nn.E
 
 def _linear_kernel(m) -> bool: return isinstance(m, SparseLinear) and not isinstance(m, CSRConv2d)
 
-def _chain_views(model:nn.Module):
-    "Let a sparse Linear kernel return a transposed view where its output only reaches another one (no copy, no use)"
+def _chain_views(model:nn.Module, calls:dict):
+    """Let a sparse Linear kernel return a transposed view where its output only reaches another one (no copy, no use):
+    in an `nn.Sequential` whose own forward ran them (`calls`: each as often as the Sequential itself in the example's
+    pass, not also called directly by a parent, `self.body[0](x)`), with no hook between them to see the view"""
     uses = {}
     for _, m in model.named_modules(remove_duplicate=False): uses[id(m)] = uses.get(id(m), 0) + 1
-    for seq in model.modules():
+    def hooked(m): return bool(m._forward_hooks or m._forward_pre_hooks)
+    for name, seq in model.named_modules():
         if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward: continue
-        kids = list(seq.children())
-        for i, a in enumerate(kids):
-            if not _linear_kernel(a) or uses[id(a)] > 1 or a._forward_hooks: continue
+        runs, pre = calls.get(name, 0), f'{name}.' if name else ''
+        kids = list(seq.named_children())
+        def only_here(k): return runs > 0 and calls.get(pre + k, 0) == runs
+        for i, (ka, a) in enumerate(kids):
+            if not _linear_kernel(a) or uses[id(a)] > 1 or hooked(a) or not only_here(ka): continue
             j = i + 1
-            while j < len(kids) and type(kids[j]) in _elementwise and not kids[j]._forward_hooks: j += 1
-            if j < len(kids) and _linear_kernel(kids[j]): a.contiguous_out = False
+            while j < len(kids) and type(kids[j][1]) in _elementwise and not hooked(kids[j][1]): j += 1
+            if j < len(kids) and _linear_kernel(kids[j][1]) and not hooked(kids[j][1]) and only_here(kids[j][0]):
+                a.contiguous_out = False
 
 def _fresh_strides(shape) -> tuple:
     "The strides of `torch.empty(shape)`: row-major, size-1 dims included"
@@ -697,13 +730,13 @@ def to_sparse_inference(
     _check_kernels(kernels, list(mats), convs)
     args, kw = _prepare(model, example_input)
     mods = {n: {**lins, **convs}[n] for n, (_, _, _, k) in mats.items() if k in ('linear', 'conv')}
-    ref, seen = _layer_inputs(model, args, kw, mods, {n: m for n, m in mhas.items() if n not in skipped})
+    ref, seen, calls = _layer_inputs(model, args, kw, mods, {n: m for n, m in mhas.items() if n not in skipped})
     rows, chosen = _choose_all(mats, seen, convs, kernels, threads, min_speedup=min_speedup, max_density=max_density,
                                n_runs=n_runs)
     rows += [dict(layer=n, type='MultiheadAttention', kernel='dense', reason=why) for n, why in skipped.items()]
     rows += [dict(layer=n, type=type(convs[n]).__name__, shape=tuple(convs[n].weight.shape), kernel='dense', reason=why)
              for n, why in conv_refused.items()]
-    new = _exported(model, mats, chosen, mhas, skipped)
+    new = _exported(model, mats, chosen, mhas, skipped, calls)
     hs = _check_layouts(new)  # strides, not `is_contiguous()`: a transposed batch of 1 would pass that
     try:
         with torch.no_grad(), mha_fastpath_off(): out = new(*args, **kw)  # as the masked model ran (no nested tensors)
