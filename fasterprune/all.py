@@ -24,10 +24,12 @@ from .lottery import *
 from .distributed import *
 from .inference import *
 from .hf import *
+from .sensitivity import *
+from .distill import *
 
 # %% ../nbs/12_all.ipynb #fc4ead7f
 import importlib as _il
 _names = ('core', 'schedules', 'criteria', 'granularity', 'sparsifier', 'callback', 'data', 'metrics', 'plots', 'graph',
-          'pruner', 'rewind', 'lottery', 'distributed', 'inference', 'hf')
+          'pruner', 'rewind', 'lottery', 'distributed', 'inference', 'hf', 'sensitivity', 'distill')
 _modules = [_il.import_module(f'fasterprune.{_n}') for _n in _names]
 __all__ = list(dict.fromkeys(n for _m in _modules for n in _m.__all__ if n != 'logger'))

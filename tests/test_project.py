@@ -37,7 +37,8 @@ def test_version_agrees():
 def test_all_gives_public_api():
     ns = {}
     exec('from fasterprune.all import *', ns)
-    for name in ('SparsifyCallback', 'Sparsifier', 'agp', 'one_shot', 'iterative', 'get_granularity', 'digits_dls', 'lenet_300_100', 'conv1d_to_linear', 'hf_heads'):
+    for name in ('SparsifyCallback', 'Sparsifier', 'agp', 'one_shot', 'iterative', 'get_granularity', 'digits_dls', 'lenet_300_100', 'conv1d_to_linear', 'hf_heads',
+                 'sensitivity', 'targets_from_sensitivity', 'DistillCallback', 'kd_loss'):
         assert name in ns, name
 
 
@@ -50,7 +51,7 @@ def test_core_does_not_import_fastai():
 
 def test_plain_pytorch_modules_do_not_import_fastai():
     "The engine, metrics, graph, Pruner, rewinding and the sparse export work in plain PyTorch loops (DESIGN.md arrows)"
-    for mod in ('core', 'metrics', 'graph', 'pruner', 'rewind', 'inference'):
+    for mod in ('core', 'metrics', 'graph', 'pruner', 'rewind', 'inference', 'sensitivity'):
         src = (ROOT / 'fasterprune' / f'{mod}.py').read_text()
         assert not re.search(r'^\s*(import|from)\s+fastai\b', src, flags=re.M), mod
 
