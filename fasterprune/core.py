@@ -155,13 +155,16 @@ def conv1d_layers(model:nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if type(m).__name__ == 'Conv1D' and hasattr(m, 'nf')
             and isinstance(getattr(m, 'weight', None), Tensor) and m.weight.dim() == 2]
 
+def _left_out_note(names:list, one:str, many:str, rest:str) -> str:
+    "'' or a sentence naming the layers `names` ('a is `one`' / 'a, b are `many`'), then `rest`: why, what to do"
+    if not names: return ''
+    return f"{few(names)} {'is ' + one if len(names) == 1 else 'are ' + many} {rest}"
+
 def conv1d_note(model:nn.Module) -> str:
     "A sentence naming the model's `Conv1D` layers and what to do, or ''"
-    names = conv1d_layers(model)
-    if not names: return ''
-    return (f"{few(names)} {'is a' if len(names) == 1 else 'are'} transformers Conv1D layer{'s' * (len(names) > 1)} "
-            "(a Linear with its weight stored transposed), which fasterprune does not prune or count: convert them "
-            "with fasterprune.hf.conv1d_to_linear(model) first")
+    return _left_out_note(conv1d_layers(model), 'a transformers Conv1D layer', 'transformers Conv1D layers',
+                          "(a Linear with its weight stored transposed), which fasterprune does not prune or count: "
+                          "convert them with fasterprune.hf.conv1d_to_linear(model) first")
 
 # %% ../nbs/00a_core.ipynb #9237b000
 def quantized_layers(model:nn.Module) -> list[str]:
@@ -176,11 +179,9 @@ def quantized_layers(model:nn.Module) -> list[str]:
 
 def quantized_note(model:nn.Module) -> str:
     "A sentence naming the model's quantized layers and what to do, or ''"
-    names = quantized_layers(model)
-    if not names: return ''
-    return (f"{few(names)} {'is' if len(names) == 1 else 'are'} quantized (weights packed by torch.ao.quantization), "
-            "which fasterprune does not prune or count: prune the float model first, then quantize it "
-            "(quantize_dynamic keeps the zeros)")
+    return _left_out_note(quantized_layers(model), 'quantized', 'quantized',
+                          "(weights packed by torch.ao.quantization), which fasterprune does not prune or count: "
+                          "prune the float model first, then quantize it (quantize_dynamic keeps the zeros)")
 
 @contextmanager
 def mha_fastpath_off():
