@@ -20,7 +20,8 @@ from .callback import SparsifyCallback
 from .data import digits_dls, lenet_300_100, small_cnn, mlp
 from .metrics import compression_ratio, theoretical_speedup, count_params
 from .sparsifier import Sparsifier, prunable_layers
-from .lottery import lottery_experiment, plot_lottery
+from .lottery import lottery_experiment, plot_lottery, _check_lr
+from .distributed import CheckpointError
 
 # %% auto #0
 __all__ = ['lth_models', 'demo', 'lth', 'main']
@@ -42,7 +43,7 @@ def _check_demo(epochs, sparsity, seed, lr):
     for v, what, lo in ((epochs, 'epochs', 1), (seed, 'seed', 0)):
         if isinstance(v, bool) or int(v) != v or v < lo:
             raise ValueError(f"{what} must be a whole number >= {lo}, got {v!r}")
-    if not lr > 0: raise ValueError(f"lr must be > 0, got {lr!r}")
+    _check_lr(lr)
 
 def demo(epochs:int=20, sparsity:float=0.9, seed:int=0, lr:float=1e-2):
     "Dense vs AGP-pruned LeNet-300-100 and small CNN on digits; returns the rows it prints"
@@ -87,6 +88,7 @@ def lth(rounds:int=5, rate:float=0.2, rewind_iter:int=0, controls='reinit,random
         lr:float=0.05, model:str='lenet', output_rate:float|None=None, context:str='local', json_path=None,
         plot_path=None, tickets_dir=None, progress=True):
     "The lottery-ticket experiment on digits (`fasterprune lth`); returns `lottery_experiment`'s result"
+    _check_lr(lr)
     if model not in lth_models: raise ValueError(f"unknown model {model!r}; valid models: {', '.join(lth_models)}")
     rate = check_fraction(rate, 'rate', zero=False)
     out_rate = _output_rate(rate, output_rate)
@@ -147,13 +149,14 @@ def _run_lth(a) -> int:
     matplotlib.use('Agg')  # the plot goes to a file
     t0 = time.perf_counter()
     try:
+        _check_lr(a.lr)
         out = _output_rate(a.rate, a.output_rate)
         print(f"fasterprune lth: digits, {a.model}, {a.rate:.0%} of the remaining weights per round ({a.context}; "
               f"output layer {out:.0%}), rewind to iteration {a.rewind_iter}, {a.epochs} epoch{'s' if a.epochs != 1 else ''} a round, "
               f"{a.seeds} seed{'s' if a.seeds != 1 else ''}")
         res = lth(a.rounds, a.rate, a.rewind_iter, a.controls, a.seeds, a.epochs, a.lr, a.model, a.output_rate,
                   a.context, json_path=a.json, plot_path=a.plot, tickets_dir=a.tickets)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, CheckpointError) as e:  # CheckpointError: a state file next to --json unreadable
         print(f"fasterprune lth: error: {e}", file=sys.stderr)
         return 2
     _print_lth(res)

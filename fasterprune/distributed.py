@@ -168,20 +168,40 @@ def _opt_problems(osd, opt) -> list[str]:
     return [f"optimizer state of different shapes: {few(bad)}"] if bad else []
 
 # %% ../nbs/13_distributed.ipynb #dee84a95
+_ckpt_suffixes = ('.pth', '.pt')
+
+def _as_path(file) -> str|None:
+    "Why `file` reads as a path ('a .pt suffix', 'a folder', ...), or None for a name in the Learner's model folder"
+    s, p = str(file), Path(file)
+    if p.is_absolute(): return 'an absolute path'
+    if p.suffix in _ckpt_suffixes: return f"a {p.suffix} suffix"
+    if len(p.parts) > 1 or '/' in s or os.sep in s or (os.altsep is not None and os.altsep in s): return 'a folder'
+    return None
+
 def _checkpoint_path(learn:Learner, file) -> Path:
-    "`file` when it looks like a path (`.pth`, a folder, absolute), else `learn.path/learn.model_dir/{file}.pth`"
+    "`file` when it looks like a path (`.pth`/`.pt`, a folder, `./`, absolute), else `{model folder}/{file}.pth`"
     p = Path(file)
-    if p.suffix == '.pth' or len(p.parts) > 1 or p.is_absolute(): return p
+    if _as_path(file) is not None: return p
     return Path(learn.path)/learn.model_dir/f'{file}.pth'  # as `learn.load` does
 
+def _read_as(file) -> str:
+    "How `load_checkpoint` read `file`: the words a 'no checkpoint' error adds"
+    why = _as_path(file)
+    if why is not None:
+        return (f"{str(file)!r} was read as a path ({why}); a name without suffix or folder is looked up in "
+                "learn.path/learn.model_dir")
+    return (f"{str(file)!r} was read as a name in learn.path/learn.model_dir with '.pth' added, as learn.load does; "
+            f"for a file in the working directory pass './{file}' or a name ending in .pth or .pt")
+
 def load_checkpoint(learn:Learner,
-    file,                    # a path, or a name in `learn.path/learn.model_dir` as for `learn.load` ('model_3')
+    file,                    # a path ('ckpt.pt', './ckpt', 'runs/ckpt'), or a name in the model folder ('model_3')
     with_opt:bool=True,      # also load the optimizer state (needed to resume a fit exactly)
     weights_only:bool=True,  # `torch.load`'s safe unpickler (fastai's allow-list); False only for files you trust
 ) -> Learner:
     "Load a checkpoint into `learn` only if all of it fits; else a `CheckpointError`, model and optimizer untouched"
     barrier()  # rank 0 may still be writing it
     p = _checkpoint_path(learn, file)
+    if not p.is_file(): raise FileNotFoundError(f"no checkpoint at {p}: {_read_as(file)}")
     params = list(get_model(learn.model).parameters())
     sd = read_checkpoint(p, params[0].device if params else 'cpu', weights_only)
     has_opt = set(sd) == {'model', 'opt'}
@@ -209,9 +229,8 @@ def _complete(p:Path) -> bool:
         with zipfile.ZipFile(p) as z: return bool(z.namelist())
     except (zipfile.BadZipFile, OSError): return False
 
-def latest_checkpoint(learn, fname:str='model') -> tuple[Path, int]|None:
-    "`(path, epoch)` of the newest complete `{fname}_{epoch}.pth` in `learn.path/learn.model_dir` (or folder `learn`)"
-    d = Path(learn) if isinstance(learn, (str, Path)) else Path(learn.path)/learn.model_dir
+def _local_latest(d:Path, fname:str) -> tuple[Path, int]|None:
+    "This process's newest complete `{fname}_{epoch}.pth` in folder `d`"
     pat = re.compile(rf'{re.escape(fname)}_(\d+)\.pth')
     found = sorted(((int(m.group(1)), f) for f in d.glob(f'{fname}_*.pth') if (m := pat.fullmatch(f.name))),
                    reverse=True)
@@ -220,6 +239,26 @@ def latest_checkpoint(learn, fname:str='model') -> tuple[Path, int]|None:
         if is_rank0():
             logger.warning("latest_checkpoint: skipping %s: the file is incomplete (truncated while being written?)", f)
     return None
+
+def latest_checkpoint(learn, fname:str='model') -> tuple[Path, int]|None:
+    "`(path, epoch)` of the newest complete `{fname}_{epoch}.pth` in `learn.path/learn.model_dir` (or folder `learn`)"
+    d = Path(learn) if isinstance(learn, (str, Path)) else Path(learn.path)/learn.model_dir
+    found = _local_latest(d, fname)
+    if not _initialized() or dist.get_world_size() < 2: return found
+    # a collective: rank 0's choice for every rank, and every rank must have that file complete in its own folder
+    got = [None] * dist.get_world_size()
+    dist.all_gather_object(got, (None if found is None else found[1], str(d)))
+    ep0 = got[0][0]
+    if ep0 is None: return None  # rank 0 starts afresh: so does every rank
+    f = d/f'{fname}_{ep0}.pth'
+    have = [None] * dist.get_world_size()
+    dist.all_gather_object(have, f.is_file() and _complete(f))
+    lack = [f"rank {r} ({Path(got[r][1])/f.name})" for r, ok in enumerate(have) if not ok]
+    if lack:
+        raise FileNotFoundError(f"latest_checkpoint: rank 0 resumes after epoch {ep0} ({Path(got[0][1])/f.name}), "
+                                f"but {', '.join(lack)} has no complete copy of it; every rank must load the same "
+                                "epoch: put the file on a disk every rank reads (or copy it there) and resume again")
+    return f, ep0
 
 def resume_from_checkpoint(learn:Learner, fname:str='model', with_opt:bool=True) -> int:
     "Load the newest complete `{fname}_{epoch}.pth` into `learn`; the `start_epoch` to fit from (0 if there is none)"
@@ -239,6 +278,16 @@ def _any_rank(flag:bool) -> bool:
     dist.all_reduce(t)
     return bool(t.item() > 0)
 
+_low = (torch.float16, torch.bfloat16)
+
+def _grads_finite(grads:list[Tensor]) -> bool:
+    "Are all `grads` finite? One host read; fp16/bf16 norms in float32, where a finite gradient cannot overflow"
+    if not grads: return True
+    low, rest = [g for g in grads if g.dtype in _low], [g for g in grads if g.dtype not in _low]
+    norms = (list(torch._foreach_norm(low, 2, dtype=torch.float32)) if low else []) + \
+            (list(torch._foreach_norm(rest)) if rest else [])
+    return bool(torch.isfinite(torch.stack([n.float() for n in norms]).sum()))
+
 class StopOnNaNCallback(Callback):
     "Stop the fit before an optimizer step on a non-finite loss or gradient, with an error naming it; all ranks agree"
     order, run_valid = 90, False  # after MixedPrecision (unscaled gradients); its after_fit runs after the others'
@@ -251,8 +300,7 @@ class StopOnNaNCallback(Callback):
     def before_fit(self): self.message = None
 
     def before_step(self):
-        grads = [p.grad for p in self.learn.model.parameters() if p.grad is not None]
-        gbad = bool(grads) and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()))
+        gbad = not _grads_finite([p.grad for p in self.learn.model.parameters() if p.grad is not None])
         lbad = _world() < 2 and not bool(torch.isfinite(self.loss).all())  # one process: the loss decides too
         if gbad or lbad: self._stop(gbad)
 

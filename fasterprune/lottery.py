@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_lottery.ipynb #9901367b
 from __future__ import annotations
-import json, logging, statistics, warnings
+import json, logging, math, statistics, warnings
 from pathlib import Path
 import torch
 from torch import nn, Tensor
@@ -19,7 +19,7 @@ from .core import check_context, bare_model
 from .sparsifier import prunable_layers, one_per_weight
 from .rewind import (Rewinder, check_rate, check_iteration, model_state, imp_masks,
                                 random_masks, weights_remaining, check_ticket, _layer_rates)
-from .distributed import save_on_rank0, read_checkpoint
+from .distributed import save_on_rank0, read_checkpoint, CheckpointError, StopOnNaNCallback
 
 logger = logging.getLogger('fasterprune')
 _all_ = ['Rewinder', 'check_rate', 'model_state', 'imp_masks', 'random_masks', 'weights_remaining', 'check_ticket']
@@ -108,7 +108,12 @@ class RewindCallback(Callback):
         self.rewinder.after_step(self._count and stepped)  # masks re-applied either way
 
     def after_fit(self):
-        if self._started and self._count: self.rewinder.end_fit()
+        if not (self._started and self._count): return
+        try: self.rewinder.end_fit()
+        except RuntimeError as e:  # a fit StopOnNaNCallback stopped short of the rewind point: its error says so first
+            nan = next((c for c in self.learn.cbs if isinstance(c, StopOnNaNCallback) and c.message is not None), None)
+            if nan is None or not nan.raise_error: raise  # not stopped by a NaN, or the NaN was only logged (first)
+            nan.message += f"; {e}"
 
 class MaskCallback(RewindCallback):
     "Keep fixed `masks` (layer name → bool, True = keep) applied to `learn.model` after every optimizer step"
@@ -264,6 +269,14 @@ def _whole(x, what:str) -> int:
         raise ValueError(f"{what} must be a whole number >= 1, got {x!r}")
     return int(x)
 
+def _check_lr(lr, what:str='lr') -> float|None:
+    "`lr` as a finite number > 0, or None (the Learner's own); else a `ValueError` or `TypeError` saying what to pass"
+    if lr is None: return None
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise TypeError(f"{what} must be a number > 0 or None (the Learner's lr), got {type(lr).__name__} {lr!r}")
+    if not (math.isfinite(lr) and lr > 0): raise ValueError(f"{what} must be a finite number > 0, got {lr!r}")
+    return float(lr)
+
 def _check_run(rounds, rate, epochs, lr, rewind_iter, controls, seeds, context, layer_rates, fit) -> dict:
     "The runner's settings, checked, as one dict"
     if isinstance(controls, str): controls = [c.strip() for c in controls.split(',') if c.strip()]
@@ -275,8 +288,9 @@ def _check_run(rounds, rate, epochs, lr, rewind_iter, controls, seeds, context, 
     check_context(context)
     if not (callable(fit) or isinstance(fit, str)):
         raise TypeError("fit must be a Learner method name or f(learn, epochs, lr, cbs)")
-    return dict(rate=check_rate(rate), rounds=_whole(rounds, 'rounds'), epochs=_whole(epochs, 'epochs'), lr=lr,
-                rewind_iter=check_iteration(rewind_iter), arms=['ticket'] + [c for c in arm_names[1:] if c in controls],
+    return dict(rate=check_rate(rate), rounds=_whole(rounds, 'rounds'), epochs=_whole(epochs, 'epochs'),
+                lr=_check_lr(lr), rewind_iter=check_iteration(rewind_iter),
+                arms=['ticket'] + [c for c in arm_names[1:] if c in controls],
                 seeds=seeds, context=context, layer_rates=layer_rates, fit=fit)
 
 def _config(run:dict, make_learner, name) -> dict:
@@ -306,7 +320,15 @@ def _probe(make_learner, run:dict) -> nn.Module:
 
 def _resume(state_path, config:dict, model:nn.Module) -> dict:
     "The state of an earlier run with the same `config`, checked against `model`"
-    old = _read(state_path)
+    what = (f"{state_path} is the lottery runner's state file (written after every round, next to the JSON table, to "
+            "resume an interrupted run)")
+    fix = "nothing was changed: delete it to start the run afresh, or pass another state_path or json_path (--json)"
+    try: old = _read(state_path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{what}, and it cannot be read: {str(e).removesuffix('; nothing was loaded')}; {fix}") from e
+    if not (isinstance(old, dict) and isinstance(old.get('config'), dict) and isinstance(old.get('rows'), list)
+            and isinstance(old.get('seeds'), dict)):
+        raise CheckpointError(f"{what}, but it holds no runner state (a ticket or another file?); {fix}")
     diff = {k: (old['config'].get(k), v) for k, v in config.items() if old['config'].get(k) != v}
     if diff:
         raise ValueError(f"{state_path} was written by a run with other settings "

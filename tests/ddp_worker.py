@@ -125,6 +125,33 @@ class Midway(Callback):
             time.sleep(300)
 
 
+def latest_worker(rank:int, port:int, root:str):
+    "`mp.spawn` target: 2 gloo ranks whose checkpoint folders differ; what `latest_checkpoint` and resume say on each"
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE='2')
+    dist.init_process_group('gloo', rank=rank, world_size=2)
+    from fasterprune.distributed import latest_checkpoint, resume_from_checkpoint
+    out = {}
+    # rank 0's disk has epochs ..., rank 1's others (node-local disks, or a copy still being written)
+    for case, eps in {'r1_lacks': ([0, 1, 2], [0]), 'r1_has_more': ([0, 1], [0, 1, 2]), 'r0_none': ([], [0, 1])}.items():
+        d = Path(root)/case/f'node{rank}'/'models'
+        d.mkdir(parents=True)
+        for ep in eps[rank]: torch.save({'w': torch.full((1,), float(ep))}, d/f'model_{ep}.pth')
+        try:
+            found = latest_checkpoint(d)
+            out[case] = None if found is None else found[1]
+        except FileNotFoundError as e: out[case] = f"FileNotFoundError: {e}"
+        if case == 'r1_has_more':  # resume_from_checkpoint on a Learner whose model_dir is that folder
+            x = torch.zeros(4, 1)
+            dls = DataLoaders(DataLoader(TensorPairs(x, x), bs=2), DataLoader(TensorPairs(x, x), bs=2),
+                              device=torch.device('cpu'))
+            model = nn.ParameterDict({'w': nn.Parameter(torch.zeros(1))})  # state key 'w', as the files
+            learn = Learner(dls, model, loss_func=nn.MSELoss(), path=d.parent)
+            out['resume'] = (resume_from_checkpoint(learn, with_opt=False), float(learn.model['w']))
+    torch.save(out, Path(root)/f'latest{rank}.pt')
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 if __name__ == '__main__':
     torch.set_num_threads(1)
     mode, out = sys.argv[1], Path(sys.argv[2])
