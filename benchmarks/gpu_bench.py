@@ -111,14 +111,16 @@ def checks(dev='cuda', small=False):
     import gpu_checks
     if dev != 'cuda':
         return dict(engine=bool(gpu_checks.engine_check(dev, cases=12)),
-                    grad_accumulation=bool(gpu_checks.grad_accumulation_check(dev)))
+                    grad_accumulation=bool(gpu_checks.grad_accumulation_check(dev)),
+                    nan_fp16=bool(gpu_checks.nan_check_fp16(dev)))
     ok_en = gpu_checks.engine_check(dev)
     ok_cu = gpu_checks.coupled_check(dev)
     ok_cb = gpu_checks.callback_checks()
     ok_ga = gpu_checks.grad_accumulation_check(dev)
+    ok_nan = gpu_checks.nan_check_fp16(dev)
     ok_lt = gpu_checks.lottery_check()
     return dict(engine=bool(ok_en), coupled=bool(ok_cu), callback=bool(ok_cb), grad_accumulation=bool(ok_ga),
-                lottery=bool(ok_lt))
+                nan_fp16=bool(ok_nan), lottery=bool(ok_lt))
 
 
 def _sections():

@@ -81,6 +81,17 @@ def grad_accumulation_check(dev='cuda'):
     return ok
 
 
+def nan_check_fp16(dev='cuda'):
+    "StopOnNaNCallback's gradient check on the device: large finite fp16 gradients read finite, one NaN does not"
+    from fasterprune.distributed import _grads_finite
+    big = [torch.full((10_000,), 1000., dtype=torch.float16, device=dev), torch.ones(3, device=dev)]
+    bad = [big[0].clone(), big[1]]
+    bad[0][17] = float('nan')
+    ok_big, ok_bad = _grads_finite(big), _grads_finite(bad)
+    return check(f"StopOnNaN's fp16 gradient check on {dev}", ok_big and not ok_bad,
+                 f"finite fp16 (norm 1e5 > fp16 max) read finite: {ok_big}; one NaN read finite: {ok_bad}")
+
+
 def lottery_check():
     from fastai.learner import Learner
     from fastai.metrics import accuracy
@@ -181,6 +192,7 @@ def main():
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
     ok = callback_checks()
     ok &= grad_accumulation_check()
+    ok &= nan_check_fp16()
     ok &= lottery_check()
     ok &= nm_speed()
     return 0 if ok else 1
