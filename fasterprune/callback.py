@@ -53,14 +53,24 @@ def _quiet(on:bool=True):
     try: yield
     finally: logger.setLevel(level)
 
-def _in_fine_tune() -> bool:
-    "Is this fit inside `Learner.fine_tune` (its frozen fit is followed by an unfrozen one)?"
-    code = getattr(getattr(Learner, 'fine_tune', None), '__code__', None)
+def _in_call_of(fn) -> bool:
+    "Is a call of the function `fn` (a method of `Learner`) on the stack?"
+    code = getattr(fn, '__code__', None)
     f = sys._getframe()
     while f is not None and code is not None:
         if f.f_code is code: return True
         f = f.f_back
     return False
+
+def _in_fine_tune() -> bool:
+    "Is this fit inside `Learner.fine_tune` (its frozen fit is followed by an unfrozen one)?"
+    return _in_call_of(getattr(Learner, 'fine_tune', None))
+
+def _in_fit() -> bool:
+    """Is this `before_fit` the start of a training fit (`Learner.fit`, and what calls it: `fit_one_cycle`, `lr_find`),
+    not of a validation pass (`validate`, `get_preds`, `with learn:`)? A callback that raises in a validation pass's
+    `before_fit` leaves fastai's Learner locked (its next validation pass waits forever): checks wait for a fit"""
+    return _in_call_of(Learner.fit)
 
 # %% auto #0
 __all__ = ['logger', 'SparsifyCallback']
@@ -150,6 +160,9 @@ class SparsifyCallback(Callback):
         return super().__call__(event_name)
 
     def __setattr__(self, name, value):
+        if name == 'learn' and value is None and self.__dict__.get('_metric') is not None and \
+                getattr(self, 'learn', None) is not None:
+            self._drop_metric()  # removed (remove_cb, or the end of fit(cbs=)) after a fit that died: no stale column
         if name == 'learn' and value is not None:  # fastai's add_cb, before it touches the Learner
             cbs = list(getattr(value, 'cbs', None) or [])
             if any(c is self for c in cbs):
@@ -178,7 +191,7 @@ class SparsifyCallback(Callback):
 
     # --- the fit: validation-only passes (validate, get_preds, `with learn:`) fire before_fit, never before_train ---
     def before_fit(self):
-        self._check_alone()
+        if _in_fit(): self._check_alone()  # in a fit, before any callback changes anything (see `_in_fit`)
         self._drop_metric()  # a failed fit's column
         self._mode, self._masker = None, None
         self._lr_find = any(isinstance(c, LRFinder) for c in self.learn.cbs)
@@ -188,7 +201,9 @@ class SparsifyCallback(Callback):
 
     def before_train(self):
         if self._mode is None:  # set up at the first training epoch of this fit
-            try: self._start()
+            try:
+                self._check_alone()  # again: a fit that did not come through `Learner.fit`
+                self._start()
             except Exception:
                 self._mode = None
                 self._drop_metric()

@@ -11,11 +11,12 @@ from torch import nn, Tensor
 from fastai.callback.core import Callback
 from fastai.callback.schedule import LRFinder
 from fastai.callback.training import GradientAccumulation
-from fastai.learner import Learner
+from fastai.learner import Learner, SkipToEpoch
 from fastai.torch_core import set_seed
 import fastai.callback.progress  # Learner.no_bar
 from fastprogress.fastprogress import master_bar, progress_bar
 from .core import check_context, bare_model
+from .callback import _in_fit
 from .sparsifier import prunable_layers, one_per_weight
 from .rewind import (Rewinder, check_rate, check_iteration, model_state, imp_masks,
                                 random_masks, weights_remaining, check_ticket, _layer_rates)
@@ -81,24 +82,35 @@ class RewindCallback(Callback):
         return None if self.rewinder is None else self.rewinder.rewind_point
 
     def before_fit(self):
+        self._started, self._count, self._cancelled, self._ready = False, True, False, False
+        # a validation pass (validate, get_preds) keeps no rewind point and checks nothing: a refusal in its
+        # before_fit would leave fastai's Learner locked; a fit checks here, before any callback prunes
+        if _in_fit(): self._set_up()
+
+    def _set_up(self):
+        "This fit's checks (the model, the masks, the rewind iteration within the fit) and its rewind point"
         model = bare_model(self.learn.model)  # inside DDP and torch.compile: the same keys as one process
         if self.rewinder is None: self.rewinder = Rewinder(model)
         elif self.rewinder.model is not model:
             raise ValueError(f"the Learner's model ({type(model).__name__}) is not the model this Rewinder prunes")
         self.rewinder.check_masks()  # a surgery since the masks were made: a clear error now, not in the first step
+        self._count = not any(isinstance(cb, LRFinder) for cb in self.learn.cbs)  # lr_find's steps are thrown away
+        k = self.iteration if not self._asked else self.rewinder._pending
+        if self._count and k:  # the rewind iteration must fall inside this fit: refused before anything changes
+            start = next((cb._skip_to for cb in self.learn.cbs if isinstance(cb, SkipToEpoch)), 0)
+            self._n, how = _fit_steps(self.learn, self.n_epoch - start)  # the epochs it trains (`start_epoch=`)
+            if k > self._n:
+                raise ValueError(f"rewind iteration {k} is beyond the fit's length of {self._n} optimizer steps "
+                                 f"({how}); nothing was trained: fit longer or keep an earlier rewind point")
         if not self._asked: self.rewinder.keep_rewind_point(self.iteration)
-        self._asked, self._started, self._count, self._cancelled = True, False, True, False
+        self._asked, self._ready = True, True
 
     def before_train(self):
         if self._started: return  # only the first training epoch of a fit starts the count
         self._started = True
-        self._count = not any(isinstance(cb, LRFinder) for cb in self.learn.cbs)  # lr_find's steps are thrown away
+        if not self._ready: self._set_up()  # a fit that did not come through `Learner.fit`
         if not self._count: return
-        n, how = _fit_steps(self.learn, self.n_epoch - self.epoch)  # from the first epoch trained (`start_epoch=`)
-        k = self.rewinder._pending
-        if k is not None and k > n:
-            raise ValueError(f"rewind iteration {k} is beyond the fit's length of {n} optimizer steps ({how}); "
-                             "nothing was trained: fit longer or keep an earlier rewind point")
+        n, _ = _fit_steps(self.learn, self.n_epoch - self.epoch)  # from the first epoch trained (`start_epoch=`)
         self.rewinder.start_fit(n)
 
     def after_cancel_step(self): self._cancelled = True  # e.g. fp16 MixedPrecision skipping an overflowed step
@@ -121,11 +133,11 @@ class MaskCallback(RewindCallback):
         super().__init__(None)
         self.masks = masks if masks is not None else {}
 
-    def before_fit(self):
+    def _set_up(self):
         model = bare_model(self.learn.model)
         if self.rewinder is None or self.rewinder.model is not model: self.rewinder = Rewinder(model)
         self.rewinder.set_masks(self.masks)  # checked against the layers, applied before the first batch
-        super().before_fit()
+        super()._set_up()
 
 def apply_masks(model:nn.Module, masks:dict[str, Tensor]) -> nn.Module:
     "Deprecated: zero `model`'s weights where `masks` say so; use `Rewinder(model).set_masks(masks)`"

@@ -228,11 +228,17 @@ class Pruner:
         "The precision of the model's floating parameters (float32 when it has none)"
         return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
 
-    def _rw(self):
-        "The `Rewinder` behind the rewinding methods, attached to the Learner or the optimizer on first use"
+    def _rw(self, need_point:bool=False):
+        """The `Rewinder` behind the rewinding methods: the one a `RewindCallback` on the Learner already drives for
+        this model (another `Pruner(learn)`'s), else a new one attached to the Learner or the optimizer on first use;
+        `need_point`: none yet is an error, and nothing is attached"""
         if self._rewinder is None:
             from fasterprune.rewind import Rewinder
-            self._rewinder = Rewinder(self.model).attach(self.learn if self.learn is not None else self.opt)
+            rws = [getattr(c, 'rewinder', None) for c in getattr(self.learn, 'cbs', None) or []]
+            rw = next((r for r in rws if isinstance(r, Rewinder) and r.model is self.model), None)
+            if rw is None and need_point:
+                raise RuntimeError("no rewind point: call keep_rewind_point() before training")
+            self._rewinder = rw or Rewinder(self.model).attach(self.learn if self.learn is not None else self.opt)
         return self._rewinder
 
     def __repr__(self): return f"Pruner({type(self.model).__name__}, {len(self.history)} surgeries)"
@@ -1422,7 +1428,7 @@ def rewind(self:Pruner,
     fresh_opt:bool=True,  # start the next fit with a fresh optimizer state
 ) -> Pruner:
     "Load the rewind point into the surviving weights (and buffers); pruned weights stay zero"
-    self._rw().rewind(fresh_opt)
+    self._rw(need_point=True).rewind(fresh_opt)
     return self
 
 # %% ../nbs/08_pruner.ipynb #3bf99aab

@@ -8,7 +8,7 @@ import logging
 import torch
 from torch import nn, Tensor
 from .core import check_fraction, check_context, round_half_up, state_problems
-from .sparsifier import Sparsifier, prunable_layers, one_per_weight, _ties, _matches
+from .sparsifier import Sparsifier, prunable_layers, one_per_weight, _ties, _matches, _nnz_each
 
 logger = logging.getLogger('fasterprune')
 
@@ -230,6 +230,8 @@ class Rewinder:
     ) -> dict[str, Tensor]:
         "Prune `rate` of the surviving weights by magnitude (the model keeps its other values); returns the masks"
         self.check_masks()
+        if self.rewind_point is not None: self._check_point()  # a rewind after it would fail: refuse before pruning
+        self._adopt_zeros()
         masks = imp_masks(self.model, self.masks, rate, context, layer_rates, list(self.layers.values()))
         self.set_masks(masks)
         logger.info("Rewinder: %.2f %% of the weights remain", 100 * self.remaining())
@@ -239,6 +241,7 @@ class Rewinder:
         "Load the rewind point (parameters and buffers), zero the pruned weights; by default reset the optimizer"
         self._require_point()
         self._check_point()
+        self._adopt_zeros()
         self.model.load_state_dict(self.rewind_point, strict=False)  # keys added later (a folded bias) stay
         self.apply_masks()
         if fresh_opt and self.learn is not None: self.learn.opt = None  # fastai's fit creates a new one
@@ -248,6 +251,7 @@ class Rewinder:
     def next_round(self, rate:float=0.2, context:str='local', layer_rates:dict|None=None, fresh_opt:bool=True):
         "One IMP round between two fits: prune `rate` of the survivors by magnitude, then rewind"
         self._require_point()  # before anything is pruned
+        self._check_point()
         self.prune_weights(rate, context, layer_rates)
         self.rewind(fresh_opt)
         self.round += 1
@@ -272,6 +276,24 @@ class Rewinder:
         self.check_masks()
         self.sparsifier.apply_masks()
         return self
+
+    def _adopt_zeros(self):
+        """Weights already exactly zero that the masks keep (pruned by a SparsifyCallback, zero in a checkpoint) join
+        the pruned ones, so a rewind does not bring them back; a layer of zeros only (zero-initialized) stays as it is"""
+        self.check_masks()
+        names = list(self.layers)
+        with torch.no_grad():
+            kept = {n: self.masks[n] if n in self.masks else None for n in names}
+            zero = {n: self.sparsifier.weight(n) == 0 for n in names}
+            new = {n: z if kept[n] is None else z & kept[n] for n, z in zero.items()}  # zeros the masks keep
+            counts = _nnz_each(list(new.values()))  # one host read per device
+            alive = _nnz_each(self.sparsifier.weight(n) for n in names)
+        add = {n: (~new[n] if kept[n] is None else kept[n] & ~new[n]) for n, c, a in zip(names, counts, alive)
+               if c and a}  # not a layer of zeros only
+        if not add: return
+        self.sparsifier.set_masks(add)
+        logger.info("Rewinder: %d weights already zero taken as pruned (%s)",
+                    sum(c for n, c in zip(names, counts) if n in add), ', '.join(add))
 
     def check_masks(self):
         "Raise a `ValueError` if the masks no longer fit the layers (a surgery that `follow_cuts` was not told about)"
