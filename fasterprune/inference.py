@@ -122,17 +122,23 @@ class CSRLinear(SparseLinear):
 
     def _mm(self, x:Tensor) -> Tensor:
         "`x @ W.T + b` as `(W @ x.T + b).T`, copied row-major unless `contiguous_out` is off (then a transposed view)"
+        if self._cpu_autocast(): return self._in_own_dtype(self._mm, x)
         w = self.weight
-        if w.device.type == 'cpu':  # CPU CSR kernels: float32/float64 only, and none under autocast
-            if self.values.dtype not in (torch.float32, torch.float64):
-                raise TypeError(f"{type(self).__name__}: CPU CSR kernels compute in float32 or float64, and this layer "
-                                f"holds {self.values.dtype} weights (`.half()`/`.bfloat16()` of the export?): keep the "
-                                "export in float32 (`.float()`), or export the half-precision model on a GPU")
-            if torch.is_autocast_enabled('cpu'):
-                with torch.autocast('cpu', enabled=False):  # the layer's own dtype (autocast's output: float32)
-                    return self._mm(x.to(self.values.dtype))
         y = torch.sparse.mm(w, x.t()) if self.bias is None else torch.sparse.addmm(self.bias.unsqueeze(1), w, x.t())
         return _contiguous(y.t()) if self.contiguous_out else y.t()
+
+    def _cpu_autocast(self) -> bool:
+        "On the CPU: a half-precision layer is an error (CPU CSR kernels compute in float32/float64); under autocast?"
+        if self.values.device.type != 'cpu': return False
+        if self.values.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{type(self).__name__}: CPU CSR kernels compute in float32 or float64, and this layer "
+                            f"holds {self.values.dtype} weights (`.half()`/`.bfloat16()` of the export?): keep the "
+                            "export in float32 (`.float()`), or export the half-precision model on a GPU")
+        return torch.is_autocast_enabled('cpu')
+
+    def _in_own_dtype(self, f, x:Tensor) -> Tensor:
+        "`f(x)` in the layer's own dtype with CPU autocast off (its output: float32, which autocast's next ops take)"
+        with torch.autocast('cpu', enabled=False): return f(x.to(self.values.dtype))
 
     def extra_repr(self): return super().extra_repr() + f", nnz={self.values.numel()}"
 
@@ -167,7 +173,8 @@ class CSRConv2d(CSRLinear):
     def forward(self, input:Tensor) -> Tensor:  # `input`, like nn.Conv2d
         x = input
         _inference_only(self, x)
-        if x.ndim == 3: return self(x.unsqueeze(0)).squeeze(0)
+        if x.ndim == 3: return self.forward(x.unsqueeze(0)).squeeze(0)  # `forward`: the hooks run once, on the call
+        if self._cpu_autocast(): return self._in_own_dtype(self.forward, x)
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"CSRConv2d expects inputs of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
         n, _, h, w = x.shape
@@ -620,11 +627,20 @@ def _choose_all(mats:dict, seen:dict, convs:dict, kernels, threads, **choice) ->
 _hook_dicts = ('_forward_hooks', '_forward_pre_hooks', '_forward_hooks_with_kwargs', '_forward_pre_hooks_with_kwargs',
                '_forward_hooks_always_called')
 
+def _reparam_hook(h) -> bool:
+    "Is forward (pre-)hook `h` one that computes the layer's weight (torch.nn.utils' prune, weight_norm, spectral_norm)?"
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.weight_norm import WeightNorm
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    return isinstance(h, (BasePruningMethod, WeightNorm, SpectralNorm))
+
 def _replace(model:nn.Module, name:str, new:nn.Module) -> nn.Module:
-    "`_set`, the forward hooks of the module replaced carried over to `new` (feature capture, logging)"
+    """`_set`, the forward hooks of the module replaced carried over to `new` (feature capture, logging); not those that
+    compute its weight (the kernel holds the computed weight)"""
     old = model.get_submodule(name)
+    carried = {k: h for k, h in {**old._forward_hooks, **old._forward_pre_hooks}.items() if not _reparam_hook(h)}
     for d in _hook_dicts:
-        if getattr(old, d, None): getattr(new, d).update(getattr(old, d))
+        if getattr(old, d, None): getattr(new, d).update({k: v for k, v in getattr(old, d).items() if k in carried})
     return _set(model, name, new)
 
 def _exported(model:nn.Module, mats:dict, chosen:dict, mhas:dict, skipped:dict, calls:dict|None=None) -> nn.Module:

@@ -408,7 +408,7 @@ class _Surgery:
         for (name, kind), s in g.slots.items():
             keep = ~remove[s.comp]
             if not keep.all(): self._cut_slot(s, _owner(g, name, kind), keep.nonzero().squeeze(1))
-        for m in g.modules.values():  # the fused fast path of a TransformerEncoderLayer needs all its heads
+        for name, m in g.modules.items():  # the fused fast path of a TransformerEncoderLayer needs all its heads
             if isinstance(m, nn.TransformerEncoderLayer) and isinstance(m.self_attn, PrunedMultiheadAttention) \
                     and m.activation_relu_or_gelu:
                 self.set(m, 'activation_relu_or_gelu', False)  # its fast-path test: the layer runs its parts
@@ -416,6 +416,10 @@ class _Surgery:
             if isinstance(m, nn.TransformerEncoder) and getattr(m, 'use_nested_tensor', False) and \
                     any(isinstance(l.self_attn, PrunedMultiheadAttention) for l in m.layers):
                 self.set(m, 'use_nested_tensor', False)
+                logger.warning("Pruner: %s no longer packs padded batches into nested tensors (a pruned attention "
+                               "reads padded ones): in inference it computes the padded positions, as in training, "
+                               "where PyTorch's nested fast path returned zeros; a model that pools over padded "
+                               "positions without the padding mask sees other values there", name or 'the encoder')
 
     def _cut_slot(self, s, m:nn.Module, idx:Tensor):
         n = len(idx)
@@ -560,8 +564,8 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
                 average_attn_weights=True, is_causal=False):
         if query.dim() == 2:  # unbatched (L, E), as nn.MultiheadAttention takes it: a batch of one
             kp = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
-            out, att = self(*(t.unsqueeze(0 if self.batch_first else 1) for t in (query, key, value)), kp, need_weights,
-                            attn_mask, average_attn_weights, is_causal)
+            out, att = self.forward(*(t.unsqueeze(0 if self.batch_first else 1) for t in (query, key, value)), kp,
+                                    need_weights, attn_mask, average_attn_weights, is_causal)  # hooks: once, outside
             return out.squeeze(0 if self.batch_first else 1), (None if att is None else att.squeeze(0))
         if self.batch_first: query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         T, B, _ = query.shape
