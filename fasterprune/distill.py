@@ -4,12 +4,12 @@
 
 # %% ../nbs/17_distill.ipynb #5608174a
 from __future__ import annotations
-import copy, logging, math
+import contextlib, copy, logging, math
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 from fastai.callback.core import Callback
-from .core import evaluating, bare_model, model_device, flat_tensors, few
+from .core import evaluating, bare_model, model_device, flat_tensors, few, first_line
 from .graph import _untouched
 from .pruner import _first_batch
 
@@ -31,7 +31,9 @@ def kd_loss(
                          "have the same shape: distillation compares them class by class")
     log_s = F.log_softmax(student.float() / T, dim)
     log_t = F.log_softmax(teacher.float() / T, dim)
-    kl = F.kl_div(log_s, log_t, reduction='none', log_target=True).sum(dim)  # one value per position
+    p_t = log_t.exp()
+    # a class the teacher gives probability 0 (a -inf logit: a masked vocabulary) adds 0, whatever the student gives it
+    kl = (p_t * torch.where(p_t > 0, log_t - log_s, 0.)).sum(dim)  # one value per position
     return kl.mean() * (T * T)
 
 # %% ../nbs/17_distill.ipynb #ccff6d9d
@@ -51,6 +53,24 @@ def _shapes(x) -> list[tuple]:
 def _run(model:nn.Module, x):
     "`model` on `x` as fastai calls it: `model(*xb)`"
     return model(*x) if isinstance(x, tuple) else model(x)
+
+_non_class_losses = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCEWithLogitsLoss, nn.BCELoss,
+                     nn.MultiLabelSoftMarginLoss, nn.MultiLabelMarginLoss, nn.GaussianNLLLoss, nn.PoissonNLLLoss)
+_non_class_fns = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss, F.binary_cross_entropy_with_logits,
+                  F.binary_cross_entropy, F.multilabel_soft_margin_loss, F.multilabel_margin_loss)
+
+def _non_class_loss(loss_func) -> str|None:
+    "The name of `loss_func` when it trains regression or multi-label outputs (fastai's flat losses unwrapped), or None"
+    f = loss_func
+    for _ in range(3):  # fastai's `MSELossFlat()` keeps `nn.MSELoss` in `.func`; a `partial` keeps its function there
+        if isinstance(f, _non_class_losses) or any(f is g for g in _non_class_fns):
+            return getattr(loss_func, '__name__', None) or repr(loss_func)
+        f = getattr(f, 'func', None)
+    return None
+
+def _float_dtype(m:nn.Module):
+    "The dtype of the first floating-point parameter or buffer of `m` (None: there is none)"
+    return next((t.dtype for t in [*m.parameters(), *m.buffers()] if t.is_floating_point()), None)
 
 # %% ../nbs/17_distill.ipynb #101a1266
 class DistillCallback(Callback):
@@ -112,6 +132,7 @@ class DistillCallback(Callback):
         dev = model_device(student)
         if dev is not None and model_device(self.teacher) not in (None, dev): self.teacher.to(dev)
         self._dim = self._class_dim()
+        self._check_task()
         self._check_outputs(student)
         self._ready = True
 
@@ -132,13 +153,40 @@ class DistillCallback(Callback):
         axis = getattr(self.learn.loss_func, 'axis', None)
         return axis if isinstance(axis, int) and not isinstance(axis, bool) else 1
 
+    def _check_task(self):
+        "The KL term is for single-label class logits: a regression or multi-label loss on the Learner is refused"
+        if self.loss is not None: return
+        name = _non_class_loss(self.learn.loss_func)
+        if name is None: return
+        raise ValueError(f"the default distillation term is a softmax KL over single-label class logits, but the "
+                         f"Learner trains with {name} (regression or multi-label outputs), for which it means "
+                         "nothing; pass loss=f(student_out, teacher_out): e.g. loss=F.mse_loss for regression, "
+                         "loss=lambda s, t: F.binary_cross_entropy_with_logits(s, torch.sigmoid(t)) for multi-label "
+                         "(or loss=partial(kd_loss, T=4) to keep the softmax KL all the same)")
+
+    def _autocast(self):
+        "The autocast the fit's batches run under (fastai's `MixedPrecision` keeps it in `.autocast`), else none"
+        for cb in getattr(self.learn, 'cbs', []):
+            ac = getattr(cb, 'autocast', None)
+            if isinstance(ac, torch.autocast): return ac
+        return contextlib.nullcontext()
+
     def _check_outputs(self, student:nn.Module):
-        "Both models on two validation inputs, in eval mode: the outputs must match in shape (nothing trained yet)"
+        "Both models on two validation inputs, in eval mode, under the fit's autocast: outputs of the same shape"
         with torch.random.fork_rng(devices=[]):  # the data loader draws a seed: the fit's random numbers stay the same
             x = _first_batch(self.learn, 2)
         outs = []
-        for m in (student, self.teacher):
-            with evaluating(m), _untouched(m): outs.append(_run(m, x))
+        with self._autocast():
+            for m in (student, self.teacher):
+                try:
+                    with evaluating(m), _untouched(m): outs.append(_run(m, x))
+                except RuntimeError as e:
+                    ds, dt = _float_dtype(student), _float_dtype(self.teacher)
+                    if m is student or ds == dt or ds is None or dt is None: raise
+                    raise ValueError(f"the teacher's weights are {dt} and the student's {ds}: the teacher cannot run "
+                                     f"on the student's inputs ({first_line(e)}); pass the teacher in the student's "
+                                     f"dtype (teacher.to({ds})), or train under an autocast that runs both (on a "
+                                     "GPU: learn.to_bf16() or to_fp16())") from e
         s, t = outs
         if self.loss is None:
             if not isinstance(s, Tensor) or not isinstance(t, Tensor):
@@ -148,6 +196,11 @@ class DistillCallback(Callback):
             if s.dim() < 2 or not -s.dim() <= self._dim < s.dim():
                 raise ValueError(f"the KL term needs class logits with a class dim {self._dim}, but the student's "
                                  f"output has shape {tuple(s.shape)}: pass dim=, or loss= (e.g. MSE) for regression")
+            if s.shape[self._dim] == 1:
+                raise ValueError(f"the KL term is a softmax over the class dim {self._dim}, which has size 1 in the "
+                                 f"student's output {tuple(s.shape)}: its KL is always 0 (one class has probability "
+                                 "1); pass loss= (e.g. loss=F.mse_loss for a regression output), or dim= for the "
+                                 "dim that holds the classes")
         if _shapes(s) != _shapes(t):
             raise ValueError(f"the teacher's output {few(_shapes(t))} does not have the student's shape "
                              f"{few(_shapes(s))}: distillation compares them class by class; pass a teacher for the "

@@ -4,7 +4,7 @@
 
 # %% ../nbs/16_sensitivity.ipynb #7551e797
 from __future__ import annotations
-import logging, math
+import inspect, logging, math
 import numpy as np
 import pandas as pd
 import torch
@@ -12,6 +12,9 @@ from torch import nn, Tensor
 from matplotlib.figure import Figure
 from .core import check_fraction, round_half_up, evaluating, bare_model, few
 from .sparsifier import Sparsifier, AttentionProjection, _matches
+from .graph import _untouched
+from .pruner import _first_batch
+from .core import flat_tensors, model_device
 from .plots import _axes
 
 logger = logging.getLogger('fasterprune')
@@ -57,9 +60,27 @@ def _is_learner(x) -> bool:
     "A fastai `Learner` (read by its interface: this module does not import fastai)"
     return callable(getattr(x, 'validate', None)) and isinstance(getattr(x, 'model', None), nn.Module)
 
+_lower_names = {'rmse', 'mae', 'mse', 'msle', 'exp_rmspe', 'rmspe', 'perplexity', 'mape', 'wer', 'cer'}
+
 def _lower_is_better(name:str) -> bool:
-    "fastai's trackers' rule: a value named like a loss or an error is better lower"
-    return 'loss' in name or 'error' in name
+    "fastai's trackers' rule (a value named like a loss or an error is better lower), and the known error metrics"
+    name = name.lower()
+    return 'loss' in name or 'error' in name or name.lstrip('_') in _lower_names
+
+def _check_model_metric(metric, names=None):
+    "A metric meant as `f(model) -> float`; a fastai metric (`accuracy(preds, targs)`) is refused, saying what to pass"
+    if getattr(metric, 'accumulate', None) is not None: n_args = 2  # a fastai Metric object
+    else:
+        try: ps = inspect.signature(metric).parameters.values()
+        except (TypeError, ValueError): return  # no signature to read (a builtin): it is called as it is
+        n_args = sum(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in ps)
+    if n_args < 2: return
+    name = getattr(metric, 'name', getattr(metric, '__name__', type(metric).__name__))
+    where = (f"is not one of this Learner's metrics ({', '.join(names)}): add it (Learner(..., metrics=[{name}]) or "
+             f"learn.metrics = [...]) or pass the name of one of them, ") if names is not None else \
+            "is a metric of predictions and targets, but a plain model is evaluated by "
+    raise ValueError(f"metric {name!r} takes (predictions, targets), like a fastai metric, and {where}or pass "
+                     "metric=f(model) -> float that evaluates the model on your data")
 
 def _as_float(v, what:str) -> float:
     if isinstance(v, Tensor) and v.numel() == 1: v = v.item()
@@ -67,8 +88,8 @@ def _as_float(v, what:str) -> float:
         raise TypeError(f"{what} must return a number, got {type(v).__name__}")
     return float(v)
 
-_learner_attrs = ('final_record', 'pct_train', 'train_iter')
-_recorder_attrs = ('lrs', 'iters', 'losses', 'values', 'metric_names')
+_learner_attrs = ('final_record', 'pct_train', 'train_iter', 'dl')
+_recorder_attrs = ('lrs', 'iters', 'losses', 'values', 'metric_names', 'log')
 
 class _LearnerState:
     "What `Learner.validate` resets (the Recorder's history, `final_record`, `pct_train`...): kept, then put back"
@@ -76,18 +97,25 @@ class _LearnerState:
         self.learn, rec = learn, getattr(learn, 'recorder', None)
         self.own = {k: getattr(learn, k) for k in _learner_attrs if hasattr(learn, k)}
         self.rec = {} if rec is None else {k: getattr(rec, k) for k in _recorder_attrs if hasattr(rec, k)}
+        # what validate resets in place: the metrics' running totals and the Recorder's loss
+        accs = [*getattr(learn, 'metrics', []), getattr(rec, 'loss', None)]
+        self.accs = [(a, dict(a.__dict__)) for a in accs if hasattr(a, '__dict__') and hasattr(a, 'reset')]
     def restore(self):
         for k in _learner_attrs:  # what the first validate of a new Learner creates goes again
             if k in self.own: setattr(self.learn, k, self.own[k])
             else: self.learn.__dict__.pop(k, None)
         rec = getattr(self.learn, 'recorder', None)
         for k, v in self.rec.items(): setattr(rec, k, v)
+        for a, d in self.accs:
+            a.__dict__.clear()
+            a.__dict__.update(d)
 
 def _validator(learn, metric, dl, higher_is_better):
     "(evaluate() -> float, the metric's name, whether higher is better) for a fastai `Learner`"
     for m in learn.metrics:  # one of the Learner's own metrics passed as a function (`accuracy`): it is its column
         if metric is not None and (m is metric or getattr(m, 'func', None) is metric): metric = m.name
     if callable(metric) and not isinstance(metric, str):
+        _check_model_metric(metric, ['valid_loss'] + [getattr(m, 'name', type(m).__name__) for m in learn.metrics])
         model = learn.model
         name = getattr(metric, '__name__', 'metric')
         def f():
@@ -133,6 +161,51 @@ def _check_ratios(ratios) -> list[float]:
     if not rs: raise ValueError("ratios is empty: pass fractions to prune each layer to, e.g. (0.25, 0.5, 0.75, 0.9)")
     return sorted(set(rs))
 
+def _output_layers(sp:Sparsifier, x) -> list[str]:
+    "The layers of `sp` whose output (or a view of it) is one of the model's outputs, on input `x`"
+    # the rule of `SparsifyCallback` (its own copy lives in callback.py, a fastai module this one may not import)
+    outs, hs = {}, []
+    def hook(n):
+        def f(mod, args, out):  # keeps the output alive until the comparison; returns None: the output is unchanged
+            if isinstance(out, Tensor): outs.setdefault(n, []).append(out)
+        return f
+    for n, m in sp.layers.items():
+        if not isinstance(m, AttentionProjection): hs.append(m.register_forward_hook(hook(n)))
+    try:
+        with torch.no_grad(), evaluating(sp.model), _untouched(sp.model):
+            y = sp.model(*x) if isinstance(x, tuple) else sp.model(x)
+    finally:
+        for h in hs: h.remove()
+    ptrs = {t.untyped_storage().data_ptr() for t in flat_tensors(y)}
+    return [n for n, ts in outs.items() if any(t.untyped_storage().data_ptr() in ptrs for t in ts)]
+
+def _scanned_layers(sp:Sparsifier, learn, layers) -> list[str]:
+    "The layers to scan: with filters and a Learner, those that make the model's output are left out (their classes)"
+    names = list(sp.layers)
+    if sp.granularity.name != 'filter' or layers is not None: return names  # the user's own choice of layers stands
+    if learn is None:
+        logger.warning("sensitivity: filter granularity on a plain model scans every layer, also those that produce "
+                       "the model's output (their filters are its classes, which SparsifyCallback leaves dense): "
+                       "leave them out with exclude= (or pass a Learner, whose batch finds them)")
+        return names
+    with torch.random.fork_rng(devices=[]): x = _first_batch(learn, 1)
+    outs = _output_layers(sp, x)
+    if outs and len(outs) == len(names):
+        raise ValueError(f"filter granularity: the only layers to scan ({few(outs, 4)}) produce the model's output, "
+                         "whose width must stay; scan granularity='weight' (or 'vector', 'kernel'), or name them in "
+                         "layers= to scan their filters all the same")
+    if outs: logger.info("sensitivity: %s, which produce the model's output, are not scanned with filters (as "
+                         "SparsifyCallback leaves them dense); name them in layers= to scan them", few(outs))
+    return [n for n in names if n not in outs]
+
+def _check_direction(scan:pd.DataFrame, name:str, higher:bool):
+    "A warning when the direction read from the metric's name makes most layers gain at the largest ratio"
+    last = scan[scan['ratio'] == scan['ratio'].max()]['drop']
+    if len(last) and (last < 0).sum() * 2 > len(last):
+        logger.warning("sensitivity: pruning improves %s for %d of %d layers at the largest ratio, reading %s as "
+                       "%s is better: if it is better %s, pass higher_is_better=%s", name, int((last < 0).sum()),
+                       len(last), name, 'higher' if higher else 'lower', 'lower' if higher else 'higher', not higher)
+
 def _progress(items, show:bool):
     "A fastprogress bar over `items` where fastprogress is installed and `show`, else `items`"
     if not show: return items
@@ -166,6 +239,7 @@ def sensitivity(
         if not callable(metric) or isinstance(metric, str):
             raise ValueError("a plain model needs metric=f(model) -> float (e.g. the accuracy on a validation set); "
                              f"got {metric!r}")
+        _check_model_metric(metric)
         name = getattr(metric, '__name__', 'metric')
         higher = (not _lower_is_better(name)) if higher_is_better is None else higher_is_better
         model_ = learn_or_model
@@ -181,32 +255,38 @@ def sensitivity(
     if sp.criterion.needs_grad:
         raise ValueError(f"criteria {sp.criterion!r} ranks weights by gradients gathered while training, and the scan "
                          "does not train; use 'magnitude' or 'random' (or your own f(w) -> scores)")
+    names = _scanned_layers(sp, learn_or_model if is_learn else None, layers)
     state = _LearnerState(learn_or_model) if is_learn else None
     progress = getattr(learn_or_model, 'progress', None) if is_learn else None  # fastai's own bar, once per validate
+    dev = model_device(model)
     rows = []
-    try:
-        if progress is not None: learn_or_model.remove_cb(progress)
-        dense = evaluate()
-        if not math.isfinite(dense):
-            raise ValueError(f"the dense model's {name} is {dense}: there is nothing to compare the pruned layers with")
-        for n, r in _progress([(n, r) for n in sp.layers for r in rs], show_progress):
-            m = sp.layers[n]
-            snap = _Snapshot(m)
-            try:
-                sp.sparsify({m: r})  # the module itself as the key: a layer name is a glob pattern to the Sparsifier
-                v = evaluate()
-            finally:
-                sp.reset()
-                snap.restore()
-            d = v - dense
-            rows.append(dict(layer=n, ratio=r, metric=v, delta=d, drop=(-d if higher else d) + 0.,  # no -0.0
-                             params=m.weight.numel(), group_size=sp._group_size(n)))
-    finally:
-        if progress is not None: learn_or_model.add_cb(progress)
-        if state is not None: state.restore()
+    # data loaders draw seeds, criteria='random' draws scores: the caller's random numbers stay as they were
+    with torch.random.fork_rng(devices=[dev] if dev is not None and dev.type == 'cuda' else []):
+        try:
+            if progress is not None: learn_or_model.remove_cb(progress)
+            dense = evaluate()
+            if not math.isfinite(dense):
+                raise ValueError(f"the dense model's {name} is {dense}: there is nothing to compare the pruned "
+                                 "layers with")
+            for n, r in _progress([(n, r) for n in names for r in rs], show_progress):
+                m = sp.layers[n]
+                snap = _Snapshot(m)
+                try:
+                    sp.sparsify({m: r})  # the module as the key: a layer name is a glob pattern to the Sparsifier
+                    v = evaluate()
+                finally:
+                    sp.reset()
+                    snap.restore()
+                d = v - dense
+                rows.append(dict(layer=n, ratio=r, metric=v, delta=d, drop=(-d if higher else d) + 0.,  # no -0.0
+                                 params=m.weight.numel(), group_size=sp._group_size(n)))
+        finally:
+            if progress is not None: learn_or_model.add_cb(progress)
+            if state is not None: state.restore()
     scan = SensitivityScan(pd.DataFrame(rows, columns=list(_columns)))
     scan.attrs.update(metric=name, dense=dense, higher_is_better=higher, granularity=sp.granularity.name,
                       criteria=repr(sp.criterion))
+    if higher_is_better is None: _check_direction(scan, name, higher)
     return scan
 
 # %% ../nbs/16_sensitivity.ipynb #1357a8d6
@@ -217,6 +297,11 @@ def _scan_table(scan, layers) -> pd.DataFrame:
     missing = [c for c in _columns if c not in scan.columns]
     if missing: raise ValueError(f"expected the table of `sensitivity`; missing columns: {', '.join(missing)}")
     if scan.empty: raise ValueError("the scan has no rows")
+    if pd.api.types.is_float_dtype(scan['layer']):  # '0.10' and '0.1' both read back as 0.1: the names are lost
+        raise ValueError("the scan's layer names were read back as numbers with a decimal point, which loses names "
+                         "like '0.10': read the CSV with pd.read_csv(path, dtype={'layer': str})")
+    if not (scan['layer'].map(type) == str).all():  # a Sequential's '0', '2' read back from a CSV as 0, 2
+        scan = scan.assign(layer=scan['layer'].astype(str))
     names = list(dict.fromkeys(scan['layer']))
     if layers is None: return scan
     sel = [layers] if isinstance(layers, str) else list(layers)

@@ -10,6 +10,7 @@ from fastai.callback.training import GradientAccumulation
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.losses import CrossEntropyLossFlat
+import fastai.losses
 from fastai.learner import Learner, load_learner
 from fastai.metrics import accuracy
 from fastai.optimizer import SGD
@@ -344,3 +345,54 @@ def test_other_outputs_need_loss():
     xb, yb, (zs, hs), got = c.got[0]
     with torch.no_grad(): zt, ht = teacher(*xb)
     fct.test_close(got, 0.5 * F.cross_entropy(zs, yb[0]) + 0.5 * (F.mse_loss(zs, zt) + F.mse_loss(hs, ht)), eps=1e-5)
+
+
+def _regression_dls(y):
+    X = torch.randn(256, 16, generator=torch.Generator().manual_seed(0))
+    return DataLoaders(DataLoader(TensorPairs(X[:192], y(X[:192])), bs=64, shuffle=True, drop_last=True),
+                       DataLoader(TensorPairs(X[192:], y(X[192:])), bs=64), device=torch.device('cpu'))
+
+
+@pytest.mark.parametrize('n_out, loss_func, y', [
+    (1, lambda p, y: F.mse_loss(p, y), lambda X: X[:, :1] * 2),        # a (B, 1) output: a KL of exactly 0
+    (3, fastai.losses.MSELossFlat(), lambda X: X[:, :3] * 2),          # regression
+    (3, nn.L1Loss(), lambda X: X[:, :3] * 2),
+    (5, fastai.losses.BCEWithLogitsLossFlat(), lambda X: (X[:, :5] > 0).float())])  # multi-label
+def test_kl_term_refused_for_outputs_that_are_not_class_logits(n_out, loss_func, y):
+    "Regression or multi-label outputs: the softmax KL means nothing; refused before training, pointing to loss="
+    def net(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, n_out))
+    learn = learner(net(2), dls=_regression_dls(y), loss_func=loss_func)
+    sd = state(learn.model)
+    with pytest.raises(ValueError, match='loss='): learn.fit(1, 1e-3, cbs=DistillCallback(net(1)))
+    assert same(state(learn.model), sd)
+    c = Capture()
+    learn.fit(1, 1e-3, cbs=[DistillCallback(net(1), loss=F.mse_loss), c])  # loss= distils them
+    assert torch.isfinite(c.got['loss_grad'])
+
+
+def test_kd_loss_ignores_classes_both_models_mask():
+    "-inf on the same class in both (a masked vocabulary): the KL of the other classes, not NaN; finite gradients"
+    inf = float('inf')
+    zs = torch.tensor([[2., 1., -inf], [.5, .1, -inf]], requires_grad=True)
+    zt = torch.tensor([[1.5, 1.2, -inf], [.3, .4, -inf]])
+    got = kd_loss(zs, zt, T=2.)
+    fct.test_close(got, kd_loss(zs[:, :2], zt[:, :2], T=2.))
+    got.backward()
+    assert torch.isfinite(zs.grad).all()
+    fct.test_eq(zs.grad[:, 2], torch.zeros(2))
+
+
+def test_teacher_in_another_dtype():
+    "A bf16 teacher beside a float32 student: a clear error naming both dtypes; under a bf16 autocast it trains"
+    teacher = trained_teacher().to(torch.bfloat16)
+    learn = learner()
+    sd = state(learn.model)
+    msg = r'torch\.bfloat16 and the student.s torch\.float32.*teacher\.to\(torch\.float32'
+    with pytest.raises(ValueError, match=msg):
+        learn.fit(1, 1e-2, cbs=DistillCallback(teacher))
+    assert same(state(learn.model), sd)
+    learn = learner(cbs=[DistillCallback(teacher), CPUMixedPrecision('bf16')])  # the autocast of to_bf16, on the CPU
+    learn.fit(1, 1e-2)
+    assert torch.isfinite(torch.tensor(learn.recorder.values[-1][:2])).all()

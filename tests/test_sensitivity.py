@@ -303,3 +303,109 @@ def test_plot_draws_one_line_per_layer():
     fct.test_eq(len(lines), 3 + 1)  # three layers and the dense line
     fct.test_eq(list(lines[0].get_xdata()), [0., 0.5, 0.9])
     fct.test_eq(len(scan[scan.layer == '0'].plot(y='drop').axes[0].lines), 1)  # a filtered scan keeps its plot
+
+
+def _regression_learner(metrics):
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    from fastai.losses import MSELossFlat
+    from fasterprune.data import TensorPairs
+    torch.manual_seed(0)
+    X = torch.randn(1024, 16)
+    Y = (X[:, :4] ** 2).sum(1, keepdim=True) + X[:, 4:5]
+    dls = DataLoaders(DataLoader(TensorPairs(X[:768], Y[:768]), bs=64, shuffle=True, drop_last=True),
+                      DataLoader(TensorPairs(X[768:], Y[768:]), bs=256))
+    learn = Learner(dls, nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1)),
+                    loss_func=MSELossFlat(), metrics=metrics)
+    with learn.no_bar(), learn.no_logging(): learn.fit(6, 3e-3)
+    return learn
+
+
+def test_fastai_error_metrics_are_lower_is_better(caplog):
+    "fastai's rmse (named '_rmse'), mae, mse... are errors: pruning makes them worse, so every drop is positive"
+    from fastai.metrics import rmse, mae
+    learn = _regression_learner([rmse, mae])
+    for metric in (None, 'mae'):  # None: the first metric, '_rmse'
+        scan = sensitivity(learn, ratios=(0.5, 0.9), metric=metric, show_progress=False)
+        fct.test_eq(scan.attrs['higher_is_better'], False)
+        assert (scan[scan.ratio == 0.9]['drop'] > 0).all(), scan
+    # a lower-is-better metric with a name that says neither: the scan warns and names the fix
+    def distance(model): return float(learn.validate()[0]) ** 0.5
+    with caplog.at_level('WARNING', logger='fasterprune'):
+        scan = sensitivity(learn, ratios=(0.5, 0.9), metric=distance, show_progress=False)
+    assert 'higher_is_better=False' in caplog.text
+    caplog.clear()
+    with caplog.at_level('WARNING', logger='fasterprune'):
+        scan = sensitivity(learn, ratios=(0.5, 0.9), metric=distance, higher_is_better=False, show_progress=False)
+    assert 'higher_is_better' not in caplog.text  # the user said: no guess to warn about
+    assert (scan[scan.ratio == 0.9]['drop'] > 0).all()
+
+
+def test_filter_scan_leaves_the_classifier_out(digits, caplog):
+    "Filters of a Learner's model: the classifier (its filters are the classes) is not scanned, as the callback does"
+    torch.manual_seed(0)
+    learn = Learner(digits_dls(flat=False), small_cnn(c=8), loss_func=nn.CrossEntropyLoss(), metrics=accuracy)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
+    scan = sensitivity(learn, ratios=(0.5, 0.9), granularity='filter', show_progress=False)
+    fct.test_eq(list(dict.fromkeys(scan.layer)), ['0', '3'])
+    t = targets_from_sensitivity(scan, budget=0.6)
+    cb = SparsifyCallback(sparsity=t, granularity='filter', coupled=False, context='local', schedule='one_shot',
+                          show_sparsity=False)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=cb)  # the targets fit the callback's layers
+    fct.test_eq(int((learn.model[8].weight.abs().sum(1) == 0).sum()), 0)  # no class removed
+    named = sensitivity(learn, ratios=(0.5,), granularity='filter', layers=['0', '8'], show_progress=False)
+    fct.test_eq(named.layer.tolist(), ['0', '8'])  # layers= naming it: the user's choice stands
+    xt, yt, xv, yv = digits
+    xv = xv.reshape(-1, 1, 8, 8)
+    with caplog.at_level('WARNING', logger='fasterprune'):
+        sensitivity(small_cnn(c=8), ratios=(0.5,), granularity='filter', metric=_val_accuracy(xv, yv),
+                    show_progress=False)
+    assert 'exclude=' in caplog.text  # a plain model: no input to find the output layers on, the log says so
+
+
+def test_scan_leaves_metrics_recorder_and_rng():
+    "What the user reads after the scan (learn.metrics, the Recorder's log and loss, torch's RNG) is as before it"
+    import random
+    learn = _learner(epochs=1)
+    before = dict(value=float(learn.metrics[0].value), loss=float(learn.recorder.loss.value),
+                  log=list(learn.recorder.log), dl=learn.dl)
+    torch.manual_seed(123)
+    s0 = torch.random.get_rng_state().clone()
+    sensitivity(learn, ratios=(0.9,), criteria='random', show_progress=False)
+    assert torch.equal(s0, torch.random.get_rng_state())
+    after = dict(value=float(learn.metrics[0].value), loss=float(learn.recorder.loss.value),
+                 log=list(learn.recorder.log), dl=learn.dl)
+    fct.test_eq(after, before)
+
+
+def test_scan_read_back_from_csv(tmp_path):
+    "A scan saved to CSV and read back (a Sequential's layer names come back as ints) gives the same targets"
+    learn = _learner(sizes=(64, 32, 10), epochs=1)
+    scan = sensitivity(learn, ratios=(0.5, 0.9), show_progress=False)
+    assert (scan['layer'].map(type) == str).all()
+    scan.to_csv(tmp_path / 'scan.csv', index=False)
+    back = pd.read_csv(tmp_path / 'scan.csv')
+    fct.test_eq(targets_from_sensitivity(back, budget=0.5), targets_from_sensitivity(scan, budget=0.5))
+    fct.test_eq(targets_from_sensitivity(back, max_drop=0.05), targets_from_sensitivity(scan, max_drop=0.05))
+    fct.test_eq(set(targets_from_sensitivity(back, budget=0.5, layers='0')), {'0'})
+    t = targets_from_sensitivity(back, budget=0.5)
+    cb = SparsifyCallback(sparsity=t, context='local', schedule='one_shot', show_sparsity=False)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=cb)
+    # names like '0.10' read back as the float 0.1 are lost: a clear error, with the way to read them
+    with pytest.raises(ValueError, match="dtype=\\{'layer': str\\}"):
+        targets_from_sensitivity(back.assign(layer=back['layer'] + 0.1), budget=0.5)
+
+
+def test_fastai_metric_not_among_the_learners():
+    "metric=accuracy on a Learner trained with error_rate: an error that says to add it, or what else to pass"
+    from fastai.metrics import error_rate
+    learn = _learner(epochs=1, seed=1)
+    learn.metrics = [error_rate]
+    before = _state(learn.model)
+    with pytest.raises(ValueError, match=r'not one of this Learner.s metrics \(valid_loss, error_rate\).*metrics=\['):
+        sensitivity(learn, metric=accuracy, show_progress=False)
+    with pytest.raises(ValueError, match='f\\(model\\) -> float'):
+        sensitivity(learn.model, metric=accuracy, show_progress=False)
+    _same(learn.model, before)
+    fct.test_eq(sensitivity(learn, metric=error_rate, ratios=(0.5,), show_progress=False).attrs['metric'],
+                'error_rate')
