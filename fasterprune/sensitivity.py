@@ -219,11 +219,14 @@ def sensitivity(
     granularity='weight',            # 'weight', 'vector', 'kernel' or 'filter' (as you will train with)
     criteria='magnitude',            # 'magnitude', 'random', a Criterion or f(w) -> scores (no gradients: no training)
     layers=None,                     # which layers to scan (names, patterns, modules, types); default every Conv/Linear
+                                     # (with filters and a Learner, not those that make the model's output)
     metric=None,                     # Learner: None (its first metric, else valid_loss), a metric's name, or
                                      # f(model) -> float; a plain model: f(model) -> float
     dl=None,                         # Learner: a DataLoader to validate on instead of the validation set
-    exclude=None,                    # layers to leave out (names, patterns, modules, types)
-    higher_is_better:bool|None=None, # None: from the metric's name ('loss' or 'error' in it: lower is better)
+    exclude=None,                    # layers to leave out (names, patterns, modules, types); with filters on a plain
+                                     # model, the layers that make its output
+    higher_is_better:bool|None=None, # None: from the metric's name ('loss' or 'error' in it, or a known error metric
+                                     # such as rmse, mae, mse, perplexity: lower is better)
     show_progress:bool=True,         # a fastprogress bar over the evaluations (when fastprogress is installed)
     attention:bool=False,            # also scan nn.MultiheadAttention's in-projections (`SparsifyCallback(attention=)`)
 ) -> SensitivityScan:
