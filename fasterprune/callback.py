@@ -18,30 +18,12 @@ from .granularity import get_granularity
 from .criteria import get_criterion
 from .core import check_fraction, check_context
 from .sparsifier import Sparsifier, AttentionProjection, prunable_layers, one_per_weight, NMRoundingWarning
-from .sparsifier import _nnz_each
+from .sparsifier import _nnz_each, _output_layers
 from .metrics import sparsity_report
-from .core import first_items, model_device, evaluating, few, bare_model, flat_tensors, first_line
+from .core import first_items, model_device, evaluating, few, bare_model, first_line
 from torch.nn.parameter import is_lazy
-from .graph import UnknownOpError, _untouched
+from .graph import UnknownOpError
 from .pruner import _one_batch, _batch_inputs
-
-def _output_layers(sp:Sparsifier, x) -> list[str]:
-    "The pruned layers whose output (or a view of it) is one of the model's outputs, found on input `x`"
-    outs, hs = {}, []
-    def hook(n):
-        # keeps the output alive until the comparison: a freed output's memory may hold the model's output by then
-        def f(mod, args, out):  # returns None, so the output is unchanged
-            if isinstance(out, torch.Tensor): outs.setdefault(n, []).append(out)  # every call of a shared layer
-        return f
-    for n, m in sp.layers.items():
-        if not isinstance(m, AttentionProjection): hs.append(m.register_forward_hook(hook(n)))
-    try:
-        with torch.no_grad(), evaluating(sp.model), _untouched(sp.model):  # a forward's own state (`self.hidden`) stays
-            y = sp.model(*x) if isinstance(x, tuple) else sp.model(x)
-    finally:
-        for h in hs: h.remove()
-    ptrs = {t.untyped_storage().data_ptr() for t in flat_tensors(y)}
-    return [n for n, ts in outs.items() if any(t.untyped_storage().data_ptr() in ptrs for t in ts)]
 
 logger = logging.getLogger('fasterprune')
 

@@ -11,10 +11,9 @@ import torch
 from torch import nn, Tensor
 from matplotlib.figure import Figure
 from .core import check_fraction, round_half_up, evaluating, bare_model, few
-from .sparsifier import Sparsifier, AttentionProjection, _matches
-from .graph import _untouched
+from .sparsifier import Sparsifier, AttentionProjection, _matches, _output_layers
 from .pruner import _first_batch
-from .core import flat_tensors, model_device
+from .core import model_device
 from .plots import _axes
 
 logger = logging.getLogger('fasterprune')
@@ -160,24 +159,6 @@ def _check_ratios(ratios) -> list[float]:
         raise TypeError(f"{e} (ratios is a list of fractions, e.g. (0.25, 0.5, 0.75, 0.9))") from None
     if not rs: raise ValueError("ratios is empty: pass fractions to prune each layer to, e.g. (0.25, 0.5, 0.75, 0.9)")
     return sorted(set(rs))
-
-def _output_layers(sp:Sparsifier, x) -> list[str]:
-    "The layers of `sp` whose output (or a view of it) is one of the model's outputs, on input `x`"
-    # the rule of `SparsifyCallback` (its own copy lives in callback.py, a fastai module this one may not import)
-    outs, hs = {}, []
-    def hook(n):
-        def f(mod, args, out):  # keeps the output alive until the comparison; returns None: the output is unchanged
-            if isinstance(out, Tensor): outs.setdefault(n, []).append(out)
-        return f
-    for n, m in sp.layers.items():
-        if not isinstance(m, AttentionProjection): hs.append(m.register_forward_hook(hook(n)))
-    try:
-        with torch.no_grad(), evaluating(sp.model), _untouched(sp.model):
-            y = sp.model(*x) if isinstance(x, tuple) else sp.model(x)
-    finally:
-        for h in hs: h.remove()
-    ptrs = {t.untyped_storage().data_ptr() for t in flat_tensors(y)}
-    return [n for n, ts in outs.items() if any(t.untyped_storage().data_ptr() in ptrs for t in ts)]
 
 def _scanned_layers(sp:Sparsifier, learn, layers) -> list[str]:
     "The layers to scan: with filters and a Learner, those that make the model's output are left out (their classes)"

@@ -8,8 +8,8 @@ import math, fnmatch, inspect, logging, random, warnings
 import numpy as np
 import torch
 from torch import nn, Tensor
-from fasterprune.core import check_fraction, check_context, round_half_up, few, conv1d_note, evaluating, \
-    quantized_note
+from .core import check_fraction, check_context, round_half_up, few, conv1d_note, evaluating, \
+    quantized_note, flat_tensors
 from .criteria import get_criterion, Magnitude
 from .granularity import get_granularity, _conv_t
 from torch.nn.utils import parametrize, parametrizations
@@ -1122,3 +1122,24 @@ class Sparsifier:
         self.set_masks({n: mk.to(dtype=torch.bool, device=self.layers[n].weight.device) for n, mk in sd.items()})
         self.apply_masks()
         return self
+
+# %% ../nbs/03_sparsifier.ipynb #c329071f
+def _output_layers(sp:Sparsifier, x) -> list[str]:
+    """The layers of `sp` whose output (or a view of it) is one of the model's outputs, found on input `x` (a tensor or
+    a tuple of inputs): under filter granularity their filters are the model's classes, which stay"""
+    from fasterprune.graph import _untouched  # the graph imports this module
+    outs, hs = {}, []
+    def hook(n):
+        # keeps the output alive until the comparison: a freed output's memory may hold the model's output by then
+        def f(mod, args, out):  # returns None, so the output is unchanged
+            if isinstance(out, Tensor): outs.setdefault(n, []).append(out)  # every call of a shared layer
+        return f
+    for n, m in sp.layers.items():
+        if not isinstance(m, AttentionProjection): hs.append(m.register_forward_hook(hook(n)))
+    try:
+        with torch.no_grad(), evaluating(sp.model), _untouched(sp.model):  # a forward's own state (`self.hidden`) stays
+            y = sp.model(*x) if isinstance(x, tuple) else sp.model(x)
+    finally:
+        for h in hs: h.remove()
+    ptrs = {t.untyped_storage().data_ptr() for t in flat_tensors(y)}
+    return [n for n, ts in outs.items() if any(t.untyped_storage().data_ptr() in ptrs for t in ts)]
