@@ -118,9 +118,10 @@ def checks(dev='cuda', small=False):
     ok_cb = gpu_checks.callback_checks()
     ok_ga = gpu_checks.grad_accumulation_check(dev)
     ok_nan = gpu_checks.nan_check_fp16(dev)
+    ok_kd = gpu_checks.distill_check()
     ok_lt = gpu_checks.lottery_check()
     return dict(engine=bool(ok_en), coupled=bool(ok_cu), callback=bool(ok_cb), grad_accumulation=bool(ok_ga),
-                nan_fp16=bool(ok_nan), lottery=bool(ok_lt))
+                nan_fp16=bool(ok_nan), distill=bool(ok_kd), lottery=bool(ok_lt))
 
 
 def _sections():

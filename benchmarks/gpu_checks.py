@@ -92,6 +92,26 @@ def nan_check_fp16(dev='cuda'):
                  f"finite fp16 (norm 1e5 > fp16 max) read finite: {ok_big}; one NaN read finite: {ok_bad}")
 
 
+def distill_check(dev='cuda'):
+    "DistillCallback on CUDA: a bf16 teacher beside a `to_bf16()` student trains with a finite loss, the teacher untouched"
+    import copy
+    from fastai.learner import Learner
+    import fastai.callback.fp16  # noqa: F401  (Learner.to_bf16)
+    from fasterprune.callback import SparsifyCallback
+    from fasterprune.data import digits_dls, lenet_300_100
+    from fasterprune.distill import DistillCallback
+    torch.manual_seed(0)
+    learn = Learner(digits_dls(device=torch.device(dev)), lenet_300_100().to(dev), loss_func=nn.CrossEntropyLoss())
+    teacher = copy.deepcopy(learn.model).to(torch.bfloat16)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    learn.to_bf16()
+    learn.fit(1, 1e-2, cbs=[SparsifyCallback(0.9), DistillCallback(teacher)])
+    loss = learn.recorder.losses[-1]
+    same = all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+    return check(f"DistillCallback on {dev}: bf16 teacher, to_bf16 student", bool(torch.isfinite(loss)) and same,
+                 f"last training loss {float(loss):.4f}, teacher unchanged: {same}")
+
+
 def lottery_check():
     from fastai.learner import Learner
     from fastai.metrics import accuracy
@@ -193,6 +213,7 @@ def main():
     ok = callback_checks()
     ok &= grad_accumulation_check()
     ok &= nan_check_fp16()
+    ok &= distill_check()
     ok &= lottery_check()
     ok &= nm_speed()
     return 0 if ok else 1
