@@ -250,8 +250,7 @@ class Rewinder:
 
     def next_round(self, rate:float=0.2, context:str='local', layer_rates:dict|None=None, fresh_opt:bool=True):
         "One IMP round between two fits: prune `rate` of the survivors by magnitude, then rewind"
-        self._require_point()  # before anything is pruned
-        self._check_point()
+        self._require_point()  # before anything is pruned (`prune_weights` checks that the point fits)
         self.prune_weights(rate, context, layer_rates)
         self.rewind(fresh_opt)
         self.round += 1
@@ -283,7 +282,7 @@ class Rewinder:
         self.check_masks()
         names = list(self.layers)
         with torch.no_grad():
-            kept = {n: self.masks[n] if n in self.masks else None for n in names}
+            kept = {n: self.masks.get(n) for n in names}
             zero = {n: self.sparsifier.weight(n) == 0 for n in names}
             new = {n: z if kept[n] is None else z & kept[n] for n, z in zero.items()}  # zeros the masks keep
             counts = _nnz_each(list(new.values()))  # one host read per device
