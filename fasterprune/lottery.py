@@ -98,9 +98,9 @@ class RewindCallback(Callback):
         k = self.iteration if not self._asked else self.rewinder._pending
         if self._count and k:  # the rewind iteration must fall inside this fit: refused before anything changes
             start = next((cb._skip_to for cb in self.learn.cbs if isinstance(cb, SkipToEpoch)), 0)
-            self._n, how = _fit_steps(self.learn, self.n_epoch - start)  # the epochs it trains (`start_epoch=`)
-            if k > self._n:
-                raise ValueError(f"rewind iteration {k} is beyond the fit's length of {self._n} optimizer steps "
+            n, how = _fit_steps(self.learn, self.n_epoch - start)  # the epochs it trains (`start_epoch=`)
+            if k > n:
+                raise ValueError(f"rewind iteration {k} is beyond the fit's length of {n} optimizer steps "
                                  f"({how}); nothing was trained: fit longer or keep an earlier rewind point")
         if not self._asked: self.rewinder.keep_rewind_point(self.iteration)
         self._asked, self._ready = True, True
