@@ -449,7 +449,7 @@ def _check_kernels(kernels, names:list[str], convs:dict):
                              "which ask for different kernels; name the layer itself (its own name wins over patterns)")
 
 def _forced(kernels, name):
-    "The kernel `kernels=` asks for layer `name`: its own name's entry, else the patterns' (one kernel: `_check_kernels`)"
+    "The kernel `kernels=` asks for layer `name`: its own name's entry, else its patterns' (`_check_kernels`: one)"
     if kernels is None: return None
     if isinstance(kernels, str): return kernels
     if name in kernels: return kernels[name]  # the layer's own name wins over patterns
@@ -618,7 +618,7 @@ def _choose_all(mats:dict, seen:dict, convs:dict, kernels, threads, **choice) ->
                 if semi_conv: forced = 'dense'  # (a pattern naming a convolution was refused by `_check_kernels`)
                 conv = convs.get(n) if kind == 'conv' else None
                 mod, row = _choose(n, w, b, seen.get(n), forced, conv=conv, **choice)
-                if semi_conv: row['reason'] = "kernels= asks for 'semi', which is for Linear layers: convolutions stay dense"
+                if semi_conv: row['reason'] = "kernels= asks for 'semi', for Linear layers: convolutions stay dense"
                 rows.append({**row, 'type': {'linear': 'Linear', 'conv': 'Conv2d'}.get(kind, 'MultiheadAttention')})
                 if mod is not None: chosen[n] = mod
     finally: torch.set_num_threads(old_threads)
@@ -628,7 +628,7 @@ _hook_dicts = ('_forward_hooks', '_forward_pre_hooks', '_forward_hooks_with_kwar
                '_forward_hooks_always_called')
 
 def _reparam_hook(h) -> bool:
-    "Is forward (pre-)hook `h` one that computes the layer's weight (torch.nn.utils' prune, weight_norm, spectral_norm)?"
+    "Does forward (pre-)hook `h` compute the layer's weight (torch.nn.utils' prune, weight_norm, spectral_norm)?"
     from torch.nn.utils.prune import BasePruningMethod
     from torch.nn.utils.weight_norm import WeightNorm
     from torch.nn.utils.spectral_norm import SpectralNorm

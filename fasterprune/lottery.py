@@ -337,7 +337,8 @@ def _resume(state_path, config:dict, model:nn.Module) -> dict:
     fix = "nothing was changed: delete it to start the run afresh, or pass another state_path or json_path (--json)"
     try: old = _read(state_path)
     except CheckpointError as e:
-        raise CheckpointError(f"{what}, and it cannot be read: {str(e).removesuffix('; nothing was loaded')}; {fix}") from e
+        why = str(e).removesuffix('; nothing was loaded')
+        raise CheckpointError(f"{what}, and it cannot be read: {why}; {fix}") from e
     if not (isinstance(old, dict) and isinstance(old.get('config'), dict) and isinstance(old.get('rows'), list)
             and isinstance(old.get('seeds'), dict)):
         raise CheckpointError(f"{what}, but it holds no runner state (a ticket or another file?); {fix}")

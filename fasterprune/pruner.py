@@ -1539,10 +1539,11 @@ def save_pruned(model:nn.Module, path):
     export = [n or type(model).__name__ for n, m in model.named_modules()
               if type(m).__module__ == 'fasterprune.inference']  # SparseLinear, CSRConv2d, SparseMultiheadAttention
     if export:
-        raise ValueError(f"save_pruned: {few(export)} {'is a sparse kernel' if len(export) == 1 else 'are sparse kernels'}"
-                         " of `to_sparse_inference`, which a fresh architecture cannot be resized to: save the masked "
-                         "(or surgered) model with save_pruned and export it again after load_pruned, or save the "
-                         "export whole with torch.save(export, path); nothing was written")
+        what = 'is a sparse kernel' if len(export) == 1 else 'are sparse kernels'
+        raise ValueError(f"save_pruned: {few(export)} {what} of `to_sparse_inference`, which a fresh architecture "
+                         "cannot be resized to: save the masked (or surgered) model with save_pruned and export it "
+                         "again after load_pruned, or save the export whole with torch.save(export, path); nothing "
+                         "was written")
     sd = {k: _plain(v) for k, v in model.state_dict().items()}
     torch.save(dict(recipe=pruning_recipe(model), state_dict=sd), path)
 

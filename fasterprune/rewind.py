@@ -278,7 +278,7 @@ class Rewinder:
 
     def _adopt_zeros(self):
         """Weights already exactly zero that the masks keep (pruned by a SparsifyCallback, zero in a checkpoint) join
-        the pruned ones, so a rewind does not bring them back; a layer of zeros only (zero-initialized) stays as it is"""
+        the pruned ones, so a rewind does not bring them back; a layer of zeros only (zero-initialized) stays"""
         self.check_masks()
         names = list(self.layers)
         with torch.no_grad():
