@@ -147,11 +147,14 @@ class DistillCallback(Callback):
                              "training would change the teacher too; pass copy.deepcopy(learn.model), taken before "
                              "pruning")
 
-    def _class_dim(self) -> int:
-        "The class dim of the KL term: `dim=`, else the loss function's `axis` (fastai's flat losses), else 1"
+    def _class_dim(self) -> int|None:
+        """The class dim of the KL term: `dim=`, else the loss function's `axis` (fastai's flat losses), else 1 for
+        PyTorch's cross-entropy; None when the loss does not say (`_check_outputs` decides by the output's shape)"""
         if self.dim is not None: return self.dim
-        axis = getattr(self.learn.loss_func, 'axis', None)
-        return axis if isinstance(axis, int) and not isinstance(axis, bool) else 1
+        lf = self.learn.loss_func
+        axis = getattr(lf, 'axis', None)
+        if isinstance(axis, int) and not isinstance(axis, bool): return axis
+        return 1 if isinstance(lf, nn.CrossEntropyLoss) or lf is F.cross_entropy else None
 
     def _check_task(self):
         "The KL term is for single-label class logits: a regression or multi-label loss on the Learner is refused"
@@ -188,6 +191,13 @@ class DistillCallback(Callback):
                                      f"dtype (teacher.to({ds})), or train under an autocast that runs both (on a "
                                      "GPU: learn.to_bf16() or to_fp16())") from e
         s, t = outs
+        if self.loss is None and self._dim is None:  # a loss function that does not say where the classes are
+            if isinstance(s, Tensor) and s.dim() >= 3:
+                raise ValueError(f"the student's output has shape {tuple(s.shape)} and the loss function does not "
+                                 "say which dim holds the classes: pass dim= (dim=-1 for a language model's (B, L, "
+                                 "vocab) logits, dim=1 for (B, C, H, W) maps), or use a loss with an axis "
+                                 "(CrossEntropyLossFlat(axis=...))")
+            self._dim = 1  # (B, C): the one choice
         if self.loss is None:
             if not isinstance(s, Tensor) or not isinstance(t, Tensor):
                 what = type(s).__name__ if not isinstance(s, Tensor) else type(t).__name__

@@ -270,7 +270,8 @@ def sensitivity(
     scan = SensitivityScan(pd.DataFrame(rows, columns=list(_columns)))
     scan.attrs.update(metric=name, dense=dense, higher_is_better=higher, granularity=sp.granularity.name,
                       criteria=repr(sp.criterion))
-    if higher_is_better is None: _check_direction(scan, name, higher)
+    # the direction was a guess (a name that says neither loss nor error, nor a known error metric): check it
+    if higher_is_better is None and not _lower_is_better(name): _check_direction(scan, name, higher)
     return scan
 
 # %% ../nbs/16_sensitivity.ipynb #1357a8d6

@@ -1,0 +1,63 @@
+"Sixth session, trial W9 (a Hugging Face model pruned during a fastai fine-tune): the findings, as the user hit them"
+import copy, logging
+import pytest, torch, torch.nn as nn, torch.nn.functional as F
+import fastcore.test as fct
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader
+from fastai.learner import Learner
+from fastai.callback.progress import ProgressCallback
+from fastai.torch_core import set_seed
+from fasterprune.data import TensorPairs, mlp
+from fasterprune.distill import DistillCallback, kd_loss
+from fasterprune.sensitivity import sensitivity
+
+V, L = 30, 6
+
+
+class _TinyLM(nn.Module):
+    "A language model's shape: token ids in, (B, L, vocab) logits out"
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc, self.out = nn.Embedding(V, 16), nn.Linear(16, 16), nn.Linear(16, V)
+    def forward(self, ids): return self.out(torch.relu(self.fc(self.emb(ids))))
+
+
+def lm_loss(logits, ids):  # the kind of loss a user writes (15_hf): no `axis` to read the class dim from
+    return F.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
+
+
+def _lm_learner():
+    set_seed(0)
+    ids = torch.randint(0, V, (64, L))
+    ds = TensorPairs(ids, ids)
+    dls = DataLoaders(DataLoader(ds, bs=16, shuffle=True, drop_last=True), DataLoader(ds, bs=32),
+                      device=torch.device('cpu'))
+    learn = Learner(dls, _TinyLM(), loss_func=lm_loss)
+    learn.remove_cbs(ProgressCallback)
+    return learn
+
+
+def test_distilling_a_language_model_with_a_plain_loss_function_asks_for_the_class_dim():
+    "W9 #1: the KL ran over the token positions (dim 1) of (B, L, vocab) logits, silently"
+    learn = _lm_learner()
+    teacher = copy.deepcopy(learn.model)
+    sd = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    with pytest.raises(ValueError, match='dim=-1'): learn.fit(1, 1e-2, cbs=DistillCallback(teacher))
+    assert all(torch.equal(v, sd[k]) for k, v in learn.model.state_dict().items())  # nothing trained
+    cb = DistillCallback(teacher, dim=-1)
+    learn.fit(1, 1e-2, cbs=cb)
+    x = learn.dls.valid.one_batch()[0][:4]
+    with torch.no_grad(): s, t = learn.model(x), teacher(x)
+    # the callback's term is the KL over the vocabulary: invariant to a per-position shift of the student's logits
+    fct.test_close(kd_loss(s, t, dim=-1), kd_loss(s + torch.randn(4, L, 1), t, dim=-1), eps=1e-4)
+
+
+def test_a_loss_named_metric_gets_no_direction_warning(caplog):
+    "W9 #3: a metric named like a loss was read as lower-is-better, then the scan advised higher_is_better=True"
+    set_seed(0)
+    model = mlp(8, 16, 4)
+    def weight_loss(m): return float(sum(p.abs().sum() for p in m.parameters()))  # pruning lowers it: an 'improvement'
+    with caplog.at_level(logging.WARNING, logger='fasterprune'):
+        scan = sensitivity(model, ratios=(0.5, 0.9), metric=weight_loss, show_progress=False)
+    assert (scan['drop'] < 0).all()  # every layer 'improves'
+    assert not any('higher_is_better' in r.getMessage() for r in caplog.records)
