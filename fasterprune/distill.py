@@ -183,13 +183,18 @@ class DistillCallback(Callback):
             for m in (student, self.teacher):
                 try:
                     with evaluating(m), _untouched(m): outs.append(_run(m, x))
-                except RuntimeError as e:
+                except Exception as e:  # the teacher's failure, said in the callback's words; the student's as is
+                    if m is student: raise
                     ds, dt = _float_dtype(student), _float_dtype(self.teacher)
-                    if m is student or ds == dt or ds is None or dt is None: raise
-                    raise ValueError(f"the teacher's weights are {dt} and the student's {ds}: the teacher cannot run "
-                                     f"on the student's inputs ({first_line(e)}); pass the teacher in the student's "
-                                     f"dtype (teacher.to({ds})), or train under an autocast that runs both (on a "
-                                     "GPU: learn.to_bf16() or to_fp16())") from e
+                    if ds != dt and ds is not None and dt is not None and isinstance(e, RuntimeError):
+                        raise ValueError(f"the teacher's weights are {dt} and the student's {ds}: the teacher cannot "
+                                         f"run on the student's inputs ({first_line(e)}); pass the teacher in the "
+                                         f"student's dtype (teacher.to({ds})), or train under an autocast that runs "
+                                         "both (on a GPU: learn.to_bf16() or to_fp16())") from e
+                    raise ValueError(f"the teacher cannot run on the student's inputs ({type(e).__name__}: "
+                                     f"{first_line(e)}): it is called as learn.model is, on the batch's inputs; pass a "
+                                     "model that takes them the same way, e.g. copy.deepcopy(learn.model) (a wrapper "
+                                     "around a Hugging Face model included), taken before pruning") from e
         s, t = outs
         if self.loss is None and self._dim is None:  # a loss function that does not say where the classes are
             if isinstance(s, Tensor) and s.dim() >= 3:

@@ -1626,7 +1626,11 @@ def load_pruned(model:nn.Module, path, map_location=None) -> nn.Module:
     _check_ends(model, d['recipe'], path)
     trial = _copy_model(model)  # resize and load a copy first: a misfit recipe or state_dict changes nothing
     apply_recipe(trial, d['recipe'])
-    trial.load_state_dict(d['state_dict'], strict=True)
+    try: trial.load_state_dict(d['state_dict'], strict=True)
+    except RuntimeError as e:  # keys the recipe does not name (more layers in the model, or fewer)
+        why = ' '.join(str(e).split())[:400]  # torch's message spans lines: the missing and unexpected keys
+        raise ValueError(f"{path} does not fit this model: {why}; build the architecture the file was saved from "
+                         "(the same layers, e.g. the same number of blocks); nothing was loaded") from e
     mods = dict(model.named_modules())
     # then move every module's tensors (tied ones stay shared) and sizes into `model`
     for n, m in trial.named_modules():

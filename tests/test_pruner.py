@@ -245,7 +245,7 @@ def test_load_pruned_bad_file_leaves_model_untouched(tmp_path):
     torch.save(d, tmp_path / 'bad.pt')
     dst = net()
     ref = copy.deepcopy(dst.state_dict())
-    with pytest.raises(RuntimeError, match='Missing key'): load_pruned(dst, tmp_path / 'bad.pt')
+    with pytest.raises(ValueError, match='Missing key'): load_pruned(dst, tmp_path / 'bad.pt')
     fct.test_eq(dst[0].weight.shape, (16, 3, 3, 3))
     for k, v in dst.state_dict().items(): assert torch.equal(v, ref[k])
     ok = load_pruned(net(), tmp_path / 'p.pt')

@@ -61,3 +61,26 @@ def test_a_loss_named_metric_gets_no_direction_warning(caplog):
         scan = sensitivity(model, ratios=(0.5, 0.9), metric=weight_loss, show_progress=False)
     assert (scan['drop'] < 0).all()  # every layer 'improves'
     assert not any('higher_is_better' in r.getMessage() for r in caplog.records)
+
+
+def test_a_teacher_that_takes_other_inputs_is_named_clearly():
+    "W9 #5: a teacher that is not the wrapper the Learner calls failed with torch's bare error"
+    learn = _lm_learner()
+    class Dicty(nn.Module):  # takes a dict, as a Hugging Face model under a wrapper does
+        def __init__(self): super().__init__(); self.m = _TinyLM()
+        def forward(self, batch): return self.m(batch['input_ids'])
+    with pytest.raises(ValueError, match='copy.deepcopy.learn.model'):
+        learn.fit(1, 1e-2, cbs=DistillCallback(Dicty(), dim=-1))
+
+
+def test_load_pruned_into_a_model_with_other_layers_says_so(tmp_path):
+    "W9 #5: load_pruned into a model with more layers raised torch's bare 'Missing key(s)'"
+    from fasterprune.pruner import Pruner, save_pruned, load_pruned
+    set_seed(0)
+    small = mlp(8, 16, 4)
+    Pruner(small, torch.randn(2, 8)).prune(0.5)
+    save_pruned(small, tmp_path / 'm.pt')
+    other = mlp(8, 16, 16, 4)
+    sd = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match='does not fit this model'): load_pruned(other, tmp_path / 'm.pt')
+    assert all(torch.equal(v, sd[k]) for k, v in other.state_dict().items())
