@@ -1242,7 +1242,12 @@ def compact(self:Pruner) -> nn.Module:
     _warn_pinned_zeros(g, ok)
     _warn_unseen_zeros(g)
     if not ok.any():
-        logger.info("Pruner.compact: no zeroed channel component to remove")
+        zeros = sum(int((m.weight == 0).sum()) for m in g.modules.values()  # a read per layer: between fits
+                    if isinstance(m, _conv_types + (nn.Linear,)) and isinstance(getattr(m, 'weight', None), Tensor))
+        if zeros: logger.warning("Pruner.compact: nothing to remove: the model's %d zero weights are not whole channels "
+                                 "(weight, vector, kernel or N:M sparsity), and compact() removes only channels whose "
+                                 "filters are all zero; to_sparse_inference runs such zeros with sparse kernels", zeros)
+        else: logger.info("Pruner.compact: no zeroed channel component to remove")
         return self.model
     self._check_branches(g, ok, 'compact')
     return self._surgery(_Surgery(), g, ok, consts, self._outputs(g) if self.verify else None, 'compact')

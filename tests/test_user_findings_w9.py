@@ -84,3 +84,16 @@ def test_load_pruned_into_a_model_with_other_layers_says_so(tmp_path):
     sd = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(ValueError, match='does not fit this model'): load_pruned(other, tmp_path / 'm.pt')
     assert all(torch.equal(v, sd[k]) for k, v in other.state_dict().items())
+
+
+def test_compact_after_weight_sparsity_says_why_nothing_was_removed(caplog):
+    "W9 #5: compact() after a weight-granularity fit did nothing, with an INFO line only"
+    from fasterprune.pruner import Pruner
+    from fasterprune.sparsifier import Sparsifier
+    set_seed(0)
+    m = mlp(8, 16, 4)
+    Sparsifier(m, 'weight', 'global').sparsify(0.5)
+    n0 = sum(p.numel() for p in m.parameters())
+    with caplog.at_level(logging.WARNING, logger='fasterprune'): Pruner(m, torch.randn(2, 8)).compact()
+    fct.test_eq(sum(p.numel() for p in m.parameters()), n0)
+    assert any('not whole channels' in r.getMessage() for r in caplog.records)
