@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 from fastai.callback.core import Callback
 from .core import evaluating, bare_model, model_device, flat_tensors, few, first_line
-from .graph import _untouched
-from .pruner import _first_batch
+from .pruner import _first_batch, _call
 
 logger = logging.getLogger('fasterprune')
 
@@ -49,10 +48,6 @@ def _check_number(x, what:str, lo:float, hi:float|None, lo_open:bool, hint:str) 
 def _shapes(x) -> list[tuple]:
     "The shapes of the tensors in an output (a tensor, or tuples, lists, dicts of them)"
     return [tuple(t.shape) for t in flat_tensors(x)]
-
-def _run(model:nn.Module, x):
-    "`model` on `x` as fastai calls it: `model(*xb)`"
-    return model(*x) if isinstance(x, tuple) else model(x)
 
 _non_class_losses = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCEWithLogitsLoss, nn.BCELoss,
                      nn.MultiLabelSoftMarginLoss, nn.MultiLabelMarginLoss, nn.GaussianNLLLoss, nn.PoissonNLLLoss)
@@ -182,7 +177,7 @@ class DistillCallback(Callback):
         with self._autocast():
             for m in (student, self.teacher):
                 try:
-                    with evaluating(m), _untouched(m): outs.append(_run(m, x))
+                    with evaluating(m): outs.append(_call(m, x))  # `model(*xb)`, its forward's own state kept
                 except Exception as e:  # the teacher's failure, said in the callback's words; the student's as is
                     if m is student: raise
                     ds, dt = _float_dtype(student), _float_dtype(self.teacher)

@@ -864,7 +864,7 @@ def _other_values_ran(model:nn.Module, fixed:dict, most:int=8) -> tuple[set|None
             ran |= _ran(graph)
             for n, only in _fed_only_by(graph, set(fixed)).items(): fed[n] = fed.get(n, True) and only
     finally:  # what torch.fx stored on the model for these traces (a tensor default): not read by any graph kept
-        for a in [a for a in model.__dict__ if a not in before and a.startswith(_fx_attrs)]: delattr(model, a)
+        _take_fx_attrs(model, before)
     return ran, {n for n, only in fed.items() if only}
 
 def _fed_only_by(graph:fx.Graph, inputs:set) -> dict[str, bool]:
