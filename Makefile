@@ -8,7 +8,10 @@ VENV_STAMP := .venv/.installed
 venv: $(VENV_STAMP)
 
 # Rebuilt only when the pinned stack or the project metadata change.
+# A new venv takes about 6 GB (torch's wheel is a CUDA build): say so before pip runs out of space half-way.
 $(VENV_STAMP): requirements-dev.txt pyproject.toml
+	@if [ ! -x $(PY) ]; then free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	  if [ "$$free" -lt 7 ]; then echo "WARNING: $$free GB free here; the new .venv needs about 6 GB"; fi; fi
 	@test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
