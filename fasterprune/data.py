@@ -4,6 +4,7 @@
 
 # %% ../nbs/10_data.ipynb #a20232bd
 from __future__ import annotations
+import random
 import numpy as np
 import torch
 from torch import nn
@@ -33,10 +34,11 @@ def digits_arrays(flat:bool=True, valid_pct:float=0.2, seed:int=42, repeat:int=1
     return (torch.tensor(xt).reshape(shape), torch.tensor(yt), torch.tensor(xv).reshape(shape), torch.tensor(yv))
 
 def digits_dls(bs:int=64, flat:bool=True, valid_pct:float=0.2, seed:int=42, repeat:int=1, device=None) -> DataLoaders:
-    "fastai `DataLoaders` over scikit-learn's bundled digits (no download)"
+    "fastai `DataLoaders` over scikit-learn's bundled digits (no download); `seed` splits the data and orders the batches"
     xt, yt, xv, yv = digits_arrays(flat, valid_pct, seed, repeat)
-    dls = DataLoaders(DataLoader(TensorPairs(xt, yt), bs=bs, shuffle=True, drop_last=True),
-                      DataLoader(TensorPairs(xv, yv), bs=bs * 2), device=device or torch.device('cpu'))
+    train = DataLoader(TensorPairs(xt, yt), bs=bs, shuffle=True, drop_last=True)
+    train.rng = random.Random(seed)  # fastai seeds it from Python's `random`: fits would differ run to run
+    dls = DataLoaders(train, DataLoader(TensorPairs(xv, yv), bs=bs * 2), device=device or torch.device('cpu'))
     dls.c = 10  # the number of classes, as fastai's `vision_learner` / `tabular_learner` read it
     return dls
 

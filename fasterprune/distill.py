@@ -11,6 +11,7 @@ from torch import nn, Tensor
 from fastai.callback.core import Callback
 from .core import evaluating, bare_model, model_device, flat_tensors, few, first_line
 from .pruner import _first_batch, _call
+from .callback import _in_fit
 
 logger = logging.getLogger('fasterprune')
 
@@ -118,7 +119,10 @@ class DistillCallback(Callback):
         return new
 
     # --- a training fit ---------------------------------------------------------------------------------------------
-    def before_fit(self): self._ready, self._t = False, None  # also a validation-only pass: nothing else to do
+    def before_fit(self):
+        self._ready, self._t = False, None
+        # a missing or shared teacher is refused before fastai prints its table; a validation pass checks nothing
+        if _in_fit(): self._check_teacher(bare_model(self.learn.model))
 
     def before_train(self):
         if self._ready: return
