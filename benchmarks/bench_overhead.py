@@ -57,9 +57,9 @@ class TimedSparsify(SparsifyCallback):
         finally: self.self_s += time.perf_counter() - t
 
 
-def timed_fit(kind, sparse):
+def timed_fit(kind, sparse, update_every=None):
     learn, epochs = make_learner(kind)
-    cbs = [TimedSparsify(0.9, 'weight', 'global', 'magnitude', 'agp')] if sparse else []
+    cbs = [TimedSparsify(0.9, 'weight', 'global', 'magnitude', 'agp', update_every=update_every)] if sparse else []
     with learn.no_bar(), learn.no_logging():
         t = time.perf_counter()
         learn.fit(epochs, 1e-3, cbs=cbs)
@@ -75,9 +75,10 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument('--pairs', type=int, default=3)
     p.add_argument('--only', default=None)
+    p.add_argument('--update-every', type=int, default=None, help="the callback's update_every (default: its own)")
     a = p.parse_args()
     kinds = [a.only] if a.only else ['mlp', 'resnet18']
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, update_every={a.update_every or 'default'}")
     print(f"{'model':<10}{'pair':>5}{'dense s':>10}{'sparse s':>10}{'ratio':>8}{'updates':>9}{'callback s':>12}"
           f"{'cb/dense':>10}")
     for kind in kinds:
@@ -85,7 +86,7 @@ def main():
         ratios, own = [], []
         for i in range(a.pairs):
             order = [False, True] if i % 2 == 0 else [True, False]
-            res = {s: timed_fit(kind, s) for s in order}
+            res = {s: timed_fit(kind, s, a.update_every) for s in order}
             r = res[True][0] / res[False][0]
             ratios.append(r)
             own.append(res[True][2] / res[False][0])
