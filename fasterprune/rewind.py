@@ -278,7 +278,8 @@ class Rewinder:
 
     def _adopt_zeros(self):
         """Weights already exactly zero that the masks keep (pruned by a SparsifyCallback, zero in a checkpoint) join
-        the pruned ones, so a rewind does not bring them back; a layer of zeros only (zero-initialized) stays"""
+        the pruned ones, so a rewind does not bring them back. A layer of zeros only joins them when its weights at the
+        rewind point were not all zero (a global ranking emptied it); one zero there too (zero-initialized) stays"""
         self.check_masks()
         names = list(self.layers)
         with torch.no_grad():
@@ -287,12 +288,20 @@ class Rewinder:
             new = {n: z if kept[n] is None else z & kept[n] for n, z in zero.items()}  # zeros the masks keep
             counts = _nnz_each(list(new.values()))  # one host read per device
             alive = _nnz_each(self.sparsifier.weight(n) for n in names)
+        emptied = self._nonzero_at_point([n for n, a in zip(names, alive) if not a])
         add = {n: (~new[n] if kept[n] is None else kept[n] & ~new[n]) for n, c, a in zip(names, counts, alive)
-               if c and a}  # not a layer of zeros only
+               if c and (a or n in emptied)}
         if not add: return
         self.sparsifier.set_masks(add)
         logger.info("Rewinder: %d weights already zero taken as pruned (%s)",
                     sum(c for n, c in zip(names, counts) if n in add), ', '.join(add))
+
+    def _nonzero_at_point(self, names:list) -> set:
+        "Of the layers `names`, those whose weight holds a nonzero value at the rewind point (a CPU copy: no device read)"
+        if self.rewind_point is None or not names: return set()
+        keys = {id(v): k for k, v in self.model.state_dict(keep_vars=True).items()}
+        at = {n: self.rewind_point.get(keys.get(id(self.sparsifier.weight(n)))) for n in names}
+        return {n for n, w in at.items() if w is not None and bool(w.any())}
 
     def check_masks(self):
         "Raise a `ValueError` if the masks no longer fit the layers (a surgery that `follow_cuts` was not told about)"

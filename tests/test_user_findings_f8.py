@@ -1,0 +1,34 @@
+"What a workflow fuzzer (F8, seventh session) found: each test fails on the code before its fix"
+import torch, torch.nn as nn
+import fastcore.test as fct
+from fastai.learner import Learner
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader
+import fastai.callback.progress  # Learner.no_bar
+from fasterprune.callback import SparsifyCallback
+from fasterprune.lottery import LotteryTicket
+from fasterprune.data import TensorPairs
+
+
+def _learner(model, n=256, d=16, c=10, bs=32):
+    x, y = torch.randn(n, d), torch.randint(0, c, (n,))
+    dls = DataLoaders(DataLoader(TensorPairs(x, y), bs=bs, shuffle=True, drop_last=True),
+                      DataLoader(TensorPairs(x, y), bs=2 * bs), device='cpu')
+    return Learner(dls, model, loss_func=nn.CrossEntropyLoss())
+
+
+def test_rewind_keeps_a_layer_a_global_ranking_emptied():
+    "A layer a SparsifyCallback pruned whole stays pruned through LotteryTicket.prune() and rewind()"
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+    with torch.no_grad(): m[2].weight.mul_(1e-3)  # small weights: the global ranking takes this whole layer
+    learn = _learner(m)
+    lt = LotteryTicket(learn, rate=0.2, rewind_iter=0)
+    cb = SparsifyCallback(0.6, 'weight', 'global', schedule='one_shot', show_sparsity=False)
+    learn.add_cb(cb)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    fct.test_eq(int(m[2].weight.count_nonzero()), 0)
+    lt.prune(); lt.rewind()
+    for n, mk in cb.sparsifier.masks.items():  # every weight the callback pruned is still zero
+        fct.test_eq(int(cb.sparsifier.weight(n)[~mk].count_nonzero()), 0)
+    fct.test_eq(int(m[2].weight.count_nonzero()), 0)
