@@ -74,6 +74,10 @@ class _Accumulating(Criterion):
                                    "GradScaler skipped?), so it cannot rank the weights; nothing was accumulated since "
                                    "the last update")
             return t
+        if self.n_steps:  # steps were accumulated, none of them reached this layer
+            raise RuntimeError(f"{self.name}: layer {name!r} got no gradient in the {self.n_steps} training steps since "
+                               "the last update (the loss does not reach it: an output the loss leaves out, an unused or "
+                               f"detached branch); leave it out with exclude=[{name!r}], or use criteria='magnitude'")
         raise RuntimeError(f"{self.name} needs gradients, but layer {name!r} has none: run a backward pass first, "
                            "or prune with SparsifyCallback after at least one training batch (start_pct > 0)")
 

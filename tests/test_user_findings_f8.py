@@ -32,3 +32,28 @@ def test_rewind_keeps_a_layer_a_global_ranking_emptied():
     for n, mk in cb.sparsifier.masks.items():  # every weight the callback pruned is still zero
         fct.test_eq(int(cb.sparsifier.weight(n)[~mk].count_nonzero()), 0)
     fct.test_eq(int(m[2].weight.count_nonzero()), 0)
+
+
+class _TwoHeads(nn.Module):
+    "An auxiliary output the loss does not use: its layer gets no gradient"
+    def __init__(self):
+        super().__init__()
+        self.body, self.head, self.aux = nn.Linear(16, 8), nn.Linear(8, 10), nn.Linear(8, 3)
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return self.head(h), self.aux(h)
+
+
+def test_gradient_criterion_names_the_layer_the_loss_does_not_reach():
+    "The refusal says which layer got no gradient and how to leave it out, not 'run a backward pass first'"
+    torch.manual_seed(0)
+    learn = _learner(_TwoHeads())
+    learn.loss_func = lambda out, t: nn.functional.cross_entropy(out[0], t)
+    cb = SparsifyCallback(0.5, 'weight', 'global', criteria='gradient_magnitude', schedule='agp', show_sparsity=False)
+    with learn.no_bar(), learn.no_logging():
+        fct.test_fail(lambda: learn.fit(1, 1e-2, cbs=cb), contains="exclude=['aux']")
+        cb = SparsifyCallback(0.5, 'weight', 'global', criteria='gradient_magnitude', schedule='agp', exclude='aux',
+                              show_sparsity=False)
+        learn.fit(1, 1e-2, cbs=cb)  # the advice works
+    fct.test_close(cb.sparsifier.sparsity(), 0.5, eps=1e-6)
+    fct.test_eq(int(learn.model.aux.weight.count_nonzero()), 24)
