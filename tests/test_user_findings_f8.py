@@ -57,3 +57,18 @@ def test_gradient_criterion_names_the_layer_the_loss_does_not_reach():
         learn.fit(1, 1e-2, cbs=cb)  # the advice works
     fct.test_close(cb.sparsifier.sparsity(), 0.5, eps=1e-6)
     fct.test_eq(int(learn.model.aux.weight.count_nonzero()), 24)
+
+
+def test_sensitivity_leaves_a_spectral_norm_layer_as_it_was():
+    "The scan reads weights in eval mode: spectral_norm's power-iteration vectors do not move"
+    from torch.nn.utils import parametrizations
+    from fasterprune.sensitivity import sensitivity
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 10))
+    parametrizations.spectral_norm(m[2])
+    learn = _learner(m, n=64, bs=16)
+    sd0 = {k: v.clone() for k, v in m.state_dict().items()}
+    m.train()
+    sensitivity(learn, ratios=(0.5,), show_progress=False)
+    fct.test_eq([k for k in sd0 if not torch.equal(sd0[k], m.state_dict()[k])], [])
+    fct.test_eq(all(mod.training for mod in m.modules()), True)  # the modes come back
