@@ -851,6 +851,12 @@ class Sparsifier:
         logger.warning("Sparsifier: %s entirely pruned: nothing passes through %s any more (a global ranking can "
                        "empty a layer whose weights or gradients are all small); use context='local', a lower "
                        "target, or exclude= for it", few(dead, 4), 'it' if len(dead) == 1 else 'them')
+        spectral = [n for n in dead if (rp := self._rp.get(n)) is not None
+                    and (rp[0] == 'orig' or isinstance(rp[2], _OldSpectralNorm))]
+        if spectral:  # spectral_norm divides the weight by its largest singular value: 0 / 0
+            logger.warning("Sparsifier: %s divide%s an all-zero weight by its spectral norm (0/0): the model's output is "
+                           "NaN from here on; leave %s out with exclude=, or prune with context='local'", few(spectral, 4),
+                           's' if len(spectral) == 1 else '', 'it' if len(spectral) == 1 else 'them')
 
     def apply_masks(self):
         "Zero every masked weight (in place, no autograd)"

@@ -72,3 +72,17 @@ def test_sensitivity_leaves_a_spectral_norm_layer_as_it_was():
     sensitivity(learn, ratios=(0.5,), show_progress=False)
     fct.test_eq([k for k in sd0 if not torch.equal(sd0[k], m.state_dict()[k])], [])
     fct.test_eq(all(mod.training for mod in m.modules()), True)  # the modes come back
+
+
+def test_emptying_a_spectral_norm_layer_says_the_output_is_nan(caplog):
+    "A global ranking that empties a spectral_norm layer makes every output NaN: the warning says so"
+    import logging
+    from torch.nn.utils import parametrizations
+    from fasterprune.sparsifier import Sparsifier
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3))
+    parametrizations.spectral_norm(m[2])
+    with torch.no_grad(): m[0].weight.mul_(100); m[4].weight.mul_(100)  # the middle layer's weights are the smallest
+    with caplog.at_level(logging.WARNING, logger='fasterprune'): Sparsifier(m, 'weight', 'global').sparsify(0.4)
+    fct.test_eq(bool(torch.isnan(m.eval()(torch.randn(2, 8))).all()), True)
+    fct.test_eq(any('NaN from here on' in r.getMessage() and '2 divides' in r.getMessage() for r in caplog.records), True)
