@@ -1029,6 +1029,7 @@ def _surgery(self:Pruner, tx:_Surgery, g:ChannelGraph, remove:Tensor, consts:dic
 @patch
 def _sync_optimizer(self:Pruner, tx:_Surgery):
     "Cut the optimizer state like the parameters of `tx`; give the optimizer the biases the fold created"
+    if self.learn is not None: _drop_graphs(self.learn)
     opt = self.learn.opt if self.learn is not None else self.opt
     if opt is None:
         if tx.had_grad and not self._warned_opt:  # trained in this session: an optimizer may hold the old shapes
@@ -1063,8 +1064,26 @@ def _sync_optimizer(self:Pruner, tx:_Surgery):
         if j is None: continue  # the layer is not optimized (left out of the optimizer): neither is its bias
         b.requires_grad_(m.weight.requires_grad)  # a frozen layer's new bias is frozen too
         lists[j].append(b)
+        for st in _opt_states(opt): st.setdefault(b, {})  # fastai's state is a plain dict after a load (lr_find's)
         for v in copies: v[j].append(b.detach().clone())  # its slow weight: the bias as it is
     _warn_old_copies(opt, tx, copies)
+
+def _detached(x):
+    "`x` with its tensors detached (in tuples, lists and dicts such as Hugging Face's outputs); other objects as they are"
+    if isinstance(x, Tensor): return x.detach()
+    if isinstance(x, (tuple, list)) and any(isinstance(o, Tensor) for o in x):
+        return type(x)(_detached(o) for o in x) if type(x) in (tuple, list) else x
+    if isinstance(x, dict):
+        for k, v in list(x.items()): x[k] = _detached(v)
+    return x
+
+def _drop_graphs(learn):
+    """Detach the Learner's last prediction and losses: after a fit cancelled inside a training batch (`lr_find`) they
+    still hold that batch's autograd graph, which keeps each cut parameter's gradient accumulator alive with its old
+    shape, and the next backward then fails with 'Function TBackward0 returned an invalid gradient'"""
+    for a in ('pred', 'loss_grad', 'loss'):
+        v = vars(learn).get(a)  # the Learner's own (fastai's Learner hands unknown names on to the model)
+        if v is not None: setattr(learn, a, _detached(v))
 
 def _opt_chain(opt) -> list:
     "`opt` and the optimizers it wraps (fastai's Lookahead and OptimWrapper hold theirs as `.opt`)"

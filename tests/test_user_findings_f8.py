@@ -86,3 +86,41 @@ def test_emptying_a_spectral_norm_layer_says_the_output_is_nan(caplog):
     with caplog.at_level(logging.WARNING, logger='fasterprune'): Sparsifier(m, 'weight', 'global').sparsify(0.4)
     fct.test_eq(bool(torch.isnan(m.eval()(torch.randn(2, 8))).all()), True)
     fct.test_eq(any('NaN from here on' in r.getMessage() and '2 divides' in r.getMessage() for r in caplog.records), True)
+
+
+def _filter_fit(model, **kw):
+    learn = _learner(model)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-3, cbs=SparsifyCallback(0.5, 'filter', 'local', schedule='one_shot', show_sparsity=False, **kw))
+    return learn
+
+
+def test_fit_after_lr_find_and_compact():
+    "lr_find leaves its last batch's graph on the Learner; compact() then fit() trained, it no longer fails in backward"
+    import fastai.callback.schedule  # Learner.lr_find
+    from fasterprune.pruner import Pruner
+    torch.manual_seed(0)
+    learn = _filter_fit(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10)))
+    with learn.no_bar(), learn.no_logging(): learn.lr_find(num_it=6, show_plot=False)
+    Pruner(learn).compact()
+    fct.test_eq(learn.model[2].weight.shape, (16, 16))
+    w = learn.model[2].weight.clone()
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    fct.test_ne(learn.model[2].weight, w)  # it trained
+
+
+def test_save_with_opt_after_compact_adds_a_bias(tmp_path):
+    "A bias the fold creates gets an optimizer state: learn.save(with_opt=True) and load work after lr_find + compact"
+    import fastai.callback.schedule  # Learner.lr_find
+    from fasterprune.pruner import Pruner
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 32, bias=False), nn.ReLU(), nn.Linear(32, 10))
+    learn = _filter_fit(m, coupled=False)
+    learn.path = tmp_path
+    with learn.no_bar(), learn.no_logging(): learn.lr_find(num_it=6, show_plot=False)  # its opt state: a plain dict
+    Pruner(learn).compact()
+    fct.test_eq(m[2].bias is not None, True)  # the removed channels' constant output (GELU(bias)) folded in
+    learn.save('m', with_opt=True)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    learn.save('m', with_opt=True)
+    learn.load('m', with_opt=True)
