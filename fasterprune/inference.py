@@ -738,7 +738,8 @@ def to_sparse_inference(
                     type(model).__name__)
         model = bare_model(model)
     lins, mhas, convs = _matrices(model)
-    mats, skipped, conv_refused = _export_matrices(lins, mhas, convs)
+    # the weights as eval mode computes them (in train mode, reading a spectral_norm weight moves its power iteration)
+    with evaluating(model): mats, skipped, conv_refused = _export_matrices(lins, mhas, convs)
     if not mats and not convs and not skipped:
         q = quantized_note(model)
         raise ValueError(f"{type(model).__name__} has no Linear, MultiheadAttention or convolution: nothing to export"

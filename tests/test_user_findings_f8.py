@@ -124,3 +124,20 @@ def test_save_with_opt_after_compact_adds_a_bias(tmp_path):
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
     learn.save('m', with_opt=True)
     learn.load('m', with_opt=True)
+
+
+def test_sparse_export_leaves_a_spectral_norm_model_untouched():
+    "to_sparse_inference of a model in train mode reads its weights in eval mode: spectral_norm's vectors stay"
+    from torch.nn.utils import parametrizations
+    from fasterprune.inference import to_sparse_inference
+    from fasterprune.sparsifier import Sparsifier
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 10))
+    parametrizations.spectral_norm(m[2])
+    Sparsifier(m, 'weight', 'local').sparsify(0.5)
+    x = torch.randn(8, 16)
+    sd0 = {k: v.clone() for k, v in m.state_dict().items()}
+    m.train()
+    to_sparse_inference(m, x, kernels='csr', n_runs=1)
+    fct.test_eq([k for k in sd0 if not torch.equal(sd0[k], m.state_dict()[k])], [])
+    fct.test_eq(m.training, True)
