@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_metrics.ipynb #fb613526
 from __future__ import annotations
-import gc, math, time, statistics, logging
+import functools, gc, math, time, statistics, logging
 from collections.abc import Mapping
 from contextlib import ExitStack
 import torch
@@ -21,6 +21,14 @@ __all__ = ['logger', 'report_columns', 'check_original', 'count_params', 'compre
            'theoretical_speedup', 'sparsity_report', 'measure_latency', 'measured_speedup', 'speedup_summary']
 
 # %% ../nbs/05_metrics.ipynb #466624c8
+def _in_eval(f):
+    "`f(model, ...)` with the model in eval mode: reading a weight in train mode moves spectral_norm's power iteration"
+    @functools.wraps(f)
+    def _f(model, *args, **kwargs):
+        if not isinstance(model, nn.Module): return f(model, *args, **kwargs)
+        with evaluating(bare_model(model), no_grad=False): return f(model, *args, **kwargs)
+    return _f
+
 def _layers(model:nn.Module) -> dict[str, nn.Module]:
     "The Conv/ConvTranspose/Linear layers of `model`, or a `ValueError` when it has none"
     if not isinstance(model, nn.Module): raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -120,6 +128,7 @@ def _uses(m:nn.Module, x:Tensor, out:Tensor) -> int:
     return _numel(out) // m.out_channels
 
 # %% ../nbs/05_metrics.ipynb #9b3f94ff
+@_in_eval
 def layer_flops(
     model:nn.Module, # a model with Conv/ConvTranspose/Linear layers
     example_input,   # a tensor, tuple/list (positional) or dict (keyword) of tensors the model runs on
@@ -209,6 +218,7 @@ def theoretical_speedup(
 report_columns = ('layer', 'type', 'shape', 'params', 'nonzero', 'sparsity', 'flops', 'nonzero_flops',
                   'params_share', 'flops_share')
 
+@_in_eval
 def sparsity_report(
     model:nn.Module, # a model with Conv/ConvTranspose/Linear layers
     example_input=None, # what the model runs on, e.g. `xb[:1]`; FLOPs count its whole batch (None: NaN FLOPs)

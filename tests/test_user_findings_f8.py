@@ -141,3 +141,18 @@ def test_sparse_export_leaves_a_spectral_norm_model_untouched():
     to_sparse_inference(m, x, kernels='csr', n_runs=1)
     fct.test_eq([k for k in sd0 if not torch.equal(sd0[k], m.state_dict()[k])], [])
     fct.test_eq(m.training, True)
+
+
+def test_reports_leave_a_spectral_norm_model_untouched():
+    "sparsity_report and the FLOP counts of a model in train mode do not move spectral_norm's vectors"
+    from torch.nn.utils import parametrizations
+    from fasterprune.metrics import sparsity_report, theoretical_speedup
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 10))
+    parametrizations.spectral_norm(m[2])
+    sd0 = {k: v.clone() for k, v in m.state_dict().items()}
+    m.train()
+    sparsity_report(m, torch.randn(2, 16))
+    theoretical_speedup(m, torch.randn(2, 16))
+    fct.test_eq([k for k in sd0 if not torch.equal(sd0[k], m.state_dict()[k])], [])
+    fct.test_eq(all(mod.training for mod in m.modules()), True)
