@@ -19,7 +19,7 @@ Rows (each library's own API; a failure of either is recorded as the row's resul
 3 accuracy  dense, then the same AGP window (0 -> 50 % of training), epochs, lr and fit_one_cycle with each callback to
             90 % and 97 % (weight, global, magnitude): validation accuracy (mean of the seeds) and the zeros left, at a
             short and a longer budget (4 and 12 epochs). "fasterprune/1" is fasterprune with update_every=1 (a mask
-            update at every step, as fasterai does; its default makes >= 8 updates at most 100 steps apart).
+            update at every step, as fasterai does; its default: callback.default_update_every).
             fasterai gets layer_type=(Conv2d, Linear) here (with its default it would leave the MLP dense).
 4 overhead  bench_overhead.py's MLP fit (64-1024-1024-10, digits x4, bs 64, 3 epochs) dense and with each callback
             (90 %, weight, global, AGP: each its own AGP window, fasterprune 0 -> 50 %, fasterai 20 -> 100 %;
@@ -182,7 +182,7 @@ def accuracy_run(lib, fa, model_fn, flat, s, seed, epochs, lr):
     learn = learner(model_fn, seed, flat)
     if lib == 'dense': cbs = []
     elif lib == 'fasterprune': cbs = FPCallback(s, 'weight', 'global', 'magnitude', fp_agp(0., 0.5))
-    elif lib == 'fasterprune/1':  # a mask update at every step, as fasterai does (default: >= 8 updates, <= 100 apart)
+    elif lib == 'fasterprune/1':  # a mask update at every step, as fasterai does (default: default_update_every)
         cbs = FPCallback(s, 'weight', 'global', 'magnitude', fp_agp(0., 0.5), update_every=1)
     else: cbs = fa_cb(fa, s, layer_type=LAYERS)  # both prune every Conv and Linear
     fit(learn, epochs, lr, cbs)

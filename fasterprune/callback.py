@@ -55,7 +55,13 @@ def _in_fit() -> bool:
     return _in_call_of(Learner.fit)
 
 # %% auto #0
-__all__ = ['logger', 'SparsifyCallback']
+__all__ = ['logger', 'default_update_every', 'SparsifyCallback']
+
+# %% ../nbs/04_callback.ipynb #1f249e77
+def default_update_every(window:int) -> int:
+    "Steps between mask updates of a smooth schedule over `window` steps when `update_every` is not given"
+    if window < 48: return 1  # per-step in short windows: tiny jumps, and at most 47 updates
+    return min(100, max(16, window // 4))  # about 4 updates, far enough apart for the loss to recover
 
 # %% ../nbs/04_callback.ipynb #01a45a19
 class SparsifyCallback(Callback):
@@ -67,7 +73,7 @@ class SparsifyCallback(Callback):
         context:str='global',     # 'local' (each layer at the target) or 'global' (one ranking over all layers)
         criteria='magnitude',     # 'magnitude', 'gradient_magnitude', 'movement', 'random', a Criterion or f(w)->scores
         schedule='agp',           # 'one_shot', 'iterative', 'agp', 'linear', 'cos', a Schedule or f(pos)->fraction
-        update_every:int|None=None, # batches between updates of smooth schedules (default 100, or fewer: >= 8 updates)
+        update_every:int|None=None, # batches between updates of smooth schedules (default: `default_update_every`)
         layers=None,              # what to prune (names, patterns, modules, types); default every Conv/Linear
         exclude=None,             # what to leave dense (names, patterns, modules, types)
         seed:int=0,               # seeds the random criterion
@@ -268,7 +274,7 @@ class SparsifyCallback(Callback):
                                        "or use criteria='magnitude'")
         self.n_steps = max(1, self.n_epoch * len(self.dls.train))
         window = max(1, round((sched.end_pct - sched.start_pct) * self.n_steps))
-        self._every = 1 if sched.stepwise else (self.update_every or max(1, min(100, window // 8)))
+        self._every = 1 if sched.stepwise else (self.update_every or default_update_every(window))
         self._b0 = round(self.learn.pct_train * self.n_steps)  # batches done before this fit's first (`start_epoch=`)
         self._next = (self._b0 // self._every + 1) * self._every  # next update: the first step at or after that count
         self._needs_grad = sp.criterion.needs_grad
