@@ -4,7 +4,7 @@
 
 # %% ../nbs/00a_core.ipynb #1ce076d5
 from __future__ import annotations
-import math
+import math, sys
 from collections.abc import Mapping
 from contextlib import contextmanager
 import torch
@@ -198,7 +198,8 @@ def eager_compiled():
     """Context manager: modules compiled with `torch.compile` (or `module.compile()`) run their Python forward inside,
     so the forward hooks added after compiling fire: the FLOP counts and the sparse export record through hooks"""
     stance = getattr(torch.compiler, 'set_stance', None)  # torch >= 2.6
-    if stance is None:
+    # nothing was compiled before torch._dynamo is imported: importing it to set the stance costs 1.5 s on a CPU
+    if stance is None or 'torch._dynamo' not in sys.modules:
         yield
         return
     with stance('force_eager'): yield
