@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import pandas as pd
 from fasterprune.core import evaluating, flat_tensors, first_line, bare_model, eager_compiled, quantized_note, \
     mha_fastpath_off
-from .metrics import _prepare, _check_whole, _check_threads, _interleaved, _sync
+from .metrics import _prepare, _check_whole, _check_threads, _interleaved, _sync, _in_eval
 
 logger = logging.getLogger('fasterprune')
 
@@ -718,6 +718,7 @@ def _check_output(ref, out, rtol:float|None) -> tuple[float, float]:
                          f"rtol={tol:g}; nothing was exported (keep the offending layers dense with kernels=)")
     return err, tol
 
+@_in_eval  # in train mode, reading a spectral_norm weight moves its power iteration
 def to_sparse_inference(
     model:nn.Module,            # the masked (pruned) model, e.g. after `SparsifyCallback`; left untouched
     example_input,              # a batch like those it will run on (tensor, tuple or dict): timing uses its shapes
@@ -738,8 +739,7 @@ def to_sparse_inference(
                     type(model).__name__)
         model = bare_model(model)
     lins, mhas, convs = _matrices(model)
-    # the weights as eval mode computes them (in train mode, reading a spectral_norm weight moves its power iteration)
-    with evaluating(model): mats, skipped, conv_refused = _export_matrices(lins, mhas, convs)
+    mats, skipped, conv_refused = _export_matrices(lins, mhas, convs)
     if not mats and not convs and not skipped:
         q = quantized_note(model)
         raise ValueError(f"{type(model).__name__} has no Linear, MultiheadAttention or convolution: nothing to export"

@@ -1069,10 +1069,11 @@ def _sync_optimizer(self:Pruner, tx:_Surgery):
     _warn_old_copies(opt, tx, copies)
 
 def _detached(x):
-    "`x` with its tensors detached (in tuples, lists and dicts such as Hugging Face's outputs); other objects as they are"
+    """`x` with its tensors detached, at any depth of tuples (named ones too), lists and dicts (Hugging Face's outputs
+    among them); other objects as they are"""
     if isinstance(x, Tensor): return x.detach()
-    if isinstance(x, (tuple, list)) and any(isinstance(o, Tensor) for o in x):
-        return type(x)(_detached(o) for o in x) if type(x) in (tuple, list) else x
+    if isinstance(x, tuple) and hasattr(x, '_fields'): return type(x)(*(_detached(o) for o in x))  # a namedtuple
+    if type(x) in (tuple, list): return type(x)(_detached(o) for o in x)
     if isinstance(x, dict):
         for k, v in list(x.items()): x[k] = _detached(v)
     return x

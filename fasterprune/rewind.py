@@ -276,6 +276,9 @@ class Rewinder:
         self.sparsifier.apply_masks()
         return self
 
+    _weight_sources = ('weight', 'weight_orig', 'weight_v', 'weight_g', 'parametrizations.weight.original',
+                       'parametrizations.weight.original0', 'parametrizations.weight.original1')
+
     def _adopt_zeros(self):
         """Weights already exactly zero that the masks keep (pruned by a SparsifyCallback, zero in a checkpoint) join
         the pruned ones, so a rewind does not bring them back. A layer of zeros only joins them when its weights at the
@@ -297,11 +300,16 @@ class Rewinder:
                     sum(c for n, c in zip(names, counts) if n in add), ', '.join(add))
 
     def _nonzero_at_point(self, names:list) -> set:
-        "Of the layers `names`, those whose weight holds a nonzero value at the rewind point (a CPU copy: no device read)"
+        """Of the layers `names`, those whose weight, or a tensor a parametrization computes it from, holds a nonzero
+        value at the rewind point (a CPU copy: no device read)"""
         if self.rewind_point is None or not names: return set()
         keys = {id(v): k for k, v in self.model.state_dict(keep_vars=True).items()}
-        at = {n: self.rewind_point.get(keys.get(id(self.sparsifier.weight(n)))) for n in names}
-        return {n for n, w in at.items() if w is not None and bool(w.any())}
+        def sources(n):  # a computed weight (weight_norm, spectral_norm, prune hooks) is a new tensor at every read
+            m = self.layers[n]
+            own = [p for k, p in m.named_parameters() if k in self._weight_sources] if isinstance(m, nn.Module) else []
+            return [self.sparsifier.weight(n)] + own
+        at = {n: [self.rewind_point.get(keys.get(id(t))) for t in sources(n)] for n in names}
+        return {n for n, ws in at.items() if any(w is not None and bool(w.any()) for w in ws)}
 
     def check_masks(self):
         "Raise a `ValueError` if the masks no longer fit the layers (a surgery that `follow_cuts` was not told about)"

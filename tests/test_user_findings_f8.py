@@ -1,5 +1,5 @@
 "What a workflow fuzzer (F8, seventh session) found: each test fails on the code before its fix"
-import torch, torch.nn as nn
+import pytest, torch, torch.nn as nn
 import fastcore.test as fct
 from fastai.learner import Learner
 from fastai.data.core import DataLoaders
@@ -17,21 +17,24 @@ def _learner(model, n=256, d=16, c=10, bs=32):
     return Learner(dls, model, loss_func=nn.CrossEntropyLoss())
 
 
-def test_rewind_keeps_a_layer_a_global_ranking_emptied():
+@pytest.mark.parametrize('param', [None, 'weight_norm'])
+def test_rewind_keeps_a_layer_a_global_ranking_emptied(param):
     "A layer a SparsifyCallback pruned whole stays pruned through LotteryTicket.prune() and rewind()"
+    from torch.nn.utils import parametrizations
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
     with torch.no_grad(): m[2].weight.mul_(1e-3)  # small weights: the global ranking takes this whole layer
+    if param == 'weight_norm': parametrizations.weight_norm(m[2])  # its weight is computed at every read
     learn = _learner(m)
     lt = LotteryTicket(learn, rate=0.2, rewind_iter=0)
     cb = SparsifyCallback(0.6, 'weight', 'global', schedule='one_shot', show_sparsity=False)
     learn.add_cb(cb)
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
-    fct.test_eq(int(m[2].weight.count_nonzero()), 0)
+    fct.test_eq(int(cb.sparsifier.weight('2').count_nonzero()), 0)
     lt.prune(); lt.rewind()
     for n, mk in cb.sparsifier.masks.items():  # every weight the callback pruned is still zero
         fct.test_eq(int(cb.sparsifier.weight(n)[~mk].count_nonzero()), 0)
-    fct.test_eq(int(m[2].weight.count_nonzero()), 0)
+    fct.test_eq(int(cb.sparsifier.weight('2').count_nonzero()), 0)
 
 
 class _TwoHeads(nn.Module):
@@ -156,3 +159,51 @@ def test_reports_leave_a_spectral_norm_model_untouched():
     theoretical_speedup(m, torch.randn(2, 16))
     fct.test_eq([k for k in sd0 if not torch.equal(sd0[k], m.state_dict()[k])], [])
     fct.test_eq(all(mod.training for mod in m.modules()), True)
+
+
+def test_sparse_export_of_a_spectral_norm_conv_in_train_mode():
+    "A refused (kept dense) spectral_norm Conv2d read in train mode made the export fail its own check (R10)"
+    from torch.nn.utils import parametrizations
+    from fasterprune.inference import to_sparse_inference
+    from fasterprune.sparsifier import Sparsifier
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(128, 10))
+    parametrizations.spectral_norm(m[2])
+    m.eval()
+    Sparsifier(m, 'weight', 'local').sparsify(0.9)
+    sd0 = {k: v.clone() for k, v in m.state_dict().items()}
+    m.train()
+    x = torch.randn(4, 3, 8, 8)
+    new = to_sparse_inference(m, x, n_runs=1, kernels='csr')
+    fct.test_eq([k for k in sd0 if not torch.equal(sd0[k], m.state_dict()[k])], [])
+    m.eval()
+    with torch.no_grad(): fct.test_close(new(x), m(x), eps=1e-4)
+
+
+def test_fit_after_an_interrupted_batch_and_compact_with_a_namedtuple_output():
+    "A fit stopped mid-batch leaves learn.pred with its graph, here in a namedtuple: compact() then fit() trains (R10)"
+    import collections
+    from fastai.callback.core import Callback
+    from fasterprune.pruner import Pruner
+    Out = collections.namedtuple('Out', 'logits hidden')
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l0, self.l1, self.l2 = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 10)
+        def forward(self, x): return Out(self.l2(torch.relu(self.l1(torch.relu(self.l0(x))))), x * 2)
+
+    class Interrupt(Callback):
+        def after_loss(self): raise KeyboardInterrupt  # the notebook's stop button, mid-batch
+
+    torch.manual_seed(0)
+    learn = _learner(Net())
+    learn.loss_func = lambda out, t: nn.functional.cross_entropy(out.logits, t)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-3, cbs=SparsifyCallback(0.5, 'filter', 'local', schedule='one_shot', show_sparsity=False,
+                                                layers=['l0', 'l1']))
+        try: learn.fit(1, 1e-3, cbs=Interrupt())
+        except KeyboardInterrupt: pass
+    Pruner(learn).compact()
+    fct.test_eq(learn.model.l1.weight.shape, (16, 16))
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)

@@ -1,5 +1,5 @@
 "What the seventh session found by measuring: each test fails on the code before its fix"
-import subprocess, sys
+import os, subprocess, sys
 
 
 def test_a_fit_with_the_callback_does_not_import_dynamo():
@@ -17,7 +17,7 @@ with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=cb)
 assert cb.report is not None
 print('torch._dynamo' in sys.modules)
 """
-    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
-                         env={'OMP_NUM_THREADS': '1', 'PATH': '/usr/bin:/bin'})
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': os.pathsep.join(p or '.' for p in sys.path)}
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == 'False', out.stdout
