@@ -60,7 +60,7 @@ __all__ = ['logger', 'default_update_every', 'SparsifyCallback']
 # %% ../nbs/04_callback.ipynb #1f249e77
 def default_update_every(window:int) -> int:
     "Steps between mask updates of a smooth schedule over `window` steps when `update_every` is not given"
-    if window < 48: return 1  # per-step in short windows: tiny jumps, and at most 47 updates
+    if window < 48: return 1  # per-step in short windows: tiny jumps, at most 47 updates
     return min(100, max(16, window // 4))  # about 4 updates, far enough apart for the loss to recover
 
 # %% ../nbs/04_callback.ipynb #01a45a19
