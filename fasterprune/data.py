@@ -39,7 +39,7 @@ def digits_dls(bs:int=64, flat:bool=True, valid_pct:float=0.2, seed:int=42, repe
     xt, yt, xv, yv = digits_arrays(flat, valid_pct, seed, repeat)
     train = DataLoader(TensorPairs(xt, yt), bs=bs, shuffle=True, drop_last=True)
     # fastai seeds it from Python's `random`, which a notebook seeding torch alone leaves as it was: runs would differ
-    train.rng = random.Random(seed * 1_000_003 + torch.initial_seed())
+    train.rng = random.Random(int(seed) * 1_000_003 + torch.initial_seed())  # int: numpy's integers too
     dls = DataLoaders(train, DataLoader(TensorPairs(xv, yv), bs=bs * 2), device=device or torch.device('cpu'))
     dls.c = 10  # the number of classes, as fastai's `vision_learner` / `tabular_learner` read it
     return dls

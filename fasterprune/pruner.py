@@ -1068,23 +1068,13 @@ def _sync_optimizer(self:Pruner, tx:_Surgery):
         for v in copies: v[j].append(b.detach().clone())  # its slow weight: the bias as it is
     _warn_old_copies(opt, tx, copies)
 
-def _detached(x):
-    """`x` with its tensors detached, at any depth of tuples (named ones too), lists and dicts (Hugging Face's outputs
-    among them); other objects as they are"""
-    if isinstance(x, Tensor): return x.detach()
-    if isinstance(x, tuple) and hasattr(x, '_fields'): return type(x)(*(_detached(o) for o in x))  # a namedtuple
-    if type(x) in (tuple, list): return type(x)(_detached(o) for o in x)
-    if isinstance(x, dict):
-        for k, v in list(x.items()): x[k] = _detached(v)
-    return x
-
 def _drop_graphs(learn):
-    """Detach the Learner's last prediction and losses: after a fit cancelled inside a training batch (`lr_find`) they
-    still hold that batch's autograd graph, which keeps each cut parameter's gradient accumulator alive with its old
-    shape, and the next backward then fails with 'Function TBackward0 returned an invalid gradient'"""
+    """Drop the Learner's last prediction and losses, as fastai does at the end of a fit: after a fit stopped inside a
+    training batch (`lr_find`, an interrupt) they still hold that batch's autograd graph (in any structure: a cache of
+    keys and values too), which keeps each cut parameter's gradient accumulator alive with its old shape, and the next
+    backward then fails with 'Function TBackward0 returned an invalid gradient'"""
     for a in ('pred', 'loss_grad', 'loss'):
-        v = vars(learn).get(a)  # the Learner's own (fastai's Learner hands unknown names on to the model)
-        if v is not None: setattr(learn, a, _detached(v))
+        if vars(learn).get(a) is not None: setattr(learn, a, None)  # the Learner's own (not the model's, via GetAttr)
 
 def _opt_chain(opt) -> list:
     "`opt` and the optimizers it wraps (fastai's Lookahead and OptimWrapper hold theirs as `.opt`)"

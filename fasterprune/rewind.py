@@ -300,16 +300,19 @@ class Rewinder:
                     sum(c for n, c in zip(names, counts) if n in add), ', '.join(add))
 
     def _nonzero_at_point(self, names:list) -> set:
-        """Of the layers `names`, those whose weight, or a tensor a parametrization computes it from, holds a nonzero
-        value at the rewind point (a CPU copy: no device read)"""
+        """Of the layers `names`, those whose weight held a nonzero value at the rewind point: the stored weight, or
+        for a computed one (weight_norm, spectral_norm, prune hooks: a new tensor at every read) every tensor it is
+        computed from (weight_norm's g and v both; a CPU copy: no device read)"""
         if self.rewind_point is None or not names: return set()
         keys = {id(v): k for k, v in self.model.state_dict(keep_vars=True).items()}
-        def sources(n):  # a computed weight (weight_norm, spectral_norm, prune hooks) is a new tensor at every read
+        def at(t): return self.rewind_point.get(keys.get(id(t)))
+        def nonzero(w): return w is not None and bool(w.any())
+        res = set()
+        for n in names:
             m = self.layers[n]
             own = [p for k, p in m.named_parameters() if k in self._weight_sources] if isinstance(m, nn.Module) else []
-            return [self.sparsifier.weight(n)] + own
-        at = {n: [self.rewind_point.get(keys.get(id(t))) for t in sources(n)] for n in names}
-        return {n for n, ws in at.items() if any(w is not None and bool(w.any()) for w in ws)}
+            if nonzero(at(self.sparsifier.weight(n))) or (own and all(nonzero(at(p)) for p in own)): res.add(n)
+        return res
 
     def check_masks(self):
         "Raise a `ValueError` if the masks no longer fit the layers (a surgery that `follow_cuts` was not told about)"

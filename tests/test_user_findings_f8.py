@@ -180,12 +180,15 @@ def test_sparse_export_of_a_spectral_norm_conv_in_train_mode():
     with torch.no_grad(): fct.test_close(new(x), m(x), eps=1e-4)
 
 
-def test_fit_after_an_interrupted_batch_and_compact_with_a_namedtuple_output():
-    "A fit stopped mid-batch leaves learn.pred with its graph, here in a namedtuple: compact() then fit() trains (R10)"
+@pytest.mark.parametrize('kind', ['namedtuple', 'fastuple'])
+def test_fit_after_an_interrupted_batch_and_compact_with_a_structured_output(kind):
+    "A fit stopped mid-batch leaves learn.pred with its graph in any structure: compact() then fit() trains (R10, R11)"
     import collections
+    from fastcore.basics import fastuple
     from fastai.callback.core import Callback
     from fasterprune.pruner import Pruner
-    Out = collections.namedtuple('Out', 'logits hidden')
+    Named = collections.namedtuple('Named', 'logits hidden')
+    Out = Named if kind == 'namedtuple' else (lambda *a: fastuple(a))
 
     class Net(nn.Module):
         def __init__(self):
@@ -198,7 +201,7 @@ def test_fit_after_an_interrupted_batch_and_compact_with_a_namedtuple_output():
 
     torch.manual_seed(0)
     learn = _learner(Net())
-    learn.loss_func = lambda out, t: nn.functional.cross_entropy(out.logits, t)
+    learn.loss_func = lambda out, t: nn.functional.cross_entropy(out[0], t)
     with learn.no_bar(), learn.no_logging():
         learn.fit(1, 1e-3, cbs=SparsifyCallback(0.5, 'filter', 'local', schedule='one_shot', show_sparsity=False,
                                                 layers=['l0', 'l1']))
@@ -207,3 +210,17 @@ def test_fit_after_an_interrupted_batch_and_compact_with_a_namedtuple_output():
     Pruner(learn).compact()
     fct.test_eq(learn.model.l1.weight.shape, (16, 16))
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+
+
+@pytest.mark.parametrize('param', [None, 'weight_norm'])
+def test_a_zero_initialized_layer_is_not_taken_as_emptied(param):
+    "A layer zero at the rewind point too (weight_norm: its scale g zero) is not masked whole by prune_weights (R11)"
+    from torch.nn.utils import parametrizations
+    from fasterprune.rewind import Rewinder
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    if param == 'weight_norm': parametrizations.weight_norm(m[2])
+    with torch.no_grad(): (m[2].parametrizations.weight.original0 if param else m[2].weight).zero_()
+    rw = Rewinder(m).keep_rewind_point(0)
+    rw.prune_weights(0.2)
+    fct.test_eq(int(rw.masks['2'].sum()), 205)  # 20 % of 256 pruned like any layer, not all of it
