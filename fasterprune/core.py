@@ -4,7 +4,7 @@
 
 # %% ../nbs/00a_core.ipynb #1ce076d5
 from __future__ import annotations
-import math, sys
+import functools, math, sys
 from collections.abc import Mapping
 from contextlib import contextmanager
 import torch
@@ -203,3 +203,14 @@ def eager_compiled():
         yield
         return
     with stance('force_eager'): yield
+
+def _in_eval(f):
+    """Decorator: `f(model_or_learner, ...)` runs with the model in eval mode (each module's flag restored after), so
+    a function that promises to leave the model untouched does not move spectral_norm's power iteration by reading a
+    weight in train mode"""
+    @functools.wraps(f)
+    def _f(obj, *args, **kwargs):
+        model = obj if isinstance(obj, nn.Module) else getattr(obj, 'model', None)  # a fastai Learner: its model
+        if not isinstance(model, nn.Module): return f(obj, *args, **kwargs)  # `f` says what is wrong with it
+        with evaluating(bare_model(model), no_grad=False): return f(obj, *args, **kwargs)
+    return _f

@@ -9,9 +9,9 @@ import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 import pandas as pd
-from fasterprune.core import evaluating, flat_tensors, first_line, bare_model, eager_compiled, quantized_note, \
-    mha_fastpath_off
-from .metrics import _prepare, _check_whole, _check_threads, _interleaved, _sync, _in_eval
+from .core import evaluating, flat_tensors, first_line, bare_model, eager_compiled, quantized_note, \
+    mha_fastpath_off, _in_eval
+from .metrics import _prepare, _check_whole, _check_threads, _interleaved, _sync
 
 logger = logging.getLogger('fasterprune')
 

@@ -4,14 +4,14 @@
 
 # %% ../nbs/05_metrics.ipynb #fb613526
 from __future__ import annotations
-import functools, gc, math, time, statistics, logging
+import gc, math, time, statistics, logging
 from collections.abc import Mapping
 from contextlib import ExitStack
 import torch
 from torch import nn, Tensor
 import pandas as pd
 from .core import evaluating, few, model_device, to_device, first_line, conv1d_note, args_kwargs, \
-    _dict_hint, bare_model, eager_compiled, quantized_note
+    _dict_hint, bare_model, eager_compiled, quantized_note, _in_eval
 from .sparsifier import prunable_layers, AttentionProjection, _ties, _nnz_each as _nonzero_each
 
 logger = logging.getLogger('fasterprune')
@@ -21,14 +21,6 @@ __all__ = ['logger', 'report_columns', 'check_original', 'count_params', 'compre
            'theoretical_speedup', 'sparsity_report', 'measure_latency', 'measured_speedup', 'speedup_summary']
 
 # %% ../nbs/05_metrics.ipynb #466624c8
-def _in_eval(f):
-    "`f(model, ...)` with the model in eval mode: reading a weight in train mode moves spectral_norm's power iteration"
-    @functools.wraps(f)
-    def _f(model, *args, **kwargs):
-        if not isinstance(model, nn.Module): return f(model, *args, **kwargs)
-        with evaluating(bare_model(model), no_grad=False): return f(model, *args, **kwargs)
-    return _f
-
 def _layers(model:nn.Module) -> dict[str, nn.Module]:
     "The Conv/ConvTranspose/Linear layers of `model`, or a `ValueError` when it has none"
     if not isinstance(model, nn.Module): raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")

@@ -8,7 +8,8 @@ import logging
 import torch
 from torch import nn, Tensor
 from .core import check_fraction, check_context, round_half_up, state_problems
-from .sparsifier import Sparsifier, prunable_layers, one_per_weight, _ties, _matches, _nnz_each
+from fasterprune.sparsifier import Sparsifier, prunable_layers, one_per_weight, _ties, _matches, _nnz_each, \
+    _weight_sources
 
 logger = logging.getLogger('fasterprune')
 
@@ -276,9 +277,6 @@ class Rewinder:
         self.sparsifier.apply_masks()
         return self
 
-    _weight_sources = ('weight', 'weight_orig', 'weight_v', 'weight_g', 'parametrizations.weight.original',
-                       'parametrizations.weight.original0', 'parametrizations.weight.original1')
-
     def _adopt_zeros(self):
         """Weights already exactly zero that the masks keep (pruned by a SparsifyCallback, zero in a checkpoint) join
         the pruned ones, so a rewind does not bring them back. A layer of zeros only joins them when its weights at the
@@ -301,18 +299,14 @@ class Rewinder:
 
     def _nonzero_at_point(self, names:list) -> set:
         """Of the layers `names`, those whose weight held a nonzero value at the rewind point: the stored weight, or
-        for a computed one (weight_norm, spectral_norm, prune hooks: a new tensor at every read) every tensor it is
-        computed from (weight_norm's g and v both; a CPU copy: no device read)"""
+        for a computed one (weight_norm, spectral_norm, prune hooks) every tensor it is computed from (weight_norm's g
+        and v both); the point is a CPU copy: no device read"""
         if self.rewind_point is None or not names: return set()
         keys = {id(v): k for k, v in self.model.state_dict(keep_vars=True).items()}
-        def at(t): return self.rewind_point.get(keys.get(id(t)))
-        def nonzero(w): return w is not None and bool(w.any())
-        res = set()
-        for n in names:
-            m = self.layers[n]
-            own = [p for k, p in m.named_parameters() if k in self._weight_sources] if isinstance(m, nn.Module) else []
-            if nonzero(at(self.sparsifier.weight(n))) or (own and all(nonzero(at(p)) for p in own)): res.add(n)
-        return res
+        def nonzero(t):
+            w = self.rewind_point.get(keys.get(id(t)))
+            return w is not None and bool(w.any())
+        return {n for n in names if all(nonzero(t) for t in _weight_sources(self.layers[n], self.sparsifier._rp[n]))}
 
     def check_masks(self):
         "Raise a `ValueError` if the masks no longer fit the layers (a surgery that `follow_cuts` was not told about)"

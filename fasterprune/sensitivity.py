@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 from torch import nn, Tensor
 from matplotlib.figure import Figure
-from .core import check_fraction, round_half_up, evaluating, bare_model, few
+from .core import check_fraction, round_half_up, evaluating, bare_model, few, _in_eval
 from .sparsifier import Sparsifier, AttentionProjection, _matches, _output_layers
 from .pruner import _first_batch
 from .core import model_device
@@ -194,6 +194,7 @@ def _progress(items, show:bool):
     except ImportError: return items
     return progress_bar(items, leave=False)
 
+@_in_eval  # in train mode, reading a spectral_norm weight moves its power iteration
 def sensitivity(
     learn_or_model,                  # a fastai `Learner` (evaluated with `learn.validate`), or a plain `nn.Module`
     ratios=(0.25, 0.5, 0.75, 0.9),   # fractions in (0, 1) to prune each layer to, that layer alone
@@ -231,44 +232,42 @@ def sensitivity(
             with evaluating(model_): return _as_float(metric(model_), f"metric {name!r}")
     rs = _check_ratios(ratios)
     model = bare_model(learn_or_model.model if is_learn else learn_or_model)
-    # in eval mode throughout: reading a parametrized weight in train mode moves it (spectral_norm's power iteration)
-    with evaluating(model, no_grad=False):
-        sp = Sparsifier(model, granularity, 'local', criteria, layers, exclude, attention=attention)
-        if sp.granularity.is_nm:
-            g = sp.granularity
-            raise ValueError(f"granularity {g!r} prunes a fixed {g.m - g.n} of every {g.m} weights: there is no curve "
-                             "to scan; scan 'weight' instead")
-        if sp.criterion.needs_grad:
-            raise ValueError(f"criteria {sp.criterion!r} ranks weights by gradients gathered while training, and the "
-                             "scan does not train; use 'magnitude' or 'random' (or your own f(w) -> scores)")
-        names = _scanned_layers(sp, learn_or_model if is_learn else None, layers)
-        state = _LearnerState(learn_or_model) if is_learn else None
-        progress = getattr(learn_or_model, 'progress', None) if is_learn else None  # fastai's bar, once per validate
-        dev = model_device(model)
-        rows = []
-        # data loaders draw seeds, criteria='random' draws scores: the caller's random numbers stay as they were
-        with torch.random.fork_rng(devices=[dev] if dev is not None and dev.type == 'cuda' else []):
-            try:
-                if progress is not None: learn_or_model.remove_cb(progress)
-                dense = evaluate()
-                if not math.isfinite(dense):
-                    raise ValueError(f"the dense model's {name} is {dense}: there is nothing to compare the pruned "
-                                     "layers with")
-                for n, r in _progress([(n, r) for n in names for r in rs], show_progress):
-                    m = sp.layers[n]
-                    snap = _Snapshot(m)
-                    try:
-                        sp.sparsify({m: r})  # the module as the key: a layer name is a glob pattern to the Sparsifier
-                        v = evaluate()
-                    finally:
-                        sp.reset()
-                        snap.restore()
-                    d = v - dense
-                    rows.append(dict(layer=n, ratio=r, metric=v, delta=d, drop=(-d if higher else d) + 0.,  # no -0.0
-                                     params=m.weight.numel(), group_size=sp._group_size(n)))
-            finally:
-                if progress is not None: learn_or_model.add_cb(progress)
-                if state is not None: state.restore()
+    sp = Sparsifier(model, granularity, 'local', criteria, layers, exclude, attention=attention)
+    if sp.granularity.is_nm:
+        g = sp.granularity
+        raise ValueError(f"granularity {g!r} prunes a fixed {g.m - g.n} of every {g.m} weights: there is no curve "
+                         "to scan; scan 'weight' instead")
+    if sp.criterion.needs_grad:
+        raise ValueError(f"criteria {sp.criterion!r} ranks weights by gradients gathered while training, and the "
+                         "scan does not train; use 'magnitude' or 'random' (or your own f(w) -> scores)")
+    names = _scanned_layers(sp, learn_or_model if is_learn else None, layers)
+    state = _LearnerState(learn_or_model) if is_learn else None
+    progress = getattr(learn_or_model, 'progress', None) if is_learn else None  # fastai's bar, once per validate
+    dev = model_device(model)
+    rows = []
+    # data loaders draw seeds, criteria='random' draws scores: the caller's random numbers stay as they were
+    with torch.random.fork_rng(devices=[dev] if dev is not None and dev.type == 'cuda' else []):
+        try:
+            if progress is not None: learn_or_model.remove_cb(progress)
+            dense = evaluate()
+            if not math.isfinite(dense):
+                raise ValueError(f"the dense model's {name} is {dense}: there is nothing to compare the pruned "
+                                 "layers with")
+            for n, r in _progress([(n, r) for n in names for r in rs], show_progress):
+                m = sp.layers[n]
+                snap = _Snapshot(m)
+                try:
+                    sp.sparsify({m: r})  # the module as the key: a layer name is a glob pattern to the Sparsifier
+                    v = evaluate()
+                finally:
+                    sp.reset()
+                    snap.restore()
+                d = v - dense
+                rows.append(dict(layer=n, ratio=r, metric=v, delta=d, drop=(-d if higher else d) + 0.,  # no -0.0
+                                 params=m.weight.numel(), group_size=sp._group_size(n)))
+        finally:
+            if progress is not None: learn_or_model.add_cb(progress)
+            if state is not None: state.restore()
     scan = SensitivityScan(pd.DataFrame(rows, columns=list(_columns)))
     scan.attrs.update(metric=name, dense=dense, higher_is_better=higher, granularity=sp.granularity.name,
                       criteria=repr(sp.criterion))

@@ -105,6 +105,14 @@ def _reparam(m:nn.Module, name:str):
                          f"forward would recompute the pruned entries; leave it dense with exclude=[{name!r}]")
     return None
 
+def _weight_sources(m:nn.Module, rp) -> list[Tensor]:
+    "The tensors the weight of layer `m` is stored in, or computed from (`rp`: how, from `_reparam`)"
+    if rp is None: return [m.weight]
+    if rp[0] == 'orig': return [rp[1].original]
+    if rp[0] == 'old_orig': return [m.weight_orig]
+    if rp[0] == 'weight_norm': return [rp[1].original0, rp[1].original1]  # g and v
+    return [m.weight_g, m.weight_v]
+
 def _effective_weight(m:nn.Module, rp) -> Tensor:
     "The weight the layer computes in its next forward"
     if rp is None or rp[0] in ('weight_norm', 'orig'): return m.weight  # a parametrization computes it on access
