@@ -158,11 +158,13 @@ class LotteryTicket:
         layers=None,                # what to prune (names, patterns, modules, types); default every Conv/Linear
         exclude=None,               # what to leave dense
         fresh_opt:bool=True,        # a fresh optimizer after each rewind (False keeps its state)
+        attention:bool|None=None,   # MultiheadAttention's input projections: True prune them, False leave them dense,
+                                    # None: once they hold pruned weights (after `SparsifyCallback(attention=True)`)
     ):
         self.rate = check_rate(rate)
         check_context(context)
         check_iteration(rewind_iter)
-        rw = Rewinder(bare_model(learn.model), layers, exclude)
+        rw = Rewinder(bare_model(learn.model), layers, exclude, attention)
         _layer_rates(rw.layers, layer_rates)  # every pattern matches a pruned layer
         self.learn, self.context, self.layer_rates, self.fresh_opt = learn, context, layer_rates, fresh_opt
         self.rewinder = rw.attach(learn, iteration=rewind_iter)

@@ -8,8 +8,8 @@ import logging
 import torch
 from torch import nn, Tensor
 from .core import check_fraction, check_context, round_half_up, state_problems
-from fasterprune.sparsifier import Sparsifier, prunable_layers, one_per_weight, _ties, _matches, _nnz_each, \
-    _weight_sources
+from .sparsifier import Sparsifier, AttentionProjection, prunable_layers, one_per_weight, _ties, _matches, \
+    _nnz_each, _weight_sources, _attn_attrs
 
 logger = logging.getLogger('fasterprune')
 
@@ -34,12 +34,23 @@ def model_state(model:nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().to('cpu', copy=True) for k, v in model.state_dict().items()}
 
 # %% ../nbs/08b_rewind.ipynb #ae3515b0
+def _masked_weight(mods:dict, name:str) -> Tensor|None:
+    "The weight the mask `name` applies to: layer `name`'s, or an attention's projection (`<module>.in_proj_weight`)"
+    owner, _, attr = name.rpartition('.')
+    if attr in _attn_attrs and isinstance(mods.get(owner), nn.MultiheadAttention):
+        return getattr(mods[owner], attr, None)
+    return getattr(mods.get(name), 'weight', None)
+
+def _names_attention(masks:dict) -> bool:
+    "Whether `masks` names an attention projection (`<attention>.in_proj_weight`, ...)"
+    return any(n.rpartition('.')[2] in _attn_attrs for n in masks)
+
 def _mask_targets(model:nn.Module, masks:dict) -> list[Tensor]:
     "The weights `masks` apply to, checked by name and shape"
     mods = dict(model.named_modules())
     ws = []
     for n, mk in masks.items():
-        w = getattr(mods.get(n), 'weight', None)
+        w = _masked_weight(mods, n)
         if not isinstance(w, Tensor):
             raise ValueError(f"mask for {n!r}: {type(model).__name__} has no layer {n!r} with a weight")
         if tuple(mk.shape) != tuple(w.shape):
@@ -77,7 +88,7 @@ def _imp_target(n_w:int, n_kept:int, rate:float) -> float:
 
 def _compute(model, lyr, names, masks, target) -> dict[str, Tensor]:
     "The Sparsifier's masks for the layers `names` (one ranking for a float `target`, per layer for a dict)"
-    sp = Sparsifier(model, 'weight', 'global', 'magnitude', layers=[lyr[n] for n in names])
+    sp = Sparsifier(model, 'weight', 'global', 'magnitude', layers=[lyr[n] for n in names], attention=True)
     sp.set_masks({n: masks[n] for n in names if n in masks})
     return sp.compute_masks(target)
 
@@ -88,11 +99,13 @@ def imp_masks(model:nn.Module,            # the trained model whose weight magni
               layer_rates:dict|None=None, # {name or glob pattern: rate} for layers pruned locally at their own rate
               layers=None,                # what to prune (names, patterns, modules, types); default every Conv/Linear
               exclude=None,               # what to leave dense
+              attention:bool|None=None,   # MultiheadAttention's input projections too (None: when `masks` names one)
              ) -> dict[str, Tensor]:
     "New masks that prune `rate` of the weights that remain, by magnitude; the model is not changed"
     rate = check_rate(rate)
     check_context(context)
-    lyr = one_per_weight(prunable_layers(model, layers, exclude))  # a weight shared by two layers: ranked once
+    attention = _names_attention(masks or {}) if attention is None else attention
+    lyr = one_per_weight(prunable_layers(model, layers, exclude, attention))  # a weight shared by layers: ranked once
     if not lyr:
         raise ValueError(f"Nothing to prune: {type(model).__name__} has no Conv/Linear layer left after layers/exclude")
     masks = dict(masks or {})
@@ -121,9 +134,11 @@ def random_masks(masks:dict[str, Tensor], seed:int=0) -> dict[str, Tensor]:
         out[n] = keep.view(mk.shape)
     return out
 
-def weights_remaining(masks:dict[str, Tensor], model:nn.Module, layers=None, exclude=None) -> float:
+def weights_remaining(masks:dict[str, Tensor], model:nn.Module, layers=None, exclude=None,
+                      attention:bool|None=None, # MultiheadAttention's input projections too (None: if `masks` name one)
+                     ) -> float:
     "Fraction of the prunable weights of `model` that `masks` keep"
-    lyr = prunable_layers(model, layers, exclude)
+    lyr = prunable_layers(model, layers, exclude, _names_attention(masks) if attention is None else attention)
     tied = _ties(lyr)  # a weight shared by several layers counts once, with the mask of whichever of them has one
     later = {b for bs in tied.values() for b in bs}
     n = kept = 0
@@ -140,13 +155,20 @@ class Rewinder:
         model:nn.Module,  # the model, pruned and rewound in place (the module itself, not a DDP wrapper)
         layers=None,      # what to prune (names, glob patterns, modules, types); default every Conv/Linear
         exclude=None,     # what to leave dense
+        attention:bool|None=None, # MultiheadAttention's input projections: True prune them, False leave them dense;
+                                  # None: each joins once it holds pruned (zero) weights or a mask names it
     ):
         if not isinstance(model, nn.Module): raise TypeError(f"Rewinder needs an nn.Module, got {type(model).__name__}")
-        self.model = model
-        self.sparsifier = Sparsifier(model, 'weight', 'local', 'magnitude', layers=layers, exclude=exclude)
+        if attention not in (None, True, False):
+            raise TypeError(f"attention must be None, True or False, got {attention!r}")
+        self.model, self.attention, self._sel, self._exclude = model, attention, layers, exclude
+        self.sparsifier = Sparsifier(model, 'weight', 'local', 'magnitude', layers=layers, exclude=exclude,
+                                     attention=bool(attention))
         self.rewind_point, self.rewind_iter, self.round = None, None, 0
         self.learn, self.opt, self.callback, self._hook = None, None, None, None
         self._pending, self._steps = None, 0  # the iteration of a rewind point still to keep, optimizer steps so far
+        self._warned = set()  # attention=False: projections holding zeros, already warned about
+        self._attention_zeros()
 
     @property
     def masks(self) -> dict[str, Tensor]: return self.sparsifier.masks  # layer name -> bool (True = keep)
@@ -161,7 +183,7 @@ class Rewinder:
 
     def remaining(self) -> float:
         "Fraction of the prunable weights the masks keep"
-        return weights_remaining(self.masks, self.model, list(self.layers.values()))
+        return weights_remaining(self.masks, self.model, list(self.layers.values()), attention=True)
 
     # ---- driving it from a training loop
     def attach(self, obj, iteration:int|None=None):
@@ -233,7 +255,8 @@ class Rewinder:
         self.check_masks()
         if self.rewind_point is not None: self._check_point()  # a rewind after it would fail: refuse before pruning
         self._adopt_zeros()
-        masks = imp_masks(self.model, self.masks, rate, context, layer_rates, list(self.layers.values()))
+        lyr = list(self.layers.values())
+        masks = imp_masks(self.model, self.masks, rate, context, layer_rates, lyr, attention=True)
         self.set_masks(masks)
         logger.info("Rewinder: %.2f %% of the weights remain", 100 * self.remaining())
         return self.masks
@@ -260,9 +283,13 @@ class Rewinder:
     # ---- masks, checks, tickets
     def set_masks(self, masks:dict[str, Tensor]):
         "Replace the masks (layer name -> bool, True = keep; checked against the layers) and zero the pruned weights"
+        self._track({n: p for n, p in self._projections().items() if n in masks})  # attention=None: a mask names it
         for n, mk in masks.items():
             if n not in self.layers:
-                raise ValueError(f"mask for {n!r}: not a pruned layer; pruned layers are: {', '.join(self.layers)}")
+                hint = (" (an attention projection: this Rewinder has attention=False)" if self.attention is False
+                        and n.rpartition('.')[2] in _attn_attrs else '')
+                raise ValueError(f"mask for {n!r}: not a pruned layer{hint}; pruned layers are: "
+                                 f"{', '.join(self.layers)}")
             shape = tuple(self.layers[n].weight.shape)
             if tuple(mk.shape) != shape:
                 raise ValueError(f"mask for {n!r} has shape {tuple(mk.shape)}, the weight has {shape}")
@@ -282,6 +309,7 @@ class Rewinder:
         the pruned ones, so a rewind does not bring them back. A layer of zeros only joins them when its weights at the
         rewind point were not all zero (a global ranking emptied it); one zero there too (zero-initialized) stays"""
         self.check_masks()
+        self._attention_zeros()
         names = list(self.layers)
         with torch.no_grad():
             kept = {n: self.masks.get(n) for n in names}
@@ -296,6 +324,40 @@ class Rewinder:
         self.sparsifier.set_masks(add)
         logger.info("Rewinder: %d weights already zero taken as pruned (%s)",
                     sum(c for n, c in zip(names, counts) if n in add), ', '.join(add))
+
+    def _projections(self) -> dict[str, AttentionProjection]:
+        "MultiheadAttention input projections that `layers`/`exclude` allow and the masks do not track (yet)"
+        if self.attention is True or not any(isinstance(m, nn.MultiheadAttention) for m in self.model.modules()):
+            return {}
+        every = prunable_layers(self.model, self._sel, self._exclude, attention=True)
+        return {n: m for n, m in every.items() if isinstance(m, AttentionProjection) and n not in self.layers}
+
+    def _attention_zeros(self):
+        """Projections that hold exact zeros (pruned by `SparsifyCallback(attention=True)`, or zero in a checkpoint) are
+        tracked from now on (attention=None), so a rewind keeps them pruned; with attention=False, a warning that a
+        rewind restores them. One host read per device"""
+        ps = self._projections()
+        if not ps: return
+        nnz = _nnz_each(p.weight for p in ps.values())
+        zeros = {n: p for (n, p), c in zip(ps.items(), nnz) if c < p.weight.numel()}
+        if not zeros: return
+        if self.attention is None: return self._track(zeros)
+        zeros = {n: p for n, p in zeros.items() if n not in self._warned}
+        if not zeros: return
+        self._warned.update(zeros)
+        logger.warning("Rewinder: %s hold%s zero weights, but attention=False leaves attention projections untracked: "
+                       "a rewind restores them; pass attention=None (the default) or True to keep them pruned",
+                       ', '.join(zeros), 's' if len(zeros) == 1 else '')
+
+    def _track(self, extra:dict):
+        "Mask the attention projections `extra` ({name: AttentionProjection}) too (attention=None); the masks are kept"
+        if not extra or self.attention is not None: return
+        old = self.sparsifier
+        sp = Sparsifier(self.model, 'weight', 'local', 'magnitude', layers=[*old.layers.values(), *extra.values()],
+                        attention=True)
+        sp.masks, sp._collapsed = dict(old.masks), set(old._collapsed)
+        self.sparsifier = sp
+        logger.info("Rewinder: tracking the attention projections %s", ', '.join(extra))
 
     def _nonzero_at_point(self, names:list) -> set:
         """Of the layers `names`, those whose weight held a nonzero value at the rewind point: the stored weight, or
@@ -355,12 +417,13 @@ class Rewinder:
     def _cut(self, key:str, ops:list):
         "Cut the rewind point's `key` and, for a masked weight, its mask, as `ops` [(dim, kept index)] say"
         lname, _, pname = key.rpartition('.')
+        mname = key if key in self.masks else lname if pname == 'weight' and lname in self.masks else None
         for dim, idx in ops:
             if self.rewind_point is not None and key in self.rewind_point:
                 self.rewind_point[key] = self.rewind_point[key].index_select(dim, idx.cpu())
-            if pname == 'weight' and lname in self.masks:
-                mk = self.masks[lname]
-                self.sparsifier.masks[lname] = mk.index_select(dim, idx.to(mk.device))
+            if mname is not None:  # a layer's weight, or an attention projection (its mask has the key's name)
+                mk = self.masks[mname]
+                self.sparsifier.masks[mname] = mk.index_select(dim, idx.to(mk.device))
 
     def ticket(self) -> dict:
         "The ticket as plain tensors: round, masks, rewind point and the model's current (trained) weights"

@@ -41,6 +41,8 @@ _attn_attrs = ('in_proj_weight', 'q_proj_weight', 'k_proj_weight', 'v_proj_weigh
 
 def _matches(name, module, sel):
     if isinstance(sel, str): return fnmatch.fnmatchcase(name, sel)
+    if isinstance(sel, AttentionProjection):  # one projection of one attention module (not its other ones)
+        return isinstance(module, AttentionProjection) and module.module is sel.module and module.attr == sel.attr
     owner = module.module if isinstance(module, AttentionProjection) else module
     if isinstance(sel, type): return isinstance(module, sel) or isinstance(owner, sel)
     return module is sel or owner is sel
@@ -55,7 +57,7 @@ def prunable_layers(model:nn.Module, layers=None, exclude=None, attention:bool=F
                 if isinstance(getattr(m, a, None), Tensor): found[f'{n}.{a}' if n else a] = AttentionProjection(m, a)
     every = dict(found)
     if layers is not None:
-        layers = [layers] if isinstance(layers, (str, type, nn.Module)) else list(layers)
+        layers = [layers] if isinstance(layers, (str, type, nn.Module, AttentionProjection)) else list(layers)
         for sel in layers:
             if not any(_matches(n, m, sel) for n, m in found.items()):
                 attn = not attention and isinstance(sel, str) and 'proj_weight' in sel
@@ -64,7 +66,7 @@ def prunable_layers(model:nn.Module, layers=None, exclude=None, attention:bool=F
                                  f"prunable layers are: {', '.join(found) or 'none'}")
         found = {n: m for n, m in found.items() if any(_matches(n, m, s) for s in layers)}
     if exclude is not None:
-        exclude = [exclude] if isinstance(exclude, (str, type, nn.Module)) else list(exclude)
+        exclude = [exclude] if isinstance(exclude, (str, type, nn.Module, AttentionProjection)) else list(exclude)
         for sel in exclude:  # a name or module that leaves nothing out is a typo (a type may fit no layer here)
             if isinstance(sel, type) or any(_matches(n, m, sel) for n, m in every.items()): continue
             block = isinstance(sel, str) and sel in dict(model.named_modules())
