@@ -390,7 +390,7 @@ class ChannelGraph:
             sp = AttentionHeads(*spec) if isinstance(spec, (tuple, list)) else spec
             parts = list(getattr(sp, 'parts', ()))  # the projections, and the count attributes it names
             counts = (getattr(sp, c, None) for c in ('num_heads', 'num_kv_heads', 'head_dim', 'n_rep', 'width'))
-            parts += [a for a in counts if a is not None]
+            parts += [a for a in counts if a is not None] + [a for a in (getattr(sp, 'table', None),) if a is not None]
             hits = [n for n, m in self.modules.items()  # a pattern: every module it names that has those parts
                     if fnmatch.fnmatchcase(n, key) and all(isinstance(a, str) and _has_path(m, a) for a in parts)]
             if not hits:
@@ -401,6 +401,7 @@ class ChannelGraph:
                 raise ValueError(f"heads: the pattern {key!r} matches no module of the model with the attributes "
                                  f"{parts}{why}")
             for n in hits: self._written_heads(n, spec)
+        self._same_heads()
         self._finish()
         for owner, w in self.heads.items(): self._check_written(owner, w)
 
@@ -1572,6 +1573,11 @@ class AttentionHeads:
     layout:str='qkv'            # the rows of the fused `qkv`: 'qkv' (all q | all k | all v) or 'per_head' (k/v group by
                                 # group, each its n_rep q heads, then its k, then its v: GPT-NeoX's and Bloom's
                                 # `query_key_value`, [q k v] of each head; Falcon-40B's [q.. k v] of each k/v group)
+    table:str|None=None         # a module of the block whose `weight` holds one column per head (T5's
+                                # `relative_attention_bias`, Embedding(num_buckets, num_heads)): cut with the heads
+    same_heads_as:str|None=None  # the name IN THE MODEL of an attention block whose heads this one keeps, index for
+                                # index (T5: every layer of a stack adds the position bias its first layer computes,
+                                # one column per head; the first layer's cross-attention's zeros set the head count)
     def __post_init__(self):
         given = [f for f in ('q', 'k', 'v') if getattr(self, f) is not None]
         if self.qkv is not None and given:
@@ -1607,6 +1613,7 @@ class _WrittenHeads:
     fused:bool = False        # one projection, rows q | k | v (q: num_heads·head_dim rows, k and v num_kv_heads·head_dim)
     width_attr:str|None = None  # the attribute holding num_heads · head_dim, set after a cut
     layout:str = 'qkv'          # fused rows: 'qkv' (q | k | v) or 'per_head' (each k/v group: its q heads, k, v)
+    same_as:str|None = None     # the block (its name in the model) whose heads this one keeps, index for index
     @property
     def num_heads(self) -> int:
         if self.attr is not None: return _get_path(self.owner, self.attr)
@@ -1828,10 +1835,42 @@ def _written_heads(self:ChannelGraph, owner:str, spec):
                          "the attribute holding the attention width (the q part of the projections, o's input)")
     _check_stale_attrs(m, owner, spec, H, Hkv, hd)
     names = [full(n) for n in ((spec.qkv,) * 3 if spec.qkv is not None else (spec.q, spec.k, spec.v))]
+    table = _head_table(self, owner, spec, H, Hkv)
     w = _WrittenHeads(m, spec.num_heads, (q, k, v), o, (names, full(spec.o)), spec.num_kv_heads, spec.head_dim,
-                      spec.n_rep, spec.qkv is not None, spec.width, spec.layout)
+                      spec.n_rep, spec.qkv is not None, spec.width, spec.layout, spec.same_heads_as)
     self.heads[owner] = w
-    if w.n_units > 1: self._slot(owner, 'head', self._new(w.n_units))  # a k/v group, or a query head (MQA): a unit
+    if w.n_units > 1:
+        ids = self._slot(owner, 'head', self._new(w.n_units))  # a k/v group, or a query head (MQA): a unit
+        if table is not None: self._slot(table, 'param', ids, 'weight', 1)  # its columns go with the heads
+
+def _head_table(g, owner:str, spec, H:int, Hkv:int) -> str|None:
+    "The model name of the per-head table `spec.table` names (checked: a 2-D `weight`, one column per head), or None"
+    if spec.table is None: return None
+    name = f'{owner}.{spec.table}' if owner else spec.table
+    w = getattr(g.modules.get(name), 'weight', None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.shape[1] != H:
+        got = f"weight {tuple(w.shape)}" if isinstance(w, torch.Tensor) else 'no weight' if name in g.modules else \
+            'no such module'
+        raise ValueError(f"heads[{owner!r}]: table={spec.table!r} must name a module of the block whose weight is "
+                         f"(rows, num_heads={H}), one column per head; {name!r} has {got}")
+    if Hkv != H:
+        raise ValueError(f"heads[{owner!r}]: table={spec.table!r} holds a column per head, and the block groups {H} "
+                         f"query heads on {Hkv} k/v heads (the units): a table is cut only with heads pruned one by one")
+    return name
+
+@patch
+def _same_heads(self:ChannelGraph):
+    "Blocks named with `same_heads_as` keep the heads of that block, index for index: their head units are united"
+    for owner, w in self.heads.items():
+        if w.same_as is None or w.same_as == owner: continue
+        t = self.heads.get(w.same_as)
+        if t is None:
+            raise ValueError(f"heads[{owner!r}]: same_heads_as={w.same_as!r} is not an attention block named in "
+                             f"heads= (those are {few(repr(n) for n in self.heads)}); name the block, in the model")
+        if (t.n_units, t.num_heads) != (w.n_units, w.num_heads):
+            raise ValueError(f"heads[{owner!r}]: same_heads_as={w.same_as!r} has {t.num_heads} heads in {t.n_units} "
+                             f"units, this block {w.num_heads} in {w.n_units}: they cannot keep the same heads")
+        if w.n_units > 1: self._union(self.slots[(owner, 'head')].ids, self.slots[(w.same_as, 'head')].ids)
 
 @patch
 def _check_written(self:ChannelGraph, owner:str, w:_WrittenHeads):

@@ -4,7 +4,7 @@
 
 # %% ../nbs/15_hf.ipynb #f2ca10a1
 from __future__ import annotations
-import copy, fnmatch, inspect, logging
+import copy, dataclasses, fnmatch, inspect, logging
 import torch
 from torch import nn
 from .core import conv1d_layers, few
@@ -13,7 +13,7 @@ from .graph import AttentionHeads, _get_path as _get
 logger = logging.getLogger('fasterprune')
 
 # %% auto #0
-__all__ = ['logger', 'conv1d_to_linear', 'hf_heads', 'hf_config_after_prune']
+__all__ = ['logger', 'conv1d_to_linear', 'own_head_counts', 'hf_heads', 'hf_config_after_prune']
 
 # %% ../nbs/15_hf.ipynb #249f5895
 def _linear_of(c:nn.Module) -> nn.Linear:
@@ -82,7 +82,8 @@ def _unprunable(m:nn.Module, spec:AttentionHeads) -> str|None:
     hd = _get(m, spec.head_dim) if spec.head_dim else None
     if not isinstance(hd, int) or not hd: return None
     after = spec.o.rpartition('.')[0]  # the module around o (BERT's `output`: o, then a norm of the residual stream)
-    skip = {id(p) for n in (*spec.parts, *([after] if after else [])) for p in _get(m, n).parameters()}
+    own = (*spec.parts, *([after] if after else []), *([spec.table] if spec.table else []))  # a table goes with its heads
+    skip = {id(p) for n in own for p in _get(m, n).parameters()}
     H = _get(m, spec.o).in_features // hd
     widths = {H * hd} if spec.qkv is not None else {H * hd, _get(m, spec.k).out_features}
     for n, t in m.named_parameters():  # learned tensors on the q/k side: q_norm, k_norm, per-head tables
@@ -127,6 +128,75 @@ def _alibi(m:nn.Module) -> bool:
     except (TypeError, ValueError): return False
     return takes and getattr(getattr(m, 'config', None), 'alibi', True) is not False  # Falcon's alibi=False: rotary
 
+class _OwnHeads:
+    "The config an attention block shares with its model, as the block reads it: its own head count, all else shared"
+    def __init__(self, cfg, block:nn.Module):
+        object.__setattr__(self, '_cfg', cfg)
+        object.__setattr__(self, '_block', block)
+    @property
+    def num_attention_heads(self) -> int: return self._block.num_heads
+    def __getattr__(self, a):
+        if a.startswith('__') or a in ('_cfg', '_block'): raise AttributeError(a)  # copy, pickle: before __dict__ is set
+        return getattr(self._cfg, a)
+    def __setattr__(self, a, v):  # one shared config: a setting made through a block (the attention kernel) reaches all
+        if a == 'num_attention_heads': self._block.num_heads = v
+        else: setattr(self._cfg, a, v)
+    def __repr__(self): return f"{type(self._cfg).__name__} shared, num_attention_heads={self.num_attention_heads} here"
+
+def _reads_config_heads(m:nn.Module) -> bool:
+    "Is `m` an attention block (fused `qkv_proj`, `o_proj`) whose forward reads `self.config.num_attention_heads`?"
+    if not (_linears(m, 'qkv_proj', 'o_proj') and _ints(m, 'head_dim', 'num_key_value_heads')): return False
+    cfg = getattr(m, 'config', None)
+    H = getattr(cfg, 'num_attention_heads', None)
+    if isinstance(cfg, _OwnHeads) or not isinstance(H, int) or isinstance(H, bool): return False
+    try: src = inspect.getsource(type(m).forward)
+    except (TypeError, OSError): return True  # no source to read: take it that it reads the shared count
+    return 'self.config.num_attention_heads' in src
+
+def own_head_counts(
+    model:nn.Module,  # a Hugging Face model whose attention reads its head count from the shared config (Phi-3)
+) -> nn.Module:
+    "Give each attention block whose forward reads the config's `num_attention_heads` its own `num_heads`, in place"
+    blocks = [m for m in model.modules() if _reads_config_heads(m)]
+    if not blocks:
+        raise ValueError(f"own_head_counts: {type(model).__name__} has no attention block (fused `qkv_proj`, `o_proj`) "
+                         "that reads `self.config.num_attention_heads` (already given its own, or another family: "
+                         "nothing to do)")
+    for m in blocks:  # the forward reads `self.config.num_attention_heads`: that is now the block's `num_heads`
+        m.num_heads = m.config.num_attention_heads  # before the view reads it
+        m.config = _OwnHeads(m.config, m)
+    logger.info("own_head_counts: %d attention blocks of %s hold their own num_heads", len(blocks), type(model).__name__)
+    return model
+
+def _phi3_heads(m:nn.Module) -> AttentionHeads|None:
+    "Phi-3: one fused `qkv_proj`, q | k | v with grouped-query attention; after `own_head_counts`, its own `num_heads`"
+    if _reads_config_heads(m):
+        raise ValueError(f"hf_heads: {type(m).__name__} reads its head count from the config all its layers share "
+                         "(`self.config.num_attention_heads`), which a cut in one block cannot change: call "
+                         "own_head_counts(model) first (each block then reads its own `num_heads`)")
+    if not (isinstance(getattr(m, 'config', None), _OwnHeads) and _linears(m, 'qkv_proj', 'o_proj')): return None
+    if not _ints(m, 'num_heads', 'head_dim', 'num_key_value_heads'): return None
+    return AttentionHeads(num_heads='num_heads', qkv='qkv_proj', o='o_proj', head_dim='head_dim',
+                          num_kv_heads='num_key_value_heads',
+                          n_rep=_named(m, ('num_key_value_groups',), m.num_heads // max(m.num_key_value_heads, 1)))
+
+def _t5_heads(m:nn.Module) -> AttentionHeads|None:
+    "T5, mT5: q, k, v, o viewed by `key_value_proj_dim`; `n_heads` sizes the zero bias; a layer's own bias table"
+    if not (_linears(m, 'q', 'k', 'v', 'o') and _ints(m, 'n_heads', 'key_value_proj_dim', 'inner_dim')): return None
+    table = 'relative_attention_bias' if isinstance(getattr(m, 'relative_attention_bias', None), nn.Embedding) else None
+    return AttentionHeads(num_heads='n_heads', q='q', k='k', v='v', o='o', head_dim='key_value_proj_dim',
+                          width='inner_dim', table=table)
+
+def _same_heads(found:dict, fams:dict, mods:dict):
+    """T5: every layer of a stack adds the position bias its first layer computes ((1, n_heads, T, T), column `i` of
+    the first layer's table for head `i`; zeros sized by the first layer's `n_heads` in cross-attention): each block
+    keeps the heads of the first block of its kind in its stack, which the Pruner then removes from all of them"""
+    first = {}
+    for n in mods:  # module order: the first block of a pattern is the stack's first layer
+        if fams.get(n) != 'T5': continue
+        f = first.setdefault(_pattern(n), n)
+        if f != n: found[n] = dataclasses.replace(found[n], same_heads_as=f)
+
 def _distilbert_heads(m:nn.Module) -> AttentionHeads|None:
     "DistilBERT: q_lin, k_lin, v_lin, out_lin; the forward views by `attention_head_size`"
     if not (_linears(m, 'q_lin', 'k_lin', 'v_lin', 'out_lin') and _ints(m, 'n_heads', 'attention_head_size')):
@@ -147,7 +217,7 @@ def _bert_heads(m:nn.Module) -> AttentionHeads|None:
 
 _families = (('Llama-style, OPT, GPT-J, CLIP', _llama_heads), ('GPT-2', _gpt2_heads), ('DistilBERT', _distilbert_heads),
              ('Falcon', _falcon_heads), ('GPT-NeoX (Pythia)', _neox_heads),
-             ('BERT', _bert_heads))
+             ('BERT', _bert_heads), ('Phi-3', _phi3_heads), ('T5', _t5_heads))
 
 def _pattern(name:str) -> str:
     "'model.layers.3.self_attn' -> 'model.layers.*.self_attn': layer indices become wildcards"
@@ -192,6 +262,7 @@ def hf_heads(
                          "attention; name the others yourself: heads={'<block>': AttentionHeads(...)} "
                          "(nbs/08_pruner.ipynb)")
     if not found: raise ValueError(f"hf_heads: {type(model).__name__} has no attention block it recognises ({known})")
+    _same_heads(found, fams, mods)
     heads, named = {}, {}
     for n, spec in found.items():  # one pattern for the blocks of all layers, where it names exactly those
         p = _pattern(n)
@@ -206,36 +277,52 @@ def _swiglu(m:nn.Module) -> bool: return _linears(m, 'gate_proj', 'up_proj', 'do
 
 def _shapes(model:nn.Module) -> dict: return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
+_head_keys = ('num_attention_heads', 'num_key_value_heads', 'head_dim')  # Llama-style and Phi-3 configs
+
+def _attn_widths(m:nn.Module) -> dict|None:
+    "{config key: value} of the head counts and head width of an attention block `hf_config_after_prune` knows"
+    if _llama_heads(m) is not None:  # Llama, Mistral, Qwen2/3, Gemma (OPT, CLIP: their configs lack the keys)
+        hd = m.head_dim
+        return dict(zip(_head_keys, (m.q_proj.out_features // hd, m.k_proj.out_features // hd, hd)))
+    if isinstance(getattr(m, 'config', None), _OwnHeads) and _linears(m, 'qkv_proj', 'o_proj'):  # Phi-3
+        return dict(zip(_head_keys, (m.o_proj.in_features // m.head_dim, m.num_key_value_heads, m.head_dim)))
+    if _t5_heads(m) is not None: return dict(num_heads=m.n_heads, d_kv=m.key_value_proj_dim)  # T5
+    return None
+
+def _mlp_width(m:nn.Module) -> dict|None:
+    "{config key: units} of an MLP `hf_config_after_prune` knows"
+    if _swiglu(m): return dict(intermediate_size=m.gate_proj.out_features)
+    if _linears(m, 'gate_up_proj', 'down_proj'): return dict(intermediate_size=m.down_proj.in_features)  # Phi-3
+    if _linears(m, 'wo') and (_linears(m, 'wi') or _linears(m, 'wi_0', 'wi_1')): return dict(d_ff=m.wo.in_features)
+    return None
+
 def hf_config_after_prune(
-    model:nn.Module,  # a pruned Hugging Face Llama-style model (Llama, Mistral, Qwen2/3, Gemma): `model.config`
+    model:nn.Module,  # a pruned Hugging Face model: Llama-style (Llama, Mistral, Qwen2/3, Gemma), Phi-3 or T5
 ):
     "A copy of `model.config` with the pruned head counts, head width and MLP width, set on the model; all layers alike"
     cfg = getattr(model, 'config', None)
     if cfg is None or not callable(getattr(cfg, 'to_dict', None)):
         raise TypeError(f"hf_config_after_prune: {type(model).__name__} has no Hugging Face `config`; pass the "
                         "Hugging Face model itself (not a wrapper around it)")
-    need = ('num_attention_heads', 'num_key_value_heads', 'intermediate_size')
     mods = dict(model.named_modules())
-    attn = {n: m for n, m in mods.items() if _llama_heads(m) is not None}
-    mlps = {n: m for n, m in mods.items() if _swiglu(m)}
-    if not all(isinstance(getattr(cfg, a, None), int) for a in need) or not attn:
-        raise ValueError(f"hf_config_after_prune knows Llama-style configs and attention (q_proj, k_proj, v_proj, "
-                         f"o_proj; {', '.join(need)}); {type(model).__name__} is not one: save it with "
-                         "save_pruned(model, path) and load it with load_pruned(fresh_model, path)")
-    widths = {n: (m.q_proj.out_features // m.head_dim, m.k_proj.out_features // m.head_dim, m.head_dim)
-              for n, m in attn.items()}
-    widths.update({n: (m.gate_proj.out_features,) for n, m in mlps.items()})
-    heads = {w for n, w in widths.items() if n in attn}
-    inter = {w for n, w in widths.items() if n in mlps}
+    attn = {n: w for n, m in mods.items() if (w := _attn_widths(m)) is not None}
+    mlps = {n: w for n, m in mods.items() if (w := _mlp_width(m)) is not None}
+    keys = {k for w in (*attn.values(), *mlps.values()) for k in w if k != 'head_dim'}  # a config may derive head_dim
+    if not attn or not all(isinstance(getattr(cfg, k, None), int) for k in keys):
+        raise ValueError(f"hf_config_after_prune knows the configs of Llama-style models (q_proj, k_proj, v_proj, "
+                         "o_proj; num_attention_heads, num_key_value_heads, intermediate_size), Phi-3 (after "
+                         "own_head_counts) and T5 (num_heads, d_kv, d_ff); "
+                         f"{type(model).__name__} is not one: save it with save_pruned(model, path) and load it with "
+                         "load_pruned(fresh_model, path)")
+    heads = {tuple(w.items()) for w in attn.values()}
+    inter = {tuple(w.items()) for w in mlps.values()}
     if len(heads) > 1 or len(inter) > 1:
-        per = '; '.join(f"{n}: {w}" for n, w in widths.items())
+        per = '; '.join(f"{n}: {tuple(w.values())}" for n, w in (*attn.items(), *mlps.items()))
         raise ValueError("hf_config_after_prune: the layers kept different widths, which one config cannot express "
                          f"(heads, k/v heads, head_dim per attention; units per MLP): {per}. Save with "
                          "save_pruned(model, path) and load with load_pruned(fresh_model, path), or prune with "
                          "context='local'")
-    (H, Hkv, hd), = heads
-    new = dict(num_attention_heads=H, num_key_value_heads=Hkv, head_dim=hd)
-    if inter: new['intermediate_size'] = next(iter(inter))[0]
+    new = dict(*heads, **dict(*inter)) if inter else dict(*heads)
     trial = copy.deepcopy(cfg)
     for k, v in new.items(): setattr(trial, k, v)
     with torch.device('meta'): fresh = type(model)(trial)  # the shapes from_pretrained would build
@@ -247,5 +334,7 @@ def hf_config_after_prune(
                          f"weights ({'; '.join(diff[:4])}); save with save_pruned(model, path) instead")
     # the model and its modules take the new config; the old object, which other models may share, is unchanged
     for m in model.modules():
-        if getattr(m, 'config', None) is cfg: m.config = trial
+        c = getattr(m, 'config', None)
+        if c is cfg: m.config = trial
+        elif isinstance(c, _OwnHeads) and c._cfg is cfg: object.__setattr__(c, '_cfg', trial)  # Phi-3's own counts
     return trial

@@ -193,9 +193,6 @@ def test_hf_heads_bert_roberta_vit():
 
 def test_hf_heads_refuses_unrecognised_attention():
     "A model with attention blocks hf_heads does not know gets an error naming them, not a partial mapping"
-    torch.manual_seed(0)
-    t5 = T.T5ForConditionalGeneration(T.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4))
-    with pytest.raises(ValueError, match=r'encoder\.block\.0\.layer\.0 \(T5LayerSelfAttention\)'): hf_heads(t5)
     m = _gpt2()
     conv1d_to_linear(m)
     class Odd(nn.Module):  # one block of an unknown kind next to the GPT-2 ones

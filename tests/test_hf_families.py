@@ -1,0 +1,288 @@
+"""hf_heads for Phi-3 (one fused qkv_proj, grouped-query, a forward that reads the shared config's head count) and T5
+(q, k, v, o; one relative position bias per stack, computed by its first layer from a table with a column per head):
+tiny transformers models built from configs, random weights, no download"""
+import copy, dataclasses, io
+import pytest
+import torch
+import fastcore.test as fct
+
+T = pytest.importorskip('transformers')
+from fasterprune.hf import hf_heads, own_head_counts, hf_config_after_prune
+from fasterprune.graph import AttentionHeads, ChannelGraph
+from fasterprune.pruner import Pruner, SurgeryError, save_pruned, load_pruned
+
+T.logging.set_verbosity_error()
+T.utils.logging.disable_progress_bar()
+_classes = T.Phi3ForCausalLM, T.T5ForConditionalGeneration  # their modules' first import at collection, not in a test
+V = 100
+
+
+def _tokens():
+    torch.manual_seed(0)
+    x = torch.randint(2, V, (2, 12))
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0  # left padding
+    return x, mask
+
+
+def _phi3(H=4, Hkv=2, own=True):
+    torch.manual_seed(0)
+    cfg = T.Phi3Config(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=H,
+                       num_key_value_heads=Hkv, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+                       pad_token_id=0)
+    m = T.Phi3ForCausalLM(cfg).eval()
+    return own_head_counts(m) if own else m
+
+
+def _t5(layers=2):
+    torch.manual_seed(0)
+    cfg = T.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=layers, num_decoder_layers=layers,
+                     num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return T.T5ForConditionalGeneration(cfg).eval()
+
+
+def _t5_example():
+    x, mask = _tokens()
+    return dict(input_ids=x, attention_mask=mask, decoder_input_ids=x[:, :6])
+
+
+def _kept_heads(o0:torch.Tensor, o1:torch.Tensor, hd:int) -> list:
+    "The original heads whose output-projection columns the pruned o1 holds (matched column by column in o0)"
+    cols = [int((o0 == o1[:, [j]]).all(0).nonzero()[0]) for j in range(o1.shape[1])]
+    return sorted({c // hd for c in cols})
+
+
+def _mask_like(dense, pruned, blocks, o_name, hd):
+    "`dense` with the o columns of the heads `pruned` removed zeroed: the masked model the pruned one must equal"
+    d, p = dict(dense.named_modules()), dict(pruned.named_modules())
+    kept = {}
+    with torch.no_grad():
+        for n in blocks:
+            o0, o1 = getattr(d[n], o_name).weight, getattr(p[n], o_name).weight
+            kept[n] = _kept_heads(o0, o1, hd)
+            gone = [h for h in range(o0.shape[1] // hd) if h not in kept[n]]
+            for h in gone: o0[:, h * hd:(h + 1) * hd] = 0
+    return kept
+
+
+# ---------------------------------------------------------------- Phi-3
+
+def test_phi3_refused_until_it_holds_its_own_head_counts():
+    "Phi-3's forward reads `self.config.num_attention_heads`, one value for all layers: refused, naming the fix"
+    m = _phi3(own=False)
+    with pytest.raises(ValueError, match=r"Phi3Attention reads its head count .*own_head_counts\(model\)"): hf_heads(m)
+    own_head_counts(m)
+    a = m.model.layers[1].self_attn
+    fct.test_eq((a.num_heads, a.config.num_attention_heads, a.config.hidden_size), (4, 4, 64))
+    fct.test_eq(a.config._cfg is m.config, True)  # a view of the one shared config, not a copy
+    with pytest.raises(ValueError, match='already given its own'): own_head_counts(m)
+    llama = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(ValueError, match='no attention block'): own_head_counts(llama)
+
+
+def test_phi3_heads_pruned_equal_the_masked_model_and_generate():
+    "Half the k/v groups of each Phi-3 layer go with their query heads; the logits are those of the masked model"
+    x, mask = _tokens()
+    m = _phi3()
+    dense = copy.deepcopy(m)
+    heads = hf_heads(m)
+    fct.test_eq(list(heads), ['model.layers.*.self_attn'])
+    fct.test_eq((heads['model.layers.*.self_attn'].qkv, heads['model.layers.*.self_attn'].n_rep),
+                ('qkv_proj', 'num_key_value_groups'))
+    pr = Pruner(m, {'input_ids': x, 'attention_mask': mask}, strict=False, heads=heads)
+    pr.prune(0.5)
+    h = pr.history[-1]
+    assert h['rel_error'] <= 1e-5 and h['heads_removed'] == 4, h  # 2 query heads (1 k/v group) of 4, in 2 layers
+    for l in m.model.layers:
+        a = l.self_attn
+        fct.test_eq((a.num_heads, a.config.num_attention_heads, a.num_key_value_heads, a.num_key_value_groups),
+                    (2, 2, 1, 2))
+        fct.test_eq((a.qkv_proj.out_features, a.o_proj.in_features), ((2 + 2 * 1) * 16, 32))
+    fct.test_eq(m.config.num_attention_heads, 4)  # the model's config is left alone (hf_config_after_prune sets it)
+    kept = _mask_like(dense, m, [f'model.layers.{i}.self_attn' for i in range(2)], 'o_proj', 16)
+    assert all(len(k) == 2 for k in kept.values()), kept
+    with torch.no_grad():
+        fct.test_close(m(input_ids=x, attention_mask=mask).logits, dense(input_ids=x, attention_mask=mask).logits,
+                       eps=1e-5)
+    gen = dict(attention_mask=mask[:, :4], max_new_tokens=4, do_sample=False)
+    fct.test_eq(m.generate(x[:, :4], **gen), dense.generate(x[:, :4], **gen))
+
+
+def test_phi3_layers_keep_different_head_counts():
+    "Each block reads its own count: a prune of one layer, then a global ranking, leave the layers unlike and exact"
+    x, mask = _tokens()
+    m = _phi3(H=8, Hkv=4)
+    pr = Pruner(m, {'input_ids': x, 'attention_mask': mask}, strict=False, heads=hf_heads(m))
+    pr.prune({'model.layers.0.self_attn': 0.5})
+    fct.test_eq([(l.self_attn.num_heads, l.self_attn.num_key_value_heads) for l in m.model.layers], [(4, 2), (8, 4)])
+    assert pr.history[-1]['rel_error'] <= 1e-5
+    with torch.no_grad(): assert torch.isfinite(m(input_ids=x, attention_mask=mask, labels=x).loss)
+    with pytest.raises(ValueError, match='different widths'): hf_config_after_prune(m)
+    fct.test_eq(m.config.num_attention_heads, 8)
+
+
+def test_phi3_wrong_layout_caught_by_the_check():
+    "A fused qkv_proj named with the per-head layout cuts rows of other heads: the Pruner's check refuses, restores"
+    x, mask = _tokens()
+    m = _phi3()
+    wrong = {k: dataclasses.replace(s, layout='per_head') for k, s in hf_heads(m).items()}
+    with pytest.raises(SurgeryError, match='restored'):
+        Pruner(m, {'input_ids': x, 'attention_mask': mask}, strict=False, heads=wrong).prune(0.5)
+    a = m.model.layers[0].self_attn
+    fct.test_eq((a.qkv_proj.out_features, a.num_heads, a.num_key_value_groups), (128, 4, 2))
+
+
+def test_phi3_saved_loaded_and_config_after_prune(tmp_path):
+    "save_pruned / load_pruned into a fresh Phi-3 given its own counts; a plain fresh one is refused by name"
+    x, mask = _tokens()
+    m = _phi3()
+    Pruner(m, {'input_ids': x, 'attention_mask': mask}, strict=False, heads=hf_heads(m)).prune(0.5)
+    save_pruned(m, tmp_path / 'phi3.pt')
+    fresh = load_pruned(own_head_counts(T.Phi3ForCausalLM(m.config).eval()), tmp_path / 'phi3.pt')
+    with torch.no_grad():
+        fct.test_eq(fresh(input_ids=x, attention_mask=mask).logits, m(input_ids=x, attention_mask=mask).logits)
+    with pytest.raises(ValueError, match="sets 'num_heads', which Phi3Attention does not have"):
+        load_pruned(T.Phi3ForCausalLM(m.config).eval(), tmp_path / 'phi3.pt')
+    old = m.config
+    new = hf_config_after_prune(m)
+    fct.test_eq((new.num_attention_heads, new.num_key_value_heads, new.head_dim, old.num_attention_heads), (2, 1, 16, 4))
+    fct.test_eq(m.model.layers[0].self_attn.config._cfg is new, True)  # the blocks' views follow the new config
+    m.save_pretrained(tmp_path / 'hf')
+    back = T.Phi3ForCausalLM.from_pretrained(tmp_path / 'hf').eval()
+    with torch.no_grad():
+        fct.test_eq(back(input_ids=x, attention_mask=mask).logits, m(input_ids=x, attention_mask=mask).logits)
+
+
+def test_phi3_own_counts_survive_deepcopy_and_pickle():
+    "A copy's blocks read their own counts (not the original's): pruning the copy leaves the original whole"
+    x, mask = _tokens()
+    m = _phi3()
+    c = copy.deepcopy(m)
+    fct.test_eq(c.model.layers[0].self_attn.config._block is c.model.layers[0].self_attn, True)
+    Pruner(c, {'input_ids': x, 'attention_mask': mask}, strict=False, heads=hf_heads(c)).prune(0.5)
+    fct.test_eq((m.model.layers[0].self_attn.config.num_attention_heads, c.model.layers[0].self_attn.num_heads), (4, 2))
+    buf = io.BytesIO()
+    torch.save(c, buf)
+    buf.seek(0)
+    p = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        fct.test_eq(p(input_ids=x, attention_mask=mask).logits, c(input_ids=x, attention_mask=mask).logits)
+
+
+# ---------------------------------------------------------------- T5
+
+def test_t5_heads_named_with_the_bias_table_and_shared_heads():
+    "The first layer of each stack names its relative_attention_bias; every other block keeps that block's heads"
+    m = _t5()
+    heads = hf_heads(m)
+    blocks = [n for n, mod in m.named_modules() if type(mod).__name__ == 'T5Attention']
+    fct.test_eq(sorted(heads), sorted(blocks))
+    e0, d0, x0 = 'encoder.block.0.layer.0.SelfAttention', 'decoder.block.0.layer.0.SelfAttention', \
+        'decoder.block.0.layer.1.EncDecAttention'
+    fct.test_eq((heads[e0].table, heads[d0].table, heads[x0].table), ('relative_attention_bias',) * 2 + (None,))
+    fct.test_eq([heads[n].same_heads_as for n in (e0, d0, x0)], [None] * 3)
+    fct.test_eq(heads['encoder.block.1.layer.0.SelfAttention'].same_heads_as, e0)
+    fct.test_eq(heads['decoder.block.1.layer.0.SelfAttention'].same_heads_as, d0)
+    fct.test_eq(heads['decoder.block.1.layer.1.EncDecAttention'].same_heads_as, x0)
+    fct.test_eq((heads[e0].num_heads, heads[e0].head_dim, heads[e0].width), ('n_heads', 'key_value_proj_dim', 'inner_dim'))
+
+
+def test_t5_heads_pruned_equal_the_masked_model_and_generate():
+    "Encoder, decoder and cross-attention lose half their heads, the same ones in every layer of a stack; exact"
+    ex = _t5_example()
+    m = _t5()
+    dense = copy.deepcopy(m)
+    pr = Pruner(m, ex, strict=False, heads=hf_heads(m))
+    pr.prune(0.5)
+    h = pr.history[-1]
+    assert h['rel_error'] <= 1e-5 and h['heads_removed'] == 12, h  # 2 of 4 heads in 6 blocks
+    blocks = [n for n, mod in m.named_modules() if type(mod).__name__ == 'T5Attention']
+    for n in blocks:
+        a = m.get_submodule(n)
+        fct.test_eq((a.n_heads, a.inner_dim, a.q.out_features, a.k.out_features, a.v.out_features, a.o.in_features),
+                    (2, 16, 16, 16, 16, 16))
+    for s in (m.encoder, m.decoder):
+        t = s.block[0].layer[0].SelfAttention.relative_attention_bias
+        fct.test_eq(t.weight.shape, (32, 2))
+    mlps = [n for n, mod in m.named_modules() if type(mod).__name__ == 'T5DenseActDense']
+    fct.test_eq(m.get_submodule(mlps[0]).wo.in_features, 32)  # the MLP units go too: masked in the reference
+    _mask_like(dense, m, mlps, 'wo', 1)
+    kept = _mask_like(dense, m, blocks, 'o', 8)
+    for stack in ('encoder.block.*.layer.0', 'decoder.block.*.layer.0', 'decoder.block.*.layer.1'):
+        same = {tuple(k) for n, k in kept.items() if n.startswith(stack.split('*')[0]) and stack.split('*')[1] in n}
+        assert len(same) == 1, (stack, kept)  # every layer of the stack kept the heads of its first layer
+    t0 = dense.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+    k0 = kept['encoder.block.0.layer.0.SelfAttention']
+    fct.test_eq(m.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.detach(), t0.detach()[:, k0])
+    with torch.no_grad(): fct.test_close(m(**ex).logits, dense(**ex).logits, eps=1e-5)
+    x, mask = ex['input_ids'], ex['attention_mask']
+    gen = dict(attention_mask=mask, max_new_tokens=5, do_sample=False)
+    fct.test_eq(m.generate(x, **gen), dense.generate(x, **gen))
+
+
+def test_t5_wrong_spec_caught_by_the_check():
+    "Blocks that choose their heads alone read other heads' bias columns (or the old count): refused, restored"
+    ex = _t5_example()
+    m = _t5()
+    with torch.no_grad():  # layer 0 of the encoder prefers heads 0, 1; layer 1 heads 2, 3
+        for i, b in enumerate(m.encoder.block):
+            a = b.layer[0].SelfAttention
+            for h in range(4):
+                s = 10. if (h < 2) == (i == 0) else 0.1
+                for l in (a.q, a.k, a.v): l.weight[h * 8:(h + 1) * 8] *= s
+                a.o.weight[:, h * 8:(h + 1) * 8] *= s
+    heads = hf_heads(m)
+    alone = {k: dataclasses.replace(s, same_heads_as=None) for k, s in heads.items()}
+    with pytest.raises(SurgeryError, match='differs from the masked'): Pruner(m, ex, strict=False, heads=alone).prune(0.5)
+    no_table = {k: dataclasses.replace(s, table=None) for k, s in heads.items()}
+    with pytest.raises(SurgeryError, match='no longer runs'): Pruner(m, ex, strict=False, heads=no_table).prune(0.5)
+    a = m.encoder.block[0].layer[0].SelfAttention
+    fct.test_eq((a.n_heads, a.q.out_features, a.relative_attention_bias.weight.shape[1]), (4, 32, 4))  # restored
+    pr = Pruner(m, ex, strict=False, heads=heads)
+    pr.prune(0.5)
+    fct.test_eq(m.encoder.block[1].layer[0].SelfAttention.n_heads, 2)
+    assert pr.history[-1]['rel_error'] <= 1e-5
+
+
+def test_t5_spec_errors_name_the_problem():
+    "A table without a column per head, or same_heads_as naming no block of heads=, is a ValueError before any cut"
+    ex = _t5_example()
+    m = _t5()
+    heads = hf_heads(m)
+    e0, e1 = 'encoder.block.0.layer.0.SelfAttention', 'encoder.block.1.layer.0.SelfAttention'
+    bad = dict(heads, **{e0: dataclasses.replace(heads[e0], table='q')})
+    with pytest.raises(ValueError, match=r"table='q' must name .* one column per head"):
+        ChannelGraph(m, ex, strict=False, heads=bad)
+    bad = dict(heads, **{e1: dataclasses.replace(heads[e1], same_heads_as='encoder.block.0')})
+    with pytest.raises(ValueError, match=r"same_heads_as='encoder.block.0' is not an attention block named in heads="):
+        ChannelGraph(m, ex, strict=False, heads=bad)
+    with pytest.raises(ValueError, match='one column per head'):
+        Pruner(m, ex, strict=False, heads={e0: dataclasses.replace(heads[e0], table='o')}).prune(0.5)
+    fct.test_eq(m.encoder.block[0].layer[0].SelfAttention.n_heads, 4)
+
+
+def test_t5_saved_loaded_and_config_after_prune(tmp_path):
+    "A pruned T5 loads into a fresh one (save_pruned), and, all blocks alike, through save_pretrained/from_pretrained"
+    ex = _t5_example()
+    m = _t5()
+    Pruner(m, ex, strict=False, heads=hf_heads(m)).prune(0.5)
+    save_pruned(m, tmp_path / 't5.pt')
+    fresh = load_pruned(T.T5ForConditionalGeneration(m.config).eval(), tmp_path / 't5.pt')
+    with torch.no_grad(): fct.test_eq(fresh(**ex).logits, m(**ex).logits)
+    new = hf_config_after_prune(m)
+    fct.test_eq((new.num_heads, new.d_kv, new.d_ff), (2, 8, 32))
+    m.save_pretrained(tmp_path / 'hf')
+    back = T.T5ForConditionalGeneration.from_pretrained(tmp_path / 'hf').eval()
+    with torch.no_grad(): fct.test_eq(back(**ex).logits, m(**ex).logits)
+
+
+def test_t5_encoder_model_and_global_ranking():
+    "T5EncoderModel too; a global ranking keeps every stack's layers alike (one unit per head index of the stack)"
+    torch.manual_seed(0)
+    enc = T.T5EncoderModel(T.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_heads=4)).eval()
+    x, mask = _tokens()
+    pr = Pruner(enc, {'input_ids': x, 'attention_mask': mask}, strict=False, heads=hf_heads(enc))
+    pr.prune(0.5, context='global')
+    fct.test_eq(len({b.layer[0].SelfAttention.n_heads for b in enc.encoder.block}), 1)
+    assert pr.history[-1]['rel_error'] <= 1e-5
