@@ -401,7 +401,7 @@ class ChannelGraph:
                 raise ValueError(f"heads: the pattern {key!r} matches no module of the model with the attributes "
                                  f"{parts}{why}")
             for n in hits: self._written_heads(n, spec)
-        self._same_heads()
+        if self.heads: self._same_heads()  # (defined with `AttentionHeads`, below)
         self._finish()
         for owner, w in self.heads.items(): self._check_written(owner, w)
 
