@@ -1,6 +1,6 @@
 """Pruner.prune on Hugging Face `transformers` models, heads named by `fasterprune.hf.hf_heads`.
 
-    nice -n 10 .venv/bin/python benchmarks/bench_hf.py [--only llama,gpt2,bert,neox] [--runs 15]
+    nice -n 10 .venv/bin/python benchmarks/bench_hf.py [--only llama,gpt2,bert,neox,phi3,t5] [--runs 15]
 
 Models from configs with random weights (transformers 5.24, no download), CPU, 1 thread, batch 1, T=128 tokens:
   llama: LlamaForCausalLM, d=512, 8 layers, 8 heads / 2 k/v heads, SwiGLU 1408, vocab 1000, untied
@@ -8,6 +8,12 @@ Models from configs with random weights (transformers 5.24, no download), CPU, 1
   bert:  BertForSequenceClassification, d=512, 8 layers, 8 heads, MLP 2048, vocab 1000, 2 labels
   neox:  GPTNeoXForCausalLM (Pythia-shaped: fused query_key_value interleaved per head, rotary_pct 0.25, parallel
          residual), d=512, 8 layers, 8 heads, MLP 2048, vocab 1000
+  phi3:  Phi3ForCausalLM (fused qkv_proj, fused gate_up_proj), d=512, 8 layers, 8 heads / 8 k/v heads (Phi-3-mini's
+         MHA), MLP 1408, vocab 1000; own_head_counts(model) first. Its fused gate_up_proj stays whole (a `chunk` of one
+         projection keeps its channels), so only the attention shrinks
+  t5:    T5ForConditionalGeneration (t5-small-shaped: d=512, d_kv 64, 8 heads, MLP 2048, 6 encoder + 6 decoder layers),
+         vocab 1000; the example and the timed forward feed 128 encoder and 32 decoder tokens. Each stack keeps one
+         head choice for all its layers (the first layer's relative position bias is shared); the MLPs prune
 Each model is pruned at ratio 0.3 and 0.5 (local: every channel group and every attention block at the ratio; a block
 with 2 k/v groups loses one at both ratios) with `Pruner(model, {'input_ids': ids}, heads=hf_heads(model),
 strict=False)` (the rotary embedding of decoders is an op the channel graph does not know: its channels stay).
@@ -20,7 +26,7 @@ the decoders `generate()`) still runs after the cut.
 import argparse, copy, time, warnings
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from fasterprune.hf import hf_heads, conv1d_to_linear
+from fasterprune.hf import hf_heads, conv1d_to_linear, own_head_counts
 from fasterprune.pruner import Pruner
 from fasterprune.metrics import theoretical_speedup, measured_speedup
 
@@ -45,6 +51,15 @@ def build(name):
                                num_attention_heads=8, max_position_embeddings=T, rotary_pct=0.25,
                                use_parallel_residual=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
         return tf.GPTNeoXForCausalLM(cfg)
+    if name == 'phi3':
+        cfg = tf.Phi3Config(vocab_size=V, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                            num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=T,
+                            bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        return own_head_counts(tf.Phi3ForCausalLM(cfg))
+    if name == 't5':
+        cfg = tf.T5Config(vocab_size=V, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8,
+                          decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+        return tf.T5ForConditionalGeneration(cfg)
     cfg = tf.BertConfig(vocab_size=V, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
                         intermediate_size=2048, max_position_embeddings=T, num_labels=2)
     return tf.BertForSequenceClassification(cfg)
@@ -62,6 +77,12 @@ def widths(name, m):
     if name == 'neox':
         b = m.gpt_neox.layers[0]
         return f"{b.attention.dense.in_features // b.attention.head_size}", b.mlp.dense_h_to_4h.out_features
+    if name == 'phi3':
+        a = m.model.layers[0].self_attn
+        return f"{a.num_heads}/{a.num_key_value_heads}", m.model.layers[0].mlp.down_proj.in_features
+    if name == 't5':
+        b = m.encoder.block[0]
+        return f"{b.layer[0].SelfAttention.n_heads}", b.layer[1].DenseReluDense.wo.in_features
     lay = m.bert.encoder.layer[0]
     s = lay.attention.self
     return f"{s.query.out_features // s.attention_head_size}", lay.intermediate.dense.out_features
@@ -81,6 +102,10 @@ def paths(name, m):
     mask = torch.ones_like(ids)
     mask[0, :5] = 0
     with torch.no_grad():
+        if name == 't5':
+            m(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :4])
+            m.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+            return 'ok'
         m(input_ids=ids, attention_mask=mask)
         if name != 'bert': m.generate(ids[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
     return 'ok'
@@ -90,6 +115,7 @@ def run(name, ratio, runs):
     dense = build(name).eval()
     ids = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(1))
     x = {'input_ids': ids}
+    if name == 't5': x['decoder_input_ids'] = ids[:, :32]
     m = copy.deepcopy(dense)
     t0 = time.perf_counter()
     pr = Pruner(m, x, heads=hf_heads(m), strict=False, keep_original=False)
@@ -108,7 +134,7 @@ def run(name, ratio, runs):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument('--only', default='llama,gpt2,bert,neox')
+    ap.add_argument('--only', default='llama,gpt2,bert,neox,phi3,t5')
     ap.add_argument('--runs', type=int, default=15)
     args = ap.parse_args()
     torch.set_num_threads(1)
