@@ -34,10 +34,10 @@ def _phi3(H=4, Hkv=2, own=True):
     return own_head_counts(m) if own else m
 
 
-def _t5(layers=2):
+def _t5(layers=2, **kw):
     torch.manual_seed(0)
     cfg = T.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=layers, num_decoder_layers=layers,
-                     num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+                     num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, **kw)
     return T.T5ForConditionalGeneration(cfg).eval()
 
 
@@ -262,10 +262,11 @@ def test_t5_spec_errors_name_the_problem():
     fct.test_eq(m.encoder.block[0].layer[0].SelfAttention.n_heads, 4)
 
 
-def test_t5_saved_loaded_and_config_after_prune(tmp_path):
+@pytest.mark.parametrize('ff', ['relu', 'gated-gelu'])  # T5; T5 v1.1 and Flan-T5 (wi_0, wi_1, wo; untied lm_head)
+def test_t5_saved_loaded_and_config_after_prune(tmp_path, ff):
     "A pruned T5 loads into a fresh one (save_pruned), and, all blocks alike, through save_pretrained/from_pretrained"
     ex = _t5_example()
-    m = _t5()
+    m = _t5(feed_forward_proj=ff, tie_word_embeddings=ff == 'relu')
     Pruner(m, ex, strict=False, heads=hf_heads(m)).prune(0.5)
     save_pruned(m, tmp_path / 't5.pt')
     fresh = load_pruned(T.T5ForConditionalGeneration(m.config).eval(), tmp_path / 't5.pt')
@@ -286,3 +287,33 @@ def test_t5_encoder_model_and_global_ranking():
     pr.prune(0.5, context='global')
     fct.test_eq(len({b.layer[0].SelfAttention.n_heads for b in enc.encoder.block}), 1)
     assert pr.history[-1]['rel_error'] <= 1e-5
+
+
+def test_t5_learner_callback_zeroes_one_head_choice_per_stack_then_compact():
+    "SparsifyCallback(heads=hf_heads) in a fastai fit zeroes the same heads in every layer of a stack; compact cuts them"
+    import torch.nn as nn, torch.nn.functional as F
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    from fastai.learner import Learner
+    from fasterprune.callback import SparsifyCallback
+    class LogitsOf(nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+        def forward(self, batch): return self.lm(**batch).logits
+    def loss(logits, ids): return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids.reshape(-1))
+    torch.manual_seed(0)
+    ids = torch.randint(2, V, (32, 10))
+    ds = [({'input_ids': t, 'decoder_input_ids': t[:6]}, t[1:7]) for t in ids]
+    dls = DataLoaders(DataLoader(ds, bs=16, shuffle=True, drop_last=True), DataLoader(ds[:16], bs=16), device='cpu')
+    model = LogitsOf(_t5(layers=3).train())
+    cb = SparsifyCallback(0.5, 'filter', 'local', schedule='one_shot', heads=hf_heads(model), exclude='lm.lm_head')
+    learn = Learner(dls, model, loss_func=loss, cbs=cb)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    def zeroed(a): return tuple((a.q.weight.abs().sum(1).reshape(4, 8).sum(1) == 0).tolist())
+    enc = {zeroed(b.layer[0].SelfAttention) for b in model.lm.encoder.block}
+    assert len(enc) == 1 and sum(next(iter(enc))) == 2, enc  # two heads, the same in the 3 layers
+    Pruner(learn, strict=False).compact()
+    fct.test_eq({b.layer[0].SelfAttention.n_heads for b in model.lm.encoder.block}, {2})
+    fct.test_eq(model.lm.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.shape, (32, 2))
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
