@@ -19,7 +19,7 @@ from .core import check_context, bare_model
 from .callback import _in_fit
 from .sparsifier import prunable_layers, one_per_weight
 from .rewind import (Rewinder, check_rate, check_iteration, model_state, imp_masks,
-                                random_masks, weights_remaining, check_ticket, _layer_rates)
+                                random_masks, weights_remaining, check_ticket, _layer_rates, _names_attention)
 from .distributed import save_on_rank0, read_checkpoint, CheckpointError, StopOnNaNCallback
 
 logger = logging.getLogger('fasterprune')
@@ -252,9 +252,11 @@ def _stats(xs):
 
 def _row(r, masks_per_seed, n_params, model, accs, arms):
     "One table row: % of the prunable weights remaining, compression (all parameters / nonzero), accuracy per arm"
-    n_w = sum(m.weight.numel() for m in one_per_weight(prunable_layers(model)).values())
+    def n_w(mk):  # the prunable weights, attention projections too where the masks name them
+        return sum(m.weight.numel() for m in one_per_weight(prunable_layers(model, attention=_names_attention(mk)))
+                   .values())
     rems = [weights_remaining(mk, model) for mk in masks_per_seed]
-    comp = statistics.fmean(n_params / (n_params - round(n_w * (1 - x))) for x in rems)
+    comp = statistics.fmean(n_params / (n_params - round(n_w(mk) * (1 - x))) for mk, x in zip(masks_per_seed, rems))
     row = dict(round=r, pct_remaining=100 * statistics.fmean(rems), compression=comp)
     for a in arms:
         row[f'{a}_mean'], row[f'{a}_std'] = _stats(accs[a])

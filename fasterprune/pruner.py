@@ -234,11 +234,18 @@ class Pruner:
         `need_point`: none yet is an error, and nothing is attached"""
         if self._rewinder is None:
             from fasterprune.rewind import Rewinder
-            rws = [getattr(c, 'rewinder', None) for c in getattr(self.learn, 'cbs', None) or []]
-            rw = next((r for r in rws if isinstance(r, Rewinder) and r.model is self.model), None)
+            rw = self._driven_rewinder()
             if rw is None and need_point:
                 raise RuntimeError("no rewind point: call keep_rewind_point() before training")
             self._rewinder = rw or Rewinder(self.model).attach(self.learn if self.learn is not None else self.opt)
+        return self._rewinder
+
+    def _driven_rewinder(self):
+        "The `Rewinder` a `RewindCallback` on the Learner drives for this model (a `LotteryTicket`'s), or None"
+        from fasterprune.rewind import Rewinder
+        if self._rewinder is None:
+            rws = [getattr(c, 'rewinder', None) for c in getattr(self.learn, 'cbs', None) or []]
+            self._rewinder = next((r for r in rws if isinstance(r, Rewinder) and r.model is self.model), None)
         return self._rewinder
 
     def __repr__(self): return f"Pruner({type(self.model).__name__}, {len(self.history)} surgeries)"
@@ -980,7 +987,7 @@ def _surgery(self:Pruner, tx:_Surgery, g:ChannelGraph, remove:Tensor, consts:dic
     err = tol = None
     checked_in = 'float64' if self.dtype in _low_precision else str(self.dtype).replace('torch.', '')
     counts = _removed_counts(g, remove)  # before the cut: the head counts change
-    rw = self._rewinder
+    rw = self._driven_rewinder()  # its masks and rewind point follow the cut, whoever made it
     point, why = self._cut_rewind_point(g, remove) if rw is not None and rw.rewind_point is not None else (None, '')
     mark = len(tx.undo)  # `prune` zeroed the channels before: the masked model
     flag_refs = self._flag_refs() if self.verify and self.flag_inputs else []  # its other paths (given flags)

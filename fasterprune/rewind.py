@@ -7,9 +7,9 @@ from __future__ import annotations
 import logging
 import torch
 from torch import nn, Tensor
-from .core import check_fraction, check_context, round_half_up, state_problems
+from .core import check_fraction, check_context, round_half_up, state_problems, few
 from .sparsifier import Sparsifier, AttentionProjection, prunable_layers, one_per_weight, _ties, _matches, \
-    _nnz_each, _weight_sources, _attn_attrs
+    _nnz_each, _weight_sources, _attn_attrs, _reparam
 
 logger = logging.getLogger('fasterprune')
 
@@ -86,9 +86,16 @@ def _imp_target(n_w:int, n_kept:int, rate:float) -> float:
     "The sparsity of `n_w` weights that keeps round(n_kept * (1 - rate)) of the `n_kept` survivors, at least one"
     return (n_w - max(1, round_half_up(n_kept * (1 - rate)))) / n_w
 
-def _compute(model, lyr, names, masks, target) -> dict[str, Tensor]:
+def _wkey(m) -> tuple:
+    "What names the weight of layer `m`: its parameter (which tied layers share), else the module (a computed weight)"
+    if isinstance(w := m.weight, nn.Parameter): return ('parameter', id(w))
+    return ('module', id(m.module), m.attr) if isinstance(m, AttentionProjection) else ('module', id(m))
+
+def _compute(model, full, lyr, names, masks, target) -> dict[str, Tensor]:
     "The Sparsifier's masks for the layers `names` (one ranking for a float `target`, per layer for a dict)"
-    sp = Sparsifier(model, 'weight', 'global', 'magnitude', layers=[lyr[n] for n in names], attention=True)
+    ws = {_wkey(lyr[n]) for n in names}  # the layers that share their weights come too: not "left out"
+    sp = Sparsifier(model, 'weight', 'global', 'magnitude', layers=[m for m in full.values() if _wkey(m) in ws],
+                    attention=True)
     sp.set_masks({n: masks[n] for n in names if n in masks})
     return sp.compute_masks(target)
 
@@ -105,7 +112,8 @@ def imp_masks(model:nn.Module,            # the trained model whose weight magni
     rate = check_rate(rate)
     check_context(context)
     attention = _names_attention(masks or {}) if attention is None else attention
-    lyr = one_per_weight(prunable_layers(model, layers, exclude, attention))  # a weight shared by layers: ranked once
+    full = prunable_layers(model, layers, exclude, attention)
+    lyr = one_per_weight(full)  # a weight shared by layers: ranked once
     if not lyr:
         raise ValueError(f"Nothing to prune: {type(model).__name__} has no Conv/Linear layer left after layers/exclude")
     masks = dict(masks or {})
@@ -117,10 +125,10 @@ def imp_masks(model:nn.Module,            # the trained model whose weight magni
     out = {}
     if rates:
         ts = {n: _imp_target(lyr[n].weight.numel(), kept[n], r) for n, r in rates.items()}
-        out.update(_compute(model, lyr, list(rates), masks, ts))
+        out.update(_compute(model, full, lyr, list(rates), masks, ts))
     if rest:
         t = _imp_target(sum(lyr[n].weight.numel() for n in rest), sum(kept[n] for n in rest), rate)
-        out.update(_compute(model, lyr, rest, masks, t))
+        out.update(_compute(model, full, lyr, rest, masks, t))
     return {n: out[n].cpu() for n in lyr}
 
 def random_masks(masks:dict[str, Tensor], seed:int=0) -> dict[str, Tensor]:
@@ -156,18 +164,28 @@ class Rewinder:
         layers=None,      # what to prune (names, glob patterns, modules, types); default every Conv/Linear
         exclude=None,     # what to leave dense
         attention:bool|None=None, # MultiheadAttention's input projections: True prune them, False leave them dense;
-                                  # None: each joins once it holds pruned (zero) weights or a mask names it
+                                  # None: one holding pruned (zero) weights, or named by a mask, keeps them pruned
     ):
         if not isinstance(model, nn.Module): raise TypeError(f"Rewinder needs an nn.Module, got {type(model).__name__}")
-        if attention not in (None, True, False):
+        if attention is not None and not isinstance(attention, bool):
             raise TypeError(f"attention must be None, True or False, got {attention!r}")
-        self.model, self.attention, self._sel, self._exclude = model, attention, layers, exclude
-        self.sparsifier = Sparsifier(model, 'weight', 'local', 'magnitude', layers=layers, exclude=exclude,
-                                     attention=bool(attention))
+        self.model, self.attention = model, attention
+        sp = Sparsifier(model, 'weight', 'local', 'magnitude', layers=layers, exclude=exclude,
+                        attention=attention is not False)  # the selectors may name projections unless False
+        self._candidates = {}  # attention=None: the projections `layers`/`exclude` allow, tracked once they hold zeros
+        if attention is None:
+            self._candidates = {n: m for n, m in sp.layers.items() if isinstance(m, AttentionProjection)}
+            sp.layers = {n: m for n, m in sp.layers.items() if n not in self._candidates}
+            sp._rp = {n: rp for n, rp in sp._rp.items() if n not in self._candidates}
+            if not sp.layers:
+                raise ValueError(f"layers= selects only attention projections ({', '.join(self._candidates)}) of "
+                                 f"{type(model).__name__}: pass attention=True to prune them")
+        self.sparsifier = sp
+        self._held = set()  # attention=None: projections tracked to keep their zeros, not pruned further by magnitude
         self.rewind_point, self.rewind_iter, self.round = None, None, 0
         self.learn, self.opt, self.callback, self._hook = None, None, None, None
         self._pending, self._steps = None, 0  # the iteration of a rewind point still to keep, optimizer steps so far
-        self._warned = set()  # attention=False: projections holding zeros, already warned about
+        self._warned = set()  # untracked projections holding zeros, already warned about
         self._attention_zeros()
 
     @property
@@ -255,9 +273,10 @@ class Rewinder:
         self.check_masks()
         if self.rewind_point is not None: self._check_point()  # a rewind after it would fail: refuse before pruning
         self._adopt_zeros()
-        lyr = list(self.layers.values())
+        ws = {_wkey(m) for n, m in self.layers.items() if n not in self._held}  # held ones keep their masks
+        lyr = [m for m in prunable_layers(self.model, attention=True).values() if _wkey(m) in ws]  # ties too
         masks = imp_masks(self.model, self.masks, rate, context, layer_rates, lyr, attention=True)
-        self.set_masks(masks)
+        self.set_masks({**{n: self.masks[n] for n in self._held if n in self.masks}, **masks})
         logger.info("Rewinder: %.2f %% of the weights remain", 100 * self.remaining())
         return self.masks
 
@@ -283,20 +302,24 @@ class Rewinder:
     # ---- masks, checks, tickets
     def set_masks(self, masks:dict[str, Tensor]):
         "Replace the masks (layer name -> bool, True = keep; checked against the layers) and zero the pruned weights"
-        self._track({n: p for n, p in self._projections().items() if n in masks})  # attention=None: a mask names it
-        for n, mk in masks.items():
-            if n not in self.layers:
-                hint = (" (an attention projection: this Rewinder has attention=False)" if self.attention is False
-                        and n.rpartition('.')[2] in _attn_attrs else '')
-                raise ValueError(f"mask for {n!r}: not a pruned layer{hint}; pruned layers are: "
-                                 f"{', '.join(self.layers)}")
-            shape = tuple(self.layers[n].weight.shape)
-            if tuple(mk.shape) != shape:
-                raise ValueError(f"mask for {n!r} has shape {tuple(mk.shape)}, the weight has {shape}")
+        self._check_mask_fit(masks)
+        self._track({n: p for n, p in self._candidates.items() if n in masks})  # attention=None: a mask names it
         self.sparsifier.masks = {}
         self.sparsifier.set_masks({n: mk.to(self.layers[n].weight.device, torch.bool) for n, mk in masks.items()})
         self.apply_masks()
         return self
+
+    def _check_mask_fit(self, masks:dict):
+        "A `ValueError` unless every mask names a pruned layer (or, with attention=None, a projection) of its shape"
+        for n, mk in masks.items():
+            m = self.layers.get(n, self._candidates.get(n))
+            if m is None:
+                hint = (f" (an attention projection: this Rewinder has attention={self.attention}, or its "
+                        "layers/exclude leave it out)" if n.rpartition('.')[2] in _attn_attrs else '')
+                raise ValueError(f"mask for {n!r}: not a pruned layer{hint}; pruned layers are: "
+                                 f"{', '.join(self.layers)}")
+            if tuple(mk.shape) != tuple(m.weight.shape):
+                raise ValueError(f"mask for {n!r} has shape {tuple(mk.shape)}, the weight has {tuple(m.weight.shape)}")
 
     def apply_masks(self):
         "Zero the pruned weights now (the Sparsifier's `apply_masks`)"
@@ -325,39 +348,38 @@ class Rewinder:
         logger.info("Rewinder: %d weights already zero taken as pruned (%s)",
                     sum(c for n, c in zip(names, counts) if n in add), ', '.join(add))
 
-    def _projections(self) -> dict[str, AttentionProjection]:
-        "MultiheadAttention input projections that `layers`/`exclude` allow and the masks do not track (yet)"
-        if self.attention is True or not any(isinstance(m, nn.MultiheadAttention) for m in self.model.modules()):
-            return {}
-        every = prunable_layers(self.model, self._sel, self._exclude, attention=True)
-        return {n: m for n, m in every.items() if isinstance(m, AttentionProjection) and n not in self.layers}
-
     def _attention_zeros(self):
-        """Projections that hold exact zeros (pruned by `SparsifyCallback(attention=True)`, or zero in a checkpoint) are
-        tracked from now on (attention=None), so a rewind keeps them pruned; with attention=False, a warning that a
-        rewind restores them. One host read per device"""
-        ps = self._projections()
+        """MultiheadAttention projections holding exact zeros that the masks do not track yet: with attention=None
+        those `layers`/`exclude` allow are tracked from now on, so a rewind keeps their zeros (pruned by
+        `SparsifyCallback(attention=True)`, or zero in a checkpoint); for the others, a warning (once) that a rewind
+        restores what was nonzero at the rewind point. One host read per device, none without such projections"""
+        if not any(isinstance(m, nn.MultiheadAttention) for m in self.model.modules()): return
+        ids = {_wkey(m) for m in self.layers.values()}
+        ps = {n: m for n, m in prunable_layers(self.model, attention=True).items()
+              if isinstance(m, AttentionProjection) and _wkey(m) not in ids and n not in self._warned}
         if not ps: return
         nnz = _nnz_each(p.weight for p in ps.values())
         zeros = {n: p for (n, p), c in zip(ps.items(), nnz) if c < p.weight.numel()}
-        if not zeros: return
-        if self.attention is None: return self._track(zeros)
-        zeros = {n: p for n, p in zeros.items() if n not in self._warned}
-        if not zeros: return
-        self._warned.update(zeros)
-        logger.warning("Rewinder: %s hold%s zero weights, but attention=False leaves attention projections untracked: "
-                       "a rewind restores them; pass attention=None (the default) or True to keep them pruned",
-                       ', '.join(zeros), 's' if len(zeros) == 1 else '')
+        self._track({n: self._candidates[n] for n in zeros if n in self._candidates})
+        ids = {_wkey(m) for m in self.layers.values()}  # a projection tied to one just tracked is masked with it
+        left = [n for n, p in zeros.items() if n not in self._candidates and _wkey(p) not in ids]
+        if not left: return
+        self._warned.update(left)
+        why = 'attention=False' if self.attention is False else '`layers`/`exclude`'
+        logger.warning("Rewinder: %s hold%s zero weights (pruned by SparsifyCallback(attention=True)?) but %s leave%s "
+                       "attention projections out: a rewind restores them; with attention=None (the default) or True "
+                       "they stay pruned", few(left, 4), 's' if len(left) == 1 else '', why, 's' * (why[0] == 'a'))
 
     def _track(self, extra:dict):
-        "Mask the attention projections `extra` ({name: AttentionProjection}) too (attention=None); the masks are kept"
-        if not extra or self.attention is not None: return
-        old = self.sparsifier
-        sp = Sparsifier(self.model, 'weight', 'local', 'magnitude', layers=[*old.layers.values(), *extra.values()],
-                        attention=True)
-        sp.masks, sp._collapsed = dict(old.masks), set(old._collapsed)
-        self.sparsifier = sp
-        logger.info("Rewinder: tracking the attention projections %s", ', '.join(extra))
+        "Mask the attention projections `extra` ({name: AttentionProjection}, attention=None) too, to keep their zeros"
+        extra = {n: m for n, m in extra.items() if n not in self.layers}
+        if not extra: return
+        sp = self.sparsifier
+        for n, m in extra.items():
+            sp.layers[n], sp._rp[n] = m, _reparam(m, n)
+            self._held.add(n)
+        logger.info("Rewinder: %s hold%s pruned weights: kept pruned through rewinds (attention=True prunes them "
+                    "further)", ', '.join(extra), 's' if len(extra) == 1 else '')
 
     def _nonzero_at_point(self, names:list) -> set:
         """Of the layers `names`, those whose weight held a nonzero value at the rewind point: the stored weight, or
@@ -437,6 +459,7 @@ class Rewinder:
         if which not in ('rewind', 'weights'): raise ValueError(f"which must be 'rewind' or 'weights', got {which!r}")
         check_ticket(ticket, self.model)
         if ticket.get(which) is None: raise ValueError(f"the ticket has no {which!r} state")
+        self._check_mask_fit(ticket['masks'])  # before anything changes
         self.model.load_state_dict(ticket[which])
         self.rewind_point = {k: v.clone() for k, v in ticket['rewind'].items()}
         self.rewind_iter, self._pending, self.round = ticket.get('rewind_iter', 0), None, ticket.get('round', 0)
