@@ -434,6 +434,8 @@ class _Surgery:
         elif s.kind == 'param':
             self.cut_param(getattr(m, s.attr), s.dim, idx)
             if isinstance(m, nn.PReLU): self.set(m, 'num_parameters', n)
+            if isinstance(m, nn.Embedding) and s.attr == 'weight':  # T5's bias table loses its heads' columns
+                self.set(m, 'embedding_dim' if s.dim == 1 else 'num_embeddings', n)
         elif s.kind == 'ln': self._cut_layer_norm(m, s.module, idx)
         elif s.kind == 'in':
             G = getattr(m, 'groups', 1)  # grouped conv: kept positions are the same in every group (ties)

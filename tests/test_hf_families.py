@@ -205,6 +205,7 @@ def test_t5_heads_pruned_equal_the_masked_model_and_generate():
     for s in (m.encoder, m.decoder):
         t = s.block[0].layer[0].SelfAttention.relative_attention_bias
         fct.test_eq(t.weight.shape, (32, 2))
+        fct.test_eq((t.num_embeddings, t.embedding_dim), (32, 2))  # the module says so too (its repr, a copy)
     mlps = [n for n, mod in m.named_modules() if type(mod).__name__ == 'T5DenseActDense']
     fct.test_eq(m.get_submodule(mlps[0]).wo.in_features, 32)  # the MLP units go too: masked in the reference
     _mask_like(dense, m, mlps, 'wo', 1)
