@@ -75,6 +75,8 @@ _layer_fns = {F.linear: nn.Linear, F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.c
 # torchvision's Swin: fx-wrapped functions that mix channels
 _pin_fn_names = {'shifted_window_attention', 'shifted_window_attention_3d', '_patch_merging_pad',
                  '_patch_merging_pad_3d'}
+# pieces of one tensor along its channels (`gate, up = h.chunk(2, -1)`, `F.glu`): see `_split`; else pinned
+_split_fns, _split_methods = {torch.chunk, torch.split, F.glu}, {'chunk', 'split', 'split_with_sizes'}
 _pin_methods = {'permute', 'transpose', 't', 'softmax', 'log_softmax', 'chunk', 'split', 'unbind', 'split_with_sizes',
                 'matmul', 'bmm'}
 
@@ -435,6 +437,8 @@ class ChannelGraph:
         self.pinned = set()    # labels whose channels must stay
         self.pin_reason = {}   # label -> why it is pinned (the first reason)
         self.ties = []         # (labels, labels) pairs of components that must go together (grouped convs)
+        self.splits = []       # (input labels, input channels of each piece, pieces' labels, why) of `_split`
+        self.piece_index = {}  # fx node of a chunk/split/glu along the channels -> input channels of each piece
         self.slots: dict[tuple[str, str], Slot] = {}
         self.consumer_stats: dict[str, list] = {}  # module name -> [min, max] of each input position
         self.consumer_dyn: dict[str, Tensor] = {}  # module name -> may this input position vary with the model's input?
@@ -518,6 +522,26 @@ class ChannelGraph:
         "The components of labels `a` and `b` go together, position by position (not united: their channels differ)"
         self.ties.append((a, b))
 
+    def _split_of(self, n:fx.Node, xl:Tensor, idx:list, pieces:list, reason:str):
+        "Record that node `n` cut the channels `xl` into `pieces` (labels), piece p holding the channels `idx[p]`"
+        self.piece_index[n] = idx
+        self.splits.append((xl, idx, pieces, reason))
+
+    def _resolve_splits(self, P:Tensor, roots:Tensor):
+        """Each recorded split (`_split`): when its pieces met elementwise again (channel j of every piece in one
+        component: `act(gate) * up`), the input channels of a piece's position j are tied into one unit (`gate_up_proj`'s
+        rows j and I + j, `down_proj`'s column j); else (a piece that goes its own way, or an input channel no slot
+        holds) its input's and pieces' channels are pinned (`P`: each label's root; `roots`: those of the slots)"""
+        for xl, idx, pieces, why in self.splits:
+            p0 = P[pieces[0].reshape(-1)]
+            met = all(torch.equal(P[p.reshape(-1)], p0) for p in pieces[1:])
+            parts = [P[xl[i]] for i in idx]
+            k = [torch.searchsorted(roots, r).clamp(max=max(len(roots) - 1, 0)) for r in parts]
+            held = len(roots) > 0 and all(bool((roots[c] == r).all()) for c, r in zip(k, parts))
+            if met and held:
+                for i in idx[1:]: self._tie(xl[idx[0]], xl[i])
+            else: self._pin([xl] + list(pieces), why)
+
     def _pin(self, ids, reason:str):
         "Pin the labels `ids` (a tensor, or any nesting of them; None: nothing)"
         if ids is None: return
@@ -594,6 +618,7 @@ class ChannelGraph:
         roots = torch.unique(torch.cat([P[s.ids] for s in slots])) if slots else torch.zeros(0, dtype=torch.long)
         self.n_comps = len(roots)
         for s in slots: s.comp = torch.searchsorted(roots, P[s.ids])
+        self._resolve_splits(P, roots)
         self._pin_comps(P, roots)
         if self._tensor_labels:  # each label's component (-1: none of the slots'), for `cut_widths`
             k = torch.searchsorted(roots, P).clamp(max=max(len(roots) - 1, 0))
@@ -987,7 +1012,8 @@ def _labels(self:ChannelGraph, n:fx.Node, out, it:_Labeler):
     if _is(n, _fnorm_fns): return self._functional_norm(n, name, x, xl, out, it)
     if _is(n, _layer_fns) and self._functional_layer(n, it) is not None:  # timm's `Linear`: F.linear on its weight
         return self._module_labels(n, self.modules[self.fn_layers[n]], out, it, name=self.fn_layers[n])
-    if _is(n, _pin_fns, _pin_methods, _pin_fn_names):
+    if _is(n, _split_fns, _split_methods) and (lab := self._split(n, name, x, xl, out, it)) is not None: return lab
+    if _is(n, _pin_fns, _pin_methods, _pin_fn_names) or _is(n, _split_fns, _split_methods):
         self._pin(ins_lab, name)
         if isinstance(out, (list, tuple)): return type(out)(_new_for(self, o, name) for o in out)
         return self._fresh(out, x, xl, name)
@@ -1033,6 +1059,44 @@ def _getitem(self:ChannelGraph, n:fx.Node, x, xl, out, ins_lab:list):
         if nc is not None and out.dim() > nc and out.shape[nc] == x.shape[cd]: return _at(xl, nc, out.dim())
     self._pin(ins_lab, 'indexing')
     return _new_for(self, out, 'indexing')
+
+def _piece_index(sizes:list) -> list[Tensor]:
+    "The input channels of each piece of a split into `sizes` along the channels: piece p's channel j is offset_p + j"
+    offs = torch.tensor([0] + list(sizes)).cumsum(0).tolist()
+    return [torch.arange(o, o + k) for o, k in zip(offs, sizes)]
+
+@patch
+def _split(self:ChannelGraph, n:fx.Node, name:str, x, xl, out, it:_Labeler, glu_dim:int|None=None):
+    """Labels of `x.chunk(k, d)`, `x.split(size or sizes, d)`, `F.glu(x, d)` along the channels into equal pieces: piece
+    p's channel j is the input's channel offset_p + j. The first piece keeps those labels, the others get new ones;
+    `_resolve_splits` ties the input channels of each position j into one unit when the pieces meet elementwise again,
+    and pins them otherwise. None (the caller pins, as for any op that mixes channels) for unequal pieces, a cut along
+    another dimension, or split sizes written as numbers in the forward (a cut would not change them). `glu_dim`: the
+    dimension of an `nn.GLU` module's call"""
+    glu = glu_dim is not None or _is(n, {F.glu})
+    if not (isinstance(xl, Tensor) and isinstance(x, Tensor) and x.dim() >= 2): return None
+    pieces = [out] if glu else list(out) if isinstance(out, (list, tuple)) else None
+    if not pieces or not all(isinstance(o, Tensor) and o.dim() == x.dim() for o in pieces): return None
+    cd, D = _cd(xl, x), x.dim()
+    at = 1 if glu else 2  # the dimension's position: F.glu(input, dim=-1); chunk(input, chunks, dim=0), split too
+    dim = glu_dim if glu_dim is not None else it.arg_val(n.args[at]) if len(n.args) > at else \
+        n.kwargs.get('dim', -1 if glu else 0)
+    if not isinstance(dim, int) or _normdim(dim, D) != cd: return None
+    if _is(n, {torch.split}, {'split', 'split_with_sizes'}):
+        sizes = n.args[1] if len(n.args) > 1 else next(iter(v for k, v in n.kwargs.items() if k != 'dim'), None)
+        if not _has_node(sizes):  # numbers in the forward (`split(self.hidden, -1)`): after a cut they would not match
+            why = (f"{name} into sizes written as numbers in the forward (a cut would not change them; chunk, or sizes "
+                   "read from the tensor's shape, prune)")
+            self._pin(xl, why)
+            return type(out)(_new_for(self, o, why) for o in out)
+    sizes = [x.shape[cd] // 2] * 2 if glu else [o.shape[cd] for o in pieces]
+    if len(set(sizes)) != 1 or sum(sizes) != x.shape[cd]: return None
+    if len(sizes) == 1: return type(out)([xl]) if not glu else None
+    idx = _piece_index(sizes)
+    labs = [_at(xl[idx[0]], cd, D)] + [_at(self._new(k), cd, D) for k in sizes[1:]]
+    if glu: labs = [labs[0], labs[0]]  # a · sigmoid(b): the halves meet in the op itself
+    self._split_of(n, xl, idx, labs, f'{name} whose pieces do not all meet again elementwise')
+    return labs[0] if glu else type(out)(labs)
 
 @patch
 def _functional_norm(self:ChannelGraph, n:fx.Node, name:str, x, xl, out, it:_Labeler):
@@ -1364,6 +1428,10 @@ def _dyn_flags(self:ChannelGraph, n:fx.Node, out, it:_Labeler):
         return False  # shapes are the same for every input of this shape (a value made with one: `_size_dependent`)
     ds = [it.arg_dyn(a) for a in vals]
     if not any(_anyd(d) for d in ds): return _full(out, False)
+    if n in self.piece_index:  # pieces of the channels (chunk, split, glu): theirs; glu's out varies if a half does
+        idx, dx = self.piece_index[n], ds[0]
+        if isinstance(dx, Tensor) and len(dx) == sum(len(i) for i in idx):
+            return torch.stack([dx[i] for i in idx]).any(0) if isinstance(out, Tensor) else [dx[i] for i in idx]
     if not (isinstance(out, Tensor) and out.dim() >= 2): return _full(out, True)
     lab, xl = it.lab.get(n), it.arg_lab(n.args[0]) if n.args else None
     cd = _cd(lab, out) if isinstance(lab, Tensor) else 1
@@ -1460,6 +1528,11 @@ def _module_labels(self:ChannelGraph, n:fx.Node, m:nn.Module, out, it:_Labeler, 
         self._pin(xl, why)
         return self._fresh(out, x, xl, why)
     if isinstance(m, _pass_modules): return self._passthrough(n, tname, x, xl, out)
+    if isinstance(m, nn.GLU):  # F.glu's halves (`_split`), or pinned
+        lab = self._split(n, tname, x, xl, out, it, glu_dim=m.dim)
+        if lab is not None: return lab
+        self._pin(xl, tname)
+        return self._fresh(out, x, xl, tname)
     if isinstance(m, _reshape_modules): return self._reshape(tname, x, xl, out)
     if isinstance(m, _softmax_modules) and m.dim is not None and isinstance(x, Tensor) \
             and _normdim(m.dim, x.dim()) != cd:
