@@ -530,17 +530,32 @@ class ChannelGraph:
     def _resolve_splits(self, P:Tensor, roots:Tensor):
         """Each recorded split (`_split`): when its pieces met elementwise again (channel j of every piece in one
         component: `act(gate) * up`), the input channels of a piece's position j are tied into one unit (`gate_up_proj`'s
-        rows j and I + j, `down_proj`'s column j); else (a piece that goes its own way, or an input channel no slot
-        holds) its input's and pieces' channels are pinned (`P`: each label's root; `roots`: those of the slots)"""
+        rows j and I + j, `down_proj`'s column j); else its input's and pieces' channels are pinned. Pinned too: input
+        channels that no producer makes, or whose producers differ from piece to piece (`cat([a(x), b(x)]).chunk(2)`:
+        a unit would span two channel groups). `P`: each label's root; `roots`: those of the slots"""
+        if not self.splits: return
+        sig = self._producer_hash()
         for xl, idx, pieces, why in self.splits:
             p0 = P[pieces[0].reshape(-1)]
             met = all(torch.equal(P[p.reshape(-1)], p0) for p in pieces[1:])
             parts = [P[xl[i]] for i in idx]
             k = [torch.searchsorted(roots, r).clamp(max=max(len(roots) - 1, 0)) for r in parts]
             held = len(roots) > 0 and all(bool((roots[c] == r).all()) for c, r in zip(k, parts))
-            if met and held:
+            same = held and bool((sig[k[0]] != 0).all()) and all(torch.equal(sig[c], sig[k[0]]) for c in k[1:])
+            if met and same:
                 for i in idx[1:]: self._tie(xl[idx[0]], xl[i])
             else: self._pin([xl] + list(pieces), why)
+
+    def _producer_hash(self) -> Tensor:
+        "A hash of each component's producers (the layers and attention blocks with positions in it; 0: none)"
+        outs = [s for s in self.slots.values() if s.kind in ('out', 'head')]
+        h = torch.zeros(self.n_comps, dtype=torch.long)
+        if not outs: return h
+        mid = {n: i for i, n in enumerate(sorted({s.module for s in outs}))}
+        M = len(mid)
+        pairs = torch.unique(torch.cat([s.comp * M + mid[s.module] for s in outs]))  # (component, producer), once
+        w = torch.randint(1, 2**62, (M,), generator=torch.Generator().manual_seed(0))
+        return h.index_add_(0, pairs // M, w[pairs % M])
 
     def _pin(self, ids, reason:str):
         "Pin the labels `ids` (a tensor, or any nesting of them; None: nothing)"
