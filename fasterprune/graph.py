@@ -529,10 +529,11 @@ class ChannelGraph:
 
     def _resolve_splits(self, P:Tensor, roots:Tensor):
         """Each recorded split (`_split`): when its pieces met elementwise again (channel j of every piece in one
-        component: `act(gate) * up`), the input channels of a piece's position j are tied into one unit (`gate_up_proj`'s
-        rows j and I + j, `down_proj`'s column j); else its input's and pieces' channels are pinned. Pinned too: input
-        channels that no producer makes, or whose producers differ from piece to piece (`cat([a(x), b(x)]).chunk(2)`:
-        a unit would span two channel groups). `P`: each label's root; `roots`: those of the slots"""
+        component: `act(gate) * up`), the input channels of position j of every piece are tied into one unit
+        (`gate_up_proj`'s rows j and I + j, `down_proj`'s column j); else its input's and pieces' channels are pinned.
+        Pinned too: input channels that no producer makes, or whose producers differ from piece to piece
+        (`cat([a(x), b(x)]).chunk(2)`: a unit would span two channel groups). `P`: each label's root; `roots`: those of
+        the slots"""
         if not self.splits: return
         sig = self._producer_hash()
         for xl, idx, pieces, why in self.splits:
