@@ -192,10 +192,26 @@ def _same_heads(found:dict, fams:dict, mods:dict):
     the first layer's table for head `i`; zeros sized by the first layer's `n_heads` in cross-attention): each block
     keeps the heads of the first block of its kind in its stack, which the Pruner then removes from all of them"""
     first = {}
-    for n in mods:  # module order: the first block of a pattern is the stack's first layer
+    for n in mods:  # module order: the first block of a kind is the stack's first layer
         if fams.get(n) != 'T5': continue
-        f = first.setdefault(_pattern(n), n)
+        f = first.setdefault(_stack_kind(n, mods), n)
         if f != n: found[n] = dataclasses.replace(found[n], same_heads_as=f)
+
+def _stack_kind(name:str, mods:dict) -> tuple:
+    "(the T5 stack holding block `name`, the block's path inside its layer): 'encoder', 'layer.0.SelfAttention'"
+    parts = name.split('.')
+    for i in range(len(parts) - 2, 0, -1):  # the nearest `<stack>.block.<i>` (two towers of a model stay apart)
+        if parts[i].isdigit() and parts[i - 1] == 'block' and isinstance(mods.get('.'.join(parts[:i])), nn.ModuleList):
+            return '.'.join(parts[:i - 1]), '.'.join(parts[i + 1:])
+    return _pattern(name), ''
+
+def _outside_tables(found:dict, fams:dict, mods:dict) -> list[str]:
+    "T5-like models whose per-head position tables sit outside the attention blocks (UDOP's stack-level biases)"
+    if 'T5' not in fams.values(): return []
+    own = {f"{n}.{s.table}" for n, s in found.items() if s.table}
+    return [f"{k} ({type(mods[k]).__name__} {tuple(mods[k].weight.shape)}, outside the attention blocks)"
+            for k, m in mods.items() if isinstance(m, nn.Embedding) and 'relative' in k.rpartition('.')[2]
+            and k not in own and not any(k.startswith(f'{n}.') for n in found)]
 
 def _distilbert_heads(m:nn.Module) -> AttentionHeads|None:
     "DistilBERT: q_lin, k_lin, v_lin, out_lin; the forward views by `attention_head_size`"
@@ -245,6 +261,7 @@ def hf_heads(
                          "bias for all layers from its config's head count, (batch · num_heads, 1, T), slope i for "
                          "head i. A layer that lost heads would get the old number of biases, and its kept heads "
                          "not their own slopes. Prune without heads= (the MLP units still go)")
+    stuck += _outside_tables(found, fams, mods)
     if stuck:
         raise ValueError(f"hf_heads: the heads of {few(stuck, 3)} cannot be removed one by one: that tensor holds "
                          "values per head or over the whole attention width (a per-head norm, a q/k norm over all "

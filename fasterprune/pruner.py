@@ -1039,6 +1039,7 @@ def _surgery(self:Pruner, tx:_Surgery, g:ChannelGraph, remove:Tensor, consts:dic
 def _sync_optimizer(self:Pruner, tx:_Surgery):
     "Cut the optimizer state like the parameters of `tx`; give the optimizer the biases the fold created"
     if self.learn is not None: _drop_graphs(self.learn)
+    _warn_stale_graphs(self.model, list(tx.cuts))
     opt = self.learn.opt if self.learn is not None else self.opt
     if opt is None:
         if tx.had_grad and not self._warned_opt:  # trained in this session: an optimizer may hold the old shapes
@@ -1084,6 +1085,25 @@ def _drop_graphs(learn):
     backward then fails with 'Function TBackward0 returned an invalid gradient'"""
     for a in ('pred', 'loss_grad', 'loss'):
         if vars(learn).get(a) is not None: setattr(learn, a, None)  # the Learner's own (not the model's, via GetAttr)
+
+def _warn_stale_graphs(model:nn.Module, params:list):
+    """A warning when a tensor computed before the cut (a loss, an output kept in a variable) still holds its autograd
+    graph: it keeps the gradient accumulators of the cut parameters alive with their old shapes (PyTorch caches one
+    per parameter), so the next backward would fail with 'returned an invalid gradient'. Read from the accumulators'
+    own record of the shape (PyTorch's `_input_metadata`; no check where a PyTorch lacks it)"""
+    stale = set()
+    with torch.enable_grad():
+        for p in params:
+            if not (isinstance(p, nn.Parameter) and p.requires_grad): continue
+            try: shape = tuple(p.view_as(p).grad_fn.next_functions[0][0]._input_metadata[0].shape)
+            except (AttributeError, IndexError, TypeError, RuntimeError): return
+            if shape != tuple(p.shape): stale.add(id(p))
+    if not stale: return
+    names = [n for n, p in model.named_parameters() if id(p) in stale]
+    logger.warning("Pruner: %s still belong%s to an autograd graph built before the cut (a loss or an output kept in "
+                   "a variable): its next backward through the pruned model fails with 'returned an invalid "
+                   "gradient'. Delete those tensors (del loss), or compute what you keep under torch.no_grad()",
+                   few(names, 4), 's' if len(names) == 1 else '')
 
 def _opt_chain(opt) -> list:
     "`opt` and the optimizers it wraps (fastai's Lookahead and OptimWrapper hold theirs as `.opt`)"

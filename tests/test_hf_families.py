@@ -4,6 +4,7 @@ tiny transformers models built from configs, random weights, no download"""
 import copy, dataclasses, io
 import pytest
 import torch
+import torch.nn as nn
 import fastcore.test as fct
 
 T = pytest.importorskip('transformers')
@@ -102,6 +103,11 @@ def test_phi3_heads_pruned_equal_the_masked_model_and_generate():
     fct.test_eq(m.config.num_attention_heads, 4)  # the model's config is left alone (hf_config_after_prune sets it)
     kept = _mask_like(dense, m, [f'model.layers.{i}.self_attn' for i in range(2)], 'o_proj', 16)
     assert all(len(k) == 2 for k in kept.values()), kept
+    mlps = [f'model.layers.{i}.mlp' for i in range(2)]  # the fused gate_up_proj loses whole units too (two rows each)
+    I = dense.model.layers[0].mlp.down_proj.in_features
+    for n in mlps:
+        fct.test_eq((m.get_submodule(n).gate_up_proj.out_features, m.get_submodule(n).down_proj.in_features), (I, I // 2))
+    _mask_like(dense, m, mlps, 'down_proj', 1)
     with torch.no_grad():
         fct.test_close(m(input_ids=x, attention_mask=mask).logits, dense(input_ids=x, attention_mask=mask).logits,
                        eps=1e-5)
@@ -318,3 +324,25 @@ def test_t5_learner_callback_zeroes_one_head_choice_per_stack_then_compact():
     fct.test_eq({b.layer[0].SelfAttention.n_heads for b in model.lm.encoder.block}, {2})
     fct.test_eq(model.lm.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.shape, (32, 2))
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+
+
+def test_t5_towers_of_one_model_choose_their_heads_apart_and_udop_is_refused():
+    "R13: the stack, not every layer index, decides which blocks share their heads; tables outside the blocks refuse"
+    def enc(H, seed):
+        torch.manual_seed(seed)
+        cfg = T.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=H)
+        return T.T5EncoderModel(cfg).eval()
+    class Dual(nn.Module):  # two encoders in one ModuleList (a dual encoder)
+        def __init__(self, a, b): super().__init__(); self.towers = nn.ModuleList([a, b])
+        def forward(self, input_ids): return torch.cat([t(input_ids=input_ids).last_hidden_state for t in self.towers], -1)
+    m = Dual(enc(4, 0), enc(2, 1))
+    h = hf_heads(m)
+    b = 'towers.{}.encoder.block.{}.layer.0.SelfAttention'
+    fct.test_eq((h[b.format(1, 0)].same_heads_as, h[b.format(1, 1)].same_heads_as, h[b.format(0, 1)].same_heads_as),
+                (None, b.format(1, 0), b.format(0, 0)))
+    x = torch.randint(2, 100, (2, 12))
+    Pruner(m, x, strict=False, heads=h).prune(0.5)
+    fct.test_eq([t.encoder.block[1].layer[0].SelfAttention.n_heads for t in m.towers], [2, 1])
+    cfg = T.UdopConfig(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4,
+                       decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, image_size=32, patch_size=16)
+    with pytest.raises(ValueError, match='outside the attention blocks'): hf_heads(T.UdopForConditionalGeneration(cfg))

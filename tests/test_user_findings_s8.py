@@ -165,3 +165,24 @@ def test_lottery_table_compression_counts_attention_projections():
           'l': torch.ones(4, 16, dtype=torch.bool)}
     row = _row(1, [mk], n_params, net, {'ticket': [0.5]}, ['ticket'])
     fct.test_close(row['compression'], n_params / (n_params - 48 * 16), eps=1e-9)
+
+
+def test_pruning_while_a_loss_still_holds_its_graph_says_so(caplog):
+    "R13: a loss kept from before the cut makes the next backward fail in PyTorch's words; the Pruner says why first"
+    from fasterprune.pruner import Pruner
+    def run(keep):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        x = torch.randn(5, 8)
+        loss = m(x).pow(2).mean()
+        loss.backward()
+        m.zero_grad(set_to_none=True)
+        if not keep: del loss
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger='fasterprune'): Pruner(m, x).prune(0.5)
+        warned = any('autograd graph built before the cut' in r.getMessage() for r in caplog.records)
+        try: m(x).pow(2).mean().backward(); ok = True
+        except RuntimeError: ok = False
+        return warned, ok
+    fct.test_eq(run(keep=True), (True, False))   # warned, and the warning is right: the backward fails
+    fct.test_eq(run(keep=False), (False, True))  # nothing kept: no warning, the backward runs
