@@ -9,8 +9,8 @@ Models from configs with random weights (transformers 5.24, no download), CPU, 1
   neox:  GPTNeoXForCausalLM (Pythia-shaped: fused query_key_value interleaved per head, rotary_pct 0.25, parallel
          residual), d=512, 8 layers, 8 heads, MLP 2048, vocab 1000
   phi3:  Phi3ForCausalLM (fused qkv_proj, fused gate_up_proj), d=512, 8 layers, 8 heads / 8 k/v heads (Phi-3-mini's
-         MHA), MLP 1408, vocab 1000; own_head_counts(model) first. Its fused gate_up_proj stays whole (a `chunk` of one
-         projection keeps its channels), so only the attention shrinks
+         MHA), MLP 1408, vocab 1000; own_head_counts(model) first. Its fused gate_up_proj loses whole units (rows j and
+         I + j, a `chunk` of one projection)
   t5:    T5ForConditionalGeneration (t5-small-shaped: d=512, d_kv 64, 8 heads, MLP 2048, 6 encoder + 6 decoder layers),
          vocab 1000; the example and the timed forward feed 128 encoder and 32 decoder tokens. Each stack keeps one
          head choice for all its layers (the first layer's relative position bias is shared); the MLPs prune
