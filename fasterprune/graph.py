@@ -1105,6 +1105,14 @@ def _split(self:ChannelGraph, n:fx.Node, name:str, x, xl, out, it:_Labeler, glu_
                    "read from the tensor's shape, prune)")
             self._pin(xl, why)
             return type(out)(_new_for(self, o, why) for o in out)
+        if not _sizes_of(sizes, n.args[0], cd, D):  # `split(x.shape[-1], -1)` of another tensor x: not cut with it
+            why = f"{name} into sizes read from another tensor or dimension than the one it splits (a cut would not follow)"
+            self._pin(xl, why)
+            return type(out)(_new_for(self, o, why) for o in out)
+    elif not glu and _has_node(n.args[1] if len(n.args) > 1 else n.kwargs.get('chunks')):
+        why = f"{name} into a number of pieces computed in the forward (a cut could change it)"
+        self._pin(xl, why)
+        return type(out)(_new_for(self, o, why) for o in out)
     sizes = [x.shape[cd] // 2] * 2 if glu else [o.shape[cd] for o in pieces]
     if len(set(sizes)) != 1 or sum(sizes) != x.shape[cd]: return None
     if len(sizes) == 1: return type(out)([xl]) if not glu else None
@@ -1113,6 +1121,24 @@ def _split(self:ChannelGraph, n:fx.Node, name:str, x, xl, out, it:_Labeler, glu_
     if glu: labs = [labs[0], labs[0]]  # a · sigmoid(b): the halves meet in the op itself
     self._split_of(n, xl, idx, labs, f'{name} whose pieces do not all meet again elementwise')
     return labs[0] if glu else type(out)(labs)
+
+def _sizes_of(sizes, src, cd:int, D:int) -> bool:
+    """Are the split `sizes` (fx nodes, ints) computed only from the size of `src` along dimension `cd` (`h.shape[-1]
+    // 2`, `h.size(-1) // 3`)? Then a cut of `src`'s channels changes them with it"""
+    arith = {operator.floordiv, operator.mul, operator.add, operator.sub, operator.neg, int}
+    todo, ok = [sizes], True
+    while todo and ok:
+        a = todo.pop()
+        if isinstance(a, (list, tuple)): todo.extend(a)
+        elif not isinstance(a, fx.Node): ok = isinstance(a, int)
+        elif a.op == 'call_function' and a.target is operator.getitem and isinstance(a.args[0], fx.Node) and \
+                a.args[0].op == 'call_function' and a.args[0].target is getattr and a.args[0].args[1] == 'shape':
+            ok = a.args[0].args[0] is src and isinstance(a.args[1], int) and _normdim(a.args[1], D) == cd
+        elif a.op == 'call_method' and a.target == 'size' and len(a.args) == 2 and not a.kwargs:
+            ok = a.args[0] is src and isinstance(a.args[1], int) and _normdim(a.args[1], D) == cd
+        elif a.op == 'call_function' and a.target in arith and not a.kwargs: todo.extend(a.args)
+        else: ok = False
+    return ok
 
 @patch
 def _functional_norm(self:ChannelGraph, n:fx.Node, name:str, x, xl, out, it:_Labeler):

@@ -1371,10 +1371,10 @@ def _choose(groups:list, targets:list, n_rm:list, mean:Tensor, round_to) -> Tens
     for gr, t, n in zip(groups, targets, n_rm):
         r = _round_keep(gr.width, n, round_to) if t is not None else 0
         order = torch.argsort(mean[gr.comps], stable=True)
-        if gr.units is not None:  # whole units (one position of every group of a grouped conv), all but one at most
-            n_u = len(gr.units.unique())
-            u = gr.width // n_u
-            r = min(r // u, n_u - 1) * u
+        if gr.units is not None:  # whole units (one position of every group of a grouped conv, of every piece of a
+            n_u = len(gr.units.unique())  # fused gate/up Linear), all but one at most; `round_to` rounds the units
+            u = gr.width // n_u           # kept: the width of each group or piece (a gated MLP's hidden width)
+            r = min(_round_keep(n_u, n // u, round_to) if t is not None else 0, n_u - 1) * u
             by_unit = torch.argsort(gr.units, stable=True)
             order = by_unit[torch.argsort(mean[gr.comps][by_unit], stable=True)]  # by score, a unit's members together
         if r > 0: remove[gr.comps[order[:r]]] = True

@@ -248,3 +248,45 @@ def test_sparsify_callback_zeroes_whole_units_compact_removes_what_prune_would()
     with torch.no_grad(): fct.test_close(m(x), ref, eps=1e-4)
     Pruner(twin, x).prune(0.5)  # magnitude: the zeroed units (and residual channels) score lowest
     for a, b in zip(m.state_dict().values(), twin.state_dict().values()): _same(a, b)
+
+
+class SizedElsewhere(nn.Module):
+    "A split whose sizes come from another tensor (`x.shape[-1]`), or a chunk count computed in the forward"
+    def __init__(self, d=16, count=False):
+        super().__init__()
+        self.count = count
+        self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(d, d)
+        self.stem, self.head = nn.Conv1d(5, 12, 1), nn.Conv1d(12, 5, 1)  # an independent group
+    def forward(self, x):
+        h = self.up(x)
+        g, u = h.chunk(h.shape[-1] // x.shape[-1], -1) if self.count else h.split(x.shape[-1], dim=-1)
+        return x + self.down(F.silu(g) * u) + self.head(F.relu(self.stem(x)))
+
+
+@pytest.mark.parametrize('count', [False, True])
+def test_sizes_from_another_tensor_stay_pinned_and_the_rest_prunes(count):
+    "R14: sizes read from another tensor's shape were tied, the cut left them behind and the whole prune was refused"
+    torch.manual_seed(0)
+    m, x = SizedElsewhere(count=count).eval(), torch.randn(3, 5, 16)
+    Pruner(m, x).prune(0.5)
+    fct.test_eq((m.stem.out_channels, m.up.out_features), (6, 32))
+
+
+@pytest.mark.parametrize('pieces,ratio,round_to', [(2, 0.4, 8), (2, 0.3, 8), (3, 0.4, 8), (3, 0.4, 4)])
+def test_round_to_rounds_the_units_kept(pieces, ratio, round_to):
+    "R14: round_to rounded the fused layer's rows, so the next layer's width (the hidden units) missed the multiple"
+    class Multi(nn.Module):
+        def __init__(self, d=16, I=40):
+            super().__init__()
+            self.up, self.down = nn.Linear(d, pieces * I), nn.Linear(I, d)
+        def forward(self, x):
+            ps = self.up(x).chunk(pieces, -1)
+            y = ps[0]
+            for p in ps[1:]: y = y * p
+            return x + self.down(y)
+    torch.manual_seed(0)
+    m = Multi().eval()
+    Pruner(m, torch.randn(3, 16)).prune(ratio, round_to=round_to)
+    k = m.down.in_features
+    fct.test_eq((k % round_to, m.up.out_features), (0, pieces * k))
+    assert k < 40, k
