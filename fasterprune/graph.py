@@ -1106,7 +1106,7 @@ def _split(self:ChannelGraph, n:fx.Node, name:str, x, xl, out, it:_Labeler, glu_
             self._pin(xl, why)
             return type(out)(_new_for(self, o, why) for o in out)
         if not _sizes_of(sizes, n.args[0], cd, D):  # `split(x.shape[-1], -1)` of another tensor x: not cut with it
-            why = f"{name} into sizes read from another tensor or dimension than the one it splits (a cut would not follow)"
+            why = f"{name} into sizes read from another tensor or dimension than the one it splits (a cut leaves them)"
             self._pin(xl, why)
             return type(out)(_new_for(self, o, why) for o in out)
     elif not glu and _has_node(n.args[1] if len(n.args) > 1 else n.kwargs.get('chunks')):
@@ -1970,7 +1970,8 @@ def _head_table(g, owner:str, spec, H:int, Hkv:int) -> str|None:
                          f"(rows, num_heads={H}), one column per head; {name!r} has {got}")
     if Hkv != H:
         raise ValueError(f"heads[{owner!r}]: table={spec.table!r} holds a column per head, and the block groups {H} "
-                         f"query heads on {Hkv} k/v heads (the units): a table is cut only with heads pruned one by one")
+                         f"query heads on {Hkv} k/v heads (the units): a table is cut only with heads pruned one "
+                         "by one")
     return name
 
 @patch
