@@ -520,6 +520,8 @@ class SparsifyCallback(Callback):
                                e.op or first_line(e))
                 return None
             except Exception as e2:  # the retry's own failure is the reason to give, not the op it pinned
+                if self.heads and isinstance(e2, ValueError) and str(e2).startswith('heads'):  # the spec itself
+                    raise ValueError(f"SparsifyCallback: {e2}") from e2
                 err = RuntimeError(f"{e.op or first_line(e)} is an op the channel graph does not know, and coupling "
                                    f"the channels around it failed too ({type(e2).__name__}: {first_line(e2)})")
                 if self.coupled or self.heads:  # asked for: say why it cannot be done

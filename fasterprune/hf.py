@@ -82,7 +82,7 @@ def _unprunable(m:nn.Module, spec:AttentionHeads) -> str|None:
     hd = _get(m, spec.head_dim) if spec.head_dim else None
     if not isinstance(hd, int) or not hd: return None
     after = spec.o.rpartition('.')[0]  # the module around o (BERT's `output`: o, then a norm of the residual stream)
-    own = (*spec.parts, *([after] if after else []), *([spec.table] if spec.table else []))  # a table goes with its heads
+    own = (*spec.parts, *([after] if after else []), *([spec.table] if spec.table else []))  # a table: with its heads
     skip = {id(p) for n in own for p in _get(m, n).parameters()}
     H = _get(m, spec.o).in_features // hd
     widths = {H * hd} if spec.qkv is not None else {H * hd, _get(m, spec.k).out_features}
@@ -136,7 +136,7 @@ class _OwnHeads:
     @property
     def num_attention_heads(self) -> int: return self._block.num_heads
     def __getattr__(self, a):
-        if a.startswith('__') or a in ('_cfg', '_block'): raise AttributeError(a)  # copy, pickle: before __dict__ is set
+        if a.startswith('__') or a in ('_cfg', '_block'): raise AttributeError(a)  # copy, pickle: no __dict__ yet
         return getattr(self._cfg, a)
     def __setattr__(self, a, v):  # one shared config: a setting made through a block (the attention kernel) reaches all
         if a == 'num_attention_heads': self._block.num_heads = v
@@ -165,7 +165,8 @@ def own_head_counts(
     for m in blocks:  # the forward reads `self.config.num_attention_heads`: that is now the block's `num_heads`
         m.num_heads = m.config.num_attention_heads  # before the view reads it
         m.config = _OwnHeads(m.config, m)
-    logger.info("own_head_counts: %d attention blocks of %s hold their own num_heads", len(blocks), type(model).__name__)
+    logger.info("own_head_counts: %d attention blocks of %s hold their own num_heads", len(blocks),
+                type(model).__name__)
     return model
 
 def _phi3_heads(m:nn.Module) -> AttentionHeads|None:
@@ -325,6 +326,10 @@ def hf_config_after_prune(
     attn = {n: w for n, m in mods.items() if (w := _attn_widths(m)) is not None}
     mlps = {n: w for n, m in mods.items() if (w := _mlp_width(m)) is not None}
     keys = {k for w in (*attn.values(), *mlps.values()) for k in w if k != 'head_dim'}  # a config may derive head_dim
+    if not attn and any(type(m).__name__.startswith('Phi3') and hasattr(m, 'qkv_proj') for m in mods.values()):
+        raise ValueError("hf_config_after_prune: the Phi-3 attention blocks of this model read the shared config's "
+                         "head count: call own_head_counts(model) before pruning it (a model pruned without it kept "
+                         "its heads)")
     if not attn or not all(isinstance(getattr(cfg, k, None), int) for k in keys):
         raise ValueError(f"hf_config_after_prune knows the configs of Llama-style models (q_proj, k_proj, v_proj, "
                          "o_proj; num_attention_heads, num_key_value_heads, intermediate_size), Phi-3 (after "

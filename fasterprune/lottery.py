@@ -178,7 +178,7 @@ class LotteryTicket:
     def round(self) -> int: return self.rewinder.round
 
     def remaining(self) -> float:
-        "Fraction of the prunable weights the masks keep"
+        "Fraction of the prunable weights the masks keep (of the model as it is: after a surgery, of the smaller one)"
         return self.rewinder.remaining()
 
     def _require_point(self):

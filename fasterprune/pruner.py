@@ -183,14 +183,6 @@ class Pruner:
         if self.learn is not None:
             model = self.learn.model
             if example_inputs is None: example_inputs = _first_batch(self.learn)
-            if heads is None:
-                heads = _learner_heads(self.learn)
-                if heads is not None:
-                    logger.info("Pruner: heads= taken from the Learner's SparsifyCallback: %s", sorted(heads))
-            if strict is None and _learner_strict(self.learn) is False:
-                strict = False
-                logger.info("Pruner: strict=False, as the Learner's SparsifyCallback: the channels around the ops the "
-                            "graph does not know stay")
         if not isinstance(model, nn.Module):
             raise TypeError(f"Pruner needs an nn.Module or a fastai Learner, got {type(model).__name__}")
         # torch.compile's wrapper: the module it compiled (the same parameters); the wrapper keeps calling it, so it
@@ -205,7 +197,8 @@ class Pruner:
         self.model, self.verify, self.rtol, self.strict, self.opt = model, verify, rtol, strict is not False, opt
         if heads is not None and not isinstance(heads, dict):
             raise TypeError(f"heads must be a dict {{block name: AttentionHeads(...)}}, got {type(heads).__name__}")
-        self.heads = heads
+        self.heads, self._heads_given = heads, heads is not None
+        self._follow_learner()
         if isinstance(example_inputs, list): example_inputs = tuple(example_inputs)  # positional inputs
         self.example_inputs = to_device(example_inputs, model_device(model))  # tensors in any nesting (a dict too)
         try: self.original = _copy_model(model) if keep_original else None
@@ -227,6 +220,18 @@ class Pruner:
     def dtype(self) -> torch.dtype:
         "The precision of the model's floating parameters (float32 when it has none)"
         return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+
+    def _follow_learner(self):
+        "`heads=` and `strict` not given: those of the Learner's SparsifyCallback (at any time: it may run after `__init__`)"
+        if self.learn is None: return
+        h = None if self._heads_given else _learner_heads(self.learn)
+        if h is not None and h is not self.heads:
+            self.heads = h
+            logger.info("Pruner: heads= taken from the Learner's SparsifyCallback: %s", sorted(h))
+        if not self._strict_given and self.strict and _learner_strict(self.learn) is False:
+            self.strict = False
+            logger.info("Pruner: strict=False, as the Learner's SparsifyCallback: the channels around the ops the "
+                        "graph does not know stay")
 
     def _rw(self, need_point:bool=False):
         """The `Rewinder` behind the rewinding methods: the one a `RewindCallback` on the Learner already drives for
@@ -751,6 +756,7 @@ def _graph(self:Pruner, **kwargs) -> ChannelGraph:
     """The model's `ChannelGraph`; an op it does not know, for a Learner, says how to do what its SparsifyCallback did.
     A Learner whose SparsifyCallback coupled the channels (`strict` not given): an op the callback's trace did not
     meet (the validation batch takes another path, padding) keeps the channels around it, as the callback does"""
+    self._follow_learner()  # a SparsifyCallback may have run since the Pruner was made
     strict = self.strict and not self._unknown_kept
     try: return ChannelGraph(self.model, self.example_inputs, strict, heads=self.heads, **kwargs)
     except UnknownOpError as e:
@@ -1041,8 +1047,8 @@ def _sync_optimizer(self:Pruner, tx:_Surgery):
     if self.learn is not None: _drop_graphs(self.learn)
     _warn_stale_graphs(self.model, list(tx.cuts))
     opt = self.learn.opt if self.learn is not None else self.opt
-    if opt is None:
-        if tx.had_grad and not self._warned_opt:  # trained in this session: an optimizer may hold the old shapes
+    if opt is None:  # a Learner without one makes a new one at its next fit: nothing to follow the cut
+        if tx.had_grad and self.learn is None and not self._warned_opt:  # trained in this session: an optimizer may hold the old shapes
             self._warned_opt = True
             logger.log(logging.INFO if tx.grads_expected else logging.WARNING,
                        "Pruner: the model's parameters held gradients (trained in this session?) and the Pruner was "
@@ -1560,7 +1566,10 @@ def apply_recipe(model:nn.Module, recipe:dict) -> nn.Module:
         for a, v in r.items():
             if a in ('tensors', 'pruned_heads', 'head_attrs', 'counted_norm', 'counted_rms'): continue
             if not hasattr(m, a):
-                raise ValueError(f"recipe entry {n!r} sets {a!r}, which {type(m).__name__} does not have")
+                hint = ("; a Phi-3 block gets its own head count from fasterprune.hf.own_head_counts(model): call it "
+                        "on the fresh model first, as on the one that was pruned") if a == 'num_heads' and \
+                    hasattr(m, 'qkv_proj') else ''
+                raise ValueError(f"recipe entry {n!r} sets {a!r}, which {type(m).__name__} does not have{hint}")
             setattr(m, a, tuple(v) if isinstance(getattr(m, a), tuple) else v)
         own = list(m._parameters.values()) + list(m._buffers.values())
         like = next((t for t in own if t is not None and t.is_floating_point()), torch.empty(0))

@@ -200,7 +200,7 @@ class Rewinder:
         return f"Rewinder(round {self.round}, {self.remaining():.2%} of the weights remain, rewind point: {pt})"
 
     def remaining(self) -> float:
-        "Fraction of the prunable weights the masks keep"
+        "Fraction of the prunable weights the masks keep (of the model as it is: after a surgery, of the smaller one)"
         return weights_remaining(self.masks, self.model, list(self.layers.values()), attention=True)
 
     # ---- driving it from a training loop
@@ -263,6 +263,7 @@ class Rewinder:
     def _keep(self):
         self.rewind_point, self._pending = model_state(self.model), None
         logger.info("Rewinder: kept the rewind point at iteration %d", self.rewind_iter)
+        self._adopt_zeros()  # weights a SparsifyCallback pruned before the point stay pruned from here on, not regrown
 
     def prune_weights(self,
         rate:float=0.2,             # fraction of the surviving weights to prune, in (0, 1)

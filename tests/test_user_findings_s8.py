@@ -186,3 +186,50 @@ def test_pruning_while_a_loss_still_holds_its_graph_says_so(caplog):
         return warned, ok
     fct.test_eq(run(keep=True), (True, False))   # warned, and the warning is right: the backward fails
     fct.test_eq(run(keep=False), (False, True))  # nothing kept: no warning, the backward runs
+
+
+def test_a_ticket_made_after_a_sparsifying_fit_keeps_its_zeros_through_round_0_and_the_rewind():
+    "W10: zeros at the rewind point (a callback pruned them before) regrew in round 0 and after every rewind"
+    learn = _learner()
+    _fit(learn, SparsifyCallback(0.5, 'weight', 'local', schedule='one_shot', show_sparsity=False, attention=True))
+    zero = {n: p.detach() == 0 for n, p in learn.model.named_parameters() if p.dim() == 2}
+    lt = LotteryTicket(learn, rate=0.5)
+    _fit(learn)  # round 0: nothing regrows
+    for n, p in learn.model.named_parameters():
+        if n in zero: fct.test_eq(bool(p.detach()[zero[n]].eq(0).all()), True)
+    lt.next_round()
+    _fit(learn)
+    for n, p in learn.model.named_parameters():
+        if n in zero: fct.test_eq(bool(p.detach()[zero[n]].eq(0).all()), True)
+    n_w = sum(z.numel() for z in zero.values())
+    fct.test_close(lt.remaining(), sum(int(p.detach().ne(0).sum()) for n, p in learn.model.named_parameters()
+                                       if n in zero) / n_w, eps=1e-12)
+
+
+def test_a_pruner_made_before_the_fit_takes_the_callbacks_heads_and_no_false_optimizer_warning(caplog):
+    "W10: Pruner(learn) read the SparsifyCallback's heads= only when made; a Learner without an optimizer was warned"
+    from fasterprune.graph import AttentionHeads
+    from fasterprune.pruner import Pruner
+
+    class Attn(nn.Module):
+        def __init__(self, d=16, h=4):
+            super().__init__()
+            self.n_heads, self.q, self.k, self.v, self.o = h, *[nn.Linear(d, d) for _ in range(4)]
+        def forward(self, x):
+            B, T, C = x.shape
+            q, k, v = (f(x).view(B, T, self.n_heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+            a = torch.softmax(q @ k.transpose(-1, -2) / 2, -1) @ v
+            return self.o(a.transpose(1, 2).reshape(B, T, -1))
+    class Net(nn.Module):
+        def __init__(self): super().__init__(); self.attn, self.l = Attn(), nn.Linear(16, 4)
+        def forward(self, x): return self.l(x + self.attn(x)).mean(1)
+    learn = _learner()
+    learn.model = Net()
+    pr = Pruner(learn).keep_rewind_point()  # made before the fit
+    heads = {'attn': AttentionHeads('n_heads', q='q', k='k', v='v', o='o')}
+    _fit(learn, SparsifyCallback(0.5, 'filter', heads=heads, schedule='one_shot', show_sparsity=False))
+    learn.opt = None  # as a LotteryTicket's rewind leaves it (fastai makes a new one at the next fit)
+    with caplog.at_level(logging.WARNING, logger='fasterprune'): pr.compact()
+    fct.test_eq((learn.model.attn.n_heads, learn.model.attn.q.out_features), (2, 8))
+    fct.test_eq([r.getMessage() for r in caplog.records if 'given no optimizer' in r.getMessage()], [])
+    _fit(learn)
