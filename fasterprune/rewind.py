@@ -9,7 +9,7 @@ import torch
 from torch import nn, Tensor
 from .core import check_fraction, check_context, round_half_up, state_problems, few
 from .sparsifier import Sparsifier, AttentionProjection, prunable_layers, one_per_weight, _ties, _matches, \
-    _nnz_each, _weight_sources, _attn_attrs, _reparam
+    _nnz_each, _weight_sources, _attn_attrs, _reparam, _bias_of
 
 logger = logging.getLogger('fasterprune')
 
@@ -186,6 +186,7 @@ class Rewinder:
         self.learn, self.opt, self.callback, self._hook = None, None, None, None
         self._pending, self._steps = None, 0  # the iteration of a rewind point still to keep, optimizer steps so far
         self._warned = set()  # untracked projections holding zeros, already warned about
+        self._bias_masks = {}  # layer name -> bool (True = keep) over its bias: units pruned whole, bias and all
         self._attention_zeros()
 
     @property
@@ -241,6 +242,7 @@ class Rewinder:
     def after_step(self, count:bool=True):
         "Call after every optimizer step: re-applies the masks, keeps a pending rewind point when its step is reached"
         if self.masks: self.sparsifier.apply_masks()
+        if self._bias_masks: self._apply_bias_masks()
         if count and self._pending is not None:
             self._steps += 1
             if self._steps == self._pending: self._keep()
@@ -307,6 +309,7 @@ class Rewinder:
         self._track({n: p for n, p in self._candidates.items() if n in masks})  # attention=None: a mask names it
         self.sparsifier.masks = {}
         self.sparsifier.set_masks({n: mk.to(self.layers[n].weight.device, torch.bool) for n, mk in masks.items()})
+        self._fit_bias_masks()
         self.apply_masks()
         return self
 
@@ -323,10 +326,43 @@ class Rewinder:
                 raise ValueError(f"mask for {n!r} has shape {tuple(mk.shape)}, the weight has {tuple(m.weight.shape)}")
 
     def apply_masks(self):
-        "Zero the pruned weights now (the Sparsifier's `apply_masks`)"
+        "Zero the pruned weights now (the Sparsifier's `apply_masks`), and the biases of units pruned whole"
         self.check_masks()
         self.sparsifier.apply_masks()
+        self._apply_bias_masks()
         return self
+
+    def _apply_bias_masks(self):
+        with torch.no_grad():
+            for n, bm in self._bias_masks.items(): _bias_of(self.layers[n]).mul_(bm)
+
+    def _adopt_bias_zeros(self):
+        """The bias entries of units whose weights are all pruned that are zero now (a `SparsifyCallback` with filter
+        granularity zeroed them with the unit) stay zero: through rewinds and fits, as the unit's weights do; so a
+        rewind does not bring back a pruned head's or unit's bias, and `Pruner.compact()` can still remove it. A
+        unit pruned by magnitude keeps its bias (lottery tickets mask weights)"""
+        names, new = [], []
+        with torch.no_grad():
+            for n, mk in self.masks.items():
+                m, b = self.layers[n], _bias_of(self.layers[n])
+                if not isinstance(b, Tensor) or isinstance(m, nn.modules.conv._ConvTransposeNd) or \
+                        b.dim() != 1 or len(b) != mk.shape[0]: continue
+                dead = ~mk.reshape(mk.shape[0], -1).any(1)
+                names.append(n)
+                new.append(dead & (b == 0))
+        counts = _nnz_each(new)  # one host read per device
+        for n, z, c in zip(names, new, counts):
+            if not c: continue
+            old = self._bias_masks.get(n)
+            self._bias_masks[n] = ~z if old is None else old & ~z
+        if any(counts): logger.info("Rewinder: %d bias entries of units pruned whole stay zero", sum(counts))
+
+    def _fit_bias_masks(self):
+        "Bias masks only where the weight masks still prune the whole unit (masks replaced, or cut by a surgery)"
+        for n in list(self._bias_masks):
+            mk, bm = self.masks.get(n), self._bias_masks[n]
+            if mk is None or mk.shape[0] != len(bm): del self._bias_masks[n]
+            else: self._bias_masks[n] = bm | mk.reshape(mk.shape[0], -1).any(1)
 
     def _adopt_zeros(self):
         """Weights already exactly zero that the masks keep (pruned by a SparsifyCallback, zero in a checkpoint) join
@@ -344,10 +380,11 @@ class Rewinder:
         emptied = self._nonzero_at_point([n for n, a in zip(names, alive) if not a])
         add = {n: (~new[n] if kept[n] is None else kept[n] & ~new[n]) for n, c, a in zip(names, counts, alive)
                if c and (a or n in emptied)}
-        if not add: return
-        self.sparsifier.set_masks(add)
-        logger.info("Rewinder: %d weights already zero taken as pruned (%s)",
-                    sum(c for n, c in zip(names, counts) if n in add), ', '.join(add))
+        if add:
+            self.sparsifier.set_masks(add)
+            logger.info("Rewinder: %d weights already zero taken as pruned (%s)",
+                        sum(c for n, c in zip(names, counts) if n in add), ', '.join(add))
+        self._adopt_bias_zeros()
 
     def _attention_zeros(self):
         """MultiheadAttention projections holding exact zeros that the masks do not track yet: with attention=None
@@ -435,6 +472,12 @@ class Rewinder:
                 if bk not in todo and self.rewind_point is not None and bk in self.rewind_point: todo[bk] = ops
         for k, ops in todo.items(): self._cut(k, ops)
         self.sparsifier.set_masks({})  # derived state (coupled bias/norm masks) follows
+        key = {id(t): k for k, t in self.model.state_dict(keep_vars=True).items()}
+        for n, bm in list(self._bias_masks.items()):  # a unit's bias mask is cut with its bias
+            for dim, idx in todo.get(key.get(id(_bias_of(self.layers[n]))), []):
+                if dim == 0: bm = bm.index_select(0, idx.to(bm.device))
+            self._bias_masks[n] = bm
+        self._fit_bias_masks()
         return self
 
     def _cut(self, key:str, ops:list):

@@ -233,3 +233,49 @@ def test_a_pruner_made_before_the_fit_takes_the_callbacks_heads_and_no_false_opt
     fct.test_eq((learn.model.attn.n_heads, learn.model.attn.q.out_features), (2, 8))
     fct.test_eq([r.getMessage() for r in caplog.records if 'given no optimizer' in r.getMessage()], [])
     _fit(learn)
+
+
+def test_a_rewind_keeps_the_biases_of_heads_and_units_a_filter_callback_pruned():
+    "F9: a rewind restored the q/k/v and fc1 biases of pruned heads and units; compact() then kept those heads"
+    import torch.nn.functional as F
+    from fasterprune.graph import AttentionHeads
+    from fasterprune.pruner import Pruner
+
+    class Attn(nn.Module):
+        def __init__(self, d=16, h=4):
+            super().__init__()
+            self.num_heads, self.head_dim = h, d // h
+            self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        def forward(self, x):
+            B, T, _ = x.shape
+            q, k, v = (p(x).view(B, T, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+            return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, -1))
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.fc1, self.fc2, self.head = Attn(), nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 4)
+        def forward(self, x):
+            x = x + self.attn(x)
+            return self.head((x + self.fc2(F.gelu(self.fc1(x)))).mean(1))
+    learn = _learner()
+    learn.model = Net()
+    lt = LotteryTicket(learn, rate=0.2)  # rewind point: the first fit's start, before anything is pruned
+    cb = SparsifyCallback(0.5, 'filter', schedule='one_shot', show_sparsity=False,
+                          heads={'attn': AttentionHeads('num_heads', q='q', k='k', v='v', o='o')})
+    _fit(learn, cb)
+    lt.next_round()
+    learn.remove_cb(cb)  # the ticket trains alone
+    _fit(learn)
+    m = learn.model
+    dead = (m.attn.q.weight == 0).all(1)
+    fct.test_eq(int(dead.sum()), 8)
+    fct.test_eq([int(p.bias.detach()[dead].ne(0).sum()) for p in (m.attn.q, m.attn.k, m.attn.v)], [0, 0, 0])
+    dead1 = (m.fc1.weight == 0).all(1)
+    assert int(dead1.sum()) >= 12, int(dead1.sum())
+    fct.test_eq(int(m.fc1.bias.detach()[dead1].ne(0).sum()), 0)
+    Pruner(learn).compact()
+    fct.test_eq((m.attn.num_heads, m.fc1.out_features), (2, 32 - int(dead1.sum())))  # every unit pruned whole goes
+    _fit(learn)  # the ticket goes on training after the surgery, its masks (bias masks too) cut with it
+    lt.next_round()
+    fct.test_eq({n: len(bm) for n, bm in lt.rewinder._bias_masks.items()},
+                {n: len(lt.rewinder.layers[n].bias) for n in lt.rewinder._bias_masks})
