@@ -217,7 +217,8 @@ def test_a_pruner_made_before_the_fit_takes_the_callbacks_heads_and_no_false_opt
             self.n_heads, self.q, self.k, self.v, self.o = h, *[nn.Linear(d, d) for _ in range(4)]
         def forward(self, x):
             B, T, C = x.shape
-            q, k, v = (f(x).view(B, T, self.n_heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+            q, k, v = (f(x).view(B, T, self.n_heads, -1).transpose(1, 2)
+                       for f in (self.q, self.k, self.v))
             a = torch.softmax(q @ k.transpose(-1, -2) / 2, -1) @ v
             return self.o(a.transpose(1, 2).reshape(B, T, -1))
     class Net(nn.Module):
