@@ -127,7 +127,8 @@ def test_refused_calls_leave_the_rewinder_as_it_was(caplog):
     model = learn.model
     rw = Rewinder(model, exclude='a.*').keep_rewind_point()  # the projection left out (a warning says so)
     rw.round = 7
-    point, sd = {k: v.clone() for k, v in rw.rewind_point.items()}, {k: v.clone() for k, v in model.state_dict().items()}
+    point = {k: v.clone() for k, v in rw.rewind_point.items()}
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
     bad = {'round': 3, 'rewind_iter': 0, 'masks': {'a.in_proj_weight': torch.ones(48, 16, dtype=torch.bool)},
            'rewind': {k: torch.zeros_like(v) for k, v in sd.items()}}
     with pytest.raises(ValueError, match='not a pruned layer'): rw.load_ticket(bad)
