@@ -72,9 +72,10 @@ class RewindCallback(Callback):
     def __init__(self,
         iteration:int|None=0,        # optimizer steps of the first fit before the rewind point (0: its start, None: no)
         rewinder:Rewinder|None=None, # the `Rewinder` to drive (default: one on the Learner's model, from `before_fit`)
+        keep_zeros:bool=True,        # for the default Rewinder: zeros at the rewind point stay pruned (see `Rewinder`)
     ):
         self.iteration = None if iteration is None else check_iteration(iteration)
-        self.rewinder, self._asked = rewinder, iteration is None
+        self.rewinder, self._asked, self.keep_zeros = rewinder, iteration is None, keep_zeros
 
     @property
     def state(self) -> dict[str, Tensor]|None:
@@ -90,7 +91,7 @@ class RewindCallback(Callback):
     def _set_up(self):
         "This fit's checks (the model, the masks, the rewind iteration within the fit) and its rewind point"
         model = bare_model(self.learn.model)  # inside DDP and torch.compile: the same keys as one process
-        if self.rewinder is None: self.rewinder = Rewinder(model)
+        if self.rewinder is None: self.rewinder = Rewinder(model, keep_zeros=self.keep_zeros)
         elif self.rewinder.model is not model:
             raise ValueError(f"the Learner's model ({type(model).__name__}) is not the model this Rewinder prunes")
         self.rewinder.check_masks()  # a surgery since the masks were made: a clear error now, not in the first step
@@ -117,7 +118,9 @@ class RewindCallback(Callback):
 
     def after_step(self):
         stepped, self._cancelled = not self._cancelled, False
-        self.rewinder.after_step(self._count and stepped)  # masks re-applied either way
+        self.rewinder.after_step(self._count and stepped, defer=True)  # masks re-applied either way
+
+    def after_batch(self): self.rewinder.keep_due()  # the point, once every callback's after_step ran (their masks)
 
     def after_fit(self):
         if not (self._started and self._count): return
@@ -160,11 +163,13 @@ class LotteryTicket:
         fresh_opt:bool=True,        # a fresh optimizer after each rewind (False keeps its state)
         attention:bool|None=None,   # MultiheadAttention's input projections: True prune them, False leave them dense,
                                     # None: once they hold pruned weights (after `SparsifyCallback(attention=True)`)
+        keep_zeros:bool=True,       # weights zero at the rewind point stay pruned (a SparsifyCallback pruned them);
+                                    # False for an initialization with zeros (eye_, dirac_, sparse_)
     ):
         self.rate = check_rate(rate)
         check_context(context)
         check_iteration(rewind_iter)
-        rw = Rewinder(bare_model(learn.model), layers, exclude, attention)
+        rw = Rewinder(bare_model(learn.model), layers, exclude, attention, keep_zeros)
         _layer_rates(rw.layers, layer_rates)  # every pattern matches a pruned layer
         self.learn, self.context, self.layer_rates, self.fresh_opt = learn, context, layer_rates, fresh_opt
         self.rewinder = rw.attach(learn, iteration=rewind_iter)
@@ -266,7 +271,7 @@ def _row(r, masks_per_seed, n_params, model, accs, arms):
 def _one_fit(learn, r:int, arm:str, sv:dict|None, seed:int, run:dict):
     "Fit one arm of round `r` on a fresh `learn`; returns the accuracy and, for the ticket, the seed's new state"
     if r == 0:
-        cb = RewindCallback(run['rewind_iter'])
+        cb = RewindCallback(run['rewind_iter'], keep_zeros=False)  # a factory's fresh model: its zeros are its init
         acc = _fit(learn, run, [cb])
         return acc, dict(rewind=cb.state, masks={}, weights=model_state(learn.model))
     rw = Rewinder(learn.model)

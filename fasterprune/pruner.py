@@ -54,7 +54,7 @@ def _first_batch(learn, n:int=16):
 def _learner_heads(learn) -> dict|None:
     "The `heads=` of the Learner's SparsifyCallback (looked up by attribute: no fastai import), or None"
     for cb in getattr(learn, 'cbs', None) or []:
-        h = getattr(cb, 'heads', None)
+        h = vars(cb).get('heads')  # the callback's own (fastai's getattr hands unknown names on to the Learner, model)
         if isinstance(h, dict) and h: return h
     h = getattr(learn, '_sparsify_heads', None)  # left by a SparsifyCallback that was passed to `fit(cbs=)`
     return h if isinstance(h, dict) and h else None
@@ -222,7 +222,7 @@ class Pruner:
         return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
 
     def _follow_learner(self):
-        "`heads=` and `strict` not given: those of the Learner's SparsifyCallback (at any time: it may run after `__init__`)"
+        "`heads=` and `strict` not given: the Learner's SparsifyCallback's (read each time: it may run after `init`)"
         if self.learn is None: return
         h = None if self._heads_given else _learner_heads(self.learn)
         if h is not None and h is not self.heads:
@@ -1046,9 +1046,9 @@ def _sync_optimizer(self:Pruner, tx:_Surgery):
     "Cut the optimizer state like the parameters of `tx`; give the optimizer the biases the fold created"
     if self.learn is not None: _drop_graphs(self.learn)
     _warn_stale_graphs(self.model, list(tx.cuts))
-    opt = self.learn.opt if self.learn is not None else self.opt
+    opt = (self.learn.opt if self.learn is not None else None) or self.opt
     if opt is None:  # a Learner without one makes a new one at its next fit: nothing to follow the cut
-        if tx.had_grad and self.learn is None and not self._warned_opt:  # trained in this session: an optimizer may hold the old shapes
+        if tx.had_grad and self.learn is None and not self._warned_opt:  # trained: an optimizer may hold old shapes
             self._warned_opt = True
             logger.log(logging.INFO if tx.grads_expected else logging.WARNING,
                        "Pruner: the model's parameters held gradients (trained in this session?) and the Pruner was "
@@ -1089,8 +1089,13 @@ def _drop_graphs(learn):
     training batch (`lr_find`, an interrupt) they still hold that batch's autograd graph (in any structure: a cache of
     keys and values too), which keeps each cut parameter's gradient accumulator alive with its old shape, and the next
     backward then fails with 'Function TBackward0 returned an invalid gradient'"""
-    for a in ('pred', 'loss_grad', 'loss'):
-        if vars(learn).get(a) is not None: setattr(learn, a, None)  # the Learner's own (not the model's, via GetAttr)
+    for a in ('pred', 'loss_grad', 'loss'):  # detached copies where they are tensors: a prune inside a batch (from
+        v = vars(learn).get(a)                # a callback) still has fastai's Recorder read the loss after it
+        if v is None: continue
+        if isinstance(v, Tensor): v = v.detach()
+        elif type(v) in (tuple, list) and all(isinstance(t, Tensor) for t in v): v = type(v)(t.detach() for t in v)
+        else: v = None  # any other structure (a model output holding a cache of keys and values): dropped
+        setattr(learn, a, v)  # the Learner's own (not the model's, via GetAttr)
 
 def _warn_stale_graphs(model:nn.Module, params:list):
     """A warning when a tensor computed before the cut (a loss, an output kept in a variable) still holds its autograd

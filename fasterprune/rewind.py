@@ -165,11 +165,14 @@ class Rewinder:
         exclude=None,     # what to leave dense
         attention:bool|None=None, # MultiheadAttention's input projections: True prune them, False leave them dense;
                                   # None: one holding pruned (zero) weights, or named by a mask, keeps them pruned
+        keep_zeros:bool=True,     # weights exactly zero when the rewind point is kept stay pruned (a SparsifyCallback
+                                  # pruned them); False: an initialization with zeros (eye_, dirac_, sparse_) trains
     ):
         if not isinstance(model, nn.Module): raise TypeError(f"Rewinder needs an nn.Module, got {type(model).__name__}")
-        if attention is not None and not isinstance(attention, bool):
-            raise TypeError(f"attention must be None, True or False, got {attention!r}")
-        self.model, self.attention = model, attention
+        for k, v in (('attention', attention), ('keep_zeros', keep_zeros)):
+            if not (isinstance(v, bool) or (v is None and k == 'attention')):
+                raise TypeError(f"{k} must be {'None, ' * (k == 'attention')}True or False, got {v!r}")
+        self.model, self.attention, self.keep_zeros = model, attention, keep_zeros
         sp = Sparsifier(model, 'weight', 'local', 'magnitude', layers=layers, exclude=exclude,
                         attention=attention is not False)  # the selectors may name projections unless False
         self._candidates = {}  # attention=None: the projections `layers`/`exclude` allow, tracked once they hold zeros
@@ -184,7 +187,7 @@ class Rewinder:
         self._held = set()  # attention=None: projections tracked to keep their zeros, not pruned further by magnitude
         self.rewind_point, self.rewind_iter, self.round = None, None, 0
         self.learn, self.opt, self.callback, self._hook = None, None, None, None
-        self._pending, self._steps = None, 0  # the iteration of a rewind point still to keep, optimizer steps so far
+        self._pending, self._steps, self._due = None, 0, False  # a rewind point's iteration still to come, steps so far
         self._warned = set()  # untracked projections holding zeros, already warned about
         self._bias_masks = {}  # layer name -> bool (True = keep) over its bias: units pruned whole, bias and all
         self._attention_zeros()
@@ -239,13 +242,20 @@ class Rewinder:
                              "nothing was trained: fit longer or keep an earlier rewind point")
         self._steps = 0
 
-    def after_step(self, count:bool=True):
-        "Call after every optimizer step: re-applies the masks, keeps a pending rewind point when its step is reached"
+    def after_step(self, count:bool=True, defer:bool=False):
+        """Call after every optimizer step: re-applies the masks, keeps a pending rewind point when its step is reached
+        (`defer`: at the next `keep_due()`, once the other callbacks of the step have run)"""
         if self.masks: self.sparsifier.apply_masks()
         if self._bias_masks: self._apply_bias_masks()
         if count and self._pending is not None:
             self._steps += 1
-            if self._steps == self._pending: self._keep()
+            if self._steps == self._pending:
+                if defer: self._due = True
+                else: self._keep()
+
+    def keep_due(self):
+        "Keep the rewind point `after_step(defer=True)` reached"
+        if self._due: self._keep()
 
     def end_fit(self):
         "A fit ended: a pending rewind point that it trained towards but did not reach is an error"
@@ -263,9 +273,9 @@ class Rewinder:
         return self
 
     def _keep(self):
-        self.rewind_point, self._pending = model_state(self.model), None
+        self.rewind_point, self._pending, self._due = model_state(self.model), None, False
         logger.info("Rewinder: kept the rewind point at iteration %d", self.rewind_iter)
-        self._adopt_zeros()  # weights a SparsifyCallback pruned before the point stay pruned from here on, not regrown
+        if self.keep_zeros: self._adopt_zeros(at_point=True)  # what a SparsifyCallback pruned stays pruned
 
     def prune_weights(self,
         rate:float=0.2,             # fraction of the surviving weights to prune, in (0, 1)
@@ -336,20 +346,22 @@ class Rewinder:
         with torch.no_grad():
             for n, bm in self._bias_masks.items(): _bias_of(self.layers[n]).mul_(bm)
 
-    def _adopt_bias_zeros(self):
-        """The bias entries of units whose weights are all pruned that are zero now (a `SparsifyCallback` with filter
-        granularity zeroed them with the unit) stay zero: through rewinds and fits, as the unit's weights do; so a
-        rewind does not bring back a pruned head's or unit's bias, and `Pruner.compact()` can still remove it. A
-        unit pruned by magnitude keeps its bias (lottery tickets mask weights)"""
+    def _adopt_bias_zeros(self, before:dict):
+        """The bias entries that are zero now of units whose weights were all taken as pruned just now (`before`: the
+        masks before): a `SparsifyCallback` with filter granularity zeroed them with the unit. They stay zero through
+        rewinds and fits, as the unit's weights do, so a rewind does not bring back a pruned head's or unit's bias and
+        `Pruner.compact()` can still remove it. A unit the Rewinder's own masks emptied keeps its bias (lottery
+        tickets mask weights), and so does a layer left unmasked (a zero-initialized one)"""
+        def dead(mk): return ~mk.reshape(mk.shape[0], -1).any(1)
         names, new = [], []
         with torch.no_grad():
             for n, mk in self.masks.items():
                 m, b = self.layers[n], _bias_of(self.layers[n])
                 if not isinstance(b, Tensor) or isinstance(m, nn.modules.conv._ConvTransposeNd) or \
                         b.dim() != 1 or len(b) != mk.shape[0]: continue
-                dead = ~mk.reshape(mk.shape[0], -1).any(1)
+                d = dead(mk) if before.get(n) is None else dead(mk) & ~dead(before[n])
                 names.append(n)
-                new.append(dead & (b == 0))
+                new.append(d & (b == 0))
         counts = _nnz_each(new)  # one host read per device
         for n, z, c in zip(names, new, counts):
             if not c: continue
@@ -364,10 +376,11 @@ class Rewinder:
             if mk is None or mk.shape[0] != len(bm): del self._bias_masks[n]
             else: self._bias_masks[n] = bm | mk.reshape(mk.shape[0], -1).any(1)
 
-    def _adopt_zeros(self):
+    def _adopt_zeros(self, at_point:bool=False):
         """Weights already exactly zero that the masks keep (pruned by a SparsifyCallback, zero in a checkpoint) join
         the pruned ones, so a rewind does not bring them back. A layer of zeros only joins them when its weights at the
-        rewind point were not all zero (a global ranking emptied it); one zero there too (zero-initialized) stays"""
+        rewind point were not all zero (a global ranking emptied it); one zero there too (zero-initialized) stays.
+        `at_point`: the rewind point was just kept (said as a warning: an initialization with zeros is no pruning)"""
         self.check_masks()
         self._attention_zeros()
         names = list(self.layers)
@@ -382,9 +395,13 @@ class Rewinder:
                if c and (a or n in emptied)}
         if add:
             self.sparsifier.set_masks(add)
-            logger.info("Rewinder: %d weights already zero taken as pruned (%s)",
-                        sum(c for n, c in zip(names, counts) if n in add), ', '.join(add))
-        self._adopt_bias_zeros()
+            n_add = sum(c for n, c in zip(names, counts) if n in add)
+            if at_point:
+                logger.warning("Rewinder: %d weights already zero at the rewind point stay pruned (%s): right after a "
+                               "SparsifyCallback or for a pruned checkpoint; for an initialization with zeros (eye_, "
+                               "dirac_, sparse_) pass keep_zeros=False", n_add, few(list(add), 4))
+            else: logger.info("Rewinder: %d weights already zero taken as pruned (%s)", n_add, ', '.join(add))
+        self._adopt_bias_zeros(kept)
 
     def _attention_zeros(self):
         """MultiheadAttention projections holding exact zeros that the masks do not track yet: with attention=None
@@ -496,6 +513,7 @@ class Rewinder:
         self._require_point()
         return dict(round=self.round, rewind_iter=self.rewind_iter,
                     masks={n: m.cpu().clone() for n, m in self.masks.items()},
+                    bias_masks={n: m.cpu().clone() for n, m in self._bias_masks.items()},
                     rewind={k: v.clone() for k, v in self.rewind_point.items()}, weights=model_state(self.model))
 
     def load_ticket(self, ticket:dict, which:str='rewind'):
@@ -504,7 +522,15 @@ class Rewinder:
         check_ticket(ticket, self.model)
         if ticket.get(which) is None: raise ValueError(f"the ticket has no {which!r} state")
         self._check_mask_fit(ticket['masks'])  # before anything changes
+        bms = ticket.get('bias_masks') or {}
+        bad = [n for n, bm in bms.items() if n not in ticket['masks'] or len(bm) != ticket['masks'][n].shape[0]]
+        if bad: raise ValueError(f"the ticket's bias masks do not fit its masks ({few(bad, 4)}); nothing was changed")
         self.model.load_state_dict(ticket[which])
         self.rewind_point = {k: v.clone() for k, v in ticket['rewind'].items()}
         self.rewind_iter, self._pending, self.round = ticket.get('rewind_iter', 0), None, ticket.get('round', 0)
-        return self.set_masks(ticket['masks'])
+        self._bias_masks = {}
+        self.set_masks(ticket['masks'])
+        dev = {n: self.masks[n].device for n in bms}
+        self._bias_masks = {n: bm.to(dev[n], torch.bool) for n, bm in bms.items()}
+        self._fit_bias_masks()
+        return self.apply_masks()

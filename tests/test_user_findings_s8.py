@@ -281,3 +281,83 @@ def test_a_rewind_keeps_the_biases_of_heads_and_units_a_filter_callback_pruned()
     lt.next_round()
     fct.test_eq({n: len(bm) for n, bm in lt.rewinder._bias_masks.items()},
                 {n: len(lt.rewinder.layers[n].bias) for n in lt.rewinder._bias_masks})
+
+
+def test_keep_zeros_false_lets_an_initialization_with_zeros_train(caplog):
+    "R15: keeping the rewind point took an eye_ init's zeros as pruned; it says so, and keep_zeros=False trains them"
+    def run(**kw):
+        learn = _learner()
+        learn.model = nn.Sequential(nn.Flatten(), nn.Linear(80, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                                    nn.Linear(16, 4))
+        with torch.no_grad(): nn.init.eye_(learn.model[3].weight)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger='fasterprune'):
+            LotteryTicket(learn, **kw)
+            _fit(learn)
+        return int(learn.model[3].weight.detach().ne(0).sum()), any('keep_zeros=False' in r.getMessage()
+                                                                    for r in caplog.records)
+    fct.test_eq(run(), (16, True))                  # the default keeps them pruned, and warns
+    n, warned = run(keep_zeros=False)
+    assert n > 200 and not warned, (n, warned)      # trained like the rest
+
+
+def test_tickets_carry_the_bias_masks_and_magnitude_emptied_units_keep_their_biases(tmp_path):
+    "R15: a loaded ticket lost the bias masks; a unit the Rewinder emptied by magnitude had its zero bias frozen"
+    import torch.nn.functional as F
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.head = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 4)
+        def forward(self, x): return self.head((x + self.fc2(F.gelu(self.fc1(x)))).mean(1))
+    learn = _learner()
+    learn.model = Net()
+    lt = LotteryTicket(learn, rate=0.2)
+    _fit(learn, SparsifyCallback(0.5, 'filter', schedule='one_shot', show_sparsity=False))
+    lt.next_round()
+    dead = ~lt.rewinder._bias_masks['fc1']
+    fct.test_eq(int(dead.sum()), 16)
+    path = save_ticket(lt.ticket(), tmp_path/'t.pt')
+    fresh = Net()
+    load_ticket(path, fresh)
+    rw = Rewinder(fresh).load_ticket(torch.load(path, weights_only=False))
+    fct.test_eq(torch.equal(rw._bias_masks['fc1'], ~dead), True)
+    opt = torch.optim.SGD(fresh.parameters(), lr=0.1)
+    rw.attach(opt)
+    fresh(torch.randn(4, 5, 16)).sum().backward(); opt.step()
+    fct.test_eq(int(fresh.fc1.bias.detach()[dead].ne(0).sum()), 0)  # held through a step
+    # a unit emptied by the Rewinder's own magnitude masks keeps its bias, zero-initialized or not
+    torch.manual_seed(0)
+    m = Net()
+    with torch.no_grad(): m.fc1.bias.zero_()
+    rw2 = Rewinder(m).keep_rewind_point()
+    mk = torch.ones(32, 16, dtype=torch.bool)
+    mk[:8] = False
+    rw2.set_masks({'fc1': mk})
+    rw2.next_round(0.2)
+    rw2.next_round(0.2)  # twice, no fit between: the emptied units' biases are zero (their init), not pruning
+    fct.test_eq(rw2._bias_masks, {})
+
+
+def test_pruning_inside_a_batch_and_a_given_optimizer_and_a_model_attribute_named_heads():
+    "R15: a prune from a callback crashed the Recorder; opt= was ignored for a Learner; model.heads was read as heads="
+    from fastai.callback.core import Callback
+    from fasterprune.pruner import Pruner
+    class PruneOnce(Callback):
+        def after_step(self):
+            if self.iter == 1: Pruner(self.learn).prune(0.5)
+    class MeanMLP(nn.Module):
+        def __init__(self): super().__init__(); self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 4)
+        def forward(self, x): return self.b(torch.relu(self.a(x))).mean(1)
+    learn = _learner()
+    learn.model = MeanMLP()
+    learn.model.heads = {'note': 'a plain attribute'}  # fastai's getattr reaches the model from a callback
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=PruneOnce())
+    fct.test_eq(learn.model.a.out_features, 16)
+    learn = _learner()
+    learn.model = MeanMLP()
+    opt = torch.optim.Adam(learn.model.parameters(), lr=1e-3)
+    x = torch.randn(8, 5, 16)
+    learn.model(x).sum().backward(); opt.step(); opt.zero_grad()
+    Pruner(learn, x, opt=opt).prune(0.5)  # the Learner has no optimizer: the given one follows the cut
+    fct.test_eq(tuple(opt.state[learn.model.a.weight]['exp_avg'].shape), (16, 16))
+    learn.model(x).sum().backward(); opt.step()
