@@ -86,6 +86,15 @@ def _imp_target(n_w:int, n_kept:int, rate:float) -> float:
     "The sparsity of `n_w` weights that keeps round(n_kept * (1 - rate)) of the `n_kept` survivors, at least one"
     return (n_w - max(1, round_half_up(n_kept * (1 - rate)))) / n_w
 
+_norm_types = (nn.LayerNorm, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.RMSNorm)
+
+def _norm_affine(m) -> list[Tensor]:
+    "A norm's per-channel weight (and bias): one value per channel, where a filter prune zeroes pruned channels"
+    w = getattr(m, 'weight', None)
+    if not isinstance(m, _norm_types) or not isinstance(w, nn.Parameter) or w.dim() != 1: return []
+    b = getattr(m, 'bias', None)
+    return [w] + ([b] if isinstance(b, nn.Parameter) and b.shape == w.shape else [])
+
 def _wkey(m) -> tuple:
     "What names the weight of layer `m`: its parameter (which tied layers share), else the module (a computed weight)"
     if isinstance(w := m.weight, nn.Parameter): return ('parameter', id(w))
@@ -190,6 +199,7 @@ class Rewinder:
         self._pending, self._steps, self._due = None, 0, False  # a rewind point's iteration still to come, steps so far
         self._warned = set()  # untracked projections holding zeros, already warned about
         self._bias_masks = {}  # layer name -> bool (True = keep) over its bias: units pruned whole, bias and all
+        self._norm_masks = {}  # norm module name -> bool over its channels: entries zeroed with pruned channels
         self._attention_zeros()
 
     @property
@@ -246,7 +256,7 @@ class Rewinder:
         """Call after every optimizer step: re-applies the masks, keeps a pending rewind point when its step is reached
         (`defer`: at the next `keep_due()`, once the other callbacks of the step have run)"""
         if self.masks: self.sparsifier.apply_masks()
-        if self._bias_masks: self._apply_bias_masks()
+        if self._bias_masks or self._norm_masks: self._apply_bias_masks()
         if count and self._pending is not None:
             self._steps += 1
             if self._steps == self._pending:
@@ -345,6 +355,29 @@ class Rewinder:
     def _apply_bias_masks(self):
         with torch.no_grad():
             for n, bm in self._bias_masks.items(): _bias_of(self.layers[n]).mul_(bm)
+            for n, nm in self._norm_masks.items():
+                for t in _norm_affine(self.model.get_submodule(n)): t.mul_(nm)
+
+    def _adopt_norm_zeros(self):
+        """The entries of a norm's per-channel weight that are zero now and were not at the rewind point (a
+        `SparsifyCallback` with filter granularity zeroed them with the channel), with their bias entries, stay zero
+        through rewinds and fits. Zero at the point too (a zero-initialized gamma, fastai's xresnet): they train"""
+        if self.rewind_point is None: return
+        key = {id(t): k for k, t in self.model.state_dict(keep_vars=True).items()}
+        names, new = [], []
+        with torch.no_grad():
+            for n, m in self.model.named_modules():
+                ts = _norm_affine(m)
+                pt = self.rewind_point.get(key.get(id(ts[0]))) if ts else None
+                if pt is None or pt.shape != ts[0].shape: continue
+                names.append(n)
+                new.append((ts[0] == 0) & (pt.to(ts[0].device, non_blocking=True) != 0))
+        counts = _nnz_each(new)  # one host read per device
+        for n, z, c in zip(names, new, counts):
+            if not c: continue
+            old = self._norm_masks.get(n)
+            self._norm_masks[n] = ~z if old is None else old & ~z
+        if any(counts): logger.info("Rewinder: %d norm entries of pruned channels stay zero", sum(counts))
 
     def _adopt_bias_zeros(self, before:dict):
         """The bias entries that are zero now of units whose weights were all taken as pruned just now (`before`: the
@@ -353,6 +386,7 @@ class Rewinder:
         `Pruner.compact()` can still remove it. A unit the Rewinder's own masks emptied keeps its bias (lottery
         tickets mask weights), and so does a layer left unmasked (a zero-initialized one)"""
         def dead(mk): return ~mk.reshape(mk.shape[0], -1).any(1)
+        key = {id(t): k for k, t in self.model.state_dict(keep_vars=True).items()}
         names, new = [], []
         with torch.no_grad():
             for n, mk in self.masks.items():
@@ -360,6 +394,9 @@ class Rewinder:
                 if not isinstance(b, Tensor) or isinstance(m, nn.modules.conv._ConvTransposeNd) or \
                         b.dim() != 1 or len(b) != mk.shape[0]: continue
                 d = dead(mk) if before.get(n) is None else dead(mk) & ~dead(before[n])
+                pt = (self.rewind_point or {}).get(key.get(id(b)))
+                if pt is not None and pt.shape == b.shape:  # or emptied before, its bias zeroed since the point
+                    d = d | (dead(mk) & (pt.to(b.device, non_blocking=True) != 0))
                 names.append(n)
                 new.append(d & (b == 0))
         counts = _nnz_each(new)  # one host read per device
@@ -375,6 +412,10 @@ class Rewinder:
             mk, bm = self.masks.get(n), self._bias_masks[n]
             if mk is None or mk.shape[0] != len(bm): del self._bias_masks[n]
             else: self._bias_masks[n] = bm | mk.reshape(mk.shape[0], -1).any(1)
+        mods = dict(self.model.named_modules())
+        for n in list(self._norm_masks):  # a norm that a surgery cut without telling: its masks go
+            ts = _norm_affine(mods.get(n))
+            if not ts or len(ts[0]) != len(self._norm_masks[n]): del self._norm_masks[n]
 
     def _adopt_zeros(self, at_point:bool=False):
         """Weights already exactly zero that the masks keep (pruned by a SparsifyCallback, zero in a checkpoint) join
@@ -402,6 +443,7 @@ class Rewinder:
                                "dirac_, sparse_) pass keep_zeros=False", n_add, few(list(add), 4))
             else: logger.info("Rewinder: %d weights already zero taken as pruned (%s)", n_add, ', '.join(add))
         self._adopt_bias_zeros(kept)
+        self._adopt_norm_zeros()
 
     def _attention_zeros(self):
         """MultiheadAttention projections holding exact zeros that the masks do not track yet: with attention=None
@@ -494,6 +536,10 @@ class Rewinder:
             for dim, idx in todo.get(key.get(id(_bias_of(self.layers[n]))), []):
                 if dim == 0: bm = bm.index_select(0, idx.to(bm.device))
             self._bias_masks[n] = bm
+        for n, nm in list(self._norm_masks.items()):  # a norm's masks with its weight
+            for dim, idx in todo.get(key.get(id(_norm_affine(self.model.get_submodule(n))[0])), []):
+                if dim == 0: nm = nm.index_select(0, idx.to(nm.device))
+            self._norm_masks[n] = nm
         self._fit_bias_masks()
         return self
 
@@ -514,6 +560,7 @@ class Rewinder:
         return dict(round=self.round, rewind_iter=self.rewind_iter,
                     masks={n: m.cpu().clone() for n, m in self.masks.items()},
                     bias_masks={n: m.cpu().clone() for n, m in self._bias_masks.items()},
+                    norm_masks={n: m.cpu().clone() for n, m in self._norm_masks.items()},
                     rewind={k: v.clone() for k, v in self.rewind_point.items()}, weights=model_state(self.model))
 
     def load_ticket(self, ticket:dict, which:str='rewind'):
@@ -524,13 +571,17 @@ class Rewinder:
         self._check_mask_fit(ticket['masks'])  # before anything changes
         bms = ticket.get('bias_masks') or {}
         bad = [n for n, bm in bms.items() if n not in ticket['masks'] or len(bm) != ticket['masks'][n].shape[0]]
-        if bad: raise ValueError(f"the ticket's bias masks do not fit its masks ({few(bad, 4)}); nothing was changed")
+        nms, mods = ticket.get('norm_masks') or {}, dict(self.model.named_modules())
+        bad += [n for n, nm in nms.items() if not _norm_affine(mods.get(n)) or len(_norm_affine(mods[n])[0]) != len(nm)]
+        if bad: raise ValueError(f"the ticket's bias or norm masks do not fit the model ({few(bad, 4)}); nothing was "
+                                 "changed")
         self.model.load_state_dict(ticket[which])
         self.rewind_point = {k: v.clone() for k, v in ticket['rewind'].items()}
         self.rewind_iter, self._pending, self.round = ticket.get('rewind_iter', 0), None, ticket.get('round', 0)
-        self._bias_masks = {}
+        self._bias_masks, self._norm_masks = {}, {}
         self.set_masks(ticket['masks'])
         dev = {n: self.masks[n].device for n in bms}
         self._bias_masks = {n: bm.to(dev[n], torch.bool) for n, bm in bms.items()}
+        self._norm_masks = {n: nm.to(_norm_affine(mods[n])[0].device, torch.bool) for n, nm in nms.items()}
         self._fit_bias_masks()
         return self.apply_masks()

@@ -218,7 +218,7 @@ def test_ticket_roundtrip_and_foreign_ticket(tmp_path):
     _quiet_fit(learn, 1, 1e-2)
     p = save_ticket(lt.ticket(), tmp_path/'t.pt')
     raw = torch.load(p, weights_only=True)                       # plain tensors only
-    fct.test_eq(set(raw), {'round', 'rewind_iter', 'masks', 'bias_masks', 'rewind', 'weights'})
+    fct.test_eq(set(raw), {'round', 'rewind_iter', 'masks', 'bias_masks', 'norm_masks', 'rewind', 'weights'})
     for which, ref in (('weights', learn.model.state_dict()), ('rewind', None)):
         fresh = small_cnn(c=8)
         load_ticket(p, fresh, which)

@@ -361,3 +361,30 @@ def test_pruning_inside_a_batch_and_a_given_optimizer_and_a_model_attribute_name
     Pruner(learn, x, opt=opt).prune(0.5)  # the Learner has no optimizer: the given one follows the cut
     fct.test_eq(tuple(opt.state[learn.model.a.weight]['exp_avg'].shape), (16, 16))
     learn.model(x).sum().backward(); opt.step()
+
+
+def test_a_rewind_keeps_the_norm_entries_of_channels_a_filter_callback_pruned():
+    "F9: a rewind restored BatchNorm/LayerNorm entries of pruned channels (a constant came back in their place)"
+    from fasterprune.data import digits_dls, small_cnn
+    torch.manual_seed(0)
+    learn = Learner(digits_dls(bs=64, flat=False), small_cnn(c=8), loss_func=nn.CrossEntropyLoss())
+    lt = LotteryTicket(learn, rate=0.2)  # its rewind point: the init, BatchNorm weights 1
+    cb = SparsifyCallback(0.5, 'filter', schedule='one_shot', show_sparsity=False)
+    _fit(learn, cb)
+    bn = learn.model[1]
+    gone = bn.weight.detach() == 0
+    assert 0 < int(gone.sum()) < 8, int(gone.sum())
+    lt.next_round()
+    learn.remove_cb(cb)
+    _fit(learn)
+    fct.test_eq((int(bn.weight.detach()[gone].ne(0).sum()), int(bn.bias.detach()[gone].ne(0).sum())), (0, 0))
+    fct.test_eq(torch.equal(lt.ticket()['norm_masks']['1'], ~gone), True)
+    # a zero-initialized gamma (fastai's xresnet, zero_init_residual) is no pruning: it trains
+    torch.manual_seed(0)
+    learn2 = Learner(digits_dls(bs=64, flat=False), small_cnn(c=8), loss_func=nn.CrossEntropyLoss())
+    with torch.no_grad(): learn2.model[4].weight.zero_()
+    lt2 = LotteryTicket(learn2, rate=0.2)
+    _fit(learn2)
+    lt2.next_round()
+    _fit(learn2)
+    fct.test_eq(lt2.rewinder._norm_masks, {})  # nothing holds it at zero (here ReLU(0) gives it no gradient anyway)
