@@ -121,8 +121,10 @@ class RewindCallback(Callback):
         self.rewinder.after_step(self._count and stepped, defer=True)  # masks re-applied either way
 
     def after_batch(self): self.rewinder.keep_due()  # the point, once every callback's after_step ran (their masks)
+    def before_batch(self): self.rewinder.keep_due()  # ... or at the next batch, when a callback cut the batch short
 
     def after_fit(self):
+        if self.rewinder is not None: self.rewinder.keep_due()  # a fit cancelled right after the rewind step
         if not (self._started and self._count): return
         try: self.rewinder.end_fit()
         except RuntimeError as e:  # a fit StopOnNaNCallback stopped short of the rewind point: its error says so first

@@ -1093,7 +1093,10 @@ def _drop_graphs(learn):
         v = vars(learn).get(a)                # a callback) still has fastai's Recorder read the loss after it
         if v is None: continue
         if isinstance(v, Tensor): v = v.detach()
-        elif type(v) in (tuple, list) and all(isinstance(t, Tensor) for t in v): v = type(v)(t.detach() for t in v)
+        elif isinstance(v, (tuple, list)) and all(isinstance(t, Tensor) for t in v):  # fastai's fastuple, a namedtuple
+            ts = [t.detach() for t in v]
+            try: v = v._make(ts) if hasattr(v, '_make') else type(v)(ts)
+            except Exception: v = None
         else: v = None  # any other structure (a model output holding a cache of keys and values): dropped
         setattr(learn, a, v)  # the Learner's own (not the model's, via GetAttr)
 
@@ -1468,9 +1471,15 @@ def prune(self:Pruner,
 @patch
 def keep_rewind_point(self:Pruner,
     iteration:int=0,  # 0: the model's state now (initialization); k: the state after k optimizer steps of the next fit
+    keep_zeros:bool|None=None, # weights zero at the point stay pruned (a SparsifyCallback pruned them; the
+                               # Rewinder's default, True); False: an initialization with zeros (eye_, dirac_)
 ) -> Pruner:
     "Keep the model's state (BatchNorm buffers included) to rewind to"
-    self._rw().keep_rewind_point(iteration)
+    rw = self._rw()
+    if keep_zeros is not None:
+        if not isinstance(keep_zeros, bool): raise TypeError(f"keep_zeros must be True or False, got {keep_zeros!r}")
+        rw.keep_zeros = keep_zeros
+    rw.keep_rewind_point(iteration)
     return self
 
 @patch

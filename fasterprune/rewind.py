@@ -86,6 +86,13 @@ def _imp_target(n_w:int, n_kept:int, rate:float) -> float:
     "The sparsity of `n_w` weights that keeps round(n_kept * (1 - rate)) of the `n_kept` survivors, at least one"
     return (n_w - max(1, round_half_up(n_kept * (1 - rate)))) / n_w
 
+def _hold(store:dict, names:list, new:list, what:str):
+    "Entries `new` (bool, True = hold at zero) join the keep-masks in `store` (name -> bool, True = keep)"
+    counts = _nnz_each(new)  # one host read per device
+    for n, z, c in zip(names, new, counts):
+        if c: store[n] = ~z if store.get(n) is None else store[n] & ~z
+    if any(counts): logger.info("Rewinder: %d %s stay zero", sum(counts), what)
+
 _norm_types = (nn.LayerNorm, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.RMSNorm)
 
 def _norm_affine(m) -> list[Tensor]:
@@ -241,7 +248,7 @@ class Rewinder:
         "Undo `attach`"
         if self._hook is not None: self._hook.remove()
         if self.learn is not None: self.learn.remove_cb(self.callback)
-        self.learn, self.opt, self.callback, self._hook = None, None, None, None
+        self.learn, self.opt, self.callback, self._hook, self._due = None, None, None, None, False
         return self
 
     def start_fit(self, n_steps:int):
@@ -250,7 +257,7 @@ class Rewinder:
         if self._pending > n_steps:
             raise ValueError(f"rewind iteration {self._pending} is beyond the fit's length of {n_steps} iterations; "
                              "nothing was trained: fit longer or keep an earlier rewind point")
-        self._steps = 0
+        self._steps, self._due = 0, False
 
     def after_step(self, count:bool=True, defer:bool=False):
         """Call after every optimizer step: re-applies the masks, keeps a pending rewind point when its step is reached
@@ -264,8 +271,9 @@ class Rewinder:
                 else: self._keep()
 
     def keep_due(self):
-        "Keep the rewind point `after_step(defer=True)` reached"
-        if self._due: self._keep()
+        "Keep the rewind point `after_step(defer=True)` reached (the weights are those of that step until the next)"
+        if self._due and self._pending is not None: self._keep()
+        self._due = False
 
     def end_fit(self):
         "A fit ended: a pending rewind point that it trained towards but did not reach is an error"
@@ -277,7 +285,7 @@ class Rewinder:
     def keep_rewind_point(self, iteration:int=0):
         "Keep the model's full state to rewind to: now (0), or after `iteration` optimizer steps of the next fit"
         k = check_iteration(iteration)
-        self.rewind_iter, self._steps = k, 0
+        self.rewind_iter, self._steps, self._due = k, 0, False
         if k == 0: self._keep()
         else: self.rewind_point, self._pending = None, k
         return self
@@ -372,12 +380,7 @@ class Rewinder:
                 if pt is None or pt.shape != ts[0].shape: continue
                 names.append(n)
                 new.append((ts[0] == 0) & (pt.to(ts[0].device, non_blocking=True) != 0))
-        counts = _nnz_each(new)  # one host read per device
-        for n, z, c in zip(names, new, counts):
-            if not c: continue
-            old = self._norm_masks.get(n)
-            self._norm_masks[n] = ~z if old is None else old & ~z
-        if any(counts): logger.info("Rewinder: %d norm entries of pruned channels stay zero", sum(counts))
+        _hold(self._norm_masks, names, new, 'norm entries of pruned channels')
 
     def _adopt_bias_zeros(self, before:dict):
         """The bias entries that are zero now of units whose weights were all taken as pruned just now (`before`: the
@@ -399,12 +402,7 @@ class Rewinder:
                     d = d | (dead(mk) & (pt.to(b.device, non_blocking=True) != 0))
                 names.append(n)
                 new.append(d & (b == 0))
-        counts = _nnz_each(new)  # one host read per device
-        for n, z, c in zip(names, new, counts):
-            if not c: continue
-            old = self._bias_masks.get(n)
-            self._bias_masks[n] = ~z if old is None else old & ~z
-        if any(counts): logger.info("Rewinder: %d bias entries of units pruned whole stay zero", sum(counts))
+        _hold(self._bias_masks, names, new, 'bias entries of units pruned whole')
 
     def _fit_bias_masks(self):
         "Bias masks only where the weight masks still prune the whole unit (masks replaced, or cut by a surgery)"
@@ -429,6 +427,7 @@ class Rewinder:
             kept = {n: self.masks.get(n) for n in names}
             zero = {n: self.sparsifier.weight(n) == 0 for n in names}
             new = {n: z if kept[n] is None else z & kept[n] for n, z in zero.items()}  # zeros the masks keep
+            if not self.keep_zeros: new = {n: z & ~self._zero_at_point(n, z) for n, z in new.items()}
             counts = _nnz_each(list(new.values()))  # one host read per device
             alive = _nnz_each(self.sparsifier.weight(n) for n in names)
         emptied = self._nonzero_at_point([n for n, a in zip(names, alive) if not a])
@@ -477,6 +476,14 @@ class Rewinder:
             self._held.add(n)
         logger.info("Rewinder: %s hold%s pruned weights: kept pruned through rewinds (attention=True prunes them "
                     "further)", ', '.join(extra), 's' if len(extra) == 1 else '')
+
+    def _zero_at_point(self, name:str, like:Tensor) -> Tensor:
+        "Where layer `name`'s stored weight is zero at the rewind point (keep_zeros=False: an init's zeros); else none"
+        w = self.layers[name].weight
+        k = next((k for k, t in self.model.state_dict(keep_vars=True).items() if t is w), None)
+        pt = (self.rewind_point or {}).get(k)
+        if pt is None or pt.shape != like.shape: return torch.zeros_like(like)
+        return pt.to(like.device, non_blocking=True) == 0
 
     def _nonzero_at_point(self, names:list) -> set:
         """Of the layers `names`, those whose weight held a nonzero value at the rewind point: the stored weight, or
@@ -578,6 +585,7 @@ class Rewinder:
         self.model.load_state_dict(ticket[which])
         self.rewind_point = {k: v.clone() for k, v in ticket['rewind'].items()}
         self.rewind_iter, self._pending, self.round = ticket.get('rewind_iter', 0), None, ticket.get('round', 0)
+        self._due = False
         self._bias_masks, self._norm_masks = {}, {}
         self.set_masks(ticket['masks'])
         dev = {n: self.masks[n].device for n in bms}

@@ -388,3 +388,39 @@ def test_a_rewind_keeps_the_norm_entries_of_channels_a_filter_callback_pruned():
     lt2.next_round()
     _fit(learn2)
     fct.test_eq(lt2.rewinder._norm_masks, {})  # nothing holds it at zero (here ReLU(0) gives it no gradient anyway)
+
+
+def test_a_rewind_point_due_at_a_step_that_ends_the_epoch_is_kept_at_that_step():
+    "R16: the point, kept once the step's callbacks ran, was lost or kept a step late when a callback ended the epoch"
+    from fastai.callback.core import Callback
+    from fastai.callback.training import ShortEpochCallback
+    steps = []
+    class Rec(Callback):
+        order = 99
+        def after_step(self): steps.append({k: v.clone() for k, v in self.learn.model.state_dict().items()})
+    for epochs in (1, 2):
+        learn = _learner()  # 4 training batches an epoch; the ShortEpochCallback ends each after its 2nd
+        rw = Rewinder(learn.model).attach(learn, iteration=2)
+        steps.clear()
+        with learn.no_bar(), learn.no_logging():
+            learn.fit(epochs, 1e-3, cbs=[ShortEpochCallback(0.25, short_valid=False), Rec()])
+        fct.test_eq(all(torch.equal(rw.rewind_point[k], v) for k, v in steps[1].items()), True)
+        fct.test_eq(rw._due, False)
+
+
+def test_keep_zeros_false_from_the_pruner_and_at_every_prune():
+    "R16: Pruner.keep_rewind_point had no keep_zeros; a prune with no fit between took the init's zeros as pruned"
+    from fasterprune.pruner import Pruner
+    learn = _learner()
+    learn.model = nn.Sequential(nn.Flatten(), nn.Linear(80, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                                nn.Linear(16, 4))
+    with torch.no_grad(): nn.init.eye_(learn.model[3].weight)
+    pr = Pruner(learn).keep_rewind_point(keep_zeros=False)
+    _fit(learn)
+    assert int(learn.model[3].weight.detach().ne(0).sum()) > 200
+    rw = Rewinder(learn.model, keep_zeros=False).keep_rewind_point()  # the point: the eye_ layer after training
+    with torch.no_grad(): learn.model[3].weight.copy_(torch.eye(16))
+    rw.keep_rewind_point()
+    rw.next_round(0.2)  # no fit between: the init's zeros are not taken as pruned, 20 % of the layer goes
+    fct.test_eq(int((~rw.masks['3']).sum()), round(256 * 0.2))
+    with pytest.raises(TypeError, match='keep_zeros'): pr.keep_rewind_point(keep_zeros='no')
