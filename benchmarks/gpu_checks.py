@@ -9,6 +9,8 @@
 3. N:M: a Linear layer pruned 2:4 by the Sparsifier, converted with `torch.sparse.to_sparse_semi_structured`,
    timed against the dense layer (fp16, interleaved runs, CUDA-synchronized, median ratio). Needs an Ampere or newer
    card; record the card's name with the figures in benchmarks/RESULTS.md.
+4. Rewinding after a filter `SparsifyCallback` on the GPU: the pruned channels' BatchNorm entries stay zero through a
+   rewind and a fit, and `compact()` removes them (`rewind_check`, runnable on the CPU with `rewind_check('cpu')`).
 """
 import statistics, sys, time, warnings
 from pathlib import Path
@@ -110,6 +112,32 @@ def distill_check(dev='cuda'):
     same = all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
     return check(f"DistillCallback on {dev}: bf16 teacher, to_bf16 student", bool(torch.isfinite(loss)) and same,
                  f"last training loss {float(loss):.4f}, teacher unchanged: {same}")
+
+
+def rewind_check(dev='cuda'):
+    "Eighth session: a rewind after a filter SparsifyCallback keeps pruned units' weights, biases and norm entries at 0"
+    from fastai.learner import Learner
+    from fasterprune.callback import SparsifyCallback
+    from fasterprune.data import digits_dls, small_cnn
+    from fasterprune.lottery import LotteryTicket
+    from fasterprune.pruner import Pruner
+    torch.manual_seed(0)
+    learn = Learner(digits_dls(flat=False, device=torch.device(dev)), small_cnn(c=16).to(dev),
+                    loss_func=nn.CrossEntropyLoss())
+    lt = LotteryTicket(learn, rate=0.2)
+    cb = SparsifyCallback(0.5, 'filter', schedule='one_shot', show_sparsity=False)
+    learn.fit(1, 1e-2, cbs=cb)
+    bn = learn.model[1]
+    gone = bn.weight.detach() == 0
+    lt.next_round()
+    learn.fit(1, 1e-2)  # the ticket trains alone
+    held = int(bn.weight.detach()[gone].ne(0).sum()) + int(bn.bias.detach()[gone].ne(0).sum())
+    conv = learn.model[0]
+    dead = int((conv.weight.detach() == 0).flatten(1).all(1).sum())
+    Pruner(learn).compact()
+    ok = held == 0 and int(gone.sum()) > 0 and conv.out_channels == 16 - dead
+    return check(f"rewinding after a filter SparsifyCallback on {dev}: pruned channels' norm entries held, compacted",
+                 ok, f"{int(gone.sum())} channels pruned, {held} entries back, conv {conv.out_channels} of 16 kept")
 
 
 def lottery_check():
@@ -215,6 +243,7 @@ def main():
     ok &= nan_check_fp16()
     ok &= distill_check()
     ok &= lottery_check()
+    ok &= rewind_check()
     ok &= nm_speed()
     return 0 if ok else 1
 
