@@ -1285,9 +1285,23 @@ def _check_branches(self:Pruner, g:ChannelGraph, remove:Tensor, what:str):
                    "on such inputs", what, name, g.untraced, layers)
 
 @patch
+def _not_in_sparsifying_fit(self:Pruner, what:str):
+    "Refuse a surgery from inside a fit whose SparsifyCallback is pruning: its masks would no longer fit the layers"
+    busy = [c for c in (getattr(self.learn, 'cbs', None) or []) if vars(c).get('_mode') is not None
+            and 'sparsifier' in vars(c)]  # a SparsifyCallback between its before_fit and after_fit (no fastai import)
+    if not busy: return
+    from fastai.learner import Learner
+    from fasterprune.callback import _in_call_of
+    if _in_call_of(Learner.fit):
+        raise RuntimeError(f"Pruner.{what}: called inside a fit whose SparsifyCallback is pruning: its masks would no "
+                           "longer fit the layers and its next step would fail; nothing was changed: call "
+                           f"{what}() once learn.fit has returned")
+
+@patch
 @_exact_float32
 def compact(self:Pruner) -> nn.Module:
     "Remove every component whose producer filters are all zero (and whose constant folds exactly); returns the model"
+    self._not_in_sparsifying_fit('compact')
     _check_reparametrized(self.model)
     g = self._graph()
     ok, consts = _removable(g, torch.ones(g.n_comps, dtype=torch.bool))
@@ -1431,6 +1445,7 @@ def prune(self:Pruner,
     if round_to is not None and (isinstance(round_to, bool) or int(round_to) != round_to or round_to < 1):
         raise ValueError(f"round_to must be a whole number >= 1, got {round_to!r}")
     crit = get_criterion(criteria)
+    self._not_in_sparsifying_fit('prune')
     _check_reparametrized(self.model)
     g = self._graph(values=False)  # the structure
     groups = g.groups()

@@ -424,3 +424,27 @@ def test_keep_zeros_false_from_the_pruner_and_at_every_prune():
     rw.next_round(0.2)  # no fit between: the init's zeros are not taken as pruned, 20 % of the layer goes
     fct.test_eq(int((~rw.masks['3']).sum()), round(256 * 0.2))
     with pytest.raises(TypeError, match='keep_zeros'): pr.keep_rewind_point(keep_zeros='no')
+
+
+def test_a_surgery_inside_a_sparsifying_fit_is_refused_before_anything_changes():
+    "R15: compact() from a callback between epochs of a SparsifyCallback fit failed at the next step (size mismatch)"
+    from fastai.callback.core import Callback
+    from fasterprune.pruner import Pruner
+    seen = []
+    class CompactBetweenEpochs(Callback):
+        def after_epoch(self):
+            sd = {k: v.clone() for k, v in self.learn.model.state_dict().items()}
+            try: Pruner(self.learn).compact()
+            except RuntimeError as e: seen.append(str(e))
+            fct.test_eq(all(torch.equal(v, sd[k]) for k, v in self.learn.model.state_dict().items()), True)
+    class MeanMLP(nn.Module):
+        def __init__(self): super().__init__(); self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 4)
+        def forward(self, x): return self.b(torch.relu(self.a(x))).mean(1)
+    learn = _learner()
+    learn.model = MeanMLP()
+    cb = SparsifyCallback(0.5, 'filter', schedule='one_shot', show_sparsity=False)
+    with learn.no_bar(), learn.no_logging(): learn.fit(2, 1e-3, cbs=[cb, CompactBetweenEpochs()])
+    assert len(seen) == 2 and 'once learn.fit has returned' in seen[0], seen
+    n = sum(p.numel() for p in learn.model.parameters())
+    Pruner(learn).compact()  # after the fit: it runs
+    assert sum(p.numel() for p in learn.model.parameters()) < n
