@@ -207,6 +207,7 @@ class Rewinder:
         self._warned = set()  # untracked projections holding zeros, already warned about
         self._bias_masks = {}  # layer name -> bool (True = keep) over its bias: units pruned whole, bias and all
         self._norm_masks = {}  # norm module name -> bool over its channels: entries zeroed with pruned channels
+        self._norm_ts = {}  # norm module name -> its weight and bias (found once; a surgery keeps the parameters)
         self._attention_zeros()
 
     @property
@@ -364,7 +365,8 @@ class Rewinder:
         with torch.no_grad():
             for n, bm in self._bias_masks.items(): _bias_of(self.layers[n]).mul_(bm)
             for n, nm in self._norm_masks.items():
-                for t in _norm_affine(self.model.get_submodule(n)): t.mul_(nm)
+                if n not in self._norm_ts: self._norm_ts[n] = _norm_affine(self.model.get_submodule(n))  # once
+                for t in self._norm_ts[n]: t.mul_(nm)
 
     def _adopt_norm_zeros(self):
         """The entries of a norm's per-channel weight that are zero now and were not at the rewind point (a
@@ -410,7 +412,7 @@ class Rewinder:
             mk, bm = self.masks.get(n), self._bias_masks[n]
             if mk is None or mk.shape[0] != len(bm): del self._bias_masks[n]
             else: self._bias_masks[n] = bm | mk.reshape(mk.shape[0], -1).any(1)
-        mods = dict(self.model.named_modules())
+        mods, self._norm_ts = dict(self.model.named_modules()), {}
         for n in list(self._norm_masks):  # a norm that a surgery cut without telling: its masks go
             ts = _norm_affine(mods.get(n))
             if not ts or len(ts[0]) != len(self._norm_masks[n]): del self._norm_masks[n]
