@@ -373,7 +373,7 @@ class Rewinder:
         `SparsifyCallback` with filter granularity zeroed them with the channel), with their bias entries, stay zero
         through rewinds and fits. Zero at the point too (a zero-initialized gamma, fastai's xresnet): they train"""
         if self.rewind_point is None: return
-        key = {id(t): k for k, t in self.model.state_dict(keep_vars=True).items()}
+        key = self._state_keys()
         names, new = [], []
         with torch.no_grad():
             for n, m in self.model.named_modules():
@@ -391,7 +391,7 @@ class Rewinder:
         `Pruner.compact()` can still remove it. A unit the Rewinder's own masks emptied keeps its bias (lottery
         tickets mask weights), and so does a layer left unmasked (a zero-initialized one)"""
         def dead(mk): return ~mk.reshape(mk.shape[0], -1).any(1)
-        key = {id(t): k for k, t in self.model.state_dict(keep_vars=True).items()}
+        key = self._state_keys()
         names, new = [], []
         with torch.no_grad():
             for n, mk in self.masks.items():
@@ -429,7 +429,9 @@ class Rewinder:
             kept = {n: self.masks.get(n) for n in names}
             zero = {n: self.sparsifier.weight(n) == 0 for n in names}
             new = {n: z if kept[n] is None else z & kept[n] for n, z in zero.items()}  # zeros the masks keep
-            if not self.keep_zeros: new = {n: z & ~self._zero_at_point(n, z) for n, z in new.items()}
+            if not self.keep_zeros:
+                key = self._state_keys()
+                new = {n: z & ~self._zero_at_point(n, z, key) for n, z in new.items()}
             counts = _nnz_each(list(new.values()))  # one host read per device
             alive = _nnz_each(self.sparsifier.weight(n) for n in names)
         emptied = self._nonzero_at_point([n for n, a in zip(names, alive) if not a])
@@ -479,11 +481,13 @@ class Rewinder:
         logger.info("Rewinder: %s hold%s pruned weights: kept pruned through rewinds (attention=True prunes them "
                     "further)", ', '.join(extra), 's' if len(extra) == 1 else '')
 
-    def _zero_at_point(self, name:str, like:Tensor) -> Tensor:
+    def _state_keys(self) -> dict:
+        "{id(tensor): its key in the model's state_dict}"
+        return {id(t): k for k, t in self.model.state_dict(keep_vars=True).items()}
+
+    def _zero_at_point(self, name:str, like:Tensor, key:dict) -> Tensor:
         "Where layer `name`'s stored weight is zero at the rewind point (keep_zeros=False: an init's zeros); else none"
-        w = self.layers[name].weight
-        k = next((k for k, t in self.model.state_dict(keep_vars=True).items() if t is w), None)
-        pt = (self.rewind_point or {}).get(k)
+        pt = (self.rewind_point or {}).get(key.get(id(self.layers[name].weight)))
         if pt is None or pt.shape != like.shape: return torch.zeros_like(like)
         return pt.to(like.device, non_blocking=True) == 0
 
@@ -492,7 +496,7 @@ class Rewinder:
         for a computed one (weight_norm, spectral_norm, prune hooks) every tensor it is computed from (weight_norm's g
         and v both); the point is a CPU copy: no device read"""
         if self.rewind_point is None or not names: return set()
-        keys = {id(v): k for k, v in self.model.state_dict(keep_vars=True).items()}
+        keys = self._state_keys()
         def nonzero(t):
             w = self.rewind_point.get(keys.get(id(t)))
             return w is not None and bool(w.any())
@@ -540,7 +544,7 @@ class Rewinder:
                 if bk not in todo and self.rewind_point is not None and bk in self.rewind_point: todo[bk] = ops
         for k, ops in todo.items(): self._cut(k, ops)
         self.sparsifier.set_masks({})  # derived state (coupled bias/norm masks) follows
-        key = {id(t): k for k, t in self.model.state_dict(keep_vars=True).items()}
+        key = self._state_keys()
         for n, bm in list(self._bias_masks.items()):  # a unit's bias mask is cut with its bias
             for dim, idx in todo.get(key.get(id(_bias_of(self.layers[n]))), []):
                 if dim == 0: bm = bm.index_select(0, idx.to(bm.device))
