@@ -124,7 +124,11 @@ class RewindCallback(Callback):
     def before_batch(self): self.rewinder.keep_due()  # ... or at the next batch, when a callback cut the batch short
 
     def after_fit(self):
-        if self.rewinder is not None: self.rewinder.keep_due()  # a fit cancelled right after the rewind step
+        if self.rewinder is not None and self._started:
+            try: self.rewinder.check_masks()
+            except ValueError: pass  # a surgery in the fit: the next fit says so
+            else: self.rewinder.after_step(count=False)  # a fit cancelled in an earlier after_step: masks still hold
+            self.rewinder.keep_due()  # a fit cancelled right after the rewind step
         if not (self._started and self._count): return
         try: self.rewinder.end_fit()
         except RuntimeError as e:  # a fit StopOnNaNCallback stopped short of the rewind point: its error says so first

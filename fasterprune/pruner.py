@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_pruner.ipynb #8a092d7a
 from __future__ import annotations
-import copy, fnmatch, functools, inspect, logging, math, pickle, time, warnings, zipfile
+import copy, fnmatch, functools, inspect, logging, math, pickle, sys, time, warnings, zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from fastcore.basics import patch
@@ -1284,10 +1284,21 @@ def _check_branches(self:Pruner, g:ChannelGraph, remove:Tensor, what:str):
                    "another function (an early exit hands on channels that were cut) or fail: check the pruned model "
                    "on such inputs", what, name, g.untraced, layers)
 
+def _fitting_learner(model:nn.Module):
+    "The fastai Learner whose `fit` is on the call stack and trains `model` (a Pruner made from the model), or None"
+    f = sys._getframe()
+    while f is not None:
+        l = f.f_locals.get('self') if f.f_code.co_name == 'fit' else None
+        if hasattr(l, 'cbs') and hasattr(l, 'dls') and isinstance(getattr(l, 'model', None), nn.Module) and \
+                bare_model(l.model) is model: return l
+        f = f.f_back
+    return None
+
 @patch
 def _not_in_sparsifying_fit(self:Pruner, what:str):
     "Refuse a surgery from inside a fit whose SparsifyCallback is pruning: its masks would no longer fit the layers"
-    busy = [c for c in (getattr(self.learn, 'cbs', None) or []) if vars(c).get('_mode') is not None
+    learn = self.learn if self.learn is not None else _fitting_learner(self.model)
+    busy = [c for c in (getattr(learn, 'cbs', None) or []) if vars(c).get('_mode') is not None
             and 'sparsifier' in vars(c)]  # a SparsifyCallback between its before_fit and after_fit (no fastai import)
     if not busy: return
     from fastai.learner import Learner

@@ -207,7 +207,7 @@ class Rewinder:
         self._warned = set()  # untracked projections holding zeros, already warned about
         self._bias_masks = {}  # layer name -> bool (True = keep) over its bias: units pruned whole, bias and all
         self._norm_masks = {}  # norm module name -> bool over its channels: entries zeroed with pruned channels
-        self._norm_ts = {}  # norm module name -> its weight and bias (found once; a surgery keeps the parameters)
+        self._pairs = None  # (tensors, masks in their dtypes) of the held bias and norm entries, for one foreach mul
         self._attention_zeros()
 
     @property
@@ -362,11 +362,12 @@ class Rewinder:
         return self
 
     def _apply_bias_masks(self):
-        with torch.no_grad():
-            for n, bm in self._bias_masks.items(): _bias_of(self.layers[n]).mul_(bm)
-            for n, nm in self._norm_masks.items():
-                if n not in self._norm_ts: self._norm_ts[n] = _norm_affine(self.model.get_submodule(n))  # once
-                for t in self._norm_ts[n]: t.mul_(nm)
+        if self._pairs is None:  # found once (a surgery keeps the parameters): one fused multiply per step
+            ts = [(_bias_of(self.layers[n]), bm) for n, bm in self._bias_masks.items()]
+            ts += [(t, nm) for n, nm in self._norm_masks.items() for t in _norm_affine(self.model.get_submodule(n))]
+            self._pairs = ([t for t, _ in ts], [m.to(t.dtype) for t, m in ts])
+        if self._pairs[0]:
+            with torch.no_grad(): torch._foreach_mul_(*self._pairs)
 
     def _adopt_norm_zeros(self):
         """The entries of a norm's per-channel weight that are zero now and were not at the rewind point (a
@@ -381,8 +382,10 @@ class Rewinder:
                 pt = self.rewind_point.get(key.get(id(ts[0]))) if ts else None
                 if pt is None or pt.shape != ts[0].shape: continue
                 names.append(n)
-                new.append((ts[0] == 0) & (pt.to(ts[0].device, non_blocking=True) != 0))
+                z = (ts[0] == 0) & (pt.to(ts[0].device, non_blocking=True) != 0)
+                new.append(z & (ts[1] == 0) if len(ts) > 1 else z)  # a filter prune zeroes gamma and beta both
         _hold(self._norm_masks, names, new, 'norm entries of pruned channels')
+        self._pairs = None
 
     def _adopt_bias_zeros(self, before:dict):
         """The bias entries that are zero now of units whose weights were all taken as pruned just now (`before`: the
@@ -405,6 +408,7 @@ class Rewinder:
                 names.append(n)
                 new.append(d & (b == 0))
         _hold(self._bias_masks, names, new, 'bias entries of units pruned whole')
+        self._pairs = None
 
     def _fit_bias_masks(self):
         "Bias masks only where the weight masks still prune the whole unit (masks replaced, or cut by a surgery)"
@@ -412,7 +416,7 @@ class Rewinder:
             mk, bm = self.masks.get(n), self._bias_masks[n]
             if mk is None or mk.shape[0] != len(bm): del self._bias_masks[n]
             else: self._bias_masks[n] = bm | mk.reshape(mk.shape[0], -1).any(1)
-        mods, self._norm_ts = dict(self.model.named_modules()), {}
+        mods, self._pairs = dict(self.model.named_modules()), None
         for n in list(self._norm_masks):  # a norm that a surgery cut without telling: its masks go
             ts = _norm_affine(mods.get(n))
             if not ts or len(ts[0]) != len(self._norm_masks[n]): del self._norm_masks[n]
@@ -486,10 +490,15 @@ class Rewinder:
         return {id(t): k for k, t in self.model.state_dict(keep_vars=True).items()}
 
     def _zero_at_point(self, name:str, like:Tensor, key:dict) -> Tensor:
-        "Where layer `name`'s stored weight is zero at the rewind point (keep_zeros=False: an init's zeros); else none"
-        pt = (self.rewind_point or {}).get(key.get(id(self.layers[name].weight)))
-        if pt is None or pt.shape != like.shape: return torch.zeros_like(like)
-        return pt.to(like.device, non_blocking=True) == 0
+        """Where layer `name`'s weight is zero at the rewind point (keep_zeros=False: an init's zeros): its stored
+        weight's, or a zero in a tensor a computed one comes from (weight_norm's v, or a zero g for the whole slice)"""
+        z = torch.zeros_like(like, dtype=torch.bool)
+        for t in _weight_sources(self.layers[name], self.sparsifier._rp[name]):
+            pt = (self.rewind_point or {}).get(key.get(id(t)))
+            if pt is None: continue
+            try: z = z | (pt.to(like.device, non_blocking=True) == 0).expand(like.shape)
+            except RuntimeError: continue  # a shape that does not map onto the weight's entries
+        return z
 
     def _nonzero_at_point(self, names:list) -> set:
         """Of the layers `names`, those whose weight held a nonzero value at the rewind point: the stored weight, or
@@ -597,5 +606,5 @@ class Rewinder:
         dev = {n: self.masks[n].device for n in bms}
         self._bias_masks = {n: bm.to(dev[n], torch.bool) for n, bm in bms.items()}
         self._norm_masks = {n: nm.to(_norm_affine(mods[n])[0].device, torch.bool) for n, nm in nms.items()}
-        self._fit_bias_masks()
+        self._fit_bias_masks()  # (the fused pairs found again)
         return self.apply_masks()

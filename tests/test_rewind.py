@@ -178,7 +178,7 @@ def test_masks_applied_by_the_sparsifier(monkeypatch):
     learn = _learn(mlp(64, 32, 10), flat=True)
     masks = {'0': torch.rand(32, 64) > 0.5}
     with learn.no_logging(): learn.fit(1, 1e-2, cbs=MaskCallback(masks))
-    fct.test_eq(len(calls), 1 + 6)                                            # before the first batch, then every step
+    fct.test_eq(len(calls), 1 + 6 + 1)                             # before the first batch, every step, the end
     fct.test_eq(bool((learn.model[0].weight[~masks['0']] == 0).all()), True)
     calls.clear()
     net = mlp(64, 32, 10)

@@ -448,3 +448,48 @@ def test_a_surgery_inside_a_sparsifying_fit_is_refused_before_anything_changes()
     n = sum(p.numel() for p in learn.model.parameters())
     Pruner(learn).compact()  # after the fit: it runs
     assert sum(p.numel() for p in learn.model.parameters()) < n
+
+
+def test_r17_a_cancelled_fit_a_model_built_pruner_a_zeroed_gamma_and_weight_norm(caplog):
+    "R17: masks after a fit cancelled in an earlier after_step; the in-fit refusal for Pruner(model); user zeros"
+    from fastai.callback.core import Callback, CancelFitException
+    from fasterprune.pruner import Pruner
+    learn = _learner()
+    lt = LotteryTicket(learn, rate=0.5)
+    _fit(learn)
+    lt.next_round()
+    class Stop(Callback):  # order 0: its after_step runs before the RewindCallback's
+        def after_step(self):
+            if self.iter == 2: raise CancelFitException
+    _fit(learn, Stop())
+    for n, mk in lt.masks.items():
+        fct.test_eq(bool(lt.rewinder.sparsifier.weight(n).detach()[~mk].eq(0).all()), True)
+    # a Pruner made from the model, inside a fit whose SparsifyCallback prunes: refused like Pruner(learn)
+    class MeanMLP(nn.Module):
+        def __init__(self): super().__init__(); self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 4)
+        def forward(self, x): return self.b(torch.relu(self.a(x))).mean(1)
+    seen = []
+    class CompactModel(Callback):
+        def after_epoch(self):
+            try: Pruner(self.learn.model, torch.randn(2, 5, 16)).compact()
+            except RuntimeError as e: seen.append(str(e))
+    learn = _learner()
+    learn.model = MeanMLP()
+    _fit(learn, [SparsifyCallback(0.5, 'filter', schedule='one_shot', show_sparsity=False), CompactModel()])
+    assert seen and 'once learn.fit has returned' in seen[0], seen
+    # a gamma zeroed on purpose (its channel's filter alive) is not held, and its beta is left alone
+    from fasterprune.data import digits_dls, small_cnn
+    torch.manual_seed(0)
+    learn = Learner(digits_dls(bs=64, flat=False), small_cnn(c=8), loss_func=nn.CrossEntropyLoss())
+    rw = Rewinder(learn.model).attach(learn, iteration=0)
+    _fit(learn)
+    with torch.no_grad(): learn.model[1].weight[0] = 0
+    rw.next_round(0.2)
+    fct.test_eq(rw._norm_masks, {})
+    # keep_zeros=False on a weight_norm layer: the init's zeros (in v) are not taken as pruned
+    net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad(): nn.init.eye_(net[0].weight)
+    torch.nn.utils.parametrizations.weight_norm(net[0])
+    rw2 = Rewinder(net, keep_zeros=False).keep_rewind_point()
+    rw2.next_round(0.2)
+    fct.test_eq(int((~rw2.masks['0']).sum()), round(256 * 0.2))
