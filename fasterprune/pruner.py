@@ -1297,13 +1297,10 @@ def _fitting_learner(model:nn.Module):
 @patch
 def _not_in_sparsifying_fit(self:Pruner, what:str):
     "Refuse a surgery from inside a fit whose SparsifyCallback is pruning: its masks would no longer fit the layers"
-    learn = self.learn if self.learn is not None else _fitting_learner(self.model)
+    learn = _fitting_learner(self.model)  # the Learner whose fit is on the call stack, training this model
     busy = [c for c in (getattr(learn, 'cbs', None) or []) if vars(c).get('_mode') is not None
             and 'sparsifier' in vars(c)]  # a SparsifyCallback between its before_fit and after_fit (no fastai import)
-    if not busy: return
-    from fastai.learner import Learner
-    from fasterprune.callback import _in_call_of
-    if _in_call_of(Learner.fit):
+    if busy:
         raise RuntimeError(f"Pruner.{what}: called inside a fit whose SparsifyCallback is pruning: its masks would no "
                            "longer fit the layers and its next step would fail; nothing was changed: call "
                            f"{what}() once learn.fit has returned")
