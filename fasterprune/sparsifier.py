@@ -170,8 +170,14 @@ def _sample_bracket(score_fns, sample_fns, n_groups, sizes, prev_keeps, live, k,
     vals, wts = [], []
     for li, (g, lw, p) in enumerate(zip(n_groups, live_w, prev_keeps)):
         if lw == 0: continue
-        idx = torch.randint(0, g, (max(1, round(m * lw / n_live)),), generator=gen)
-        if p is not None: idx = idx[p.cpu()[idx]]  # sample live groups only
+        n = max(1, round(m * lw / n_live))
+        idx = torch.randint(0, g, (n,), generator=gen)
+        if p is not None:
+            pc = p.cpu()
+            idx = idx[pc[idx]]  # sample live groups only
+            if len(idx) == 0:  # every draw hit a pruned group (few live ones left): draw among the live ones
+                alive = pc.nonzero().flatten()
+                idx = alive[torch.randint(0, len(alive), (n,), generator=gen)]
         if len(idx) == 0: continue
         v = sample_fns[li](idx) if sample_fns and sample_fns[li] else score_fns[li]()[idx.to(device)]
         vals.append(v.cpu())

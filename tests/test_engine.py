@@ -149,3 +149,17 @@ def test_device_sample_does_not_alias_with_power_of_two_shapes(monkeypatch):
             sp.sparsify(s)
             fct.test_eq(len(passes) - n, 1)  # a sample every 256th weight would read 2 of the 512 columns: 3 passes
     fct.test_eq(int((lin.weight == 0).sum()), round(0.9 * lin.weight.numel()))
+
+
+def test_host_select_with_few_live_groups_left():
+    "A sample whose every draw hit a pruned group (few live ones left, as at a high AGP target) crashed in torch.cat"
+    for seed in range(60):
+        g = torch.Generator().manual_seed(seed)
+        s = torch.randn(300, generator=g)
+        p = torch.zeros(300, dtype=torch.bool)
+        p[torch.randperm(300, generator=g)[:int(torch.randint(1, 20, (1,), generator=g))]] = True
+        got = select_prune([lambda s=s: s.clone()], [300], [1], 300 - int(p.sum()) + 1, [p], sample_size=16, seed=seed)
+        ref = p.clone()
+        live = p.nonzero().flatten()
+        ref[live[s[live].argmin()]] = False  # the lowest live score goes, nothing is revived
+        fct.test_eq(got[0], ref)
