@@ -200,7 +200,6 @@ class Rewinder:
                 raise ValueError(f"layers= selects only attention projections ({', '.join(self._candidates)}) of "
                                  f"{type(model).__name__}: pass attention=True to prune them")
         self.sparsifier = sp
-        self._held = set()  # attention=None: projections tracked to keep their zeros, not pruned further by magnitude
         self.rewind_point, self.rewind_iter, self.round = None, None, 0
         self.learn, self.opt, self.callback, self._hook = None, None, None, None
         self._pending, self._steps, self._due = None, 0, False  # a rewind point's iteration still to come, steps so far
@@ -215,6 +214,11 @@ class Rewinder:
 
     @property
     def layers(self) -> dict[str, nn.Module]: return self.sparsifier.layers
+
+    @property
+    def _held(self) -> list[str]:
+        "attention=None: the projections tracked to keep their zeros, not pruned further by magnitude"
+        return [n for n in self._candidates if n in self.layers]
 
     def __repr__(self):
         pt = 'none' if self.rewind_iter is None else f"iteration {self.rewind_iter}"
@@ -305,10 +309,11 @@ class Rewinder:
         self.check_masks()
         if self.rewind_point is not None: self._check_point()  # a rewind after it would fail: refuse before pruning
         self._adopt_zeros()
-        ws = {_wkey(m) for n, m in self.layers.items() if n not in self._held}  # held ones keep their masks
+        held = set(self._held)
+        ws = {_wkey(m) for n, m in self.layers.items() if n not in held}  # held ones keep their masks
         lyr = [m for m in prunable_layers(self.model, attention=True).values() if _wkey(m) in ws]  # ties too
         masks = imp_masks(self.model, self.masks, rate, context, layer_rates, lyr, attention=True)
-        self.set_masks({**{n: self.masks[n] for n in self._held if n in self.masks}, **masks})
+        self.set_masks({**{n: self.masks[n] for n in held if n in self.masks}, **masks})
         logger.info("Rewinder: %.2f %% of the weights remain", 100 * self.remaining())
         return self.masks
 
@@ -479,9 +484,7 @@ class Rewinder:
         extra = {n: m for n, m in extra.items() if n not in self.layers}
         if not extra: return
         sp = self.sparsifier
-        for n, m in extra.items():
-            sp.layers[n], sp._rp[n] = m, _reparam(m, n)
-            self._held.add(n)
+        for n, m in extra.items(): sp.layers[n], sp._rp[n] = m, _reparam(m, n)
         logger.info("Rewinder: %s hold%s pruned weights: kept pruned through rewinds (attention=True prunes them "
                     "further)", ', '.join(extra), 's' if len(extra) == 1 else '')
 
@@ -554,14 +557,12 @@ class Rewinder:
         for k, ops in todo.items(): self._cut(k, ops)
         self.sparsifier.set_masks({})  # derived state (coupled bias/norm masks) follows
         key = self._state_keys()
-        for n, bm in list(self._bias_masks.items()):  # a unit's bias mask is cut with its bias
-            for dim, idx in todo.get(key.get(id(_bias_of(self.layers[n]))), []):
-                if dim == 0: bm = bm.index_select(0, idx.to(bm.device))
-            self._bias_masks[n] = bm
-        for n, nm in list(self._norm_masks.items()):  # a norm's masks with its weight
-            for dim, idx in todo.get(key.get(id(_norm_affine(self.model.get_submodule(n))[0])), []):
-                if dim == 0: nm = nm.index_select(0, idx.to(nm.device))
-            self._norm_masks[n] = nm
+        for store, held in ((self._bias_masks, lambda n: _bias_of(self.layers[n])),  # held entries are cut with
+                            (self._norm_masks, lambda n: _norm_affine(self.model.get_submodule(n))[0])):  # their tensor
+            for n, mk in list(store.items()):
+                for dim, idx in todo.get(key.get(id(held(n))), []):
+                    if dim == 0: mk = mk.index_select(0, idx.to(mk.device))
+                store[n] = mk
         self._fit_bias_masks()
         return self
 
