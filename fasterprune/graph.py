@@ -805,8 +805,14 @@ class _Tracer(fx.Tracer):
             or super().is_leaf_module(m, qualname) or id(m) in getattr(self, 'linear', ())
 
 def _is_window_attention(m) -> bool:
-    "torchvision's Swin (v1) window attention, or the Pruner's pruned one"
+    """torchvision's Swin window attention, or the Pruner's pruned one: v1 with its relative position bias table, v2
+    with its position-bias MLP `cpb_mlp` (its last Linear: one row per head) and one `logit_scale` per head"""
     swin = any(c.__name__ == 'ShiftedWindowAttention' for c in type(m).__mro__)
+    if hasattr(m, 'cpb_mlp'):
+        last = m.cpb_mlp[-1] if isinstance(m.cpb_mlp, nn.Sequential) and len(m.cpb_mlp) else None
+        scale = m._parameters.get('logit_scale')  # not getattr: while torch.fx traces, a parameter read is a Proxy
+        return swin and isinstance(last, nn.Linear) and last.out_features == m.num_heads \
+            and isinstance(scale, Tensor) and scale.shape[0] == m.num_heads
     return swin and hasattr(m, 'relative_position_bias_table')
 
 def _placeholders(graph:fx.Graph, args:tuple, kwargs:dict) -> tuple:

@@ -490,7 +490,13 @@ class _Surgery:
             if type(m) is nn.MultiheadAttention: self.set(m, '__class__', PrunedMultiheadAttention)
             return
         self.set(m.qkv, 'out_features', len(hr))
-        self.cut_param(m.relative_position_bias_table, 1, idx)
+        if hasattr(m, 'cpb_mlp'):  # Swin V2: the position-bias MLP's last rows and logit_scale hold one per head
+            last = m.cpb_mlp[-1]
+            self.cut_param(last.weight, 0, idx)
+            self.cut_param(last.bias, 0, idx)
+            self.set(last, 'out_features', len(idx))
+            self.cut_param(m.logit_scale, 0, idx)
+        else: self.cut_param(m.relative_position_bias_table, 1, idx)
         pruned = _pruned_window_attention(type(m))
         if type(m) is not pruned: self.set(m, '__class__', pruned)
 
@@ -617,22 +623,29 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
 import itertools
 
 def _window_attention(x, qkv:nn.Linear, proj:nn.Linear, bias:Tensor, ws, heads:int, shift, p_attn:float, p_out:float,
-                      training:bool) -> Tensor:
-    "Shifted-window self-attention on `x` (N, H, W, C) with `heads` heads of `qkv.out_features // 3 // heads` channels"
+                      training:bool, logit_scale:Tensor|None=None) -> Tensor:
+    """Shifted-window self-attention on `x` (N, H, W, C) with `heads` heads of `qkv.out_features // 3 // heads`
+    channels; with `logit_scale` (heads, 1, 1), Swin V2's cosine attention, its key bias zero"""
     B, H, W, C = x.shape
-    hd = qkv.out_features // 3 // heads
+    E = qkv.out_features // 3
+    hd = E // heads
     x = F.pad(x, (0, 0, 0, (-W) % ws[1], 0, (-H) % ws[0]))
     Hp, Wp = x.shape[1], x.shape[2]
     shift = [0 if ws[0] >= Hp else shift[0], 0 if ws[1] >= Wp else shift[1]]
     if sum(shift): x = torch.roll(x, (-shift[0], -shift[1]), (1, 2))
     nh, nw, n = Hp // ws[0], Wp // ws[1], ws[0] * ws[1]
     x = x.view(B, nh, ws[0], nw, ws[1], C).permute(0, 1, 3, 2, 4, 5).reshape(B * nh * nw, n, C)
-    q, k, v = F.linear(x, qkv.weight, qkv.bias).reshape(x.shape[0], n, 3, heads, hd).permute(2, 0, 3, 1, 4)
-    att = (q * hd ** -0.5) @ k.transpose(-2, -1) + bias
+    b = qkv.bias
+    if logit_scale is not None and b is not None: b = torch.cat([b[:E], torch.zeros_like(b[E:2 * E]), b[2 * E:]])
+    q, k, v = F.linear(x, qkv.weight, b).reshape(x.shape[0], n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+    if logit_scale is None: att = (q * hd ** -0.5) @ k.transpose(-2, -1) + bias
+    else:
+        att = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        att = att * torch.clamp(logit_scale, max=math.log(100.0)).exp() + bias
     if sum(shift):  # windows that wrapped around: positions from different regions do not attend to each other
         region = x.new_zeros(Hp, Wp)
         cuts = [(slice(0, -w), slice(-w, -s), slice(-s, None)) for w, s in zip(ws, shift)]
-        for i, (a, b) in enumerate(itertools.product(*cuts)): region[a, b] = i
+        for i, (a, c) in enumerate(itertools.product(*cuts)): region[a, c] = i
         region = region.view(nh, ws[0], nw, ws[1]).permute(0, 2, 1, 3).reshape(nh * nw, n)
         diff = region[:, None, :] - region[:, :, None]
         mask = torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
@@ -646,17 +659,27 @@ def _window_attention(x, qkv:nn.Linear, proj:nn.Linear, bias:Tensor, ws, heads:i
 
 def _window_forward(self, x):
     return _window_attention(x, self.qkv, self.proj, self.get_relative_position_bias(), self.window_size,
-                             self.num_heads, self.shift_size, self.attention_dropout, self.dropout, self.training)
+                             self.num_heads, self.shift_size, self.attention_dropout, self.dropout, self.training,
+                             getattr(self, 'logit_scale', None))
+
+def _window_reduce(self, protocol):
+    "Pickled (`torch.save`, `learn.export`, `copy.deepcopy`) as an instance of its Swin class, made pruned on loading"
+    return _new_pruned_window, (self._swin_class,), self.__getstate__()
+
+def _new_pruned_window(cls:type) -> nn.Module:
+    "An empty pruned window attention of the Swin class `cls`, its state set next (by pickle or copy)"
+    pruned = _pruned_window_attention(cls)
+    return pruned.__new__(pruned)
 
 _pruned_classes = {}
 
 def _pruned_window_attention(cls:type) -> type:
-    "The pruned version of a Swin window attention class (made once per class)"
+    "The pruned version of a Swin window attention class (made once per class: PrunedShiftedWindowAttention(V2))"
     if getattr(cls, '_pruned_heads', False): return cls
     if cls not in _pruned_classes:
         doc = "Swin window attention that lost heads: the head width is its own, not C // heads"
-        _pruned_classes[cls] = type('PrunedShiftedWindowAttention', (cls,),
-                                    dict(forward=_window_forward, _pruned_heads=True, __doc__=doc))
+        _pruned_classes[cls] = type(f'Pruned{cls.__name__}', (cls,), dict(
+            forward=_window_forward, _pruned_heads=True, _swin_class=cls, __reduce_ex__=_window_reduce, __doc__=doc))
     return _pruned_classes[cls]
 
 # %% ../nbs/08_pruner.ipynb #ef0799bc
