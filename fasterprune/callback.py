@@ -326,6 +326,10 @@ class SparsifyCallback(Callback):
         self._drop_metric()
         if self.heads: self.learn._sparsify_heads = self.heads  # Pruner(learn) finds them after fit(cbs=) removed us
         mode, self._mode = self._mode, None
+        # a fit that a callback before this one ended in its `after_step` (CancelFitException) skipped ours: the last
+        # step's masked weights are zeroed here (once a fit, not per step: a step cut short by CancelBatchException
+        # is zeroed by the next one's after_step)
+        if mode is not None and not self._lr_find: self._apply()
         self._masker = None
         if mode is None or self._lr_find: return  # a validation-only pass, or lr_find: nothing of the callback changed
         sp, xb = self.sparsifier, getattr(self.learn, 'xb', None)

@@ -83,7 +83,7 @@ class RewindCallback(Callback):
         return None if self.rewinder is None else self.rewinder.rewind_point
 
     def before_fit(self):
-        self._started, self._count, self._cancelled, self._ready = False, True, False, False
+        self._started, self._count, self._cancelled, self._ready, self._stepping = False, True, False, False, False
         # a validation pass (validate, get_preds) keeps no rewind point and checks nothing: a refusal in its
         # before_fit would leave fastai's Learner locked; a fit checks here, before any callback prunes
         if _in_fit(): self._set_up()
@@ -115,19 +115,26 @@ class RewindCallback(Callback):
         self.rewinder.start_fit(n)
 
     def after_cancel_step(self): self._cancelled = True  # e.g. fp16 MixedPrecision skipping an overflowed step
+    def before_step(self): self._stepping = True  # the optimizer steps next, unless a later callback cancels it
 
     def after_step(self):
-        stepped, self._cancelled = not self._cancelled, False
+        stepped, self._cancelled, self._stepping = not self._cancelled, False, False
         self.rewinder.after_step(self._count and stepped, defer=True)  # masks re-applied either way
 
-    def after_batch(self): self.rewinder.keep_due()  # the point, once every callback's after_step ran (their masks)
+    def after_batch(self):
+        # a callback before this one ended the batch in its after_step (CancelBatchException): the optimizer stepped,
+        # ours did not run; that step is counted and masked here, before the next forward
+        if self._stepping: self.after_step()
+        self.rewinder.keep_due()  # the point, once every callback's after_step ran (their masks)
     def before_batch(self): self.rewinder.keep_due()  # ... or at the next batch, when a callback cut the batch short
 
     def after_fit(self):
         if self.rewinder is not None and self._started:
             try: self.rewinder.check_masks()
             except ValueError: pass  # a surgery in the fit: the next fit says so
-            else: self.rewinder.after_step(count=False)  # a fit cancelled in an earlier after_step: masks still hold
+            else:  # a fit cancelled in an earlier after_step: its last step counts, and masks hold whatever ended it
+                if self._stepping: self.after_step()
+                else: self.rewinder.after_step(count=False)
             self.rewinder.keep_due()  # a fit cancelled right after the rewind step
         if not (self._started and self._count): return
         try: self.rewinder.end_fit()
