@@ -1057,6 +1057,7 @@ def _elementwise_labels(self:ChannelGraph, n:fx.Node, name:str, x, xl, out:Tenso
     if _is(n, _cat_fns): return self._cat(n, out, it)
     if _is(n, _expand_fns, _expand_methods): return self._expand(name, x, xl, out)
     if name == 'repeat_interleave': return self._repeat_interleave(n, x, xl, out, it)
+    if name == 'roll' and (lab := self._roll(n, x, xl, it)) is not None: return lab  # else: an unknown op
     self._fail(n, name, ins_lab)
     return self._fresh(out, x, xl, f'unknown op {name}')
 
@@ -1283,6 +1284,17 @@ def _expand(self:ChannelGraph, name, x, xl, out):
     why = f'{name} copies channels'
     self._pin(xl, why)
     return self._new(out.shape[1], why) if out.dim() >= 2 else None
+
+@patch
+def _roll(self:ChannelGraph, n:fx.Node, x, xl, it:_Labeler):
+    """Labels of `torch.roll(x, shifts, dims)` when `dims` are other dimensions than the channels' (Swin's cyclic shift
+    over the spatial ones): they pass; None for a roll over the channels, or over the flattened tensor (unknown op)"""
+    dims = n.kwargs.get('dims', next((it.arg_val(a) for a in n.args[2:3]), None))
+    dims = (dims,) if isinstance(dims, int) else dims
+    if isinstance(xl, Tensor) and isinstance(x, Tensor) and isinstance(dims, (tuple, list)) and len(dims) \
+            and all(isinstance(d, int) for d in dims) and _cd(xl, x) not in {_normdim(d, x.dim()) for d in dims}:
+        return xl
+    return None
 
 @patch
 def _repeat_interleave(self:ChannelGraph, n:fx.Node, x, xl, out, it:_Labeler):
@@ -1695,7 +1707,9 @@ class AttentionHeads:
                                 # group, each its n_rep q heads, then its k, then its v: GPT-NeoX's and Bloom's
                                 # `query_key_value`, [q k v] of each head; Falcon-40B's [q.. k v] of each k/v group)
     table:str|None=None         # a module of the block whose `weight` holds one column per head (T5's
-                                # `relative_attention_bias`, Embedding(num_buckets, num_heads)): cut with the heads
+                                # `relative_attention_bias`, Embedding(num_buckets, num_heads)), or a parameter with
+                                # the heads on its last dimension (Hugging Face Swin's 'relative_position_bias.
+                                # relative_position_bias_table', (positions, num_heads)): cut with the heads
     same_heads_as:str|None=None  # the name IN THE MODEL of an attention block whose heads this one keeps, index for
                                 # index (T5: every layer of a stack adds the position bias its first layer computes,
                                 # one column per head; the first layer's cross-attention's zeros set the head count)
@@ -1962,23 +1976,27 @@ def _written_heads(self:ChannelGraph, owner:str, spec):
     self.heads[owner] = w
     if w.n_units > 1:
         ids = self._slot(owner, 'head', self._new(w.n_units))  # a k/v group, or a query head (MQA): a unit
-        if table is not None: self._slot(table, 'param', ids, 'weight', 1)  # its columns go with the heads
+        if table is not None: self._slot(table[0], 'param', ids, table[1], table[2])  # cut with the heads
 
-def _head_table(g, owner:str, spec, H:int, Hkv:int) -> str|None:
-    "The model name of the per-head table `spec.table` names (checked: a 2-D `weight`, one column per head), or None"
+def _head_table(g, owner:str, spec, H:int, Hkv:int) -> tuple[str, str, int]|None:
+    """(module name in the model, parameter name, dimension of the heads) of the per-head table `spec.table` names: a
+    module of the block with a 2-D `weight`, one column per head, or a parameter with the heads on its last dimension"""
     if spec.table is None: return None
-    name = f'{owner}.{spec.table}' if owner else spec.table
-    w = getattr(g.modules.get(name), 'weight', None)
-    if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.shape[1] != H:
-        got = f"weight {tuple(w.shape)}" if isinstance(w, torch.Tensor) else 'no weight' if name in g.modules else \
-            'no such module'
+    full = f'{owner}.{spec.table}' if owner else spec.table
+    mod, _, attr = full.rpartition('.')
+    p = g.modules[mod]._parameters.get(attr) if full not in g.modules and mod in g.modules else None
+    if p is None: mod, attr, p = full, 'weight', getattr(g.modules.get(full), 'weight', None)
+    if not isinstance(p, torch.Tensor) or p.dim() not in ((2,) if attr == 'weight' else (1, 2, 3)) or p.shape[-1] != H:
+        got = f"shape {tuple(p.shape)}" if isinstance(p, torch.Tensor) else 'no weight' if full in g.modules else \
+            'no such module or parameter'
         raise ValueError(f"heads[{owner!r}]: table={spec.table!r} must name a module of the block whose weight is "
-                         f"(rows, num_heads={H}), one column per head; {name!r} has {got}")
+                         f"(rows, num_heads={H}), one column per head, or a parameter whose last dimension is the "
+                         f"{H} heads; {full!r} has {got}")
     if Hkv != H:
         raise ValueError(f"heads[{owner!r}]: table={spec.table!r} holds a column per head, and the block groups {H} "
                          f"query heads on {Hkv} k/v heads (the units): a table is cut only with heads pruned one "
                          "by one")
-    return name
+    return mod, attr, p.dim() - 1
 
 @patch
 def _same_heads(self:ChannelGraph):

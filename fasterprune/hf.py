@@ -77,13 +77,17 @@ def _llama_heads(m:nn.Module) -> AttentionHeads|None:
                           n_rep=_named(m, ('num_key_value_groups',), H // max(Hkv, 1)),
                           width=_named(m, ('embed_dim',), H * hd))
 
+def _tensors(x) -> list:
+    "The parameters of a module, or the parameter itself (a `table=` may name either)"
+    return list(x.parameters()) if isinstance(x, nn.Module) else [x] if isinstance(x, torch.Tensor) else []
+
 def _unprunable(m:nn.Module, spec:AttentionHeads) -> str|None:
     "Why the heads of block `m` cannot go one by one: a tensor of its own held per head or over the attention width"
     hd = _get(m, spec.head_dim) if spec.head_dim else None
     if not isinstance(hd, int) or not hd: return None
     after = spec.o.rpartition('.')[0]  # the module around o (BERT's `output`: o, then a norm of the residual stream)
     own = (*spec.parts, *([after] if after else []), *([spec.table] if spec.table else []))  # a table: with its heads
-    skip = {id(p) for n in own for p in _get(m, n).parameters()}
+    skip = {id(p) for n in own for p in _tensors(_get(m, n))}
     H = _get(m, spec.o).in_features // hd
     widths = {H * hd} if spec.qkv is not None else {H * hd, _get(m, spec.k).out_features}
     for n, t in m.named_parameters():  # learned tensors on the q/k side: q_norm, k_norm, per-head tables
@@ -91,6 +95,17 @@ def _unprunable(m:nn.Module, spec:AttentionHeads) -> str|None:
         per_head = H > 1 and (H in t.shape if t.dim() >= 2 else t.shape == (H,) and H != hd)  # GPT-OSS's sinks (H,)
         if any(d in widths for d in t.shape) or per_head: return f"{n} {tuple(t.shape)}"
     return None
+
+_swin_tables = ('relative_position_bias.relative_position_bias_table',  # Swin (q_proj, k_proj, v_proj, o_proj)
+                'self.relative_position_bias_table')  # Donut-Swin, older Swin: BERT's layout (`self.query`, `output.dense`)
+
+def _swin_heads(m:nn.Module) -> AttentionHeads|None:
+    """Swin, Donut-Swin: q, k, v, o viewed by the head width (Llama's names, or BERT's dotted ones) and a relative
+    position table `(positions, heads)`, whose columns go with the heads (`table=`)"""
+    t = next((n for n in _swin_tables if isinstance(_get(m, n), nn.Parameter) and _get(m, n).dim() == 2), None)
+    if t is None: return None
+    spec = _llama_heads(m) if t.startswith('relative_position_bias.') else _bert_heads(m)
+    return None if spec is None else dataclasses.replace(spec, table=t)
 
 def _gpt2_heads(m:nn.Module) -> AttentionHeads|None:
     "GPT-2 self-attention after `conv1d_to_linear`: one fused c_attn split by `split_size`, viewed by `head_dim`"
@@ -232,8 +247,8 @@ def _bert_heads(m:nn.Module) -> AttentionHeads|None:
                           v='self.value', o='output.dense', head_dim='self.attention_head_size',
                           width=_named(s, ('all_head_size',), H * hd, 'self.'))
 
-_families = (('Llama-style, OPT, GPT-J, CLIP', _llama_heads), ('GPT-2', _gpt2_heads), ('DistilBERT', _distilbert_heads),
-             ('Falcon', _falcon_heads), ('GPT-NeoX (Pythia)', _neox_heads),
+_families = (('Swin', _swin_heads), ('Llama-style, OPT, GPT-J, CLIP', _llama_heads), ('GPT-2', _gpt2_heads),
+             ('DistilBERT', _distilbert_heads), ('Falcon', _falcon_heads), ('GPT-NeoX (Pythia)', _neox_heads),
              ('BERT', _bert_heads), ('Phi-3', _phi3_heads), ('T5', _t5_heads))
 
 def _pattern(name:str) -> str:

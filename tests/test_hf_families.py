@@ -1,6 +1,7 @@
 """hf_heads for Phi-3 (one fused qkv_proj, grouped-query, a forward that reads the shared config's head count) and T5
-(q, k, v, o; one relative position bias per stack, computed by its first layer from a table with a column per head):
-tiny transformers models built from configs, random weights, no download"""
+(q, k, v, o; one relative position bias per stack, computed by its first layer from a table with a column per head),
+Swin and Donut-Swin (a relative position table, a column per head, in each block): tiny transformers models built
+from configs, random weights, no download"""
 import copy, dataclasses, io
 import pytest
 import torch
@@ -347,3 +348,117 @@ def test_t5_towers_of_one_model_choose_their_heads_apart_and_udop_is_refused():
     cfg = T.UdopConfig(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4,
                        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, image_size=32, patch_size=16)
     with pytest.raises(ValueError, match='outside the attention blocks'): hf_heads(T.UdopForConditionalGeneration(cfg))
+
+
+# ---------------------------------------------------------------- Swin (a position table with a column per head)
+
+def _swin_cfg(**kw):
+    return dict(image_size=32, patch_size=2, num_channels=3, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                window_size=4, **kw)
+
+
+def _hf_swin():
+    "A tiny Swin classifier; its position tables random (transformers starts them at zero, a trained model's differ)"
+    torch.manual_seed(0)
+    m = T.SwinForImageClassification(T.SwinConfig(**_swin_cfg(num_labels=5))).eval()
+    with torch.no_grad():
+        for a in _swin_blocks(m): a.relative_position_bias.relative_position_bias_table.normal_()
+    return m
+
+
+def _swin_x(): return {'pixel_values': torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))}
+
+
+def _swin_blocks(m): return [b.attention for st in m.swin.encoder.layers for b in st.blocks]
+
+
+def test_hf_swin_heads_pruned_with_their_table_columns():
+    "hf_heads refused Swin (its relative position table); it names the table now, and heads go with their columns"
+    m, x = _hf_swin(), _swin_x()
+    h = hf_heads(m)
+    fct.test_eq(list(h), ['swin.encoder.layers.*.blocks.*.attention'])
+    fct.test_eq(h['swin.encoder.layers.*.blocks.*.attention'].table,
+                'relative_position_bias.relative_position_bias_table')
+    fct.test_eq(list(hf_heads(T.SwinModel(m.config))), ['encoder.layers.*.blocks.*.attention'])
+    pr = Pruner(m, x, strict=False, heads=h)
+    pr.prune(0.5)
+    fct.test_eq(pr.history[-1]['heads_removed'], 2 * 1 + 2 * 2)
+    assert pr.history[-1]['rel_error'] <= 1e-5
+    for a in _swin_blocks(m):
+        H = a.num_attention_heads
+        fct.test_eq((a.q_proj.out_features, a.o_proj.in_features, a.relative_position_bias.relative_position_bias_table.shape[1]),
+                    (8 * H, 8 * H, H))
+    fct.test_eq([a.num_attention_heads for a in _swin_blocks(m)], [1, 1, 2, 2])
+    with torch.no_grad(): fct.test_eq(m(**x).logits.shape, (2, 5))
+
+
+def test_hf_swin_compact_equals_the_masked_model_and_round_trips(tmp_path):
+    "Heads silenced by hand (o_proj columns zero) go; kept heads keep their own table columns; saved, pickled, copied"
+    m, x = _hf_swin(), _swin_x()
+    a = _swin_blocks(m)[3]  # a shifted block of 4 heads
+    t0 = a.relative_position_bias.relative_position_bias_table.detach().clone()
+    with torch.no_grad():
+        a.o_proj.weight[:, 8:16] = 0  # heads 1 and 3
+        a.o_proj.weight[:, 24:32] = 0
+        ref = m(**x).logits
+    Pruner(m, x, strict=False, heads=hf_heads(m)).compact()
+    fct.test_eq((a.num_attention_heads, a.q_proj.out_features, a.v_proj.out_features), (2, 16, 16))
+    fct.test_eq(a.relative_position_bias.relative_position_bias_table.detach(), t0[:, [0, 2]])
+    with torch.no_grad(): fct.test_close(m(**x).logits, ref, eps=1e-5)
+    save_pruned(m, tmp_path / 'swin.pt')
+    fresh = load_pruned(_hf_swin(), tmp_path / 'swin.pt')
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    for c in (fresh, torch.load(buf, weights_only=False), copy.deepcopy(m)):
+        with torch.no_grad(): fct.test_eq(c(**x).logits, m(**x).logits)
+    with pytest.raises(ValueError, match='save_pruned'): hf_config_after_prune(m)  # SwinConfig holds num_heads per stage
+
+
+def test_hf_swin_wrong_cut_caught(monkeypatch):
+    "Kept heads given their neighbours' table columns, or the table left whole: the check refuses, the model restored"
+    from fasterprune.pruner import _Surgery
+    m, x = _hf_swin(), _swin_x()
+    sd0 = {k: v.clone() for k, v in m.state_dict().items()}
+    cut = _Surgery.cut_param
+    def wrong(self, p, dim, idx):
+        cut(self, p, dim, idx)
+        if p is not None and p.dim() == 2 and p.shape[0] == 49 and len(idx) > 1: self.set(p, 'data', p.data.roll(1, 1))
+    with monkeypatch.context() as mp:
+        mp.setattr(_Surgery, 'cut_param', wrong)
+        with pytest.raises(SurgeryError, match='restored'): Pruner(m, x, strict=False, heads=hf_heads(m)).prune(0.5)
+    no_table = {k: dataclasses.replace(s, table=None) for k, s in hf_heads(m).items()}
+    with pytest.raises(SurgeryError, match='restored'): Pruner(m, x, strict=False, heads=no_table).prune(0.5)
+    fct.test_eq([a.num_attention_heads for a in _swin_blocks(m)], [2, 2, 4, 4])
+    sd = m.state_dict()
+    fct.test_eq(all(torch.equal(sd[k], v) for k, v in sd0.items()) and set(sd) == set(sd0), True)
+
+
+def test_hf_swin_table_spec_errors_name_the_problem():
+    m, x = _hf_swin(), _swin_x()
+    (k, s), = hf_heads(m).items()
+    for table, msg in (('relative_position_bias.relative_position_index', 'last dimension is the 2 heads'),
+                       ('relative_position_bias.nothing', r"has no \['relative_position_bias.nothing'\]")):
+        with pytest.raises(ValueError, match=msg):
+            Pruner(m, x, strict=False, heads={k: dataclasses.replace(s, table=table)}).prune(0.5)
+
+
+def test_donut_swin_bert_layout_heads_pruned():
+    "Donut-Swin keeps the older Swin layout (BERT's `self.query`, `output.dense`, the table in `self`): named, verified"
+    torch.manual_seed(0)
+    m, x = T.DonutSwinModel(T.DonutSwinConfig(**_swin_cfg())).eval(), _swin_x()
+    h = hf_heads(m)
+    fct.test_eq(h['encoder.layers.*.blocks.*.attention'].table, 'self.relative_position_bias_table')
+    pr = Pruner(m, x, strict=False, heads=h)
+    pr.prune(0.5)
+    assert pr.history[-1]['rel_error'] <= 1e-5
+    a = m.encoder.layers[1].blocks[1].attention
+    fct.test_eq((a.self.num_attention_heads, a.self.all_head_size, a.self.relative_position_bias_table.shape[1],
+                 a.output.dense.in_features), (2, 16, 2, 16))
+
+
+def test_hf_swin_v2_and_per_head_tensors_stay_refused():
+    "Swin V2 (a logit scale per head, a position-bias MLP) is still refused by name, naming the tensor"
+    torch.manual_seed(0)
+    m = T.Swinv2Model(T.Swinv2Config(**_swin_cfg()))
+    with pytest.raises(ValueError, match=r"Swinv2Attention: self.logit_scale \(2, 1, 1\).*without heads="): hf_heads(m)

@@ -10,6 +10,7 @@ from torchvision.models.swin_transformer import SwinTransformer, SwinTransformer
 from fastai.learner import Learner, load_learner
 from fasterprune.callback import SparsifyCallback
 from fasterprune.data import digits_dls
+from fasterprune.graph import UnknownOpError
 from fasterprune.pruner import Pruner, SurgeryError, _Surgery, save_pruned, load_pruned
 
 
@@ -188,3 +189,27 @@ def test_swin_v2_callback_heads_then_compact_removes_what_it_zeroed():
     fct.test_eq([a.cpb_mlp[-1].out_features for a in attns], [h - d for h, d in heads])
     fct.test_eq([l.out_features for l in mlps], live)
     with torch.no_grad(): fct.test_close(net.eval()(x), ref, eps=1e-5)
+
+
+class _Rolled(nn.Module):
+    "A channels-last block with Swin's cyclic shift (`torch.roll` over the spatial dims, as Hugging Face Swin does)"
+    def __init__(self, dims=(1, 2)):
+        super().__init__()
+        self.dims, self.fc1, self.fc2, self.head = dims, nn.Linear(4, 16), nn.Linear(16, 8), nn.Linear(8, 3)
+    def forward(self, x):  # x: B, H, W, 4
+        h = torch.roll(torch.relu(self.fc1(x)), shifts=(1, 2), dims=self.dims)
+        return self.head(self.fc2(h).roll(-1, 1).mean((1, 2)))
+
+
+def test_roll_over_other_dims_passes_the_channels():
+    "torch.roll was an unknown op (UnknownOpError without strict=False); over the spatial dims the channels pass"
+    torch.manual_seed(0)
+    m, x = _Rolled().eval(), torch.randn(2, 5, 6, 4)
+    pr = Pruner(m, x)
+    pr.prune(0.5)
+    fct.test_eq((m.fc1.out_features, m.fc2.in_features, m.fc2.out_features), (8, 8, 4))
+    assert pr.history[-1]['rel_error'] <= 1e-5
+    rolled = _Rolled(dims=(3, 1)).eval()  # the channels rolled: still an op the graph does not know
+    with pytest.raises(UnknownOpError, match='roll'): Pruner(rolled, x).prune(0.5)
+    Pruner(rolled, x, strict=False).prune(0.5)  # its channels pinned
+    fct.test_eq((rolled.fc1.out_features, rolled.fc2.out_features), (16, 4))
