@@ -1,6 +1,6 @@
 """Pruner.prune on Hugging Face `transformers` models, heads named by `fasterprune.hf.hf_heads`.
 
-    nice -n 10 .venv/bin/python benchmarks/bench_hf.py [--only llama,gpt2,bert,neox,phi3,t5] [--runs 15]
+    nice -n 10 .venv/bin/python benchmarks/bench_hf.py [--only llama,gpt2,bert,neox,phi3,t5,swin,swin_v2_t] [--runs 15]
 
 Models from configs with random weights (transformers 5.24, no download), CPU, 1 thread, batch 1, T=128 tokens:
   llama: LlamaForCausalLM, d=512, 8 layers, 8 heads / 2 k/v heads, SwiGLU 1408, vocab 1000, untied
@@ -14,6 +14,11 @@ Models from configs with random weights (transformers 5.24, no download), CPU, 1
   t5:    T5ForConditionalGeneration (t5-small-shaped: d=512, d_kv 64, 8 heads, MLP 2048, 6 encoder + 6 decoder layers),
          vocab 1000; the example and the timed forward feed 128 encoder and 32 decoder tokens. Each stack keeps one
          head choice for all its layers (the first layer's relative position bias is shared); the MLPs prune
+  swin:  SwinForImageClassification shaped as Swin-T (embed 96, depths 2-2-6-2, heads 3-6-12-24, window 7, MLP x4,
+         1000 labels), one 224x224 image; each block's relative position table loses its removed heads' columns
+  swin_v2_t: torchvision's swin_v2_t (weights=None), one 224x224 image, `Pruner(model, x)` (strict, no heads=: its
+         ShiftedWindowAttentionV2 heads go with their cpb_mlp rows and logit scales); not a Hugging Face model, here to
+         compare with `swin`
 Each model is pruned at ratio 0.3 and 0.5 (local: every channel group and every attention block at the ratio; a block
 with 2 k/v groups loses one at both ratios) with `Pruner(model, {'input_ids': ids}, heads=hf_heads(model),
 strict=False)` (the rotary embedding of decoders is an op the channel graph does not know: its channels stay).
@@ -37,6 +42,13 @@ V, T = 1000, 128
 def build(name):
     import transformers as tf
     torch.manual_seed(0)
+    if name == 'swin':
+        cfg = tf.SwinConfig(image_size=224, patch_size=4, embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
+                            window_size=7, num_labels=1000)
+        return tf.SwinForImageClassification(cfg)
+    if name == 'swin_v2_t':
+        from torchvision.models import swin_v2_t
+        return swin_v2_t(weights=None)
     if name == 'llama':
         cfg = tf.LlamaConfig(vocab_size=V, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
                              num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=T,
@@ -67,6 +79,12 @@ def build(name):
 
 def widths(name, m):
     "(heads left in the first block, MLP width of the first block)"
+    if name == 'swin':
+        b = m.swin.encoder.layers[0].blocks[0]
+        return f"{b.attention.num_attention_heads}", b.mlp.fc1.out_features
+    if name == 'swin_v2_t':
+        b = m.features[1][0]
+        return f"{b.attn.num_heads}", b.mlp[0].out_features
     if name == 'llama':
         a = m.model.layers[0].self_attn
         return f"{a.q_proj.out_features // a.head_dim}/{a.k_proj.out_features // a.head_dim}", \
@@ -91,8 +109,11 @@ def widths(name, m):
 def logits(out): return out.logits if hasattr(out, 'logits') else out
 
 
+def call(m, x): return m(**x) if isinstance(x, dict) else m(x)
+
+
 def flops(m, x):
-    with FlopCounterMode(display=False) as fc, torch.no_grad(): m(**x)
+    with FlopCounterMode(display=False) as fc, torch.no_grad(): call(m, x)
     return fc.get_total_flops()
 
 
@@ -102,6 +123,10 @@ def paths(name, m):
     mask = torch.ones_like(ids)
     mask[0, :5] = 0
     with torch.no_grad():
+        if name in ('swin', 'swin_v2_t'):  # two images of another size (padded to whole windows; not below 7x7 in
+            px = torch.randn(2, 3, 256, 256)  # the last stage: HF Swin then shrinks a block's window size for good)
+            call(m, {'pixel_values': px} if name == 'swin' else px)
+            return 'ok'
         if name == 't5':
             m(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :4])
             m.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
@@ -116,9 +141,13 @@ def run(name, ratio, runs):
     ids = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(1))
     x = {'input_ids': ids}
     if name == 't5': x['decoder_input_ids'] = ids[:, :32]
+    img = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    if name == 'swin': x = {'pixel_values': img}
+    if name == 'swin_v2_t': x = img
     m = copy.deepcopy(dense)
     t0 = time.perf_counter()
-    pr = Pruner(m, x, heads=hf_heads(m), strict=False, keep_original=False)
+    if name == 'swin_v2_t': pr = Pruner(m, x, keep_original=False)  # torchvision: no heads=, strict
+    else: pr = Pruner(m, x, heads=hf_heads(m), strict=False, keep_original=False)
     pr.prune(ratio)
     secs = time.perf_counter() - t0
     h = pr.history[-1]
@@ -134,16 +163,17 @@ def run(name, ratio, runs):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument('--only', default='llama,gpt2,bert,neox,phi3,t5')
+    ap.add_argument('--only', default='llama,gpt2,bert,neox,phi3,t5,swin,swin_v2_t')
+    ap.add_argument('--ratios', default='0.3,0.5')
     ap.add_argument('--runs', type=int, default=15)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    print(f"{'model':6} {'ratio':>5} {'heads':>5} {'MLP':>5} {'params':>7} {'theo x':>7} {'FLOPs':>6} {'lat p/d':>7} "
+    print(f"{'model':9} {'ratio':>5} {'heads':>5} {'MLP':>5} {'params':>7} {'theo x':>7} {'FLOPs':>6} {'lat p/d':>7} "
           f"{'prune s':>7} {'rel err':>8} paths")
     for name in args.only.split(','):
-        for ratio in (0.3, 0.5):
+        for ratio in map(float, args.ratios.split(',')):
             r = run(name, ratio, args.runs)
-            print(f"{r['model']:6} {r['ratio']:5.1f} {r['heads']:>5} {r['mlp']:5d} {r['params_kept']:7.3f} "
+            print(f"{r['model']:9} {r['ratio']:5.1f} {r['heads']:>5} {r['mlp']:5d} {r['params_kept']:7.3f} "
                   f"{r['theo']:7.2f} {r['fc']:6.3f} {r['lat']:7.3f} {r['prune_s']:7.2f} {r['err']:8.1e} {r['paths']}",
                   flush=True)
 
