@@ -1970,15 +1970,16 @@ def _written_heads(self:ChannelGraph, owner:str, spec):
                          "the attribute holding the attention width (the q part of the projections, o's input)")
     _check_stale_attrs(m, owner, spec, H, Hkv, hd)
     names = [full(n) for n in ((spec.qkv,) * 3 if spec.qkv is not None else (spec.q, spec.k, spec.v))]
-    table = _head_table(self, owner, spec, H, Hkv)
+    table = _head_table(self, owner, spec, H)
     w = _WrittenHeads(m, spec.num_heads, (q, k, v), o, (names, full(spec.o)), spec.num_kv_heads, spec.head_dim,
                       spec.n_rep, spec.qkv is not None, spec.width, spec.layout, spec.same_heads_as)
     self.heads[owner] = w
     if w.n_units > 1:
         ids = self._slot(owner, 'head', self._new(w.n_units))  # a k/v group, or a query head (MQA): a unit
-        if table is not None: self._slot(table[0], 'param', ids, table[1], table[2])  # cut with the heads
+        if table is not None:  # cut with the heads: a unit's columns (a k/v group: those of its n_rep query heads)
+            self._slot(table[0], 'param', ids.repeat_interleave(w.num_heads // w.n_units), table[1], table[2])
 
-def _head_table(g, owner:str, spec, H:int, Hkv:int) -> tuple[str, str, int]|None:
+def _head_table(g, owner:str, spec, H:int) -> tuple[str, str, int]|None:
     """(module name in the model, parameter name, dimension of the heads) of the per-head table `spec.table` names: a
     module of the block with a 2-D `weight`, one column per head, or a parameter with the heads on its last dimension"""
     if spec.table is None: return None
@@ -1992,10 +1993,6 @@ def _head_table(g, owner:str, spec, H:int, Hkv:int) -> tuple[str, str, int]|None
         raise ValueError(f"heads[{owner!r}]: table={spec.table!r} must name a module of the block whose weight is "
                          f"(rows, num_heads={H}), one column per head, or a parameter whose last dimension is the "
                          f"{H} heads; {full!r} has {got}")
-    if Hkv != H:
-        raise ValueError(f"heads[{owner!r}]: table={spec.table!r} holds a column per head, and the block groups {H} "
-                         f"query heads on {Hkv} k/v heads (the units): a table is cut only with heads pruned one "
-                         "by one")
     return mod, attr, p.dim() - 1
 
 @patch

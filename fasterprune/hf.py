@@ -107,6 +107,12 @@ def _swin_heads(m:nn.Module) -> AttentionHeads|None:
     spec = _llama_heads(m) if t.startswith('relative_position_bias.') else _bert_heads(m)
     return None if spec is None else dataclasses.replace(spec, table=t)
 
+def _sink_heads(m:nn.Module) -> AttentionHeads|None:
+    "GPT-OSS: Llama's projections and one learned attention sink per query head (`sinks`, (H,)), cut with its head"
+    spec, t = _llama_heads(m), _get(m, 'sinks')
+    if spec is None or not isinstance(t, nn.Parameter) or t.dim() != 1: return None
+    return dataclasses.replace(spec, table='sinks')
+
 def _gpt2_heads(m:nn.Module) -> AttentionHeads|None:
     "GPT-2 self-attention after `conv1d_to_linear`: one fused c_attn split by `split_size`, viewed by `head_dim`"
     if not (hasattr(m, 'c_attn') and hasattr(m, 'c_proj') and _ints(m, 'num_heads', 'head_dim', 'split_size')):
@@ -247,8 +253,8 @@ def _bert_heads(m:nn.Module) -> AttentionHeads|None:
                           v='self.value', o='output.dense', head_dim='self.attention_head_size',
                           width=_named(s, ('all_head_size',), H * hd, 'self.'))
 
-_families = (('Swin', _swin_heads), ('Llama-style, OPT, GPT-J, CLIP', _llama_heads), ('GPT-2', _gpt2_heads),
-             ('DistilBERT', _distilbert_heads), ('Falcon', _falcon_heads), ('GPT-NeoX (Pythia)', _neox_heads),
+_families = (('Swin', _swin_heads), ('GPT-OSS', _sink_heads), ('Llama-style, OPT, GPT-J, CLIP', _llama_heads),
+             ('GPT-2', _gpt2_heads), ('DistilBERT', _distilbert_heads), ('Falcon', _falcon_heads), ('GPT-NeoX (Pythia)', _neox_heads),
              ('BERT', _bert_heads), ('Phi-3', _phi3_heads), ('T5', _t5_heads))
 
 def _pattern(name:str) -> str:

@@ -462,3 +462,58 @@ def test_hf_swin_v2_and_per_head_tensors_stay_refused():
     torch.manual_seed(0)
     m = T.Swinv2Model(T.Swinv2Config(**_swin_cfg()))
     with pytest.raises(ValueError, match=r"Swinv2Attention: self.logit_scale \(2, 1, 1\).*without heads="): hf_heads(m)
+
+
+# ---------------------------------------------------------------- GPT-OSS (one learned attention sink per query head)
+
+def _gpt_oss():
+    torch.manual_seed(0)
+    cfg = T.GptOssConfig(vocab_size=V, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, num_local_experts=2, num_experts_per_tok=1,
+                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    m = T.GptOssForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for l in m.model.layers: l.self_attn.sinks.normal_(0., 2.)  # one sink per head, unlike one another
+    return m
+
+
+def test_gpt_oss_sinks_go_with_their_heads(tmp_path):
+    "GPT-OSS was refused for its sinks (H,); `table='sinks'` cuts them with their k/v group's query heads"
+    x, mask = _tokens()
+    m = _gpt_oss()
+    dense = copy.deepcopy(m)
+    h = hf_heads(m)
+    fct.test_eq(h['model.layers.*.self_attn'].table, 'sinks')
+    pr = Pruner(m, {'input_ids': x, 'attention_mask': mask}, strict=False, heads=h)
+    pr.prune(0.5)
+    fct.test_eq(pr.history[-1]['heads_removed'], 4)  # one k/v group of two in each layer, with its two query heads
+    assert pr.history[-1]['rel_error'] <= 1e-5
+    for a, d in zip((l.self_attn for l in m.model.layers), (l.self_attn for l in dense.model.layers)):
+        kept = _kept_heads(d.o_proj.weight, a.o_proj.weight, 16)
+        fct.test_eq((a.q_proj.out_features, a.k_proj.out_features, a.sinks.shape[0], len(kept)), (32, 16, 2, 2))
+        fct.test_eq(a.sinks.detach(), d.sinks.detach()[kept])  # each kept head keeps its own sink
+    m.generate(x[:, :4], attention_mask=mask[:, :4], max_new_tokens=3, do_sample=False)
+    hf_config_after_prune(m)
+    m.save_pretrained(tmp_path / 'oss')
+    back = T.GptOssForCausalLM.from_pretrained(tmp_path / 'oss').eval()
+    with torch.no_grad():
+        fct.test_eq(back(input_ids=x, attention_mask=mask).logits, m(input_ids=x, attention_mask=mask).logits)
+
+
+def test_gpt_oss_wrong_sinks_caught(monkeypatch):
+    "Kept heads given each other's sinks: the Pruner's check refuses the cut and restores the model"
+    from fasterprune.pruner import _Surgery
+    x, mask = _tokens()
+    m = _gpt_oss()
+    sd0 = {k: v.clone() for k, v in m.state_dict().items()}
+    cut = _Surgery.cut_param
+    def wrong(self, p, dim, idx):
+        cut(self, p, dim, idx)
+        if p is not None and p.dim() == 1 and p.shape[0] == 2 and len(idx) == 2 and p.requires_grad and \
+                any(p is l.self_attn.sinks for l in m.model.layers):
+            self.set(p, 'data', p.data.flip(0))
+    monkeypatch.setattr(_Surgery, 'cut_param', wrong)
+    with pytest.raises(SurgeryError, match='restored'):
+        Pruner(m, {'input_ids': x, 'attention_mask': mask}, strict=False, heads=hf_heads(m)).prune(0.5)
+    sd = m.state_dict()
+    fct.test_eq(all(torch.equal(sd[k], v) for k, v in sd0.items()), True)
