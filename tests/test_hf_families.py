@@ -443,6 +443,20 @@ def test_hf_swin_table_spec_errors_name_the_problem():
             Pruner(m, x, strict=False, heads={k: dataclasses.replace(s, table=table)}).prune(0.5)
 
 
+def test_hf_swin_sparsifier_zeroes_heads_then_compact_removes_them():
+    "Filter masks coupled with hf_heads zero whole Swin heads; compact() removes them with their table columns"
+    from fasterprune.sparsifier import Sparsifier
+    m, x = _hf_swin(), _swin_x()
+    Sparsifier(m, 'filter', 'local', exclude='classifier').couple(x, strict=False, heads=hf_heads(m)).sparsify(0.5)
+    dead = [int((a.v_proj.weight.reshape(a.num_attention_heads, -1) == 0).all(1).sum()) for a in _swin_blocks(m)]
+    fct.test_eq(dead, [1, 1, 2, 2])
+    with torch.no_grad(): ref = m(**x).logits
+    Pruner(m, x, strict=False, heads=hf_heads(m)).compact()
+    fct.test_eq([(a.num_attention_heads, a.relative_position_bias.relative_position_bias_table.shape[1])
+                 for a in _swin_blocks(m)], [(1, 1), (1, 1), (2, 2), (2, 2)])
+    with torch.no_grad(): fct.test_close(m(**x).logits, ref, eps=1e-5)
+
+
 def test_donut_swin_bert_layout_heads_pruned():
     "Donut-Swin keeps the older Swin layout (BERT's `self.query`, `output.dense`, the table in `self`): named, verified"
     torch.manual_seed(0)
