@@ -12,7 +12,8 @@ from torch import nn, Tensor
 import pandas as pd
 from .core import evaluating, few, model_device, to_device, first_line, conv1d_note, args_kwargs, \
     _dict_hint, bare_model, eager_compiled, quantized_note, _in_eval
-from .sparsifier import prunable_layers, AttentionProjection, _ties, _nnz_each as _nonzero_each
+from .sparsifier import prunable_layers, AttentionProjection, RecurrentWeight, recurrent_types, _ties, \
+    _nnz_each as _nonzero_each
 
 logger = logging.getLogger('fasterprune')
 
@@ -119,6 +120,24 @@ def _uses(m:nn.Module, x:Tensor, out:Tensor) -> int:
     if isinstance(m, _transposed): return _numel(x) // m.in_channels
     return _numel(out) // m.out_channels
 
+def _recurrent_rows(m:nn.Module, x) -> int:
+    """Rows (time steps × sequences) a recurrent layer or cell runs on: each of its gate weights is used once per row
+    and direction, whatever the layer (a stacked layer's input has as many rows); a PackedSequence: its data's rows"""
+    if isinstance(x, nn.utils.rnn.PackedSequence): return x.data.shape[0]
+    return _numel(x) // m.input_size
+
+def _recurrent_hooks(layers:dict, uses:dict) -> list:
+    "Hooks adding the rows each recurrent layer runs on to the uses of its gate weights (called once per sequence)"
+    by_rnn = {}
+    for n, m in layers.items():
+        if isinstance(m, RecurrentWeight): by_rnn.setdefault(m.rnn, (m.rnn, []))[1].append(n)
+    def hook(names):
+        def f(m, a, kw, out):
+            rows = _recurrent_rows(m, a[0] if a else next(iter(kw.values())))
+            for n in names: uses[n] += rows
+        return f
+    return [r.register_forward_hook(hook(ns), with_kwargs=True) for r, ns in by_rnn.values()]
+
 # %% ../nbs/05_metrics.ipynb #9b3f94ff
 @_in_eval
 def layer_flops(
@@ -138,6 +157,7 @@ def layer_flops(
         return f
     hs = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m in layers.items()
           if not isinstance(m, AttentionProjection)]
+    hs += _recurrent_hooks(layers, uses)  # LSTM/GRU/RNN: rows × the gate weights' entries
     mods = dict(model.named_modules())
     for n, m in mods.items():
         if isinstance(m, nn.MultiheadAttention): hs += _attention_hooks(n, m, layers, uses, blocks)
@@ -145,9 +165,11 @@ def layer_flops(
         with evaluating(model): _call(model, args, kwargs, example_input)
     finally:
         for h in hs: h.remove()
-    rnn = [n for n, m in model.named_modules() if isinstance(m, (nn.RNNBase, nn.RNNCellBase))]
-    if rnn: logger.warning("FLOPs count Conv/ConvTranspose/Linear layers and attention projections only: the "
-                           "recurrent %s %s not counted", few(rnn, 3), 'is' if len(rnn) == 1 else 'are')
+    counted = {id(m.rnn) for m in layers.values() if isinstance(m, RecurrentWeight)}
+    rnn = [n for n, m in model.named_modules() if isinstance(m, recurrent_types) and id(m) not in counted]
+    if rnn: logger.warning("FLOPs count Conv/ConvTranspose/Linear layers, recurrent gate weights that are parameters "
+                           "and attention projections only: the recurrent %s %s not counted (no weight parameter)",
+                           few(rnn, 3), 'is' if len(rnn) == 1 else 'are')
     note = conv1d_note(model)
     if note: logger.warning("FLOPs: %s", note)
     idle = [n for n, u in uses.items() if u == 0 and n not in blocks]
@@ -229,7 +251,9 @@ def sparsity_report(
                     params_share=p / P if P else 0., flops_share=f / F if F else 0.)
     nz = dict(zip(layers, _nonzero_each(m.weight for m in layers.values())))
     owner = {b: a for a, bs in _ties(layers).items() for b in bs}  # a shared weight: counted once, in its first row
-    def typ(n, m): return type(m).__name__ + (f' (weight of {owner[n]})' if n in owner else '')
+    def typ(n, m):  # a recurrent gate weight: its layer's type (LSTM, GRU, ...)
+        t = type(m.rnn if isinstance(m, RecurrentWeight) else m).__name__
+        return t + (f' (weight of {owner[n]})' if n in owner else '')
     def own(n, m):  # params and nonzero of the row (none for a shared weight's later rows: they are the first's)
         return (0, 0, 1 - nz[n] / m.weight.numel()) if n in owner else (m.weight.numel(), nz[n], None)
     rows = [row(n, typ(n, m), tuple(m.weight.shape), *own(n, m)[:2], *fl[n], own(n, m)[2]) for n, m in layers.items()]

@@ -9,7 +9,7 @@ import torch
 from torch import nn, Tensor
 from .core import check_fraction, check_context, round_half_up, state_problems, few
 from .sparsifier import Sparsifier, AttentionProjection, prunable_layers, one_per_weight, _ties, _matches, \
-    _nnz_each, _weight_sources, _attn_attrs, _reparam, _bias_of
+    _nnz_each, _weight_sources, _attn_attrs, _reparam, _bias_of, _is_attention, _recurrent_weights
 
 logger = logging.getLogger('fasterprune')
 
@@ -35,10 +35,14 @@ def model_state(model:nn.Module) -> dict[str, Tensor]:
 
 # %% ../nbs/08b_rewind.ipynb #ae3515b0
 def _masked_weight(mods:dict, name:str) -> Tensor|None:
-    "The weight the mask `name` applies to: layer `name`'s, or an attention's projection (`<module>.in_proj_weight`)"
+    """The weight the mask `name` applies to: layer `name`'s, an attention's projection (`<module>.in_proj_weight`) or
+    a recurrent gate weight (`<lstm>.weight_hh_l0`, or `<wrapper>.weight_hh_l0_raw` of fastai's WeightDropout)"""
     owner, _, attr = name.rpartition('.')
     if attr in _attn_attrs and isinstance(mods.get(owner), nn.MultiheadAttention):
         return getattr(mods[owner], attr, None)
+    if name not in mods and owner in mods:
+        rw = _recurrent_weights([(owner, mods[owner])]).get(name)  # a wrapper's raw weight, or the layer's own
+        if rw is not None: return rw.weight
     return getattr(mods.get(name), 'weight', None)
 
 def _names_attention(masks:dict) -> bool:
@@ -120,7 +124,7 @@ def imp_masks(model:nn.Module,            # the trained model whose weight magni
               rate:float=0.2,             # fraction of the remaining weights to prune, in (0, 1)
               context:str='local',        # 'local': `rate` of each layer; 'global': one ranking over the network
               layer_rates:dict|None=None, # {name or glob pattern: rate} for layers pruned locally at their own rate
-              layers=None,                # what to prune (names, patterns, modules, types); default every Conv/Linear
+              layers=None,                # what to prune (names, patterns, modules, types); default Conv/Linear/LSTM...
               exclude=None,               # what to leave dense
               attention:bool|None=None,   # MultiheadAttention's input projections too (None: when `masks` names one)
              ) -> dict[str, Tensor]:
@@ -177,7 +181,7 @@ class Rewinder:
     "Lottery-ticket rewinding on `model`: keep a rewind point, prune the surviving weights by magnitude, rewind them"
     def __init__(self,
         model:nn.Module,  # the model, pruned and rewound in place (the module itself, not a DDP wrapper)
-        layers=None,      # what to prune (names, glob patterns, modules, types); default every Conv/Linear
+        layers=None,      # what to prune (names, glob patterns, modules, types); default Conv/Linear/LSTM...
         exclude=None,     # what to leave dense
         attention:bool|None=None, # MultiheadAttention's input projections: True prune them, False leave them dense;
                                   # None: one holding pruned (zero) weights, or named by a mask, keeps them pruned
@@ -193,7 +197,7 @@ class Rewinder:
                         attention=attention is not False)  # the selectors may name projections unless False
         self._candidates = {}  # attention=None: the projections `layers`/`exclude` allow, tracked once they hold zeros
         if attention is None:
-            self._candidates = {n: m for n, m in sp.layers.items() if isinstance(m, AttentionProjection)}
+            self._candidates = {n: m for n, m in sp.layers.items() if _is_attention(m)}
             sp.layers = {n: m for n, m in sp.layers.items() if n not in self._candidates}
             sp._rp = {n: rp for n, rp in sp._rp.items() if n not in self._candidates}
             if not sp.layers:
@@ -465,7 +469,7 @@ class Rewinder:
         if not any(isinstance(m, nn.MultiheadAttention) for m in self.model.modules()): return
         ids = {_wkey(m) for m in self.layers.values()}
         ps = {n: m for n, m in prunable_layers(self.model, attention=True).items()
-              if isinstance(m, AttentionProjection) and _wkey(m) not in ids and n not in self._warned}
+              if _is_attention(m) and _wkey(m) not in ids and n not in self._warned}
         if not ps: return
         nnz = _nnz_each(p.weight for p in ps.values())
         zeros = {n: p for (n, p), c in zip(ps.items(), nnz) if c < p.weight.numel()}

@@ -23,38 +23,84 @@ class NMRoundingWarning(UserWarning):
     "An N:M target that N:M masks cannot reach exactly was rounded to the nearest one they can"
 
 # %% auto #0
-__all__ = ['logger', 'prunable_types', 'NMRoundingWarning', 'AttentionProjection', 'prunable_layers', 'select_prune',
-           'force_device_path', 'NaNScores', 'device_select_prune', 'one_per_weight', 'Sparsifier']
+__all__ = ['logger', 'prunable_types', 'recurrent_types', 'NMRoundingWarning', 'AttentionProjection', 'RecurrentWeight',
+           'prunable_layers', 'select_prune', 'force_device_path', 'NaNScores', 'device_select_prune', 'one_per_weight',
+           'Sparsifier']
 
 # %% ../nbs/03_sparsifier.ipynb #c7c62eb6
 prunable_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
                   nn.Linear)
+recurrent_types = (nn.RNNBase, nn.RNNCellBase)  # LSTM, GRU, RNN and their cells: their gate weights are pruned too
 
 class AttentionProjection:
-    "A prunable weight that is not a module's `weight`: a projection of `nn.MultiheadAttention` (`in_proj_weight`, ...)"
-    def __init__(self, module:nn.MultiheadAttention, attr:str): self.module, self.attr = module, attr
+    """A prunable tensor that is not a module's `weight`, named `<module>.<attr>`: a projection of
+    `nn.MultiheadAttention` (`in_proj_weight`, ...); `RecurrentWeight` is the other kind"""
+    def __init__(self, module:nn.Module, attr:str): self.module, self.attr = module, attr
     @property
     def weight(self) -> Tensor: return getattr(self.module, self.attr)
+    @property
+    def owners(self) -> tuple: return (self.module,)  # the modules a type or module in `layers=`/`exclude=` names
     def __repr__(self): return f"{type(self.module).__name__}.{self.attr}{tuple(self.weight.shape)}"
+
+class RecurrentWeight(AttentionProjection):
+    """A gate weight of a recurrent layer (`weight_ih_l0`, `weight_hh_l1_reverse`, a cell's `weight_hh`, ...): the
+    parameter `module.<attr>`; `rnn` runs it (fastai's `WeightDropout` holds the `_raw` weight of the LSTM it wraps)"""
+    def __init__(self, module:nn.Module, attr:str, rnn:nn.Module|None=None, names:tuple=()):
+        super().__init__(module, attr)
+        self.rnn, self.names = module if rnn is None else rnn, names  # `names`: of the modules it belongs to
+    @property
+    def owners(self) -> tuple: return (self.module,) if self.rnn is self.module else (self.module, self.rnn)
+    def __repr__(self): return f"{type(self.rnn).__name__}.{self.attr}{tuple(self.weight.shape)}"
 
 _attn_attrs = ('in_proj_weight', 'q_proj_weight', 'k_proj_weight', 'v_proj_weight')
 
+def _is_attention(m) -> bool:
+    "Is the entry `m` of `prunable_layers` a MultiheadAttention projection?"
+    return isinstance(m, AttentionProjection) and not isinstance(m, RecurrentWeight)
+
+def _gate_params(m:nn.Module, raw:bool=False) -> list[str]:
+    "Names of the gate weights that are parameters of `m` (`raw`: a wrapper's `<weight>_raw` copies)"
+    ps = [a for a, p in m._parameters.items() if a.startswith('weight_') and isinstance(p, nn.Parameter)]
+    return [a for a in ps if a.endswith('_raw')] if raw else ps
+
+def _recurrent_weights(modules) -> dict[str, RecurrentWeight]:
+    """{`<module>.<attr>`: RecurrentWeight} of the recurrent layers in `modules` ((name, module) pairs, parents first).
+    A wrapper whose `module` is recurrent and which holds `<attr>_raw` parameters that it writes into the layer's
+    `<attr>` at each forward (fastai's `WeightDropout`) has those raw parameters pruned, never the copies"""
+    found, wrapper = {}, {}
+    for n, m in modules:
+        pre, inner = f'{n}.' if n else '', getattr(m, 'module', None)
+        if isinstance(inner, recurrent_types) and not isinstance(m, recurrent_types):
+            raws = [a for a in _gate_params(m, raw=True) if not isinstance(inner._parameters.get(a[:-4]), nn.Parameter)]
+            if raws:
+                wrapper[id(inner)] = n
+                found.update({pre + a: RecurrentWeight(m, a, inner, (n, f'{pre}module')) for a in raws})
+        if isinstance(m, recurrent_types):
+            names = (n,) if id(m) not in wrapper else (n, wrapper[id(m)])
+            found.update({pre + a: RecurrentWeight(m, a, names=names) for a in _gate_params(m)})
+    return found
+
 def _matches(name, module, sel):
-    if isinstance(sel, str): return fnmatch.fnmatchcase(name, sel)
+    if isinstance(sel, str):  # a recurrent weight: its name, or the name of its layer (or of the layer's wrapper)
+        names = module.names if isinstance(module, RecurrentWeight) else ()
+        return fnmatch.fnmatchcase(name, sel) or any(fnmatch.fnmatchcase(o, sel) for o in names)
     if isinstance(sel, AttentionProjection):  # one projection of one attention module (not its other ones)
         return isinstance(module, AttentionProjection) and module.module is sel.module and module.attr == sel.attr
-    owner = module.module if isinstance(module, AttentionProjection) else module
-    if isinstance(sel, type): return isinstance(module, sel) or isinstance(owner, sel)
-    return module is sel or owner is sel
+    owners = module.owners if isinstance(module, AttentionProjection) else (module,)
+    if isinstance(sel, type): return isinstance(module, sel) or any(isinstance(o, sel) for o in owners)
+    return module is sel or any(o is sel for o in owners)
 
 def prunable_layers(model:nn.Module, layers=None, exclude=None, attention:bool=False) -> dict[str, nn.Module]:
-    "Modules whose weight is pruned, by name: every Conv/ConvTranspose/Linear, or those in `layers`, less `exclude`"
-    found = {}
-    for n, m in model.named_modules():
+    """Modules whose weight is pruned, by name: every Conv/ConvTranspose/Linear and recurrent gate weight (as
+    `RecurrentWeight`), or those in `layers`, less `exclude`"""
+    found, mods = {}, list(model.named_modules())
+    rec = _recurrent_weights(mods)
+    for n, m in mods:
         if isinstance(m, prunable_types) and isinstance(getattr(m, 'weight', None), Tensor): found[n] = m
         if attention and isinstance(m, nn.MultiheadAttention):  # its input projections (out_proj is a Linear)
             for a in _attn_attrs:
                 if isinstance(getattr(m, a, None), Tensor): found[f'{n}.{a}' if n else a] = AttentionProjection(m, a)
+        found.update({k: r for k, r in rec.items() if r.module is m})
     every = dict(found)
     if layers is not None:
         layers = [layers] if isinstance(layers, (str, type, nn.Module, AttentionProjection)) else list(layers)
@@ -62,17 +108,17 @@ def prunable_layers(model:nn.Module, layers=None, exclude=None, attention:bool=F
             if not any(_matches(n, m, sel) for n, m in found.items()):
                 attn = not attention and isinstance(sel, str) and 'proj_weight' in sel
                 hint = ' (attention projections need attention=True)' if attn else ''
-                raise ValueError(f"layers: {sel!r} matches no Conv/Linear layer{hint}; "
+                raise ValueError(f"layers: {sel!r} matches no Conv/Linear layer or recurrent weight{hint}; "
                                  f"prunable layers are: {', '.join(found) or 'none'}")
         found = {n: m for n, m in found.items() if any(_matches(n, m, s) for s in layers)}
     if exclude is not None:
         exclude = [exclude] if isinstance(exclude, (str, type, nn.Module, AttentionProjection)) else list(exclude)
         for sel in exclude:  # a name or module that leaves nothing out is a typo (a type may fit no layer here)
             if isinstance(sel, type) or any(_matches(n, m, sel) for n, m in every.items()): continue
-            block = isinstance(sel, str) and sel in dict(model.named_modules())
+            block = isinstance(sel, str) and sel in dict(mods)
             hint = f" ({sel!r} is a block: '{sel}.*' leaves its layers out)" if block else ''
-            raise ValueError(f"exclude: {sel!r} matches no Conv/Linear layer, so it leaves nothing out{hint}; "
-                             f"prunable layers are: {', '.join(every) or 'none'}")
+            raise ValueError(f"exclude: {sel!r} matches no Conv/Linear layer or recurrent weight, so it leaves "
+                             f"nothing out{hint}; prunable layers are: {', '.join(every) or 'none'}")
         found = {n: m for n, m in found.items() if not any(_matches(n, m, s) for s in exclude)}
     empty = [n for n, m in found.items() if m.weight.numel() == 0]
     if empty: logger.info("prunable_layers: %s hold no weight (a zero-size dimension), no mask", ', '.join(empty))
@@ -663,6 +709,15 @@ def _untied(layers:dict, granularity) -> dict:
                     ', '.join(sorted(drop)), ', '.join(tied))
     return {n: m for n, m in layers.items() if n not in drop}
 
+def _dense_recurrent(layers:dict, granularity) -> list[str]:
+    "The recurrent weights of `layers` that `granularity` leaves dense (filters: a gate row is no removable unit)"
+    if granularity.name != 'filter': return []
+    rec = [n for n, m in layers.items() if isinstance(m, RecurrentWeight)]
+    if rec: logger.warning("Sparsifier: filter granularity leaves the recurrent weights %s dense (a row of a gate "
+                           "weight is no unit that can be removed); the other layers are pruned; 'weight', "
+                           "'vector', 'kernel' or N:M prune them too", few(rec, 4))
+    return rec
+
 class Sparsifier:
     "Computes, applies and measures pruning masks on `model`'s Conv and Linear weights"
     def __init__(self,
@@ -670,7 +725,7 @@ class Sparsifier:
         granularity='weight',          # 'weight', 'vector', 'kernel', 'filter', or N:M such as '2:4'
         context:str='global',          # 'local' (every layer at the target) or 'global' (one ranking)
         criteria='magnitude',          # 'magnitude', 'gradient_magnitude', 'movement', 'random', a Criterion, f(w)
-        layers=None,                   # names, glob patterns, modules or types to prune (default: every Conv/Linear)
+        layers=None,                   # names, patterns, modules or types to prune (default: Conv/Linear/recurrent)
         exclude=None,                  # names, glob patterns, modules or types to leave dense
         seed:int=0,                    # seeds the random criterion and the sample (results never depend on the sample)
         example_input=None,            # granularity='filter': trace the model on it, prune coupled channels together
@@ -682,11 +737,14 @@ class Sparsifier:
         self.model, self.seed = model, seed
         with evaluating(model):  # reading a weight in train mode moves spectral_norm's power iteration: not here
             sel = prunable_layers(model, layers, exclude, attention)
+            rec = _dense_recurrent(sel, self.granularity)
+            sel = {n: m for n, m in sel.items() if n not in rec}
             self.layers = _tied_elsewhere(model, _untied(sel, self.granularity), self.granularity)
             _warn_shared_left_out(model, sel, attention)
             note = conv1d_note(model) if layers is None else ''
             if not self.layers:
                 why = (f" (filter granularity leaves {', '.join(sel)} dense: they share weight tensors)" if sel else
+                       f" (filter granularity leaves the recurrent weights {few(rec, 4)} dense)" if rec else
                        " after `layers`/`exclude`")
                 q = quantized_note(model)
                 raise ValueError(f"Nothing to prune: {type(model).__name__} has no Conv/ConvTranspose/Linear layer "

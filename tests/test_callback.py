@@ -799,12 +799,19 @@ def _text_learner():
 
 
 def test_rnn_model_says_the_column_is_the_pruned_layers(caplog):
-    "An LSTM holds most parameters and is not pruned: the callback and the FLOP count say so"
+    "An LSTM holds most parameters: pruned by default (no warning, its FLOPs counted); left out, the callback says so"
     learn = _text_learner()
+    cb = SparsifyCallback(0.9, schedule=one_shot())
     with caplog.at_level('WARNING', logger='fasterprune'), learn.no_bar(), learn.no_logging():
-        learn.fit(1, 1e-3, cbs=SparsifyCallback(0.9, schedule=one_shot()))
+        learn.fit(1, 1e-3, cbs=cb)
+    assert 'of the model' not in caplog.text and 'not counted' not in caplog.text, caplog.text
+    fct.test_eq(list(cb.sparsifier.layers), ['rnn.weight_ih_l0', 'rnn.weight_hh_l0', 'fc'])
+    rows = cb.report.set_index('layer')
+    assert rows.loc['rnn.weight_hh_l0', 'flops'] > 0 and rows.loc['rnn.weight_hh_l0', 'sparsity'] > 0.5
+    learn, cb = _text_learner(), SparsifyCallback(0.9, schedule=one_shot(), exclude=nn.LSTM)
+    with caplog.at_level('WARNING', logger='fasterprune'), learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-3, cbs=cb)
     assert 'hold 2.9% of the model' in caplog.text and 'rnn (20,992)' in caplog.text, caplog.text
-    assert "the recurrent rnn is not counted" in caplog.text
 
 
 def test_torch_compiled_model_prunes_by_its_layer_names():
@@ -826,13 +833,14 @@ def test_lazy_layers_get_their_shapes_before_pruning():
     fct.test_eq(_n_zero(cb.sparsifier), round(0.5 * _n_w(cb.sparsifier)))
 
 
-def test_filters_of_a_model_whose_only_layer_is_its_output_are_refused_clearly():
-    "Embedding -> LSTM -> Linear: no coupled channels and the Linear makes the output: say so, suggest 'weight'"
+def test_filters_of_a_model_whose_only_layer_is_its_output_are_refused_clearly(caplog):
+    "Embedding -> LSTM -> Linear: the LSTM stays dense under filters (said), the Linear makes the output: say so"
     learn = _text_learner()
     w0 = {k: v.clone() for k, v in learn.model.state_dict().items()}
-    with learn.no_bar(), learn.no_logging():
+    with caplog.at_level('WARNING', logger='fasterprune'), learn.no_bar(), learn.no_logging():
         fct.test_fail(lambda: learn.fit(1, 1e-3, cbs=SparsifyCallback(0.5, 'filter')),
-                      contains="produce the model's output, whose width must stay")
+                      contains="the only layers it could prune (fc) produce the model's output, whose width must stay")
+    assert 'filter granularity leaves the recurrent weights rnn.weight_ih_l0, rnn.weight_hh_l0 dense' in caplog.text
     for k, v in learn.model.state_dict().items(): fct.test_eq(v, w0[k])
 
 
