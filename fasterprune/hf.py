@@ -97,7 +97,7 @@ def _unprunable(m:nn.Module, spec:AttentionHeads) -> str|None:
     return None
 
 _swin_tables = ('relative_position_bias.relative_position_bias_table',  # Swin (q_proj, k_proj, v_proj, o_proj)
-                'self.relative_position_bias_table')  # Donut-Swin, older Swin: BERT's layout (`self.query`, `output.dense`)
+                'self.relative_position_bias_table')  # Donut-Swin, older Swin: BERT's layout (`self.query`, ...)
 
 def _swin_heads(m:nn.Module) -> AttentionHeads|None:
     """Swin, Donut-Swin: q, k, v, o viewed by the head width (Llama's names, or BERT's dotted ones) and a relative
@@ -254,8 +254,8 @@ def _bert_heads(m:nn.Module) -> AttentionHeads|None:
                           width=_named(s, ('all_head_size',), H * hd, 'self.'))
 
 _families = (('Swin', _swin_heads), ('GPT-OSS', _sink_heads), ('Llama-style, OPT, GPT-J, CLIP', _llama_heads),
-             ('GPT-2', _gpt2_heads), ('DistilBERT', _distilbert_heads), ('Falcon', _falcon_heads), ('GPT-NeoX (Pythia)', _neox_heads),
-             ('BERT', _bert_heads), ('Phi-3', _phi3_heads), ('T5', _t5_heads))
+             ('GPT-2', _gpt2_heads), ('DistilBERT', _distilbert_heads), ('Falcon', _falcon_heads),
+             ('GPT-NeoX (Pythia)', _neox_heads), ('BERT', _bert_heads), ('Phi-3', _phi3_heads), ('T5', _t5_heads))
 
 def _pattern(name:str) -> str:
     "'model.layers.3.self_attn' -> 'model.layers.*.self_attn': layer indices become wildcards"

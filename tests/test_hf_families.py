@@ -386,8 +386,8 @@ def test_hf_swin_heads_pruned_with_their_table_columns():
     assert pr.history[-1]['rel_error'] <= 1e-5
     for a in _swin_blocks(m):
         H = a.num_attention_heads
-        fct.test_eq((a.q_proj.out_features, a.o_proj.in_features, a.relative_position_bias.relative_position_bias_table.shape[1]),
-                    (8 * H, 8 * H, H))
+        t = a.relative_position_bias.relative_position_bias_table
+        fct.test_eq((a.q_proj.out_features, a.o_proj.in_features, t.shape[1]), (8 * H, 8 * H, H))
     fct.test_eq([a.num_attention_heads for a in _swin_blocks(m)], [1, 1, 2, 2])
     with torch.no_grad(): fct.test_eq(m(**x).logits.shape, (2, 5))
 
@@ -412,7 +412,7 @@ def test_hf_swin_compact_equals_the_masked_model_and_round_trips(tmp_path):
     buf.seek(0)
     for c in (fresh, torch.load(buf, weights_only=False), copy.deepcopy(m)):
         with torch.no_grad(): fct.test_eq(c(**x).logits, m(**x).logits)
-    with pytest.raises(ValueError, match='save_pruned'): hf_config_after_prune(m)  # SwinConfig holds num_heads per stage
+    with pytest.raises(ValueError, match='save_pruned'): hf_config_after_prune(m)  # SwinConfig: num_heads per stage
 
 
 def test_hf_swin_wrong_cut_caught(monkeypatch):

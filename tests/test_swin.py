@@ -129,7 +129,7 @@ def test_pruned_swin_pickles_and_deepcopies(v2):
 
 
 class _Mixed(nn.Module):
-    "MultiheadAttention, a LayerNorm and an RMSNorm over pruned channels: PrunedMultiheadAttention, CountedLayerNorm, ..."
+    "MultiheadAttention, a LayerNorm, an RMSNorm over pruned channels: PrunedMultiheadAttention, CountedLayerNorm, ..."
     def __init__(self, d=16):
         super().__init__()
         self.inp, self.mha = nn.Linear(6, d), nn.MultiheadAttention(d, 4, batch_first=True)
