@@ -193,3 +193,27 @@ def test_layers_and_exclude_name_them():
     fct.test_eq(_zeros(m.rnn.weight_hh_l0), 96 * 24 // 2)
     fct.test_eq(_zeros(m.rnn.weight_ih_l0), 0)
     fct.test_fail(lambda: prunable_layers(m, layers='rnn.weight_xx'), contains='prunable layers are: rnn.weight_ih_l0')
+
+
+def test_sensitivity_scans_each_gate_weight_and_restores_it():
+    "sensitivity prunes one gate weight at a time (its own row) and puts the model back exactly"
+    from fasterprune.sensitivity import sensitivity
+    torch.manual_seed(0)
+    m, x = TextRNN(), torch.randint(2, 50, (8, 6))
+    y0, sd = m(x).detach(), {k: v.clone() for k, v in m.state_dict().items()}
+    scan = sensitivity(m, (0.5, 0.9), metric=lambda mm: float((mm(x) - y0).abs().mean()), layers='rnn',
+                       higher_is_better=False, show_progress=False)
+    fct.test_eq(list(dict.fromkeys(scan.layer)), LSTM_WEIGHTS)
+    assert (scan[scan.layer == 'rnn.weight_ih_l0'].metric > 0).all()  # pruning it alone changes the output
+    for k, v in m.state_dict().items(): fct.test_eq(v, sd[k])
+
+
+def test_compact_after_a_weight_level_fit_leaves_the_lstm_as_it_is():
+    "Pruner surgery does not cut recurrent layers: after a weight-level fit the LSTM keeps its shape and values"
+    from fasterprune.pruner import Pruner
+    learn = _learner(TextRNN())
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2, cbs=SparsifyCallback(0.5, schedule=one_shot()))
+    before = {k: v.clone() for k, v in learn.model.rnn.state_dict().items()}
+    assert sum(_zeros(v) for v in before.values()) > 0
+    Pruner(learn, strict=False).compact()  # the graph does not know the LSTM: strict=False pins its channels
+    for k, v in learn.model.rnn.state_dict().items(): fct.test_eq(v, before[k])
