@@ -23,13 +23,13 @@ __all__ = ['logger', 'report_columns', 'check_original', 'count_params', 'compre
 
 # %% ../nbs/05_metrics.ipynb #466624c8
 def _layers(model:nn.Module) -> dict[str, nn.Module]:
-    "The Conv/ConvTranspose/Linear layers of `model`, or a `ValueError` when it has none"
+    "The Conv/ConvTranspose/Linear layers and recurrent gate weights of `model`, or a `ValueError` when it has none"
     if not isinstance(model, nn.Module): raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     model = bare_model(model)  # inside torch.compile and DDP: the layers' own names
     layers = prunable_layers(model, attention=True)  # a MultiheadAttention's input projections are layers here too
     if not layers:
         q = quantized_note(model)
-        raise ValueError(f"{type(model).__name__} has no Conv/ConvTranspose/Linear layer: "
+        raise ValueError(f"{type(model).__name__} has no Conv/ConvTranspose/Linear layer (nor recurrent weight): "
                          "there is nothing to prune or measure" + (f" ({q})" if q else ''))
     return layers
 
@@ -144,7 +144,7 @@ def layer_flops(
     model:nn.Module, # a model with Conv/ConvTranspose/Linear layers
     example_input,   # a tensor, tuple/list (positional) or dict (keyword) of tensors the model runs on
 ) -> dict[str, tuple[int, int]]:
-    "`{layer: (dense MACs, nonzero MACs)}` of every Conv/ConvTranspose/Linear layer in one pass of `example_input`"
+    "`{layer: (dense MACs, nonzero MACs)}` of every Conv/ConvTranspose/Linear layer and recurrent gate weight"
     layers = _layers(model)
     model = bare_model(model)  # inside torch.compile and DDP: the layers' own names
     args, kwargs = _prepare(model, example_input)
@@ -208,7 +208,7 @@ def count_flops(
     model:nn.Module, # a model with Conv/ConvTranspose/Linear layers
     example_input,   # a tensor, tuple/list (positional) or dict (keyword) of tensors the model runs on
 ) -> tuple[int, int]:
-    "`(dense, nonzero)` MACs of all Conv/ConvTranspose/Linear layers in one forward pass of `example_input`"
+    "`(dense, nonzero)` MACs of all Conv/ConvTranspose/Linear layers and recurrent gate weights in one forward pass"
     fl = layer_flops(model, example_input).values()
     return sum(f for f, _ in fl), sum(nf for _, nf in fl)
 
@@ -218,7 +218,7 @@ def theoretical_speedup(
     example_input,           # what the model runs on (a batch of one is enough)
     original:nn.Module|None=None, # the model it came from, when `model` is physically smaller (e.g. after surgery)
 ) -> float:
-    "total_flops / nonzero_flops (ShrinkBench), in Conv/ConvTranspose/Linear MACs; `inf` when every weight is zero"
+    "total_flops / nonzero_flops (ShrinkBench), in Conv/Linear/recurrent MACs; `inf` when every weight is zero"
     if original is not None: check_original(model, original)
     total, nz = count_flops(model, example_input)
     if original is not None: total = count_flops(original, example_input)[0]
@@ -237,7 +237,7 @@ def sparsity_report(
     model:nn.Module, # a model with Conv/ConvTranspose/Linear layers
     example_input=None, # what the model runs on, e.g. `xb[:1]`; FLOPs count its whole batch (None: NaN FLOPs)
 ) -> pd.DataFrame:
-    "One row per Conv/ConvTranspose/Linear weight, an `(other parameters)` row and a `total` row; FLOPs are MACs"
+    "One row per Conv/ConvTranspose/Linear or recurrent gate weight, an `(other parameters)` and a `total` row (MACs)"
     layers = _layers(model)
     model = bare_model(model)  # inside torch.compile and DDP: the layers' own names
     if example_input is None: fl, F, NF = {n: (math.nan, math.nan) for n in layers}, math.nan, math.nan
