@@ -8,7 +8,7 @@ from fastai.data.load import DataLoader
 from fit_checks import CheckZeros
 from fasterprune.callback import SparsifyCallback
 from fasterprune.data import TensorPairs
-from fasterprune.lottery import LotteryTicket
+from fasterprune.lottery import LotteryTicket, save_ticket, load_ticket
 from fasterprune.metrics import layer_flops, count_flops, theoretical_speedup, sparsity_report
 from fasterprune.schedules import agp, one_shot
 from fasterprune.sparsifier import Sparsifier, prunable_layers, RecurrentWeight
@@ -138,11 +138,16 @@ def test_awd_lstm_prunes_the_raw_weights_and_its_forward_uses_them():
     assert torch.isfinite(out).all()
     fct.test_eq(_zeros(enc.rnns[0].module.weight_hh_l0[~cb.sparsifier.masks['0.module.rnns.0.weight_hh_l0_raw']]),
                 int((~cb.sparsifier.masks['0.module.rnns.0.weight_hh_l0_raw']).sum()))
+    from fasterprune.rewind import check_ticket, imp_masks
+    masks = imp_masks(learn.model, {n: m for n, m in cb.sparsifier.masks.items()}, 0.5)  # raw weights found by name
+    old = cb.sparsifier.masks['0.module.rnns.1.weight_hh_l0_raw']
+    fct.test_eq(int((~masks['0.module.rnns.1.weight_hh_l0_raw']).sum()), int((~old).sum()) + int(old.sum()) // 2)
+    check_ticket(dict(masks=masks, rewind=learn.model.state_dict()), _awd())
     # and exclude= by type reaches the raw weight through the LSTM it belongs to
     fct.test_eq([n for n in prunable_layers(learn.model, exclude=nn.LSTM)], ['1.layers.0.2', '1.layers.1.2'])
 
 
-def test_lottery_round_keeps_gate_weights_pruned_and_rewinds_the_rest():
+def test_lottery_round_keeps_gate_weights_pruned_and_rewinds_the_rest(tmp_path):
     "LotteryTicket: prune by magnitude, rewind, fit, next round: the LSTM's zeros stay, its survivors rewound"
     learn = _learner(TextRNN())
     lt = LotteryTicket(learn, rate=0.5)
@@ -162,6 +167,11 @@ def test_lottery_round_keeps_gate_weights_pruned_and_rewinds_the_rest():
         fct.test_eq(int((~mk).sum()), w.numel() - round(0.5 * round(0.5 * w.numel())))
         fct.test_eq(_zeros(w[~mk]), int((~mk).sum()))
     fct.test_close(lt.remaining(), 0.25, eps=0.01)
+    save_ticket(lt.ticket(), tmp_path / 'rnn.pt')  # a saved ticket names the gate weights; it loads into a fresh model
+    fresh = TextRNN()
+    load_ticket(tmp_path / 'rnn.pt', fresh)
+    for n in LSTM_WEIGHTS:
+        fct.test_eq(_zeros(fresh.rnn.get_parameter(n.split('.', 1)[1])[~lt.masks[n]]), int((~lt.masks[n]).sum()))
 
 
 def test_filter_granularity_leaves_them_dense_and_says_so(caplog):
