@@ -14,7 +14,7 @@ from fastai.callback.tracker import TrackerCallback
 import numpy as np
 from fastai.torch_core import rank_distrib
 from .schedules import get_schedule
-from .granularity import get_granularity
+from .granularity import get_granularity, _conv_t
 from .criteria import get_criterion
 from .core import check_fraction, check_context
 from .sparsifier import Sparsifier, AttentionProjection, prunable_layers, one_per_weight, NMRoundingWarning
@@ -337,6 +337,7 @@ class SparsifyCallback(Callback):
         if rank_distrib() != 0: return
         if mode == 'prune' and self.completed:
             self._note_filters(sp)
+            self._warn_thin(sp)
             over = self._over_target(sp)
             if over: logger.warning("SparsifyCallback: the schedule ended above its target (%s): the zeros the weights "
                                     "had at the first fit stayed pruned; keep_zeros=False ranks them", few(over))
@@ -368,6 +369,22 @@ class SparsifyCallback(Callback):
         logger.warning("SparsifyCallback: filter target %g; the layers with removable filters reach %.3f%s, and over "
                        "all %d pruned layers the measured sparsity is %.3f.%s", self.sparsity, s_g, short,
                        len(sp.layers), s, why)
+
+    def _warn_thin(self, sp):
+        "Global filter ranking: name the layers it cut far past the target, and the local alternative"
+        if sp.groups is None or self.context != 'global' or isinstance(self.sparsity, dict): return
+        rows, thin = {n for r in sp._rows for n in r}, []
+        for n in sp.layers:  # one host read a layer, once a fit
+            w = sp.weight(n).detach()
+            if n not in rows or w.dim() < 2: continue
+            if isinstance(sp.layers[n], _conv_t): w = w.transpose(0, 1)  # a ConvTranspose's filters: its 2nd dim
+            kept = int(w.reshape(w.shape[0], -1).ne(0).any(1).sum())
+            if kept < (1 - self.sparsity) / 2 * w.shape[0]: thin.append(f"{n!r} {kept} of {w.shape[0]}")
+        if thin: logger.warning("SparsifyCallback: the global filter ranking cut layers far past the target %g "
+                                "(filters kept: %s): filters rank by their norm relative to their layer's mean, so "
+                                "a layer whose norms spread widely loses most of its filters, and a layer this thin "
+                                "bottlenecks the model; context='local' prunes each layer to the target",
+                                self.sparsity, few(thin, 6))
 
     # --- helpers -------------------------------------------------------------------------------------------------
     def _final_report(self, sp, xb):
@@ -568,7 +585,7 @@ class SparsifyCallback(Callback):
         if not self._grows(t): return False
         sp = self.sparsifier
         sp.set_masks(sp.compute_masks(t))
-        sp.criterion.reset()
+        sp.criterion.after_update()  # gradient magnitude: the next update ranks by the steps from here; movement: all
         self.last_target = t
         self._refresh_cache()
         self._apply()  # before measuring what the update did

@@ -26,7 +26,8 @@ class Criterion:
         "Scores of `w`; criteria that can may write them into `out` (a float32 buffer of `w`'s shape)"
         raise NotImplementedError
     def accumulate(self, params:dict[str, Tensor]): "Add this step's gradient information (gradient criteria only)"
-    def reset(self): "Forget accumulated gradient information (after a mask update)"
+    def reset(self): "Forget accumulated gradient information (at the start of a fit)"
+    def after_update(self): self.reset()  # after a mask update: what the next update ranks by starts afresh
     def __repr__(self): return self.name
 
 class Magnitude(Criterion):
@@ -75,8 +76,8 @@ class _Accumulating(Criterion):
                                    "the last update")
             return t
         if self.n_steps:  # steps were accumulated, none of them reached this layer
-            raise RuntimeError(f"{self.name}: layer {name!r} got no gradient in the {self.n_steps} training steps since "
-                               "the last update (the loss does not reach it: an output the loss leaves out, an unused or "
+            raise RuntimeError(f"{self.name}: layer {name!r} got no gradient in the {self.n_steps} training steps it "
+                               "ranks by (the loss does not reach it: an output the loss leaves out, an unused or "
                                f"detached branch); leave it out with exclude=[{name!r}], or use criteria='magnitude'")
         raise RuntimeError(f"{self.name} needs gradients, but layer {name!r} has none: run a backward pass first, "
                            "or prune with SparsifyCallback after at least one training batch (start_pct > 0)")
@@ -91,8 +92,9 @@ class GradientMagnitude(_Accumulating):
         return ts
 
 class Movement(_Accumulating):
-    "Movement (Sanh et al. 2020): -sum of w * dL/dw since the last update; weights moving away from zero score high"
+    "Movement (Sanh et al. 2020): -sum of w * dL/dw over the fit's steps; weights moving away from zero score high"
     name = 'movement'
+    def after_update(self): pass  # the sum runs over the whole fit, through the mask updates
     def _term(self, w, g): return (w * g).neg_()
     def _terms(self, ws, gs):
         ts = torch._foreach_mul(ws, gs)

@@ -333,12 +333,3 @@ def test_hf_heads_falcon_multi_query_prunes_query_heads():
     fct.test_eq((a.num_heads, a.query_key_value.out_features, a.dense.in_features), (2, 64, 32))
     assert pr.history[-1]['rel_error'] <= 1e-5
     _still_works(m, x, mask)
-
-
-def test_hf_heads_refuses_attention_sinks():
-    "GPT-OSS keeps one learned sink per head, which the Pruner does not cut: refused by name"
-    torch.manual_seed(0)
-    m = T.GptOssForCausalLM(T.GptOssConfig(vocab_size=V, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
-                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                           num_local_experts=2, num_experts_per_tok=1, **IDS))
-    with pytest.raises(ValueError, match=r"sinks \(4,\)"): hf_heads(m)
