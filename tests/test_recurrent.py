@@ -227,3 +227,19 @@ def test_compact_after_a_weight_level_fit_leaves_the_lstm_as_it_is():
     assert sum(_zeros(v) for v in before.values()) > 0
     Pruner(learn, strict=False).compact()  # the graph does not know the LSTM: strict=False pins its channels
     for k, v in learn.model.rnn.state_dict().items(): fct.test_eq(v, before[k])
+
+
+def test_nm_vector_and_kernel_granularities_act_as_for_a_linear():
+    "N:M keeps N of every M weights along a gate row (the input dim); 'vector'/'kernel' prune single weights"
+    torch.manual_seed(0)
+    m = TextRNN()
+    sp = Sparsifier(m, '2:4').sparsify(0.5)
+    w = m.rnn.weight_ih_l1  # (96, 48): groups of 4 along each row
+    fct.test_eq(set((w.reshape(96, 12, 4) != 0).sum(-1).flatten().tolist()), {2})
+    fct.test_eq(sp.layer_sparsity()['rnn.weight_hh_l0_reverse'], 0.5)
+    for g in ('vector', 'kernel'):
+        torch.manual_seed(0)
+        m = TextRNN()
+        sp = Sparsifier(m, g, 'local').sparsify(0.3)
+        fct.test_eq(_zeros(m.rnn.weight_hh_l1), round(0.3 * m.rnn.weight_hh_l1.numel()))
+        fct.test_eq(sp._group_size('rnn.weight_hh_l1'), 1)
