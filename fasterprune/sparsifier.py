@@ -58,10 +58,14 @@ def _is_attention(m) -> bool:
     "Is the entry `m` of `prunable_layers` a MultiheadAttention projection?"
     return isinstance(m, AttentionProjection) and not isinstance(m, RecurrentWeight)
 
-def _gate_params(m:nn.Module, raw:bool=False) -> list[str]:
-    "Names of the gate weights that are parameters of `m` (`raw`: a wrapper's `<weight>_raw` copies)"
-    ps = [a for a, p in m._parameters.items() if a.startswith('weight_') and isinstance(p, nn.Parameter)]
-    return [a for a in ps if a.endswith('_raw')] if raw else ps
+def _gate_names(rnn:nn.Module) -> list[str]:
+    "Names of the gate weights of the recurrent layer or cell `rnn` (`weight_ih_l0`, ..., `weight_hr_l0`, `weight_hh`)"
+    return [a for a in getattr(rnn, '_flat_weights_names', ('weight_ih', 'weight_hh')) if a.startswith('weight_')]
+
+def _gate_params(m:nn.Module, rnn:nn.Module, raw:bool=False) -> list[str]:
+    """Names of the gate weights of `rnn` that are parameters of `m` (`raw`: a wrapper's `<weight>_raw` parameters);
+    one computed from other tensors (weight_norm's `_g`/`_v`, a parametrization) is not one"""
+    return [a + '_raw' * raw for a in _gate_names(rnn) if isinstance(m._parameters.get(a + '_raw' * raw), nn.Parameter)]
 
 def _recurrent_weights(modules) -> dict[str, RecurrentWeight]:
     """{`<module>.<attr>`: RecurrentWeight} of the recurrent layers in `modules` ((name, module) pairs, parents first).
@@ -71,13 +75,14 @@ def _recurrent_weights(modules) -> dict[str, RecurrentWeight]:
     for n, m in modules:
         pre, inner = f'{n}.' if n else '', getattr(m, 'module', None)
         if isinstance(inner, recurrent_types) and not isinstance(m, recurrent_types):
-            raws = [a for a in _gate_params(m, raw=True) if not isinstance(inner._parameters.get(a[:-4]), nn.Parameter)]
+            raws = [a for a in _gate_params(m, inner, raw=True)
+                    if not isinstance(inner._parameters.get(a[:-4]), nn.Parameter)]
             if raws:
                 wrapper[id(inner)] = n
                 found.update({pre + a: RecurrentWeight(m, a, inner, (n, f'{pre}module')) for a in raws})
         if isinstance(m, recurrent_types):
             names = (n,) if id(m) not in wrapper else (n, wrapper[id(m)])
-            found.update({pre + a: RecurrentWeight(m, a, names=names) for a in _gate_params(m)})
+            found.update({pre + a: RecurrentWeight(m, a, names=names) for a in _gate_params(m, m)})
     return found
 
 def _matches(name, module, sel):
@@ -709,6 +714,13 @@ def _untied(layers:dict, granularity) -> dict:
                     ', '.join(sorted(drop)), ', '.join(tied))
     return {n: m for n, m in layers.items() if n not in drop}
 
+def _computed_gates(model:nn.Module) -> list[str]:
+    "Gate weights of the recurrent layers of `model` computed from other tensors (weight_norm, a parametrization)"
+    mods = list(model.named_modules())
+    have = {(id(r.rnn), r.attr.removesuffix('_raw')) for r in _recurrent_weights(mods).values()}
+    return [f'{n}.{a}' if n else a for n, m in mods if isinstance(m, recurrent_types)
+            for a in _gate_names(m) if (id(m), a) not in have]
+
 def _dense_recurrent(layers:dict, granularity) -> list[str]:
     "The recurrent weights of `layers` that `granularity` leaves dense (filters: a gate row is no removable unit)"
     if granularity.name != 'filter': return []
@@ -750,6 +762,9 @@ class Sparsifier:
                 raise ValueError(f"Nothing to prune: {type(model).__name__} has no Conv/ConvTranspose/Linear layer "
                                  f"left{why}" + ''.join(f"; {t}" for t in (note, q) if t))
             if note: logger.warning("Sparsifier: %s", note)
+            computed = _computed_gates(model)
+            if computed: logger.warning("Sparsifier: the recurrent weights %s are computed from other tensors at each "
+                                        "forward (weight_norm, a parametrization): left dense", few(computed, 4))
             self._rp = {n: _reparam(m, n) for n, m in self.layers.items()}  # reparametrized weights: mask these instead
             computed = [n for n, rp in self._rp.items() if rp is not None]
             if self.criterion.needs_grad and computed:  # before the weights are read

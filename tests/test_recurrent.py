@@ -243,3 +243,14 @@ def test_nm_vector_and_kernel_granularities_act_as_for_a_linear():
         sp = Sparsifier(m, g, 'local').sparsify(0.3)
         fct.test_eq(_zeros(m.rnn.weight_hh_l1), round(0.3 * m.rnn.weight_hh_l1.numel()))
         fct.test_eq(sp._group_size('rnn.weight_hh_l1'), 1)
+
+
+def test_computed_gate_weights_are_left_dense_and_said(caplog):
+    "A gate weight computed at each forward (weight_norm, a parametrization) is no parameter: left dense, with a warning"
+    lstm = nn.LSTM(4, 6)
+    torch.nn.utils.parametrize.register_parametrization(lstm, 'weight_hh_l0', nn.Identity())
+    fct.test_eq(list(prunable_layers(lstm)), ['weight_ih_l0'])
+    with caplog.at_level('WARNING', logger='fasterprune'): Sparsifier(nn.Sequential(lstm)).sparsify(0.5)
+    assert 'the recurrent weights 0.weight_hh_l0 are computed from other tensors' in caplog.text, caplog.text
+    fct.test_eq(_zeros(lstm.weight_hh_l0), 0)
+    fct.test_eq(_zeros(lstm.weight_ih_l0), 48)
