@@ -32,4 +32,10 @@ import importlib as _il
 _names = ('core', 'schedules', 'criteria', 'granularity', 'sparsifier', 'callback', 'data', 'metrics', 'plots', 'graph',
           'pruner', 'rewind', 'lottery', 'distributed', 'inference', 'hf', 'sensitivity', 'distill')
 _modules = [_il.import_module(f'fasterprune.{_n}') for _n in _names]
-__all__ = list(dict.fromkeys(n for _m in _modules for n in _m.__all__ if n != 'logger'))
+# helpers the modules share: importable from their module, kept out of the star import, where two of them would
+# replace fastai's own `to_device` and `Slot` after `from fastai.vision.all import *` and the rest crowd the namespace
+_helpers = {'logger', 'Slot', 'to_device', 'few', 'first_line', 'first_items', 'is_rank0', 'barrier', 'check_context',
+            'check_fraction', 'check_iteration', 'check_masks_in_sync', 'check_original', 'check_rate', 'check_ticket',
+            'args_kwargs', 'map_tensors', 'flat_tensors', 'round_half_up', 'force_device_path', 'state_problems',
+            'csr_conv_refusal', 'default_rtol', 'eager_compiled', 'model_device'}
+__all__ = list(dict.fromkeys(n for _m in _modules for n in _m.__all__ if n not in _helpers))
