@@ -165,10 +165,10 @@ class SparsifyCallback(Callback):
     def _check_alone(self):
         others = [c for c in self.learn.cbs if isinstance(c, SparsifyCallback) and c is not self]
         if others:
-            raise ValueError(f"{len(others) + 1} SparsifyCallbacks in one fit (one attached to the Learner, one "
-                             "passed to fit?): their masks and schedules would combine silently. Use one: remove the "
-                             "other with learn.remove_cb(learn.sparsify), or prune further with "
-                             "learn.sparsify.restart(sparsity)")
+            raise ValueError(f"{len(others) + 1} SparsifyCallbacks in one fit (one attached to the Learner and one "
+                             "passed to fit, or two in one list?): their masks and schedules would combine silently. "
+                             "Use one: a callback attached with Learner(cbs=) is removed with learn.remove_cb(cb); to "
+                             "prune further, call cb.restart(sparsity) on the one you keep")
 
     def restart(self, sparsity=None) -> SparsifyCallback:
         "Prune again in the next training fit: the schedule runs from its start to `sparsity` (default: the same)"
