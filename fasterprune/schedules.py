@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_schedules.ipynb #005bc7fb
 from __future__ import annotations
-import math
+import math, warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -84,5 +84,13 @@ def get_schedule(schedule) -> Schedule:
         if schedule not in _factories:
             raise ValueError(f"Unknown schedule {schedule!r}; valid names: {', '.join(schedule_names)} (or pass a callable f(pos) -> fraction)")
         return _factories[schedule]()
-    if callable(schedule): return Schedule(schedule, 0., 1., getattr(schedule, '__name__', 'custom'))
+    if callable(schedule):
+        s = Schedule(schedule, 0., 1., getattr(schedule, '__name__', 'custom'))
+        try: end = float(schedule(1.))
+        except Exception: end = 1.  # a function defined on [0, 1) only: its window's end is its own business
+        if end < 1 - 1e-6:
+            warnings.warn(f"schedule {s.name!r} reaches {end:g} of the target at the end of the fit (f(1.0)); the fit's "
+                          "last step prunes to the full target at once. Return 1 at pos=1 (f gives a fraction of the "
+                          "target, over the whole fit), or lower the target", UserWarning, stacklevel=2)
+        return s
     raise TypeError(f"schedule must be a name ({', '.join(schedule_names)}), a Schedule or a callable, got {type(schedule).__name__}")
