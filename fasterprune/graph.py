@@ -24,6 +24,7 @@ __all__ = ['logger', 'UnknownOpError', 'CountedLayerNorm', 'CountedRMSNorm', 'Sl
 _conv_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _norm_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
                nn.InstanceNorm3d)
+_rnn_modules = (nn.RNNBase, nn.RNNCellBase)  # LSTM, GRU, RNN and their cells: the gates mix every channel
 _pin_modules = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.GroupNorm, nn.LayerNorm,
                 nn.LocalResponseNorm, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle, nn.Softmax2d)
 _pass_modules = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
@@ -667,6 +668,7 @@ class ChannelGraph:
 from torch.overrides import TorchFunctionMode
 
 _leaf_types = (nn.Linear, nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention, nn.Softmax, nn.LogSoftmax, nn.Softmin) \
+    + _rnn_modules \
     + _conv_types + _norm_types + _pin_modules + _pass_modules + _reshape_modules \
     + (getattr(nn, 'RMSNorm', nn.LayerNorm),)
 _dunder = {'__add__': operator.add, '__iadd__': operator.iadd, '__radd__': operator.add, '__mul__': operator.mul,
@@ -1597,11 +1599,21 @@ def _module_labels(self:ChannelGraph, n:fx.Node, m:nn.Module, out, it:_Labeler, 
     if isinstance(m, _softmax_modules) and m.dim is not None and isinstance(x, Tensor) \
             and _normdim(m.dim, x.dim()) != cd:
         return xl
+    if isinstance(m, _rnn_modules):  # its input features, hidden state and outputs stay whole (features: last dim)
+        self._pin(it.arg_lab(n.args[0]) if n.args else xl, tname)
+        for a in list(n.args[1:]) + list(n.kwargs.values()): self._pin(it.arg_lab(a), tname)  # (h0, c0)
+        return _last_dim_pinned(self, out, tname)
     if isinstance(m, _pin_modules + _softmax_modules):
         self._pin(xl, tname)
         return self._fresh(out, x, xl, tname)
     self._fail(n, f'module {name!r} ({tname})', [it.arg_lab(a) for a in list(n.args) + list(n.kwargs.values())])
     return _pinned_like(self, out, f'unknown module {tname}')
+
+def _last_dim_pinned(g:ChannelGraph, out, reason:str):
+    "Fresh pinned labels on the last dimension of every tensor in `out` (a recurrent layer's output and states)"
+    if isinstance(out, Tensor): return _at(g._new(out.shape[-1], reason), out.dim() - 1, out.dim()) if out.dim() else None
+    if isinstance(out, (list, tuple)) and _seq(out): return type(out)(_last_dim_pinned(g, o, reason) for o in out)
+    return None  # a PackedSequence: its data's rows are packed time steps; nothing downstream is cut by it
 
 def _pinned_like(g:ChannelGraph, out, reason:str):
     "Fresh pinned labels for every tensor with channels in `out` (a tensor, or a tuple, list or dict of them)"

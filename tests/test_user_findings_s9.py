@@ -88,3 +88,24 @@ def test_a_global_filter_ranking_that_thins_a_layer_far_past_the_target_says_so(
         kept = int(net[0].weight.detach().flatten(1).ne(0).any(1).sum())
         fct.test_eq(('cut layers far past the target' in caplog.text, "'0' 1 of 32" in caplog.text), (warned, warned))
         fct.test_eq(kept, 1 if warned else 6)
+
+
+@pytest.mark.parametrize('rnn', ['lstm', 'gru'])
+def test_a_model_with_a_recurrent_layer_prunes_around_it_with_the_default_strict(rnn):
+    "H13: Pruner(learn).compact() raised UnknownOpError on any model with an LSTM unless strict=False"
+    from fasterprune.pruner import Pruner
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            cls = nn.LSTM if rnn == 'lstm' else nn.GRU
+            self.emb, self.rnn = nn.Embedding(50, 16), cls(16, 32, batch_first=True, bidirectional=True)
+            self.head = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
+        def forward(self, x): return self.head(self.rnn(self.emb(x))[0][:, -1])
+    torch.manual_seed(0)
+    net, x = Net().eval(), torch.randint(0, 50, (4, 7))
+    before = {k: v.clone() for k, v in net.rnn.state_dict().items()}
+    pr = Pruner(net, x)
+    pr.prune(0.5)
+    fct.test_eq((net.head[0].out_features, net.head[2].in_features, net.head[2].out_features), (24, 24, 10))
+    fct.test_eq(all(torch.equal(v, before[k]) for k, v in net.rnn.state_dict().items()), True)  # the gates stay whole
+    assert pr.history[-1]['rel_error'] <= 1e-5
