@@ -10,7 +10,7 @@ from torch import nn, Tensor
 import torch.nn.functional as F
 import pandas as pd
 from .core import evaluating, flat_tensors, first_line, bare_model, eager_compiled, quantized_note, \
-    mha_fastpath_off, _in_eval
+    mha_fastpath_off, _in_eval, few
 from .metrics import _prepare, _check_whole, _check_threads, _interleaved, _sync
 
 logger = logging.getLogger('fasterprune')
@@ -753,6 +753,9 @@ def to_sparse_inference(
     rows += [dict(layer=n, type='MultiheadAttention', kernel='dense', reason=why) for n, why in skipped.items()]
     rows += [dict(layer=n, type=type(convs[n]).__name__, shape=tuple(convs[n].weight.shape), kernel='dense', reason=why)
              for n, why in conv_refused.items()]
+    rnn = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.RNNBase, nn.RNNCellBase))]
+    rows += [dict(layer=n, type=type(m).__name__, kernel='dense', reason="recurrent: its gates run in PyTorch's fused "
+                  "kernel, which has no sparse form") for n, m in rnn]
     new = _exported(model, mats, chosen, mhas, skipped, calls)
     hs = _check_layouts(new)  # strides, not `is_contiguous()`: a transposed batch of 1 would pass that
     try:
@@ -762,8 +765,8 @@ def to_sparse_inference(
     err, tol = _check_output(ref, out, rtol)
     new.sparse_export = dict(rows=rows, rtol=tol, error=err, device=str(next(iter(model.parameters())).device),
                              threads=threads or torch.get_num_threads())
-    logger.info("sparse export: %d of %d weights sparse, output within %.2g of the masked model",
-                len(chosen), len(mats), err)
+    logger.info("sparse export: %d of %d weights sparse, output within %.2g of the masked model%s", len(chosen),
+                len(mats), err, f"; recurrent {few([n for n, _ in rnn], 4)} stay dense" if rnn else '')
     return new
 
 def export_report(exported:nn.Module):

@@ -109,3 +109,23 @@ def test_a_model_with_a_recurrent_layer_prunes_around_it_with_the_default_strict
     fct.test_eq((net.head[0].out_features, net.head[2].in_features, net.head[2].out_features), (24, 24, 10))
     fct.test_eq(all(torch.equal(v, before[k]) for k, v in net.rnn.state_dict().items()), True)  # the gates stay whole
     assert pr.history[-1]['rel_error'] <= 1e-5
+
+
+def test_the_sparse_export_says_recurrent_layers_stay_dense(caplog):
+    "H13: to_sparse_inference kept a pruned LSTM dense (right) and said only '0 of 2 weights sparse'"
+    from fasterprune.sparsifier import Sparsifier
+    from fasterprune.inference import to_sparse_inference, export_report
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.rnn, self.fc = nn.Embedding(50, 16), nn.LSTM(16, 32, batch_first=True), nn.Linear(32, 10)
+        def forward(self, x): return self.fc(self.rnn(self.emb(x))[0][:, -1])
+    torch.manual_seed(0)
+    net, x = Net().eval(), torch.randint(0, 50, (4, 7))
+    Sparsifier(net, 'weight', 'local').sparsify(0.9)
+    with caplog.at_level('INFO', logger='fasterprune'): new = to_sparse_inference(net, x, n_runs=2)
+    rep = export_report(new)
+    row = rep[rep.layer == 'rnn'].iloc[0]
+    fct.test_eq((row.type, row.kernel), ('LSTM', 'dense'))
+    assert 'recurrent rnn stay dense' in caplog.text, caplog.text
+    fct.test_close(new(x), net(x), eps=1e-5)
