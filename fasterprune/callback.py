@@ -74,7 +74,8 @@ class SparsifyCallback(Callback):
         criteria='magnitude',     # 'magnitude', 'gradient_magnitude', 'movement', 'random', a Criterion or f(w)->scores
         schedule='agp',           # 'one_shot', 'iterative', 'agp', 'linear', 'cos', a Schedule or f(pos)->fraction
         update_every:int|None=None, # batches between updates of smooth schedules (default: `default_update_every`)
-        layers=None,              # what to prune (names, patterns, modules, types); default every Conv/Linear
+        layers=None,              # what to prune (names, patterns, modules, types); default every Conv/Linear and
+                                  # recurrent gate weight
         exclude=None,             # what to leave dense (names, patterns, modules, types)
         seed:int=0,               # seeds the random criterion
         coupled:bool|None=None,   # filter granularity: prune coupled channels together (None: yes, unless untraceable;
@@ -105,7 +106,8 @@ class SparsifyCallback(Callback):
                 raise ValueError("heads= prunes whole attention heads, which needs coupled channels: "
                                  "drop coupled=False (or heads=)")
         if isinstance(layers, (list, tuple)) and not layers:
-            raise ValueError("layers=[] selects no layer to prune; leave layers=None to prune every Conv/Linear")
+            raise ValueError("layers=[] selects no layer to prune; leave layers=None to prune every Conv/Linear "
+                             "and recurrent layer")
         self.context, self.criteria, self.update_every = context, criteria, update_every
         self.layers, self.exclude = layers, exclude
         self.seed, self.show_sparsity, self.coupled, self.attention = seed, show_sparsity, coupled, attention
@@ -462,7 +464,7 @@ class SparsifyCallback(Callback):
                            few(over))
 
     def _warn_small_share(self, sp, model):
-        "The pruned layers hold under half the parameters (an LSTM, embeddings): the sparsity column is theirs only"
+        "The pruned layers hold under half the parameters (embeddings): the sparsity column is theirs only"
         P = sum(p.numel() for p in model.parameters())
         W = sum(m.weight.numel() for m in one_per_weight(sp.layers).values())
         if not P or W >= 0.5 * P: return

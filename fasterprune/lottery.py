@@ -172,6 +172,7 @@ class LotteryTicket:
         context:str='local',        # 'local' (rate of each layer) or 'global' (rate of the network, one ranking)
         layer_rates:dict|None=None, # {name or pattern: rate}, e.g. a lower rate for the output layer
         layers=None,                # what to prune (names, patterns, modules, types); default every Conv/Linear
+                                    # and recurrent gate weight
         exclude=None,               # what to leave dense
         fresh_opt:bool=True,        # a fresh optimizer after each rewind (False keeps its state)
         attention:bool|None=None,   # MultiheadAttention's input projections: True prune them, False leave them dense,
@@ -344,7 +345,7 @@ def _probe(make_learner, run:dict) -> nn.Module:
     if not probe.metrics:
         raise ValueError("make_learner's Learner has no metric: pass metrics=accuracy (the runner reports the first)")
     lyr = prunable_layers(probe.model)
-    if not lyr: raise ValueError(f"Nothing to prune: {type(probe.model).__name__} has no Conv/Linear layer")
+    if not lyr: raise ValueError(f"Nothing to prune: {type(probe.model).__name__} has no Conv/Linear or recurrent layer")
     _layer_rates(lyr, run['layer_rates'])
     n_iter, how = _fit_steps(probe, run['epochs'])
     if run['rewind_iter'] > n_iter:

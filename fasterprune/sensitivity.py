@@ -200,7 +200,8 @@ def sensitivity(
     ratios=(0.25, 0.5, 0.75, 0.9),   # fractions in (0, 1) to prune each layer to, that layer alone
     granularity='weight',            # 'weight', 'vector', 'kernel' or 'filter' (as you will train with)
     criteria='magnitude',            # 'magnitude', 'random', a Criterion or f(w) -> scores (no gradients: no training)
-    layers=None,                     # which layers to scan (names, patterns, modules, types); default every Conv/Linear
+    layers=None,                     # which layers to scan (names, patterns, modules, types); default every
+                                     # Conv/Linear and recurrent gate weight
                                      # (with filters and a Learner, not those that make the model's output)
     metric=None,                     # Learner: None (its first metric, else valid_loss), a metric's name, or
                                      # f(model) -> float; a plain model: f(model) -> float
