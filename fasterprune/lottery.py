@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_lottery.ipynb #9901367b
 from __future__ import annotations
-import json, logging, math, statistics, warnings
+import json, logging, math, statistics, sys, warnings
 from pathlib import Path
 import torch
 from torch import nn, Tensor
@@ -66,6 +66,14 @@ def _fit_steps(
         steps += s
     return steps, f"{how}, with GradientAccumulation a step per {ga.n_acc} samples"
 
+def _raised_in(event:str) -> bool:
+    "Was the exception being handled raised while fastai called the callbacks' `event` (`Learner._call_one`)?"
+    code, tb = getattr(getattr(Learner, '_call_one', None), '__code__', None), sys.exc_info()[2]
+    while tb is not None and code is not None:
+        if tb.tb_frame.f_code is code and tb.tb_frame.f_locals.get('event_name') == event: return True
+        tb = tb.tb_next
+    return False  # not found (another fastai): the step is not counted, as before
+
 class RewindCallback(Callback):
     "Drive a `Rewinder` in `Learner.fit`: masks re-applied after every optimizer step, the rewind point kept"
     order, run_valid = 40, False  # like SparsifyCallback: after GradientAccumulation and MixedPrecision
@@ -116,25 +124,27 @@ class RewindCallback(Callback):
 
     def after_cancel_step(self): self._cancelled = True  # e.g. fp16 MixedPrecision skipping an overflowed step
     def before_step(self): self._stepping = True  # the optimizer steps next, unless a later callback cancels it
+    def _cut(self):
+        "A batch, epoch or fit cancelled in a callback's `after_step` before ours ran: the optimizer stepped, count it"
+        if self._stepping and _raised_in('after_step'):  # (a cancel from a later callback's before_step: no step)
+            try: self.rewinder.check_masks()
+            except ValueError: pass  # a surgery in the fit: the next fit says so
+            else: self.after_step()
+        self._stepping = False
+    after_cancel_batch = after_cancel_train = after_cancel_epoch = after_cancel_fit = _cut
 
     def after_step(self):
         stepped, self._cancelled, self._stepping = not self._cancelled, False, False
         self.rewinder.after_step(self._count and stepped, defer=True)  # masks re-applied either way
 
-    def after_batch(self):
-        # a callback before this one ended the batch in its after_step (CancelBatchException): the optimizer stepped,
-        # ours did not run; that step is counted and masked here, before the next forward
-        if self._stepping: self.after_step()
-        self.rewinder.keep_due()  # the point, once every callback's after_step ran (their masks)
+    def after_batch(self): self.rewinder.keep_due()  # the point, once every callback's after_step ran (their masks)
     def before_batch(self): self.rewinder.keep_due()  # ... or at the next batch, when a callback cut the batch short
 
     def after_fit(self):
         if self.rewinder is not None and self._started:
             try: self.rewinder.check_masks()
             except ValueError: pass  # a surgery in the fit: the next fit says so
-            else:  # a fit cancelled in an earlier after_step: its last step counts, and masks hold whatever ended it
-                if self._stepping: self.after_step()
-                else: self.rewinder.after_step(count=False)
+            else: self.rewinder.after_step(count=False)  # masks hold whatever ended the fit
             self.rewinder.keep_due()  # a fit cancelled right after the rewind step
         if not (self._started and self._count): return
         try: self.rewinder.end_fit()

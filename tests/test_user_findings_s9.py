@@ -3,7 +3,7 @@ import pytest, torch, torch.nn as nn
 import fastcore.test as fct
 from fastai.learner import Learner
 from fastai.data.core import DataLoaders
-from fastai.callback.core import Callback, CancelFitException, CancelBatchException
+from fastai.callback.core import Callback, CancelFitException, CancelBatchException, CancelEpochException
 from fastai.optimizer import SGD
 from torch.utils.data import TensorDataset, DataLoader
 from fasterprune.callback import SparsifyCallback
@@ -40,7 +40,7 @@ def test_masks_hold_when_an_earlier_callback_ends_the_fit_in_after_step(ex):
         fct.test_eq(int(m.weight.detach().eq(0).sum()), m.weight.numel() // 2)
 
 
-@pytest.mark.parametrize('ex', [CancelFitException, CancelBatchException])
+@pytest.mark.parametrize('ex', [CancelFitException, CancelBatchException, CancelEpochException])
 def test_a_step_whose_after_step_was_cut_short_counts_toward_the_rewind_point(ex):
     "A rewind point due at the step an earlier callback cut short was lost (fit: a RuntimeError) or kept a step late"
     steps = []
@@ -49,7 +49,7 @@ def test_a_step_whose_after_step_was_cut_short_counts_toward_the_rewind_point(ex
         def after_step(self): steps.append({k: v.clone() for k, v in self.learn.model.state_dict().items()})
     learn = _learner()
     rw = Rewinder(learn.model).attach(learn, iteration=2)
-    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-1, cbs=[Rec(), Stop(ex, 2)])
+    with learn.no_bar(), learn.no_logging(): learn.fit(2, 1e-1, cbs=[Rec(), Stop(ex, 2)])
     assert rw.rewind_point is not None
     fct.test_eq(all(torch.equal(rw.rewind_point[k], v) for k, v in steps[1].items()), True)
 
