@@ -913,14 +913,22 @@ class Sparsifier:
         "New `bool` masks (True = keep) for `sparsity` (a fraction, or a per-layer dict); the model is not changed"
         targets = self._check_targets(sparsity)
         g = self.granularity
-        if self.groups is not None: return self._coupled_masks(targets)
+        if self.groups is not None: return self._kept_pruned(self._coupled_masks(targets))
         per_layer = isinstance(targets, dict) or self.context == 'local'
         ts = targets if isinstance(targets, dict) else {n: targets for n in self.layers}
-        if g.is_nm: return self._nm_masks(ts)
+        if g.is_nm: return self._kept_pruned(self._nm_masks(ts))
         names = list(ts)
         if per_layer: keeps = [self._select([n], ts[n], self._group_size(n))[0] for n in names]  # round(s * groups)
         else: keeps = self._select(names, targets)  # one ranking, round(s * n_weights) weights at most
-        return {n: g.expand(k, self.layers[n].weight, self.layers[n]) for n, k in zip(names, keeps)}
+        masks = {n: g.expand(k, self.layers[n].weight, self.layers[n]) for n, k in zip(names, keeps)}
+        return masks if g.name == 'weight' else self._kept_pruned(masks)  # weights: the ranking keeps them already
+
+    def _kept_pruned(self, masks:dict) -> dict[str, Tensor]:
+        """Masks never shrink: what the current masks prune stays pruned. A group ranks as pruned only when all of it
+        is, so an entry pruned inside a group that stays (a weight's zero adopted under 'filter', 'kernel', 'vector'
+        or N:M: a checkpoint pruned finer) would otherwise train back"""
+        return {n: k & old if (old := self.masks.get(n)) is not None and old.shape == k.shape else k
+                for n, k in masks.items()}
 
     def set_masks(self, masks:dict[str, Tensor]):
         "Keep `masks` (they replace the masks of the same layers; with coupled channels, bias and norm masks follow)"
