@@ -244,6 +244,10 @@ class SparsifyCallback(Callback):
         p0 = self._b0 / self.n_steps
         if self.schedule(p0) > 0 and not self._needs_grad and (self._b0 == 0 or not self.sparsifier.masks):
             self._update(p0, self.schedule(p0))
+        elif self._b0 and self.sparsifier.masks and self.last_target is None:
+            # the adopted masks are the schedule's level at p0, not a ranking to make again at its first step: made
+            # again over weights that trained since, a coupled ranking picks other units and prunes more (F10)
+            self.last_target = self._target(self.schedule(p0))
         self._apply()
         self._mode = 'prune'
 

@@ -147,3 +147,39 @@ def test_zeros_of_a_finer_pruned_checkpoint_stay_pruned_under_a_coarser_granular
                           exclude=['0', '6'] if gran == '2:4' else None)  # rows of 9: not in groups of 4
     with learn.no_bar(), learn.no_logging(): learn.fit(2, 1e-2, cbs=cb)
     for i in ((2,) if gran == '2:4' else (0, 2)): fct.test_eq(int(net[i].weight.detach()[zero[i]].ne(0).sum()), 0)
+
+
+def test_a_fit_resumed_with_a_new_learner_and_callback_ends_as_the_uninterrupted_one(tmp_path):
+    "F10 #2: the resumed callback ranked again at its first step; a coupled ranking then pruned 4 more channels"
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(12, 12, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(12)
+            self.c2, self.b2 = nn.Conv2d(12, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12)
+        def forward(self, x): return torch.relu(x + self.b2(self.c2(torch.relu(self.b1(self.c1(x))))))
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU())
+            self.blocks, self.fc1, self.fc = nn.Sequential(Block(), Block()), nn.Linear(12, 16), nn.Linear(16, 10)
+        def forward(self, x): return self.fc(torch.relu(self.fc1(self.blocks(self.stem(x)).mean((2, 3)))))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 3, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)
+    dl = lambda: DataLoader(TensorDataset(x, y), batch_size=16)
+    def learner():
+        torch.manual_seed(1)
+        return Learner(DataLoaders(dl(), dl()), Net(), loss_func=nn.CrossEntropyLoss(), path=tmp_path,
+                       cbs=SparsifyCallback(0.5, 'filter', 'global', schedule='one_shot', show_sparsity=False))
+    class StopAfterFirstEpoch(Callback):
+        order = 90
+        def after_epoch(self):
+            if self.epoch == 0: raise CancelFitException()
+    a, b = learner(), learner()
+    with a.no_bar(), a.no_logging(): a.fit(3, 1e-2)
+    with b.no_bar(), b.no_logging(): b.fit(3, 1e-2, cbs=StopAfterFirstEpoch())
+    b.save('ck', with_opt=True)
+    c = learner()
+    c.load('ck', with_opt=True)
+    with c.no_bar(), c.no_logging(): c.fit(3, 1e-2, start_epoch=1)
+    sa, sc = a.model.state_dict(), c.model.state_dict()
+    fct.test_eq([k for k in sa if not torch.equal(sa[k], sc[k])], [])
