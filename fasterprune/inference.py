@@ -42,9 +42,18 @@ def _inference_only(m:nn.Module, x:Tensor):
         raise RuntimeError(f"{type(m).__name__} is an inference-only sparse kernel and cannot backpropagate: call it "
                            "under `torch.no_grad()` or `torch.inference_mode()`, with an input that needs no grad")
 
+def _fresh_strides(shape) -> tuple:
+    "The strides of `torch.empty(shape)`: row-major, size-1 dims included"
+    st, acc = [], 1
+    for d in reversed(shape):
+        st.append(acc)
+        acc *= max(d, 1)
+    return tuple(reversed(st))
+
 def _contiguous(y:Tensor) -> Tensor:
     "`y` in row-major order with the strides of a fresh tensor, size-1 dims too (a copy only when it is not already)"
-    return y.contiguous().view(y.shape)
+    y = y.contiguous()  # (a (B, 1) output of strides (1, B) is contiguous to PyTorch: size-1 dims do not count)
+    return y if y.stride() == _fresh_strides(y.shape) else y.clone(memory_format=torch.contiguous_format)
 
 class SparseLinear(nn.Module):
     "Base of the exported Linear kernels: `x @ W.T + bias` over any leading dims; `state_dict` holds the dense `weight`"
@@ -686,14 +695,6 @@ def _chain_views(model:nn.Module, calls:dict):
             while j < len(kids) and type(kids[j][1]) in _elementwise and not hooked(kids[j][1]): j += 1
             if j < len(kids) and _linear_kernel(kids[j][1]) and not hooked(kids[j][1]) and only_here(kids[j][0]):
                 a.contiguous_out = False
-
-def _fresh_strides(shape) -> tuple:
-    "The strides of `torch.empty(shape)`: row-major, size-1 dims included"
-    st, acc = [], 1
-    for d in reversed(shape):
-        st.append(acc)
-        acc *= max(d, 1)
-    return tuple(reversed(st))
 
 def _check_layouts(model:nn.Module) -> list:
     "Forward hooks that raise if an exported kernel returns anything but a fresh row-major tensor (as nn.Linear does)"

@@ -183,3 +183,17 @@ def test_a_fit_resumed_with_a_new_learner_and_callback_ends_as_the_uninterrupted
     with c.no_bar(), c.no_logging(): c.fit(3, 1e-2, start_epoch=1)
     sa, sc = a.model.state_dict(), c.model.state_dict()
     fct.test_eq([k for k in sa if not torch.equal(sa[k], sc[k])], [])
+
+
+def test_the_sparse_export_of_a_one_output_linear():
+    "F10 #3: kernels='csr' refused any Linear with one output (a binary or regression head) as 'a bug of the export'"
+    from fasterprune.inference import to_sparse_inference
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1)).eval()
+    with torch.no_grad():
+        for l in (m[0], m[2]): l.weight.mul_((torch.rand_like(l.weight) > 0.9).float())
+    for x in (torch.randn(4, 16), torch.randn(1, 16)):
+        fast = to_sparse_inference(m, x, kernels='csr', n_runs=2)
+        with torch.no_grad(): y = fast(x)
+        fct.test_eq(y.stride(), torch.empty(y.shape).stride())
+        fct.test_close(y, m(x), eps=1e-6)
