@@ -429,6 +429,8 @@ def lottery_experiment(
     if state_path is None and json_path is not None: state_path = Path(json_path).with_suffix('.state.pt')
     for p in (state_path, json_path, tickets_dir):
         if p is not None and not Path(p).parent.is_dir(): raise ValueError(f"{Path(p).parent} does not exist (for {p})")
+    if tickets_dir is not None and Path(tickets_dir).exists() and not Path(tickets_dir).is_dir():
+        raise ValueError(f"tickets_dir {tickets_dir} is a file, not a folder: name a folder to save the tickets in")
     config = _config(run, make_learner, name)
     ref = _probe(make_learner, run)
     n_params = sum(p.numel() for p in ref.parameters())

@@ -197,3 +197,12 @@ def test_the_sparse_export_of_a_one_output_linear():
         with torch.no_grad(): y = fast(x)
         fct.test_eq(y.stride(), torch.empty(y.shape).stride())
         fct.test_close(y, m(x), eps=1e-6)
+
+
+def test_lottery_experiment_refuses_a_file_as_its_tickets_folder(tmp_path):
+    "F10 #4: `fasterprune lth --tickets FILE` ended in a raw FileExistsError traceback after the set-up"
+    from fasterprune.lottery import lottery_experiment
+    f = tmp_path / 'afile'
+    f.write_text('')
+    def make(): raise AssertionError('nothing should be built')
+    fct.test_fail(lambda: lottery_experiment(make, rounds=1, epochs=1, tickets_dir=f), contains='is a file, not a folder')
