@@ -240,13 +240,19 @@ class Rewinder:
         if obj is None:
             if iteration is not None: self.keep_rewind_point(iteration)
             return self
+        if hasattr(obj, 'add_cb') and hasattr(obj, 'dls'):  # two RewindCallbacks would mask and count each step twice
+            from fasterprune.lottery import RewindCallback  # fastai is imported only when a Learner is given
+            other = [type(c).__name__ for c in obj.cbs if isinstance(c, RewindCallback) and c is not self.callback]
+            if other:
+                raise ValueError(f"this Learner already has a {other[0]} (a LotteryTicket or Rewinder.attach made "
+                                 "earlier, or one load_learner brought back): go on with it, or remove it first with "
+                                 "learn.remove_cb(cb); a saved ticket continues with load_ticket")
         self.detach()
         if isinstance(obj, torch.optim.Optimizer):
             self.opt = obj
             self._hook = obj.register_step_post_hook(lambda *_: self.after_step())
             if iteration is not None: self.keep_rewind_point(iteration)
         elif hasattr(obj, 'add_cb') and hasattr(obj, 'dls'):  # a fastai Learner, by duck typing
-            from fasterprune.lottery import RewindCallback  # fastai is imported only when a Learner is given
             self.learn, self.callback = obj, RewindCallback(iteration, rewinder=self)
             obj.add_cb(self.callback)
         else: raise TypeError(f"attach takes a fastai Learner or a torch.optim.Optimizer, got {type(obj).__name__}; "

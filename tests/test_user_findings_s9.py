@@ -206,3 +206,16 @@ def test_lottery_experiment_refuses_a_file_as_its_tickets_folder(tmp_path):
     f.write_text('')
     def make(): raise AssertionError('nothing should be built')
     fct.test_fail(lambda: lottery_experiment(make, rounds=1, epochs=1, tickets_dir=f), contains='is a file, not a folder')
+
+
+def test_a_second_lottery_ticket_on_one_learner_is_refused():
+    "F10 #6: two RewindCallbacks were accepted (a load_learner'd Learner got a second one, rewinding to trained weights)"
+    from fasterprune.lottery import LotteryTicket, RewindCallback
+    learn = _learner()
+    lt = LotteryTicket(learn, 0.5)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
+    lt.next_round()
+    fct.test_fail(lambda: LotteryTicket(learn, 0.5), contains='already has a RewindCallback')
+    fct.test_eq(sum(isinstance(c, RewindCallback) for c in learn.cbs), 1)
+    lt.rewinder.attach(learn)  # the same Rewinder again: fine, it replaces its own callback
+    fct.test_eq(sum(isinstance(c, RewindCallback) for c in learn.cbs), 1)
