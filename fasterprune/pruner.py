@@ -962,6 +962,23 @@ def _removed_counts(g:ChannelGraph, remove:Tensor) -> tuple[int, int, int]:
         if per > 1: groups += u
     return filters, heads, groups
 
+def _shapes_first(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    "`load_state_dict` pre-hook of a pruned model: every shape is compared before any tensor is copied"
+    bad = [f"{k}: {tuple(state_dict[prefix + k].shape)} in the checkpoint, {tuple(v.shape)} here"
+           for k, v in module.state_dict(keep_vars=True).items()
+           if isinstance(v, Tensor) and isinstance(state_dict.get(prefix + k), Tensor)
+           and state_dict[prefix + k].shape != v.shape]
+    if bad:  # PyTorch copies the tensors that fit before it raises: a refused load would leave two states mixed
+        raise RuntimeError(f"the checkpoint does not fit this pruned model ({few(bad, 3)}); nothing was loaded. A "
+                           "checkpoint of the model before the surgery loads into a fresh, unpruned model; a pruned "
+                           "one is saved with save_pruned and loaded with load_pruned (or learn.save after compact())")
+
+def _guard_loads(model:nn.Module):
+    "After a surgery: a checkpoint of other shapes is refused before `load_state_dict` changes anything"
+    if not getattr(model, '_fp_shapes_first', False):
+        model.register_load_state_dict_pre_hook(_shapes_first)
+        model._fp_shapes_first = True
+
 def _removed_text(filters:int, heads:int, groups:int) -> str:
     "'3 filters removed', '0 filters and 4 attention heads (2 k/v groups) removed'"
     s = f"{filters} filter{'s' * (filters != 1)}"
@@ -1039,6 +1056,7 @@ def _surgery(self:Pruner, tx:_Surgery, g:ChannelGraph, remove:Tensor, consts:dic
         raise
     if point is not None: _match_biases(self.model, tx, point)
     self._sync_optimizer(tx)
+    _guard_loads(self.model)
     if rw is not None:
         rw.follow_cuts(tx.cuts)  # the rewind point and the masks follow the cut
         if point is not None: rw.rewind_point = point  # the same surgery on the rewind point: its own folds

@@ -219,3 +219,26 @@ def test_a_second_lottery_ticket_on_one_learner_is_refused():
     fct.test_eq(sum(isinstance(c, RewindCallback) for c in learn.cbs), 1)
     lt.rewinder.attach(learn)  # the same Rewinder again: fine, it replaces its own callback
     fct.test_eq(sum(isinstance(c, RewindCallback) for c in learn.cbs), 1)
+
+
+def test_a_pruned_model_refuses_a_checkpoint_of_other_shapes_before_copying_anything():
+    "F10 #5: loading the pre-surgery checkpoint into the compacted model overwrote the tensors that fit, then raised"
+    import copy, io
+    from fasterprune.pruner import Pruner
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    dense = {k: v.clone() for k, v in net.state_dict().items()}
+    Pruner(net, torch.randn(4, 20)).prune(0.5)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    fct.test_fail(lambda: net.load_state_dict(dense), contains='nothing was loaded')
+    fct.test_eq(all(torch.equal(v, before[k]) for k, v in net.state_dict().items()), True)
+    net.load_state_dict(before)  # its own shapes load
+    for m in (copy.deepcopy(net), torch.load(io.BytesIO(_saved(net)), weights_only=False)):  # the guard travels
+        fct.test_fail(lambda: m.load_state_dict(dense), contains='nothing was loaded')
+
+
+def _saved(m) -> bytes:
+    import io
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    return buf.getvalue()
