@@ -44,6 +44,14 @@ def _in_call_of(fn) -> bool:
         f = f.f_back
     return False
 
+def _raised_in(event:str) -> bool:
+    "Was the exception being handled raised while fastai called the callbacks' `event` (`Learner._call_one`)?"
+    code, tb = getattr(getattr(Learner, '_call_one', None), '__code__', None), sys.exc_info()[2]
+    while tb is not None and code is not None:
+        if tb.tb_frame.f_code is code and tb.tb_frame.f_locals.get('event_name') == event: return True
+        tb = tb.tb_next
+    return False  # not found (another fastai): treated as a cancel before the optimizer step
+
 def _in_fine_tune() -> bool:
     "Is this fit inside `Learner.fine_tune` (its frozen fit is followed by an unfrozen one)?"
     return _in_call_of(getattr(Learner, 'fine_tune', None))
@@ -244,12 +252,35 @@ class SparsifyCallback(Callback):
         p0 = self._b0 / self.n_steps
         if self.schedule(p0) > 0 and not self._needs_grad and (self._b0 == 0 or not self.sparsifier.masks):
             self._update(p0, self.schedule(p0))
-        elif self._b0 and self.sparsifier.masks and self.last_target is None:
-            # the adopted masks are the schedule's level at p0, not a ranking to make again at its first step: made
-            # again over weights that trained since, a coupled ranking picks other units and prunes more (F10)
-            self.last_target = self._target(self.schedule(p0))
+        elif self._b0 and self.sparsifier.masks and self.last_target is None and not self._needs_grad:
+            # masks adopted where the fit resumes: at the level of the schedule's last update before it (the fit it
+            # resumes made them), they are not ranked again (over weights that trained since, a coupled ranking picks
+            # other units and prunes more, F10) and the next update follows the cadence; below it (a stray zero, a
+            # checkpoint from before pruning) the fit prunes to the schedule's level at once
+            t0 = self._target(self.schedule(self._b0 // self._every * self._every / self.n_steps))
+            if self._at_level(t0): self.last_target = t0
+            elif self.schedule(p0) > 0:
+                logger.info("SparsifyCallback: the masks adopted where the fit resumes prune less than the schedule's "
+                            "level there (%s): pruned to it before the first batch", self._target(self.schedule(p0)))
+                self._update(p0, self.schedule(p0))
         self._apply()
         self._mode = 'prune'
+
+    def _at_level(self, t) -> bool:
+        "Do the current masks prune at least what a ranking at target `t` prunes (per layer when targets are)?"
+        sp = self.sparsifier
+        if (isinstance(t, dict) and not t) or (not isinstance(t, dict) and t <= 0): return True
+        raw = sp.compute_masks(t, keep_pruned=False)
+        names = list(raw)
+        dev = raw[names[0]].device
+        want = torch.stack([(~raw[n]).sum().to(dev) for n in names])
+        have = torch.stack([(~sp.masks[n]).sum().to(dev) if n in sp.masks else want.new_zeros(()) for n in names])
+        if sp.groups is not None:  # coupled units: ranked again over weights that trained since, the ranking picks
+            # other units, of other sizes (a grouped conv's 8 channels where the fit it resumes took 4): within a quarter
+            # of its count the adopted masks are that fit's own; far under it, zeros from elsewhere (a stray zero)
+            return bool(have.sum() >= 0.75 * want.sum())
+        per_layer = isinstance(t, dict) or self.context == 'local'
+        return bool((have >= want).all()) if per_layer else bool(have.sum() >= want.sum())  # one host read
 
     def _follow(self, model):
         "The Sparsifier for `model`: a new one for a new model; after a surgery, one that keeps its zeros fixed"
@@ -318,6 +349,11 @@ class SparsifyCallback(Callback):
     def _no_gradients(self) -> bool:
         "A gradient criterion with no step accumulated since its last update (the last step's were skipped: inf/NaN)"
         return self._needs_grad and not getattr(self.sparsifier.criterion, 'n_steps', 1)
+
+    def _cut(self):
+        "A batch, epoch or training phase a callback cancelled in its `after_step`, before ours ran: the masks hold now"
+        if self._mode in ('prune', 'keep') and _raised_in('after_step'): self._apply()  # (validation, after_epoch)
+    after_cancel_batch = after_cancel_epoch = after_cancel_train = _cut
 
     def after_train(self):
         "After the fit's last training batch, a schedule that ends there is finished even if no optimizer step followed"

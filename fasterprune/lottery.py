@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_lottery.ipynb #9901367b
 from __future__ import annotations
-import json, logging, math, statistics, sys, warnings
+import json, logging, math, statistics, warnings
 from pathlib import Path
 import torch
 from torch import nn, Tensor
@@ -16,7 +16,7 @@ from fastai.torch_core import set_seed
 import fastai.callback.progress  # Learner.no_bar
 from fastprogress.fastprogress import master_bar, progress_bar
 from .core import check_context, bare_model
-from .callback import _in_fit
+from .callback import _in_fit, _raised_in
 from .sparsifier import prunable_layers, one_per_weight
 from .rewind import (Rewinder, check_rate, check_iteration, model_state, imp_masks,
                                 random_masks, weights_remaining, check_ticket, _layer_rates, _names_attention)
@@ -65,14 +65,6 @@ def _fit_steps(
         s, count = per_start[count]
         steps += s
     return steps, f"{how}, with GradientAccumulation a step per {ga.n_acc} samples"
-
-def _raised_in(event:str) -> bool:
-    "Was the exception being handled raised while fastai called the callbacks' `event` (`Learner._call_one`)?"
-    code, tb = getattr(getattr(Learner, '_call_one', None), '__code__', None), sys.exc_info()[2]
-    while tb is not None and code is not None:
-        if tb.tb_frame.f_code is code and tb.tb_frame.f_locals.get('event_name') == event: return True
-        tb = tb.tb_next
-    return False  # not found (another fastai): the step is not counted, as before
 
 class RewindCallback(Callback):
     "Drive a `Rewinder` in `Learner.fit`: masks re-applied after every optimizer step, the rewind point kept"

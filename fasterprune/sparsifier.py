@@ -45,11 +45,14 @@ class AttentionProjection:
 class RecurrentWeight(AttentionProjection):
     """A gate weight of a recurrent layer (`weight_ih_l0`, `weight_hh_l1_reverse`, a cell's `weight_hh`, ...): the
     parameter `module.<attr>`; `rnn` runs it (fastai's `WeightDropout` holds the `_raw` weight of the LSTM it wraps)"""
-    def __init__(self, module:nn.Module, attr:str, rnn:nn.Module|None=None, names:tuple=()):
+    def __init__(self, module:nn.Module, attr:str, rnn:nn.Module|None=None, names:tuple=(),
+                 wrapper:nn.Module|None=None):  # `wrapper`: the module wrapping `rnn` (WeightDropout), if any
         super().__init__(module, attr)
-        self.rnn, self.names = module if rnn is None else rnn, names  # `names`: of the modules it belongs to
+        self.rnn, self.names, self.wrapper = module if rnn is None else rnn, names, wrapper  # `names`: of its modules
     @property
-    def owners(self) -> tuple: return (self.module,) if self.rnn is self.module else (self.module, self.rnn)
+    def owners(self) -> tuple:
+        "The modules it belongs to: `exclude=`/`layers=` given one of them select it (the wrapper selects all its gates)"
+        return tuple(dict.fromkeys(o for o in (self.module, self.rnn, self.wrapper) if o is not None))
     def __repr__(self): return f"{type(self.rnn).__name__}.{self.attr}{tuple(self.weight.shape)}"
 
 _attn_attrs = ('in_proj_weight', 'q_proj_weight', 'k_proj_weight', 'v_proj_weight')
@@ -78,11 +81,12 @@ def _recurrent_weights(modules) -> dict[str, RecurrentWeight]:
             raws = [a for a in _gate_params(m, inner, raw=True)
                     if not isinstance(inner._parameters.get(a[:-4]), nn.Parameter)]
             if raws:
-                wrapper[id(inner)] = n
+                wrapper[id(inner)] = (n, m)
                 found.update({pre + a: RecurrentWeight(m, a, inner, (n, f'{pre}module')) for a in raws})
         if isinstance(m, recurrent_types):
-            names = (n,) if id(m) not in wrapper else (n, wrapper[id(m)])
-            found.update({pre + a: RecurrentWeight(m, a, names=names) for a in _gate_params(m, m)})
+            wn, wm = wrapper.get(id(m), (None, None))
+            names = (n,) if wn is None else (n, wn)
+            found.update({pre + a: RecurrentWeight(m, a, names=names, wrapper=wm) for a in _gate_params(m, m)})
     return found
 
 def _matches(name, module, sel):
@@ -909,19 +913,23 @@ class Sparsifier:
             out[n] = g.expand(keep, self.layers[n].weight, self.layers[n])
         return out
 
-    def compute_masks(self, sparsity) -> dict[str, Tensor]:
-        "New `bool` masks (True = keep) for `sparsity` (a fraction, or a per-layer dict); the model is not changed"
+    def compute_masks(self,
+        sparsity,                # a fraction, or a per-layer dict
+        keep_pruned:bool=True,   # keep what the current masks prune (False: the ranking's own masks, coarser ones)
+    ) -> dict[str, Tensor]:
+        "New `bool` masks (True = keep) for `sparsity`; the model is not changed"
         targets = self._check_targets(sparsity)
         g = self.granularity
-        if self.groups is not None: return self._kept_pruned(self._coupled_masks(targets))
+        kept = self._kept_pruned if keep_pruned else (lambda m: m)
+        if self.groups is not None: return kept(self._coupled_masks(targets))
         per_layer = isinstance(targets, dict) or self.context == 'local'
         ts = targets if isinstance(targets, dict) else {n: targets for n in self.layers}
-        if g.is_nm: return self._kept_pruned(self._nm_masks(ts))
+        if g.is_nm: return kept(self._nm_masks(ts))
         names = list(ts)
         if per_layer: keeps = [self._select([n], ts[n], self._group_size(n))[0] for n in names]  # round(s * groups)
         else: keeps = self._select(names, targets)  # one ranking, round(s * n_weights) weights at most
         masks = {n: g.expand(k, self.layers[n].weight, self.layers[n]) for n, k in zip(names, keeps)}
-        return masks if g.name == 'weight' else self._kept_pruned(masks)  # weights: the ranking keeps them already
+        return masks if g.name == 'weight' else kept(masks)  # weights: the ranking keeps them already
 
     def _kept_pruned(self, masks:dict) -> dict[str, Tensor]:
         """Masks never shrink: what the current masks prune stays pruned. A group ranks as pruned only when all of it
