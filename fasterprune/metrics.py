@@ -13,7 +13,7 @@ import pandas as pd
 from .core import evaluating, few, model_device, to_device, first_line, conv1d_note, args_kwargs, \
     _dict_hint, bare_model, eager_compiled, quantized_note, _in_eval
 from .sparsifier import prunable_layers, AttentionProjection, RecurrentWeight, recurrent_types, _ties, \
-    _nnz_each as _nonzero_each
+    _nnz_each as _nonzero_each, _computed_gates
 
 logger = logging.getLogger('fasterprune')
 
@@ -133,7 +133,7 @@ def _recurrent_hooks(layers:dict, uses:dict) -> list:
         if isinstance(m, RecurrentWeight): by_rnn.setdefault(m.rnn, (m.rnn, []))[1].append(n)
     def hook(names):
         def f(m, a, kw, out):
-            rows = _recurrent_rows(m, a[0] if a else next(iter(kw.values())))
+            rows = _recurrent_rows(m, a[0] if a else kw.get('input', next(iter(kw.values()))))  # rnn(hx=h, input=x)
             for n in names: uses[n] += rows
         return f
     return [r.register_forward_hook(hook(ns), with_kwargs=True) for r, ns in by_rnn.values()]
@@ -165,11 +165,11 @@ def layer_flops(
         with evaluating(model): _call(model, args, kwargs, example_input)
     finally:
         for h in hs: h.remove()
-    counted = {id(m.rnn) for m in layers.values() if isinstance(m, RecurrentWeight)}
-    rnn = [n for n, m in model.named_modules() if isinstance(m, recurrent_types) and id(m) not in counted]
-    if rnn: logger.warning("FLOPs count Conv/ConvTranspose/Linear layers, recurrent gate weights that are parameters "
-                           "and attention projections only: the recurrent %s %s not counted (no weight parameter)",
-                           few(rnn, 3), 'is' if len(rnn) == 1 else 'are')
+    computed = _computed_gates(model)  # a whole layer, or one gate of it (weight_norm on weight_hh_l0)
+    if computed: logger.warning("FLOPs count Conv/ConvTranspose/Linear layers, recurrent gate weights that are "
+                                "parameters and attention projections only: the recurrent gate weight%s %s, computed "
+                                "at each forward (weight_norm, a parametrization), %s not counted",
+                                's' if len(computed) > 1 else '', few(computed, 3), 'are' if len(computed) > 1 else 'is')
     note = conv1d_note(model)
     if note: logger.warning("FLOPs: %s", note)
     idle = [n for n, u in uses.items() if u == 0 and n not in blocks]

@@ -962,8 +962,16 @@ def _removed_counts(g:ChannelGraph, remove:Tensor) -> tuple[int, int, int]:
         if per > 1: groups += u
     return filters, heads, groups
 
-def _shapes_first(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+class _ShapesFirst:
     "`load_state_dict` pre-hook of a pruned model: every shape is compared before any tensor is copied"
+    def __call__(self, module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        _shapes_first(module, state_dict, prefix)
+    # pickled (torch.save(model), learn.export) as `"".format`, a no-op hook of the standard library: a pruned model
+    # stays loadable where fasterprune is not installed (the guard comes back with load_pruned, or the next surgery)
+    def __reduce__(self): return (getattr, ('', 'format'))
+    def __deepcopy__(self, memo): return self
+
+def _shapes_first(module, state_dict, prefix):
     bad = [f"{k}: {tuple(state_dict[prefix + k].shape)} in the checkpoint, {tuple(v.shape)} here"
            for k, v in module.state_dict(keep_vars=True).items()
            if isinstance(v, Tensor) and isinstance(state_dict.get(prefix + k), Tensor)
@@ -974,10 +982,9 @@ def _shapes_first(module, state_dict, prefix, local_metadata, strict, missing_ke
                            "one is saved with save_pruned and loaded with load_pruned (or learn.save after compact())")
 
 def _guard_loads(model:nn.Module):
-    "After a surgery: a checkpoint of other shapes is refused before `load_state_dict` changes anything"
-    if not getattr(model, '_fp_shapes_first', False):
-        model.register_load_state_dict_pre_hook(_shapes_first)
-        model._fp_shapes_first = True
+    "After a surgery or a `load_pruned`: a checkpoint of other shapes is refused before `load_state_dict` copies any"
+    if not any(isinstance(getattr(h, 'hook', h), _ShapesFirst) for h in model._load_state_dict_pre_hooks.values()):
+        model.register_load_state_dict_pre_hook(_ShapesFirst())
 
 def _removed_text(filters:int, heads:int, groups:int) -> str:
     "'3 filters removed', '0 filters and 4 attention heads (2 k/v groups) removed'"
@@ -1663,6 +1670,7 @@ def apply_recipe(model:nn.Module, recipe:dict) -> nn.Module:
                 if cur is not None: new[id(cur)] = t
             if is_p: m._parameters[k] = t
             else: m._buffers[k] = t
+    _guard_loads(model)
     return model
 
 def save_pruned(model:nn.Module, path):
@@ -1772,6 +1780,7 @@ def load_pruned(model:nn.Module, path, map_location=None) -> nn.Module:
             elif a not in ('tensors', 'bias', 'pruned_heads', 'counted_norm', 'counted_rms'):
                 setattr(t, a, getattr(m, a))
         if type(m) is not type(t): t.__class__ = type(m)
+    _guard_loads(model)
     return model
 
 # %% ../nbs/08_pruner.ipynb #43d656e7

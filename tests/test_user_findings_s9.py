@@ -221,7 +221,7 @@ def test_a_second_lottery_ticket_on_one_learner_is_refused():
     fct.test_eq(sum(isinstance(c, RewindCallback) for c in learn.cbs), 1)
 
 
-def test_a_pruned_model_refuses_a_checkpoint_of_other_shapes_before_copying_anything():
+def test_a_pruned_model_refuses_a_checkpoint_of_other_shapes_before_copying_anything(tmp_path):
     "F10 #5: loading the pre-surgery checkpoint into the compacted model overwrote the tensors that fit, then raised"
     import copy, io
     from fasterprune.pruner import Pruner
@@ -233,8 +233,19 @@ def test_a_pruned_model_refuses_a_checkpoint_of_other_shapes_before_copying_anyt
     fct.test_fail(lambda: net.load_state_dict(dense), contains='nothing was loaded')
     fct.test_eq(all(torch.equal(v, before[k]) for k, v in net.state_dict().items()), True)
     net.load_state_dict(before)  # its own shapes load
-    for m in (copy.deepcopy(net), torch.load(io.BytesIO(_saved(net)), weights_only=False)):  # the guard travels
-        fct.test_fail(lambda: m.load_state_dict(dense), contains='nothing was loaded')
+    fct.test_fail(lambda: copy.deepcopy(net).load_state_dict(dense), contains='nothing was loaded')
+    # R19: pickled, the guard is a no-op of the standard library: a plain pruned model loads without fasterprune
+    assert b'fasterprune' not in _saved(net)
+    m = torch.load(io.BytesIO(_saved(net)), weights_only=False)
+    m.load_state_dict(before)
+    # R19: a model load_pruned rebuilt is guarded too
+    from fasterprune.pruner import save_pruned, load_pruned
+    save_pruned(net, tmp_path / 'p.pth')
+    fresh = nn.Sequential(nn.Linear(20, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+    load_pruned(fresh, tmp_path / 'p.pth')
+    fresh_before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    fct.test_fail(lambda: fresh.load_state_dict(dense), contains='nothing was loaded')
+    fct.test_eq(all(torch.equal(v, fresh_before[k]) for k, v in fresh.state_dict().items()), True)
 
 
 def _saved(m) -> bytes:
@@ -242,3 +253,60 @@ def _saved(m) -> bytes:
     buf = io.BytesIO()
     torch.save(m, buf)
     return buf.getvalue()
+
+
+@pytest.mark.parametrize('sched', ['one_shot', 'agp'])
+def test_a_fit_resumed_past_the_schedule_with_zeros_from_elsewhere_prunes_to_its_level(sched):
+    "R19: one stray zero at a resume after the schedule's end was taken for the schedule's masks: nothing was pruned"
+    from fasterprune.schedules import agp
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    with torch.no_grad(): net[0].weight[0, 0] = 0.  # a zero that is not from this schedule
+    learn = _learner()
+    learn.model = net
+    cb = SparsifyCallback(0.5, 'weight', 'global', schedule=one_shot(0.5) if sched == 'one_shot' else agp(0., 0.5),
+                          show_sparsity=False)
+    with learn.no_bar(), learn.no_logging(): learn.fit(4, 1e-2, cbs=cb, start_epoch=3)
+    n = sum(m.weight.numel() for m in cb.sparsifier.layers.values())
+    fct.test_eq(sum(int(m.weight.detach().eq(0).sum()) for m in cb.sparsifier.layers.values()), n // 2)
+
+
+def test_masks_hold_in_validation_when_a_callback_cuts_an_epochs_last_step_short():
+    "R19: a CancelBatchException from an earlier after_step at an epoch's last batch left masked weights nonzero there"
+    seen = []
+    cb = SparsifyCallback(0.5, 'weight', 'local', schedule=one_shot(), show_sparsity=False)
+    class Check(Callback):
+        order = 100
+        def _n(self):
+            sp = cb.sparsifier
+            return sum(int(m.weight.detach()[~sp.masks[n]].ne(0).sum()) for n, m in sp.layers.items())
+        def before_validate(self): seen.append(self._n())
+        def after_epoch(self): seen.append(self._n())
+    class EveryFourth(Stop):
+        def after_step(self):
+            self.n += 1
+            if self.n % 4 == 0: raise CancelBatchException()  # the last batch of every epoch
+    learn = _learner()
+    with learn.no_bar(), learn.no_logging(): learn.fit(2, 1e-1, cbs=[cb, EveryFourth(None, None), Check()])
+    fct.test_eq(seen, [0, 0, 0, 0])
+
+
+def test_recurrent_r18_exclude_by_wrapper_module_hx_keyword_and_computed_gates(caplog):
+    "R18: exclude=<WeightDropout> missed the inner LSTM's weight_ih; rnn(hx=h, input=x) counted h; a computed gate"
+    from fastai.text.models.awdlstm import WeightDropout
+    from fasterprune.sparsifier import prunable_layers
+    from fasterprune.metrics import layer_flops
+    wd = WeightDropout(nn.LSTM(8, 8, batch_first=True), 0.1)
+    net = nn.Sequential(wd)
+    fct.test_eq(list(prunable_layers(net, exclude=[wd])), [])
+    fct.test_eq(sorted(prunable_layers(net, layers=[wd])), ['0.module.weight_ih_l0', '0.weight_hh_l0_raw'])
+    class Kw(nn.Module):
+        def __init__(self): super().__init__(); self.rnn = nn.GRU(6, 12, batch_first=True)
+        def forward(self, x, h): return self.rnn(hx=h, input=x)[0]
+    x, h = torch.randn(2, 5, 6), torch.zeros(1, 2, 12)
+    fl = layer_flops(Kw(), (x, h))
+    fct.test_eq((fl['rnn.weight_ih_l0'][0], fl['rnn.weight_hh_l0'][0]), (10 * 36 * 6, 10 * 36 * 12))
+    lstm = nn.LSTM(8, 8)
+    torch.nn.utils.parametrizations.weight_norm(lstm, 'weight_hh_l0')
+    with caplog.at_level('WARNING', logger='fasterprune'): layer_flops(lstm, torch.randn(10, 1, 8))
+    assert 'weight_hh_l0, computed at each forward' in caplog.text, caplog.text
