@@ -252,14 +252,18 @@ class SparsifyCallback(Callback):
         p0 = self._b0 / self.n_steps
         if self.schedule(p0) > 0 and not self._needs_grad and (self._b0 == 0 or not self.sparsifier.masks):
             self._update(p0, self.schedule(p0))
-        elif self._b0 and self.sparsifier.masks and self.last_target is None and not self._needs_grad:
+        elif self._b0 and self.sparsifier.masks and self.last_target is None:
             # masks adopted where the fit resumes: at the level of the schedule's last update before it (the fit it
             # resumes made them), they are not ranked again (over weights that trained since, a coupled ranking picks
             # other units and prunes more, F10) and the next update follows the cadence; below it (a stray zero, a
-            # checkpoint from before pruning) the fit prunes to the schedule's level at once
-            t0 = self._target(self.schedule(self._b0 // self._every * self._every / self.n_steps))
+            # checkpoint from before pruning) the fit prunes to the schedule's level at once (gradient criteria: at
+            # their first step, as before)
+            self.sparsifier.adopt_zeros(empty=True)  # resumed: an all-zero layer is one a ranking emptied, not an init
+            self._refresh_cache()
+            pl = p0 if self.schedule(p0) >= 1 else self._b0 // self._every * self._every / self.n_steps
+            t0 = self._target(self.schedule(pl))
             if self._at_level(t0): self.last_target = t0
-            elif self.schedule(p0) > 0:
+            elif self.schedule(p0) > 0 and not self._needs_grad:
                 logger.info("SparsifyCallback: the masks adopted where the fit resumes prune less than the schedule's "
                             "level there (%s): pruned to it before the first batch", self._target(self.schedule(p0)))
                 self._update(p0, self.schedule(p0))
@@ -267,20 +271,30 @@ class SparsifyCallback(Callback):
         self._mode = 'prune'
 
     def _at_level(self, t) -> bool:
-        "Do the current masks prune at least what a ranking at target `t` prunes (per layer when targets are)?"
+        "Do the current masks prune what the fit that made them pruned at target `t` (a resumed fit's adopted masks)?"
         sp = self.sparsifier
         if (isinstance(t, dict) and not t) or (not isinstance(t, dict) and t <= 0): return True
+        names = [n for n in sp.layers if not isinstance(t, dict) or n in t]
+        ws = {n: sp.weight(n) for n in names}
+        dev = ws[names[0]].device
+        # a layer a global ranking emptied has no adopted mask (all-zero: taken for an init), but is pruned
+        have = torch.stack([((~sp.masks[n]).sum() if n in sp.masks else (ws[n] == 0).all() * ws[n].numel()).to(dev)
+                            for n in names])
+        if self._needs_grad:  # no gradients to rank by yet: the count the target asks for, within a quarter
+            size = torch.tensor([ws[n].numel() for n in names], device=dev, dtype=torch.float64)
+            frac = torch.tensor([t[n] if isinstance(t, dict) else t for n in names], device=dev, dtype=torch.float64)
+            return bool(have.sum() >= 0.75 * (frac * size).sum())
         raw = sp.compute_masks(t, keep_pruned=False)
-        names = list(raw)
-        dev = raw[names[0]].device
-        want = torch.stack([(~raw[n]).sum().to(dev) for n in names])
-        have = torch.stack([(~sp.masks[n]).sum().to(dev) if n in sp.masks else want.new_zeros(()) for n in names])
+        want = torch.stack([(~raw[n]).sum().to(dev) if n in raw else have.new_zeros(()) for n in names])
         if sp.groups is not None:  # coupled units: ranked again over weights that trained since, the ranking picks
             # other units, of other sizes (a grouped conv's 8 channels where the fit it resumes took 4): within a quarter
             # of its count the adopted masks are that fit's own; far under it, zeros from elsewhere (a stray zero)
             return bool(have.sum() >= 0.75 * want.sum())
-        per_layer = isinstance(t, dict) or self.context == 'local'
-        return bool((have >= want).all()) if per_layer else bool(have.sum() >= want.sum())  # one host read
+        if isinstance(t, dict) or self.context == 'local': return bool((have >= want).all())  # one host read
+        # one ranking over units of different sizes stops where the next unit does not fit: a ranking made again may
+        # fit one more small unit in the same count
+        slack = 0 if sp.granularity.name == 'weight' else max(sp._group_size(n) for n in names)
+        return bool(have.sum() > want.sum() - slack) if slack else bool(have.sum() >= want.sum())
 
     def _follow(self, model):
         "The Sparsifier for `model`: a new one for a new model; after a surgery, one that keeps its zeros fixed"

@@ -971,7 +971,7 @@ class _ShapesFirst:
     def __reduce__(self): return (getattr, ('', 'format'))
     def __deepcopy__(self, memo): return self
 
-def _shapes_first(module, state_dict, prefix):
+def _shapes_first(module, state_dict, prefix, *_):  # (*_: the hook's other arguments, as a model pickled earlier calls it)
     bad = [f"{k}: {tuple(state_dict[prefix + k].shape)} in the checkpoint, {tuple(v.shape)} here"
            for k, v in module.state_dict(keep_vars=True).items()
            if isinstance(v, Tensor) and isinstance(state_dict.get(prefix + k), Tensor)

@@ -1196,13 +1196,15 @@ class Sparsifier:
         tot = sum(m.weight.numel() for m in self.layers.values())
         return 1 - sum(_nnz_each(self.weight(n) for n in self.layers)) / tot
 
-    def adopt_zeros(self) -> Sparsifier:
+    def adopt_zeros(self,
+        empty:bool=False, # also a layer holding only zeros (a checkpoint's layer a global ranking emptied)
+    ) -> Sparsifier:
         "Masks from the weights already exactly zero; layers with no zero, or only zeros (zero-initialized), get none"
         masks = {}
         with torch.no_grad():
             names, zeros = list(self.layers), 0
             for n, z in zip(names, _nnz_each(self.weight(n) for n in names)):  # one host read per device
-                if 0 < z < self.layers[n].weight.numel():
+                if (0 if empty else 1) <= z < self.layers[n].weight.numel():
                     masks[n] = self.weight(n) != 0
                     zeros += self.layers[n].weight.numel() - z
         if masks:
