@@ -17,8 +17,8 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.text.models.awdlstm import AWD_LSTM, awd_lstm_clas_config
 from fastai.text.models.core import get_text_classifier
-from fasterprune.callback import SparsifyCallback
 from fasterprune.data import TensorPairs
+from bench_overhead import TimedSparsify  # SparsifyCallback adding up the wall time of its events
 from fasterprune.metrics import theoretical_speedup, count_params
 from fasterprune.schedules import agp
 
@@ -35,15 +35,6 @@ def make_learner(seed=0):
     dls = DataLoaders(DataLoader(TensorPairs(x[:N], y[:N]), bs=BS, shuffle=True, drop_last=True),
                       DataLoader(TensorPairs(x[N:], y[N:]), bs=64), device=torch.device('cpu'))
     return Learner(dls, model, loss_func=lambda out, yb: F.cross_entropy(out[0], yb))
-
-
-class TimedSparsify(SparsifyCallback):
-    "SparsifyCallback that adds up the wall time of its events"
-    self_s = 0.
-    def __call__(self, event_name):
-        t = time.perf_counter()
-        try: return super().__call__(event_name)
-        finally: self.self_s += time.perf_counter() - t
 
 
 def timed_fit(sparse):
