@@ -275,13 +275,11 @@ class SparsifyCallback(Callback):
         sp = self.sparsifier
         if (isinstance(t, dict) and not t) or (not isinstance(t, dict) and t <= 0): return True
         names = [n for n in sp.layers if not isinstance(t, dict) or n in t]
-        ws = {n: sp.weight(n) for n in names}
-        dev = ws[names[0]].device
-        # a layer a global ranking emptied has no adopted mask (all-zero: taken for an init), but is pruned
-        have = torch.stack([((~sp.masks[n]).sum() if n in sp.masks else (ws[n] == 0).all() * ws[n].numel()).to(dev)
-                            for n in names])
+        dev = sp.weight(names[0]).device
+        have = torch.stack([(~sp.masks[n]).sum().to(dev) if n in sp.masks else torch.zeros((), dtype=torch.long,
+                            device=dev) for n in names])  # (an emptied layer was adopted with empty=True)
         if self._needs_grad:  # no gradients to rank by yet: the count the target asks for, within a quarter
-            size = torch.tensor([ws[n].numel() for n in names], device=dev, dtype=torch.float64)
+            size = torch.tensor([sp.weight(n).numel() for n in names], device=dev, dtype=torch.float64)
             frac = torch.tensor([t[n] if isinstance(t, dict) else t for n in names], device=dev, dtype=torch.float64)
             return bool(have.sum() >= 0.75 * (frac * size).sum())
         raw = sp.compute_masks(t, keep_pruned=False)
@@ -384,8 +382,8 @@ class SparsifyCallback(Callback):
         if self.heads: self.learn._sparsify_heads = self.heads  # Pruner(learn) finds them after fit(cbs=) removed us
         mode, self._mode = self._mode, None
         # a fit that a callback before this one ended in its `after_step` (CancelFitException) skipped ours: the last
-        # step's masked weights are zeroed here (once a fit, not per step: a step cut short by CancelBatchException
-        # is zeroed by the next one's after_step)
+        # step's masked weights are zeroed here, once a fit, not per step (a batch, epoch or training phase cancelled
+        # that way: `_cut`)
         if mode is not None and not self._lr_find: self._apply()
         self._masker = None
         if mode is None or self._lr_find: return  # a validation-only pass, or lr_find: nothing of the callback changed
