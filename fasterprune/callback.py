@@ -14,7 +14,7 @@ from fastai.callback.tracker import TrackerCallback
 import numpy as np
 from fastai.torch_core import rank_distrib
 from .schedules import get_schedule
-from .granularity import get_granularity, _conv_t
+from .granularity import get_granularity
 from .criteria import get_criterion
 from .core import check_fraction, check_context
 from .sparsifier import Sparsifier, AttentionProjection, prunable_layers, one_per_weight, NMRoundingWarning
@@ -363,9 +363,9 @@ class SparsifyCallback(Callback):
         return self._needs_grad and not getattr(self.sparsifier.criterion, 'n_steps', 1)
 
     def _cut(self):
-        "A batch, epoch or training phase a callback cancelled in its `after_step`, before ours ran: the masks hold now"
+        "A batch, epoch, training phase or fit a callback cancelled in its `after_step`, before ours: masks hold now"
         if self._mode in ('prune', 'keep') and _raised_in('after_step'): self._apply()  # (validation, after_epoch)
-    after_cancel_batch = after_cancel_epoch = after_cancel_train = _cut
+    after_cancel_batch = after_cancel_epoch = after_cancel_train = after_cancel_fit = _cut
 
     def after_train(self):
         "After the fit's last training batch, a schedule that ends there is finished even if no optimizer step followed"
@@ -381,10 +381,6 @@ class SparsifyCallback(Callback):
         self._drop_metric()
         if self.heads: self.learn._sparsify_heads = self.heads  # Pruner(learn) finds them after fit(cbs=) removed us
         mode, self._mode = self._mode, None
-        # a fit that a callback before this one ended in its `after_step` (CancelFitException) skipped ours: the last
-        # step's masked weights are zeroed here, once a fit, not per step (a batch, epoch or training phase cancelled
-        # that way: `_cut`)
-        if mode is not None and not self._lr_find: self._apply()
         self._masker = None
         if mode is None or self._lr_find: return  # a validation-only pass, or lr_find: nothing of the callback changed
         sp, xb = self.sparsifier, getattr(self.learn, 'xb', None)
@@ -429,12 +425,11 @@ class SparsifyCallback(Callback):
         "Global filter ranking: name the layers it cut far past the target, and the local alternative"
         if sp.groups is None or self.context != 'global' or isinstance(self.sparsity, dict): return
         rows, thin = {n for r in sp._rows for n in r}, []
-        for n in sp.layers:  # one host read a layer, once a fit
-            w = sp.weight(n).detach()
-            if n not in rows or w.dim() < 2: continue
-            if isinstance(sp.layers[n], _conv_t): w = w.transpose(0, 1)  # a ConvTranspose's filters: its 2nd dim
-            kept = int(w.reshape(w.shape[0], -1).ne(0).any(1).sum())
-            if kept < (1 - self.sparsity) / 2 * w.shape[0]: thin.append(f"{n!r} {kept} of {w.shape[0]}")
+        for n, mk in sp.masks.items():  # one host read a layer, once a fit
+            if n not in rows: continue
+            live = sp.granularity.groups(mk, sp.layers[n], n).any(1)  # the filters the masks keep
+            kept = int(live.sum())
+            if kept < (1 - self.sparsity) / 2 * len(live): thin.append(f"{n!r} {kept} of {len(live)}")
         if thin: logger.warning("SparsifyCallback: the global filter ranking cut layers far past the target %g "
                                 "(filters kept: %s): filters rank by their norm relative to their layer's mean, so "
                                 "a layer whose norms spread widely loses most of its filters, and a layer this thin "
