@@ -14,7 +14,7 @@ from torch import nn, Tensor
 from .core import check_context, check_fraction, evaluating, few, flat_tensors, model_device, \
     round_half_up, to_device, first_items, map_tensors, bare_model, first_line, conv1d_layers, conv1d_note, \
     mha_fastpath_off, quantized_note
-from .core import args_kwargs, _dict_hint
+from .core import args_kwargs, _dict_hint, state_problems
 from .criteria import get_criterion
 from .graph import ChannelGraph, CountedLayerNorm, CountedRMSNorm, UnknownOpError, _WrittenHeads, \
     _conv_types, _ln_channel_dim, _pinned_text, _plain, _Tracer, _take_fx_attrs, _pass_modules, _reshape_modules, \
@@ -972,12 +972,11 @@ class _ShapesFirst:
     def __deepcopy__(self, memo): return self
 
 def _shapes_first(module, state_dict, prefix, *_):  # (*_: the hook's other arguments, as a model pickled earlier calls it)
-    bad = [f"{k}: {tuple(state_dict[prefix + k].shape)} in the checkpoint, {tuple(v.shape)} here"
-           for k, v in module.state_dict(keep_vars=True).items()
-           if isinstance(v, Tensor) and isinstance(state_dict.get(prefix + k), Tensor)
-           and state_dict[prefix + k].shape != v.shape]
+    own = {k: v for k, v in module.state_dict(keep_vars=True).items() if isinstance(v, Tensor)}
+    given = {k: state_dict[prefix + k] for k in own if isinstance(state_dict.get(prefix + k), Tensor)}
+    bad = state_problems(given, {k: own[k] for k in given})  # shapes only: a partial (strict=False) load may miss keys
     if bad:  # PyTorch copies the tensors that fit before it raises: a refused load would leave two states mixed
-        raise RuntimeError(f"the checkpoint does not fit this pruned model ({few(bad, 3)}); nothing was loaded. A "
+        raise RuntimeError(f"the checkpoint does not fit this pruned model ({'; '.join(bad)}); nothing was loaded. A "
                            "checkpoint of the model before the surgery loads into a fresh, unpruned model; a pruned "
                            "one is saved with save_pruned and loaded with load_pruned (or learn.save after compact())")
 
