@@ -65,3 +65,11 @@ class Rolled(torch.nn.Module):
     def forward(self, x):
         h = torch.relu(self.c2(torch.relu(self.c1(x))))
         return self.fc(torch.relu(self.c3(torch.roll(h, 1, dims=1))).mean((2, 3)))
+
+
+class LogitsOf(torch.nn.Module):
+    "A Hugging Face model in a fastai Learner: fastai passes the dict batch whole, the model takes it as keywords"
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+    def forward(self, batch): return self.lm(**batch).logits

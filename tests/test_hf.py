@@ -220,11 +220,7 @@ def test_learner_around_hf_model_callback_heads_then_compact():
     from fastai.data.load import DataLoader
     from fastai.learner import Learner
     from fasterprune.callback import SparsifyCallback
-    class LogitsOf(nn.Module):
-        def __init__(self, lm):
-            super().__init__()
-            self.lm = lm
-        def forward(self, batch): return self.lm(**batch).logits
+    from fit_checks import LogitsOf
     def lm_loss(logits, ids): return F.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
     torch.manual_seed(0)
     ids = torch.randint(1, V, (32, 12))

@@ -305,11 +305,7 @@ def test_t5_learner_callback_zeroes_one_head_choice_per_stack_then_compact():
     from fastai.data.load import DataLoader
     from fastai.learner import Learner
     from fasterprune.callback import SparsifyCallback
-    class LogitsOf(nn.Module):
-        def __init__(self, lm):
-            super().__init__()
-            self.lm = lm
-        def forward(self, batch): return self.lm(**batch).logits
+    from fit_checks import LogitsOf
     def loss(logits, ids): return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids.reshape(-1))
     torch.manual_seed(0)
     ids = torch.randint(2, V, (32, 10))

@@ -101,11 +101,7 @@ def _gpt2_learner():
     from fastai.learner import Learner
     from fasterprune.callback import SparsifyCallback
     from fasterprune.hf import hf_heads, conv1d_to_linear
-    class LogitsOf(nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-        def forward(self, batch): return self.m(**batch).logits
+    from fit_checks import LogitsOf
     def lm_loss(logits, ids):
         return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     torch.manual_seed(0)
@@ -116,7 +112,7 @@ def _gpt2_learner():
     dls = DataLoaders(DataLoader(ds[:16], bs=16), DataLoader(ds[16:], bs=8), device='cpu')
     cfg = T.GPT2Config(vocab_size=120, n_embd=32, n_layer=1, n_head=4, n_positions=32)
     model = LogitsOf(conv1d_to_linear(T.GPT2LMHeadModel(cfg)))
-    cb = SparsifyCallback(0.5, 'filter', 'local', schedule='one_shot', heads=hf_heads(model), exclude='m.lm_head')
+    cb = SparsifyCallback(0.5, 'filter', 'local', schedule='one_shot', heads=hf_heads(model), exclude='lm.lm_head')
     return Learner(dls, model, loss_func=lm_loss, cbs=cb)
 
 def test_pruner_of_a_learner_keeps_an_op_its_callback_did_not_meet(caplog):
@@ -126,7 +122,7 @@ def test_pruner_of_a_learner_keeps_an_op_its_callback_did_not_meet(caplog):
     fct.test_fail(lambda: Pruner(learn, strict=True).compact(), contains='new_ones')  # asked for: still refused
     with caplog.at_level(logging.WARNING, logger='fasterprune'): Pruner(learn).compact()
     assert 'SparsifyCallback did not meet' in caplog.text and 'new_ones' in caplog.text
-    fct.test_eq(learn.model.m.transformer.h[0].mlp.c_fc.out_features, 64)  # half of 128 removed
+    fct.test_eq(learn.model.lm.transformer.h[0].mlp.c_fc.out_features, 64)  # half of 128 removed
     xb = learn.dls.valid.one_batch()[0]
     fct.test_eq(learn.model(xb).shape, (8, 12, 120))
 
